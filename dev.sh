@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: installs what the project needs (idempotent, about a
+# minute the first time), then runs `cargo xtask TASK`.
+#   ./dev.sh demo    the self-contained demo (root)
+#   ./dev.sh test    every test: unit, packet fixtures, end-to-end (root)
+#   ./dev.sh build   the XDP program and the lb binary
+set -euo pipefail
+cd "$(dirname "$0")"
+./scripts/bootstrap.sh
+exec cargo xtask "$@"

@@ -1,0 +1,33 @@
+//! Map sizes and flag bits. Sizes that depend on the deployment (flow table, Maglev table) are set
+//! by lb-user at load time; these are the fixed ones and the defaults.
+
+/// Services the maps hold at most (each has two Maglev tables: live and staging).
+pub const MAX_SERVICES: u32 = 64;
+/// Backends across all services; a backend id indexes BACKENDS and BACKEND_STATS.
+pub const MAX_BACKENDS: u32 = 1024;
+/// Interfaces the program can be attached to and forward through.
+pub const MAX_INTERFACES: u32 = 64;
+/// Default Maglev table size per service: a prime well above 100 x the backends of a service.
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
+/// Default FLOWS capacity in entries; a balanced connection takes two (one per direction).
+pub const DEFAULT_FLOW_CAPACITY: u32 = 1 << 20;
+/// A MAGLEV slot that names no backend (the service has none with weight > 0).
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// `Backend::flags`: the backend passes its health checks; flows to it are forwarded.
+pub const BACKEND_HEALTHY: u32 = 1;
+
+/// `FlowValue::flags`: the entry is the backend -> client direction.
+pub const FLOW_REVERSE: u32 = 1;
+/// `FlowValue::flags`: a FIN or RST went through this direction; the flow expires soon.
+pub const FLOW_CLOSING: u32 = 2;
+
+/// `Iface::flags`: the device is a real NIC, where XDP_TX back out of the ingress device is the
+/// fastest action. Virtual devices (veth) need a redirect instead (see ENGINEERING.md).
+pub const IFACE_XDP_TX: u32 = 1;
+
+/// How often the data path refreshes `FlowValue::last_seen_ns`: writing the shared entry on every
+/// packet would bounce its cache line between CPUs for no gain in expiry precision.
+pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+/// Tries at finding a free SNAT port for a new flow before it is dropped as exhausted.
+pub const SNAT_PORT_TRIES: u32 = 8;

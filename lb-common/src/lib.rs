@@ -1,0 +1,14 @@
+//! Types shared by the XDP program (lb-ebpf) and the daemon (lb-user): map keys and values,
+//! counter reasons and sizes. Everything here is `#[repr(C)]` with explicit padding, because the
+//! kernel copies these structs byte for byte between the two sides.
+#![no_std]
+
+pub mod consts;
+pub mod hash;
+pub mod reason;
+pub mod types;
+
+pub use consts::*;
+pub use hash::flow_hash;
+pub use reason::*;
+pub use types::*;

@@ -1,0 +1,159 @@
+//! Why a packet was passed to the kernel or dropped. Each reason has its own counter slot in
+//! STATS; numbers are never reused (a retired reason keeps its slot).
+
+/// A packet handed to the kernel's stack. Most are simply not ours.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PassReason {
+    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...).
+    NotIpv4 = 1,
+    /// Shorter than an Ethernet header.
+    ShortEthernet = 2,
+    /// Shorter than its IPv4 header, a header length below 20 bytes, or a version other than 4.
+    MalformedIpv4 = 3,
+    /// A fragment: ports are only in the first one, so the kernel reassembles.
+    Fragment = 4,
+    /// Neither TCP nor UDP (ICMP, ...).
+    NotTcpUdp = 5,
+    /// Shorter than its TCP or UDP header.
+    ShortL4 = 6,
+    /// No flow and no service for this destination.
+    NotService = 7,
+    /// TTL would expire; the kernel sends the ICMP error.
+    TtlExpired = 8,
+    /// The next hop's MAC is not resolved yet: the rewritten packet goes up so that the kernel
+    /// forwards it and resolves the neighbour.
+    NeighbourUnresolved = 9,
+    /// The egress interface is not one the balancer forwards through: the kernel forwards the
+    /// rewritten packet.
+    EgressNotManaged = 10,
+    /// The rewritten destination is an address of this host: the kernel delivers it.
+    LocalDestination = 11,
+}
+
+/// A packet the balancer consumed without forwarding.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The service has no backend that takes new flows (all weights 0, or none healthy).
+    NoBackend = 1,
+    /// A TCP segment without SYN for a service, with no flow: nothing could accept it.
+    TcpNoFlow = 2,
+    /// No free SNAT port for this backend after SNAT_PORT_TRIES tries.
+    SnatPortsExhausted = 3,
+    /// FLOWS is full.
+    FlowTableFull = 4,
+    /// The kernel's forwarding is off on the ingress interface (bpf_fib_lookup needs it).
+    FibForwardingDisabled = 5,
+    /// No route to the rewritten destination (unreachable, blackhole, prohibit).
+    FibNoRoute = 6,
+    /// The packet is larger than the egress MTU.
+    FibFragNeeded = 7,
+    /// Any other bpf_fib_lookup failure.
+    FibOther = 8,
+    /// A map held an id out of range: a daemon bug, counted rather than trusted.
+    Inconsistent = 9,
+    /// The redirect to the egress device failed.
+    RedirectFailed = 10,
+}
+
+/// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
+pub const STATS_SLOTS: u32 = 192;
+pub const STAT_PASS_BASE: u32 = 0;
+pub const STAT_DROP_BASE: u32 = 64;
+/// Packets sent back out of their ingress device with XDP_TX.
+pub const STAT_TX: u32 = 128;
+/// Packets redirected to an egress device.
+pub const STAT_REDIRECT: u32 = 129;
+
+impl PassReason {
+    pub const ALL: [PassReason; 11] = [
+        Self::NotIpv4,
+        Self::ShortEthernet,
+        Self::MalformedIpv4,
+        Self::Fragment,
+        Self::NotTcpUdp,
+        Self::ShortL4,
+        Self::NotService,
+        Self::TtlExpired,
+        Self::NeighbourUnresolved,
+        Self::EgressNotManaged,
+        Self::LocalDestination,
+    ];
+
+    pub const fn stat_slot(self) -> u32 {
+        STAT_PASS_BASE + self as u32
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NotIpv4 => "not_ipv4",
+            Self::ShortEthernet => "short_ethernet",
+            Self::MalformedIpv4 => "malformed_ipv4",
+            Self::Fragment => "fragment",
+            Self::NotTcpUdp => "not_tcp_udp",
+            Self::ShortL4 => "short_l4",
+            Self::NotService => "not_service",
+            Self::TtlExpired => "ttl_expired",
+            Self::NeighbourUnresolved => "neighbour_unresolved",
+            Self::EgressNotManaged => "egress_not_managed",
+            Self::LocalDestination => "local_destination",
+        }
+    }
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        Self::NoBackend,
+        Self::TcpNoFlow,
+        Self::SnatPortsExhausted,
+        Self::FlowTableFull,
+        Self::FibForwardingDisabled,
+        Self::FibNoRoute,
+        Self::FibFragNeeded,
+        Self::FibOther,
+        Self::Inconsistent,
+        Self::RedirectFailed,
+    ];
+
+    pub const fn stat_slot(self) -> u32 {
+        STAT_DROP_BASE + self as u32
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NoBackend => "no_backend",
+            Self::TcpNoFlow => "tcp_no_flow",
+            Self::SnatPortsExhausted => "snat_ports_exhausted",
+            Self::FlowTableFull => "flow_table_full",
+            Self::FibForwardingDisabled => "fib_forwarding_disabled",
+            Self::FibNoRoute => "fib_no_route",
+            Self::FibFragNeeded => "fib_frag_needed",
+            Self::FibOther => "fib_other",
+            Self::Inconsistent => "inconsistent",
+            Self::RedirectFailed => "redirect_failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_distinct_and_in_range() {
+        let mut seen = [false; STATS_SLOTS as usize];
+        let slots = PassReason::ALL
+            .iter()
+            .map(|r| r.stat_slot())
+            .chain(DropReason::ALL.iter().map(|r| r.stat_slot()))
+            .chain([STAT_TX, STAT_REDIRECT]);
+        for slot in slots {
+            assert!(slot < STATS_SLOTS);
+            assert!(!seen[slot as usize], "slot {slot} used twice");
+            seen[slot as usize] = true;
+        }
+        assert!(PassReason::ALL.iter().all(|r| r.stat_slot() < STAT_DROP_BASE));
+        assert!(DropReason::ALL.iter().all(|r| r.stat_slot() < STAT_TX));
+    }
+}

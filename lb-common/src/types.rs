@@ -1,0 +1,166 @@
+//! Map keys and values. Network byte order lives in the type (`Be16`/`Be32`); no `bool`, enum or
+//! implicit padding crosses the kernel boundary, and every size is asserted.
+
+/// A 32-bit value in network byte order, stored as the packet has it.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Be32(pub u32);
+
+/// A 16-bit value in network byte order, stored as the packet has it.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Be16(pub u16);
+
+impl Be32 {
+    pub const fn from_host(v: u32) -> Self {
+        Self(v.to_be())
+    }
+    pub const fn to_host(self) -> u32 {
+        u32::from_be(self.0)
+    }
+    pub const fn from_bytes(b: [u8; 4]) -> Self {
+        Self(u32::from_ne_bytes(b))
+    }
+    pub const fn to_bytes(self) -> [u8; 4] {
+        self.0.to_ne_bytes()
+    }
+}
+
+impl Be16 {
+    pub const fn from_host(v: u16) -> Self {
+        Self(v.to_be())
+    }
+    pub const fn to_host(self) -> u16 {
+        u16::from_be(self.0)
+    }
+    pub const fn from_bytes(b: [u8; 2]) -> Self {
+        Self(u16::from_ne_bytes(b))
+    }
+    pub const fn to_bytes(self) -> [u8; 2] {
+        self.0.to_ne_bytes()
+    }
+}
+
+/// Key of FLOWS: one direction of a balanced connection, as the packet arrives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_addr: Be32,
+    pub dst_addr: Be32,
+    pub src_port: Be16,
+    pub dst_port: Be16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+
+/// Value of FLOWS: what a packet of that direction is rewritten to.
+///
+/// The other direction's key is always `(nat_dst_addr, nat_src_addr, nat_dst_port, nat_src_port)`:
+/// the forward entry rewrites client -> VIP into SNAT -> backend, whose reply backend -> SNAT is
+/// the reverse entry's key. So neither side stores its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub nat_src_addr: Be32,
+    pub nat_dst_addr: Be32,
+    pub nat_src_port: Be16,
+    pub nat_dst_port: Be16,
+    /// Index into BACKENDS and BACKEND_STATS.
+    pub backend_id: u32,
+    /// `FLOW_REVERSE | FLOW_CLOSING`.
+    pub flags: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC of the last packet (refreshed at most every FLOW_TOUCH_INTERVAL_NS);
+    /// 0 for a reverse entry that has seen no reply yet.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+
+impl FlowValue {
+    /// The key of the other direction of this flow.
+    pub const fn peer_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: self.nat_dst_addr,
+            dst_addr: self.nat_src_addr,
+            src_port: self.nat_dst_port,
+            dst_port: self.nat_src_port,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Key of SERVICES: a virtual address, port and protocol (IPPROTO_TCP or IPPROTO_UDP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: Be32,
+    pub port: Be16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+/// Value of SERVICES.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Index of the live Maglev table's first slot in MAGLEV. Flipping this one field (a single
+    /// map update) switches the service to a fully written new table.
+    pub maglev_base: u32,
+    /// Source address of the flows this service sends to its backends.
+    pub snat_addr: Be32,
+}
+const _: () = assert!(core::mem::size_of::<Service>() == 8);
+
+/// Value of BACKENDS, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Be32,
+    pub port: Be16,
+    pub _pad: u16,
+    /// `BACKEND_HEALTHY`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+
+/// Value of BACKEND_STATS (per CPU), indexed by backend id. Both directions count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
+
+/// Value of IFACES, keyed by ifindex: an interface the program forwards through.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Iface {
+    /// `IFACE_XDP_TX`.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Iface>() == 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] with only integer fields and no implicit padding
+    // (sizes asserted above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Service {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for BackendStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Iface {}
+}

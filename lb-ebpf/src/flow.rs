@@ -1,0 +1,135 @@
+//! Stage 2b and 3b, the connection table: find a packet's flow, or record a new one in both
+//! directions with a fresh SNAT port. Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
+//!
+//! Entries are removed by the daemon when idle (FIN/RST shorten that), never by the data path,
+//! except the reply entry of a flow that is re-balanced away from a failed backend.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::bpf_get_smp_processor_id,
+};
+use lb_common::{
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_CLOSING, FLOW_REVERSE, FLOW_TOUCH_INTERVAL_NS,
+    FlowKey, FlowValue, SNAT_PORT_TRIES, Service,
+};
+
+use crate::{
+    Verdict,
+    maps::{BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min},
+    parse::Packet,
+};
+
+const EEXIST: i32 = 17;
+
+/// The rewrite a packet gets.
+pub struct Flow {
+    pub nat: FlowValue,
+}
+
+/// The packet's flow, if it has one that should carry it: a flow whose backend failed, or a
+/// closed TCP flow whose tuple a new SYN reuses, is dropped here so the packet gets a new one.
+#[inline(always)]
+pub fn lookup(pkt: &Packet, now: u64) -> Option<Flow> {
+    let entry = FLOWS.get_ptr_mut(&pkt.key)?;
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let value = unsafe { &mut *entry };
+    if value.flags & FLOW_REVERSE == 0 {
+        let reopened = pkt.is_syn() && value.flags & FLOW_CLOSING != 0;
+        if reopened || !backend_is_healthy(value.backend_id) {
+            // Frees the old SNAT port now rather than at expiry.
+            let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
+            return None;
+        }
+    }
+    if now.wrapping_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+        value.last_seen_ns = now;
+    }
+    if pkt.is_fin_or_rst() {
+        value.flags |= FLOW_CLOSING;
+    }
+    Some(Flow { nat: *value })
+}
+
+#[inline(always)]
+fn backend_is_healthy(id: u32) -> bool {
+    BACKENDS.get(id).is_some_and(|b| b.flags & BACKEND_HEALTHY != 0)
+}
+
+/// Records a new flow to `backend`: the reply direction first, under a SNAT port nobody holds
+/// for this backend (inserted with BPF_NOEXIST, so two CPUs can't take the same one), then the
+/// forward direction.
+#[inline(always)]
+pub fn create(
+    pkt: &Packet,
+    svc: &Service,
+    backend_id: u32,
+    backend: &Backend,
+    now: u64,
+) -> Result<Flow, Verdict> {
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    let cursor = SNAT_CURSOR.get_ptr_mut(0).ok_or(inconsistent)?;
+    // SAFETY: a helper without arguments or side effects.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let (port_min, port_count, cpus) = (snat_port_min(), snat_port_count(), cpu_count());
+    let mut reverse_key = FlowKey {
+        src_addr: backend.addr,
+        dst_addr: svc.snat_addr,
+        src_port: backend.port,
+        dst_port: Be16(0),
+        proto: pkt.key.proto,
+        _pad: [0; 3],
+    };
+    let reverse = FlowValue {
+        nat_src_addr: pkt.key.dst_addr,
+        nat_dst_addr: pkt.key.src_addr,
+        nat_src_port: pkt.key.dst_port,
+        nat_dst_port: pkt.key.src_port,
+        backend_id,
+        flags: FLOW_REVERSE,
+        _pad: 0,
+        last_seen_ns: 0,
+    };
+    let mut found = false;
+    for _ in 0..SNAT_PORT_TRIES {
+        // SAFETY: a per-CPU array slot, only this CPU writes it.
+        let turn = unsafe {
+            let turn = *cursor;
+            *cursor = turn.wrapping_add(1);
+            turn
+        };
+        // Each CPU walks its own interleaved sequence through the range, so ports are reused
+        // as late as possible: a backend may still hold the previous user in TIME_WAIT.
+        let index = turn
+            .wrapping_mul(cpus)
+            .wrapping_add(cpu)
+            .checked_rem(port_count)
+            .ok_or(inconsistent)?;
+        reverse_key.dst_port = Be16::from_host((port_min + index) as u16);
+        match FLOWS.insert(&reverse_key, &reverse, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                found = true;
+                break;
+            }
+            Err(e) if e == -EEXIST => continue,
+            Err(_) => return Err(Verdict::Drop(DropReason::FlowTableFull)),
+        }
+    }
+    if !found {
+        return Err(Verdict::Drop(DropReason::SnatPortsExhausted));
+    }
+    let forward = FlowValue {
+        nat_src_addr: svc.snat_addr,
+        nat_dst_addr: backend.addr,
+        nat_src_port: reverse_key.dst_port,
+        nat_dst_port: backend.port,
+        backend_id,
+        flags: 0,
+        _pad: 0,
+        last_seen_ns: now,
+    };
+    if FLOWS.insert(&pkt.key, &forward, BPF_ANY as u64).is_err() {
+        let _ = FLOWS.remove(&reverse_key);
+        return Err(Verdict::Drop(DropReason::FlowTableFull));
+    }
+    Ok(Flow { nat: forward })
+}

@@ -1,0 +1,102 @@
+//! The XDP load balancer: parse, look up, choose, rewrite, forward. Each stage is a module and
+//! returns `Result<T, Verdict>`: `Ok` carries the packet on, `Err` ends it with a counted verdict.
+//! Traffic that is not a service's passes to the kernel untouched.
+#![no_std]
+#![no_main]
+
+mod csum;
+mod flow;
+mod forward;
+mod maps;
+mod nat;
+mod parse;
+mod select;
+mod service;
+mod stats;
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
+use lb_common::{DropReason, PassReason};
+
+use crate::{flow::Flow, parse::Packet};
+
+/// What happens to a packet, and why.
+#[derive(Clone, Copy)]
+pub enum Verdict {
+    Pass(PassReason),
+    Drop(DropReason),
+    /// Back out of the ingress device.
+    Tx,
+    /// `bpf_redirect_map` accepted the packet; carries the action it returned.
+    Redirect(u32),
+}
+
+impl Verdict {
+    fn action(&self) -> u32 {
+        use aya_ebpf::bindings::xdp_action;
+        match self {
+            Verdict::Pass(_) => xdp_action::XDP_PASS,
+            Verdict::Drop(_) => xdp_action::XDP_DROP,
+            Verdict::Tx => xdp_action::XDP_TX,
+            Verdict::Redirect(action) => *action,
+        }
+    }
+}
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let verdict = match process(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count_verdict(&verdict);
+    verdict.action()
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let pkt = parse::packet(ctx)?;
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let flow = match flow::lookup(&pkt, now) {
+        Some(flow) => flow,
+        None => new_flow(&pkt, now)?,
+    };
+    check_ttl(&pkt)?;
+    nat::rewrite(&pkt, &flow.nat);
+    stats::count_backend(flow.nat.backend_id, pkt.len);
+    forward::send(ctx, &pkt, &flow.nat)
+}
+
+/// A packet with no flow: find its service, choose a backend, record the flow both ways.
+#[inline(always)]
+fn new_flow(pkt: &Packet, now: u64) -> Result<Flow, Verdict> {
+    let svc = service::lookup(pkt)?;
+    if pkt.is_tcp() && !pkt.is_syn() {
+        return Err(Verdict::Drop(DropReason::TcpNoFlow));
+    }
+    check_ttl(pkt)?;
+    let (backend_id, backend) = select::backend(&svc, pkt)?;
+    let flow = flow::create(pkt, &svc, backend_id, &backend, now)?;
+    stats::count_new_flow(backend_id);
+    Ok(flow)
+}
+
+/// A packet whose TTL would expire here goes to the kernel unchanged, which sends the ICMP error
+/// to the client (after a rewrite it would go to our own SNAT address).
+#[inline(always)]
+fn check_ttl(pkt: &Packet) -> Result<(), Verdict> {
+    if pkt.ttl() <= 1 {
+        return Err(Verdict::Pass(PassReason::TtlExpired));
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the data path has no reachable panic; the verifier rejects the program otherwise.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,93 @@
+//! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
+//! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR and the
+//! counters. Sizes marked "set at load" are overridden by the daemon.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowKey, FlowValue, Iface,
+    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, STATS_SLOTS, Service, ServiceKey,
+};
+
+/// VIP:port/proto -> service (live Maglev table, SNAT address). Daemon writes; data path reads.
+#[map]
+pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// backend id -> address, port, health. Daemon writes; data path reads.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Maglev slots of every service, two tables each (live and staging): slot -> backend id.
+/// Daemon writes the staging table, then flips `Service::maglev_base`. Size set at load.
+#[map]
+pub static MAGLEV: Array<u32> =
+    Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_MAGLEV_SIZE, 0);
+
+/// One direction of a connection -> its rewrite. Data path inserts and refreshes; the daemon
+/// expires idle entries. Size set at load.
+#[map]
+pub static FLOWS: HashMap<FlowKey, FlowValue> =
+    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// backend id -> packets, bytes, new flows (per CPU). Data path writes; daemon reads.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// lb_common::reason slot -> packets (per CPU). Data path writes; daemon reads.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// [0] -> next SNAT port index to try on this CPU. Data path only.
+#[map]
+pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// ifindex -> how to send out of it. Daemon writes; data path reads.
+#[map]
+pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// ifindex -> the same device, for bpf_redirect_map. Daemon writes (from the balancer's
+/// network namespace: the kernel resolves ifindexes in the writer's namespace).
+#[map]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+/// First SNAT source port. Set at load.
+#[unsafe(no_mangle)]
+static SNAT_PORT_MIN: u32 = 10000;
+/// Number of SNAT source ports from SNAT_PORT_MIN on. Set at load.
+#[unsafe(no_mangle)]
+static SNAT_PORT_COUNT: u32 = 22768;
+/// Slots of one Maglev table (a prime). Set at load.
+#[unsafe(no_mangle)]
+static MAGLEV_SIZE: u32 = DEFAULT_MAGLEV_SIZE;
+/// Possible CPUs: each CPU walks its own interleaved sequence of SNAT ports. Set at load.
+#[unsafe(no_mangle)]
+static CPU_COUNT: u32 = 1;
+
+/// Reads a load-time setting. Volatile, or the compiler folds in the default above.
+#[inline(always)]
+fn setting(value: &'static u32) -> u32 {
+    // SAFETY: a reference to a static is valid; the loader wrote it before the program ran.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+#[inline(always)]
+pub fn snat_port_min() -> u32 {
+    setting(&SNAT_PORT_MIN)
+}
+
+#[inline(always)]
+pub fn snat_port_count() -> u32 {
+    setting(&SNAT_PORT_COUNT)
+}
+
+#[inline(always)]
+pub fn maglev_size() -> u32 {
+    setting(&MAGLEV_SIZE)
+}
+
+#[inline(always)]
+pub fn cpu_count() -> u32 {
+    setting(&CPU_COUNT)
+}

@@ -1,0 +1,20 @@
+//! Stage 2a, look up: the packet's destination VIP:port/proto -> its service. Reads SERVICES.
+
+use lb_common::{PassReason, Service, ServiceKey};
+
+use crate::{Verdict, maps::SERVICES, parse::Packet};
+
+#[inline(always)]
+pub fn lookup(pkt: &Packet) -> Result<Service, Verdict> {
+    let key = ServiceKey {
+        vip: pkt.key.dst_addr,
+        port: pkt.key.dst_port,
+        proto: pkt.key.proto,
+        _pad: 0,
+    };
+    match SERVICES.get_ptr(&key) {
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        Some(svc) => Ok(unsafe { *svc }),
+        None => Err(Verdict::Pass(PassReason::NotService)),
+    }
+}

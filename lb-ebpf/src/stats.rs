@@ -1,0 +1,41 @@
+//! Per-CPU counters: one per verdict reason (STATS) and per backend (BACKEND_STATS).
+
+use lb_common::{STAT_REDIRECT, STAT_TX};
+
+use crate::{
+    Verdict,
+    maps::{BACKEND_STATS, STATS},
+};
+
+#[inline(always)]
+pub fn count_verdict(verdict: &Verdict) {
+    let slot = match verdict {
+        Verdict::Pass(reason) => reason.stat_slot(),
+        Verdict::Drop(reason) => reason.stat_slot(),
+        Verdict::Tx => STAT_TX,
+        Verdict::Redirect(_) => STAT_REDIRECT,
+    };
+    if let Some(counter) = STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_backend(id: u32, bytes: u64) {
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(id) {
+        // SAFETY: as above.
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_new_flow(id: u32) {
+    if let Some(stats) = BACKEND_STATS.get_ptr_mut(id) {
+        // SAFETY: as above.
+        unsafe { (*stats).new_flows += 1 };
+    }
+}

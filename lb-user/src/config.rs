@@ -1,0 +1,1385 @@
+//! The daemon's TOML configuration (`lb.toml`): interfaces, flow-table settings and services with
+//! their health checks and backends. The whole file is parsed and validated before anything
+//! touches the maps, so a bad file changes nothing; every error names the key and the line.
+//!
+//! Parsing goes through `Raw*` structs whose fields are `toml::Spanned`, so that validation
+//! errors can point at a line, then into the plain types below. Raw integers are `i64` (TOML's
+//! own type) so that any out-of-range value gets the same "is out of range" message.
+//!
+//! Over the ~400-line guideline: about 25 validation rules, each pointing at a line, and a test
+//! for each (the tests are more than half of the file).
+
+use std::{
+    collections::HashMap,
+    fmt, fs, io,
+    net::{Ipv4Addr, SocketAddrV4},
+    ops::{Range, RangeInclusive},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use lb_common::{
+    DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
+};
+use serde::Deserialize;
+use thiserror::Error;
+use toml::Spanned;
+
+use crate::maglev::is_prime;
+
+/// Highest backend weight: keeps a weight's share meaningful in a table of ~65k slots.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// Large enough for ~100 backends per service at 1% imbalance, small enough that the two tables
+/// per service (live and staging) of all services fit in memory: 131071 = 2^17 - 1 is prime.
+const MAGLEV_SIZE_RANGE: RangeInclusive<u32> = 101..=131_071;
+const FLOW_CAPACITY_RANGE: RangeInclusive<u32> = 1024..=67_108_864;
+/// Ports below 1024 are for servers; SNAT must not collide with them.
+const SNAT_PORT_FLOOR: u32 = 1024;
+const DEFAULT_SNAT_PORTS: (u16, u16) = (10_000, 32_767);
+const FLOW_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+const HEALTH_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(10)..=Duration::from_secs(3600);
+const HEALTH_COUNT_RANGE: RangeInclusive<u32> = 1..=100;
+const WEIGHT_RANGE: RangeInclusive<u32> = 0..=MAX_WEIGHT;
+/// Linux's IFNAMSIZ (16) less the terminating NUL.
+const IFNAME_MAX_LEN: usize = 15;
+const SERVICE_NAME_MAX_LEN: usize = 64;
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Devices the XDP program attaches to and forwards through.
+    pub interfaces: Vec<String>,
+    /// Slots of each service's Maglev table (prime).
+    pub maglev_table_size: u32,
+    pub flows: FlowSettings,
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[flows]`: the flow table and SNAT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// FLOWS entries; a balanced connection takes two (one per direction).
+    pub capacity: u32,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub tcp_idle_timeout: Duration,
+    /// After a FIN or RST went through.
+    pub tcp_closing_timeout: Duration,
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        Self {
+            capacity: DEFAULT_FLOW_CAPACITY,
+            snat_port_min: DEFAULT_SNAT_PORTS.0,
+            snat_port_max: DEFAULT_SNAT_PORTS.1,
+            tcp_idle_timeout: Duration::from_secs(300),
+            tcp_closing_timeout: Duration::from_secs(10),
+            udp_idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as in the IPv4 header and map keys.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        })
+    }
+}
+
+/// One `[[service]]`: a VIP:port and protocol balanced over its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    /// Source address of balanced flows towards the backends.
+    pub snat: Option<Ipv4Addr>,
+    pub health: HealthConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers 2xx or 3xx.
+    Http { path: String },
+    /// No probes: backends are always up.
+    None,
+}
+
+/// `[service.health]`: how backends are probed and when their state flips.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    /// Probe this port instead of the backend's own.
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that mark a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that mark an up backend down.
+    pub fall: u32,
+}
+
+impl HealthConfig {
+    /// Health checking of a service without `[service.health]`: TCP connects for TCP services;
+    /// none for UDP, where there is no handshake to probe.
+    pub fn default_for(protocol: Protocol) -> Self {
+        Self {
+            kind: match protocol {
+                Protocol::Tcp => HealthKind::Tcp,
+                Protocol::Udp => HealthKind::None,
+            },
+            port: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+        }
+    }
+}
+
+/// One `[[service.backend]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: SocketAddrV4,
+    /// Relative share of new flows, 0..=MAX_WEIGHT; 0 drains (no new flows).
+    pub weight: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// Not TOML, a value of the wrong type, or an unknown key.
+    #[error("config {origin} line {line}: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        message: String,
+    },
+    /// Well-formed, but a value is not acceptable.
+    #[error("config {origin} line {line}: key \"{key}\": {message}")]
+    Invalid {
+        origin: String,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line the error is about, if it is about a line.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Read { .. } => None,
+            Self::Syntax { line, .. } | Self::Invalid { line, .. } => Some(*line),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors (usually the file's path).
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let checker = Checker { text, origin };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| checker.syntax(&e))?;
+        checker.config(raw)
+    }
+}
+
+/// Parses `<integer><unit>` with unit `ms`, `s`, `m` or `h`, e.g. `500ms`, `2s`, `1m`. The error
+/// is one line that quotes `s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("\"{s}\" is not a duration like \"500ms\", \"2s\", \"1m\" or \"1h\"");
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = s.split_at(unit_at);
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    let too_long = || format!("duration \"{s}\" is too long");
+    Ok(match unit {
+        "ms" => Duration::from_millis(value),
+        "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value.checked_mul(60).ok_or_else(too_long)?),
+        "h" => Duration::from_secs(value.checked_mul(3600).ok_or_else(too_long)?),
+        _ => return Err(bad()),
+    })
+}
+
+/// Writes `d` in the largest unit that [`parse_duration`] reads back exactly.
+fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    for (unit_ms, unit) in [(3_600_000, "h"), (60_000, "m"), (1000, "s")] {
+        if ms.is_multiple_of(unit_ms) {
+            return format!("{}{unit}", ms / unit_ms);
+        }
+    }
+    format!("{ms}ms")
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: Option<Spanned<Vec<Spanned<String>>>>,
+    maglev_table_size: Option<Spanned<i64>>,
+    flows: Option<RawFlows>,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlows {
+    capacity: Option<Spanned<i64>>,
+    snat_ports: Option<Spanned<String>>,
+    tcp_idle_timeout: Option<Spanned<String>>,
+    tcp_closing_timeout: Option<Spanned<String>>,
+    udp_idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<Spanned<String>>,
+    vip: Option<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
+    snat: Option<Spanned<String>>,
+    health: Option<RawHealth>,
+    #[serde(default)]
+    backend: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<i64>>,
+    fall: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+}
+
+/// Turns raw values into checked ones, and byte spans into errors with line numbers. `ctx`
+/// arguments prefix messages with the object a key belongs to, e.g. `service "web": `.
+struct Checker<'a> {
+    text: &'a str,
+    origin: &'a str,
+}
+
+/// What earlier services hold, for the duplicate and limit checks.
+#[derive(Default)]
+struct Seen {
+    /// Service name -> its line.
+    names: HashMap<String, usize>,
+    /// (VIP, protocol) -> service name.
+    vips: HashMap<(SocketAddrV4, Protocol), String>,
+    backends: usize,
+}
+
+impl Checker<'_> {
+    fn line(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        1 + self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+    }
+
+    fn fail<T>(&self, span: Range<usize>, key: &str, message: String) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            origin: self.origin.to_owned(),
+            line: self.line(span.start),
+            key: key.to_owned(),
+            message,
+        })
+    }
+
+    /// toml's messages say what is wrong but, for type errors and duplicate keys, not where:
+    /// name the key of the `key = value` line the error points into. An error without a span
+    /// (none seen in practice) is put on line 1.
+    fn syntax(&self, error: &toml::de::Error) -> ConfigError {
+        let offset = error.span().map_or(0, |span| span.start);
+        let mut message = error
+            .message()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if let Some(key) = self.key_of_line(offset)
+            && !message.contains(&key)
+        {
+            message = format!("key \"{key}\": {message}");
+        }
+        let (origin, line) = (self.origin.to_owned(), self.line(offset));
+        ConfigError::Syntax {
+            origin,
+            line,
+            message,
+        }
+    }
+
+    /// The key of the `key = value` line that `offset` falls in, if it is one.
+    fn key_of_line(&self, offset: usize) -> Option<String> {
+        let bytes = self.text.as_bytes();
+        let offset = offset.min(bytes.len());
+        let start = bytes[..offset]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |nl| nl + 1);
+        let eq = bytes[start..]
+            .iter()
+            .position(|&b| b == b'=' || b == b'\n')?;
+        let key = String::from_utf8_lossy(&bytes[start..start + eq])
+            .trim()
+            .to_owned();
+        let key_like = |b: u8| b.is_ascii_alphanumeric() || b"_-.\" ".contains(&b);
+        let is_key =
+            bytes.get(start + eq) == Some(&b'=') && !key.is_empty() && key.bytes().all(key_like);
+        is_key.then_some(key)
+    }
+
+    fn int<T>(
+        &self,
+        value: Option<&Spanned<i64>>,
+        key: &str,
+        ctx: &str,
+        range: RangeInclusive<T>,
+    ) -> Result<Option<T>, ConfigError>
+    where
+        T: TryFrom<i64> + PartialOrd + fmt::Display,
+    {
+        let Some(value) = value else { return Ok(None) };
+        match T::try_from(*value.get_ref()) {
+            Ok(v) if range.contains(&v) => Ok(Some(v)),
+            _ => {
+                let (min, max) = (range.start(), range.end());
+                let message = format!(
+                    "{ctx}{key} {} is out of range {min}..={max}",
+                    value.get_ref()
+                );
+                self.fail(value.span(), key, message)
+            }
+        }
+    }
+
+    fn duration(
+        &self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        ctx: &str,
+        range: RangeInclusive<Duration>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        match parse_duration(value.get_ref()) {
+            Ok(d) if range.contains(&d) => return Ok(Some(d)),
+            Ok(_) => {}
+            Err(e) => return self.fail(value.span(), key, format!("{ctx}{key}: {e}")),
+        }
+        let (min, max) = (
+            format_duration(*range.start()),
+            format_duration(*range.end()),
+        );
+        let message = format!(
+            "{ctx}{key} {} is out of range {min}..={max}",
+            value.get_ref()
+        );
+        self.fail(value.span(), key, message)
+    }
+
+    /// The value named by one of `choices`.
+    fn choice<T: Clone>(
+        &self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        ctx: &str,
+        choices: &[(&str, T)],
+    ) -> Result<Option<T>, ConfigError> {
+        let Some(value) = value else { return Ok(None) };
+        if let Some((_, v)) = choices.iter().find(|(name, _)| name == value.get_ref()) {
+            return Ok(Some(v.clone()));
+        }
+        let names: Vec<String> = choices
+            .iter()
+            .map(|(name, _)| format!("\"{name}\""))
+            .collect();
+        let message = format!(
+            "{ctx}{key} \"{}\" is not one of {}",
+            value.get_ref(),
+            names.join(", ")
+        );
+        self.fail(value.span(), key, message)
+    }
+
+    fn socket_addr(
+        &self,
+        value: &Spanned<String>,
+        key: &str,
+        ctx: &str,
+    ) -> Result<SocketAddrV4, ConfigError> {
+        let text = value.get_ref();
+        match text.parse::<SocketAddrV4>() {
+            Ok(addr) if addr.port() != 0 => Ok(addr),
+            Ok(addr) => self.fail(value.span(), key, format!("{ctx}{key} {addr} has port 0")),
+            Err(_) => {
+                let message = format!(
+                    "{ctx}{key} \"{text}\" is not an IPv4 address and port like \"198.18.0.1:80\""
+                );
+                self.fail(value.span(), key, message)
+            }
+        }
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let interfaces = self.interfaces(raw.interfaces)?;
+        let (key, value) = ("maglev_table_size", raw.maglev_table_size.as_ref());
+        let size = self
+            .int(value, key, "", MAGLEV_SIZE_RANGE)?
+            .unwrap_or(DEFAULT_MAGLEV_SIZE);
+        if let Some(value) = value
+            && !is_prime(size)
+        {
+            // Only a prime size makes every backend's permutation reach every slot.
+            return self.fail(
+                value.span(),
+                key,
+                format!("{key} {size} is not prime (e.g. 65537)"),
+            );
+        }
+        let flows = match &raw.flows {
+            None => FlowSettings::default(),
+            Some(flows) => self.flows(flows)?,
+        };
+        let mut seen = Seen::default();
+        let services = (raw.service.into_iter().enumerate())
+            .map(|(index, service)| self.service(index, service, &mut seen))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Config {
+            interfaces,
+            maglev_table_size: size,
+            flows,
+            services,
+        })
+    }
+
+    fn interfaces(
+        &self,
+        raw: Option<Spanned<Vec<Spanned<String>>>>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let key = "interfaces";
+        let Some(list) = raw else {
+            let message =
+                format!("{key} is required: the devices to attach to, e.g. {key} = [\"eth0\"]");
+            return self.fail(0..0, key, message);
+        };
+        let count = list.get_ref().len();
+        if count == 0 {
+            return self.fail(
+                list.span(),
+                key,
+                format!("{key} is empty: name at least one device"),
+            );
+        }
+        if count > MAX_INTERFACES as usize {
+            let message =
+                format!("{key} lists {count} devices; at most {MAX_INTERFACES} are supported");
+            return self.fail(list.span(), key, message);
+        }
+        let mut names: Vec<String> = Vec::with_capacity(count);
+        for name in list.into_inner() {
+            let text = name.get_ref();
+            // The kernel's dev_valid_name().
+            let valid = !text.is_empty()
+                && text.len() <= IFNAME_MAX_LEN
+                && text != "."
+                && text != ".."
+                && !text.contains(|c: char| c == '/' || c == ':' || c.is_whitespace());
+            if !valid {
+                return self.fail(
+                    name.span(),
+                    key,
+                    format!("\"{text}\" is not a network device name"),
+                );
+            }
+            if names.contains(text) {
+                return self.fail(
+                    name.span(),
+                    key,
+                    format!("device \"{text}\" is listed twice"),
+                );
+            }
+            names.push(name.into_inner());
+        }
+        Ok(names)
+    }
+
+    fn flows(&self, raw: &RawFlows) -> Result<FlowSettings, ConfigError> {
+        let ctx = "flows: ";
+        let defaults = FlowSettings::default();
+        let (snat_port_min, snat_port_max) = match &raw.snat_ports {
+            None => DEFAULT_SNAT_PORTS,
+            Some(value) => self.snat_ports(value)?,
+        };
+        let timeout = |value: &Option<Spanned<String>>, key: &str, default: Duration| {
+            let d = self.duration(value.as_ref(), key, ctx, FLOW_TIMEOUT_RANGE)?;
+            Ok::<_, ConfigError>(d.unwrap_or(default))
+        };
+        Ok(FlowSettings {
+            capacity: (self.int(raw.capacity.as_ref(), "capacity", ctx, FLOW_CAPACITY_RANGE)?)
+                .unwrap_or(defaults.capacity),
+            snat_port_min,
+            snat_port_max,
+            tcp_idle_timeout: timeout(
+                &raw.tcp_idle_timeout,
+                "tcp_idle_timeout",
+                defaults.tcp_idle_timeout,
+            )?,
+            tcp_closing_timeout: timeout(
+                &raw.tcp_closing_timeout,
+                "tcp_closing_timeout",
+                defaults.tcp_closing_timeout,
+            )?,
+            udp_idle_timeout: timeout(
+                &raw.udp_idle_timeout,
+                "udp_idle_timeout",
+                defaults.udp_idle_timeout,
+            )?,
+        })
+    }
+
+    fn snat_ports(&self, value: &Spanned<String>) -> Result<(u16, u16), ConfigError> {
+        let (key, text) = ("snat_ports", value.get_ref());
+        let fail =
+            |why: String| self.fail(value.span(), key, format!("flows: {key} \"{text}\" {why}"));
+        // Digits only: `str::parse` would also take a sign.
+        let port = |s: &str| {
+            s.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| s.parse::<u32>().ok())
+                .flatten()
+        };
+        let Some((min, max)) = text
+            .split_once('-')
+            .and_then(|(a, b)| Some((port(a)?, port(b)?)))
+        else {
+            return fail("is not a port range like \"10000-32767\"".to_owned());
+        };
+        if min < SNAT_PORT_FLOOR {
+            return fail(format!(
+                "starts below {SNAT_PORT_FLOOR}, among the server ports"
+            ));
+        }
+        if min > max {
+            return fail(format!("is empty: {min} is above {max}"));
+        }
+        match (u16::try_from(min), u16::try_from(max)) {
+            (Ok(min), Ok(max)) => Ok((min, max)),
+            _ => fail(format!("ends above {}", u16::MAX)),
+        }
+    }
+
+    fn service(
+        &self,
+        index: usize,
+        raw: Spanned<RawService>,
+        seen: &mut Seen,
+    ) -> Result<ServiceConfig, ConfigError> {
+        let table_span = raw.span();
+        let raw = raw.into_inner();
+        // Where to point when a key is missing: the name, else the `[[service]]` line.
+        let anchor = raw.name.as_ref().map_or(table_span.clone(), Spanned::span);
+        if index >= MAX_SERVICES as usize {
+            let message = format!("more than {MAX_SERVICES} services; that is all the maps hold");
+            return self.fail(anchor, "service", message);
+        }
+        let Some(name) = &raw.name else {
+            return self.fail(table_span, "name", "service has no name".to_owned());
+        };
+        let (name_span, name) = (name.span(), name.get_ref().clone());
+        let valid_char = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
+        if !(1..=SERVICE_NAME_MAX_LEN).contains(&name.len()) || !name.bytes().all(valid_char) {
+            let message = format!(
+                "service name \"{name}\" is not 1 to {SERVICE_NAME_MAX_LEN} of a-z, A-Z, 0-9, '_', '.', '-'"
+            );
+            return self.fail(name_span, "name", message);
+        }
+        if let Some(first) = seen.names.insert(name.clone(), self.line(name_span.start)) {
+            let message = format!("service \"{name}\" is defined twice (first at line {first})");
+            return self.fail(name_span, "name", message);
+        }
+        let ctx = format!("service \"{name}\": ");
+
+        let protocols = [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
+        let protocol = self.choice(raw.protocol.as_ref(), "protocol", &ctx, &protocols)?;
+        let protocol = protocol.unwrap_or(Protocol::Tcp);
+        let Some(vip_value) = &raw.vip else {
+            return self.fail(anchor, "vip", format!("{ctx}vip is required"));
+        };
+        let vip = self.socket_addr(vip_value, "vip", &ctx)?;
+        if let Some(other) = seen.vips.insert((vip, protocol), name.clone()) {
+            let message =
+                format!("{ctx}vip {vip} ({protocol}) is already used by service \"{other}\"");
+            return self.fail(vip_value.span(), "vip", message);
+        }
+        let snat = match &raw.snat {
+            None => None,
+            Some(value) => match value.get_ref().parse::<Ipv4Addr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    let message =
+                        format!("{ctx}snat \"{}\" is not an IPv4 address", value.get_ref());
+                    return self.fail(value.span(), "snat", message);
+                }
+            },
+        };
+        let health = match &raw.health {
+            None => HealthConfig::default_for(protocol),
+            Some(health) => {
+                self.health(health, protocol, &format!("service \"{name}\" health: "))?
+            }
+        };
+
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+        // Address -> its line, for the duplicate error.
+        let mut lines: HashMap<SocketAddrV4, usize> = HashMap::new();
+        for backend in &raw.backend {
+            let table_span = backend.span();
+            let backend = backend.get_ref();
+            let anchor = backend.address.as_ref().map_or(table_span, Spanned::span);
+            seen.backends += 1;
+            if seen.backends > MAX_BACKENDS as usize {
+                let message = format!(
+                    "{ctx}more than {MAX_BACKENDS} backends in all services; that is all the maps hold"
+                );
+                return self.fail(anchor, "backend", message);
+            }
+            let Some(address) = &backend.address else {
+                return self.fail(
+                    anchor,
+                    "address",
+                    format!("{ctx}backend #{} has no address", backends.len() + 1),
+                );
+            };
+            let addr = self.socket_addr(address, "address", &format!("{ctx}backend "))?;
+            if let Some(first) = lines.insert(addr, self.line(address.span().start)) {
+                let message =
+                    format!("{ctx}backend {addr} is listed twice (first at line {first})");
+                return self.fail(address.span(), "address", message);
+            }
+            let ctx = format!("service \"{name}\" backend {addr}: ");
+            let weight = self.int(backend.weight.as_ref(), "weight", &ctx, WEIGHT_RANGE)?;
+            backends.push(BackendConfig {
+                address: addr,
+                weight: weight.unwrap_or(1),
+            });
+        }
+        Ok(ServiceConfig {
+            name,
+            vip,
+            protocol,
+            snat,
+            health,
+            backends,
+        })
+    }
+
+    fn health(
+        &self,
+        raw: &RawHealth,
+        protocol: Protocol,
+        ctx: &str,
+    ) -> Result<HealthConfig, ConfigError> {
+        let defaults = HealthConfig::default_for(protocol);
+        let http = HealthKind::Http {
+            path: String::new(),
+        };
+        let kinds = [
+            ("tcp", HealthKind::Tcp),
+            ("http", http),
+            ("none", HealthKind::None),
+        ];
+        let kind = self
+            .choice(raw.kind.as_ref(), "kind", ctx, &kinds)?
+            .unwrap_or(defaults.kind);
+        let kind = match (kind, &raw.path) {
+            (HealthKind::Http { .. }, None) => HealthKind::Http {
+                path: "/".to_owned(),
+            },
+            (HealthKind::Http { .. }, Some(path)) => {
+                let text = path.get_ref();
+                // It goes into the request line as is.
+                if !text.starts_with('/')
+                    || text.contains(|c: char| c.is_whitespace() || c.is_control())
+                {
+                    let message =
+                        format!("{ctx}path \"{text}\" must start with '/' and have no spaces");
+                    return self.fail(path.span(), "path", message);
+                }
+                HealthKind::Http { path: text.clone() }
+            }
+            (_, Some(path)) => {
+                return self.fail(
+                    path.span(),
+                    "path",
+                    format!("{ctx}path is only used with kind = \"http\""),
+                );
+            }
+            (kind, None) => kind,
+        };
+        let interval = self.duration(
+            raw.interval.as_ref(),
+            "interval",
+            ctx,
+            HEALTH_INTERVAL_RANGE,
+        )?;
+        let interval = interval.unwrap_or(defaults.interval);
+        let timeout_range = Duration::ZERO..=Duration::MAX;
+        let timeout = self.duration(raw.timeout.as_ref(), "timeout", ctx, timeout_range)?;
+        // A short interval shortens the default timeout with it rather than making the config
+        // invalid.
+        let timeout = timeout.unwrap_or(defaults.timeout.min(interval));
+        if let Some(value) = &raw.timeout
+            && (timeout.is_zero() || timeout > interval)
+        {
+            let interval = format_duration(interval);
+            let message = format!(
+                "{ctx}timeout {} must be above 0 and at most the interval, {interval}",
+                value.get_ref()
+            );
+            return self.fail(value.span(), "timeout", message);
+        }
+        let count = |value: &Option<Spanned<i64>>, key: &str, default: u32| {
+            Ok::<_, ConfigError>(
+                self.int(value.as_ref(), key, ctx, HEALTH_COUNT_RANGE)?
+                    .unwrap_or(default),
+            )
+        };
+        Ok(HealthConfig {
+            kind,
+            port: self.int(raw.port.as_ref(), "port", ctx, 1..=u16::MAX)?,
+            interval,
+            timeout,
+            rise: count(&raw.rise, "rise", defaults.rise)?,
+            fall: count(&raw.fall, "fall", defaults.fall)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example from the design notes, with `kind = "http"` so that `path` applies.
+    const EXAMPLE: &str = r#"interfaces = ["eth0", "eth1"]
+maglev_table_size = 65537
+[flows]
+capacity = 1048576
+snat_ports = "10000-32767"
+tcp_idle_timeout = "300s"
+tcp_closing_timeout = "10s"
+udp_idle_timeout = "30s"
+[[service]]
+name = "web"
+vip = "198.18.100.1:80"
+protocol = "tcp"
+snat = "198.18.2.1"
+[service.health]
+kind = "http"
+path = "/healthz"
+port = 8080
+interval = "500ms"
+timeout = "300ms"
+rise = 2
+fall = 2
+[[service.backend]]
+address = "198.18.2.11:8000"
+weight = 4
+"#;
+
+    fn addr(s: &str) -> SocketAddrV4 {
+        s.parse().expect("test address is valid")
+    }
+
+    /// Parses `text`, which must fail on the line marked `# <- key`, naming `key` and saying
+    /// `fragment`.
+    #[track_caller]
+    fn assert_error(text: &str, fragment: &str) -> ConfigError {
+        let (line, key) = text
+            .lines()
+            .enumerate()
+            .find_map(|(i, l)| l.split_once("# <- ").map(|(_, key)| (i + 1, key.trim())))
+            .expect("test text marks a line with `# <- key`");
+        let err = Config::parse(text, "lb.toml").expect_err("config is invalid");
+        let msg = err.to_string();
+        assert_eq!(err.line(), Some(line), "{msg}");
+        match &err {
+            ConfigError::Invalid { key: k, .. } => assert_eq!(k, key, "{msg}"),
+            ConfigError::Syntax { message, .. } => assert!(message.contains(key), "{msg}"),
+            ConfigError::Read { .. } => panic!("unexpected {msg}"),
+        }
+        assert!(
+            msg.starts_with(&format!("config lb.toml line {line}: ")),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(fragment),
+            "\"{msg}\" does not say \"{fragment}\""
+        );
+        assert!(!msg.contains('\n'), "{msg}");
+        err
+    }
+
+    /// A valid config with one TCP service "web"; tests append keys to its last table.
+    fn web(extra: &str) -> String {
+        format!(
+            "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn example_parses() {
+        let config = Config::parse(EXAMPLE, "lb.toml").expect("example is valid");
+        let want = Config {
+            interfaces: vec!["eth0".to_owned(), "eth1".to_owned()],
+            maglev_table_size: 65537,
+            flows: FlowSettings {
+                capacity: 1_048_576,
+                snat_port_min: 10_000,
+                snat_port_max: 32_767,
+                tcp_idle_timeout: Duration::from_secs(300),
+                tcp_closing_timeout: Duration::from_secs(10),
+                udp_idle_timeout: Duration::from_secs(30),
+            },
+            services: vec![ServiceConfig {
+                name: "web".to_owned(),
+                vip: addr("198.18.100.1:80"),
+                protocol: Protocol::Tcp,
+                snat: Some(Ipv4Addr::new(198, 18, 2, 1)),
+                health: HealthConfig {
+                    kind: HealthKind::Http {
+                        path: "/healthz".to_owned(),
+                    },
+                    port: Some(8080),
+                    interval: Duration::from_millis(500),
+                    timeout: Duration::from_millis(300),
+                    rise: 2,
+                    fall: 2,
+                },
+                backends: vec![BackendConfig {
+                    address: addr("198.18.2.11:8000"),
+                    weight: 4,
+                }],
+            }],
+        };
+        assert_eq!(config, want);
+    }
+
+    #[test]
+    fn defaults_apply_when_omitted() {
+        let text = r#"interfaces = ["eth0"]
+[[service]]
+name = "web"
+vip = "198.18.100.1:80"
+[[service.backend]]
+address = "198.18.2.11:8000"
+[[service]]
+name = "dns"
+vip = "198.18.100.1:53"
+protocol = "udp"
+"#;
+        let config = Config::parse(text, "lb.toml").expect("config is valid");
+        assert_eq!(config.maglev_table_size, DEFAULT_MAGLEV_SIZE);
+        assert_eq!(config.flows, FlowSettings::default());
+        assert_eq!(config.flows.capacity, DEFAULT_FLOW_CAPACITY);
+        assert_eq!(
+            (config.flows.snat_port_min, config.flows.snat_port_max),
+            (10_000, 32_767)
+        );
+        let [web, dns] = &config.services[..] else {
+            panic!("two services: {config:?}")
+        };
+        assert_eq!(web.protocol, Protocol::Tcp);
+        assert_eq!(web.snat, None);
+        assert_eq!(
+            web.backends,
+            [BackendConfig {
+                address: addr("198.18.2.11:8000"),
+                weight: 1
+            }]
+        );
+        let tcp_health = HealthConfig {
+            kind: HealthKind::Tcp,
+            port: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+        };
+        assert_eq!(web.health, tcp_health);
+        assert_eq!(dns.protocol, Protocol::Udp);
+        assert_eq!(
+            dns.health,
+            HealthConfig {
+                kind: HealthKind::None,
+                ..tcp_health
+            }
+        );
+        assert!(dns.backends.is_empty());
+    }
+
+    #[test]
+    fn health_defaults_fill_a_partial_section() {
+        let text = web("[service.health]\nkind = \"http\"\ninterval = \"100ms\"\n");
+        let config = Config::parse(&text, "lb.toml").expect("config is valid");
+        let health = &config.services[0].health;
+        assert_eq!(
+            health.kind,
+            HealthKind::Http {
+                path: "/".to_owned()
+            }
+        );
+        // The default timeout (500ms) shrinks to the interval.
+        assert_eq!(health.timeout, Duration::from_millis(100));
+        // A UDP service can still ask for probes, e.g. of a TCP port next to it.
+        let text = web("protocol = \"udp\"\n[service.health]\nkind = \"tcp\"\nport = 9000\n");
+        let config = Config::parse(&text, "lb.toml").expect("config is valid");
+        assert_eq!(config.services[0].health.kind, HealthKind::Tcp);
+        assert_eq!(config.services[0].health.port, Some(9000));
+    }
+
+    #[test]
+    fn weight_error_reads_as_documented() {
+        let text = r#"interfaces = ["eth0"]
+[[service]]
+name = "web"
+vip = "198.18.100.1:80"
+[[service.backend]]
+address = "198.18.2.10:8000"
+weight = 1
+[[service.backend]]
+address = "198.18.2.12:8000"
+# The next backend's weight is on line 14.
+
+[[service.backend]]
+address = "198.18.2.11:8000"
+weight = 70000
+"#;
+        let err = Config::parse(text, "lb.toml").expect_err("weight is out of range");
+        assert_eq!(
+            err.to_string(),
+            "config lb.toml line 14: key \"weight\": service \"web\" backend 198.18.2.11:8000: \
+             weight 70000 is out of range 0..=10000"
+        );
+    }
+
+    #[test]
+    fn bad_toml_syntax() {
+        assert_error(&web("snat = 198.18.2.1 # <- snat\n"), "snat");
+        assert_error(
+            &web("snat = \"198.18.2.1 # <- snat\n"),
+            "invalid basic string",
+        );
+        assert_error(&web("name = \"api\" # <- name\n"), "duplicate key");
+        // No key to name on a table header: the line alone must do.
+        assert_error(&web("[[service.backend] # <- \n"), "unclosed array table");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        assert_error(
+            &web("[[service.backend]]\naddress = \"198.18.2.11:80\"\nweight = \"4\" # <- weight\n"),
+            "invalid type",
+        );
+    }
+
+    #[test]
+    fn unknown_keys() {
+        assert_error(
+            "interfaces = [\"eth0\"]\ninterface = \"eth1\" # <- interface\n",
+            "unknown field",
+        );
+        assert_error(
+            &web("[[service.backend]]\naddress = \"198.18.2.11:80\"\nwieght = 2 # <- wieght\n"),
+            "unknown field",
+        );
+        assert_error(
+            &web("[service.health]\nretries = 3 # <- retries\n"),
+            "unknown field",
+        );
+        assert_error(
+            "interfaces = [\"eth0\"]\n[flows]\nsize = 3 # <- size\n",
+            "unknown field",
+        );
+    }
+
+    #[test]
+    fn missing_vip() {
+        let text =
+            "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\" # <- vip\nprotocol = \"udp\"\n";
+        assert_error(text, "vip is required");
+    }
+
+    #[test]
+    fn missing_name_and_address() {
+        assert_error(
+            "interfaces = [\"eth0\"]\n[[service]] # <- name\nvip = \"198.18.100.1:80\"\n",
+            "no name",
+        );
+        assert_error(
+            &web("[[service.backend]] # <- address\nweight = 2\n"),
+            "no address",
+        );
+    }
+
+    #[test]
+    fn bad_vip() {
+        let text = "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1\" # <- vip\n";
+        assert_error(text, "is not an IPv4 address and port");
+        let text =
+            "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"[::1]:80\" # <- vip\n";
+        assert_error(text, "is not an IPv4 address and port");
+    }
+
+    #[test]
+    fn port_zero() {
+        let text = "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1:0\" # <- vip\n";
+        assert_error(text, "port 0");
+        assert_error(
+            &web("[[service.backend]]\naddress = \"198.18.2.11:0\" # <- address\n"),
+            "port 0",
+        );
+        assert_error(
+            &web("[service.health]\nport = 0 # <- port\n"),
+            "port 0 is out of range 1..=65535",
+        );
+    }
+
+    #[test]
+    fn bad_protocol() {
+        assert_error(
+            &web("protocol = \"sctp\" # <- protocol\n"),
+            "\"sctp\" is not one of \"tcp\", \"udp\"",
+        );
+    }
+
+    #[test]
+    fn bad_snat() {
+        assert_error(
+            &web("snat = \"198.18.2\" # <- snat\n"),
+            "is not an IPv4 address",
+        );
+    }
+
+    #[test]
+    fn bad_duration() {
+        assert_error(
+            &web("[service.health]\ninterval = \"5x\" # <- interval\n"),
+            "\"5x\" is not a duration",
+        );
+        assert_error(
+            &web("[service.health]\ninterval = \"1d\" # <- interval\n"),
+            "is not a duration",
+        );
+        assert_error(
+            &web("[service.health]\ninterval = \"2h\" # <- interval\n"),
+            "out of range 10ms..=1h",
+        );
+        let text = "interfaces = [\"eth0\"]\n[flows]\nudp_idle_timeout = \"500ms\" # <- udp_idle_timeout\n";
+        assert_error(text, "out of range 1s..=24h");
+    }
+
+    #[test]
+    fn timeout_above_interval() {
+        let text = web("[service.health]\ninterval = \"1s\"\ntimeout = \"2s\" # <- timeout\n");
+        assert_error(&text, "at most the interval, 1s");
+        assert_error(
+            &web("[service.health]\ntimeout = \"0ms\" # <- timeout\n"),
+            "above 0",
+        );
+    }
+
+    #[test]
+    fn rise_zero() {
+        assert_error(
+            &web("[service.health]\nrise = 0 # <- rise\n"),
+            "rise 0 is out of range 1..=100",
+        );
+        assert_error(
+            &web("[service.health]\nfall = 101 # <- fall\n"),
+            "fall 101 is out of range 1..=100",
+        );
+    }
+
+    #[test]
+    fn bad_health_kind() {
+        assert_error(
+            &web("[service.health]\nkind = \"icmp\" # <- kind\n"),
+            "\"icmp\" is not",
+        );
+    }
+
+    #[test]
+    fn weight_out_of_range() {
+        let backend = "[[service.backend]]\naddress = \"198.18.2.11:8000\"\n";
+        assert_error(
+            &web(&format!("{backend}weight = 10001 # <- weight\n")),
+            "out of range 0..=10000",
+        );
+        assert_error(
+            &web(&format!("{backend}weight = -1 # <- weight\n")),
+            "weight -1 is out of range",
+        );
+    }
+
+    #[test]
+    fn duplicate_backend() {
+        let text = web("[[service.backend]]\naddress = \"198.18.2.11:8000\"\n\
+             [[service.backend]]\naddress = \"198.18.2.11:8000\" # <- address\n");
+        assert_error(
+            &text,
+            "backend 198.18.2.11:8000 is listed twice (first at line 6)",
+        );
+    }
+
+    #[test]
+    fn duplicate_service_name() {
+        let text = web("[[service]]\nname = \"web\" # <- name\nvip = \"198.18.100.2:80\"\n");
+        assert_error(&text, "service \"web\" is defined twice (first at line 3)");
+    }
+
+    #[test]
+    fn duplicate_vip_and_protocol() {
+        let text = web("[[service]]\nname = \"api\"\nvip = \"198.18.100.1:80\" # <- vip\n");
+        assert_error(
+            &text,
+            "vip 198.18.100.1:80 (tcp) is already used by service \"web\"",
+        );
+        let text =
+            web("[[service]]\nname = \"quic\"\nvip = \"198.18.100.1:80\"\nprotocol = \"udp\"\n");
+        let config = Config::parse(&text, "lb.toml").expect("same VIP, other protocol is valid");
+        assert_eq!(config.services[1].protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn bad_service_name() {
+        let text = "interfaces = [\"eth0\"]\n[[service]]\nname = \"web site\" # <- name\n";
+        assert_error(text, "is not 1 to 64 of");
+    }
+
+    #[test]
+    fn maglev_size() {
+        let text = "interfaces = [\"eth0\"]\nmaglev_table_size = 65536 # <- maglev_table_size\n";
+        assert_error(text, "65536 is not prime");
+        let text = "interfaces = [\"eth0\"]\nmaglev_table_size = 97 # <- maglev_table_size\n";
+        assert_error(text, "out of range 101..=131071");
+    }
+
+    #[test]
+    fn flow_capacity() {
+        let text = "interfaces = [\"eth0\"]\n[flows]\ncapacity = 1000 # <- capacity\n";
+        assert_error(text, "flows: capacity 1000 is out of range 1024..=67108864");
+    }
+
+    #[test]
+    fn snat_ports() {
+        let check = |value: &str, fragment: &str| {
+            let text = format!(
+                "interfaces = [\"eth0\"]\n[flows]\nsnat_ports = \"{value}\" # <- snat_ports\n"
+            );
+            assert_error(&text, fragment);
+        };
+        check("10000", "is not a port range");
+        check("10000-", "is not a port range");
+        check("a-b", "is not a port range");
+        check("+1-5", "is not a port range");
+        check("20000-10000", "20000 is above 10000");
+        check("80-10000", "starts below 1024");
+        check("10000-65536", "ends above 65535");
+        check("10000-99999999999999999999", "is not a port range");
+        let text = "interfaces = [\"eth0\"]\n[flows]\nsnat_ports = \"1024-65535\"\n";
+        let config = Config::parse(text, "lb.toml").expect("full range is valid");
+        assert_eq!(
+            (config.flows.snat_port_min, config.flows.snat_port_max),
+            (1024, 65535)
+        );
+    }
+
+    #[test]
+    fn interfaces() {
+        assert_error("interfaces = [] # <- interfaces\n", "is empty");
+        assert_error(
+            "# <- interfaces\nmaglev_table_size = 65537\n",
+            "interfaces is required",
+        );
+        assert_error(
+            "interfaces = [\"eth0\", \"eth0\"] # <- interfaces\n",
+            "listed twice",
+        );
+        assert_error(
+            "interfaces = [\"a-very-long-name0\"] # <- interfaces\n",
+            "not a network device",
+        );
+        assert_error(
+            "interfaces = [\"eth0:1\"] # <- interfaces\n",
+            "not a network device",
+        );
+    }
+
+    #[test]
+    fn path_needs_kind_http() {
+        let text = web("[service.health]\nkind = \"tcp\"\npath = \"/healthz\" # <- path\n");
+        assert_error(&text, "only used with kind = \"http\"");
+        // A UDP service's default kind is none.
+        let text = web("protocol = \"udp\"\n[service.health]\npath = \"/\" # <- path\n");
+        assert_error(&text, "only used with kind = \"http\"");
+        let text = web("[service.health]\nkind = \"http\"\npath = \"healthz\" # <- path\n");
+        assert_error(&text, "must start with '/'");
+    }
+
+    fn services(count: u32) -> String {
+        let mut text = String::from("interfaces = [\"eth0\"]\n");
+        for i in 0..count {
+            text += &format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"198.18.100.1:{}\"\n",
+                1000 + i
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn too_many_services() {
+        let text = services(MAX_SERVICES);
+        assert_eq!(
+            Config::parse(&text, "lb.toml")
+                .expect("64 services fit")
+                .services
+                .len(),
+            64
+        );
+        let text =
+            services(MAX_SERVICES + 1).replace("name = \"s64\"", "name = \"s64\" # <- service");
+        assert_error(&text, "more than 64 services");
+    }
+
+    #[test]
+    fn too_many_backends() {
+        let mut text = web("");
+        for i in 0..MAX_BACKENDS {
+            text += &format!(
+                "[[service.backend]]\naddress = \"198.18.{}.{}:80\"\n",
+                i / 200,
+                i % 200
+            );
+        }
+        assert_eq!(
+            Config::parse(&text, "lb.toml").expect("1024 fit").services[0]
+                .backends
+                .len(),
+            1024
+        );
+        text += "[[service.backend]]\naddress = \"198.18.99.1:80\" # <- backend\n";
+        assert_error(&text, "more than 1024 backends");
+    }
+
+    #[test]
+    fn missing_file() {
+        let path = Path::new("/nonexistent/lb.toml");
+        let err = Config::load(path).expect_err("file is missing");
+        assert!(
+            matches!(&err, ConfigError::Read { source, .. } if source.kind() == io::ErrorKind::NotFound)
+        );
+        assert_eq!(err.line(), None);
+        assert!(
+            err.to_string()
+                .starts_with("cannot read config /nonexistent/lb.toml: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn load_reads_a_file() {
+        let path = std::env::temp_dir().join(format!("lb-config-test-{}.toml", std::process::id()));
+        fs::write(&path, "interfaces = [\"eth0\"]\nmaglev_table_size = 4\n")
+            .expect("temp file is writable");
+        let err = Config::load(&path).expect_err("size 4 is invalid");
+        fs::remove_file(&path).expect("temp file is removable");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("config {} line 2: ", path.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("3h"), Ok(Duration::from_secs(3 * 3600)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        for bad in [
+            "", "5", "s", "1.5s", "-1s", "1 s", " 1s", "1S", "1sec", "1d", "1msx",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} is not a duration");
+        }
+        assert!(parse_duration("99999999999999999999s").is_err());
+        assert!(parse_duration("18446744073709551615h").is_err());
+        for d in ["1h", "90m", "61s", "1500ms", "0s"] {
+            assert_eq!(format_duration(parse_duration(d).expect("valid")), d);
+        }
+    }
+
+    #[test]
+    fn protocol_numbers_and_names() {
+        assert_eq!((Protocol::Tcp.number(), Protocol::Udp.number()), (6, 17));
+        assert_eq!(
+            (Protocol::Tcp.to_string(), Protocol::Udp.to_string()),
+            ("tcp".into(), "udp".into())
+        );
+    }
+}

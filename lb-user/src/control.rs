@@ -1,0 +1,239 @@
+//! The control socket: one JSON request per line from the CLI, one JSON response line back.
+//! The CLI never touches the maps; the daemon validates every request and survives bad ones.
+
+use std::{path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    time::timeout,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/lb/control.sock";
+/// Larger requests are refused: none of ours comes near it.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// A client that sends nothing for this long is dropped.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    SetWeight { service: String, backend: String, weight: u32 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The request itself was wrong (unknown service, weight out of range, ...): exit code 2.
+    #[serde(default)]
+    pub bad_input: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+impl Response {
+    pub fn done() -> Self {
+        Self { ok: true, error: None, bad_input: false, status: None }
+    }
+    pub fn status(status: Status) -> Self {
+        Self { status: Some(status), ..Self::done() }
+    }
+    pub fn bad_input(message: String) -> Self {
+        Self { ok: false, error: Some(message), bad_input: true, status: None }
+    }
+    pub fn failed(message: String) -> Self {
+        Self { ok: false, error: Some(message), bad_input: false, status: None }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub flows: FlowTableStatus,
+    /// Packets per pass/drop reason and forwarding action.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub vip: String,
+    pub protocol: String,
+    pub snat: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub weight: u32,
+    pub healthy: bool,
+    pub active_flows: u64,
+    pub new_flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// Why the last health check failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    /// "native": XDP in the driver.
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowTableStatus {
+    pub entries: u64,
+    pub capacity: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the daemon at {path}: {source}; is \"lb run\" running?")]
+    Connect {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the daemon at {path} sent no answer within {REQUEST_TIMEOUT:?}")]
+    Timeout { path: String },
+    #[error("the daemon at {path} answered something that is not a response: {message}")]
+    Protocol { path: String, message: String },
+    #[error("another daemon is already serving {path}; stop it first")]
+    InUse { path: String },
+    #[error("cannot serve the control socket {path}: {source}")]
+    Bind {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sends one request and waits for its response (the CLI side).
+pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    let p = path.display().to_string();
+    let io = |source| ControlError::Io { path: p.clone(), source };
+    let stream = UnixStream::connect(path).await.map_err(|source| ControlError::Connect { path: p.clone(), source })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_string(request).expect("requests always serialise");
+    line.push('\n');
+    write.write_all(line.as_bytes()).await.map_err(io)?;
+    let mut answer = String::new();
+    let mut reader = BufReader::new(read);
+    timeout(REQUEST_TIMEOUT * 6, reader.read_line(&mut answer))
+        .await
+        .map_err(|_| ControlError::Timeout { path: p.clone() })?
+        .map_err(io)?;
+    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol { path: p, message: e.to_string() })
+}
+
+/// Creates the socket, root-only. A stale socket file (nobody answering) is replaced; a live
+/// one means another daemon, and is an error.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+    let p = path.display().to_string();
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(ControlError::InUse { path: p });
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::Bind { path: p.clone(), source })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: p.clone(), source })?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| ControlError::Bind { path: p, source })?;
+    Ok(listener)
+}
+
+/// Reads one request line from a connection: bounded in size and time.
+pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request, Response> {
+    let mut line = Vec::new();
+    let read = async {
+        loop {
+            let buf = stream.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (&buf[..i], true),
+                None => (buf, false),
+            };
+            let taken = chunk.len() + usize::from(done);
+            line.extend_from_slice(chunk);
+            stream.consume(taken);
+            if done || line.len() > MAX_REQUEST_BYTES {
+                return Ok(done);
+            }
+        }
+    };
+    match timeout(REQUEST_TIMEOUT, read).await {
+        Err(_) => Err(Response::bad_input(format!("no complete request within {REQUEST_TIMEOUT:?}"))),
+        Ok(Err(e)) => Err(Response::failed(format!("reading the request: {e}"))),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
+            Err(Response::bad_input(format!("request larger than {MAX_REQUEST_BYTES} bytes")))
+        }
+        Ok(Ok(_)) => serde_json::from_slice(&line).map_err(|e| Response::bad_input(format!("malformed request: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let set = Request::SetWeight { service: "web".into(), backend: "198.18.2.11:8000".into(), weight: 3 };
+        assert_eq!(
+            serde_json::to_string(&set).expect("json"),
+            r#"{"command":"set-weight","service":"web","backend":"198.18.2.11:8000","weight":3}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(r#"{"command":"status"}"#).expect("json"), Request::Status);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_bad_input_answers() {
+        let dir = std::env::temp_dir().join(format!("lb-control-test-{}", std::process::id()));
+        let path = dir.join("c.sock");
+        let listener = bind(&path).await.expect("bind");
+        let server = tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..3 {
+                let (s, _) = listener.accept().await.expect("accept");
+                let mut reader = BufReader::new(s);
+                answers.push(read_request(&mut reader).await);
+            }
+            answers
+        });
+        for payload in [&b"{not json}\n"[..], &vec![b'x'; MAX_REQUEST_BYTES + 10][..], &b"{\"command\":\"reboot\"}\n"[..]] {
+            let mut s = UnixStream::connect(&path).await.expect("connect");
+            s.write_all(payload).await.expect("write");
+            drop(s);
+        }
+        let answers = server.await.expect("server");
+        for a in answers {
+            let r = a.expect_err("must be refused");
+            assert!(r.bad_input && !r.ok, "{r:?}");
+        }
+        // A second daemon on the same socket is refused while the first serves it.
+        let _keep = UnixListener::bind(dir.join("other.sock")).expect("bind other");
+        assert!(matches!(bind(&dir.join("other.sock")).await, Err(ControlError::InUse { .. })));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,450 @@
+//! The kernel side of the daemon: loads the XDP object, attaches it, and is the only writer of
+//! its maps. Everything here is a thin, checked wrapper over one map or one syscall; the
+//! decisions (which backend, which weights) are made by the callers.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    ffi::CString,
+    net::Ipv4Addr,
+    path::Path,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    Backend, BackendStats, Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey,
+    FlowValue, IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT,
+    STAT_TX, Service, ServiceKey,
+};
+
+/// The XDP object built by build.rs from lb-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+const PROGRAM: &str = "lb_xdp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("this lb was built with AYA_BUILD_SKIP=1 and has no XDP program; build it with `cargo xtask build`")]
+    NoObject,
+    #[error("cannot load the XDP program: {source} (lb needs root, or CAP_BPF and CAP_NET_ADMIN)")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("cannot load the XDP program into the kernel: {source}")]
+    Program {
+        #[source]
+        source: ProgramError,
+    },
+    #[error("BPF_PROG_TEST_RUN failed: {source}")]
+    TestRun {
+        #[source]
+        source: ProgramError,
+    },
+    #[error("the XDP object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map TX_PORTS: {source}")]
+    TxPorts {
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("no interface named {name:?} in this network namespace")]
+    NoInterface { name: String },
+    #[error("cannot attach XDP in native (driver) mode to {name}: {source}")]
+    Attach {
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("service id {id} is out of range (at most {MAX_SERVICES} services)")]
+    ServiceId { id: u32 },
+    #[error("backend id {id} is out of range (at most {MAX_BACKENDS} backends)")]
+    BackendId { id: u32 },
+    #[error("a Maglev table has {got} slots, the program was loaded for {want}")]
+    TableSize { got: usize, want: u32 },
+    #[error("cannot count CPUs: {0}")]
+    Cpus(String),
+}
+
+/// Settings fixed when the program is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadSettings {
+    pub maglev_size: u32,
+    pub flow_capacity: u32,
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+}
+
+/// How long an idle flow lives; see `sweep_flows`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowTimeouts {
+    pub tcp_idle: Duration,
+    pub tcp_closing: Duration,
+    pub udp_idle: Duration,
+}
+
+/// What one sweep of FLOWS found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowSweep {
+    /// Entries in FLOWS before the sweep (both directions).
+    pub entries: u64,
+    /// Entries removed.
+    pub removed: u64,
+    /// backend id -> connections not closing.
+    pub active: StdHashMap<u32, u64>,
+}
+
+/// Packets counted per reason, from STATS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReasonCounters {
+    pub pass: Vec<(PassReason, u64)>,
+    pub drop: Vec<(DropReason, u64)>,
+    pub tx: u64,
+    pub redirect: u64,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    settings: LoadSettings,
+    services: HashMap<MapData, ServiceKey, Service>,
+    backends: Array<MapData, Backend>,
+    maglev: Array<MapData, u32>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    backend_stats: PerCpuArray<MapData, BackendStats>,
+    stats: PerCpuArray<MapData, u64>,
+    ifaces: HashMap<MapData, u32, Iface>,
+    tx_ports: DevMapHash<MapData>,
+    /// service id -> which of its two tables (0 or 1) is live.
+    live_table: StdHashMap<u32, u32>,
+    /// Reply entries without a forward entry at the last sweep; removed if still so at the next
+    /// (one sweep of grace covers a flow that a CPU is creating right now).
+    orphans: HashSet<FlowKey>,
+    links: Vec<(String, XdpLinkId)>,
+}
+
+fn map<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, DataplaneError> {
+    let raw = ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })?;
+    convert(raw).map_err(|source| DataplaneError::Map { name, source })
+}
+
+impl Dataplane {
+    /// Loads the program and creates its maps; attaches nothing.
+    pub fn load(settings: LoadSettings) -> Result<Self, DataplaneError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DataplaneError::NoObject);
+        }
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?
+            .get();
+        let port_min = u32::from(settings.snat_port_min);
+        let port_count = u32::from(settings.snat_port_max) - port_min + 1;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SNAT_PORT_MIN", &port_min, true)
+            .override_global("SNAT_PORT_COUNT", &port_count, true)
+            .override_global("MAGLEV_SIZE", &settings.maglev_size, true)
+            .override_global("CPU_COUNT", &cpus, true)
+            .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
+            .map_max_entries("FLOWS", settings.flow_capacity)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DataplaneError::Load { source })?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingMap { name: PROGRAM })?;
+        program.load().map_err(|source| DataplaneError::Program { source })?;
+        Ok(Self {
+            services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
+            backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
+            maglev: map(&mut ebpf, "MAGLEV", Array::try_from)?,
+            flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            backend_stats: map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
+            stats: map(&mut ebpf, "STATS", PerCpuArray::try_from)?,
+            ifaces: map(&mut ebpf, "IFACES", HashMap::try_from)?,
+            tx_ports: map(&mut ebpf, "TX_PORTS", DevMapHash::try_from)?,
+            ebpf,
+            settings,
+            live_table: StdHashMap::new(),
+            orphans: HashSet::new(),
+            links: Vec::new(),
+        })
+    }
+
+    pub fn settings(&self) -> LoadSettings {
+        self.settings
+    }
+
+    fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("load() checked that the program exists and is XDP")
+    }
+
+    /// Attaches in native mode and makes the interface a forwarding target. Returns its ifindex.
+    pub fn attach(&mut self, name: &str) -> Result<u32, DataplaneError> {
+        let ifindex = ifindex(name)?;
+        let link = self
+            .program()
+            .attach(ifindex, XdpMode::Driver)
+            .map_err(|source| DataplaneError::Attach { name: name.to_owned(), source })?;
+        self.links.push((name.to_owned(), link));
+        self.add_interface(ifindex, is_physical(name))?;
+        Ok(ifindex)
+    }
+
+    /// Makes `ifindex` a device the program forwards through; `xdp_tx`: hairpin with XDP_TX.
+    pub fn add_interface(&mut self, ifindex: u32, xdp_tx: bool) -> Result<(), DataplaneError> {
+        let flags = if xdp_tx { IFACE_XDP_TX } else { 0 };
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|source| DataplaneError::TxPorts { source })?;
+        self.ifaces
+            .insert(&ifindex, &Iface { flags }, 0)
+            .map_err(|source| DataplaneError::Map { name: "IFACES", source })
+    }
+
+    /// Detaches from every interface (also done on drop).
+    pub fn detach_all(&mut self) -> Vec<(String, Result<(), DataplaneError>)> {
+        let links = std::mem::take(&mut self.links);
+        links
+            .into_iter()
+            .map(|(name, link)| {
+                let result = self
+                    .program()
+                    .detach(link)
+                    .map_err(|source| DataplaneError::Attach { name: name.clone(), source });
+                (name, result)
+            })
+            .collect()
+    }
+
+    pub fn set_backend(&mut self, id: u32, addr: std::net::SocketAddrV4, healthy: bool) -> Result<(), DataplaneError> {
+        if id >= MAX_BACKENDS {
+            return Err(DataplaneError::BackendId { id });
+        }
+        let backend = Backend {
+            addr: Be32::from_bytes(addr.ip().octets()),
+            port: Be16::from_host(addr.port()),
+            _pad: 0,
+            flags: if healthy { lb_common::BACKEND_HEALTHY } else { 0 },
+        };
+        self.backends
+            .set(id, &backend, 0)
+            .map_err(|source| DataplaneError::Map { name: "BACKENDS", source })
+    }
+
+    /// Publishes a service with a new Maglev table: the table goes into the service's staging
+    /// half of MAGLEV first, then one SERVICES update flips the service to it, so the data
+    /// path never sees a half-written table.
+    pub fn set_service(
+        &mut self,
+        id: u32,
+        key: ServiceKey,
+        snat: Ipv4Addr,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
+        if id >= MAX_SERVICES {
+            return Err(DataplaneError::ServiceId { id });
+        }
+        let size = self.settings.maglev_size;
+        if table.len() != size as usize {
+            return Err(DataplaneError::TableSize { got: table.len(), want: size });
+        }
+        let staging = match self.live_table.get(&id) {
+            Some(0) => 1,
+            _ => 0,
+        };
+        let base = (id * 2 + staging) * size;
+        for (slot, backend) in (base..).zip(table) {
+            self.maglev
+                .set(slot, backend, 0)
+                .map_err(|source| DataplaneError::Map { name: "MAGLEV", source })?;
+        }
+        let service = Service { maglev_base: base, snat_addr: Be32::from_bytes(snat.octets()) };
+        self.services
+            .insert(&key, &service, 0)
+            .map_err(|source| DataplaneError::Map { name: "SERVICES", source })?;
+        self.live_table.insert(id, staging);
+        Ok(())
+    }
+
+    pub fn remove_service(&mut self, id: u32, key: ServiceKey) -> Result<(), DataplaneError> {
+        self.live_table.remove(&id);
+        match self.services.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DataplaneError::Map { name: "SERVICES", source }),
+        }
+    }
+
+    /// A backend's counters, summed over CPUs.
+    pub fn backend_stats(&self, id: u32) -> Result<BackendStats, DataplaneError> {
+        let per_cpu = self
+            .backend_stats
+            .get(&id, 0)
+            .map_err(|source| DataplaneError::Map { name: "BACKEND_STATS", source })?;
+        Ok(per_cpu.iter().fold(BackendStats::default(), |sum, s| BackendStats {
+            packets: sum.packets + s.packets,
+            bytes: sum.bytes + s.bytes,
+            new_flows: sum.new_flows + s.new_flows,
+        }))
+    }
+
+    /// Clears a backend's counters (its id is being given to another backend).
+    pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let zero = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); self.cpus()?])
+            .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        self.backend_stats
+            .set(id, zero, 0)
+            .map_err(|source| DataplaneError::Map { name: "BACKEND_STATS", source })
+    }
+
+    fn cpus(&self) -> Result<usize, DataplaneError> {
+        aya::util::nr_cpus()
+            .map(|n| n.get() as usize)
+            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))
+    }
+
+    fn stat(&self, slot: u32) -> Result<u64, DataplaneError> {
+        let per_cpu = self
+            .stats
+            .get(&slot, 0)
+            .map_err(|source| DataplaneError::Map { name: "STATS", source })?;
+        Ok(per_cpu.iter().sum())
+    }
+
+    pub fn reason_counters(&self) -> Result<ReasonCounters, DataplaneError> {
+        Ok(ReasonCounters {
+            pass: PassReason::ALL
+                .iter()
+                .map(|r| Ok((*r, self.stat(r.stat_slot())?)))
+                .collect::<Result<_, DataplaneError>>()?,
+            drop: DropReason::ALL
+                .iter()
+                .map(|r| Ok((*r, self.stat(r.stat_slot())?)))
+                .collect::<Result<_, DataplaneError>>()?,
+            tx: self.stat(STAT_TX)?,
+            redirect: self.stat(STAT_REDIRECT)?,
+        })
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
+        self.flows.get(key, 0).ok()
+    }
+
+    pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<(), DataplaneError> {
+        self.flows
+            .insert(&key, &value, 0)
+            .map_err(|source| DataplaneError::Map { name: "FLOWS", source })
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter(Result::is_ok).count()
+    }
+
+    /// Removes idle flows, both directions together, and counts live connections per backend.
+    /// A connection's age is that of its most recent packet in either direction; one that saw
+    /// a FIN or RST, or whose backend never answered, gets the short `tcp_closing` timeout.
+    pub fn sweep_flows(&mut self, now_ns: u64, timeouts: &FlowTimeouts) -> FlowSweep {
+        let entries: StdHashMap<FlowKey, FlowValue> =
+            self.flows.iter().filter_map(Result::ok).collect();
+        let mut sweep = FlowSweep { entries: entries.len() as u64, ..FlowSweep::default() };
+        let mut doomed = Vec::new();
+        let mut orphans = HashSet::new();
+        for (key, value) in &entries {
+            let peer_key = value.peer_key(key.proto);
+            let peer = entries.get(&peer_key).filter(|p| p.peer_key(key.proto) == *key);
+            if value.flags & FLOW_REVERSE != 0 {
+                if peer.is_none() {
+                    if self.orphans.contains(key) {
+                        doomed.push(*key);
+                    } else {
+                        orphans.insert(*key);
+                    }
+                }
+                continue;
+            }
+            let reply_seen = peer.is_some_and(|p| p.last_seen_ns != 0);
+            let last = value.last_seen_ns.max(peer.map_or(0, |p| p.last_seen_ns));
+            let closing = value.flags & FLOW_CLOSING != 0
+                || peer.is_some_and(|p| p.flags & FLOW_CLOSING != 0);
+            let timeout = match key.proto {
+                6 if closing || !reply_seen => timeouts.tcp_closing,
+                6 => timeouts.tcp_idle,
+                _ => timeouts.udp_idle,
+            };
+            if now_ns.saturating_sub(last) >= timeout.as_nanos() as u64 {
+                doomed.push(*key);
+                if peer.is_some() {
+                    doomed.push(peer_key);
+                }
+            } else if !closing {
+                *sweep.active.entry(value.backend_id).or_default() += 1;
+            }
+        }
+        for key in doomed {
+            if self.flows.remove(&key).is_ok() {
+                sweep.removed += 1;
+            }
+        }
+        self.orphans = orphans;
+        sweep
+    }
+
+    /// Runs the program once on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
+    /// `ingress_ifindex`. Returns the XDP action and the frame as the program left it.
+    pub fn test_run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>), DataplaneError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let result = self
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_bytes),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::TestRun { source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        for (name, result) in self.detach_all() {
+            if let Err(e) = result {
+                log::warn!("detaching from {name}: {e}");
+            }
+        }
+    }
+}
+
+/// The interface's index in this network namespace.
+pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
+    let no_interface = || DataplaneError::NoInterface { name: name.to_owned() };
+    let c_name = CString::new(name).map_err(|_| no_interface())?;
+    // SAFETY: a valid NUL-terminated string; the call reads it and nothing else.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    if index == 0 { Err(no_interface()) } else { Ok(index) }
+}
+
+/// A device backed by hardware (it has a `device` link in sysfs), where XDP_TX back out of the
+/// ingress port works and is fastest; virtual devices such as veth need a redirect.
+pub fn is_physical(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).join("device").exists()
+}

@@ -1,0 +1,8 @@
+//! The lb daemon and CLI as a library, so that tests drive the same code the binary runs.
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod health;
+pub mod maglev;

@@ -1,0 +1,145 @@
+//! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb set-weight`).
+//! Exit codes: 0 success, 2 bad input, 1 any other failure.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use lb_user::{
+    config::Config,
+    control::{self, Request, Response, Status},
+    daemon,
+};
+
+#[derive(Parser)]
+#[command(name = "lb", version, about = "XDP layer-4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon in the foreground: attach XDP, health-check, serve the control socket.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show services and backends: weight, health, flows, packets, bytes.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Set a backend's weight (0 drains it: no new flows); takes effect for new flows at once.
+    SetWeight {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Service name, or its VIP:PORT.
+        service: String,
+        /// Backend IP:PORT.
+        backend: String,
+        weight: u32,
+    },
+}
+
+/// A failure and the exit code it maps to.
+struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: 1, error: e.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lb: error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(execute(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure { code, error }) => {
+            eprintln!("lb: error: {error:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn execute(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Run { config, socket } => {
+            let cfg = Config::load(&config).map_err(|e| Failure { code: 2, error: e.into() })?;
+            daemon::run(cfg, socket).await.context("lb run")?;
+            Ok(())
+        }
+        Command::Status { json, socket } => {
+            let status = call(&socket, Request::Status).await?.status.unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status).context("encoding the status")?);
+            } else {
+                print!("{}", render(&status));
+            }
+            Ok(())
+        }
+        Command::SetWeight { socket, service, backend, weight } => {
+            call(&socket, Request::SetWeight { service: service.clone(), backend: backend.clone(), weight }).await?;
+            println!("service {service}: backend {backend} weight {weight}");
+            Ok(())
+        }
+    }
+}
+
+async fn call(socket: &std::path::Path, request: Request) -> Result<Response, Failure> {
+    let response = control::call(socket, &request).await?;
+    if response.ok {
+        return Ok(response);
+    }
+    let message = response.error.unwrap_or_else(|| "the daemon refused the request".into());
+    Err(Failure { code: if response.bad_input { 2 } else { 1 }, error: anyhow::anyhow!(message) })
+}
+
+fn render(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for s in &status.services {
+        let _ = writeln!(out, "service {} {}/{} snat {}", s.name, s.vip, s.protocol, s.snat);
+        let _ = writeln!(
+            out,
+            "  {:<22} {:>6} {:<6} {:>8} {:>10} {:>12} {:>14}",
+            "backend", "weight", "health", "active", "new_flows", "packets", "bytes"
+        );
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>6} {:<6} {:>8} {:>10} {:>12} {:>14}",
+                b.address,
+                b.weight,
+                if b.healthy { "up" } else { "down" },
+                b.active_flows,
+                b.new_flows,
+                b.packets,
+                b.bytes
+            );
+        }
+    }
+    let ifaces: Vec<String> = status.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+    let _ = writeln!(out, "interfaces: {}", ifaces.join(", "));
+    let _ = writeln!(out, "flow table: {} of {} entries", status.flows.entries, status.flows.capacity);
+    let nonzero: Vec<String> = status.counters.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k}={n}")).collect();
+    let _ = writeln!(out, "packets: {}", if nonzero.is_empty() { "none yet".into() } else { nonzero.join(" ") });
+    out
+}

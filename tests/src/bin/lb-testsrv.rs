@@ -1,0 +1,64 @@
+//! A backend server for tests and the demo: answers HTTP requests on a TCP port with its name
+//! (keep-alive supported) and echoes UDP datagrams prefixed with its name, so that a client
+//! sees which backend served it. Usage: lb-testsrv NAME PORT
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    thread,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(name), Some(port)) = (args.get(1).cloned(), args.get(2).and_then(|p| p.parse::<u16>().ok())) else {
+        eprintln!("usage: lb-testsrv NAME PORT");
+        std::process::exit(2);
+    };
+    let udp = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind udp {port}: {e}"));
+    let udp_name = name.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        loop {
+            let Ok((n, peer)) = udp.recv_from(&mut buf) else { continue };
+            let mut reply = format!("{udp_name}: ").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = udp.send_to(&reply, peer);
+        }
+    });
+    let tcp = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind tcp {port}: {e}"));
+    for stream in tcp.incoming().flatten() {
+        let name = name.clone();
+        thread::spawn(move || serve(stream, &name));
+    }
+}
+
+/// Answers each request on the connection until the client closes it or asks to.
+fn serve(stream: TcpStream, name: &str) {
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut close = false;
+        loop {
+            let mut line = String::new();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line.to_ascii_lowercase().starts_with("connection: close") {
+                close = true;
+            }
+            if line == "\r\n" || line == "\n" {
+                break;
+            }
+        }
+        let body = format!("{name}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n{}\r\n{body}",
+            body.len(),
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        if writer.write_all(response.as_bytes()).is_err() || close {
+            return;
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The test and demo network: a client, the balancer and N backends, each in its own network
+//! namespace, in 198.18.0.0/15. Backends sit on a bridge in a "switch" namespace.
+//!
+//! - two-arm: client 198.18.0.2 -- lb0 198.18.0.1 | lb1 198.18.1.1 -- switch -- 198.18.1.1x
+//! - one-arm: client 198.18.0.2 and backends 198.18.0.1x share the switch with lb0 198.18.0.1
+//!
+//! veth rules from ENGINEERING.md: GRO on every veth end (redirected frames need NAPI on the
+//! peer), and checksum offload off on the client and backends (native XDP cannot finish partial
+//! checksums).
+
+use std::net::Ipv4Addr;
+
+use crate::netns::Netns;
+
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const BACKEND_PORT: u16 = 8000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arms {
+    One,
+    Two,
+}
+
+pub struct Topology {
+    pub arms: Arms,
+    pub client: Netns,
+    pub lb: Netns,
+    pub switch: Netns,
+    pub backends: Vec<Netns>,
+    pub backend_addrs: Vec<Ipv4Addr>,
+    /// Interfaces in the balancer namespace that the XDP program attaches to.
+    pub lb_interfaces: Vec<String>,
+}
+
+/// Connects `a`'s device `a_dev` to `b`'s device `b_dev` with a veth pair.
+fn wire(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
+    a.run(&["ip", "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name]);
+    a.run(&["ip", "link", "set", a_dev, "up"]);
+    b.run(&["ip", "link", "set", b_dev, "up"]);
+    a.run(&["ethtool", "-K", a_dev, "gro", "on"]);
+    b.run(&["ethtool", "-K", b_dev, "gro", "on"]);
+}
+
+impl Topology {
+    pub fn new(arms: Arms, backend_count: usize) -> Topology {
+        let client = Netns::new("client");
+        let lb = Netns::new("lb");
+        let switch = Netns::new("switch");
+        switch.sh("ip link add br0 type bridge && ip link set br0 up");
+        let backends: Vec<Netns> = (1..=backend_count).map(|i| Netns::new(&format!("b{i}"))).collect();
+        let backend_net = if arms == Arms::Two { 1 } else { 0 };
+        let backend_addrs: Vec<Ipv4Addr> =
+            (1..=backend_count).map(|i| Ipv4Addr::new(198, 18, backend_net, 10 + i as u8)).collect();
+        let lb_side = Ipv4Addr::new(198, 18, backend_net, 1);
+
+        if arms == Arms::Two {
+            wire(&client, "eth0", &lb, "lb0");
+            lb.sh("ip addr add 198.18.0.1/24 dev lb0");
+            wire(&lb, "lb1", &switch, "s-lb");
+            lb.sh("ip addr add 198.18.1.1/24 dev lb1");
+        } else {
+            wire(&client, "eth0", &switch, "s-client");
+            switch.run(&["ip", "link", "set", "s-client", "master", "br0"]);
+            wire(&lb, "lb0", &switch, "s-lb");
+            lb.sh("ip addr add 198.18.0.1/24 dev lb0");
+        }
+        switch.run(&["ip", "link", "set", "s-lb", "master", "br0"]);
+        client.sh(&format!(
+            "ip addr add {CLIENT}/24 dev eth0
+             ip route add {VIP}/32 via 198.18.0.1
+             ethtool -K eth0 tx off >/dev/null"
+        ));
+        for (i, (ns, addr)) in backends.iter().zip(&backend_addrs).enumerate() {
+            let port = format!("s-b{}", i + 1);
+            wire(ns, "eth0", &switch, &port);
+            switch.run(&["ip", "link", "set", &port, "master", "br0"]);
+            ns.sh(&format!(
+                "ip addr add {addr}/24 dev eth0
+                 ip route add default via {lb_side}
+                 ethtool -K eth0 tx off >/dev/null"
+            ));
+        }
+        let lb_interfaces: Vec<String> = match arms {
+            Arms::One => vec!["lb0".into()],
+            Arms::Two => vec!["lb0".into(), "lb1".into()],
+        };
+        lb.sh("sysctl -qw net.ipv4.ip_forward=1");
+        Topology { arms, client, lb, switch, backends, backend_addrs, lb_interfaces }
+    }
+
+    /// A config for one TCP service "web" on VIP:80 and one UDP service "dns" on VIP:53 over
+    /// all backends with these weights, with fast health checks.
+    pub fn config(&self, weights: &[u32]) -> String {
+        let mut text = format!(
+            "interfaces = [{}]\n[flows]\ncapacity = 65536\n",
+            self.lb_interfaces.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ")
+        );
+        for (name, port, proto) in [("web", 80, "tcp"), ("dns", 53, "udp")] {
+            text += &format!(
+                "[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{proto}\"\n\
+                 [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
+            );
+            for (addr, weight) in self.backend_addrs.iter().zip(weights) {
+                text += &format!("[[service.backend]]\naddress = \"{addr}:{BACKEND_PORT}\"\nweight = {weight}\n");
+            }
+        }
+        text
+    }
+}

@@ -1,0 +1,205 @@
+//! End to end: the real daemon and XDP program in native mode on veth, real servers, curl and
+//! nc, in network namespaces made by each test (see lb_tests::topology). Each test builds its
+//! own namespaces, so they can't disturb each other; `cargo xtask test` runs them one at a time.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    process::Child,
+    time::Duration,
+};
+
+use lb_tests::{
+    harness::{Balancer, http_requests, lb_binary, start_server, tally, udp_request},
+    netns::{Netns, require_root, sweep_stale},
+    topology::{Arms, BACKEND_PORT, Topology, VIP},
+};
+
+struct Setup {
+    topo: Topology,
+    balancer: Balancer,
+    servers: Vec<Child>,
+}
+
+fn setup(arms: Arms, weights: &[u32]) -> Setup {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(arms, weights.len());
+    let servers = (0..weights.len()).map(|i| start_server(&topo, i)).collect();
+    let balancer = Balancer::start(&lb_binary(), &topo, &topo.config(weights));
+    Setup { topo, balancer, servers }
+}
+
+fn backend(topo: &Topology, i: usize) -> String {
+    format!("{}:{BACKEND_PORT}", topo.backend_addrs[i])
+}
+
+/// Asserts that backend 1's share of `counts` is `want_percent` ± 5 points.
+fn assert_share(counts: &[usize], want_percent: f64, what: &str) {
+    let total: usize = counts.iter().sum();
+    let share = 100.0 * counts[0] as f64 / total as f64;
+    assert!((share - want_percent).abs() <= 5.0, "{what}: backend 1 got {share:.1}% of {total} ({counts:?}), expected {want_percent}% ± 5");
+}
+
+#[test]
+fn two_arm_tcp_splits_4_6_and_fails_over_to_the_survivor() {
+    let Setup { topo, balancer, mut servers } = setup(Arms::Two, &[4, 6]);
+    let bodies = http_requests(&topo, 1000);
+    let (counts, failed) = tally(&bodies, 2);
+    println!("two-arm, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&counts, 40.0, "4:6 split");
+    // The data path counted the same new flows the clients saw.
+    let new_flows: Vec<u64> = (0..2).map(|i| balancer.backend("web", &backend(&topo, i))["new_flows"].as_u64().expect("number")).collect();
+    assert_eq!(new_flows, counts.iter().map(|&c| c as u64).collect::<Vec<_>>());
+
+    // Stop backend 1: health checks take it out, and every new connection lands on backend 2.
+    servers[0].kill().expect("stop backend 1's server");
+    servers[0].wait().expect("reap backend 1's server");
+    let detected = balancer.wait_health("web", &backend(&topo, 0), false, Duration::from_secs(5));
+    println!("backend 1 stopped: marked down after {detected:?}");
+    let bodies = http_requests(&topo, 200);
+    let (counts, failed) = tally(&bodies, 2);
+    assert_eq!((counts.clone(), failed), (vec![0, 200], 0), "after backend 1 stopped");
+}
+
+#[test]
+fn one_arm_tcp_splits_by_weight_and_udp_answers() {
+    let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);
+    let bodies = http_requests(&topo, 1000);
+    let (counts, failed) = tally(&bodies, 2);
+    println!("one-arm, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&counts, 40.0, "one-arm 4:6 split");
+
+    let mut served = [0usize; 2];
+    for i in 0..20u16 {
+        let answer = udp_request(&topo, &format!("ping{i}"), 41000 + i);
+        let backend = match answer.split_once(": ") {
+            Some((name, payload)) if payload == format!("ping{i}") => name.to_owned(),
+            _ => panic!("UDP request {i}: answer {answer:?}\n{}", balancer.log()),
+        };
+        served[if backend == "b1" { 0 } else { 1 }] += 1;
+    }
+    println!("one-arm UDP: 20 requests answered, by backend {served:?}");
+    let udp_flows: u64 = (0..2).map(|i| balancer.backend("dns", &backend(&topo, i))["new_flows"].as_u64().expect("number")).sum();
+    assert_eq!(udp_flows, 20);
+}
+
+/// A client connection in the client namespace, for a connection kept open across changes.
+fn connect_in(ns: &Netns) -> TcpStream {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        let ns = Netns { name };
+        ns.enter_current_thread();
+        let stream = TcpStream::connect((VIP, 80)).expect("connect to the VIP from the client namespace");
+        std::mem::forget(ns);
+        stream
+    })
+    .join()
+    .expect("connect thread")
+}
+
+/// Sends one keep-alive request and returns the body (the backend's name).
+fn request_on(stream: &mut TcpStream) -> String {
+    stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").expect("send on the long-lived connection");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read a header on the long-lived connection");
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().expect("length");
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).expect("read the body");
+    String::from_utf8_lossy(&body).trim().to_owned()
+}
+
+#[test]
+fn set_weight_moves_new_flows_and_keeps_a_long_lived_connection() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[4, 6]);
+    let mut long_lived = connect_in(&topo.client);
+    let first = request_on(&mut long_lived);
+    println!("long-lived connection served by {first}");
+
+    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0), ([1, 1], 50.0)] {
+        for (i, w) in weights.iter().enumerate() {
+            let out = balancer.cli(&["set-weight", "web", &backend(&topo, i), &w.to_string()]);
+            assert!(out.status.success(), "set-weight: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        assert_eq!(balancer.backend("web", &backend(&topo, 0))["weight"], weights[0]);
+        let (counts, failed) = tally(&http_requests(&topo, 200), 2);
+        println!("weights {weights:?}: {counts:?}");
+        assert_eq!(failed, 0);
+        if want_b1 == 50.0 {
+            assert_share(&counts, 50.0, "1:1 after set-weight");
+        } else {
+            assert_eq!(counts[0] as f64, want_b1 * 2.0, "weights {weights:?}: {counts:?}");
+        }
+        assert_eq!(request_on(&mut long_lived), first, "the long-lived connection moved after weights {weights:?}");
+    }
+    // The VIP:PORT form names the same service.
+    let out = balancer.cli(&["set-weight", &format!("{VIP}:80"), &backend(&topo, 0), "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(balancer.backend("web", &backend(&topo, 0))["weight"], 3);
+}
+
+#[test]
+fn cli_rejects_bad_input_with_exit_2_and_the_daemon_survives() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    let b1 = backend(&topo, 0);
+    let cases: [(&[&str], &str); 5] = [
+        (&["set-weight", "nosuch", &b1, "1"], "no service named \"nosuch\""),
+        (&["set-weight", "web", "198.18.9.9:1", "1"], "backend 198.18.9.9:1 is not in service \"web\""),
+        (&["set-weight", "web", &b1, "10001"], "out of range"),
+        (&["set-weight", "web", "not-an-address", "1"], "not an IPv4 address"),
+        (&["set-weight", "web", &b1, "-1"], "unexpected argument"),
+    ];
+    for (args, message) in cases {
+        let out = balancer.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: stderr {stderr:?} lacks {message:?}");
+        assert_eq!(stderr.trim().lines().count(), if message == "unexpected argument" { stderr.trim().lines().count() } else { 1 }, "{args:?}: one line: {stderr}");
+    }
+    // Garbage on the socket does not hurt the daemon.
+    let mut raw = std::os::unix::net::UnixStream::connect(&balancer.socket).expect("connect");
+    raw.write_all(b"\x00\xffnot json at all\n").expect("write");
+    let mut answer = String::new();
+    raw.read_to_string(&mut answer).expect("read");
+    assert!(answer.contains("\"bad_input\":true"), "{answer}");
+    let (counts, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!((counts.iter().sum::<usize>(), failed), (20, 0));
+
+    // No daemon: exit 1 and a hint.
+    let out = std::process::Command::new(lb_binary())
+        .args(["status", "--socket", "/nonexistent/lb.sock"])
+        .output()
+        .expect("run lb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is \"lb run\" running?"), "{stderr}");
+}
+
+#[test]
+fn lb_run_reports_config_errors_with_their_line_and_exit_2() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("lbt-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "interfaces = [\"lo\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n[[service.backend]]\naddress = \"198.18.1.11:8000\"\nweight = 70000\n").expect("write");
+    let out = std::process::Command::new(lb_binary()).arg("run").arg("--config").arg(&path).output().expect("run lb");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("line 7") && stderr.contains("weight"), "{stderr}");
+    let out = std::process::Command::new(lb_binary()).args(["run", "--config", "/nonexistent.toml"]).output().expect("run lb");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config"));
+    let _ = std::fs::remove_dir_all(dir);
+}
