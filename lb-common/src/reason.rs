@@ -153,7 +153,11 @@ mod tests {
             assert!(!seen[slot as usize], "slot {slot} used twice");
             seen[slot as usize] = true;
         }
-        assert!(PassReason::ALL.iter().all(|r| r.stat_slot() < STAT_DROP_BASE));
+        assert!(
+            PassReason::ALL
+                .iter()
+                .all(|r| r.stat_slot() < STAT_DROP_BASE)
+        );
         assert!(DropReason::ALL.iter().all(|r| r.stat_slot() < STAT_TX));
     }
 }

@@ -52,7 +52,9 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<Flow> {
 
 #[inline(always)]
 fn backend_is_healthy(id: u32) -> bool {
-    BACKENDS.get(id).is_some_and(|b| b.flags & BACKEND_HEALTHY != 0)
+    BACKENDS
+        .get(id)
+        .is_some_and(|b| b.flags & BACKEND_HEALTHY != 0)
 }
 
 /// Records a new flow to `backend`: the reply direction first, under a SNAT port nobody holds

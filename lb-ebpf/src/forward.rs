@@ -2,6 +2,7 @@
 //! XDP_TX (same real NIC) or a DEVMAP redirect. Reads IFACES and TX_PORTS.
 
 use aya_ebpf::{
+    EbpfContext as _,
     bindings::{
         BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
@@ -9,7 +10,6 @@ use aya_ebpf::{
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
-    EbpfContext as _,
 };
 use lb_common::{DropReason, FlowValue, IFACE_XDP_TX, PassReason};
 

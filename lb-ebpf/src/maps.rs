@@ -22,18 +22,17 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Maglev slots of every service, two tables each (live and staging): slot -> backend id.
 /// Daemon writes the staging table, then flips `Service::maglev_base`. Size set at load.
 #[map]
-pub static MAGLEV: Array<u32> =
-    Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_MAGLEV_SIZE, 0);
+pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_MAGLEV_SIZE, 0);
 
 /// One direction of a connection -> its rewrite. Data path inserts and refreshes; the daemon
 /// expires idle entries. Size set at load.
 #[map]
-pub static FLOWS: HashMap<FlowKey, FlowValue> =
-    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
 /// backend id -> packets, bytes, new flows (per CPU). Data path writes; daemon reads.
 #[map]
-pub static BACKEND_STATS: PerCpuArray<BackendStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// lb_common::reason slot -> packets (per CPU). Data path writes; daemon reads.
 #[map]

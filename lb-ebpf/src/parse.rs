@@ -73,7 +73,13 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
     // SAFETY: bounds-checked by ptr_at.
     let (vihl, frags, proto, src, dst) = unsafe {
         let ip = &*ip;
-        (ip.vihl, u16::from_be_bytes(ip.frags), ip.proto, ip.src_addr, ip.dst_addr)
+        (
+            ip.vihl,
+            u16::from_be_bytes(ip.frags),
+            ip.proto,
+            ip.src_addr,
+            ip.dst_addr,
+        )
     };
     // The header length comes from the packet; the mask bounds it (60) for the verifier.
     let ihl = ((vihl & 0x0f) as usize) * 4;

@@ -13,12 +13,24 @@ use crate::{
 pub fn backend(svc: &Service, pkt: &Packet) -> Result<(u32, Backend), Verdict> {
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let k = &pkt.key;
-    let hash = flow_hash(k.src_addr.0, k.dst_addr.0, k.src_port.0, k.dst_port.0, k.proto);
-    let slot = hash.checked_rem(maglev_size()).ok_or(Verdict::Drop(DropReason::Inconsistent))?;
-    let id = *MAGLEV.get(svc.maglev_base.wrapping_add(slot)).ok_or(inconsistent)?;
+    let hash = flow_hash(
+        k.src_addr.0,
+        k.dst_addr.0,
+        k.src_port.0,
+        k.dst_port.0,
+        k.proto,
+    );
+    let slot = hash
+        .checked_rem(maglev_size())
+        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+    let id = *MAGLEV
+        .get(svc.maglev_base.wrapping_add(slot))
+        .ok_or(inconsistent)?;
     if id == NO_BACKEND {
         return Err(Verdict::Drop(DropReason::NoBackend));
     }
-    let backend = BACKENDS.get(id).ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+    let backend = BACKENDS
+        .get(id)
+        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
     Ok((id, *backend))
 }

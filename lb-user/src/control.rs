@@ -20,7 +20,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    SetWeight { service: String, backend: String, weight: u32 },
+    SetWeight {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,16 +41,34 @@ pub struct Response {
 
 impl Response {
     pub fn done() -> Self {
-        Self { ok: true, error: None, bad_input: false, status: None }
+        Self {
+            ok: true,
+            error: None,
+            bad_input: false,
+            status: None,
+        }
     }
     pub fn status(status: Status) -> Self {
-        Self { status: Some(status), ..Self::done() }
+        Self {
+            status: Some(status),
+            ..Self::done()
+        }
     }
     pub fn bad_input(message: String) -> Self {
-        Self { ok: false, error: Some(message), bad_input: true, status: None }
+        Self {
+            ok: false,
+            error: Some(message),
+            bad_input: true,
+            status: None,
+        }
     }
     pub fn failed(message: String) -> Self {
-        Self { ok: false, error: Some(message), bad_input: false, status: None }
+        Self {
+            ok: false,
+            error: Some(message),
+            bad_input: false,
+            status: None,
+        }
     }
 }
 
@@ -127,8 +149,16 @@ pub enum ControlError {
 /// Sends one request and waits for its response (the CLI side).
 pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlError> {
     let p = path.display().to_string();
-    let io = |source| ControlError::Io { path: p.clone(), source };
-    let stream = UnixStream::connect(path).await.map_err(|source| ControlError::Connect { path: p.clone(), source })?;
+    let io = |source| ControlError::Io {
+        path: p.clone(),
+        source,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: p.clone(),
+            source,
+        })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_string(request).expect("requests always serialise");
     line.push('\n');
@@ -139,7 +169,10 @@ pub async fn call(path: &Path, request: &Request) -> Result<Response, ControlErr
         .await
         .map_err(|_| ControlError::Timeout { path: p.clone() })?
         .map_err(io)?;
-    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol { path: p, message: e.to_string() })
+    serde_json::from_str(&answer).map_err(|e| ControlError::Protocol {
+        path: p,
+        message: e.to_string(),
+    })
 }
 
 /// Creates the socket, root-only. A stale socket file (nobody answering) is replaced; a live
@@ -153,9 +186,15 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ControlError::Bind { path: p.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::Bind {
+            path: p.clone(),
+            source,
+        })?;
     }
-    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: p.clone(), source })?;
+    let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind {
+        path: p.clone(),
+        source,
+    })?;
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| ControlError::Bind { path: p, source })?;
@@ -184,12 +223,15 @@ pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request,
         }
     };
     match timeout(REQUEST_TIMEOUT, read).await {
-        Err(_) => Err(Response::bad_input(format!("no complete request within {REQUEST_TIMEOUT:?}"))),
+        Err(_) => Err(Response::bad_input(format!(
+            "no complete request within {REQUEST_TIMEOUT:?}"
+        ))),
         Ok(Err(e)) => Err(Response::failed(format!("reading the request: {e}"))),
-        Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => {
-            Err(Response::bad_input(format!("request larger than {MAX_REQUEST_BYTES} bytes")))
-        }
-        Ok(Ok(_)) => serde_json::from_slice(&line).map_err(|e| Response::bad_input(format!("malformed request: {e}"))),
+        Ok(Ok(_)) if line.len() > MAX_REQUEST_BYTES => Err(Response::bad_input(format!(
+            "request larger than {MAX_REQUEST_BYTES} bytes"
+        ))),
+        Ok(Ok(_)) => serde_json::from_slice(&line)
+            .map_err(|e| Response::bad_input(format!("malformed request: {e}"))),
     }
 }
 
@@ -199,12 +241,19 @@ mod tests {
 
     #[test]
     fn requests_have_a_stable_wire_form() {
-        let set = Request::SetWeight { service: "web".into(), backend: "198.18.2.11:8000".into(), weight: 3 };
+        let set = Request::SetWeight {
+            service: "web".into(),
+            backend: "198.18.2.11:8000".into(),
+            weight: 3,
+        };
         assert_eq!(
             serde_json::to_string(&set).expect("json"),
             r#"{"command":"set-weight","service":"web","backend":"198.18.2.11:8000","weight":3}"#
         );
-        assert_eq!(serde_json::from_str::<Request>(r#"{"command":"status"}"#).expect("json"), Request::Status);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"command":"status"}"#).expect("json"),
+            Request::Status
+        );
     }
 
     #[tokio::test]
@@ -221,7 +270,11 @@ mod tests {
             }
             answers
         });
-        for payload in [&b"{not json}\n"[..], &vec![b'x'; MAX_REQUEST_BYTES + 10][..], &b"{\"command\":\"reboot\"}\n"[..]] {
+        for payload in [
+            &b"{not json}\n"[..],
+            &vec![b'x'; MAX_REQUEST_BYTES + 10][..],
+            &b"{\"command\":\"reboot\"}\n"[..],
+        ] {
             let mut s = UnixStream::connect(&path).await.expect("connect");
             s.write_all(payload).await.expect("write");
             drop(s);
@@ -233,7 +286,10 @@ mod tests {
         }
         // A second daemon on the same socket is refused while the first serves it.
         let _keep = UnixListener::bind(dir.join("other.sock")).expect("bind other");
-        assert!(matches!(bind(&dir.join("other.sock")).await, Err(ControlError::InUse { .. })));
+        assert!(matches!(
+            bind(&dir.join("other.sock")).await,
+            Err(ControlError::InUse { .. })
+        ));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -14,7 +14,10 @@ use tokio::{io::AsyncWriteExt as _, io::BufReader, net::UnixStream, signal::unix
 
 use crate::{
     config::{Config, HealthConfig, MAX_WEIGHT, Protocol},
-    control::{self, BackendStatus, FlowTableStatus, InterfaceStatus, Request, Response, ServiceStatus, Status},
+    control::{
+        self, BackendStatus, FlowTableStatus, InterfaceStatus, Request, Response, ServiceStatus,
+        Status,
+    },
     dataplane::{Dataplane, DataplaneError, FlowTimeouts, LoadSettings},
     health::{self, Tracker},
     maglev::{MaglevBackend, build_table},
@@ -32,14 +35,18 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error("lb run needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN")]
     NotPrivileged,
-    #[error("service \"{service}\": no snat address given and none found towards {backend}: {source}; set `snat` in the config")]
+    #[error(
+        "service \"{service}\": no snat address given and none found towards {backend}: {source}; set `snat` in the config"
+    )]
     NoSnat {
         service: String,
         backend: SocketAddrV4,
         #[source]
         source: std::io::Error,
     },
-    #[error("service \"{service}\" has no backends and no `snat` address; set `snat` in the config")]
+    #[error(
+        "service \"{service}\" has no backends and no `snat` address; set `snat` in the config"
+    )]
     NoSnatNoBackends { service: String },
     #[error("cannot write {path}: {source}")]
     Sysctl {
@@ -86,7 +93,11 @@ impl ServiceState {
             .backends
             .iter()
             .filter(|b| b.tracker.healthy && b.weight > 0)
-            .map(|b| MaglevBackend { id: b.id, addr: b.address, weight: b.weight })
+            .map(|b| MaglevBackend {
+                id: b.id,
+                addr: b.address,
+                weight: b.weight,
+            })
             .collect();
         build_table(&eligible, size)
     }
@@ -114,13 +125,19 @@ impl State {
             return Ok(i);
         }
         let Ok(vip) = name_or_vip.parse::<SocketAddrV4>() else {
-            return Err(format!("no service named \"{name_or_vip}\" (give a service name or its VIP:PORT)"));
+            return Err(format!(
+                "no service named \"{name_or_vip}\" (give a service name or its VIP:PORT)"
+            ));
         };
-        let matches: Vec<usize> = (0..self.services.len()).filter(|&i| self.services[i].vip == vip).collect();
+        let matches: Vec<usize> = (0..self.services.len())
+            .filter(|&i| self.services[i].vip == vip)
+            .collect();
         match matches[..] {
             [i] => Ok(i),
             [] => Err(format!("no service has the VIP {vip}")),
-            _ => Err(format!("{vip} is the VIP of a TCP and a UDP service; give the service name instead")),
+            _ => Err(format!(
+                "{vip} is the VIP of a TCP and a UDP service; give the service name instead"
+            )),
         }
     }
 
@@ -130,14 +147,21 @@ impl State {
             Err(e) => return Response::bad_input(e),
         };
         if weight > MAX_WEIGHT {
-            return Response::bad_input(format!("weight {weight} is out of range 0..={MAX_WEIGHT}"));
+            return Response::bad_input(format!(
+                "weight {weight} is out of range 0..={MAX_WEIGHT}"
+            ));
         }
         let svc = &mut self.services[index];
         let Ok(address) = backend.parse::<SocketAddrV4>() else {
-            return Response::bad_input(format!("backend {backend:?} is not an IPv4 address with port (like 198.18.2.11:8000)"));
+            return Response::bad_input(format!(
+                "backend {backend:?} is not an IPv4 address with port (like 198.18.2.11:8000)"
+            ));
         };
         let Some(b) = svc.backends.iter_mut().find(|b| b.address == address) else {
-            return Response::bad_input(format!("backend {address} is not in service \"{}\"", svc.name));
+            return Response::bad_input(format!(
+                "backend {address} is not in service \"{}\"",
+                svc.name
+            ));
         };
         if b.weight == weight {
             return Response::done();
@@ -146,7 +170,11 @@ impl State {
         let name = svc.name.clone();
         if let Err(e) = self.publish(index) {
             // Keep what the data path still has.
-            if let Some(b) = self.services[index].backends.iter_mut().find(|b| b.address == address) {
+            if let Some(b) = self.services[index]
+                .backends
+                .iter_mut()
+                .find(|b| b.address == address)
+            {
                 b.weight = old;
             }
             return Response::failed(format!("updating the data path: {e}"));
@@ -159,13 +187,24 @@ impl State {
         let backend = &mut self.services[s].backends[b];
         let ok = result.is_ok();
         backend.last_error = result.err();
-        let Some(healthy) = backend.tracker.record(ok) else { return };
+        let Some(healthy) = backend.tracker.record(ok) else {
+            return;
+        };
         let (id, address) = (backend.id, backend.address);
         let name = self.services[s].name.clone();
-        let why = self.services[s].backends[b].last_error.clone().unwrap_or_default();
-        let written = self.dataplane.set_backend(id, address, healthy).and_then(|()| self.publish(s));
+        let why = self.services[s].backends[b]
+            .last_error
+            .clone()
+            .unwrap_or_default();
+        let written = self
+            .dataplane
+            .set_backend(id, address, healthy)
+            .and_then(|()| self.publish(s));
         match (written, healthy) {
-            (Err(e), _) => log::error!("service \"{name}\": backend {address} is {}, but updating the data path failed: {e}", if healthy { "up" } else { "down" }),
+            (Err(e), _) => log::error!(
+                "service \"{name}\": backend {address} is {}, but updating the data path failed: {e}",
+                if healthy { "up" } else { "down" }
+            ),
             (Ok(()), true) => log::info!("service \"{name}\": backend {address} is up"),
             (Ok(()), false) => log::warn!("service \"{name}\": backend {address} is down: {why}"),
         }
@@ -235,7 +274,11 @@ impl State {
     fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Status => Response::status(self.status()),
-            Request::SetWeight { service, backend, weight } => self.set_weight(&service, &backend, weight),
+            Request::SetWeight {
+                service,
+                backend,
+                weight,
+            } => self.set_weight(&service, &backend, weight),
         }
     }
 }
@@ -250,7 +293,9 @@ fn monotonic_ns() -> u64 {
 
 /// Root, or CAP_BPF (or CAP_SYS_ADMIN) together with CAP_NET_ADMIN.
 fn privileged() -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return false };
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
     let caps = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -271,7 +316,10 @@ fn source_address_towards(backend: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), DaemonError> {
-    std::fs::write(path, value).map_err(|source| DaemonError::Sysctl { path: path.into(), source })
+    std::fs::write(path, value).map_err(|source| DaemonError::Sysctl {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Keeps the kernel from handing the SNAT range to the host's own connections (health checks
@@ -282,9 +330,16 @@ struct ReservedPorts {
 
 impl ReservedPorts {
     fn reserve(min: u16, max: u16) -> Result<Self, DaemonError> {
-        let previous = std::fs::read_to_string(RESERVED_PORTS).unwrap_or_default().trim().to_owned();
+        let previous = std::fs::read_to_string(RESERVED_PORTS)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
         let range = format!("{min}-{max}");
-        let value = if previous.is_empty() { range } else { format!("{previous},{range}") };
+        let value = if previous.is_empty() {
+            range
+        } else {
+            format!("{previous},{range}")
+        };
         write_sysctl(RESERVED_PORTS, &value)?;
         log::info!("reserved SNAT ports {min}-{max} from the kernel's ephemeral ports");
         Ok(Self { previous })
@@ -293,7 +348,14 @@ impl ReservedPorts {
 
 impl Drop for ReservedPorts {
     fn drop(&mut self) {
-        if let Err(e) = write_sysctl(RESERVED_PORTS, if self.previous.is_empty() { "\n" } else { &self.previous }) {
+        if let Err(e) = write_sysctl(
+            RESERVED_PORTS,
+            if self.previous.is_empty() {
+                "\n"
+            } else {
+                &self.previous
+            },
+        ) {
             log::warn!("restoring {RESERVED_PORTS}: {e}");
         }
     }
@@ -304,7 +366,10 @@ impl Drop for ReservedPorts {
 fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
     for knob in ["forwarding", "accept_local"] {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/{knob}");
-        if std::fs::read_to_string(&path).map(|v| v.trim() == "1").unwrap_or(false) {
+        if std::fs::read_to_string(&path)
+            .map(|v| v.trim() == "1")
+            .unwrap_or(false)
+        {
             continue;
         }
         write_sysctl(&path, "1")?;
@@ -330,16 +395,29 @@ async fn start(config: &Config) -> Result<State, DaemonError> {
     for (id, svc) in (0u32..).zip(&config.services) {
         let snat = match (svc.snat, svc.backends.first()) {
             (Some(a), _) => a,
-            (None, Some(b)) => source_address_towards(b.address)
-                .map_err(|source| DaemonError::NoSnat { service: svc.name.clone(), backend: b.address, source })?,
-            (None, None) => return Err(DaemonError::NoSnatNoBackends { service: svc.name.clone() }),
+            (None, Some(b)) => {
+                source_address_towards(b.address).map_err(|source| DaemonError::NoSnat {
+                    service: svc.name.clone(),
+                    backend: b.address,
+                    source,
+                })?
+            }
+            (None, None) => {
+                return Err(DaemonError::NoSnatNoBackends {
+                    service: svc.name.clone(),
+                });
+            }
         };
         let first = probe_all(svc).await;
         let mut backends = Vec::new();
         for (b, result) in svc.backends.iter().zip(first) {
             let healthy = result.is_ok();
             if let Err(e) = &result {
-                log::warn!("service \"{}\": backend {} starts down: {e}", svc.name, b.address);
+                log::warn!(
+                    "service \"{}\": backend {} starts down: {e}",
+                    svc.name,
+                    b.address
+                );
             }
             dataplane.reset_backend_stats(next_backend)?;
             dataplane.set_backend(next_backend, b.address, healthy)?;
@@ -390,7 +468,11 @@ async fn start(config: &Config) -> Result<State, DaemonError> {
         enable_forwarding(name)?;
         let ifindex = state.dataplane.attach(name)?;
         log::info!("attached to {name} (ifindex {ifindex}) in native mode");
-        state.interfaces.push(InterfaceStatus { name: name.clone(), ifindex, mode: "native".into() });
+        state.interfaces.push(InterfaceStatus {
+            name: name.clone(),
+            ifindex,
+            mode: "native".into(),
+        });
     }
     Ok(state)
 }
@@ -407,7 +489,11 @@ async fn probe_all(svc: &crate::config::ServiceConfig) -> Vec<Result<(), String>
         .collect();
     let mut results = Vec::with_capacity(handles.len());
     for handle in handles {
-        results.push(handle.await.unwrap_or_else(|e| Err(format!("health probe task failed: {e}"))));
+        results.push(
+            handle
+                .await
+                .unwrap_or_else(|e| Err(format!("health probe task failed: {e}"))),
+        );
     }
     results
 }
@@ -440,8 +526,10 @@ pub async fn run(config: Config, socket: PathBuf) -> Result<(), DaemonError> {
             }
         }
     });
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut term =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut int =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     tokio::select! {
         _ = term.recv() => log::info!("SIGTERM: detaching and exiting"),
         _ = int.recv() => log::info!("SIGINT: detaching and exiting"),
@@ -456,7 +544,9 @@ pub async fn run(config: Config, socket: PathBuf) -> Result<(), DaemonError> {
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     // A panic while holding the lock would be a bug; the state itself stays consistent because
     // every change is applied to the maps before it is recorded.
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn spawn_health_checks(state: &Arc<Mutex<State>>, tasks: &mut tokio::task::JoinSet<()>) {

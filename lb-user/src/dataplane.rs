@@ -16,9 +16,9 @@ use aya::{
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    Backend, BackendStats, Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey,
-    FlowValue, IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT,
-    STAT_TX, Service, ServiceKey,
+    Backend, BackendStats, Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue,
+    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service,
+    ServiceKey,
 };
 
 /// The XDP object built by build.rs from lb-ebpf.
@@ -27,7 +27,9 @@ const PROGRAM: &str = "lb_xdp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("this lb was built with AYA_BUILD_SKIP=1 and has no XDP program; build it with `cargo xtask build`")]
+    #[error(
+        "this lb was built with AYA_BUILD_SKIP=1 and has no XDP program; build it with `cargo xtask build`"
+    )]
     NoObject,
     #[error("cannot load the XDP program: {source} (lb needs root, or CAP_BPF and CAP_NET_ADMIN)")]
     Load {
@@ -136,7 +138,9 @@ fn map<T>(
     name: &'static str,
     convert: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
 ) -> Result<T, DataplaneError> {
-    let raw = ebpf.take_map(name).ok_or(DataplaneError::MissingMap { name })?;
+    let raw = ebpf
+        .take_map(name)
+        .ok_or(DataplaneError::MissingMap { name })?;
     convert(raw).map_err(|source| DataplaneError::Map { name, source })
 }
 
@@ -164,7 +168,9 @@ impl Dataplane {
             .program_mut(PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(DataplaneError::MissingMap { name: PROGRAM })?;
-        program.load().map_err(|source| DataplaneError::Program { source })?;
+        program
+            .load()
+            .map_err(|source| DataplaneError::Program { source })?;
         Ok(Self {
             services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
@@ -199,7 +205,10 @@ impl Dataplane {
         let link = self
             .program()
             .attach(ifindex, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Attach { name: name.to_owned(), source })?;
+            .map_err(|source| DataplaneError::Attach {
+                name: name.to_owned(),
+                source,
+            })?;
         self.links.push((name.to_owned(), link));
         self.add_interface(ifindex, is_physical(name))?;
         Ok(ifindex)
@@ -213,7 +222,10 @@ impl Dataplane {
             .map_err(|source| DataplaneError::TxPorts { source })?;
         self.ifaces
             .insert(&ifindex, &Iface { flags }, 0)
-            .map_err(|source| DataplaneError::Map { name: "IFACES", source })
+            .map_err(|source| DataplaneError::Map {
+                name: "IFACES",
+                source,
+            })
     }
 
     /// Detaches from every interface (also done on drop).
@@ -225,13 +237,21 @@ impl Dataplane {
                 let result = self
                     .program()
                     .detach(link)
-                    .map_err(|source| DataplaneError::Attach { name: name.clone(), source });
+                    .map_err(|source| DataplaneError::Attach {
+                        name: name.clone(),
+                        source,
+                    });
                 (name, result)
             })
             .collect()
     }
 
-    pub fn set_backend(&mut self, id: u32, addr: std::net::SocketAddrV4, healthy: bool) -> Result<(), DataplaneError> {
+    pub fn set_backend(
+        &mut self,
+        id: u32,
+        addr: std::net::SocketAddrV4,
+        healthy: bool,
+    ) -> Result<(), DataplaneError> {
         if id >= MAX_BACKENDS {
             return Err(DataplaneError::BackendId { id });
         }
@@ -239,11 +259,18 @@ impl Dataplane {
             addr: Be32::from_bytes(addr.ip().octets()),
             port: Be16::from_host(addr.port()),
             _pad: 0,
-            flags: if healthy { lb_common::BACKEND_HEALTHY } else { 0 },
+            flags: if healthy {
+                lb_common::BACKEND_HEALTHY
+            } else {
+                0
+            },
         };
         self.backends
             .set(id, &backend, 0)
-            .map_err(|source| DataplaneError::Map { name: "BACKENDS", source })
+            .map_err(|source| DataplaneError::Map {
+                name: "BACKENDS",
+                source,
+            })
     }
 
     /// Publishes a service with a new Maglev table: the table goes into the service's staging
@@ -261,7 +288,10 @@ impl Dataplane {
         }
         let size = self.settings.maglev_size;
         if table.len() != size as usize {
-            return Err(DataplaneError::TableSize { got: table.len(), want: size });
+            return Err(DataplaneError::TableSize {
+                got: table.len(),
+                want: size,
+            });
         }
         let staging = match self.live_table.get(&id) {
             Some(0) => 1,
@@ -271,12 +301,21 @@ impl Dataplane {
         for (slot, backend) in (base..).zip(table) {
             self.maglev
                 .set(slot, backend, 0)
-                .map_err(|source| DataplaneError::Map { name: "MAGLEV", source })?;
+                .map_err(|source| DataplaneError::Map {
+                    name: "MAGLEV",
+                    source,
+                })?;
         }
-        let service = Service { maglev_base: base, snat_addr: Be32::from_bytes(snat.octets()) };
+        let service = Service {
+            maglev_base: base,
+            snat_addr: Be32::from_bytes(snat.octets()),
+        };
         self.services
             .insert(&key, &service, 0)
-            .map_err(|source| DataplaneError::Map { name: "SERVICES", source })?;
+            .map_err(|source| DataplaneError::Map {
+                name: "SERVICES",
+                source,
+            })?;
         self.live_table.insert(id, staging);
         Ok(())
     }
@@ -285,7 +324,10 @@ impl Dataplane {
         self.live_table.remove(&id);
         match self.services.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DataplaneError::Map { name: "SERVICES", source }),
+            Err(source) => Err(DataplaneError::Map {
+                name: "SERVICES",
+                source,
+            }),
         }
     }
 
@@ -294,12 +336,17 @@ impl Dataplane {
         let per_cpu = self
             .backend_stats
             .get(&id, 0)
-            .map_err(|source| DataplaneError::Map { name: "BACKEND_STATS", source })?;
-        Ok(per_cpu.iter().fold(BackendStats::default(), |sum, s| BackendStats {
-            packets: sum.packets + s.packets,
-            bytes: sum.bytes + s.bytes,
-            new_flows: sum.new_flows + s.new_flows,
-        }))
+            .map_err(|source| DataplaneError::Map {
+                name: "BACKEND_STATS",
+                source,
+            })?;
+        Ok(per_cpu
+            .iter()
+            .fold(BackendStats::default(), |sum, s| BackendStats {
+                packets: sum.packets + s.packets,
+                bytes: sum.bytes + s.bytes,
+                new_flows: sum.new_flows + s.new_flows,
+            }))
     }
 
     /// Clears a backend's counters (its id is being given to another backend).
@@ -308,7 +355,10 @@ impl Dataplane {
             .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
         self.backend_stats
             .set(id, zero, 0)
-            .map_err(|source| DataplaneError::Map { name: "BACKEND_STATS", source })
+            .map_err(|source| DataplaneError::Map {
+                name: "BACKEND_STATS",
+                source,
+            })
     }
 
     fn cpus(&self) -> Result<usize, DataplaneError> {
@@ -321,7 +371,10 @@ impl Dataplane {
         let per_cpu = self
             .stats
             .get(&slot, 0)
-            .map_err(|source| DataplaneError::Map { name: "STATS", source })?;
+            .map_err(|source| DataplaneError::Map {
+                name: "STATS",
+                source,
+            })?;
         Ok(per_cpu.iter().sum())
     }
 
@@ -347,7 +400,10 @@ impl Dataplane {
     pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<(), DataplaneError> {
         self.flows
             .insert(&key, &value, 0)
-            .map_err(|source| DataplaneError::Map { name: "FLOWS", source })
+            .map_err(|source| DataplaneError::Map {
+                name: "FLOWS",
+                source,
+            })
     }
 
     pub fn flow_count(&self) -> usize {
@@ -360,12 +416,17 @@ impl Dataplane {
     pub fn sweep_flows(&mut self, now_ns: u64, timeouts: &FlowTimeouts) -> FlowSweep {
         let entries: StdHashMap<FlowKey, FlowValue> =
             self.flows.iter().filter_map(Result::ok).collect();
-        let mut sweep = FlowSweep { entries: entries.len() as u64, ..FlowSweep::default() };
+        let mut sweep = FlowSweep {
+            entries: entries.len() as u64,
+            ..FlowSweep::default()
+        };
         let mut doomed = Vec::new();
         let mut orphans = HashSet::new();
         for (key, value) in &entries {
             let peer_key = value.peer_key(key.proto);
-            let peer = entries.get(&peer_key).filter(|p| p.peer_key(key.proto) == *key);
+            let peer = entries
+                .get(&peer_key)
+                .filter(|p| p.peer_key(key.proto) == *key);
             if value.flags & FLOW_REVERSE != 0 {
                 if peer.is_none() {
                     if self.orphans.contains(key) {
@@ -405,7 +466,11 @@ impl Dataplane {
 
     /// Runs the program once on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
     /// `ingress_ifindex`. Returns the XDP action and the frame as the program left it.
-    pub fn test_run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<(u32, Vec<u8>), DataplaneError> {
+    pub fn test_run(
+        &mut self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<(u32, Vec<u8>), DataplaneError> {
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let ctx: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
@@ -436,15 +501,24 @@ impl Drop for Dataplane {
 
 /// The interface's index in this network namespace.
 pub fn ifindex(name: &str) -> Result<u32, DataplaneError> {
-    let no_interface = || DataplaneError::NoInterface { name: name.to_owned() };
+    let no_interface = || DataplaneError::NoInterface {
+        name: name.to_owned(),
+    };
     let c_name = CString::new(name).map_err(|_| no_interface())?;
     // SAFETY: a valid NUL-terminated string; the call reads it and nothing else.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index == 0 { Err(no_interface()) } else { Ok(index) }
+    if index == 0 {
+        Err(no_interface())
+    } else {
+        Ok(index)
+    }
 }
 
 /// A device backed by hardware (it has a `device` link in sysfs), where XDP_TX back out of the
 /// ingress port works and is fastest; virtual devices such as veth need a redirect.
 pub fn is_physical(name: &str) -> bool {
-    Path::new("/sys/class/net").join(name).join("device").exists()
+    Path::new("/sys/class/net")
+        .join(name)
+        .join("device")
+        .exists()
 }

@@ -22,28 +22,48 @@ pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String>
             .map_err(|_| format!("connect to {target} timed out after {:?}", cfg.timeout))?
             .map(drop)
             .map_err(|e| format!("connect to {target}: {e}")),
-        HealthKind::Http { path } => timeout(cfg.timeout, http_get(target, path))
-            .await
-            .map_err(|_| format!("GET http://{target}{path} timed out after {:?}", cfg.timeout))?,
+        HealthKind::Http { path } => {
+            timeout(cfg.timeout, http_get(target, path))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "GET http://{target}{path} timed out after {:?}",
+                        cfg.timeout
+                    )
+                })?
+        }
     }
 }
 
 async fn http_get(target: SocketAddrV4, path: &str) -> Result<(), String> {
-    let mut stream = TcpStream::connect(target).await.map_err(|e| format!("connect to {target}: {e}"))?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {target}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send to {target}: {e}"))?;
+    let mut stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| format!("connect to {target}: {e}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {target}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send to {target}: {e}"))?;
     // The status line is all we need: "HTTP/1.x NNN".
     let mut head = [0u8; 12];
     let mut got = 0;
     while got < head.len() {
-        let n = stream.read(&mut head[got..]).await.map_err(|e| format!("read from {target}: {e}"))?;
+        let n = stream
+            .read(&mut head[got..])
+            .await
+            .map_err(|e| format!("read from {target}: {e}"))?;
         if n == 0 {
             break;
         }
         got += n;
     }
     let line = String::from_utf8_lossy(&head[..got]);
-    let status = line.strip_prefix("HTTP/1.").and_then(|rest| rest.get(2..5)).and_then(|s| s.parse::<u16>().ok());
+    let status = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|s| s.parse::<u16>().ok());
     match status {
         Some(code @ 200..400) => {
             let _ = code;
@@ -66,7 +86,12 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(healthy: bool, rise: u32, fall: u32) -> Self {
-        Self { healthy, streak: 0, rise, fall }
+        Self {
+            healthy,
+            streak: 0,
+            rise,
+            fall,
+        }
     }
 
     /// Records one result; returns the new state if it changed.
@@ -89,7 +114,11 @@ impl Tracker {
 /// The pause before the first probe of a backend: spreads many backends' probes over the
 /// interval instead of firing them all at once.
 pub fn initial_delay(interval: Duration, index: usize, count: usize) -> Duration {
-    if count == 0 { Duration::ZERO } else { interval.mul_f64(index as f64 / count as f64) }
+    if count == 0 {
+        Duration::ZERO
+    } else {
+        interval.mul_f64(index as f64 / count as f64)
+    }
 }
 
 #[cfg(test)]
@@ -128,7 +157,9 @@ mod tests {
     #[tokio::test]
     async fn tcp_probe_sees_a_listener_and_a_closed_port() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else { panic!("v4") };
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("v4")
+        };
         let cfg = HealthConfig::default_for(crate::config::Protocol::Tcp);
         assert_eq!(probe(addr, &cfg).await, Ok(()));
         drop(listener);
@@ -137,16 +168,29 @@ mod tests {
 
     #[tokio::test]
     async fn http_probe_reads_the_status() {
-        for (status, up) in [("200 OK", true), ("302 Found", true), ("503 Unavailable", false)] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else { panic!("v4") };
+        for (status, up) in [
+            ("200 OK", true),
+            ("302 Found", true),
+            ("503 Unavailable", false),
+        ] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+                panic!("v4")
+            };
             let server = tokio::spawn(async move {
                 let (mut s, _) = listener.accept().await.expect("accept");
                 let mut buf = [0u8; 512];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes()).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes())
+                    .await;
             });
-            let cfg = HealthConfig { kind: HealthKind::Http { path: "/".into() }, ..HealthConfig::default_for(crate::config::Protocol::Tcp) };
+            let cfg = HealthConfig {
+                kind: HealthKind::Http { path: "/".into() },
+                ..HealthConfig::default_for(crate::config::Protocol::Tcp)
+            };
             assert_eq!(probe(addr, &cfg).await.is_ok(), up, "status {status}");
             server.await.expect("server");
         }

@@ -54,7 +54,10 @@ struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: 1, error: e.into() }
+        Failure {
+            code: 1,
+            error: e.into(),
+        }
     }
 }
 
@@ -63,7 +66,10 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lb: error: cannot start the runtime: {e}");
@@ -82,21 +88,43 @@ fn main() -> ExitCode {
 async fn execute(command: Command) -> Result<(), Failure> {
     match command {
         Command::Run { config, socket } => {
-            let cfg = Config::load(&config).map_err(|e| Failure { code: 2, error: e.into() })?;
+            let cfg = Config::load(&config).map_err(|e| Failure {
+                code: 2,
+                error: e.into(),
+            })?;
             daemon::run(cfg, socket).await.context("lb run")?;
             Ok(())
         }
         Command::Status { json, socket } => {
-            let status = call(&socket, Request::Status).await?.status.unwrap_or_default();
+            let status = call(&socket, Request::Status)
+                .await?
+                .status
+                .unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&status).context("encoding the status")?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).context("encoding the status")?
+                );
             } else {
                 print!("{}", render(&status));
             }
             Ok(())
         }
-        Command::SetWeight { socket, service, backend, weight } => {
-            call(&socket, Request::SetWeight { service: service.clone(), backend: backend.clone(), weight }).await?;
+        Command::SetWeight {
+            socket,
+            service,
+            backend,
+            weight,
+        } => {
+            call(
+                &socket,
+                Request::SetWeight {
+                    service: service.clone(),
+                    backend: backend.clone(),
+                    weight,
+                },
+            )
+            .await?;
             println!("service {service}: backend {backend} weight {weight}");
             Ok(())
         }
@@ -108,15 +136,24 @@ async fn call(socket: &std::path::Path, request: Request) -> Result<Response, Fa
     if response.ok {
         return Ok(response);
     }
-    let message = response.error.unwrap_or_else(|| "the daemon refused the request".into());
-    Err(Failure { code: if response.bad_input { 2 } else { 1 }, error: anyhow::anyhow!(message) })
+    let message = response
+        .error
+        .unwrap_or_else(|| "the daemon refused the request".into());
+    Err(Failure {
+        code: if response.bad_input { 2 } else { 1 },
+        error: anyhow::anyhow!(message),
+    })
 }
 
 fn render(status: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     for s in &status.services {
-        let _ = writeln!(out, "service {} {}/{} snat {}", s.name, s.vip, s.protocol, s.snat);
+        let _ = writeln!(
+            out,
+            "service {} {}/{} snat {}",
+            s.name, s.vip, s.protocol, s.snat
+        );
         let _ = writeln!(
             out,
             "  {:<22} {:>6} {:<6} {:>8} {:>10} {:>12} {:>14}",
@@ -136,10 +173,31 @@ fn render(status: &Status) -> String {
             );
         }
     }
-    let ifaces: Vec<String> = status.interfaces.iter().map(|i| format!("{} ({})", i.name, i.mode)).collect();
+    let ifaces: Vec<String> = status
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({})", i.name, i.mode))
+        .collect();
     let _ = writeln!(out, "interfaces: {}", ifaces.join(", "));
-    let _ = writeln!(out, "flow table: {} of {} entries", status.flows.entries, status.flows.capacity);
-    let nonzero: Vec<String> = status.counters.iter().filter(|(_, n)| **n > 0).map(|(k, n)| format!("{k}={n}")).collect();
-    let _ = writeln!(out, "packets: {}", if nonzero.is_empty() { "none yet".into() } else { nonzero.join(" ") });
+    let _ = writeln!(
+        out,
+        "flow table: {} of {} entries",
+        status.flows.entries, status.flows.capacity
+    );
+    let nonzero: Vec<String> = status
+        .counters
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "packets: {}",
+        if nonzero.is_empty() {
+            "none yet".into()
+        } else {
+            nonzero.join(" ")
+        }
+    );
     out
 }

@@ -14,9 +14,9 @@ use crate::topology::{BACKEND_PORT, Topology, VIP};
 
 /// The `lb` binary: $LB_BIN (set by `cargo xtask test`), else the release build.
 pub fn lb_binary() -> PathBuf {
-    std::env::var_os("LB_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb")
-    })
+    std::env::var_os("LB_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
 }
 
 /// The daemon, running in the balancer namespace.
@@ -29,7 +29,11 @@ pub struct Balancer {
 
 impl Balancer {
     pub fn start(lb: &Path, topo: &Topology, config: &str) -> Balancer {
-        assert!(lb.exists(), "no lb binary at {} (run `cargo xtask build`)", lb.display());
+        assert!(
+            lb.exists(),
+            "no lb binary at {} (run `cargo xtask build`)",
+            lb.display()
+        );
         let dir = std::env::temp_dir().join(format!("{}-{}", topo.lb.name, "run"));
         fs::create_dir_all(&dir).expect("create the run folder");
         let config_path = dir.join("lb.toml");
@@ -49,7 +53,12 @@ impl Balancer {
             .stderr(log)
             .spawn()
             .expect("start lb run");
-        let mut balancer = Balancer { child, dir, socket, lb: lb.to_path_buf() };
+        let mut balancer = Balancer {
+            child,
+            dir,
+            socket,
+            lb: lb.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = balancer.child.try_wait() {
@@ -58,7 +67,11 @@ impl Balancer {
             if balancer.cli(&["status", "--json"]).status.success() {
                 break;
             }
-            assert!(Instant::now() < deadline, "lb run did not serve its socket within 20 s:\n{}", balancer.log());
+            assert!(
+                Instant::now() < deadline,
+                "lb run did not serve its socket within 20 s:\n{}",
+                balancer.log()
+            );
             thread::sleep(Duration::from_millis(100));
         }
         balancer
@@ -80,7 +93,11 @@ impl Balancer {
 
     pub fn status(&self) -> serde_json::Value {
         let out = self.cli(&["status", "--json"]);
-        assert!(out.status.success(), "lb status failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "lb status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("lb status --json prints JSON")
     }
 
@@ -97,10 +114,21 @@ impl Balancer {
     }
 
     /// Waits (at most `limit`) until the daemon reports `backend` of `service` healthy or not.
-    pub fn wait_health(&self, service: &str, backend: &str, healthy: bool, limit: Duration) -> Duration {
+    pub fn wait_health(
+        &self,
+        service: &str,
+        backend: &str,
+        healthy: bool,
+        limit: Duration,
+    ) -> Duration {
         let start = Instant::now();
         while self.backend(service, backend)["healthy"] != healthy {
-            assert!(start.elapsed() < limit, "backend {backend} not {} within {limit:?}:\n{}", if healthy { "up" } else { "down" }, self.log());
+            assert!(
+                start.elapsed() < limit,
+                "backend {backend} not {} within {limit:?}:\n{}",
+                if healthy { "up" } else { "down" },
+                self.log()
+            );
             thread::sleep(Duration::from_millis(50));
         }
         start.elapsed()
@@ -148,11 +176,21 @@ pub fn start_server(topo: &Topology, index: usize) -> Child {
     let name = format!("b{}", index + 1);
     let port = BACKEND_PORT.to_string();
     let bin = testsrv_binary();
-    let child = topo.backends[index].spawn(&[bin.to_str().expect("utf-8 path"), &name, &port], Stdio::inherit());
+    let child = topo.backends[index].spawn(
+        &[bin.to_str().expect("utf-8 path"), &name, &port],
+        Stdio::inherit(),
+    );
     // Bounded wait until it listens.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !topo.backends[index].try_sh(&format!("nc -z -w1 127.0.0.1 {port}")).status.success() {
-        assert!(Instant::now() < deadline, "lb-testsrv {name} did not start listening");
+    while !topo.backends[index]
+        .try_sh(&format!("nc -z -w1 127.0.0.1 {port}"))
+        .status
+        .success()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "lb-testsrv {name} did not start listening"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     child
@@ -164,12 +202,17 @@ pub fn http_requests(topo: &Topology, count: usize) -> Vec<String> {
     let out = topo.client.try_sh(&format!(
         "for i in $(seq {count}); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
     ));
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// One UDP request from the client to VIP:53 (nc); the answer, or "" if none within a second.
 pub fn udp_request(topo: &Topology, payload: &str, source_port: u16) -> String {
-    let out = topo.client.try_sh(&format!("printf '{payload}' | nc -u -w1 -p {source_port} {VIP} 53"));
+    let out = topo.client.try_sh(&format!(
+        "printf '{payload}' | nc -u -w1 -p {source_port} {VIP} 53"
+    ));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -178,7 +221,10 @@ pub fn tally(bodies: &[String], backends: usize) -> (Vec<usize>, usize) {
     let mut counts = vec![0; backends];
     let mut failed = 0;
     for body in bodies {
-        match body.strip_prefix('b').and_then(|n| n.trim().parse::<usize>().ok()) {
+        match body
+            .strip_prefix('b')
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        {
             Some(n) if (1..=backends).contains(&n) => counts[n - 1] += 1,
             _ => failed += 1,
         }

@@ -32,15 +32,22 @@ pub fn run(args: &[&str]) -> Output {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "these tests create network namespaces and load XDP programs: run them as root (cargo xtask test does)");
+    assert_eq!(
+        euid, 0,
+        "these tests create network namespaces and load XDP programs: run them as root (cargo xtask test does)"
+    );
 }
 
 /// Removes namespaces of this prefix whose creating process is gone.
 pub fn sweep_stale() {
     let out = run(&["ip", "netns", "list"]);
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
         let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
         // SAFETY: kill with signal 0 only checks whether the process exists.
         let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
@@ -121,13 +128,21 @@ impl Netns {
         let file = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
         // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns into {}: {}", self.name, std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "setns into {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
         kill_all_in(&self.name);
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }

@@ -35,7 +35,9 @@ pub struct Topology {
 
 /// Connects `a`'s device `a_dev` to `b`'s device `b_dev` with a veth pair.
 fn wire(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
-    a.run(&["ip", "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name]);
+    a.run(&[
+        "ip", "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
+    ]);
     a.run(&["ip", "link", "set", a_dev, "up"]);
     b.run(&["ip", "link", "set", b_dev, "up"]);
     a.run(&["ethtool", "-K", a_dev, "gro", "on"]);
@@ -48,10 +50,13 @@ impl Topology {
         let lb = Netns::new("lb");
         let switch = Netns::new("switch");
         switch.sh("ip link add br0 type bridge && ip link set br0 up");
-        let backends: Vec<Netns> = (1..=backend_count).map(|i| Netns::new(&format!("b{i}"))).collect();
+        let backends: Vec<Netns> = (1..=backend_count)
+            .map(|i| Netns::new(&format!("b{i}")))
+            .collect();
         let backend_net = if arms == Arms::Two { 1 } else { 0 };
-        let backend_addrs: Vec<Ipv4Addr> =
-            (1..=backend_count).map(|i| Ipv4Addr::new(198, 18, backend_net, 10 + i as u8)).collect();
+        let backend_addrs: Vec<Ipv4Addr> = (1..=backend_count)
+            .map(|i| Ipv4Addr::new(198, 18, backend_net, 10 + i as u8))
+            .collect();
         let lb_side = Ipv4Addr::new(198, 18, backend_net, 1);
 
         if arms == Arms::Two {
@@ -86,7 +91,15 @@ impl Topology {
             Arms::Two => vec!["lb0".into(), "lb1".into()],
         };
         lb.sh("sysctl -qw net.ipv4.ip_forward=1");
-        Topology { arms, client, lb, switch, backends, backend_addrs, lb_interfaces }
+        Topology {
+            arms,
+            client,
+            lb,
+            switch,
+            backends,
+            backend_addrs,
+            lb_interfaces,
+        }
     }
 
     /// A config for one TCP service "web" on VIP:80 and one UDP service "dns" on VIP:53 over
@@ -94,7 +107,11 @@ impl Topology {
     pub fn config(&self, weights: &[u32]) -> String {
         let mut text = format!(
             "interfaces = [{}]\n[flows]\ncapacity = 65536\n",
-            self.lb_interfaces.iter().map(|i| format!("\"{i}\"")).collect::<Vec<_>>().join(", ")
+            self.lb_interfaces
+                .iter()
+                .map(|i| format!("\"{i}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         for (name, port, proto) in [("web", 80, "tcp"), ("dns", 53, "udp")] {
             text += &format!(
@@ -102,7 +119,9 @@ impl Topology {
                  [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
             );
             for (addr, weight) in self.backend_addrs.iter().zip(weights) {
-                text += &format!("[[service.backend]]\naddress = \"{addr}:{BACKEND_PORT}\"\nweight = {weight}\n");
+                text += &format!(
+                    "[[service.backend]]\naddress = \"{addr}:{BACKEND_PORT}\"\nweight = {weight}\n"
+                );
             }
         }
         text

@@ -22,36 +22,63 @@ struct Setup {
 }
 
 fn setup(arms: Arms, weights: &[u32]) -> Setup {
+    setup_with(arms, weights, |config| config)
+}
+
+/// As `setup`, with the generated config passed through `edit` first.
+fn setup_with(arms: Arms, weights: &[u32], edit: impl FnOnce(String) -> String) -> Setup {
     require_root();
     sweep_stale();
     let topo = Topology::new(arms, weights.len());
     let servers = (0..weights.len()).map(|i| start_server(&topo, i)).collect();
-    let balancer = Balancer::start(&lb_binary(), &topo, &topo.config(weights));
-    Setup { topo, balancer, servers }
+    let balancer = Balancer::start(&lb_binary(), &topo, &edit(topo.config(weights)));
+    Setup {
+        topo,
+        balancer,
+        servers,
+    }
 }
 
 fn backend(topo: &Topology, i: usize) -> String {
     format!("{}:{BACKEND_PORT}", topo.backend_addrs[i])
 }
 
-/// Asserts that backend 1's share of `counts` is `want_percent` ± 5 points.
-fn assert_share(counts: &[usize], want_percent: f64, what: &str) {
+/// Asserts that backend 1's share of `counts` is `want_percent` ± `points`. Client ports make
+/// each connection's slot an independent draw, so a share has a binomial spread: with 1000
+/// connections at 40% one standard deviation is 1.5 points, and ±5 is 3.2 of them.
+fn assert_share(counts: &[usize], want_percent: f64, points: f64, what: &str) {
     let total: usize = counts.iter().sum();
     let share = 100.0 * counts[0] as f64 / total as f64;
-    assert!((share - want_percent).abs() <= 5.0, "{what}: backend 1 got {share:.1}% of {total} ({counts:?}), expected {want_percent}% ± 5");
+    assert!(
+        (share - want_percent).abs() <= points,
+        "{what}: backend 1 got {share:.1}% of {total} ({counts:?}), expected {want_percent}% ± {points}"
+    );
 }
 
 #[test]
 fn two_arm_tcp_splits_4_6_and_fails_over_to_the_survivor() {
-    let Setup { topo, balancer, mut servers } = setup(Arms::Two, &[4, 6]);
+    let Setup {
+        topo,
+        balancer,
+        mut servers,
+    } = setup(Arms::Two, &[4, 6]);
     let bodies = http_requests(&topo, 1000);
     let (counts, failed) = tally(&bodies, 2);
     println!("two-arm, 1000 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
-    assert_share(&counts, 40.0, "4:6 split");
+    assert_share(&counts, 40.0, 5.0, "4:6 split");
     // The data path counted the same new flows the clients saw.
-    let new_flows: Vec<u64> = (0..2).map(|i| balancer.backend("web", &backend(&topo, i))["new_flows"].as_u64().expect("number")).collect();
-    assert_eq!(new_flows, counts.iter().map(|&c| c as u64).collect::<Vec<_>>());
+    let new_flows: Vec<u64> = (0..2)
+        .map(|i| {
+            balancer.backend("web", &backend(&topo, i))["new_flows"]
+                .as_u64()
+                .expect("number")
+        })
+        .collect();
+    assert_eq!(
+        new_flows,
+        counts.iter().map(|&c| c as u64).collect::<Vec<_>>()
+    );
 
     // Stop backend 1: health checks take it out, and every new connection lands on backend 2.
     servers[0].kill().expect("stop backend 1's server");
@@ -60,7 +87,11 @@ fn two_arm_tcp_splits_4_6_and_fails_over_to_the_survivor() {
     println!("backend 1 stopped: marked down after {detected:?}");
     let bodies = http_requests(&topo, 200);
     let (counts, failed) = tally(&bodies, 2);
-    assert_eq!((counts.clone(), failed), (vec![0, 200], 0), "after backend 1 stopped");
+    assert_eq!(
+        (counts.clone(), failed),
+        (vec![0, 200], 0),
+        "after backend 1 stopped"
+    );
 }
 
 #[test]
@@ -70,7 +101,7 @@ fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let (counts, failed) = tally(&bodies, 2);
     println!("one-arm, 1000 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
-    assert_share(&counts, 40.0, "one-arm 4:6 split");
+    assert_share(&counts, 40.0, 5.0, "one-arm 4:6 split");
 
     let mut served = [0usize; 2];
     for i in 0..20u16 {
@@ -82,7 +113,13 @@ fn one_arm_tcp_splits_by_weight_and_udp_answers() {
         served[if backend == "b1" { 0 } else { 1 }] += 1;
     }
     println!("one-arm UDP: 20 requests answered, by backend {served:?}");
-    let udp_flows: u64 = (0..2).map(|i| balancer.backend("dns", &backend(&topo, i))["new_flows"].as_u64().expect("number")).sum();
+    let udp_flows: u64 = (0..2)
+        .map(|i| {
+            balancer.backend("dns", &backend(&topo, i))["new_flows"]
+                .as_u64()
+                .expect("number")
+        })
+        .sum();
     assert_eq!(udp_flows, 20);
 }
 
@@ -92,7 +129,8 @@ fn connect_in(ns: &Netns) -> TcpStream {
     std::thread::spawn(move || {
         let ns = Netns { name };
         ns.enter_current_thread();
-        let stream = TcpStream::connect((VIP, 80)).expect("connect to the VIP from the client namespace");
+        let stream =
+            TcpStream::connect((VIP, 80)).expect("connect to the VIP from the client namespace");
         std::mem::forget(ns);
         stream
     })
@@ -102,13 +140,19 @@ fn connect_in(ns: &Netns) -> TcpStream {
 
 /// Sends one keep-alive request and returns the body (the backend's name).
 fn request_on(stream: &mut TcpStream) -> String {
-    stream.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n").expect("send on the long-lived connection");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+        .expect("send on the long-lived connection");
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut length = 0;
     loop {
         let mut line = String::new();
-        reader.read_line(&mut line).expect("read a header on the long-lived connection");
+        reader
+            .read_line(&mut line)
+            .expect("read a header on the long-lived connection");
         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
             length = v.trim().parse().expect("length");
         }
@@ -128,25 +172,38 @@ fn set_weight_moves_new_flows_and_keeps_a_long_lived_connection() {
     let first = request_on(&mut long_lived);
     println!("long-lived connection served by {first}");
 
+    // 500 connections at 1:1: one standard deviation is 2.2 points; ±9 is 4 of them.
     for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0), ([1, 1], 50.0)] {
         for (i, w) in weights.iter().enumerate() {
             let out = balancer.cli(&["set-weight", "web", &backend(&topo, i), &w.to_string()]);
-            assert!(out.status.success(), "set-weight: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "set-weight: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        assert_eq!(balancer.backend("web", &backend(&topo, 0))["weight"], weights[0]);
-        let (counts, failed) = tally(&http_requests(&topo, 200), 2);
+        assert_eq!(
+            balancer.backend("web", &backend(&topo, 0))["weight"],
+            weights[0]
+        );
+        let (counts, failed) = tally(&http_requests(&topo, 500), 2);
         println!("weights {weights:?}: {counts:?}");
         assert_eq!(failed, 0);
-        if want_b1 == 50.0 {
-            assert_share(&counts, 50.0, "1:1 after set-weight");
-        } else {
-            assert_eq!(counts[0] as f64, want_b1 * 2.0, "weights {weights:?}: {counts:?}");
-        }
-        assert_eq!(request_on(&mut long_lived), first, "the long-lived connection moved after weights {weights:?}");
+        let points = if want_b1 == 50.0 { 9.0 } else { 0.0 };
+        assert_share(&counts, want_b1, points, &format!("weights {weights:?}"));
+        assert_eq!(
+            request_on(&mut long_lived),
+            first,
+            "the long-lived connection moved after weights {weights:?}"
+        );
     }
     // The VIP:PORT form names the same service.
     let out = balancer.cli(&["set-weight", &format!("{VIP}:80"), &backend(&topo, 0), "3"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(balancer.backend("web", &backend(&topo, 0))["weight"], 3);
 }
 
@@ -155,18 +212,38 @@ fn cli_rejects_bad_input_with_exit_2_and_the_daemon_survives() {
     let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
     let b1 = backend(&topo, 0);
     let cases: [(&[&str], &str); 5] = [
-        (&["set-weight", "nosuch", &b1, "1"], "no service named \"nosuch\""),
-        (&["set-weight", "web", "198.18.9.9:1", "1"], "backend 198.18.9.9:1 is not in service \"web\""),
+        (
+            &["set-weight", "nosuch", &b1, "1"],
+            "no service named \"nosuch\"",
+        ),
+        (
+            &["set-weight", "web", "198.18.9.9:1", "1"],
+            "backend 198.18.9.9:1 is not in service \"web\"",
+        ),
         (&["set-weight", "web", &b1, "10001"], "out of range"),
-        (&["set-weight", "web", "not-an-address", "1"], "not an IPv4 address"),
+        (
+            &["set-weight", "web", "not-an-address", "1"],
+            "not an IPv4 address",
+        ),
         (&["set-weight", "web", &b1, "-1"], "unexpected argument"),
     ];
     for (args, message) in cases {
         let out = balancer.cli(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
-        assert!(stderr.contains(message), "{args:?}: stderr {stderr:?} lacks {message:?}");
-        assert_eq!(stderr.trim().lines().count(), if message == "unexpected argument" { stderr.trim().lines().count() } else { 1 }, "{args:?}: one line: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{args:?}: stderr {stderr:?} lacks {message:?}"
+        );
+        assert_eq!(
+            stderr.trim().lines().count(),
+            if message == "unexpected argument" {
+                stderr.trim().lines().count()
+            } else {
+                1
+            },
+            "{args:?}: one line: {stderr}"
+        );
     }
     // Garbage on the socket does not hurt the daemon.
     let mut raw = std::os::unix::net::UnixStream::connect(&balancer.socket).expect("connect");
@@ -194,12 +271,71 @@ fn lb_run_reports_config_errors_with_their_line_and_exit_2() {
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("bad.toml");
     std::fs::write(&path, "interfaces = [\"lo\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\"\n[[service.backend]]\naddress = \"198.18.1.11:8000\"\nweight = 70000\n").expect("write");
-    let out = std::process::Command::new(lb_binary()).arg("run").arg("--config").arg(&path).output().expect("run lb");
+    let out = std::process::Command::new(lb_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run lb");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("line 7") && stderr.contains("weight"), "{stderr}");
-    let out = std::process::Command::new(lb_binary()).args(["run", "--config", "/nonexistent.toml"]).output().expect("run lb");
+    assert!(
+        stderr.contains("line 7") && stderr.contains("weight"),
+        "{stderr}"
+    );
+    let out = std::process::Command::new(lb_binary())
+        .args(["run", "--config", "/nonexistent.toml"])
+        .output()
+        .expect("run lb");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config"));
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], |config| {
+        config.replace(
+            "capacity = 65536\n",
+            "capacity = 65536\ntcp_closing_timeout = \"1s\"\nudp_idle_timeout = \"2s\"\n",
+        )
+    });
+    let mut long_lived = connect_in(&topo.client);
+    let served_by = request_on(&mut long_lived);
+    let (counts, failed) = tally(&http_requests(&topo, 50), 2);
+    assert_eq!((counts.iter().sum::<usize>(), failed), (50, 0));
+    for i in 0..5u16 {
+        assert!(udp_request(&topo, "x", 42000 + i).ends_with(": x"));
+    }
+    let entries = |b: &Balancer| b.status()["flows"]["entries"].as_u64().expect("entries");
+    std::thread::sleep(Duration::from_millis(1500));
+    let busy = entries(&balancer);
+    assert!(busy > 2, "flow table after traffic: {busy} entries");
+    // Closed TCP flows go after 1 s, idle UDP flows after 2 s; the sweeper runs every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while entries(&balancer) != 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flows did not expire: {} entries left\n{}",
+            entries(&balancer),
+            balancer.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "flow table: {busy} entries after traffic, 2 (the open connection) once the rest expired"
+    );
+    assert_eq!(
+        request_on(&mut long_lived),
+        served_by,
+        "the open connection survived the sweeps"
+    );
+    let active: u64 = (0..2)
+        .map(|i| {
+            balancer.backend("web", &backend(&topo, i))["active_flows"]
+                .as_u64()
+                .expect("number")
+        })
+        .sum();
+    assert_eq!(active, 1, "the open connection is the one active flow");
 }

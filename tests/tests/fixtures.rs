@@ -10,8 +10,8 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
-    Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue,
-    NO_BACKEND, PassReason, ServiceKey, flow_hash,
+    Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason,
+    ServiceKey, flow_hash,
 };
 use lb_tests::{
     netns::{Netns, require_root, sweep_stale},
@@ -54,11 +54,27 @@ const UDP: u8 = 17;
 /// Map state a fixture starts from.
 #[derive(Clone)]
 enum Setup {
-    Backend { id: u32, addr: Ipv4Addr, healthy: bool },
+    Backend {
+        id: u32,
+        addr: Ipv4Addr,
+        healthy: bool,
+    },
     /// A service and its Maglev table built from `(backend id, weight)`.
-    Service { id: u32, port: u16, proto: u8, backends: Vec<(u32, u32)> },
+    Service {
+        id: u32,
+        port: u16,
+        proto: u8,
+        backends: Vec<(u32, u32)>,
+    },
     /// Both directions of a flow client:cport -> VIP:vport via SNAT:snat_port to backend.
-    Flow { proto: u8, cport: u16, vport: u16, backend: u32, snat_port: u16, closing: bool },
+    Flow {
+        proto: u8,
+        cport: u16,
+        vport: u16,
+        backend: u32,
+        snat_port: u16,
+        closing: bool,
+    },
     /// Marks lb1 as a NIC where XDP_TX is used for hairpin traffic.
     HairpinTx,
 }
@@ -89,18 +105,40 @@ struct Fixture {
 
 fn backends() -> Vec<Setup> {
     vec![
-        Setup::Backend { id: 1, addr: B1, healthy: true },
-        Setup::Backend { id: 2, addr: B2, healthy: true },
-        Setup::Backend { id: 3, addr: B3, healthy: true },
+        Setup::Backend {
+            id: 1,
+            addr: B1,
+            healthy: true,
+        },
+        Setup::Backend {
+            id: 2,
+            addr: B2,
+            healthy: true,
+        },
+        Setup::Backend {
+            id: 3,
+            addr: B3,
+            healthy: true,
+        },
     ]
 }
 
 fn web(backends: &[(u32, u32)]) -> Setup {
-    Setup::Service { id: 0, port: WEB_PORT, proto: TCP, backends: backends.to_vec() }
+    Setup::Service {
+        id: 0,
+        port: WEB_PORT,
+        proto: TCP,
+        backends: backends.to_vec(),
+    }
 }
 
 fn dns(backends: &[(u32, u32)]) -> Setup {
-    Setup::Service { id: 1, port: DNS_PORT, proto: UDP, backends: backends.to_vec() }
+    Setup::Service {
+        id: 1,
+        port: DNS_PORT,
+        proto: UDP,
+        backends: backends.to_vec(),
+    }
 }
 
 fn with(mut base: Vec<Setup>, more: &[Setup]) -> Vec<Setup> {
@@ -127,7 +165,14 @@ fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowK
     }
 }
 
-fn value(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, backend: u32, flags: u32) -> FlowValue {
+fn value(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    backend: u32,
+    flags: u32,
+) -> FlowValue {
     FlowValue {
         nat_src_addr: Be32::from_bytes(src.octets()),
         nat_dst_addr: Be32::from_bytes(dst.octets()),
@@ -141,11 +186,23 @@ fn value(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, backend: u32, fla
 }
 
 /// The two FLOWS entries of a flow, as the data path writes them (timestamps aside).
-fn flow_pair(proto: u8, cport: u16, vport: u16, backend: u32, snat_port: u16) -> [(FlowKey, FlowValue); 2] {
+fn flow_pair(
+    proto: u8,
+    cport: u16,
+    vport: u16,
+    backend: u32,
+    snat_port: u16,
+) -> [(FlowKey, FlowValue); 2] {
     let b = addr_of(backend);
     [
-        (key(CLIENT, cport, VIP, vport, proto), value(SNAT, snat_port, b, BACKEND_PORT, backend, 0)),
-        (key(b, BACKEND_PORT, SNAT, snat_port, proto), value(VIP, vport, CLIENT, cport, backend, FLOW_REVERSE)),
+        (
+            key(CLIENT, cport, VIP, vport, proto),
+            value(SNAT, snat_port, b, BACKEND_PORT, backend, 0),
+        ),
+        (
+            key(b, BACKEND_PORT, SNAT, snat_port, proto),
+            value(VIP, vport, CLIENT, cport, backend, FLOW_REVERSE),
+        ),
     ]
 }
 
@@ -153,43 +210,84 @@ fn flow_pair(proto: u8, cport: u16, vport: u16, backend: u32, snat_port: u16) ->
 fn maglev_choice(backends: &[(u32, u32)], cport: u16, vport: u16, proto: u8) -> u32 {
     let table = table_for(backends);
     let k = key(CLIENT, cport, VIP, vport, proto);
-    let h = flow_hash(k.src_addr.0, k.dst_addr.0, k.src_port.0, k.dst_port.0, k.proto);
+    let h = flow_hash(
+        k.src_addr.0,
+        k.dst_addr.0,
+        k.src_port.0,
+        k.dst_port.0,
+        k.proto,
+    );
     table[(h % MAGLEV_SIZE) as usize]
 }
 
 fn table_for(backends: &[(u32, u32)]) -> Vec<u32> {
     let list: Vec<MaglevBackend> = backends
         .iter()
-        .map(|&(id, weight)| MaglevBackend { id, addr: SocketAddrV4::new(addr_of(id), BACKEND_PORT), weight })
+        .map(|&(id, weight)| MaglevBackend {
+            id,
+            addr: SocketAddrV4::new(addr_of(id), BACKEND_PORT),
+            weight,
+        })
         .collect();
     build_table(&list, MAGLEV_SIZE)
 }
 
 fn client_syn(cport: u16) -> PacketBuilder {
-    pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).tcp(cport, WEB_PORT).syn()
+    pkt()
+        .eth(CLIENT_MAC, LB0_MAC)
+        .ipv4(CLIENT, VIP)
+        .tcp(cport, WEB_PORT)
+        .syn()
 }
 
 fn to_backend(backend: u32, snat_port: u16) -> PacketBuilder {
     let mac = if backend == 1 { B1_MAC } else { B2_MAC };
-    pkt().eth(LB1_MAC, mac).ipv4(SNAT, addr_of(backend)).ttl(63).tcp(snat_port, BACKEND_PORT)
+    pkt()
+        .eth(LB1_MAC, mac)
+        .ipv4(SNAT, addr_of(backend))
+        .ttl(63)
+        .tcp(snat_port, BACKEND_PORT)
 }
 
-fn fixture(name: &'static str, setup: Vec<Setup>, input: Vec<u8>, action: u32, output: Option<Vec<u8>>, counters: Vec<(Counter, u64)>) -> Fixture {
-    Fixture { name, setup, settings: None, ingress: "lb0", input, action, output, counters, flows_after: vec![] }
+fn fixture(
+    name: &'static str,
+    setup: Vec<Setup>,
+    input: Vec<u8>,
+    action: u32,
+    output: Option<Vec<u8>>,
+    counters: Vec<(Counter, u64)>,
+) -> Fixture {
+    Fixture {
+        name,
+        setup,
+        settings: None,
+        ingress: "lb0",
+        input,
+        action,
+        output,
+        counters,
+        flows_after: vec![],
+    }
 }
 
 fn fixtures() -> Vec<Fixture> {
     let weighted = [(1, 4), (2, 6)];
     let mut list = vec![
         Fixture {
-            flows_after: flow_pair(TCP, 40000, WEB_PORT, 1, PORT_MIN).map(|(k, v)| (k, Some(v))).to_vec(),
+            flows_after: flow_pair(TCP, 40000, WEB_PORT, 1, PORT_MIN)
+                .map(|(k, v)| (k, Some(v)))
+                .to_vec(),
             ..fixture(
                 "select_tcp_syn_to_vip_snats_to_backend",
                 with(backends(), &[web(&[(1, 1)])]),
                 client_syn(40000).build(),
                 XDP_REDIRECT,
                 Some(to_backend(1, PORT_MIN).syn().build()),
-                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1), (Counter::Packets(1), 1)],
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Packets(1), 1),
+                ],
             )
         },
         {
@@ -205,37 +303,120 @@ fn fixtures() -> Vec<Fixture> {
         },
         fixture(
             "flow_established_ack_follows_existing_flow",
-            with(backends(), &[web(&[(1, 1)]), Setup::Flow { proto: TCP, cport: 40002, vport: WEB_PORT, backend: 2, snat_port: 31000, closing: false }]),
-            client_syn(40002).ack().payload(b"GET / HTTP/1.0\r\n\r\n").build_with(|b| b.tcp_flags(0x18)),
+            with(
+                backends(),
+                &[
+                    web(&[(1, 1)]),
+                    Setup::Flow {
+                        proto: TCP,
+                        cport: 40002,
+                        vport: WEB_PORT,
+                        backend: 2,
+                        snat_port: 31000,
+                        closing: false,
+                    },
+                ],
+            ),
+            client_syn(40002)
+                .ack()
+                .payload(b"GET / HTTP/1.0\r\n\r\n")
+                .build_with(|b| b.tcp_flags(0x18)),
             XDP_REDIRECT,
-            Some(to_backend(2, 31000).tcp_flags(0x18).payload(b"GET / HTTP/1.0\r\n\r\n").build()),
-            vec![(Counter::Redirect, 1), (Counter::NewFlows(2), 0), (Counter::Packets(2), 1)],
+            Some(
+                to_backend(2, 31000)
+                    .tcp_flags(0x18)
+                    .payload(b"GET / HTTP/1.0\r\n\r\n")
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::NewFlows(2), 0),
+                (Counter::Packets(2), 1),
+            ],
         ),
         Fixture {
             ingress: "lb1",
             ..fixture(
                 "nat_reply_from_backend_rewritten_to_vip_and_client",
-                with(backends(), &[web(&[(1, 1)]), Setup::Flow { proto: TCP, cport: 40003, vport: WEB_PORT, backend: 1, snat_port: 31001, closing: false }]),
-                pkt().eth(B1_MAC, LB1_MAC).ipv4(B1, SNAT).tcp(BACKEND_PORT, 31001).syn().ack().payload(b"hello").build(),
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40003,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31001,
+                            closing: false,
+                        },
+                    ],
+                ),
+                pkt()
+                    .eth(B1_MAC, LB1_MAC)
+                    .ipv4(B1, SNAT)
+                    .tcp(BACKEND_PORT, 31001)
+                    .syn()
+                    .ack()
+                    .payload(b"hello")
+                    .build(),
                 XDP_REDIRECT,
-                Some(pkt().eth(LB0_MAC, CLIENT_MAC).ipv4(VIP, CLIENT).ttl(63).tcp(WEB_PORT, 40003).syn().ack().payload(b"hello").build()),
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ttl(63)
+                        .tcp(WEB_PORT, 40003)
+                        .syn()
+                        .ack()
+                        .payload(b"hello")
+                        .build(),
+                ),
                 vec![(Counter::Redirect, 1), (Counter::Packets(1), 1)],
             )
         },
         fixture(
             "nat_udp_request_snats_to_backend",
             with(backends(), &[dns(&[(2, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).udp(5353, DNS_PORT).payload(b"query").build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .udp(5353, DNS_PORT)
+                .payload(b"query")
+                .build(),
             XDP_REDIRECT,
-            Some(pkt().eth(LB1_MAC, B2_MAC).ipv4(SNAT, B2).ttl(63).udp(PORT_MIN, BACKEND_PORT).payload(b"query").build()),
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B2_MAC)
+                    .ipv4(SNAT, B2)
+                    .ttl(63)
+                    .udp(PORT_MIN, BACKEND_PORT)
+                    .payload(b"query")
+                    .build(),
+            ),
             vec![(Counter::Redirect, 1), (Counter::NewFlows(2), 1)],
         ),
         fixture(
             "nat_udp_without_checksum_keeps_it_zero",
             with(backends(), &[dns(&[(2, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).udp(5354, DNS_PORT).udp_no_checksum().payload(b"q").build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .udp(5354, DNS_PORT)
+                .udp_no_checksum()
+                .payload(b"q")
+                .build(),
             XDP_REDIRECT,
-            Some(pkt().eth(LB1_MAC, B2_MAC).ipv4(SNAT, B2).ttl(63).udp(PORT_MIN, BACKEND_PORT).udp_no_checksum().payload(b"q").build()),
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B2_MAC)
+                    .ipv4(SNAT, B2)
+                    .ttl(63)
+                    .udp(PORT_MIN, BACKEND_PORT)
+                    .udp_no_checksum()
+                    .payload(b"q")
+                    .build(),
+            ),
             vec![(Counter::Redirect, 1)],
         ),
         fixture(
@@ -243,7 +424,12 @@ fn fixtures() -> Vec<Fixture> {
             with(backends(), &[web(&[(1, 1)])]),
             client_syn(40004).ip_options(&[0x94, 0x04, 0, 0]).build(),
             XDP_REDIRECT,
-            Some(to_backend(1, PORT_MIN).syn().ip_options(&[0x94, 0x04, 0, 0]).build()),
+            Some(
+                to_backend(1, PORT_MIN)
+                    .syn()
+                    .ip_options(&[0x94, 0x04, 0, 0])
+                    .build(),
+            ),
             vec![(Counter::Redirect, 1)],
         ),
         Fixture {
@@ -251,10 +437,25 @@ fn fixtures() -> Vec<Fixture> {
             ..fixture(
                 "flow_unhealthy_backend_rebalanced_to_healthy",
                 vec![
-                    Setup::Backend { id: 1, addr: B1, healthy: false },
-                    Setup::Backend { id: 2, addr: B2, healthy: true },
+                    Setup::Backend {
+                        id: 1,
+                        addr: B1,
+                        healthy: false,
+                    },
+                    Setup::Backend {
+                        id: 2,
+                        addr: B2,
+                        healthy: true,
+                    },
                     web(&[(2, 1)]),
-                    Setup::Flow { proto: TCP, cport: 40005, vport: WEB_PORT, backend: 1, snat_port: 31002, closing: false },
+                    Setup::Flow {
+                        proto: TCP,
+                        cport: 40005,
+                        vport: WEB_PORT,
+                        backend: 1,
+                        snat_port: 31002,
+                        closing: false,
+                    },
                 ],
                 client_syn(40005).build(),
                 XDP_REDIRECT,
@@ -266,7 +467,20 @@ fn fixtures() -> Vec<Fixture> {
             flows_after: vec![(key(B1, BACKEND_PORT, SNAT, 31003, TCP), None)],
             ..fixture(
                 "flow_syn_reusing_closed_tuple_gets_new_flow",
-                with(backends(), &[web(&[(1, 1)]), Setup::Flow { proto: TCP, cport: 40006, vport: WEB_PORT, backend: 1, snat_port: 31003, closing: true }]),
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40006,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31003,
+                            closing: true,
+                        },
+                    ],
+                ),
                 client_syn(40006).build(),
                 XDP_REDIRECT,
                 Some(to_backend(1, PORT_MIN).syn().build()),
@@ -274,10 +488,26 @@ fn fixtures() -> Vec<Fixture> {
             )
         },
         Fixture {
-            flows_after: vec![(key(CLIENT, 40007, VIP, WEB_PORT, TCP), Some(value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_CLOSING)))],
+            flows_after: vec![(
+                key(CLIENT, 40007, VIP, WEB_PORT, TCP),
+                Some(value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_CLOSING)),
+            )],
             ..fixture(
                 "flow_fin_forwarded_and_marks_closing",
-                with(backends(), &[web(&[(1, 1)]), Setup::Flow { proto: TCP, cport: 40007, vport: WEB_PORT, backend: 1, snat_port: 31004, closing: false }]),
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40007,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31004,
+                            closing: false,
+                        },
+                    ],
+                ),
                 client_syn(40007).tcp_flags(0x11).build(),
                 XDP_REDIRECT,
                 Some(to_backend(1, 31004).tcp_flags(0x11).build()),
@@ -290,7 +520,10 @@ fn fixtures() -> Vec<Fixture> {
             client_syn(40008).tcp_flags(0x10).build(),
             XDP_DROP,
             None,
-            vec![(Counter::Drop(DropReason::TcpNoFlow), 1), (Counter::NewFlows(1), 0)],
+            vec![
+                (Counter::Drop(DropReason::TcpNoFlow), 1),
+                (Counter::NewFlows(1), 0),
+            ],
         ),
         fixture(
             "select_no_backend_with_weight_dropped",
@@ -301,10 +534,27 @@ fn fixtures() -> Vec<Fixture> {
             vec![(Counter::Drop(DropReason::NoBackend), 1)],
         ),
         Fixture {
-            settings: Some(LoadSettings { snat_port_min: 31005, snat_port_max: 31005, ..settings() }),
+            settings: Some(LoadSettings {
+                snat_port_min: 31005,
+                snat_port_max: 31005,
+                ..settings()
+            }),
             ..fixture(
                 "select_snat_ports_exhausted_dropped",
-                with(backends(), &[web(&[(1, 1)]), Setup::Flow { proto: TCP, cport: 40010, vport: WEB_PORT, backend: 1, snat_port: 31005, closing: false }]),
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40010,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31005,
+                            closing: false,
+                        },
+                    ],
+                ),
                 client_syn(40011).build(),
                 XDP_DROP,
                 None,
@@ -324,7 +574,14 @@ fn fixtures() -> Vec<Fixture> {
             with(backends(), &[web(&[(3, 1)])]),
             client_syn(40013).build(),
             XDP_PASS,
-            Some(pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(SNAT, B3).tcp(PORT_MIN, BACKEND_PORT).syn().build()),
+            Some(
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv4(SNAT, B3)
+                    .tcp(PORT_MIN, BACKEND_PORT)
+                    .syn()
+                    .build(),
+            ),
             vec![(Counter::Pass(PassReason::NeighbourUnresolved), 1)],
         ),
         Fixture {
@@ -332,16 +589,34 @@ fn fixtures() -> Vec<Fixture> {
             ..fixture(
                 "forward_hairpin_on_nic_uses_xdp_tx",
                 with(backends(), &[web(&[(1, 1)]), Setup::HairpinTx]),
-                pkt().eth(B2_MAC, LB1_MAC).ipv4(B2, VIP).tcp(40014, WEB_PORT).syn().build(),
+                pkt()
+                    .eth(B2_MAC, LB1_MAC)
+                    .ipv4(B2, VIP)
+                    .tcp(40014, WEB_PORT)
+                    .syn()
+                    .build(),
                 XDP_TX,
-                Some(pkt().eth(LB1_MAC, B1_MAC).ipv4(SNAT, B1).ttl(63).tcp(PORT_MIN, BACKEND_PORT).syn().build()),
+                Some(
+                    pkt()
+                        .eth(LB1_MAC, B1_MAC)
+                        .ipv4(SNAT, B1)
+                        .ttl(63)
+                        .tcp(PORT_MIN, BACKEND_PORT)
+                        .syn()
+                        .build(),
+                ),
                 vec![(Counter::Tx, 1)],
             )
         },
         fixture(
             "parse_not_a_service_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, OTHER).tcp(40015, WEB_PORT).syn().build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, OTHER)
+                .tcp(40015, WEB_PORT)
+                .syn()
+                .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::NotService), 1)],
@@ -349,7 +624,12 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "parse_vip_other_port_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).tcp(40016, 443).syn().build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .tcp(40016, 443)
+                .syn()
+                .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::NotService), 1)],
@@ -357,7 +637,11 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "parse_arp_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
-            pkt().eth(CLIENT_MAC, [0xff; 6]).ethertype(0x0806).payload(&[0, 1, 8, 0, 6, 4, 0, 1]).build(),
+            pkt()
+                .eth(CLIENT_MAC, [0xff; 6])
+                .ethertype(0x0806)
+                .payload(&[0, 1, 8, 0, 6, 4, 0, 1])
+                .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::NotIpv4), 1)],
@@ -365,7 +649,11 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "parse_ipv6_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ethertype(0x86dd).payload(&[0x60; 60]).build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ethertype(0x86dd)
+                .payload(&[0x60; 60])
+                .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::NotIpv4), 1)],
@@ -373,7 +661,12 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "parse_icmp_to_vip_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).ip_proto(1).payload(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0]).build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .ip_proto(1)
+                .payload(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0])
+                .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::NotTcpUdp), 1)],
@@ -389,7 +682,13 @@ fn fixtures() -> Vec<Fixture> {
         fixture(
             "parse_later_fragment_to_vip_passed_untouched",
             with(backends(), &[dns(&[(1, 1)])]),
-            pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).udp(5355, DNS_PORT).payload(b"tail").fragment(false, 185).build(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .udp(5355, DNS_PORT)
+                .payload(b"tail")
+                .fragment(false, 185)
+                .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::Fragment), 1)],
@@ -414,7 +713,17 @@ fn fixtures() -> Vec<Fixture> {
     // Truncated headers at every length: a TCP SYN and a UDP datagram to the VIP, cut short.
     // BPF_PROG_TEST_RUN refuses XDP input shorter than an Ethernet header (EINVAL), and no
     // driver delivers such a frame, so cuts start at 14 bytes.
-    for (frame, l4_len) in [(client_syn(40020).build(), 20), (pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).udp(5356, DNS_PORT).build(), 8)] {
+    for (frame, l4_len) in [
+        (client_syn(40020).build(), 20),
+        (
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .udp(5356, DNS_PORT)
+                .build(),
+            8,
+        ),
+    ] {
         for len in 14..14 + 20 + l4_len {
             let reason = match len {
                 14..34 => PassReason::MalformedIpv4,
@@ -449,14 +758,24 @@ impl BuildWith for PacketBuilder {
 }
 
 fn settings() -> LoadSettings {
-    LoadSettings { maglev_size: MAGLEV_SIZE, flow_capacity: 4096, snat_port_min: PORT_MIN, snat_port_max: 29999 }
+    LoadSettings {
+        maglev_size: MAGLEV_SIZE,
+        flow_capacity: 4096,
+        snat_port_min: PORT_MIN,
+        snat_port_max: 29999,
+    }
 }
 
 /// The namespace the test thread runs in: lb0 (client side) and lb1 (backend side), each a veth
 /// whose peer stays in the same namespace, with permanent neighbours for the client, B1 and B2.
 fn topology() -> Netns {
     let ns = Netns::new("fixtures");
-    let mac = |m: Mac| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    let mac = |m: Mac| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
     ns.sh(&format!(
         "ip link add lb0 address {lb0} type veth peer name peer0
          ip link add lb1 address {lb1} type veth peer name peer1
@@ -482,7 +801,12 @@ fn pin_to_cpu0() {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(0, &mut set);
         let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -490,15 +814,35 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
     for step in setup {
         match step {
             Setup::Backend { id, addr, healthy } => {
-                dp.set_backend(*id, SocketAddrV4::new(*addr, BACKEND_PORT), *healthy).expect("set backend");
+                dp.set_backend(*id, SocketAddrV4::new(*addr, BACKEND_PORT), *healthy)
+                    .expect("set backend");
             }
-            Setup::Service { id, port, proto, backends } => {
-                let key = ServiceKey { vip: Be32::from_bytes(VIP.octets()), port: Be16::from_host(*port), proto: *proto, _pad: 0 };
+            Setup::Service {
+                id,
+                port,
+                proto,
+                backends,
+            } => {
+                let key = ServiceKey {
+                    vip: Be32::from_bytes(VIP.octets()),
+                    port: Be16::from_host(*port),
+                    proto: *proto,
+                    _pad: 0,
+                };
                 let table = table_for(backends);
-                assert!(backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND));
+                assert!(
+                    backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND)
+                );
                 dp.set_service(*id, key, SNAT, &table).expect("set service");
             }
-            Setup::Flow { proto, cport, vport, backend, snat_port, closing } => {
+            Setup::Flow {
+                proto,
+                cport,
+                vport,
+                backend,
+                snat_port,
+                closing,
+            } => {
                 for (k, mut v) in flow_pair(*proto, *cport, *vport, *backend, *snat_port) {
                     if *closing {
                         v.flags |= FLOW_CLOSING;
@@ -507,7 +851,8 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 }
             }
             Setup::HairpinTx => {
-                dp.add_interface(ifindex("lb1").expect("lb1"), true).expect("hairpin iface");
+                dp.add_interface(ifindex("lb1").expect("lb1"), true)
+                    .expect("hairpin iface");
             }
         }
     }
@@ -516,8 +861,16 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
 fn read(dp: &Dataplane, counter: Counter) -> u64 {
     let reasons = dp.reason_counters().expect("read counters");
     match counter {
-        Counter::Pass(r) => reasons.pass.iter().find(|(p, _)| *p == r).map_or(0, |x| x.1),
-        Counter::Drop(r) => reasons.drop.iter().find(|(d, _)| *d == r).map_or(0, |x| x.1),
+        Counter::Pass(r) => reasons
+            .pass
+            .iter()
+            .find(|(p, _)| *p == r)
+            .map_or(0, |x| x.1),
+        Counter::Drop(r) => reasons
+            .drop
+            .iter()
+            .find(|(d, _)| *d == r)
+            .map_or(0, |x| x.1),
         Counter::Tx => reasons.tx,
         Counter::Redirect => reasons.redirect,
         Counter::NewFlows(id) => dp.backend_stats(id).expect("backend stats").new_flows,
@@ -526,14 +879,18 @@ fn read(dp: &Dataplane, counter: Counter) -> u64 {
 }
 
 fn run(f: &Fixture) -> Result<(), String> {
-    let mut dp = Dataplane::load(f.settings.unwrap_or_else(settings)).map_err(|e| format!("load: {e}"))?;
+    let mut dp =
+        Dataplane::load(f.settings.unwrap_or_else(settings)).map_err(|e| format!("load: {e}"))?;
     for dev in ["lb0", "lb1"] {
-        dp.add_interface(ifindex(dev).map_err(|e| e.to_string())?, false).map_err(|e| e.to_string())?;
+        dp.add_interface(ifindex(dev).map_err(|e| e.to_string())?, false)
+            .map_err(|e| e.to_string())?;
     }
     apply(&mut dp, &f.setup);
     let before: Vec<u64> = f.counters.iter().map(|(c, _)| read(&dp, *c)).collect();
     let ingress = ifindex(f.ingress).map_err(|e| e.to_string())?;
-    let (action, out) = dp.test_run(&f.input, ingress).map_err(|e| format!("test run: {e}"))?;
+    let (action, out) = dp
+        .test_run(&f.input, ingress)
+        .map_err(|e| format!("test run: {e}"))?;
     let mut errors = Vec::new();
     if action != f.action {
         errors.push(format!("action {action}, expected {}", f.action));
@@ -550,7 +907,10 @@ fn run(f: &Fixture) -> Result<(), String> {
     for ((counter, delta), before) in f.counters.iter().zip(before) {
         let after = read(&dp, *counter);
         if after - before != *delta {
-            errors.push(format!("counter {counter:?} moved by {}, expected {delta}", after - before));
+            errors.push(format!(
+                "counter {counter:?} moved by {}, expected {delta}",
+                after - before
+            ));
         }
     }
     for (k, want) in &f.flows_after {
@@ -562,7 +922,15 @@ fn run(f: &Fixture) -> Result<(), String> {
             errors.push(format!("FLOWS[{k:?}] is {got:?}, expected {want:?}"));
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(format!("input {}\n  {}", describe(&f.input), errors.join("\n  "))) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "input {}\n  {}",
+            describe(&f.input),
+            errors.join("\n  ")
+        ))
+    }
 }
 
 #[test]
@@ -589,6 +957,11 @@ fn packet_fixtures() {
     .join()
     .expect("fixture thread panicked");
     let (total, failures) = outcome;
-    assert!(failures.is_empty(), "{} of {total} fixtures failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {total} fixtures failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     println!("{total} packet fixtures passed");
 }

@@ -6,6 +6,14 @@ use crate::{cargo, run, workspace_root};
 
 /// Builds in release mode and returns the path of the `lb` binary.
 pub fn build() -> anyhow::Result<PathBuf> {
-    run(cargo().args(["build", "--release", "--package", "lb-user", "--package", "lb-tests", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "lb-user",
+        "--package",
+        "lb-tests",
+        "--bins",
+    ]))?;
     Ok(workspace_root().join("target/release/lb"))
 }

@@ -5,8 +5,23 @@ use crate::{cargo, run, workspace_root};
 
 pub fn lint() -> anyhow::Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    run(cargo().args(["clippy", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--", "-D", "warnings"]))?;
-    run(cargo()
-        .current_dir(workspace_root().join("lb-ebpf"))
-        .args(["clippy", "--release", "--", "-D", "warnings", "-C", "panic=abort"]))
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "lb-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().current_dir(workspace_root().join("lb-ebpf")).args([
+        "clippy",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+        "-C",
+        "panic=abort",
+    ]))
 }

@@ -48,7 +48,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// A cargo command in the workspace, with bpf-linker (installed by scripts/bootstrap.sh) on PATH.
@@ -69,9 +72,14 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 pub fn require_root(task: &str) -> anyhow::Result<()> {
-    let out = Command::new("id").arg("-u").output().context("running id -u")?;
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
     if String::from_utf8_lossy(&out.stdout).trim() != "0" {
-        bail!("`cargo xtask {task}` creates network namespaces and loads XDP programs: run it as root");
+        bail!(
+            "`cargo xtask {task}` creates network namespaces and loads XDP programs: run it as root"
+        );
     }
     Ok(())
 }

@@ -8,10 +8,25 @@ pub fn test(filter: Option<&str>) -> anyhow::Result<()> {
     let lb = build()?;
     let filter: Vec<&str> = filter.into_iter().collect();
     run(cargo()
-        .args(["test", "--release", "--workspace", "--exclude", "lb-tests", "--exclude", "lb-ebpf"])
+        .args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "--workspace",
+            "--exclude",
+            "lb-tests",
+            "--exclude",
+            "lb-ebpf",
+        ])
         .args(&filter))?;
     run(cargo()
-        .args(["test", "--release", "--package", "lb-tests"])
+        .args([
+            "test",
+            "--release",
+            "--no-fail-fast",
+            "--package",
+            "lb-tests",
+        ])
         .args(&filter)
         .args(["--", "--test-threads=1"])
         .env("LB_BIN", lb))

@@ -25,23 +25,40 @@ fn main() -> ExitCode {
     let mut servers: Vec<_> = (0..2).map(|i| start_server(&topo, i)).collect();
     let balancer = Balancer::start(&lb, &topo, &topo.config(&[4, 6]));
     let b = |i: usize| format!("{}:{BACKEND_PORT}", topo.backend_addrs[i]);
-    println!("   VIP {VIP}:80 -> b1 {} (weight 4), b2 {} (weight 6)\n", b(0), b(1));
+    println!(
+        "   VIP {VIP}:80 -> b1 {} (weight 4), b2 {} (weight 6)\n",
+        b(0),
+        b(1)
+    );
 
     println!("== {CONNECTIONS} new HTTP connections (curl) through the VIP");
     let (counts, failed) = tally(&http_requests(&topo, CONNECTIONS), 2);
     for (i, n) in counts.iter().enumerate() {
-        println!("   b{}: {n:4} connections ({:.1}%)", i + 1, 100.0 * *n as f64 / CONNECTIONS as f64);
+        println!(
+            "   b{}: {n:4} connections ({:.1}%)",
+            i + 1,
+            100.0 * *n as f64 / CONNECTIONS as f64
+        );
     }
     println!("   failed: {failed}\n");
     println!("== lb status");
     let status = balancer.cli(&["status"]);
-    print!("{}", String::from_utf8_lossy(&status.stdout).lines().map(|l| format!("   {l}\n")).collect::<String>());
+    print!(
+        "{}",
+        String::from_utf8_lossy(&status.stdout)
+            .lines()
+            .map(|l| format!("   {l}\n"))
+            .collect::<String>()
+    );
 
     println!("\n== stopping b1's server");
     let _ = servers[0].kill();
     let _ = servers[0].wait();
     let detected = balancer.wait_health("web", &b(0), false, Duration::from_secs(10));
-    println!("   health checks marked b1 down after {:.0} ms", detected.as_secs_f64() * 1000.0);
+    println!(
+        "   health checks marked b1 down after {:.0} ms",
+        detected.as_secs_f64() * 1000.0
+    );
     let after = CONNECTIONS / 5;
     println!("== {after} new connections with b1 down");
     let (counts2, failed2) = tally(&http_requests(&topo, after), 2);
@@ -53,7 +70,9 @@ fn main() -> ExitCode {
     drop(servers);
     drop(topo);
     if ok {
-        println!("demo finished: weighted split {counts:?} for 4:6, and the survivor served all {after} connections after b1 stopped");
+        println!(
+            "demo finished: weighted split {counts:?} for 4:6, and the survivor served all {after} connections after b1 stopped"
+        );
         ExitCode::SUCCESS
     } else {
         eprintln!("demo: something did not go as expected (see the figures above)");

@@ -10,7 +10,10 @@ use std::{
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let (Some(name), Some(port)) = (args.get(1).cloned(), args.get(2).and_then(|p| p.parse::<u16>().ok())) else {
+    let (Some(name), Some(port)) = (
+        args.get(1).cloned(),
+        args.get(2).and_then(|p| p.parse::<u16>().ok()),
+    ) else {
         eprintln!("usage: lb-testsrv NAME PORT");
         std::process::exit(2);
     };
@@ -19,13 +22,16 @@ fn main() {
     thread::spawn(move || {
         let mut buf = [0u8; 2048];
         loop {
-            let Ok((n, peer)) = udp.recv_from(&mut buf) else { continue };
+            let Ok((n, peer)) = udp.recv_from(&mut buf) else {
+                continue;
+            };
             let mut reply = format!("{udp_name}: ").into_bytes();
             reply.extend_from_slice(&buf[..n]);
             let _ = udp.send_to(&reply, peer);
         }
     });
-    let tcp = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind tcp {port}: {e}"));
+    let tcp =
+        TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind tcp {port}: {e}"));
     for stream in tcp.incoming().flatten() {
         let name = name.clone();
         thread::spawn(move || serve(stream, &name));
@@ -34,7 +40,9 @@ fn main() {
 
 /// Answers each request on the connection until the client closes it or asks to.
 fn serve(stream: TcpStream, name: &str) {
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
         let mut close = false;
