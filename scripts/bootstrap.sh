@@ -31,8 +31,8 @@ if ! command -v rustup >/dev/null; then
 fi
 # A plain `rustup toolchain install` installs what rust-toolchain.toml names.
 (cd "$ROOT" && rustup toolchain install >/dev/null 2>&1) || (cd "$ROOT" && rustup toolchain install)
-rustup toolchain install "$EBPF_NIGHTLY" --profile minimal --component rust-src >/dev/null 2>&1 \
-  || rustup toolchain install "$EBPF_NIGHTLY" --profile minimal --component rust-src
+rustup toolchain install "$EBPF_NIGHTLY" --profile minimal --component rust-src --component clippy >/dev/null 2>&1 \
+  || rustup toolchain install "$EBPF_NIGHTLY" --profile minimal --component rust-src --component clippy
 
 if [[ ! -x "$TOOLS/bin/bpf-linker" ]] || ! "$TOOLS/bin/bpf-linker" --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
   log "building bpf-linker $BPF_LINKER_VERSION against $EBPF_NIGHTLY's LLVM (about a minute)"

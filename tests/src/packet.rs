@@ -362,13 +362,13 @@ fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
 /// The Internet checksum of `data`: one's complement of the one's-complement sum of its 16-bit
 /// big-endian words, an odd last byte padded with a zero.
 pub fn checksum(data: &[u8]) -> u16 {
-    let mut words = data.chunks_exact(2);
+    let (words, rest) = data.as_chunks::<2>();
     // Carries are folded once at the end; a u64 cannot overflow on any frame.
     let mut sum: u64 = words
-        .by_ref()
-        .map(|w| u64::from(u16::from_be_bytes([w[0], w[1]])))
+        .iter()
+        .map(|w| u64::from(u16::from_be_bytes(*w)))
         .sum();
-    if let [last] = words.remainder() {
+    if let [last] = rest {
         sum += u64::from(*last) << 8;
     }
     while sum > 0xffff {

@@ -899,10 +899,10 @@ fn run(f: &Fixture) -> Result<(), String> {
     if out != *expected {
         errors.push(format!("output differs:\n{}", diff(expected, &out)));
     }
-    if f.output.is_some() {
-        if let Err(e) = verify_checksums(&out) {
-            errors.push(format!("checksums of the output: {e}"));
-        }
+    if f.output.is_some()
+        && let Err(e) = verify_checksums(&out)
+    {
+        errors.push(format!("checksums of the output: {e}"));
     }
     for ((counter, delta), before) in f.counters.iter().zip(before) {
         let after = read(&dp, *counter);
