@@ -289,6 +289,27 @@ fn lb_run_reports_config_errors_with_their_line_and_exit_2() {
         .expect("run lb");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config"));
+    // Without privileges: exit 1 and what is needed (setpriv drops to nobody, no capabilities).
+    std::fs::write(&path, "interfaces = [\"lo\"]\n").expect("write");
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(lb_binary())
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
