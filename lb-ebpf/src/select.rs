@@ -20,17 +20,13 @@ pub fn backend(svc: &Service, pkt: &Packet) -> Result<(u32, Backend), Verdict> {
         k.dst_port.0,
         k.proto,
     );
-    let slot = hash
-        .checked_rem(maglev_size())
-        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+    let slot = hash.checked_rem(maglev_size()).ok_or(inconsistent)?;
     let id = *MAGLEV
         .get(svc.maglev_base.wrapping_add(slot))
         .ok_or(inconsistent)?;
     if id == NO_BACKEND {
         return Err(Verdict::Drop(DropReason::NoBackend));
     }
-    let backend = BACKENDS
-        .get(id)
-        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+    let backend = BACKENDS.get(id).ok_or(inconsistent)?;
     Ok((id, *backend))
 }

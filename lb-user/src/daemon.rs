@@ -4,7 +4,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -592,9 +592,4 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
     if let Err(e) = stream.write_all(line.as_bytes()).await {
         log::debug!("control client went away: {e}");
     }
-}
-
-/// The default control socket path, for the CLI.
-pub fn default_socket() -> &'static Path {
-    Path::new(control::DEFAULT_SOCKET)
 }

@@ -48,6 +48,8 @@ pub enum DataplaneError {
     },
     #[error("the XDP object has no map {name}")]
     MissingMap { name: &'static str },
+    #[error("the XDP object has no XDP program {name}")]
+    MissingProgram { name: &'static str },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -150,9 +152,7 @@ impl Dataplane {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?
-            .get();
+        let cpus = possible_cpus()? as u32;
         let port_min = u32::from(settings.snat_port_min);
         let port_count = u32::from(settings.snat_port_max) - port_min + 1;
         let mut ebpf = EbpfLoader::new()
@@ -167,7 +167,7 @@ impl Dataplane {
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .and_then(|p| p.try_into().ok())
-            .ok_or(DataplaneError::MissingMap { name: PROGRAM })?;
+            .ok_or(DataplaneError::MissingProgram { name: PROGRAM })?;
         program
             .load()
             .map_err(|source| DataplaneError::Program { source })?;
@@ -351,20 +351,15 @@ impl Dataplane {
 
     /// Clears a backend's counters (its id is being given to another backend).
     pub fn reset_backend_stats(&mut self, id: u32) -> Result<(), DataplaneError> {
-        let zero = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); self.cpus()?])
-            .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        let zero =
+            aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); possible_cpus()?])
+                .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
         self.backend_stats
             .set(id, zero, 0)
             .map_err(|source| DataplaneError::Map {
                 name: "BACKEND_STATS",
                 source,
             })
-    }
-
-    fn cpus(&self) -> Result<usize, DataplaneError> {
-        aya::util::nr_cpus()
-            .map(|n| n.get() as usize)
-            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))
     }
 
     fn stat(&self, slot: u32) -> Result<u64, DataplaneError> {
@@ -404,10 +399,6 @@ impl Dataplane {
                 name: "FLOWS",
                 source,
             })
-    }
-
-    pub fn flow_count(&self) -> usize {
-        self.flows.keys().filter(Result::is_ok).count()
     }
 
     /// Removes idle flows, both directions together, and counts live connections per backend.
@@ -497,6 +488,12 @@ impl Drop for Dataplane {
             }
         }
     }
+}
+
+fn possible_cpus() -> Result<usize, DataplaneError> {
+    aya::util::nr_cpus()
+        .map(|n| n.get() as usize)
+        .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))
 }
 
 /// The interface's index in this network namespace.

@@ -65,10 +65,7 @@ async fn http_get(target: SocketAddrV4, path: &str) -> Result<(), String> {
         .and_then(|rest| rest.get(2..5))
         .and_then(|s| s.parse::<u16>().ok());
     match status {
-        Some(code @ 200..400) => {
-            let _ = code;
-            Ok(())
-        }
+        Some(200..400) => Ok(()),
         Some(code) => Err(format!("GET http://{target}{path} answered {code}")),
         None => Err(format!("GET http://{target}{path}: not an HTTP response")),
     }

@@ -43,6 +43,17 @@ fn backend(topo: &Topology, i: usize) -> String {
     format!("{}:{BACKEND_PORT}", topo.backend_addrs[i])
 }
 
+/// A numeric field of each backend of `service` in `lb status --json`, in backend order.
+fn per_backend(balancer: &Balancer, topo: &Topology, service: &str, field: &str) -> Vec<u64> {
+    (0..topo.backends.len())
+        .map(|i| {
+            balancer.backend(service, &backend(topo, i))[field]
+                .as_u64()
+                .expect("a number")
+        })
+        .collect()
+}
+
 /// Asserts that backend 1's share of `counts` is `want_percent` ± `points`. Client ports make
 /// each connection's slot an independent draw, so a share has a binomial spread: with 1000
 /// connections at 40% one standard deviation is 1.5 points, and ±5 is 3.2 of them.
@@ -68,13 +79,7 @@ fn two_arm_tcp_splits_4_6_and_fails_over_to_the_survivor() {
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&counts, 40.0, 5.0, "4:6 split");
     // The data path counted the same new flows the clients saw.
-    let new_flows: Vec<u64> = (0..2)
-        .map(|i| {
-            balancer.backend("web", &backend(&topo, i))["new_flows"]
-                .as_u64()
-                .expect("number")
-        })
-        .collect();
+    let new_flows: Vec<u64> = per_backend(&balancer, &topo, "web", "new_flows");
     assert_eq!(
         new_flows,
         counts.iter().map(|&c| c as u64).collect::<Vec<_>>()
@@ -113,12 +118,8 @@ fn one_arm_tcp_splits_by_weight_and_udp_answers() {
         served[if backend == "b1" { 0 } else { 1 }] += 1;
     }
     println!("one-arm UDP: 20 requests answered, by backend {served:?}");
-    let udp_flows: u64 = (0..2)
-        .map(|i| {
-            balancer.backend("dns", &backend(&topo, i))["new_flows"]
-                .as_u64()
-                .expect("number")
-        })
+    let udp_flows: u64 = per_backend(&balancer, &topo, "dns", "new_flows")
+        .iter()
         .sum();
     assert_eq!(udp_flows, 20);
 }
@@ -351,12 +352,8 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
         served_by,
         "the open connection survived the sweeps"
     );
-    let active: u64 = (0..2)
-        .map(|i| {
-            balancer.backend("web", &backend(&topo, i))["active_flows"]
-                .as_u64()
-                .expect("number")
-        })
+    let active: u64 = per_backend(&balancer, &topo, "web", "active_flows")
+        .iter()
         .sum();
     assert_eq!(active, 1, "the open connection is the one active flow");
 }
