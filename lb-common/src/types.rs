@@ -54,11 +54,17 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
-/// Value of FLOWS: what a packet of that direction is rewritten to.
+/// Value of FLOWS: what a packet of that direction is rewritten to, and where it goes.
 ///
 /// The other direction's key is always `(nat_dst_addr, nat_src_addr, nat_dst_port, nat_src_port)`:
 /// the forward entry rewrites client -> VIP into SNAT -> backend, whose reply backend -> SNAT is
 /// the reverse entry's key. So neither side stores its peer.
+///
+/// The next hop (`egress_*`, `*_mac`) caches what bpf_fib_lookup gave for this direction, so an
+/// established flow skips the FIB: valid while `egress_ifindex != 0`, for packets of at most
+/// `fib_ok_len` bytes (IPv4 total length; the largest the FIB has approved for this flow, which
+/// keeps the MTU check). The data path clears it whenever it refreshes `last_seen_ns`, so route
+/// and neighbour changes reach every flow within FLOW_TOUCH_INTERVAL_NS.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -70,12 +76,18 @@ pub struct FlowValue {
     pub backend_id: u32,
     /// `FLOW_REVERSE | FLOW_CLOSING`.
     pub flags: u32,
-    pub _pad: u32,
+    /// The cached next hop's device; 0: none cached.
+    pub egress_ifindex: u32,
     /// CLOCK_MONOTONIC of the last packet (refreshed at most every FLOW_TOUCH_INTERVAL_NS);
     /// 0 for a reverse entry that has seen no reply yet.
     pub last_seen_ns: u64,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub fib_ok_len: u16,
+    /// The egress device's `Iface::flags`.
+    pub egress_flags: u16,
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 32);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
 
 impl FlowValue {
     /// The key of the other direction of this flow.

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_get_smp_processor_id,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_CLOSING, FLOW_REVERSE, FLOW_TOUCH_INTERVAL_NS,
@@ -21,16 +21,18 @@ use crate::{
 
 const EEXIST: i32 = 17;
 
-/// The rewrite a packet gets.
+/// The rewrite a packet gets, and the table entry it came from (to cache the next hop in).
 pub struct Flow {
     pub nat: FlowValue,
+    pub entry: Option<*mut FlowValue>,
 }
 
 /// The packet's flow, if it has one that should carry it: a flow whose backend failed, or a
 /// closed TCP flow whose tuple a new SYN reuses, is dropped here so the packet gets a new one.
 #[inline(always)]
-pub fn lookup(pkt: &Packet, now: u64) -> Option<Flow> {
+pub fn lookup(pkt: &Packet) -> Option<Flow> {
     let entry = FLOWS.get_ptr_mut(&pkt.key)?;
+    let now = now_ns();
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let value = unsafe { &mut *entry };
     if value.flags & FLOW_REVERSE == 0 {
@@ -41,13 +43,28 @@ pub fn lookup(pkt: &Packet, now: u64) -> Option<Flow> {
             return None;
         }
     }
-    if now.wrapping_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+    // Saturating: an entry stamped by a finer clock may be a jiffy ahead of the coarse one.
+    if now.saturating_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
         value.last_seen_ns = now;
+        // The next hop is looked up afresh once per interval, so route and neighbour changes
+        // reach established flows.
+        value.egress_ifindex = 0;
     }
     if pkt.is_fin_or_rst() {
         value.flags |= FLOW_CLOSING;
     }
-    Some(Flow { nat: *value })
+    Some(Flow {
+        nat: *value,
+        entry: Some(entry),
+    })
+}
+
+/// CLOCK_MONOTONIC at jiffy resolution: a flow's age is counted in seconds, and the coarse clock
+/// is a memory read where the precise one reads and scales the TSC.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
@@ -66,8 +83,8 @@ pub fn create(
     svc: &Service,
     backend_id: u32,
     backend: &Backend,
-    now: u64,
 ) -> Result<Flow, Verdict> {
+    let now = now_ns();
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let cursor = SNAT_CURSOR.get_ptr_mut(0).ok_or(inconsistent)?;
     // SAFETY: a helper without arguments or side effects.
@@ -88,8 +105,8 @@ pub fn create(
         nat_dst_port: pkt.key.src_port,
         backend_id,
         flags: FLOW_REVERSE,
-        _pad: 0,
         last_seen_ns: 0,
+        ..FlowValue::default()
     };
     let mut found = false;
     for _ in 0..SNAT_PORT_TRIES {
@@ -126,12 +143,17 @@ pub fn create(
         nat_dst_port: backend.port,
         backend_id,
         flags: 0,
-        _pad: 0,
         last_seen_ns: now,
+        ..FlowValue::default()
     };
     if FLOWS.insert(&pkt.key, &forward, BPF_ANY as u64).is_err() {
         let _ = FLOWS.remove(&reverse_key);
         return Err(Verdict::Drop(DropReason::FlowTableFull));
     }
-    Ok(Flow { nat: forward })
+    // The entry as stored, so that forwarding caches this packet's next hop in it: the
+    // flow's next packets then skip the FIB.
+    Ok(Flow {
+        nat: forward,
+        entry: FLOWS.get_ptr_mut(&pkt.key),
+    })
 }

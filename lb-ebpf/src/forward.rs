@@ -1,5 +1,6 @@
-//! Stage 5, forward: the kernel's FIB gives the egress device and MACs; the packet leaves by
-//! XDP_TX (same real NIC) or a DEVMAP redirect. Reads IFACES and TX_PORTS.
+//! Stage 5, forward: the kernel's FIB gives the egress device and MACs, cached in the flow's
+//! entry so that established flows skip it; the packet leaves by XDP_TX (same real NIC) or a
+//! DEVMAP redirect. Reads IFACES and TX_PORTS; writes the next-hop cache of FLOWS entries.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -16,26 +17,97 @@ use lb_common::{DropReason, FlowValue, IFACE_XDP_TX, PassReason};
 use crate::{
     Verdict,
     csum::Delta,
+    flow::Flow,
     maps::{IFACES, TX_PORTS},
     parse::Packet,
 };
 
 const AF_INET: u8 = 2;
 
+/// Where a packet goes: the egress device, its `Iface::flags`, and the MACs to write.
+struct NextHop {
+    ifindex: u32,
+    flags: u32,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+}
+
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) -> Result<Verdict, Verdict> {
+pub fn send(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verdict> {
     let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: parse::packet bounds-checked the IP header.
+    let tot_len = unsafe { u16::from_be_bytes((*pkt.ip).tot_len) };
+    let nat = &flow.nat;
+    let hop = if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
+        NextHop {
+            ifindex: nat.egress_ifindex,
+            flags: u32::from(nat.egress_flags),
+            src_mac: nat.src_mac,
+            dst_mac: nat.dst_mac,
+        }
+    } else {
+        let hop = lookup(ctx, pkt, nat, ingress, tot_len)?;
+        if let Some(entry) = flow.entry {
+            remember(entry, &hop, tot_len);
+        }
+        hop
+    };
+    // SAFETY: parse::packet bounds-checked the Ethernet and IP headers.
+    unsafe {
+        let ip = &mut *pkt.ip;
+        // TTL shares a 16-bit checksum word with the protocol byte.
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let mut delta = Delta::default();
+        delta.replace16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
+        ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        let eth = &mut *pkt.eth;
+        eth.dst_addr = hop.dst_mac;
+        eth.src_addr = hop.src_mac;
+    }
+    if hop.ifindex == ingress && hop.flags & IFACE_XDP_TX != 0 {
+        return Ok(Verdict::Tx);
+    }
+    TX_PORTS
+        .redirect(hop.ifindex, 0)
+        .map(Verdict::Redirect)
+        .map_err(|_| Verdict::Drop(DropReason::RedirectFailed))
+}
+
+/// Caches `hop` in the flow's entry for packets up to `tot_len` bytes (more if the same hop
+/// already approved larger ones). Two CPUs may race here; both write a hop the FIB just gave.
+#[inline(always)]
+fn remember(entry: *mut FlowValue, hop: &NextHop, tot_len: u16) {
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let value = unsafe { &mut *entry };
+    value.fib_ok_len = if value.egress_ifindex == hop.ifindex {
+        value.fib_ok_len.max(tot_len)
+    } else {
+        tot_len
+    };
+    value.src_mac = hop.src_mac;
+    value.dst_mac = hop.dst_mac;
+    value.egress_flags = hop.flags as u16;
+    value.egress_ifindex = hop.ifindex;
+}
+
+/// The kernel's FIB: egress device and MACs for the rewritten packet, with the MTU checked.
+#[inline(always)]
+fn lookup(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    nat: &FlowValue,
+    ingress: u32,
+    tot_len: u16,
+) -> Result<NextHop, Verdict> {
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
     fib.l4_protocol = pkt.key.proto;
     fib.ifindex = ingress;
+    fib.__bindgen_anon_1.tot_len = tot_len;
     // SAFETY: parse::packet bounds-checked the IP header.
-    unsafe {
-        let ip = &*pkt.ip;
-        fib.__bindgen_anon_1.tot_len = u16::from_be_bytes(ip.tot_len);
-        fib.__bindgen_anon_2.tos = ip.tos;
-    }
+    fib.__bindgen_anon_2.tos = unsafe { (*pkt.ip).tos };
     fib.__bindgen_anon_3.ipv4_src = nat.nat_src_addr.0;
     fib.__bindgen_anon_4.ipv4_dst = nat.nat_dst_addr.0;
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
@@ -51,8 +123,8 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) -> Result<Verdict, 
         BPF_FIB_LKUP_RET_SUCCESS => {}
         // The kernel forwards the rewritten packet itself and resolves the neighbour; its TTL
         // is still untouched, so the kernel's decrement is the only one.
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Ok(Verdict::Pass(PassReason::NeighbourUnresolved)),
-        BPF_FIB_LKUP_RET_NOT_FWDED => return Ok(Verdict::Pass(PassReason::LocalDestination)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Verdict::Pass(PassReason::NeighbourUnresolved)),
+        BPF_FIB_LKUP_RET_NOT_FWDED => return Err(Verdict::Pass(PassReason::LocalDestination)),
         BPF_FIB_LKUP_RET_FWD_DISABLED => {
             return Err(Verdict::Drop(DropReason::FibForwardingDisabled));
         }
@@ -62,30 +134,18 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) -> Result<Verdict, 
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::Drop(DropReason::FibFragNeeded)),
         _ => return Err(Verdict::Drop(DropReason::FibOther)),
     }
-    let egress = fib.ifindex;
-    let Some(iface) = IFACES.get_ptr(&egress) else {
-        return Ok(Verdict::Pass(PassReason::EgressNotManaged));
+    let ifindex = fib.ifindex;
+    let Some(iface) = IFACES.get_ptr(&ifindex) else {
+        return Err(Verdict::Pass(PassReason::EgressNotManaged));
     };
-    // SAFETY: a value pointer from a map lookup is valid for this program run.
-    let iface_flags = unsafe { (*iface).flags };
-    // SAFETY: parse::packet bounds-checked the Ethernet and IP headers.
+    // SAFETY: a value pointer from a map lookup is valid for this program run; the MACs are
+    // plain bytes of the union the helper filled on success.
     unsafe {
-        let ip = &mut *pkt.ip;
-        // TTL shares a 16-bit checksum word with the protocol byte.
-        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
-        let mut delta = Delta::default();
-        delta.replace16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
-        ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
-        let eth = &mut *pkt.eth;
-        eth.dst_addr = fib.__bindgen_anon_6.__bindgen_anon_2.dmac;
-        eth.src_addr = fib.__bindgen_anon_6.__bindgen_anon_2.smac;
+        Ok(NextHop {
+            ifindex,
+            flags: (*iface).flags,
+            src_mac: fib.__bindgen_anon_6.__bindgen_anon_2.smac,
+            dst_mac: fib.__bindgen_anon_6.__bindgen_anon_2.dmac,
+        })
     }
-    if egress == ingress && iface_flags & IFACE_XDP_TX != 0 {
-        return Ok(Verdict::Tx);
-    }
-    TX_PORTS
-        .redirect(egress, 0)
-        .map(Verdict::Redirect)
-        .map_err(|_| Verdict::Drop(DropReason::RedirectFailed))
 }

@@ -14,7 +14,7 @@ mod select;
 mod service;
 mod stats;
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{DropReason, PassReason};
 
 use crate::{flow::Flow, parse::Packet};
@@ -54,28 +54,26 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
-    // SAFETY: a helper without arguments or side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let flow = match flow::lookup(&pkt, now) {
+    let flow = match flow::lookup(&pkt) {
         Some(flow) => flow,
-        None => new_flow(&pkt, now)?,
+        None => new_flow(&pkt)?,
     };
     check_ttl(&pkt)?;
     nat::rewrite(&pkt, &flow.nat);
     stats::count_backend(flow.nat.backend_id, pkt.len);
-    forward::send(ctx, &pkt, &flow.nat)
+    forward::send(ctx, &pkt, &flow)
 }
 
 /// A packet with no flow: find its service, choose a backend, record the flow both ways.
 #[inline(always)]
-fn new_flow(pkt: &Packet, now: u64) -> Result<Flow, Verdict> {
+fn new_flow(pkt: &Packet) -> Result<Flow, Verdict> {
     let svc = service::lookup(pkt)?;
     if pkt.is_tcp() && !pkt.is_syn() {
         return Err(Verdict::Drop(DropReason::TcpNoFlow));
     }
     check_ttl(pkt)?;
     let (backend_id, backend) = select::backend(&svc, pkt)?;
-    let flow = flow::create(pkt, &svc, backend_id, &backend, now)?;
+    let flow = flow::create(pkt, &svc, backend_id, &backend)?;
     stats::count_new_flow(backend_id);
     Ok(flow)
 }

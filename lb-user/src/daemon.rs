@@ -212,7 +212,13 @@ impl State {
 
     fn sweep(&mut self) {
         let now = monotonic_ns();
-        let sweep = self.dataplane.sweep_flows(now, &self.timeouts);
+        let sweep = match self.dataplane.sweep_flows(now, &self.timeouts) {
+            Ok(sweep) => sweep,
+            Err(e) => {
+                log::error!("sweeping the flow table: {e}");
+                return;
+            }
+        };
         self.flow_entries = sweep.entries - sweep.removed;
         for b in self.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
             b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
@@ -286,7 +292,8 @@ impl State {
 fn monotonic_ns() -> u64 {
     // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: CLOCK_MONOTONIC is bpf_ktime_get_ns's clock; `ts` is a valid out-pointer.
+    // SAFETY: CLOCK_MONOTONIC is the data path's clock (bpf_ktime_get_coarse_ns); `ts` is a
+    // valid out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -6,13 +6,14 @@ use std::{
     collections::{HashMap as StdHashMap, HashSet},
     ffi::CString,
     net::Ipv4Addr,
+    os::fd::AsFd as _,
     path::Path,
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
@@ -20,6 +21,8 @@ use lb_common::{
     IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service,
     ServiceKey,
 };
+
+use crate::map_batch;
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -55,6 +58,12 @@ pub enum DataplaneError {
         name: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("map {name}: batch operation: {source}")]
+    Batch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
     },
     #[error("map TX_PORTS: {source}")]
     TxPorts {
@@ -401,12 +410,42 @@ impl Dataplane {
             })
     }
 
+    /// Inserts or replaces many flow entries at once.
+    pub fn insert_flows(&mut self, entries: &[(FlowKey, FlowValue)]) -> Result<(), DataplaneError> {
+        let (keys, values): (Vec<FlowKey>, Vec<FlowValue>) = entries.iter().copied().unzip();
+        map_batch::update(self.flows.map().fd().as_fd(), &keys, &values, 0).map_err(|source| {
+            DataplaneError::Batch {
+                name: "FLOWS",
+                source,
+            }
+        })
+    }
+
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), DataplaneError> {
+        self.flows
+            .remove(key)
+            .map_err(|source| DataplaneError::Map {
+                name: "FLOWS",
+                source,
+            })
+    }
+
     /// Removes idle flows, both directions together, and counts live connections per backend.
     /// A connection's age is that of its most recent packet in either direction; one that saw
     /// a FIN or RST, or whose backend never answered, gets the short `tcp_closing` timeout.
-    pub fn sweep_flows(&mut self, now_ns: u64, timeouts: &FlowTimeouts) -> FlowSweep {
+    pub fn sweep_flows(
+        &mut self,
+        now_ns: u64,
+        timeouts: &FlowTimeouts,
+    ) -> Result<FlowSweep, DataplaneError> {
         let entries: StdHashMap<FlowKey, FlowValue> =
-            self.flows.iter().filter_map(Result::ok).collect();
+            map_batch::lookup_all(self.flows.map().fd().as_fd())
+                .map_err(|source| DataplaneError::Batch {
+                    name: "FLOWS",
+                    source,
+                })?
+                .into_iter()
+                .collect();
         let mut sweep = FlowSweep {
             entries: entries.len() as u64,
             ..FlowSweep::default()
@@ -452,16 +491,18 @@ impl Dataplane {
             }
         }
         self.orphans = orphans;
-        sweep
+        Ok(sweep)
     }
 
-    /// Runs the program once on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
-    /// `ingress_ifindex`. Returns the XDP action and the frame as the program left it.
+    /// Runs the program on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
+    /// `ingress_ifindex`, `repeat` times (the kernel does not restore the frame between repeats,
+    /// so only a path that leaves the frame unchanged can be repeated meaningfully).
     pub fn test_run(
         &mut self,
         frame: &[u8],
         ingress_ifindex: u32,
-    ) -> Result<(u32, Vec<u8>), DataplaneError> {
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DataplaneError> {
         let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let ctx: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
@@ -472,12 +513,28 @@ impl Dataplane {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx_bytes),
+                repeat,
                 ..TestRunOptions::default()
             })
             .map_err(|source| DataplaneError::TestRun { source })?;
         out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            frame: out,
+            duration: result.duration,
+        })
     }
+}
+
+/// What one BPF_PROG_TEST_RUN call gave back.
+#[derive(Clone, Debug)]
+pub struct TestRunOutcome {
+    /// The XDP action of the last run.
+    pub action: u32,
+    /// The frame as the last run left it.
+    pub frame: Vec<u8>,
+    /// The kernel's time per run (its own clock around the program, divided by the repeats).
+    pub duration: Duration,
 }
 
 impl Drop for Dataplane {

@@ -138,6 +138,23 @@ impl Netns {
     }
 }
 
+/// Pins the calling thread to CPU 0: the data path's per-CPU state (SNAT port cursor, counters)
+/// is then predictable, and timings do not move between CPUs.
+pub fn pin_current_thread_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; pid 0 is this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         kill_all_in(&self.name);

@@ -319,7 +319,7 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
     let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], |config| {
         config.replace(
             "capacity = 65536\n",
-            "capacity = 65536\ntcp_closing_timeout = \"1s\"\nudp_idle_timeout = \"2s\"\n",
+            "capacity = 65536\ntcp_closing_timeout = \"1s\"\nudp_idle_timeout = \"3s\"\n",
         )
     });
     let mut long_lived = connect_in(&topo.client);
@@ -330,10 +330,12 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
         assert!(udp_request(&topo, "x", 42000 + i).ends_with(": x"));
     }
     let entries = |b: &Balancer| b.status()["flows"]["entries"].as_u64().expect("entries");
+    // Each nc waits a second after its answer, so the last UDP flow is about 2.5 s idle here:
+    // still inside its 3 s timeout, while the closed TCP flows are gone.
     std::thread::sleep(Duration::from_millis(1500));
     let busy = entries(&balancer);
     assert!(busy > 2, "flow table after traffic: {busy} entries");
-    // Closed TCP flows go after 1 s, idle UDP flows after 2 s; the sweeper runs every second.
+    // Closed TCP flows go after 1 s, idle UDP flows after 3 s; the sweeper runs every second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while entries(&balancer) != 2 {
         assert!(

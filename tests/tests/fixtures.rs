@@ -14,7 +14,7 @@ use lb_common::{
     ServiceKey, flow_hash,
 };
 use lb_tests::{
-    netns::{Netns, require_root, sweep_stale},
+    netns::{Netns, pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
 };
 use lb_user::{
@@ -42,6 +42,8 @@ const LB0_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x00];
 const LB1_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
 const B1_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
 const B2_MAC: Mac = [0x02, 0, 0, 0, 0, 0x12];
+/// A MAC no neighbour has: a frame sent to it took a cached next hop, not the FIB.
+const CACHED_MAC: Mac = [0x02, 0, 0, 0, 0, 0x77];
 
 const WEB_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
@@ -74,9 +76,20 @@ enum Setup {
         backend: u32,
         snat_port: u16,
         closing: bool,
+        /// A next hop cached in the forward entry (egress lb1), and a fresh `last_seen_ns`.
+        cached: Option<CachedHop>,
     },
     /// Marks lb1 as a NIC where XDP_TX is used for hairpin traffic.
     HairpinTx,
+}
+
+/// A next hop in a FLOWS entry: egress device, MACs and the largest packet it was approved for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct CachedHop {
+    iface: &'static str,
+    src: Mac,
+    dst: Mac,
+    ok_len: u16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -99,8 +112,10 @@ struct Fixture {
     /// `None`: the frame must come out unchanged.
     output: Option<Vec<u8>>,
     counters: Vec<(Counter, u64)>,
-    /// Checks on FLOWS after the run.
+    /// Checks on FLOWS after the run (timestamps and cached next hops aside).
     flows_after: Vec<(FlowKey, Option<FlowValue>)>,
+    /// The next hop cached in an entry after the run (`None`: nothing cached).
+    next_hop_after: Vec<(FlowKey, Option<CachedHop>)>,
 }
 
 fn backends() -> Vec<Setup> {
@@ -138,6 +153,19 @@ fn dns(backends: &[(u32, u32)]) -> Setup {
         port: DNS_PORT,
         proto: UDP,
         backends: backends.to_vec(),
+    }
+}
+
+/// An open TCP flow CLIENT:cport -> VIP:80 on `backend` via SNAT port `snat_port`.
+fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> Setup {
+    Setup::Flow {
+        proto: TCP,
+        cport,
+        vport: WEB_PORT,
+        backend,
+        snat_port,
+        closing: false,
+        cached,
     }
 }
 
@@ -180,8 +208,8 @@ fn value(
         nat_dst_port: Be16::from_host(dport),
         backend_id: backend,
         flags,
-        _pad: 0,
         last_seen_ns: 0,
+        ..FlowValue::default()
     }
 }
 
@@ -267,6 +295,7 @@ fn fixture(
         output,
         counters,
         flows_after: vec![],
+        next_hop_after: vec![],
     }
 }
 
@@ -277,6 +306,19 @@ fn fixtures() -> Vec<Fixture> {
             flows_after: flow_pair(TCP, 40000, WEB_PORT, 1, PORT_MIN)
                 .map(|(k, v)| (k, Some(v)))
                 .to_vec(),
+            // The new flow's next hop is cached at once; the reply direction caches its own.
+            next_hop_after: vec![
+                (
+                    key(CLIENT, 40000, VIP, WEB_PORT, TCP),
+                    Some(CachedHop {
+                        iface: "lb1",
+                        src: LB1_MAC,
+                        dst: B1_MAC,
+                        ok_len: 40,
+                    }),
+                ),
+                (key(B1, BACKEND_PORT, SNAT, PORT_MIN, TCP), None),
+            ],
             ..fixture(
                 "select_tcp_syn_to_vip_snats_to_backend",
                 with(backends(), &[web(&[(1, 1)])]),
@@ -314,6 +356,7 @@ fn fixtures() -> Vec<Fixture> {
                         backend: 2,
                         snat_port: 31000,
                         closing: false,
+                        cached: None,
                     },
                 ],
             ),
@@ -349,6 +392,7 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             snat_port: 31001,
                             closing: false,
+                            cached: None,
                         },
                     ],
                 ),
@@ -455,6 +499,7 @@ fn fixtures() -> Vec<Fixture> {
                         backend: 1,
                         snat_port: 31002,
                         closing: false,
+                        cached: None,
                     },
                 ],
                 client_syn(40005).build(),
@@ -478,6 +523,7 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             snat_port: 31003,
                             closing: true,
+                            cached: None,
                         },
                     ],
                 ),
@@ -505,12 +551,104 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             snat_port: 31004,
                             closing: false,
+                            cached: None,
                         },
                     ],
                 ),
                 client_syn(40007).tcp_flags(0x11).build(),
                 XDP_REDIRECT,
                 Some(to_backend(1, 31004).tcp_flags(0x11).build()),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        Fixture {
+            next_hop_after: vec![
+                (
+                    key(CLIENT, 40021, VIP, WEB_PORT, TCP),
+                    Some(CachedHop {
+                        iface: "lb1",
+                        src: LB1_MAC,
+                        dst: B2_MAC,
+                        ok_len: 40,
+                    }),
+                ),
+                (key(B2, BACKEND_PORT, SNAT, 31010, TCP), None),
+            ],
+            ..fixture(
+                "forward_established_flow_caches_next_hop",
+                with(backends(), &[web(&[(1, 1)]), flow(40021, 2, 31010, None)]),
+                client_syn(40021).tcp_flags(0x10).build(),
+                XDP_REDIRECT,
+                Some(to_backend(2, 31010).tcp_flags(0x10).build()),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        fixture(
+            "forward_cached_next_hop_used_without_fib_lookup",
+            with(
+                backends(),
+                &[
+                    web(&[(1, 1)]),
+                    flow(
+                        40022,
+                        2,
+                        31011,
+                        Some(CachedHop {
+                            iface: "lb1",
+                            src: LB1_MAC,
+                            dst: CACHED_MAC,
+                            ok_len: 1500,
+                        }),
+                    ),
+                ],
+            ),
+            client_syn(40022).tcp_flags(0x10).build(),
+            XDP_REDIRECT,
+            Some(
+                to_backend(2, 31011)
+                    .eth(LB1_MAC, CACHED_MAC)
+                    .tcp_flags(0x10)
+                    .build(),
+            ),
+            vec![(Counter::Redirect, 1), (Counter::Packets(2), 1)],
+        ),
+        Fixture {
+            next_hop_after: vec![(
+                key(CLIENT, 40023, VIP, WEB_PORT, TCP),
+                Some(CachedHop {
+                    iface: "lb1",
+                    src: LB1_MAC,
+                    dst: B2_MAC,
+                    ok_len: 140,
+                }),
+            )],
+            ..fixture(
+                "forward_packet_larger_than_cached_looked_up_in_fib",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        flow(
+                            40023,
+                            2,
+                            31012,
+                            Some(CachedHop {
+                                iface: "lb1",
+                                src: LB1_MAC,
+                                dst: CACHED_MAC,
+                                ok_len: 40,
+                            }),
+                        ),
+                    ],
+                ),
+                client_syn(40023).tcp_flags(0x18).payload(&[7; 100]).build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend(2, 31012)
+                        .tcp_flags(0x18)
+                        .payload(&[7; 100])
+                        .build(),
+                ),
                 vec![(Counter::Redirect, 1)],
             )
         },
@@ -552,6 +690,7 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             snat_port: 31005,
                             closing: false,
+                            cached: None,
                         },
                     ],
                 ),
@@ -795,21 +934,6 @@ fn topology() -> Netns {
     ns
 }
 
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; pid 0 is this thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        let rc = libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(
-            rc,
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
 fn apply(dp: &mut Dataplane, setup: &[Setup]) {
     for step in setup {
         match step {
@@ -842,10 +966,20 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 backend,
                 snat_port,
                 closing,
+                cached,
             } => {
                 for (k, mut v) in flow_pair(*proto, *cport, *vport, *backend, *snat_port) {
                     if *closing {
                         v.flags |= FLOW_CLOSING;
+                    }
+                    if let Some(hop) = cached
+                        && v.flags & FLOW_REVERSE == 0
+                    {
+                        v.last_seen_ns = monotonic_ns();
+                        v.egress_ifindex = ifindex(hop.iface).expect("cached hop's device");
+                        v.src_mac = hop.src;
+                        v.dst_mac = hop.dst;
+                        v.fib_ok_len = hop.ok_len;
                     }
                     dp.insert_flow(k, v).expect("insert flow");
                 }
@@ -856,6 +990,31 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
             }
         }
     }
+}
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The next hop cached in `v`, named by device.
+fn cached_hop(v: &FlowValue) -> Option<CachedHop> {
+    if v.egress_ifindex == 0 {
+        return None;
+    }
+    let iface = ["lb0", "lb1"]
+        .into_iter()
+        .find(|d| ifindex(d).ok() == Some(v.egress_ifindex))
+        .unwrap_or("unknown device");
+    Some(CachedHop {
+        iface,
+        src: v.src_mac,
+        dst: v.dst_mac,
+        ok_len: v.fib_ok_len,
+    })
 }
 
 fn read(dp: &Dataplane, counter: Counter) -> u64 {
@@ -888,9 +1047,10 @@ fn run(f: &Fixture) -> Result<(), String> {
     apply(&mut dp, &f.setup);
     let before: Vec<u64> = f.counters.iter().map(|(c, _)| read(&dp, *c)).collect();
     let ingress = ifindex(f.ingress).map_err(|e| e.to_string())?;
-    let (action, out) = dp
-        .test_run(&f.input, ingress)
+    let run = dp
+        .test_run(&f.input, ingress, 1)
         .map_err(|e| format!("test run: {e}"))?;
+    let (action, out) = (run.action, run.frame);
     let mut errors = Vec::new();
     if action != f.action {
         errors.push(format!("action {action}, expected {}", f.action));
@@ -914,12 +1074,25 @@ fn run(f: &Fixture) -> Result<(), String> {
         }
     }
     for (k, want) in &f.flows_after {
-        let got = dp.flow(k).map(|mut v| {
-            v.last_seen_ns = 0;
-            v
+        let got = dp.flow(k).map(|v| FlowValue {
+            last_seen_ns: 0,
+            egress_ifindex: 0,
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
+            fib_ok_len: 0,
+            egress_flags: 0,
+            ..v
         });
         if got != *want {
             errors.push(format!("FLOWS[{k:?}] is {got:?}, expected {want:?}"));
+        }
+    }
+    for (k, want) in &f.next_hop_after {
+        let got = dp.flow(k).as_ref().and_then(cached_hop);
+        if got != *want {
+            errors.push(format!(
+                "next hop cached in FLOWS[{k:?}] is {got:?}, expected {want:?}"
+            ));
         }
     }
     if errors.is_empty() {
@@ -943,7 +1116,7 @@ fn packet_fixtures() {
         move || {
             let ns = Netns { name };
             ns.enter_current_thread();
-            pin_to_cpu0();
+            pin_current_thread_to_cpu0();
             let fixtures = fixtures();
             let failures: Vec<String> = fixtures
                 .iter()
