@@ -29,5 +29,10 @@ pub const IFACE_XDP_TX: u32 = 1;
 /// How often the data path refreshes `FlowValue::last_seen_ns`: writing the shared entry on every
 /// packet would bounce its cache line between CPUs for no gain in expiry precision.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+/// How long a closing connection (FIN or RST seen, or SYN unanswered) must have been silent
+/// before a new flow may take its SNAT port: late retransmissions of the close still find
+/// their flow, and the port is not held for the whole closing timeout (the daemon's expiry),
+/// which at high connection rates would exhaust a backend's ports.
+pub const FLOW_RECLAIM_NS: u64 = 2_000_000_000;
 /// Tries at finding a free SNAT port for a new flow before it is dropped as exhausted.
 pub const SNAT_PORT_TRIES: u32 = 8;

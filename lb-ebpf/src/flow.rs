@@ -1,16 +1,17 @@
 //! Stage 2b and 3b, the connection table: find a packet's flow, or record a new one in both
 //! directions with a fresh SNAT port. Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
 //!
-//! Entries are removed by the daemon when idle (FIN/RST shorten that), never by the data path,
-//! except the reply entry of a flow that is re-balanced away from a failed backend.
+//! Entries are removed by the daemon when idle (FIN/RST shorten that), and by the data path
+//! only in two cases: the reply entry of a flow that is re-balanced away from a failed backend,
+//! and both entries of a closed connection whose SNAT port a new flow reclaims.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_CLOSING, FLOW_REVERSE, FLOW_TOUCH_INTERVAL_NS,
-    FlowKey, FlowValue, SNAT_PORT_TRIES, Service,
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_CLOSING, FLOW_RECLAIM_NS, FLOW_REVERSE,
+    FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, SNAT_PORT_TRIES, Service,
 };
 
 use crate::{
@@ -74,6 +75,57 @@ fn backend_is_healthy(id: u32) -> bool {
         .is_some_and(|b| b.flags & BACKEND_HEALTHY != 0)
 }
 
+/// Inserts the reply entry under `reverse_key` if its SNAT port is free for this backend, or
+/// held by a connection that may be reclaimed. False if the port is taken.
+#[inline(always)]
+fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<bool, Verdict> {
+    match FLOWS.insert(reverse_key, reverse, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(true),
+        // The port's holder may be a connection that closed a while ago: its port is worth
+        // more to this one than its entries are to a late retransmission.
+        Err(e) if e == -EEXIST => Ok(reclaim_closed(reverse_key, now)
+            && FLOWS
+                .insert(reverse_key, reverse, BPF_NOEXIST as u64)
+                .is_ok()),
+        Err(_) => Err(Verdict::Drop(DropReason::FlowTableFull)),
+    }
+}
+
+/// Removes the connection whose reply entry is `reverse_key` if it is closing (a FIN or RST
+/// seen, or its SYN never answered, as the daemon's expiry counts it) and has been silent for
+/// FLOW_RECLAIM_NS: its SNAT port is freed at once rather than at the daemon's expiry. True if
+/// the key is free now.
+#[inline(always)]
+fn reclaim_closed(reverse_key: &FlowKey, now: u64) -> bool {
+    let Some(reply) = FLOWS.get_ptr(reverse_key) else {
+        return true;
+    };
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let reply = unsafe { *reply };
+    let forward_key = reply.peer_key(reverse_key.proto);
+    // The forward entry belongs to this connection only if it points back at the reply entry
+    // (the client's tuple may already carry a newer flow).
+    let forward = FLOWS
+        .get_ptr(&forward_key)
+        // SAFETY: as above.
+        .map(|f| unsafe { *f })
+        .filter(|f| f.peer_key(reverse_key.proto) == *reverse_key);
+    let mut closing = reply.flags & FLOW_CLOSING != 0 || reply.last_seen_ns == 0;
+    let mut last_seen = reply.last_seen_ns;
+    if let Some(f) = forward {
+        closing |= f.flags & FLOW_CLOSING != 0;
+        last_seen = last_seen.max(f.last_seen_ns);
+    }
+    if !closing || now.saturating_sub(last_seen) < FLOW_RECLAIM_NS {
+        return false;
+    }
+    if forward.is_some() {
+        let _ = FLOWS.remove(&forward_key);
+    }
+    let _ = FLOWS.remove(reverse_key);
+    true
+}
+
 /// Records a new flow to `backend`: the reply direction first, under a SNAT port nobody holds
 /// for this backend (inserted with BPF_NOEXIST, so two CPUs can't take the same one), then the
 /// forward direction.
@@ -108,8 +160,20 @@ pub fn create(
         last_seen_ns: 0,
         ..FlowValue::default()
     };
+    // The client's own port first, when the range holds it (as conntrack's masquerade does):
+    // a client reusing its tuple then meets its own previous connection in the backend's
+    // TIME_WAIT, under the same TCP timestamp offset, and the backend accepts the SYN. Another
+    // client's connection there may carry an older timestamp, and about half are refused.
+    let client_port = u32::from(pkt.key.src_port.to_host());
     let mut found = false;
+    if client_port.wrapping_sub(port_min) < port_count {
+        reverse_key.dst_port = pkt.key.src_port;
+        found = take_port(&reverse_key, &reverse, now)?;
+    }
     for _ in 0..SNAT_PORT_TRIES {
+        if found {
+            break;
+        }
         // SAFETY: a per-CPU array slot, only this CPU writes it.
         let turn = unsafe {
             let turn = *cursor;
@@ -124,14 +188,7 @@ pub fn create(
             .checked_rem(port_count)
             .ok_or(inconsistent)?;
         reverse_key.dst_port = Be16::from_host((port_min + index) as u16);
-        match FLOWS.insert(&reverse_key, &reverse, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                found = true;
-                break;
-            }
-            Err(e) if e == -EEXIST => continue,
-            Err(_) => return Err(Verdict::Drop(DropReason::FlowTableFull)),
-        }
+        found = take_port(&reverse_key, &reverse, now)?;
     }
     if !found {
         return Err(Verdict::Drop(DropReason::SnatPortsExhausted));

@@ -26,6 +26,7 @@ use crate::{
 /// How often idle flows are swept and active flows counted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -53,6 +54,15 @@ pub enum DaemonError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "snat_ports {min}-{max} would take every ephemeral port of this host ({lo}-{hi}), leaving none for its health checks; narrow snat_ports or move net.ipv4.ip_local_port_range"
+    )]
+    NoEphemeralPorts {
+        min: u16,
+        max: u16,
+        lo: u16,
+        hi: u16,
     },
     #[error("cannot handle signals: {0}")]
     Signals(#[source] std::io::Error),
@@ -337,6 +347,15 @@ struct ReservedPorts {
 
 impl ReservedPorts {
     fn reserve(min: u16, max: u16) -> Result<Self, DaemonError> {
+        // The host's own connections (health checks) need an ephemeral port outside the range.
+        if let Some((lo, hi)) = std::fs::read_to_string(EPHEMERAL_PORTS).ok().and_then(|t| {
+            let mut it = t.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        }) && min <= lo
+            && hi <= max
+        {
+            return Err(DaemonError::NoEphemeralPorts { min, max, lo, hi });
+        }
         let previous = std::fs::read_to_string(RESERVED_PORTS)
             .unwrap_or_default()
             .trim()

@@ -690,7 +690,13 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             snat_port: 31005,
                             closing: false,
-                            cached: None,
+                            // Seen just now: an active flow, whose port is never reclaimed.
+                            cached: Some(CachedHop {
+                                iface: "lb1",
+                                src: LB1_MAC,
+                                dst: B1_MAC,
+                                ok_len: 1500,
+                            }),
                         },
                     ],
                 ),
@@ -700,6 +706,119 @@ fn fixtures() -> Vec<Fixture> {
                 vec![(Counter::Drop(DropReason::SnatPortsExhausted), 1)],
             )
         },
+        Fixture {
+            settings: Some(LoadSettings {
+                snat_port_min: 31005,
+                snat_port_max: 31005,
+                ..settings()
+            }),
+            flows_after: vec![
+                (key(CLIENT, 40030, VIP, WEB_PORT, TCP), None),
+                (
+                    key(B1, BACKEND_PORT, SNAT, 31005, TCP),
+                    Some(value(VIP, WEB_PORT, CLIENT, 40031, 1, FLOW_REVERSE)),
+                ),
+            ],
+            ..fixture(
+                "select_snat_port_of_long_closed_flow_reclaimed",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40030,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31005,
+                            closing: true,
+                            cached: None,
+                        },
+                    ],
+                ),
+                client_syn(40031).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, 31005).syn().build()),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
+        Fixture {
+            settings: Some(LoadSettings {
+                snat_port_min: 31005,
+                snat_port_max: 31005,
+                ..settings()
+            }),
+            flows_after: vec![(
+                key(CLIENT, 40032, VIP, WEB_PORT, TCP),
+                Some(value(SNAT, 31005, B1, BACKEND_PORT, 1, FLOW_CLOSING)),
+            )],
+            ..fixture(
+                "select_snat_port_of_just_closed_flow_kept",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40032,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31005,
+                            closing: true,
+                            // Marks the flow seen just now.
+                            cached: Some(CachedHop {
+                                iface: "lb1",
+                                src: LB1_MAC,
+                                dst: B1_MAC,
+                                ok_len: 1500,
+                            }),
+                        },
+                    ],
+                ),
+                client_syn(40033).build(),
+                XDP_DROP,
+                None,
+                vec![(Counter::Drop(DropReason::SnatPortsExhausted), 1)],
+            )
+        },
+        Fixture {
+            flows_after: vec![(
+                key(B1, BACKEND_PORT, SNAT, 25000, TCP),
+                Some(value(VIP, WEB_PORT, CLIENT, 25000, 1, FLOW_REVERSE)),
+            )],
+            ..fixture(
+                "select_snat_keeps_client_port_in_range",
+                with(backends(), &[web(&[(1, 1)])]),
+                client_syn(25000).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, 25000).syn().build()),
+                vec![(Counter::NewFlows(1), 1)],
+            )
+        },
+        fixture(
+            "select_snat_client_port_taken_falls_back_to_range",
+            with(
+                backends(),
+                &[
+                    web(&[(1, 1)]),
+                    flow(
+                        40040,
+                        1,
+                        25001,
+                        Some(CachedHop {
+                            iface: "lb1",
+                            src: LB1_MAC,
+                            dst: B1_MAC,
+                            ok_len: 1500,
+                        }),
+                    ),
+                ],
+            ),
+            client_syn(25001).build(),
+            XDP_REDIRECT,
+            Some(to_backend(1, PORT_MIN).syn().build()),
+            vec![(Counter::NewFlows(1), 1)],
+        ),
         fixture(
             "forward_ttl_1_passed_unchanged",
             with(backends(), &[web(&[(1, 1)])]),
