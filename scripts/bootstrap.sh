@@ -10,7 +10,8 @@ EBPF_NIGHTLY=$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/lb-ebpf/rust-toolcha
 BPF_LINKER_VERSION=0.13.0
 # bpf-linker keeps an rpath to its LLVM folder, so both live in one stable place.
 TOOLS=${LB_TOOLS_DIR:-/opt/lb-tools}
-APT_PACKAGES=(iproute2 ethtool curl netcat-openbsd iputils-ping iperf3 wrk tcpdump procps)
+APT_PACKAGES=(iproute2 ethtool curl netcat-openbsd iputils-ping iperf3 wrk tcpdump procps
+  nftables haproxy nginx libnginx-mod-stream)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -21,6 +22,13 @@ done
 if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # nginx and haproxy are benchmark contenders started in namespaces, never host services:
+  # keep their packages from starting them (policy-rc.d 101 = "do not start").
+  policy=/usr/sbin/policy-rc.d
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

@@ -1,6 +1,7 @@
 //! Test support: packet builders with independent checksum arithmetic, network namespaces with
 //! cleanup, and (in tests/) packet fixtures through the real XDP program and end-to-end tests.
 
+pub mod bench;
 pub mod harness;
 pub mod netns;
 pub mod packet;

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask build|test|demo|lint`. Run `./dev.sh TASK` on a fresh machine:
+//! Project tasks: `cargo xtask build|test|bench|demo|lint`. Run `./dev.sh TASK` on a fresh machine:
 //! it installs the toolchains and tools first (scripts/bootstrap.sh), then runs the task.
 
+mod bench;
 mod build;
 mod demo;
 mod lint;
@@ -31,6 +32,18 @@ enum Task {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Benchmark lb against the direct path, nftables, HAProxy and nginx (needs root).
+    Bench {
+        /// At most 2 minutes (shorter runs, smaller tables): a smoke test.
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes (default: results/<date-time>/).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Only this contender (direct, xdp, nftables, haproxy, nginx; repeatable).
+        #[arg(long = "contender")]
+        contenders: Vec<String>,
+    },
     /// Run the self-contained demo in network namespaces (needs root).
     Demo,
     /// rustfmt check and clippy over user space and the eBPF crate.
@@ -42,6 +55,11 @@ fn main() -> anyhow::Result<()> {
     match cli.task {
         Task::Build => build::build().map(|_| ()),
         Task::Test { filter } => test::test(filter.as_deref()),
+        Task::Bench {
+            quick,
+            out,
+            contenders,
+        } => bench::bench(quick, out, &contenders),
         Task::Demo => demo::demo(),
         Task::Lint => lint::lint(),
     }

@@ -1,0 +1,262 @@
+//! The contenders of the end-to-end benchmark, each set up in turn in the same balancer
+//! namespace, on the same veths, in front of the same backends with the same 4:6 weights.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    harness::Balancer,
+    topology::{BACKEND_PORT, Topology, VIP},
+};
+
+pub const WEB_PORT: u16 = 80;
+pub const UDP_PORT: u16 = 53;
+pub const WEIGHTS: [u32; 2] = [4, 6];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum Contender {
+    /// Client straight to the backends, routed by the balancer namespace's kernel.
+    Direct,
+    /// This balancer: the XDP program in native mode, run by the daemon.
+    Xdp,
+    /// nftables DNAT and masquerade with a weighted `numgen` vmap, as kube-proxy's nftables mode.
+    Nftables,
+    Haproxy,
+    Nginx,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 5] = [
+        Contender::Direct,
+        Contender::Xdp,
+        Contender::Nftables,
+        Contender::Haproxy,
+        Contender::Nginx,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct (no balancer)",
+            Contender::Xdp => "lb (XDP, native)",
+            Contender::Nftables => "nftables DNAT+SNAT",
+            Contender::Haproxy => "HAProxy (tcp mode)",
+            Contender::Nginx => "nginx stream",
+        }
+    }
+
+    /// Why a contender cannot carry UDP, if it cannot.
+    pub fn udp_unsupported(self) -> Option<&'static str> {
+        match self {
+            Contender::Haproxy => Some("HAProxy has no UDP proxying (tcp and http modes only)"),
+            _ => None,
+        }
+    }
+}
+
+/// A contender in place in the balancer namespace; `Drop` removes it.
+pub enum Running<'a> {
+    Nothing,
+    Daemon(Box<Balancer>),
+    Nftables(&'a Topology),
+    Proxy { topo: &'a Topology, child: Child },
+}
+
+impl Running<'_> {
+    pub fn balancer(&self) -> Option<&Balancer> {
+        match self {
+            Running::Daemon(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        match self {
+            Running::Nothing | Running::Daemon(_) => {}
+            Running::Nftables(topo) => {
+                let _ = topo.lb.try_sh("nft delete table ip lbbench");
+            }
+            Running::Proxy { topo, child } => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = topo.lb.try_sh(&format!("ip addr del {VIP}/32 dev lo"));
+            }
+        }
+    }
+}
+
+fn backends(topo: &Topology) -> impl Iterator<Item = (String, u32)> + '_ {
+    topo.backend_addrs
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(a, w)| (format!("{a}:{BACKEND_PORT}"), w))
+}
+
+pub fn daemon_config(topo: &Topology) -> String {
+    // The SNAT range covers the client's ephemeral ports (Linux: 32768-60999), so that lb
+    // keeps each client's port as conntrack does; the balancer host's own range moves above
+    // it (start()). The table holds every connection of the heaviest load for the closing
+    // timeout.
+    let mut text = String::from(
+        "interfaces = [\"lb0\", \"lb1\"]\n[flows]\ncapacity = 2097152\nsnat_ports = \"1024-60999\"\n",
+    );
+    for (name, port, proto) in [("web", WEB_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
+        text += &format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{proto}\"\n\
+             [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"1s\"\n"
+        );
+        for (addr, weight) in backends(topo) {
+            text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+        }
+    }
+    text
+}
+
+/// One chain per backend and protocol, picked by a weighted `numgen` vmap (kube-proxy's shape).
+fn nftables_rules(topo: &Topology) -> String {
+    let mut chains = String::new();
+    let (mut tcp, mut udp) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for (i, (addr, weight)) in backends(topo).enumerate() {
+        let range = format!("{start}-{}", start + weight - 1);
+        start += weight;
+        for (proto, vmap) in [("tcp", &mut tcp), ("udp", &mut udp)] {
+            chains += &format!("  chain {proto}{i} {{ meta l4proto {proto} dnat to {addr}; }}\n");
+            vmap.push(format!("{range} : goto {proto}{i}"));
+        }
+    }
+    let backends: Vec<String> = topo.backend_addrs.iter().map(|a| a.to_string()).collect();
+    format!(
+        "table ip lbbench {{\n{chains}  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+         ip daddr {VIP} tcp dport {WEB_PORT} numgen random mod {start} vmap {{ {tcp} }}\n    \
+         ip daddr {VIP} udp dport {UDP_PORT} numgen random mod {start} vmap {{ {udp} }}\n  }}\n  \
+         chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+         ip daddr {{ {backends} }} ct status dnat masquerade\n  }}\n}}\n",
+        tcp = tcp.join(", "),
+        udp = udp.join(", "),
+        backends = backends.join(", "),
+    )
+}
+
+fn haproxy_config(topo: &Topology) -> String {
+    let mut servers = String::new();
+    for (i, (addr, weight)) in backends(topo).enumerate() {
+        servers += &format!("    server b{} {addr} weight {weight}\n", i + 1);
+    }
+    format!(
+        "global\n    nbthread 2\n\
+         defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\
+         frontend web\n    bind {VIP}:{WEB_PORT}\n    default_backend web\n\
+         backend web\n    balance roundrobin\n{servers}"
+    )
+}
+
+fn nginx_config(topo: &Topology, dir: &Path) -> String {
+    let mut web = String::new();
+    let mut udp = String::new();
+    for (addr, weight) in backends(topo) {
+        web += &format!("        server {addr} weight={weight};\n");
+        udp += &format!("        server {addr} weight={weight};\n");
+    }
+    format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n\
+         worker_processes 2;\nuser root;\npid {dir}/nginx-lb.pid;\nerror_log {dir}/nginx-lb.log warn;\n\
+         events {{ worker_connections 65536; }}\n\
+         stream {{\n    upstream web {{\n{web}    }}\n    upstream udp {{\n{udp}    }}\n    \
+         server {{ listen {VIP}:{WEB_PORT} reuseport; proxy_pass web; }}\n    \
+         server {{ listen {VIP}:{UDP_PORT} udp reuseport; proxy_pass udp; proxy_timeout 10s; }}\n}}\n",
+        dir = dir.display()
+    )
+}
+
+/// Waits (bounded) until the client can open a TCP connection to VIP:80.
+fn wait_for_vip(topo: &Topology, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !topo
+        .client
+        .try_sh(&format!("nc -z -w1 {VIP} {WEB_PORT}"))
+        .status
+        .success()
+    {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{what} did not accept connections on {VIP}:{WEB_PORT} within 10 s"
+            ));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Sets `contender` up in the balancer namespace.
+pub fn start<'a>(
+    contender: Contender,
+    topo: &'a Topology,
+    dir: &Path,
+    lb: &Path,
+) -> Result<Running<'a>, String> {
+    match contender {
+        Contender::Direct => Ok(Running::Nothing),
+        Contender::Xdp => {
+            topo.lb
+                .sh("sysctl -qw net.ipv4.ip_local_port_range='61000 65535'");
+            let balancer = Balancer::start(lb, topo, &daemon_config(topo));
+            let running = Running::Daemon(Box::new(balancer));
+            wait_for_vip(topo, "lb")?;
+            Ok(running)
+        }
+        Contender::Nftables => {
+            let path = dir.join("nftables.conf");
+            fs::write(&path, nftables_rules(topo)).map_err(|e| e.to_string())?;
+            let out = topo.lb.try_sh(&format!("nft -f {}", path.display()));
+            if !out.status.success() {
+                return Err(format!(
+                    "nft -f: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            let running = Running::Nftables(topo);
+            wait_for_vip(topo, "nftables")?;
+            Ok(running)
+        }
+        Contender::Haproxy | Contender::Nginx => {
+            topo.lb.sh(&format!("ip addr add {VIP}/32 dev lo"));
+            let (config, args): (PathBuf, Vec<String>) = if contender == Contender::Haproxy {
+                let path = dir.join("haproxy.cfg");
+                fs::write(&path, haproxy_config(topo)).map_err(|e| e.to_string())?;
+                let p = path.display().to_string();
+                (path, vec!["haproxy".into(), "-db".into(), "-f".into(), p])
+            } else {
+                let path = dir.join("nginx-lb.conf");
+                fs::write(&path, nginx_config(topo, dir)).map_err(|e| e.to_string())?;
+                let p = path.display().to_string();
+                let prefix = format!("{}/", dir.display());
+                (
+                    path,
+                    vec![
+                        "nginx".into(),
+                        "-p".into(),
+                        prefix,
+                        "-c".into(),
+                        p,
+                        "-g".into(),
+                        "daemon off;".into(),
+                    ],
+                )
+            };
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            let child = topo.lb.spawn(&argv, Stdio::inherit());
+            let running = Running::Proxy { topo, child };
+            wait_for_vip(topo, &format!("{}", config.display()))?;
+            Ok(running)
+        }
+    }
+}

@@ -1,0 +1,650 @@
+//! Part 1 of the benchmark: the XDP program alone, through BPF_PROG_TEST_RUN, with the
+//! connection table at several fill levels. Also times the daemon's sweep of that table.
+//!
+//! A test run does not restore the frame between repeats, so a rewriting path is repeated with a
+//! "ping-pong" pair of flow entries: the second rewrites the first's output back into its input,
+//! and both take the same path, so every repeat costs what one packet of that path costs with
+//! its flow hot in the caches (the TTL, decremented each time, bounds the repeats to 250).
+//! A packet of a random flow of a large table misses the caches; that is timed one call at a
+//! time, less the per-call overhead of the same path (one-call time minus repeated time of the
+//! hot flow). The first packet of a new flow can only be timed one call at a time; the
+//! established path's overhead is subtracted. Every figure is the median of 3 rounds, each
+//! round the median of many calls.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use lb_common::{Be16, Be32, DEFAULT_MAGLEV_SIZE, FLOW_REVERSE, FlowKey, FlowValue, ServiceKey};
+use lb_user::{
+    dataplane::{Dataplane, FlowTimeouts, LoadSettings, ifindex},
+    maglev::{MaglevBackend, build_table},
+};
+use serde::Serialize;
+
+use super::summary::{Summary, median_u64};
+use crate::{
+    netns::{Netns, pin_current_thread_to_cpu0},
+    packet::{Mac, pkt},
+};
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const TCP: u8 = 6;
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
+const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+const LB0: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The SNAT address of the hot reply pair: not local (a local destination would end the pong
+/// half at the kernel), with a neighbour entry.
+const SNAT_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The hot connection: CLIENT:HOT_PORT -> VIP, SNAT port HOT_PORT, backend 1.
+const HOT_PORT: u16 = 40000;
+/// Repeats of a ping-pong call: the frame starts with TTL 255 and each forward takes one.
+const PING_PONG_REPEATS: u32 = 250;
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Clients of the prefilled connections, routed via CLIENT.
+const PREFILL_CLIENTS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+/// Clients of the new flows the benchmark opens.
+const NEW_CLIENTS: Ipv4Addr = Ipv4Addr::new(198, 19, 128, 0);
+const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
+const LB0_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x00];
+const LB1_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
+const BACKEND_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
+const BACKEND_PORT: u16 = 8000;
+const WEB_PORT: u16 = 80;
+/// Backends 1 and 2 serve the service (weights 4:6); 3..=34 hold the prefilled connections, so
+/// that new flows find their SNAT ports free as they would in a real table.
+const SERVICE_BACKENDS: [(u32, u32); 2] = [(1, 4), (2, 6)];
+const PREFILL_BACKENDS: u32 = 32;
+const PORTS_PER_CLIENT: u32 = 60_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum MicroPath {
+    /// A packet of an established flow, client -> backend, the flow hot in the caches.
+    Established,
+    /// The same for a random flow of the table.
+    EstablishedRandom,
+    /// The first packet of a new flow: Maglev choice, SNAT port, two table inserts.
+    NewFlow,
+    /// A reply, backend -> client, hot.
+    Reply,
+    /// A reply of a random flow.
+    ReplyRandom,
+    /// Traffic that is not a service's, passed to the kernel.
+    NotOurs,
+}
+
+impl MicroPath {
+    pub const ALL: [MicroPath; 6] = [
+        MicroPath::Established,
+        MicroPath::EstablishedRandom,
+        MicroPath::NewFlow,
+        MicroPath::Reply,
+        MicroPath::ReplyRandom,
+        MicroPath::NotOurs,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MicroPath::Established => "established flow, client -> backend (hot)",
+            MicroPath::EstablishedRandom => "established flow, a random one of the table",
+            MicroPath::NewFlow => "first packet of a new flow",
+            MicroPath::Reply => "reply, backend -> client (hot)",
+            MicroPath::ReplyRandom => "reply of a random flow",
+            MicroPath::NotOurs => "not ours, passed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MicroFigure {
+    pub path: MicroPath,
+    /// Connections in the table (each holds two entries).
+    pub connections: u64,
+    pub ns_per_packet: Summary,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepFigure {
+    pub connections: u64,
+    pub ms: Summary,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MicroResults {
+    pub figures: Vec<MicroFigure>,
+    pub sweeps: Vec<SweepFigure>,
+    /// The per-call overhead subtracted from one-call timings of the established path
+    /// (median over levels and rounds).
+    pub call_overhead_ns: f64,
+    pub calls_per_round: usize,
+    pub repeats_per_round: u32,
+    pub ping_pong_repeats: u32,
+}
+
+pub struct MicroOptions {
+    pub levels: Vec<u64>,
+    pub calls: usize,
+    pub repeats: u32,
+}
+
+/// Runs in its own namespace, on a thread pinned to CPU 0.
+pub fn run(opts: MicroOptions) -> Result<MicroResults, String> {
+    let ns = namespace();
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        let ns = Netns { name };
+        ns.enter_current_thread();
+        pin_current_thread_to_cpu0();
+        let result = measure(&opts);
+        // The namespace belongs to the caller's guard.
+        std::mem::forget(ns);
+        result
+    })
+    .join()
+    .map_err(|_| "the micro-benchmark thread panicked".to_owned())?
+}
+
+fn backend_addr(id: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1, 10 + id as u8)
+}
+
+fn mac_text(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn namespace() -> Netns {
+    let ns = Netns::new("bench-micro");
+    let mut script = format!(
+        "ip link add lb0 address {lb0} type veth peer name peer0
+         ip link add lb1 address {lb1} type veth peer name peer1
+         for d in lb0 peer0 lb1 peer1; do ip link set $d up; done
+         ip addr add {LB0}/24 dev lb0
+         ip addr add {SNAT}/24 dev lb1
+         ip neigh replace {CLIENT} lladdr {client} dev lb0 nud permanent
+         ip route add 198.19.0.0/16 via {CLIENT} dev lb0
+         ip route add {VIP}/32 via {CLIENT} dev lb0
+         ip neigh replace {SNAT_REMOTE} lladdr {backend} dev lb1 nud permanent
+         sysctl -qw net.ipv4.ip_forward=1
+",
+        lb0 = mac_text(LB0_MAC),
+        lb1 = mac_text(LB1_MAC),
+        client = mac_text(CLIENT_MAC),
+        backend = mac_text(BACKEND_MAC),
+    );
+    for id in 1..=2 + PREFILL_BACKENDS {
+        script += &format!(
+            "ip neigh replace {} lladdr {} dev lb1 nud permanent\n",
+            backend_addr(id),
+            mac_text(BACKEND_MAC)
+        );
+    }
+    ns.sh(&script);
+    ns
+}
+
+fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from_bytes(src.octets()),
+        dst_addr: Be32::from_bytes(dst.octets()),
+        src_port: Be16::from_host(sport),
+        dst_port: Be16::from_host(dport),
+        proto: TCP,
+        _pad: [0; 3],
+    }
+}
+
+fn flow_value(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    backend: u32,
+    flags: u32,
+    now: u64,
+) -> FlowValue {
+    FlowValue {
+        nat_src_addr: Be32::from_bytes(src.octets()),
+        nat_dst_addr: Be32::from_bytes(dst.octets()),
+        nat_src_port: Be16::from_host(sport),
+        nat_dst_port: Be16::from_host(dport),
+        backend_id: backend,
+        flags,
+        last_seen_ns: now,
+        ..FlowValue::default()
+    }
+}
+
+/// Prefilled connection `i`: client, client port, backend id, SNAT port.
+fn connection(i: u64) -> (Ipv4Addr, u16, u32, u16) {
+    let i = i as u32;
+    let client = Ipv4Addr::from(u32::from(PREFILL_CLIENTS) + i / PORTS_PER_CLIENT);
+    let cport = 1024 + (i % PORTS_PER_CLIENT) as u16;
+    let backend = 3 + i % PREFILL_BACKENDS;
+    let snat_port = 1024 + (i / PREFILL_BACKENDS) as u16;
+    (client, cport, backend, snat_port)
+}
+
+/// Both entries of prefilled connection `i`, seen `now`, with their next hops cached as an
+/// active flow has them.
+fn connection_entries(i: u64, now: u64, hops: &Hops) -> [(FlowKey, FlowValue); 2] {
+    let (client, cport, backend, sport) = connection(i);
+    let b = backend_addr(backend);
+    [
+        (
+            flow_key(client, cport, VIP, WEB_PORT),
+            FlowValue {
+                egress_ifindex: hops.lb1,
+                src_mac: LB1_MAC,
+                dst_mac: BACKEND_MAC,
+                fib_ok_len: 1500,
+                ..flow_value(SNAT, sport, b, BACKEND_PORT, backend, 0, now)
+            },
+        ),
+        (
+            flow_key(b, BACKEND_PORT, SNAT, sport),
+            FlowValue {
+                egress_ifindex: hops.lb0,
+                src_mac: LB0_MAC,
+                dst_mac: CLIENT_MAC,
+                fib_ok_len: 1500,
+                ..flow_value(VIP, WEB_PORT, client, cport, backend, FLOW_REVERSE, now)
+            },
+        ),
+    ]
+}
+
+/// Writes connections `from..to`, seen now, in batches.
+fn write_connections(dp: &mut Dataplane, from: u64, to: u64, hops: &Hops) -> Result<(), String> {
+    const BATCH: u64 = 32_768;
+    let now = monotonic_ns();
+    let mut start = from;
+    while start < to {
+        let end = (start + BATCH).min(to);
+        let entries: Vec<(FlowKey, FlowValue)> = (start..end)
+            .flat_map(|i| connection_entries(i, now, hops))
+            .collect();
+        dp.insert_flows(&entries)
+            .map_err(|e| format!("prefilling FLOWS: {e}"))?;
+        start = end;
+    }
+    Ok(())
+}
+
+/// The devices' indexes, for cached next hops.
+struct Hops {
+    lb0: u32,
+    lb1: u32,
+}
+
+fn monotonic_ns() -> u64 {
+    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// xorshift64: picks connections at random, so that lookups miss the caches as real traffic does.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+struct Bench {
+    dp: Dataplane,
+    hops: Hops,
+    lb0: u32,
+    connections: u64,
+    next_new: u32,
+    rng: Rng,
+}
+
+impl Bench {
+    fn one_call(
+        &mut self,
+        frame: &[u8],
+        ingress: u32,
+        repeat: u32,
+        want: u32,
+    ) -> Result<(u64, Vec<u8>), String> {
+        let run = self
+            .dp
+            .test_run(frame, ingress, repeat)
+            .map_err(|e| e.to_string())?;
+        if run.action != want {
+            let counted: Vec<String> = self
+                .dp
+                .reason_counters()
+                .map(|c| {
+                    let pass = c.pass.iter().map(|(r, n)| (r.name(), *n));
+                    let drop = c.drop.iter().map(|(r, n)| (r.name(), *n));
+                    pass.chain(drop)
+                        .filter(|(_, n)| *n > 0)
+                        .map(|(r, n)| format!("{r} {n}"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(format!(
+                "test run of {} returned action {}, expected {want}, so the measurement would be of \
+                 the wrong path (pass and drop counters so far: {})",
+                crate::packet::describe(frame),
+                run.action,
+                counted.join(", ")
+            ));
+        }
+        Ok((run.duration.as_nanos() as u64, run.frame))
+    }
+
+    /// Median one-call time over `calls` frames made by `frame`.
+    fn single_calls(
+        &mut self,
+        calls: usize,
+        ingress: u32,
+        want: u32,
+        mut frame: impl FnMut(&mut Self) -> Vec<u8>,
+    ) -> Result<u64, String> {
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let f = frame(self);
+            samples.push(self.one_call(&f, ingress, 1, want)?.0);
+        }
+        Ok(median_u64(&mut samples).unwrap_or(0))
+    }
+
+    /// (one-call median, per-packet median over ping-pong calls) of a hot path.
+    fn hot(&mut self, calls: usize, frame: &[u8], ingress: u32) -> Result<(f64, f64), String> {
+        let single = self.single_calls(calls, ingress, XDP_REDIRECT, |_| frame.to_vec())?;
+        let mut samples = Vec::with_capacity(calls / 10 + 1);
+        for _ in 0..calls / 10 + 1 {
+            let (ns, out) = self.one_call(frame, ingress, PING_PONG_REPEATS, XDP_REDIRECT)?;
+            // Every repeat forwarded: each took one from the TTL.
+            let ttl = out.get(22).copied().unwrap_or(0);
+            if u32::from(ttl) != 255 - PING_PONG_REPEATS {
+                return Err(format!(
+                    "a ping-pong call left TTL {ttl}: not every repeat took the forwarding path"
+                ));
+            }
+            samples.push(ns);
+        }
+        Ok((single as f64, median_u64(&mut samples).unwrap_or(0) as f64))
+    }
+
+    fn random_established(&mut self) -> Vec<u8> {
+        let (client, cport, _, _) = connection(self.rng.below(self.connections));
+        pkt()
+            .eth(CLIENT_MAC, LB0_MAC)
+            .ipv4(client, VIP)
+            .tcp(cport, WEB_PORT)
+            .ack()
+            .build()
+    }
+
+    fn random_reply(&mut self) -> Vec<u8> {
+        let (_, _, backend, sport) = connection(self.rng.below(self.connections));
+        pkt()
+            .eth(BACKEND_MAC, LB1_MAC)
+            .ipv4(backend_addr(backend), SNAT)
+            .tcp(BACKEND_PORT, sport)
+            .ack()
+            .build()
+    }
+
+    /// Each call opens a new flow; its two entries are removed afterwards (untimed), so the
+    /// table stays at its level.
+    fn new_flows(&mut self, calls: usize) -> Result<u64, String> {
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let n = self.next_new;
+            self.next_new = self.next_new.wrapping_add(1);
+            let client = Ipv4Addr::from(u32::from(NEW_CLIENTS) + n / PORTS_PER_CLIENT % 4096);
+            let cport = 1024 + (n % PORTS_PER_CLIENT) as u16;
+            let frame = pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(client, VIP)
+                .tcp(cport, WEB_PORT)
+                .syn()
+                .build();
+            let (ns, out) = self.one_call(&frame, self.lb0, 1, XDP_REDIRECT)?;
+            samples.push(ns);
+            // The rewritten frame names the backend (IPv4 destination) and the SNAT port.
+            let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+            let sport = u16::from_be_bytes([out[34], out[35]]);
+            self.dp
+                .remove_flow(&flow_key(client, cport, VIP, WEB_PORT))
+                .and_then(|()| {
+                    self.dp
+                        .remove_flow(&flow_key(backend, BACKEND_PORT, SNAT, sport))
+                })
+                .map_err(|e| format!("removing a measured flow: {e}"))?;
+        }
+        Ok(median_u64(&mut samples).unwrap_or(0))
+    }
+
+    /// Mean per packet over `repeats` repeats of a packet that is not ours.
+    fn not_ours(&mut self, repeats: u32) -> Result<f64, String> {
+        let frame = pkt()
+            .eth(CLIENT_MAC, LB0_MAC)
+            .ipv4(CLIENT, OTHER)
+            .tcp(40000, WEB_PORT)
+            .ack()
+            .build();
+        Ok(self.one_call(&frame, self.lb0, repeats, XDP_PASS)?.0 as f64)
+    }
+
+    /// Grows the table to `target` connections.
+    fn fill_to(&mut self, target: u64) -> Result<(), String> {
+        write_connections(&mut self.dp, self.connections, target, &self.hops)?;
+        self.connections = self.connections.max(target);
+        Ok(())
+    }
+
+    /// Marks every prefilled connection seen now, so that the random-flow paths measure active
+    /// flows (next hop cached) rather than the once-a-second refresh.
+    fn refresh(&mut self) -> Result<(), String> {
+        write_connections(&mut self.dp, 0, self.connections, &self.hops)
+    }
+
+    /// The hot connection, with a second entry for each direction that rewrites that
+    /// direction's output back into its input (see the module's comment).
+    fn insert_ping_pong(&mut self) -> Result<(), String> {
+        let now = monotonic_ns();
+        let b1 = backend_addr(1);
+        let entries = [
+            (
+                flow_key(CLIENT, HOT_PORT, VIP, WEB_PORT),
+                flow_value(SNAT, HOT_PORT, b1, BACKEND_PORT, 1, 0, now),
+            ),
+            (
+                flow_key(SNAT, HOT_PORT, b1, BACKEND_PORT),
+                flow_value(CLIENT, HOT_PORT, VIP, WEB_PORT, 1, 0, now),
+            ),
+            (
+                flow_key(b1, BACKEND_PORT, SNAT_REMOTE, HOT_PORT),
+                flow_value(VIP, WEB_PORT, CLIENT, HOT_PORT, 1, FLOW_REVERSE, now),
+            ),
+            (
+                flow_key(VIP, WEB_PORT, CLIENT, HOT_PORT),
+                flow_value(
+                    b1,
+                    BACKEND_PORT,
+                    SNAT_REMOTE,
+                    HOT_PORT,
+                    1,
+                    FLOW_REVERSE,
+                    now,
+                ),
+            ),
+        ];
+        for (k, v) in entries {
+            self.dp
+                .insert_flow(k, v)
+                .map_err(|e| format!("inserting the hot flow: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
+    let capacity = opts.levels.iter().copied().max().unwrap_or(1) * 2 + 65_536;
+    let mut dp = Dataplane::load(LoadSettings {
+        maglev_size: DEFAULT_MAGLEV_SIZE,
+        flow_capacity: u32::try_from(capacity).map_err(|_| "too many connections".to_owned())?,
+        snat_port_min: 1024,
+        snat_port_max: 32767,
+    })
+    .map_err(|e| e.to_string())?;
+    let (lb0, lb1) = (
+        ifindex("lb0").map_err(|e| e.to_string())?,
+        ifindex("lb1").map_err(|e| e.to_string())?,
+    );
+    for i in [lb0, lb1] {
+        dp.add_interface(i, false).map_err(|e| e.to_string())?;
+    }
+    for id in 1..=2 + PREFILL_BACKENDS {
+        dp.set_backend(id, SocketAddrV4::new(backend_addr(id), BACKEND_PORT), true)
+            .map_err(|e| e.to_string())?;
+    }
+    let eligible: Vec<MaglevBackend> = SERVICE_BACKENDS
+        .iter()
+        .map(|&(id, weight)| MaglevBackend {
+            id,
+            addr: SocketAddrV4::new(backend_addr(id), BACKEND_PORT),
+            weight,
+        })
+        .collect();
+    let key = ServiceKey {
+        vip: Be32::from_bytes(VIP.octets()),
+        port: Be16::from_host(WEB_PORT),
+        proto: TCP,
+        _pad: 0,
+    };
+    dp.set_service(0, key, SNAT, &build_table(&eligible, DEFAULT_MAGLEV_SIZE))
+        .map_err(|e| e.to_string())?;
+    let mut bench = Bench {
+        dp,
+        hops: Hops { lb0, lb1 },
+        lb0,
+        connections: 0,
+        next_new: 0,
+        rng: Rng(0x9e37_79b9_7f4a_7c15),
+    };
+    let hot_established = pkt()
+        .eth(CLIENT_MAC, LB0_MAC)
+        .ipv4(CLIENT, VIP)
+        .ttl(255)
+        .tcp(HOT_PORT, WEB_PORT)
+        .ack()
+        .build();
+    let hot_reply = pkt()
+        .eth(BACKEND_MAC, LB1_MAC)
+        .ipv4(backend_addr(1), SNAT_REMOTE)
+        .ttl(255)
+        .tcp(BACKEND_PORT, HOT_PORT)
+        .ack()
+        .build();
+    let mut figures = Vec::new();
+    let mut sweeps = Vec::new();
+    let mut overheads = Vec::new();
+    for &level in &opts.levels {
+        let started = Instant::now();
+        bench.fill_to(level)?;
+        eprintln!(
+            "bench: micro: {} connections in the table (filled in {:.1} s)",
+            bench.connections,
+            started.elapsed().as_secs_f64()
+        );
+        // The random paths need a connection to pick; "0" has only the hot one.
+        let random_ok = bench.connections > 0;
+        let mut rounds: Vec<[Option<f64>; 6]> = Vec::new();
+        let mut sweep_ms = Vec::new();
+        for _ in 0..3 {
+            // The sweep below rightly removes the pong entries as orphans: put them back.
+            bench.insert_ping_pong()?;
+            let (est_one, est_hot) = bench.hot(opts.calls, &hot_established, lb0)?;
+            let (reply_one, reply_hot) = bench.hot(opts.calls, &hot_reply, lb1)?;
+            let (est_overhead, reply_overhead) = (est_one - est_hot, reply_one - reply_hot);
+            overheads.push(est_overhead);
+            bench.refresh()?;
+            let est_random = if random_ok {
+                Some(
+                    bench.single_calls(opts.calls, lb0, XDP_REDIRECT, Bench::random_established)?
+                        as f64
+                        - est_overhead,
+                )
+            } else {
+                None
+            };
+            let reply_random = if random_ok {
+                Some(
+                    bench.single_calls(opts.calls, lb1, XDP_REDIRECT, Bench::random_reply)? as f64
+                        - reply_overhead,
+                )
+            } else {
+                None
+            };
+            let new = bench.new_flows(opts.calls)? as f64 - est_overhead;
+            let pass = bench.not_ours(opts.repeats)?;
+            rounds.push([
+                Some(est_hot),
+                est_random,
+                Some(new),
+                Some(reply_hot),
+                reply_random,
+                Some(pass),
+            ]);
+            let timeouts = FlowTimeouts {
+                tcp_idle: Duration::from_secs(3600),
+                tcp_closing: Duration::from_secs(3600),
+                udp_idle: Duration::from_secs(3600),
+            };
+            let started = Instant::now();
+            let sweep = bench
+                .dp
+                .sweep_flows(monotonic_ns(), &timeouts)
+                .map_err(|e| e.to_string())?;
+            sweep_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+            // The table holds the prefilled connections and the four hot entries.
+            let want = bench.connections * 2 + 4;
+            if sweep.entries != want {
+                return Err(format!(
+                    "the sweep saw {} entries, expected {want}",
+                    sweep.entries
+                ));
+            }
+        }
+        for (i, path) in MicroPath::ALL.into_iter().enumerate() {
+            let samples: Vec<f64> = rounds.iter().filter_map(|r| r[i]).collect();
+            if let Some(summary) = Summary::of(&samples) {
+                figures.push(MicroFigure {
+                    path,
+                    connections: level,
+                    ns_per_packet: summary,
+                });
+            }
+        }
+        sweeps.push(SweepFigure {
+            connections: level,
+            ms: Summary::of(&sweep_ms).ok_or("no samples")?,
+        });
+    }
+    Ok(MicroResults {
+        figures,
+        sweeps,
+        call_overhead_ns: Summary::of(&overheads).map_or(0.0, |s| s.median),
+        calls_per_round: opts.calls,
+        repeats_per_round: opts.repeats,
+        ping_pong_repeats: PING_PONG_REPEATS,
+    })
+}

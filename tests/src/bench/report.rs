@@ -1,0 +1,542 @@
+//! The benchmark's report: markdown tables (every figure a median with min and max, and its
+//! ratio to the direct path and to this balancer) and an SVG chart of the main figures.
+
+use std::fmt::Write as _;
+
+use super::{
+    Cell, Measured, Results, contenders::Contender, loads::Load, micro::MicroPath, summary::Summary,
+};
+
+fn number(v: f64) -> String {
+    if v >= 100.0 {
+        let s = format!("{:.0}", v);
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn spread(s: &Summary) -> String {
+    format!("{} [{}–{}]", number(s.median), number(s.min), number(s.max))
+}
+
+fn median_of(results: &Results, contender: Contender, load: Load) -> Option<f64> {
+    match results.cell(contender, load)? {
+        Cell::Measured(m) => Some(m.value.median),
+        _ => None,
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn short(cell: Option<&Cell>) -> String {
+    match cell {
+        Some(Cell::Measured(m)) => number(m.value.median),
+        Some(Cell::NotApplicable(_)) => "n/a".into(),
+        Some(Cell::Failed(_)) => "failed".into(),
+        None => "–".into(),
+    }
+}
+
+/// The summary table: one row per load, one column per contender, medians, and each
+/// contender's ratio to the direct path.
+pub fn summary_table(results: &Results) -> String {
+    let mut t = String::from("| load | ");
+    t += &Contender::ALL.map(|c| c.label()).join(" | ");
+    t += " |\n|---|";
+    t += &"---:|".repeat(Contender::ALL.len());
+    t += "\n";
+    for load in Load::ALL {
+        let direct = median_of(results, Contender::Direct, load);
+        let _ = write!(t, "| {} ({}) |", load.label(), load.unit());
+        for c in Contender::ALL {
+            let cell = results.cell(c, load);
+            let value = short(cell);
+            if c == Contender::Direct || !matches!(cell, Some(Cell::Measured(_))) {
+                let _ = write!(t, " {value} |");
+            } else {
+                let _ = write!(
+                    t,
+                    " {value} ({}) |",
+                    ratio(median_of(results, c, load), direct)
+                );
+            }
+        }
+        t += "\n";
+    }
+    if let Ok(micro) = &results.micro {
+        let _ = write!(t, "| XDP program alone, ns/packet |");
+        let established: Vec<String> = micro
+            .figures
+            .iter()
+            .filter(|f| f.path == MicroPath::EstablishedRandom)
+            .map(|f| {
+                format!(
+                    "{} at {} flows",
+                    number(f.ns_per_packet.median),
+                    number(f.connections as f64)
+                )
+            })
+            .collect();
+        let hot = micro
+            .figures
+            .iter()
+            .find(|f| f.path == MicroPath::Established)
+            .map_or("–".into(), |f| number(f.ns_per_packet.median));
+        let _ = writeln!(
+            t,
+            " established flow: {hot} hot; random flow: {} |",
+            established.join(", ")
+        );
+    }
+    t
+}
+
+fn detail_table(results: &Results, load: Load) -> String {
+    let direct = median_of(results, Contender::Direct, load);
+    let ours = median_of(results, Contender::Xdp, load);
+    let latency = matches!(load, Load::NewConnections | Load::KeepAlive);
+    let mut t = format!(
+        "| contender | {} median [min–max] | ÷ direct | ÷ lb |{} failed / sent | veth drops | balancer CPU (CPU-s/s) | XDP ns/packet | machine busy (softirq) |\n|---|---:|---:|---:|{}---:|---:|---:|---:|---:|\n",
+        load.unit(),
+        if latency { " p50 ms | p99 ms |" } else { "" },
+        if latency { "---:|---:|" } else { "" },
+    );
+    for c in Contender::ALL {
+        match results.cell(c, load) {
+            Some(Cell::Measured(m)) => {
+                let Measured {
+                    value,
+                    p50_ms,
+                    p99_ms,
+                    errors,
+                    requests,
+                    xdp_ns_per_packet,
+                    balancer_cpu,
+                    machine_busy,
+                    machine_softirq,
+                    device_drops,
+                    lb_counters: _,
+                } = m.as_ref();
+                let _ = write!(
+                    t,
+                    "| {} | {} | {} | {} |",
+                    c.label(),
+                    spread(value),
+                    ratio(Some(value.median), direct),
+                    ratio(Some(value.median), ours)
+                );
+                if latency {
+                    let f = |s: &Option<Summary>| s.as_ref().map_or("–".into(), spread);
+                    let _ = write!(t, " {} | {} |", f(p50_ms), f(p99_ms));
+                }
+                let cpu = balancer_cpu.as_ref().map_or_else(
+                    || match c {
+                        Contender::Direct => "none".to_owned(),
+                        _ => "not attributable (softirq)".to_owned(),
+                    },
+                    |s| format!("{:.3}", s.median),
+                );
+                let _ = writeln!(
+                    t,
+                    " {errors} / {requests} | {device_drops} | {cpu} | {} | {:.0}% ({:.0}%) |",
+                    xdp_ns_per_packet
+                        .as_ref()
+                        .map_or("–".into(), |s| format!("{:.0}", s.median)),
+                    machine_busy.median * 100.0,
+                    machine_softirq.median * 100.0,
+                );
+            }
+            Some(Cell::NotApplicable(why)) => {
+                let _ = writeln!(t, "| {} | n/a: {why} |", c.label());
+            }
+            Some(Cell::Failed(why)) => {
+                let _ = writeln!(t, "| {} | FAILED: {} |", c.label(), why.replace('\n', " "));
+            }
+            None => {}
+        }
+    }
+    t
+}
+
+/// Loads where this balancer is not ahead of every other contender (the direct path aside).
+pub fn behind(results: &Results) -> Vec<String> {
+    let mut list = Vec::new();
+    for load in Load::ALL {
+        let Some(ours) = median_of(results, Contender::Xdp, load) else {
+            continue;
+        };
+        for c in [Contender::Nftables, Contender::Haproxy, Contender::Nginx] {
+            if let Some(theirs) = median_of(results, c, load)
+                && theirs >= ours
+            {
+                list.push(format!(
+                    "{}: {} {} vs lb {} ({})",
+                    load.label(),
+                    c.label(),
+                    number(theirs),
+                    number(ours),
+                    ratio(Some(ours), Some(theirs))
+                ));
+            }
+        }
+        if let Some(direct) = median_of(results, Contender::Direct, load)
+            && ours < 0.9 * direct
+        {
+            list.push(format!(
+                "{}: lb is {} of the direct path (goal: within 10%)",
+                load.label(),
+                ratio(Some(ours), Some(direct))
+            ));
+        }
+    }
+    list
+}
+
+pub fn markdown(results: &Results, command: &str) -> String {
+    let m = &results.machine;
+    let mut r = format!(
+        "# lb benchmark, {}\n\n\
+         Machine: {} CPUs ({}), {:.0} GiB, kernel {}. Mode: {}, {} runs of {} s per figure; \
+         the whole run took {:.0} s. Reproduce with `{command}`.\n\n\
+         Every figure is the median of the runs, with [min–max]; ratios compare medians. All \
+         contenders run in turn in the same balancer namespace, on the same veth wires, in \
+         front of the same two backends (nginx for HTTP, `lb-bench udp-echo` for UDP) with \
+         weights 4:6; the client runs wrk (5 threads; 50 connections, or 5 for bulk) and \
+         `lb-bench udp-load` (20 flows, 8 requests in flight each). Clients and backends \
+         send full checksums (`ethtool -K tx off`, which also turns TSO off) for every \
+         contender alike, since native XDP cannot finish partial checksums on veth. The hosts \
+         that open connections (the client; the balancer namespace, for the proxies) send \
+         monotonic TCP timestamps (`net.ipv4.tcp_timestamps=2`) in every load but the last, \
+         which keeps the kernel's default of a random offset per connection: a backend then \
+         refuses about half of the SYNs that reuse a source address and port still in its \
+         TIME_WAIT, and every contender that rewrites the source reuses ports within seconds \
+         at these rates (see the README's benchmark section).\n\n\
+         ## Summary\n\n{}\n",
+        m.date,
+        m.cpus,
+        m.cpu_model,
+        m.memory_gib,
+        m.kernel,
+        m.mode,
+        super::RUNS,
+        m.seconds_per_run,
+        results.elapsed_s,
+        summary_table(results),
+    );
+    for (name, why) in &results.absent {
+        let _ = writeln!(r, "{name}: {why}; not measured.\n");
+    }
+    let behind = behind(results);
+    if behind.is_empty() {
+        r += "lb is ahead of every other balancer on every load, and within 10% of the direct path.\n\n";
+    } else {
+        r += "Where lb is not ahead of every peer, or not within 10% of the direct path (see \
+              the README's benchmark section for why and what it would take):\n\n";
+        for b in &behind {
+            let _ = writeln!(r, "- {b}");
+        }
+        r += "\n";
+    }
+    r += "![main figures relative to the direct path](chart.svg)\n\n## End to end\n\n";
+    for load in Load::ALL {
+        let _ = writeln!(
+            r,
+            "### {} ({})\n\n{}",
+            load.label(),
+            load.unit(),
+            detail_table(results, load)
+        );
+        if let Some(Cell::Measured(m)) = results.cell(Contender::Xdp, load) {
+            let moved: Vec<String> = m
+                .lb_counters
+                .iter()
+                .map(|(n, v)| format!("{n} {v}"))
+                .collect();
+            let _ = writeln!(
+                r,
+                "lb's pass and drop counters over these runs: {}.\n",
+                if moved.is_empty() {
+                    "none moved".to_owned()
+                } else {
+                    moved.join(", ")
+                }
+            );
+        }
+    }
+    r += "Balancer CPU: for lb, the XDP program's run time (kernel BPF statistics) plus the \
+          daemon's own CPU; for the proxies, their processes' user and system time. nftables \
+          works in softirq context, which is not attributable to the balancer namespace; its \
+          cost shows in the machine's softirq share. The BPF statistics add two clock reads to \
+          every run of the program while the benchmark runs.\n\n";
+    r += "## The XDP program alone (BPF_PROG_TEST_RUN)\n\n";
+    match &results.micro {
+        Ok(micro) => {
+            let levels: Vec<u64> = {
+                let mut l: Vec<u64> = micro.figures.iter().map(|f| f.connections).collect();
+                l.dedup();
+                l
+            };
+            r += "| path | ";
+            r += &levels
+                .iter()
+                .map(|l| format!("{} connections (ns/packet)", number(*l as f64)))
+                .collect::<Vec<_>>()
+                .join(" | ");
+            r += " |\n|---|";
+            r += &"---:|".repeat(levels.len());
+            r += "\n";
+            for path in MicroPath::ALL {
+                let _ = write!(r, "| {} |", path.label());
+                for l in &levels {
+                    let cell = micro
+                        .figures
+                        .iter()
+                        .find(|f| f.path == path && f.connections == *l)
+                        .map_or("–".into(), |f| spread(&f.ns_per_packet));
+                    let _ = write!(r, " {cell} |");
+                }
+                r += "\n";
+            }
+            let _ = write!(r, "| daemon: one sweep of the whole table (ms) |");
+            for l in &levels {
+                let cell = micro
+                    .sweeps
+                    .iter()
+                    .find(|s| s.connections == *l)
+                    .map_or("–".into(), |s| spread(&s.ms));
+                let _ = write!(r, " {cell} |");
+            }
+            let _ = write!(
+                r,
+                "\n\nA connection holds two table entries. Hot paths repeat one flow's packet \
+                 {} times a call through a ping-pong pair of entries (the second rewrites the \
+                 first's output back into its input, along the same path), so they show the \
+                 cost per packet with the flow in the caches. Random-flow paths pick a random \
+                 connection of the table for each call, so its lookups miss the caches as real \
+                 traffic over many flows does; they and the new-flow path are timed one call at \
+                 a time ({} calls a round) less the per-call overhead of the same path (one-call \
+                 time minus repeated time of the hot flow; {:.0} ns for the established path). \
+                 The pass path is the mean over {} repeats. Times include the FIB lookup and \
+                 the redirect decision, not the transmit. The sweep is the daemon's walk of the \
+                 whole table, done once a second.\n",
+                micro.ping_pong_repeats,
+                micro.calls_per_round,
+                micro.call_overhead_ns,
+                number(f64::from(micro.repeats_per_round))
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(r, "FAILED: {e}");
+        }
+    }
+    r
+}
+
+/// A bar chart, one panel per load: each contender's median relative to the direct path.
+pub fn chart_svg(results: &Results) -> String {
+    const PANEL_W: f64 = 300.0;
+    const PANEL_H: f64 = 260.0;
+    const TOP: f64 = 50.0;
+    const BAR_AREA: f64 = 170.0;
+    let colours = ["#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let width = PANEL_W * Load::ALL.len() as f64 + 20.0;
+    let height = TOP + PANEL_H + 40.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"15\">lb benchmark, {}: median of each contender, relative to the direct path (= 100%)</text>\n",
+        xml(&results.machine.date)
+    );
+    for (i, (c, colour)) in Contender::ALL.iter().zip(colours).enumerate() {
+        let x = 10.0 + i as f64 * 180.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"30\" width=\"10\" height=\"10\" fill=\"{colour}\"/><text x=\"{}\" y=\"39\">{}</text>",
+            x + 14.0,
+            xml(c.label())
+        );
+    }
+    for (p, load) in Load::ALL.iter().enumerate() {
+        let x0 = 10.0 + p as f64 * PANEL_W;
+        let y0 = TOP + 20.0;
+        let direct = median_of(results, Contender::Direct, *load);
+        let values: Vec<Option<f64>> = Contender::ALL
+            .iter()
+            .map(|c| median_of(results, *c, *load))
+            .collect();
+        let max = values
+            .iter()
+            .flatten()
+            .fold(direct.unwrap_or(0.0), |m, v| m.max(*v))
+            .max(f64::MIN_POSITIVE);
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" font-size=\"13\">{} ({})</text>",
+            x0,
+            y0,
+            xml(load.label()),
+            load.unit()
+        );
+        let base = y0 + 20.0 + BAR_AREA;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{x0}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"black\"/>",
+            x0 + PANEL_W - 30.0
+        );
+        let bar_w = (PANEL_W - 40.0) / Contender::ALL.len() as f64;
+        for (i, (v, colour)) in values.iter().zip(colours).enumerate() {
+            let x = x0 + 5.0 + i as f64 * bar_w;
+            match v {
+                Some(v) => {
+                    let h = BAR_AREA * v / max;
+                    let pct = direct.map_or(String::new(), |d| format!("{:.0}%", v / d * 100.0));
+                    let _ = writeln!(
+                        s,
+                        "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"{colour}\"/>\n\
+                         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{pct}</text>\n\
+                         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}</text>",
+                        base - h,
+                        bar_w - 6.0,
+                        x + (bar_w - 6.0) / 2.0,
+                        base - h - 4.0,
+                        x + (bar_w - 6.0) / 2.0,
+                        base + 12.0,
+                        number(*v)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">n/a</text>",
+                        x + (bar_w - 6.0) / 2.0,
+                        base - 4.0
+                    );
+                }
+            }
+        }
+    }
+    s += "</svg>\n";
+    s
+}
+
+fn xml(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::{Entry, Machine};
+
+    fn cell(v: f64) -> Cell {
+        let s = Summary::of(&[v * 0.9, v, v * 1.1]).expect("samples");
+        Cell::Measured(Box::new(Measured {
+            value: s,
+            p50_ms: Some(s),
+            p99_ms: None,
+            errors: 0,
+            requests: 10,
+            xdp_ns_per_packet: None,
+            balancer_cpu: None,
+            machine_busy: s,
+            machine_softirq: s,
+            device_drops: 0,
+            lb_counters: vec![],
+        }))
+    }
+
+    fn results(ours: f64) -> Results {
+        let mut entries = Vec::new();
+        for load in Load::ALL {
+            for (c, v) in [
+                (Contender::Direct, 100.0),
+                (Contender::Xdp, ours),
+                (Contender::Nftables, 80.0),
+                (Contender::Nginx, 50.0),
+            ] {
+                entries.push(Entry {
+                    contender: c,
+                    load,
+                    cell: cell(v),
+                    runs: vec![],
+                });
+            }
+            entries.push(Entry {
+                contender: Contender::Haproxy,
+                load,
+                cell: Cell::NotApplicable("no UDP".into()),
+                runs: vec![],
+            });
+        }
+        Results {
+            machine: Machine {
+                date: "2026-11-30 <test>".into(),
+                kernel: "6.18".into(),
+                cpus: 2,
+                cpu_model: "test".into(),
+                memory_gib: 24.0,
+                mode: "quick".into(),
+                seconds_per_run: 1.0,
+            },
+            micro: Err("not run".into()),
+            entries,
+            absent: vec![],
+            elapsed_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn summary_table_has_ratios_to_direct() {
+        let t = summary_table(&results(95.0));
+        assert!(
+            t.contains("| 100 | 95.0 (0.95×) | 80.0 (0.80×) | n/a | 50.0 (0.50×) |"),
+            "{t}"
+        );
+        assert_eq!(t.lines().count(), 2 + Load::ALL.len());
+    }
+
+    #[test]
+    fn behind_names_peers_ahead_and_the_gap_to_direct() {
+        assert!(behind(&results(95.0)).is_empty());
+        let list = behind(&results(70.0));
+        // Per load: nftables ahead, and lb below 90% of direct.
+        assert_eq!(list.len(), 2 * Load::ALL.len(), "{list:?}");
+        assert!(list[0].contains("nftables"));
+    }
+
+    #[test]
+    fn chart_is_one_svg_with_every_contender_and_escaped_text() {
+        let svg = chart_svg(&results(95.0));
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        for c in Contender::ALL {
+            assert!(svg.contains(&xml(c.label())), "{}", c.label());
+        }
+        assert!(svg.contains("&lt;test&gt;") && !svg.contains("<test>"));
+        assert!(svg.contains(">95%<"));
+    }
+
+    #[test]
+    fn numbers_are_grouped() {
+        assert_eq!(number(1234567.4), "1,234,567");
+        assert_eq!(number(12.345), "12.3");
+        assert_eq!(number(1.2345), "1.23");
+    }
+}
