@@ -221,6 +221,10 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
         // from another source's timestamps refuses about half of the reused ports' SYNs).
         let topo = Topology::new(Arms::Two, 2);
         set_client_timestamps(&topo, TIMESTAMPS_MONOTONIC);
+        // The load generator reuses its own TIME_WAIT ports, as load generators are tuned: a
+        // proxy's answer reaches wrk before the proxy's FIN, so wrk closes first and keeps
+        // TIME_WAIT, and without reuse its connect() soon spends the CPU searching for a port.
+        topo.client.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
         let dir = std::env::temp_dir().join(format!("{}-bench", topo.lb.name));
         let _cleanup = RemoveDir(dir.clone());
         let running = std::fs::create_dir_all(&dir)

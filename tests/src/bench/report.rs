@@ -109,7 +109,7 @@ pub fn summary_table(results: &Results) -> String {
 fn detail_table(results: &Results, load: Load) -> String {
     let direct = median_of(results, Contender::Direct, load);
     let ours = median_of(results, Contender::Xdp, load);
-    let latency = matches!(load, Load::NewConnections | Load::KeepAlive);
+    let latency = !matches!(load, Load::Bulk | Load::Udp);
     let mut t = format!(
         "| contender | {} median [min–max] | ÷ direct | ÷ lb |{} failed / sent | veth drops | balancer CPU (CPU-s/s) | XDP ns/packet | machine busy (softirq) |\n|---|---:|---:|---:|{}---:|---:|---:|---:|---:|\n",
         load.unit(),
@@ -225,7 +225,8 @@ pub fn markdown(results: &Results, command: &str) -> String {
          which keeps the kernel's default of a random offset per connection: a backend then \
          refuses about half of the SYNs that reuse a source address and port still in its \
          TIME_WAIT, and every contender that rewrites the source reuses ports within seconds \
-         at these rates (see the README's benchmark section).\n\n\
+         at these rates (see the README's benchmark section). The client reuses its own TIME_WAIT \
+         ports (`net.ipv4.tcp_tw_reuse=1`), as load generators are tuned.\n\n\
          ## Summary\n\n{}\n",
         m.date,
         m.cpus,
@@ -351,11 +352,11 @@ pub fn markdown(results: &Results, command: &str) -> String {
 pub fn chart_svg(results: &Results) -> String {
     const PANEL_W: f64 = 300.0;
     const PANEL_H: f64 = 260.0;
-    const TOP: f64 = 50.0;
+    const TOP: f64 = 64.0;
     const BAR_AREA: f64 = 170.0;
     let colours = ["#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
     let width = PANEL_W * Load::ALL.len() as f64 + 20.0;
-    let height = TOP + PANEL_H + 40.0;
+    let height = TOP + PANEL_H;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
          font-family=\"sans-serif\" font-size=\"11\">\n\
@@ -387,9 +388,9 @@ pub fn chart_svg(results: &Results) -> String {
             .max(f64::MIN_POSITIVE);
         let _ = writeln!(
             s,
-            "<text x=\"{}\" y=\"{}\" font-size=\"13\">{} ({})</text>",
-            x0,
-            y0,
+            "<text x=\"{x0}\" y=\"{}\" font-size=\"12\">{}</text>\n\
+             <text x=\"{x0}\" y=\"{y0}\" font-size=\"11\" fill=\"#555\">{}</text>",
+            y0 - 14.0,
             xml(load.label()),
             load.unit()
         );
