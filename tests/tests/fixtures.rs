@@ -14,6 +14,7 @@ use lb_common::{
     ServiceKey, flow_hash,
 };
 use lb_tests::{
+    flows::{key, monotonic_ns, value},
     netns::{Netns, pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
 };
@@ -179,37 +180,6 @@ fn addr_of(id: u32) -> Ipv4Addr {
         1 => B1,
         2 => B2,
         _ => B3,
-    }
-}
-
-fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from_bytes(src.octets()),
-        dst_addr: Be32::from_bytes(dst.octets()),
-        src_port: Be16::from_host(sport),
-        dst_port: Be16::from_host(dport),
-        proto,
-        _pad: [0; 3],
-    }
-}
-
-fn value(
-    src: Ipv4Addr,
-    sport: u16,
-    dst: Ipv4Addr,
-    dport: u16,
-    backend: u32,
-    flags: u32,
-) -> FlowValue {
-    FlowValue {
-        nat_src_addr: Be32::from_bytes(src.octets()),
-        nat_dst_addr: Be32::from_bytes(dst.octets()),
-        nat_src_port: Be16::from_host(sport),
-        nat_dst_port: Be16::from_host(dport),
-        backend_id: backend,
-        flags,
-        last_seen_ns: 0,
-        ..FlowValue::default()
     }
 }
 
@@ -1109,14 +1079,6 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
             }
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The next hop cached in `v`, named by device.

@@ -10,6 +10,9 @@
 //! hot flow). The first packet of a new flow can only be timed one call at a time; the
 //! established path's overhead is subtracted. Every figure is the median of 3 rounds, each
 //! round the median of many calls.
+//!
+//! One file, past the usual size: the paths, their calibration and the table fill belong
+//! together, and splitting them would scatter one measurement.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -25,6 +28,7 @@ use serde::Serialize;
 
 use super::summary::{Summary, median_u64};
 use crate::{
+    flows::{key, monotonic_ns, value},
     netns::{Netns, pin_current_thread_to_cpu0},
     packet::{Mac, pkt},
 };
@@ -189,14 +193,7 @@ fn namespace() -> Netns {
 }
 
 fn flow_key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> FlowKey {
-    FlowKey {
-        src_addr: Be32::from_bytes(src.octets()),
-        dst_addr: Be32::from_bytes(dst.octets()),
-        src_port: Be16::from_host(sport),
-        dst_port: Be16::from_host(dport),
-        proto: TCP,
-        _pad: [0; 3],
-    }
+    key(src, sport, dst, dport, TCP)
 }
 
 fn flow_value(
@@ -209,14 +206,8 @@ fn flow_value(
     now: u64,
 ) -> FlowValue {
     FlowValue {
-        nat_src_addr: Be32::from_bytes(src.octets()),
-        nat_dst_addr: Be32::from_bytes(dst.octets()),
-        nat_src_port: Be16::from_host(sport),
-        nat_dst_port: Be16::from_host(dport),
-        backend_id: backend,
-        flags,
         last_seen_ns: now,
-        ..FlowValue::default()
+        ..value(src, sport, dst, dport, backend, flags)
     }
 }
 
@@ -280,14 +271,6 @@ fn write_connections(dp: &mut Dataplane, from: u64, to: u64, hops: &Hops) -> Res
 struct Hops {
     lb0: u32,
     lb1: u32,
-}
-
-fn monotonic_ns() -> u64 {
-    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// xorshift64: picks connections at random, so that lookups miss the caches as real traffic does.

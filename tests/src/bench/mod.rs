@@ -264,9 +264,13 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
                 });
                 continue;
             }
+            if load == Load::NewConnectionsTsOffsets {
+                set_client_timestamps(&topo, TIMESTAMPS_PER_CONNECTION);
+            }
             let entry = measure(
                 opts, contender, load, &topo, &dir, seconds, &running, &stats,
             );
+            set_client_timestamps(&topo, TIMESTAMPS_MONOTONIC);
             if let Cell::Measured(m) = &entry.cell {
                 eprintln!(
                     "bench:   {:<28} {:>12.2} {} (min {:.2}, max {:.2})",
@@ -281,25 +285,6 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
         }
         drop(running);
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn measure(
-    opts: &Options,
-    contender: Contender,
-    load: Load,
-    topo: &Topology,
-    dir: &Path,
-    seconds: f64,
-    running: &Running<'_>,
-    stats: &Result<BpfStats, String>,
-) -> Entry {
-    if load == Load::NewConnectionsTsOffsets {
-        set_client_timestamps(topo, TIMESTAMPS_PER_CONNECTION);
-    }
-    let entry = measure_runs(opts, contender, load, topo, dir, seconds, running, stats);
-    set_client_timestamps(topo, TIMESTAMPS_MONOTONIC);
-    entry
 }
 
 /// `net.ipv4.tcp_timestamps`: 1 offsets each connection's timestamps at random (the default),
@@ -319,7 +304,7 @@ fn set_client_timestamps(topo: &Topology, mode: u8) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn measure_runs(
+fn measure(
     opts: &Options,
     contender: Contender,
     load: Load,

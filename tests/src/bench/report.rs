@@ -1,5 +1,7 @@
 //! The benchmark's report: markdown tables (every figure a median with min and max, and its
 //! ratio to the direct path and to this balancer) and an SVG chart of the main figures.
+//!
+//! One file, past the usual size: half of it is the tests of the tables and the chart.
 
 use std::fmt::Write as _;
 

@@ -1,0 +1,45 @@
+//! FLOWS entries as tests and the benchmark write and expect them, and the data path's clock.
+
+use std::net::Ipv4Addr;
+
+use lb_common::{Be16, Be32, FlowKey, FlowValue};
+
+pub fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_addr: Be32::from_bytes(src.octets()),
+        dst_addr: Be32::from_bytes(dst.octets()),
+        src_port: Be16::from_host(sport),
+        dst_port: Be16::from_host(dport),
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+/// An entry rewriting to src:sport -> dst:dport, never seen, nothing cached.
+pub fn value(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    backend: u32,
+    flags: u32,
+) -> FlowValue {
+    FlowValue {
+        nat_src_addr: Be32::from_bytes(src.octets()),
+        nat_dst_addr: Be32::from_bytes(dst.octets()),
+        nat_src_port: Be16::from_host(sport),
+        nat_dst_port: Be16::from_host(dport),
+        backend_id: backend,
+        flags,
+        ..FlowValue::default()
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `FlowValue::last_seen_ns`.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
