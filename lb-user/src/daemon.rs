@@ -18,7 +18,7 @@ use crate::{
         self, BackendStatus, FlowTableStatus, InterfaceStatus, Request, Response, ServiceStatus,
         Status,
     },
-    dataplane::{Dataplane, DataplaneError, FlowTimeouts, LoadSettings},
+    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTable, FlowTimeouts, LoadSettings},
     health::{self, Tracker},
     maglev::{MaglevBackend, build_table},
 };
@@ -220,15 +220,7 @@ impl State {
         }
     }
 
-    fn sweep(&mut self) {
-        let now = monotonic_ns();
-        let sweep = match self.dataplane.sweep_flows(now, &self.timeouts) {
-            Ok(sweep) => sweep,
-            Err(e) => {
-                log::error!("sweeping the flow table: {e}");
-                return;
-            }
-        };
+    fn record_sweep(&mut self, sweep: &FlowSweep) {
         self.flow_entries = sweep.entries - sweep.removed;
         for b in self.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
             b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
@@ -532,14 +524,11 @@ pub async fn run(config: Config, socket: PathBuf) -> Result<(), DaemonError> {
     let state = Arc::new(Mutex::new(state));
     let mut tasks = tokio::task::JoinSet::new();
     spawn_health_checks(&state, &mut tasks);
-    let sweeper = Arc::clone(&state);
-    tasks.spawn(async move {
-        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-        loop {
-            tick.tick().await;
-            lock(&sweeper).sweep();
-        }
-    });
+    let (table, timeouts) = {
+        let guard = lock(&state);
+        (guard.dataplane.flow_table()?, guard.timeouts)
+    };
+    tasks.spawn(sweep_flows(table, timeouts, Arc::clone(&state)));
     let server = Arc::clone(&state);
     tasks.spawn(async move {
         loop {
@@ -565,6 +554,34 @@ pub async fn run(config: Config, socket: PathBuf) -> Result<(), DaemonError> {
     // Dropping the last reference detaches the program (Dataplane's Drop).
     drop(state);
     Ok(())
+}
+
+/// Every SWEEP_INTERVAL, expires idle flows on a blocking thread (a large table takes seconds)
+/// and then records what the sweep counted, so that the runtime and the state stay free.
+async fn sweep_flows(mut table: FlowTable, timeouts: FlowTimeouts, state: Arc<Mutex<State>>) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let swept = tokio::task::spawn_blocking(move || {
+            let result = table.sweep(monotonic_ns(), &timeouts);
+            (table, result)
+        })
+        .await;
+        match swept {
+            Ok((back, result)) => {
+                table = back;
+                match result {
+                    Ok(sweep) => lock(&state).record_sweep(&sweep),
+                    Err(e) => log::error!("sweeping the flow table: {e}"),
+                }
+            }
+            Err(e) => {
+                log::error!("the flow sweeper stopped: {e}; idle flows no longer expire");
+                return;
+            }
+        }
+    }
 }
 
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {

@@ -97,7 +97,7 @@ pub struct LoadSettings {
     pub snat_port_max: u16,
 }
 
-/// How long an idle flow lives; see `sweep_flows`.
+/// How long an idle flow lives; see `FlowTable::sweep`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowTimeouts {
     pub tcp_idle: Duration,
@@ -138,9 +138,6 @@ pub struct Dataplane {
     tx_ports: DevMapHash<MapData>,
     /// service id -> which of its two tables (0 or 1) is live.
     live_table: StdHashMap<u32, u32>,
-    /// Reply entries without a forward entry at the last sweep; removed if still so at the next
-    /// (one sweep of grace covers a flow that a CPU is creating right now).
-    orphans: HashSet<FlowKey>,
     links: Vec<(String, XdpLinkId)>,
 }
 
@@ -192,7 +189,6 @@ impl Dataplane {
             ebpf,
             settings,
             live_table: StdHashMap::new(),
-            orphans: HashSet::new(),
             links: Vec::new(),
         })
     }
@@ -430,10 +426,89 @@ impl Dataplane {
             })
     }
 
+    /// FLOWS through a file descriptor of its own, for the daemon's sweeper: it reads the
+    /// whole table, which at a million connections takes seconds, and must not hold the lock
+    /// that everything else (control requests, health changes) needs meanwhile.
+    pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
+        let map = |source| DataplaneError::Map {
+            name: "FLOWS",
+            source,
+        };
+        let fd = self
+            .flows
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|io_error| {
+                map(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error,
+                }))
+            })?;
+        let data = MapData::from_fd(fd).map_err(map)?;
+        Ok(FlowTable {
+            flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map)?,
+            orphans: HashSet::new(),
+        })
+    }
+
+    /// Runs the program on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
+    /// `ingress_ifindex`, `repeat` times (the kernel does not restore the frame between repeats,
+    /// so only a path that leaves the frame unchanged can be repeated meaningfully).
+    pub fn test_run(
+        &mut self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutcome, DataplaneError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let result = self
+            .program()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_bytes),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::TestRun { source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            frame: out,
+            duration: result.duration,
+        })
+    }
+}
+
+/// What one BPF_PROG_TEST_RUN call gave back.
+#[derive(Clone, Debug)]
+pub struct TestRunOutcome {
+    /// The XDP action of the last run.
+    pub action: u32,
+    /// The frame as the last run left it.
+    pub frame: Vec<u8>,
+    /// The kernel's time per run (its own clock around the program, divided by the repeats).
+    pub duration: Duration,
+}
+
+/// The flow table, for the daemon's sweeper (see `Dataplane::flow_table`).
+pub struct FlowTable {
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    /// Reply entries without a forward entry at the last sweep; removed if still so at the next
+    /// (one sweep of grace covers a flow that a CPU is creating right now).
+    orphans: HashSet<FlowKey>,
+}
+
+impl FlowTable {
     /// Removes idle flows, both directions together, and counts live connections per backend.
     /// A connection's age is that of its most recent packet in either direction; one that saw
     /// a FIN or RST, or whose backend never answered, gets the short `tcp_closing` timeout.
-    pub fn sweep_flows(
+    pub fn sweep(
         &mut self,
         now_ns: u64,
         timeouts: &FlowTimeouts,
@@ -493,48 +568,6 @@ impl Dataplane {
         self.orphans = orphans;
         Ok(sweep)
     }
-
-    /// Runs the program on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
-    /// `ingress_ifindex`, `repeat` times (the kernel does not restore the frame between repeats,
-    /// so only a path that leaves the frame unchanged can be repeated meaningfully).
-    pub fn test_run(
-        &mut self,
-        frame: &[u8],
-        ingress_ifindex: u32,
-        repeat: u32,
-    ) -> Result<TestRunOutcome, DataplaneError> {
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let ctx: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
-        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let result = self
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx_bytes),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DataplaneError::TestRun { source })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutcome {
-            action: result.return_value,
-            frame: out,
-            duration: result.duration,
-        })
-    }
-}
-
-/// What one BPF_PROG_TEST_RUN call gave back.
-#[derive(Clone, Debug)]
-pub struct TestRunOutcome {
-    /// The XDP action of the last run.
-    pub action: u32,
-    /// The frame as the last run left it.
-    pub frame: Vec<u8>,
-    /// The kernel's time per run (its own clock around the program, divided by the repeats).
-    pub duration: Duration,
 }
 
 impl Drop for Dataplane {

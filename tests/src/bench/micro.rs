@@ -523,6 +523,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         next_new: 0,
         rng: Rng(0x9e37_79b9_7f4a_7c15),
     };
+    let mut table = bench.dp.flow_table().map_err(|e| e.to_string())?;
     let hot_established = pkt()
         .eth(CLIENT_MAC, LB0_MAC)
         .ipv4(CLIENT, VIP)
@@ -593,9 +594,8 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
                 udp_idle: Duration::from_secs(3600),
             };
             let started = Instant::now();
-            let sweep = bench
-                .dp
-                .sweep_flows(monotonic_ns(), &timeouts)
+            let sweep = table
+                .sweep(monotonic_ns(), &timeouts)
                 .map_err(|e| e.to_string())?;
             sweep_ms.push(started.elapsed().as_secs_f64() * 1000.0);
             // The table holds the prefilled connections and the four hot entries.
