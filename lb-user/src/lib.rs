@@ -7,3 +7,4 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod map_batch;
+pub mod stats;

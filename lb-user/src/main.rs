@@ -1,4 +1,5 @@
-//! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb set-weight`).
+//! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb stats`,
+//! `lb set-weight`).
 //! Exit codes: 0 success, 2 bad input, 1 any other failure.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -8,7 +9,7 @@ use clap::{Parser, Subcommand};
 use lb_user::{
     config::Config,
     control::{self, Request, Response, Status},
-    daemon,
+    daemon, stats,
 };
 
 #[derive(Parser)]
@@ -31,6 +32,19 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Per-second rates: new flows, packets and bits per backend, and every pass/drop reason.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        /// Print a new reading every interval until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Time between the two readings a rate comes from (like 500ms, 2s).
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -110,6 +124,42 @@ async fn execute(command: Command) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Command::Stats {
+            json,
+            watch,
+            interval,
+            socket,
+        } => {
+            let mut before = call(&socket, Request::Status)
+                .await?
+                .status
+                .unwrap_or_default();
+            let mut taken = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(interval).await;
+                let after = call(&socket, Request::Status)
+                    .await?
+                    .status
+                    .unwrap_or_default();
+                let now = std::time::Instant::now();
+                let rates = stats::rates(&before, &after, (now - taken).as_secs_f64());
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&rates).context("encoding the rates")?
+                    );
+                } else {
+                    print!("{}", stats::render(&rates));
+                }
+                if !watch {
+                    return Ok(());
+                }
+                if !json {
+                    println!();
+                }
+                (before, taken) = (after, now);
+            }
+        }
         Command::SetWeight {
             socket,
             service,
@@ -129,6 +179,15 @@ async fn execute(command: Command) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+/// `--interval`: a duration from 100ms to 1h.
+fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
+    let d = lb_user::config::parse_duration(text)?;
+    if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
+        return Err(format!("interval {text} is out of range 100ms..=1h"));
+    }
+    Ok(d)
 }
 
 async fn call(socket: &std::path::Path, request: Request) -> Result<Response, Failure> {

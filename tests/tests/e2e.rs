@@ -359,3 +359,61 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
         .sum();
     assert_eq!(active, 1, "the open connection is the one active flow");
 }
+
+#[test]
+fn stats_reports_per_second_rates_while_traffic_flows() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    // A bounded stream of new connections in the background (killed with the namespace).
+    let mut traffic = topo.client.spawn(
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "for i in $(seq 2000); do curl -s --max-time 2 http://{VIP}/ >/dev/null; done"
+            ),
+        ],
+        std::process::Stdio::null(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let out = balancer.cli(&["stats", "--json", "--interval", "1s"]);
+    assert!(
+        out.status.success(),
+        "lb stats: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rates: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("lb stats --json prints JSON");
+    let web = rates["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web"))
+        .unwrap_or_else(|| panic!("no service web in {rates}"));
+    let new_flows: f64 = web["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| b["new_flows_per_s"].as_f64().expect("a rate"))
+        .sum();
+    let seconds = rates["seconds"].as_f64().expect("seconds");
+    println!("lb stats over {seconds:.2} s: {new_flows:.0} new flows/s");
+    assert!((0.9..2.0).contains(&seconds), "{rates}");
+    assert!(
+        new_flows > 5.0,
+        "curl's connections show as new flows: {rates}"
+    );
+    assert!(
+        rates["counters"]["redirect"]
+            .as_f64()
+            .expect("redirect rate")
+            > new_flows,
+        "every connection forwards several packets: {rates}"
+    );
+    let _ = traffic.kill();
+    let _ = traffic.wait();
+    let out = balancer.cli(&["stats", "--interval", "5ms"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an interval under 100ms is bad input"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"));
+}
