@@ -241,7 +241,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Writes `d` in the largest unit that [`parse_duration`] reads back exactly.
-fn format_duration(d: Duration) -> String {
+pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         return "0s".to_owned();

@@ -1,5 +1,5 @@
 //! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb stats`,
-//! `lb set-weight`).
+//! `lb set-weight`, `lb drain`).
 //! Exit codes: 0 success, 2 bad input, 1 any other failure.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -47,6 +47,19 @@ enum Command {
         interval: std::time::Duration,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+    },
+    /// Stop sending new flows to a backend (weight 0); existing flows continue. With --wait,
+    /// return once it has no active flows, or fail (exit 1) when the wait runs out.
+    Drain {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long to wait for the backend's active flows to end (like 30s, 5m).
+        #[arg(long, value_parser = parse_interval)]
+        wait: Option<std::time::Duration>,
+        /// Service name, or its VIP:PORT.
+        service: String,
+        /// Backend IP:PORT.
+        backend: String,
     },
     /// Set a backend's weight (0 drains it: no new flows); takes effect for new flows at once.
     SetWeight {
@@ -160,6 +173,48 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 (before, taken) = (after, now);
             }
         }
+        Command::Drain {
+            socket,
+            wait,
+            service,
+            backend,
+        } => {
+            call(
+                &socket,
+                Request::SetWeight {
+                    service: service.clone(),
+                    backend: backend.clone(),
+                    weight: 0,
+                },
+            )
+            .await?;
+            println!("service {service}: backend {backend} drained (weight 0): no new flows");
+            let Some(wait) = wait else {
+                return Ok(());
+            };
+            let deadline = std::time::Instant::now() + wait;
+            loop {
+                let status = call(&socket, Request::Status)
+                    .await?
+                    .status
+                    .unwrap_or_default();
+                let active = active_flows(&status, &service, &backend).ok_or_else(|| {
+                    anyhow::anyhow!("service {service} or backend {backend} left the daemon")
+                })?;
+                if active == 0 {
+                    println!("service {service}: backend {backend} has no active flows");
+                    return Ok(());
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err(anyhow::anyhow!(
+                        "backend {backend} of service {service} still has {active} active flows after {}; it takes no new flows",
+                        lb_user::config::format_duration(wait)
+                    )
+                    .into());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         Command::SetWeight {
             socket,
             service,
@@ -181,11 +236,22 @@ async fn execute(command: Command) -> Result<(), Failure> {
     }
 }
 
-/// `--interval`: a duration from 100ms to 1h.
+/// The active flows of `backend` (IP:PORT) in the service named, or with VIP:PORT, `service`.
+fn active_flows(status: &Status, service: &str, backend: &str) -> Option<u64> {
+    status
+        .services
+        .iter()
+        .filter(|s| s.name == service || s.vip == service)
+        .flat_map(|s| s.backends.iter())
+        .find(|b| b.address == backend)
+        .map(|b| b.active_flows)
+}
+
+/// `--interval`, `--wait`: a duration from 100ms to 1h.
 fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     let d = lb_user::config::parse_duration(text)?;
     if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {
-        return Err(format!("interval {text} is out of range 100ms..=1h"));
+        return Err(format!("{text} is out of range 100ms..=1h"));
     }
     Ok(d)
 }

@@ -417,3 +417,57 @@ fn stats_reports_per_second_rates_while_traffic_flows() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"));
 }
+
+#[test]
+fn drain_takes_no_new_flows_and_waits_for_the_active_ones() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    let mut long_lived = connect_in(&topo.client);
+    let served_by = request_on(&mut long_lived);
+    let index: usize = served_by
+        .strip_prefix('b')
+        .and_then(|n| n.parse::<usize>().ok())
+        .expect("a backend name")
+        - 1;
+    let drained = backend(&topo, index);
+    // The sweeper counts the connection as active within a second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while balancer.backend("web", &drained)["active_flows"] != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no active flow on {drained}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = balancer.cli(&["drain", "web", &drained, "--wait", "1500ms"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("still has 1 active flows after"),
+        "{stderr}"
+    );
+    assert_eq!(balancer.backend("web", &drained)["weight"], 0);
+    let (counts, failed) = tally(&http_requests(&topo, 100), 2);
+    assert_eq!(
+        (counts[index], failed),
+        (0, 0),
+        "new flows avoid {drained}: {counts:?}"
+    );
+    assert_eq!(
+        request_on(&mut long_lived),
+        served_by,
+        "the drained connection continues"
+    );
+    drop(long_lived);
+    let started = std::time::Instant::now();
+    let out = balancer.cli(&["drain", &format!("{VIP}:80"), &drained, "--wait", "10s"]);
+    assert!(
+        out.status.success(),
+        "drain --wait after the close: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "drain --wait returned {:?} after the last connection closed",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("has no active flows"));
+}
