@@ -123,10 +123,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
             Ok(())
         }
         Command::Status { json, socket } => {
-            let status = call(&socket, Request::Status)
-                .await?
-                .status
-                .unwrap_or_default();
+            let status = fetch_status(&socket).await?;
             if json {
                 println!(
                     "{}",
@@ -143,17 +140,11 @@ async fn execute(command: Command) -> Result<(), Failure> {
             interval,
             socket,
         } => {
-            let mut before = call(&socket, Request::Status)
-                .await?
-                .status
-                .unwrap_or_default();
+            let mut before = fetch_status(&socket).await?;
             let mut taken = std::time::Instant::now();
             loop {
                 tokio::time::sleep(interval).await;
-                let after = call(&socket, Request::Status)
-                    .await?
-                    .status
-                    .unwrap_or_default();
+                let after = fetch_status(&socket).await?;
                 let now = std::time::Instant::now();
                 let rates = stats::rates(&before, &after, (now - taken).as_secs_f64());
                 if json {
@@ -179,25 +170,14 @@ async fn execute(command: Command) -> Result<(), Failure> {
             service,
             backend,
         } => {
-            call(
-                &socket,
-                Request::SetWeight {
-                    service: service.clone(),
-                    backend: backend.clone(),
-                    weight: 0,
-                },
-            )
-            .await?;
+            set_weight(&socket, &service, &backend, 0).await?;
             println!("service {service}: backend {backend} drained (weight 0): no new flows");
             let Some(wait) = wait else {
                 return Ok(());
             };
             let deadline = std::time::Instant::now() + wait;
             loop {
-                let status = call(&socket, Request::Status)
-                    .await?
-                    .status
-                    .unwrap_or_default();
+                let status = fetch_status(&socket).await?;
                 let active = active_flows(&status, &service, &backend).ok_or_else(|| {
                     anyhow::anyhow!("service {service} or backend {backend} left the daemon")
                 })?;
@@ -221,19 +201,36 @@ async fn execute(command: Command) -> Result<(), Failure> {
             backend,
             weight,
         } => {
-            call(
-                &socket,
-                Request::SetWeight {
-                    service: service.clone(),
-                    backend: backend.clone(),
-                    weight,
-                },
-            )
-            .await?;
+            set_weight(&socket, &service, &backend, weight).await?;
             println!("service {service}: backend {backend} weight {weight}");
             Ok(())
         }
     }
+}
+
+async fn fetch_status(socket: &std::path::Path) -> Result<Status, Failure> {
+    Ok(call(socket, Request::Status)
+        .await?
+        .status
+        .unwrap_or_default())
+}
+
+async fn set_weight(
+    socket: &std::path::Path,
+    service: &str,
+    backend: &str,
+    weight: u32,
+) -> Result<(), Failure> {
+    call(
+        socket,
+        Request::SetWeight {
+            service: service.to_owned(),
+            backend: backend.to_owned(),
+            weight,
+        },
+    )
+    .await
+    .map(drop)
 }
 
 /// The active flows of `backend` (IP:PORT) in the service named, or with VIP:PORT, `service`.

@@ -303,7 +303,10 @@ fn set_client_timestamps(topo: &Topology, mode: u8) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one run's whole context; a struct for one caller would only rename it"
+)]
 fn measure(
     opts: &Options,
     contender: Contender,
