@@ -138,6 +138,22 @@ impl Netns {
     }
 }
 
+/// Stops a server started with `Netns::spawn`: SIGTERM first, so that a master process (nginx)
+/// stops and reaps its workers, SIGKILL if it has not exited within 3 s.
+pub fn stop_child(child: &mut Child) {
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Pins the calling thread to CPU 0: the data path's per-CPU state (SNAT port cursor, counters)
 /// is then predictable, and timings do not move between CPUs.
 pub fn pin_current_thread_to_cpu0() {

@@ -85,8 +85,7 @@ impl Drop for Running<'_> {
                 let _ = topo.lb.try_sh("nft delete table ip lbbench");
             }
             Running::Proxy { topo, child } => {
-                let _ = child.kill();
-                let _ = child.wait();
+                crate::netns::stop_child(child);
                 let _ = topo.lb.try_sh(&format!("ip addr del {VIP}/32 dev lo"));
             }
         }

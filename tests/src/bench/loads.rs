@@ -100,8 +100,7 @@ pub struct Servers(Vec<std::process::Child>);
 impl Drop for Servers {
     fn drop(&mut self) {
         for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::netns::stop_child(child);
         }
     }
 }
