@@ -2,8 +2,9 @@
 //! directions with a fresh SNAT port. Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
 //!
 //! Entries are removed by the daemon when idle (FIN/RST shorten that), and by the data path
-//! only in two cases: the reply entry of a flow that is re-balanced away from a failed backend,
-//! and both entries of a closed connection whose SNAT port a new flow reclaims.
+//! only in two cases, both directions at once: a flow that is re-balanced away from a failed
+//! backend or reopened by a new SYN, and a closed connection whose SNAT port a new flow
+//! reclaims.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -39,8 +40,11 @@ pub fn lookup(pkt: &Packet) -> Option<Flow> {
     if value.flags & FLOW_REVERSE == 0 {
         let reopened = pkt.is_syn() && value.flags & FLOW_CLOSING != 0;
         if reopened || !backend_is_healthy(value.backend_id) {
-            // Frees the old SNAT port now rather than at expiry.
+            // Both directions go: the reply entry frees the old SNAT port now rather than at
+            // expiry, and the forward entry must not outlive it if no new flow replaces it
+            // (the packet may still be dropped or passed before one is created).
             let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
+            let _ = FLOWS.remove(&pkt.key);
             return None;
         }
     }

@@ -397,6 +397,17 @@ impl Dataplane {
         self.flows.get(key, 0).ok()
     }
 
+    /// Every entry of FLOWS (for tests: a large table takes a while).
+    pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowValue)>, DataplaneError> {
+        self.flows
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| DataplaneError::Map {
+                name: "FLOWS",
+                source,
+            })
+    }
+
     pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<(), DataplaneError> {
         self.flows
             .insert(&key, &value, 0)

@@ -2,6 +2,7 @@
 //! cleanup, and (in tests/) packet fixtures through the real XDP program and end-to-end tests.
 
 pub mod bench;
+pub mod fixture_net;
 pub mod flows;
 pub mod harness;
 pub mod netns;

@@ -14,6 +14,10 @@ use lb_common::{
     ServiceKey, flow_hash,
 };
 use lb_tests::{
+    fixture_net::{
+        B1, B1_MAC, B2, B2_MAC, B3, CACHED_MAC, CLIENT, CLIENT_MAC, LB0_MAC, LB1_MAC, OTHER, SNAT,
+        VIP, topology,
+    },
     flows::{key, monotonic_ns, value},
     netns::{Netns, pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
@@ -27,24 +31,6 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
-
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const LB0: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-const B1: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
-const B2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 12);
-/// A backend with no neighbour entry.
-const B3: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 13);
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
-const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
-
-const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
-const LB0_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x00];
-const LB1_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
-const B1_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
-const B2_MAC: Mac = [0x02, 0, 0, 0, 0, 0x12];
-/// A MAC no neighbour has: a frame sent to it took a cached next hop, not the FIB.
-const CACHED_MAC: Mac = [0x02, 0, 0, 0, 0, 0x77];
 
 const WEB_PORT: u16 = 80;
 const DNS_PORT: u16 = 53;
@@ -501,6 +487,38 @@ fn fixtures() -> Vec<Fixture> {
                 XDP_REDIRECT,
                 Some(to_backend(1, PORT_MIN).syn().build()),
                 vec![(Counter::NewFlows(1), 1)],
+            )
+        },
+        // Found by the fuzzer: the reopening SYN expires here, so no new flow replaces the old
+        // one, and its forward entry must not stay behind without its reply entry.
+        Fixture {
+            flows_after: flow_pair(TCP, 40016, WEB_PORT, 1, 31016)
+                .map(|(k, _)| (k, None))
+                .to_vec(),
+            ..fixture(
+                "flow_syn_reopening_closed_tuple_with_ttl_1_removes_both_directions",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow {
+                            proto: TCP,
+                            cport: 40016,
+                            vport: WEB_PORT,
+                            backend: 1,
+                            snat_port: 31016,
+                            closing: true,
+                            cached: None,
+                        },
+                    ],
+                ),
+                client_syn(40016).ttl(1).build(),
+                XDP_PASS,
+                None,
+                vec![
+                    (Counter::Pass(PassReason::TtlExpired), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
             )
         },
         Fixture {
@@ -992,35 +1010,6 @@ fn settings() -> LoadSettings {
         snat_port_min: PORT_MIN,
         snat_port_max: 29999,
     }
-}
-
-/// The namespace the test thread runs in: lb0 (client side) and lb1 (backend side), each a veth
-/// whose peer stays in the same namespace, with permanent neighbours for the client, B1 and B2.
-fn topology() -> Netns {
-    let ns = Netns::new("fixtures");
-    let mac = |m: Mac| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    ns.sh(&format!(
-        "ip link add lb0 address {lb0} type veth peer name peer0
-         ip link add lb1 address {lb1} type veth peer name peer1
-         for d in lb0 peer0 lb1 peer1; do ip link set $d up; done
-         ip addr add {LB0}/24 dev lb0
-         ip addr add {SNAT}/24 dev lb1
-         ip neigh replace {CLIENT} lladdr {client} dev lb0 nud permanent
-         ip neigh replace {B1} lladdr {b1} dev lb1 nud permanent
-         ip neigh replace {B2} lladdr {b2} dev lb1 nud permanent
-         sysctl -qw net.ipv4.ip_forward=1",
-        lb0 = mac(LB0_MAC),
-        lb1 = mac(LB1_MAC),
-        client = mac(CLIENT_MAC),
-        b1 = mac(B1_MAC),
-        b2 = mac(B2_MAC),
-    ));
-    ns
 }
 
 fn apply(dp: &mut Dataplane, setup: &[Setup]) {
