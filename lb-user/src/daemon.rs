@@ -25,8 +25,6 @@ use crate::{
 
 /// How often idle flows are swept and active flows counted.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
-const RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
-const EPHEMERAL_PORTS: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -55,15 +53,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "snat_ports {min}-{max} would take every ephemeral port of this host ({lo}-{hi}), leaving none for its health checks; narrow snat_ports or move net.ipv4.ip_local_port_range"
-    )]
-    NoEphemeralPorts {
-        min: u16,
-        max: u16,
-        lo: u16,
-        hi: u16,
-    },
+    #[error(transparent)]
+    Ports(#[from] crate::ports::PortsError),
     #[error("cannot handle signals: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -331,54 +322,6 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), DaemonError> {
     })
 }
 
-/// Keeps the kernel from handing the SNAT range to the host's own connections (health checks
-/// included), and gives the previous setting back when dropped.
-struct ReservedPorts {
-    previous: String,
-}
-
-impl ReservedPorts {
-    fn reserve(min: u16, max: u16) -> Result<Self, DaemonError> {
-        // The host's own connections (health checks) need an ephemeral port outside the range.
-        if let Some((lo, hi)) = std::fs::read_to_string(EPHEMERAL_PORTS).ok().and_then(|t| {
-            let mut it = t.split_whitespace().map(|v| v.parse::<u16>().ok());
-            Some((it.next()??, it.next()??))
-        }) && min <= lo
-            && hi <= max
-        {
-            return Err(DaemonError::NoEphemeralPorts { min, max, lo, hi });
-        }
-        let previous = std::fs::read_to_string(RESERVED_PORTS)
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        let range = format!("{min}-{max}");
-        let value = if previous.is_empty() {
-            range
-        } else {
-            format!("{previous},{range}")
-        };
-        write_sysctl(RESERVED_PORTS, &value)?;
-        log::info!("reserved SNAT ports {min}-{max} from the kernel's ephemeral ports");
-        Ok(Self { previous })
-    }
-}
-
-impl Drop for ReservedPorts {
-    fn drop(&mut self) {
-        if let Err(e) = write_sysctl(
-            RESERVED_PORTS,
-            if self.previous.is_empty() {
-                "\n"
-            } else {
-                &self.previous
-            },
-        ) {
-            log::warn!("restoring {RESERVED_PORTS}: {e}");
-        }
-    }
-}
-
 /// bpf_fib_lookup needs forwarding on the ingress device; accept_local lets the kernel forward
 /// packets passed up for neighbour resolution, whose source is now our own SNAT address.
 fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
@@ -398,16 +341,21 @@ fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
 
 /// Builds the state from the config: loads the program, fills the maps, probes every backend
 /// once, and only then attaches, so no packet meets a half-filled map.
-async fn start(config: &Config) -> Result<State, DaemonError> {
-    if !privileged() {
-        return Err(DaemonError::NotPrivileged);
-    }
-    let mut dataplane = Dataplane::load(LoadSettings {
+async fn start(config: &Config, paths: &Paths) -> Result<State, DaemonError> {
+    let settings = LoadSettings {
         maglev_size: config.maglev_table_size,
         flow_capacity: config.flows.capacity,
         snat_port_min: config.flows.snat_port_min,
         snat_port_max: config.flows.snat_port_max,
-    })?;
+    };
+    let mut dataplane = Dataplane::load_pinned(settings, &paths.bpffs)?;
+    let adopted = dataplane.adopted();
+    if adopted {
+        log::info!(
+            "adopting the data path pinned in {}: its flows, counters and attachments carry on",
+            paths.bpffs.display()
+        );
+    }
     let mut services = Vec::new();
     let mut next_backend = 0u32;
     for (id, svc) in (0u32..).zip(&config.services) {
@@ -437,7 +385,9 @@ async fn start(config: &Config) -> Result<State, DaemonError> {
                     b.address
                 );
             }
-            dataplane.reset_backend_stats(next_backend)?;
+            if !adopted {
+                dataplane.reset_backend_stats(next_backend)?;
+            }
             dataplane.set_backend(next_backend, b.address, healthy)?;
             backends.push(BackendState {
                 id: next_backend,
@@ -482,6 +432,18 @@ async fn start(config: &Config) -> Result<State, DaemonError> {
             s.backends.len()
         );
     }
+    // What an earlier daemon published and this config no longer has.
+    let keys: Vec<ServiceKey> = state.services.iter().map(ServiceState::key).collect();
+    let stale = state.dataplane.retain_services(&keys)?;
+    if stale > 0 {
+        log::info!("removed {stale} services the config no longer has");
+    }
+    let ids: Vec<u32> = state
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.id))
+        .collect();
+    state.dataplane.clear_backends_except(&ids)?;
     for name in &config.interfaces {
         enable_forwarding(name)?;
         let ifindex = state.dataplane.attach(name)?;
@@ -492,7 +454,20 @@ async fn start(config: &Config) -> Result<State, DaemonError> {
             mode: "native".into(),
         });
     }
+    for name in state.dataplane.detach_others(&config.interfaces)? {
+        log::info!("detached from {name}: no longer in the config");
+    }
     Ok(state)
+}
+
+/// Where the daemon keeps what outlives it.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pub socket: PathBuf,
+    /// Maps and XDP links, on a bpf filesystem.
+    pub bpffs: PathBuf,
+    /// Files: the SNAT port reservation.
+    pub state_dir: PathBuf,
 }
 
 /// Probes every backend of a service at once; results in backend order.
@@ -516,10 +491,25 @@ async fn probe_all(svc: &crate::config::ServiceConfig) -> Vec<Result<(), String>
     results
 }
 
-pub async fn run(config: Config, socket: PathBuf) -> Result<(), DaemonError> {
-    let state = start(&config).await?;
-    let _reserved = ReservedPorts::reserve(config.flows.snat_port_min, config.flows.snat_port_max)?;
+pub async fn run(config: Config, paths: Paths) -> Result<(), DaemonError> {
+    if !privileged() {
+        return Err(DaemonError::NotPrivileged);
+    }
+    let socket = paths.socket.clone();
+    // Before anything is loaded: a second daemon must not touch the first one's maps.
     let listener = control::bind(&socket).await?;
+    let state = match start(&config, &paths).await {
+        Ok(state) => state,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(e);
+        }
+    };
+    crate::ports::reserve(
+        config.flows.snat_port_min,
+        config.flows.snat_port_max,
+        &paths.state_dir,
+    )?;
     log::info!("serving the control socket {}", socket.display());
     let state = Arc::new(Mutex::new(state));
     let mut tasks = tokio::task::JoinSet::new();
@@ -546,13 +536,16 @@ pub async fn run(config: Config, socket: PathBuf) -> Result<(), DaemonError> {
     let mut int =
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: detaching and exiting"),
-        _ = int.recv() => log::info!("SIGINT: detaching and exiting"),
+        _ = term.recv() => log::info!("SIGTERM: exiting"),
+        _ = int.recv() => log::info!("SIGINT: exiting"),
     }
     tasks.abort_all();
     let _ = std::fs::remove_file(&socket);
-    // Dropping the last reference detaches the program (Dataplane's Drop).
     drop(state);
+    log::info!(
+        "forwarding continues from the data path pinned in {}; the next `lb run` adopts it, `lb remove` ends it",
+        paths.bpffs.display()
+    );
     Ok(())
 }
 

@@ -14,7 +14,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     Backend, BackendStats, Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue,
@@ -22,7 +26,7 @@ use lb_common::{
     ServiceKey,
 };
 
-use crate::map_batch;
+use crate::{map_batch, pins};
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
@@ -86,6 +90,22 @@ pub enum DataplaneError {
     TableSize { got: usize, want: u32 },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+    #[error(transparent)]
+    Pins(#[from] pins::PinError),
+    #[error(
+        "cannot adopt the state pinned in {dir}: {source}. Its maps differ from what this lb would create (flow capacity, Maglev table size, or a map layout changed by an upgrade). `lb remove --bpffs {dir}` removes it, which stops forwarding and drops every flow"
+    )]
+    Adopt {
+        dir: String,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("interface {name}: pinning its XDP link in {dir}: {message}")]
+    PinLink {
+        name: String,
+        dir: String,
+        message: String,
+    },
 }
 
 /// Settings fixed when the program is loaded.
@@ -139,6 +159,12 @@ pub struct Dataplane {
     /// service id -> which of its two tables (0 or 1) is live.
     live_table: StdHashMap<u32, u32>,
     links: Vec<(String, XdpLinkId)>,
+    /// Where maps and links are pinned: they outlive this process, and the next daemon adopts
+    /// them. `None`: everything goes when this is dropped.
+    pin_dir: Option<std::path::PathBuf>,
+    /// Links pinned in `pin_dir`: dropping these closes our descriptors only.
+    pinned_links: Vec<(String, FdLink)>,
+    adopted: bool,
 }
 
 fn map<T>(
@@ -153,23 +179,52 @@ fn map<T>(
 }
 
 impl Dataplane {
-    /// Loads the program and creates its maps; attaches nothing.
+    /// Loads the program and creates its maps; attaches nothing. Everything goes on drop.
     pub fn load(settings: LoadSettings) -> Result<Self, DataplaneError> {
+        Self::load_in(settings, None)
+    }
+
+    /// Loads the program with its maps pinned in `dir` (on a bpf filesystem): maps pinned there
+    /// by an earlier daemon are adopted with their flows and counters, missing ones are created
+    /// and pinned. Links made by `attach` are pinned too, so forwarding outlives this process.
+    pub fn load_pinned(settings: LoadSettings, dir: &Path) -> Result<Self, DataplaneError> {
+        pins::prepare(dir)?;
+        Self::load_in(settings, Some(dir))
+    }
+
+    /// Whether `load_pinned` found an earlier daemon's maps.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    fn load_in(settings: LoadSettings, pin_dir: Option<&Path>) -> Result<Self, DataplaneError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DataplaneError::NoObject);
         }
         let cpus = possible_cpus()? as u32;
         let port_min = u32::from(settings.snat_port_min);
         let port_count = u32::from(settings.snat_port_max) - port_min + 1;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("SNAT_PORT_MIN", &port_min, true)
             .override_global("SNAT_PORT_COUNT", &port_count, true)
             .override_global("MAGLEV_SIZE", &settings.maglev_size, true)
             .override_global("CPU_COUNT", &cpus, true)
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
-            .map_max_entries("FLOWS", settings.flow_capacity)
-            .load(EBPF_OBJECT)
-            .map_err(|source| DataplaneError::Load { source })?;
+            .map_max_entries("FLOWS", settings.flow_capacity);
+        let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
+        if let Some(dir) = pin_dir {
+            for name in pins::MAP_NAMES {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|source| match pin_dir {
+            Some(dir) if adopted => DataplaneError::Adopt {
+                dir: dir.display().to_string(),
+                source: Box::new(source),
+            },
+            _ => DataplaneError::Load { source },
+        })?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM)
             .and_then(|p| p.try_into().ok())
@@ -190,6 +245,9 @@ impl Dataplane {
             settings,
             live_table: StdHashMap::new(),
             links: Vec::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            pinned_links: Vec::new(),
+            adopted,
         })
     }
 
@@ -205,18 +263,78 @@ impl Dataplane {
     }
 
     /// Attaches in native mode and makes the interface a forwarding target. Returns its ifindex.
+    /// Pinned: a link an earlier daemon pinned for this interface is taken over, its program
+    /// replaced in one step (no packet meets no program); otherwise a new link is pinned.
     pub fn attach(&mut self, name: &str) -> Result<u32, DataplaneError> {
         let ifindex = ifindex(name)?;
-        let link = self
-            .program()
-            .attach(ifindex, XdpMode::Driver)
-            .map_err(|source| DataplaneError::Attach {
-                name: name.to_owned(),
-                source,
-            })?;
-        self.links.push((name.to_owned(), link));
         self.add_interface(ifindex, is_physical(name))?;
+        let attach_error = |source| DataplaneError::Attach {
+            name: name.to_owned(),
+            source,
+        };
+        let Some(dir) = self.pin_dir.clone() else {
+            let link = self
+                .program()
+                .attach(ifindex, XdpMode::Driver)
+                .map_err(attach_error)?;
+            self.links.push((name.to_owned(), link));
+            return Ok(ifindex);
+        };
+        let pin_error = |message: String| DataplaneError::PinLink {
+            name: name.to_owned(),
+            dir: dir.display().to_string(),
+            message,
+        };
+        let path = pins::link_path(&dir, name);
+        let link = match self.take_over(&path) {
+            Ok(Some(link)) => link,
+            Ok(None) => {
+                let id = self
+                    .program()
+                    .attach(ifindex, XdpMode::Driver)
+                    .map_err(attach_error)?;
+                let link = self.program().take_link(id).map_err(attach_error)?;
+                let fd = FdLink::try_from(link).map_err(|e| {
+                    pin_error(format!("the kernel made a netlink XDP attachment ({e}); pinning needs a BPF link (Linux 5.9 or later)"))
+                })?;
+                let pinned = fd.pin(&path).map_err(|e| pin_error(e.to_string()))?;
+                FdLink::from(pinned)
+            }
+            Err(e) => {
+                // A link whose device went away (deleted and re-created) cannot be updated:
+                // attach afresh.
+                log::warn!(
+                    "interface {name}: the pinned link cannot be taken over ({e}); attaching anew"
+                );
+                let _ = std::fs::remove_file(&path);
+                return self.attach(name);
+            }
+        };
+        self.pinned_links.push((name.to_owned(), link));
         Ok(ifindex)
+    }
+
+    /// Replaces the program of the link pinned at `path`, if there is one.
+    fn take_over(&mut self, path: &Path) -> Result<Option<FdLink>, String> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pinned = PinnedLink::from_pin(path).map_err(|e| e.to_string())?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| e.to_string())?;
+        let id = self
+            .program()
+            .attach_to_link(link)
+            .map_err(|e| e.to_string())?;
+        let link = self.program().take_link(id).map_err(|e| e.to_string())?;
+        FdLink::try_from(link).map(Some).map_err(|e| e.to_string())
+    }
+
+    /// Unpins the links of pinned interfaces not in `keep`, which detaches the program there.
+    pub fn detach_others(&mut self, keep: &[String]) -> Result<Vec<String>, DataplaneError> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(Vec::new());
+        };
+        Ok(pins::remove_links_except(&dir, keep)?)
     }
 
     /// Makes `ifindex` a device the program forwards through; `xdp_tx`: hairpin with XDP_TX.
@@ -298,7 +416,14 @@ impl Dataplane {
                 want: size,
             });
         }
-        let staging = match self.live_table.get(&id) {
+        // An adopted service's live half is the one its SERVICES entry points at.
+        let live = self.live_table.get(&id).copied().or_else(|| {
+            self.services
+                .get(&key, 0)
+                .ok()
+                .map(|s| (s.maglev_base / size) % 2)
+        });
+        let staging = match live {
             Some(0) => 1,
             _ => 0,
         };
@@ -322,6 +447,49 @@ impl Dataplane {
                 source,
             })?;
         self.live_table.insert(id, staging);
+        Ok(())
+    }
+
+    /// Removes every service but `keep` from SERVICES (an adopted table may hold services the
+    /// config no longer has). Returns how many went.
+    pub fn retain_services(&mut self, keep: &[ServiceKey]) -> Result<usize, DataplaneError> {
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for key in &stale {
+            self.services
+                .remove(key)
+                .map_err(|source| DataplaneError::Map {
+                    name: "SERVICES",
+                    source,
+                })?;
+        }
+        Ok(stale.len())
+    }
+
+    /// Marks every backend id but `keep` as not taking traffic: flows an earlier daemon left to
+    /// a backend that is gone now move on their next packet.
+    pub fn clear_backends_except(&mut self, keep: &[u32]) -> Result<(), DataplaneError> {
+        for id in (0..MAX_BACKENDS).filter(|id| !keep.contains(id)) {
+            let b = self
+                .backends
+                .get(&id, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: "BACKENDS",
+                    source,
+                })?;
+            if b.flags != 0 {
+                self.backends
+                    .set(id, &Backend { flags: 0, ..b }, 0)
+                    .map_err(|source| DataplaneError::Map {
+                        name: "BACKENDS",
+                        source,
+                    })?;
+            }
+        }
         Ok(())
     }
 

@@ -7,4 +7,6 @@ pub mod dataplane;
 pub mod health;
 pub mod maglev;
 pub mod map_batch;
+pub mod pins;
+pub mod ports;
 pub mod stats;

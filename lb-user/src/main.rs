@@ -1,5 +1,5 @@
 //! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb stats`,
-//! `lb set-weight`, `lb drain`).
+//! `lb set-weight`, `lb drain`, `lb remove`).
 //! Exit codes: 0 success, 2 bad input, 1 any other failure.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -9,8 +9,10 @@ use clap::{Parser, Subcommand};
 use lb_user::{
     config::Config,
     control::{self, Request, Response, Status},
-    daemon, stats,
+    daemon, pins, ports, stats,
 };
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
 
 #[derive(Parser)]
 #[command(name = "lb", version, about = "XDP layer-4 load balancer")]
@@ -22,11 +24,29 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground: attach XDP, health-check, serve the control socket.
+    /// The data path is pinned: it keeps forwarding after the daemon stops, and the next
+    /// `lb run` adopts it with its flows.
     Run {
         #[arg(long)]
         config: PathBuf,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Directory on a bpf filesystem for the pinned maps and XDP links.
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs: PathBuf,
+        /// Directory for the daemon's own state.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Stop forwarding for good: detach XDP, drop every flow and the pinned maps, and give the
+    /// SNAT ports back to the kernel. Refused while a daemon runs.
+    Remove {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long, default_value = pins::DEFAULT_DIR)]
+        bpffs: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Show services and backends: weight, health, flows, packets, bytes.
     Status {
@@ -114,12 +134,44 @@ fn main() -> ExitCode {
 
 async fn execute(command: Command) -> Result<(), Failure> {
     match command {
-        Command::Run { config, socket } => {
+        Command::Run {
+            config,
+            socket,
+            bpffs,
+            state_dir,
+        } => {
             let cfg = Config::load(&config).map_err(|e| Failure {
                 code: 2,
                 error: e.into(),
             })?;
-            daemon::run(cfg, socket).await.context("lb run")?;
+            let paths = daemon::Paths {
+                socket,
+                bpffs,
+                state_dir,
+            };
+            daemon::run(cfg, paths).await.context("lb run")?;
+            Ok(())
+        }
+        Command::Remove {
+            socket,
+            bpffs,
+            state_dir,
+        } => {
+            if control::call(&socket, &Request::Status).await.is_ok() {
+                return Err(anyhow::anyhow!(
+                    "a daemon is serving {}: stop it first (it would re-create what this removes)",
+                    socket.display()
+                )
+                .into());
+            }
+            let detached = pins::remove(&bpffs).context("removing the pinned data path")?;
+            for name in &detached {
+                println!("detached from {name}");
+            }
+            println!("removed the maps pinned in {}", bpffs.display());
+            if let Some(range) = ports::release(&state_dir).context("releasing SNAT ports")? {
+                println!("gave SNAT ports {range} back to the kernel");
+            }
             Ok(())
         }
         Command::Status { json, socket } => {

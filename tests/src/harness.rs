@@ -19,11 +19,16 @@ pub fn lb_binary() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/lb"))
 }
 
-/// The daemon, running in the balancer namespace.
+/// The daemon, running in the balancer namespace, with its data path pinned on a bpf
+/// filesystem mounted for it (and unmounted on `Drop`, which removes what was pinned).
 pub struct Balancer {
-    child: Child,
+    /// `None` only while no daemon has been started yet.
+    child: Option<Child>,
     pub dir: PathBuf,
     pub socket: PathBuf,
+    pub bpffs: PathBuf,
+    config: PathBuf,
+    netns: String,
     lb: PathBuf,
 }
 
@@ -35,46 +40,98 @@ impl Balancer {
             lb.display()
         );
         let dir = std::env::temp_dir().join(format!("{}-{}", topo.lb.name, "run"));
-        fs::create_dir_all(&dir).expect("create the run folder");
+        let mount = dir.join("bpf");
+        fs::create_dir_all(&mount).expect("create the run folder");
+        // In the root mount namespace: `ip netns exec` remounts /sys only, so the daemon sees
+        // this mount, and its pins outlive the daemon as /sys/fs/bpf's would.
+        crate::netns::run(&["mount", "-t", "bpf", "bpf", &mount.display().to_string()]);
+        let bpffs = mount.join("lb");
         let config_path = dir.join("lb.toml");
         fs::write(&config_path, config).expect("write the config");
         let socket = dir.join("control.sock");
-        let log = fs::File::create(dir.join("daemon.log")).expect("create the daemon log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &topo.lb.name])
-            .arg(lb)
+        let mut balancer = Balancer {
+            child: None,
+            socket,
+            bpffs,
+            config: config_path,
+            netns: topo.lb.name.clone(),
+            lb: lb.to_path_buf(),
+            dir,
+        };
+        balancer.launch();
+        balancer
+    }
+
+    /// Starts `lb run` and waits until it answers on its socket.
+    fn launch(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("open the daemon log");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(&self.lb)
             .arg("run")
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config)
             .arg("--socket")
-            .arg(&socket)
+            .arg(&self.socket)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start lb run");
-        let mut balancer = Balancer {
-            child,
-            dir,
-            socket,
-            lb: lb.to_path_buf(),
-        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(Some(status)) = balancer.child.try_wait() {
-                panic!("lb run exited ({status}):\n{}", balancer.log());
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("lb run exited ({status}):\n{}", self.log());
             }
-            if balancer.cli(&["status", "--json"]).status.success() {
+            if self.cli(&["status", "--json"]).status.success() {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
                 "lb run did not serve its socket within 20 s:\n{}",
-                balancer.log()
+                self.log()
             );
             thread::sleep(Duration::from_millis(100));
         }
-        balancer
+        self.child = Some(child);
+    }
+
+    /// Stops the daemon and starts a new one on the same config and pins. Returns how long
+    /// the control socket was unanswered.
+    pub fn restart(&mut self) -> Duration {
+        let start = Instant::now();
+        assert!(self.stop(), "lb run did not exit cleanly:\n{}", self.log());
+        self.launch();
+        start.elapsed()
+    }
+
+    /// `lb remove` in the balancer's namespace (its SNAT port reservation is that namespace's).
+    pub fn remove(&self) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(&self.lb)
+            .arg("remove")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .output()
+            .expect("run lb remove")
+    }
+
+    /// Replaces the config file (for `lb reload` or the next start).
+    pub fn write_config(&self, config: &str) {
+        fs::write(&self.config, config).expect("write the config");
     }
 
     pub fn log(&self) -> String {
@@ -134,28 +191,41 @@ impl Balancer {
         start.elapsed()
     }
 
-    /// Stops the daemon with SIGTERM and returns whether it exited cleanly within 10 s.
+    /// Stops the daemon with SIGTERM and returns whether it exited cleanly within 10 s. The
+    /// pinned data path keeps forwarding.
     pub fn stop(&mut self) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
         // SAFETY: signalling our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = child.try_wait() {
                 return status.success();
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
         false
     }
 }
 
 impl Drop for Balancer {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
+        if self
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        {
             self.stop();
         }
+        // Unmounting drops every pin: the links detach, the maps go.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.join("bpf"))
+            .status();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -230,4 +300,95 @@ pub fn tally(bodies: &[String], backends: usize) -> (Vec<usize>, usize) {
         }
     }
     (counts, failed)
+}
+
+/// What a `ConnectionStream` saw: every connection's outcome and time.
+#[derive(Debug, Default)]
+pub struct StreamReport {
+    pub ok: usize,
+    /// (when, from the stream's start; why)
+    pub failures: Vec<(Duration, String)>,
+    pub latencies: Vec<Duration>,
+}
+
+impl StreamReport {
+    pub fn worst(&self) -> Duration {
+        self.latencies.iter().max().copied().unwrap_or_default()
+    }
+    pub fn median(&self) -> Duration {
+        let mut l = self.latencies.clone();
+        l.sort();
+        l.get(l.len() / 2).copied().unwrap_or_default()
+    }
+}
+
+/// A steady, bounded stream of new connections from the client namespace to VIP:80, one at a
+/// time every `every`: each connects, sends a request, and must read a backend's answer within
+/// `limit` (a client's patience; SYN retransmits are included).
+pub struct ConnectionStream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: thread::JoinHandle<StreamReport>,
+}
+
+impl ConnectionStream {
+    pub fn start(topo: &Topology, every: Duration, limit: Duration) -> ConnectionStream {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = topo.client.name.clone();
+        let flag = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            let ns = crate::netns::Netns { name };
+            ns.enter_current_thread();
+            std::mem::forget(ns);
+            let begin = Instant::now();
+            let mut report = StreamReport::default();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                match one_request(limit) {
+                    Ok(()) => {
+                        report.ok += 1;
+                        report.latencies.push(started.elapsed());
+                    }
+                    Err(e) => report.failures.push((started - begin, e)),
+                }
+                thread::sleep(every.saturating_sub(started.elapsed()));
+            }
+            report
+        });
+        ConnectionStream { stop, thread }
+    }
+
+    pub fn finish(self) -> StreamReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("connection stream thread")
+    }
+}
+
+fn one_request(limit: Duration) -> Result<(), String> {
+    use std::io::{Read as _, Write as _};
+    let deadline = Instant::now() + limit;
+    let target = std::net::SocketAddr::from((VIP, 80));
+    let mut stream = std::net::TcpStream::connect_timeout(&target, limit)
+        .map_err(|e| format!("connect: {e}"))?;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    stream
+        .set_read_timeout(Some(left()))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    if text.starts_with("HTTP/1.") && text.trim_end().ends_with(|c: char| c.is_ascii_digit()) {
+        Ok(())
+    } else {
+        Err(format!("unexpected answer {text:?}"))
+    }
 }

@@ -10,7 +10,9 @@ use std::{
 };
 
 use lb_tests::{
-    harness::{Balancer, http_requests, lb_binary, start_server, tally, udp_request},
+    harness::{
+        Balancer, ConnectionStream, http_requests, lb_binary, start_server, tally, udp_request,
+    },
     netns::{Netns, require_root, sweep_stale},
     topology::{Arms, BACKEND_PORT, Topology, VIP},
 };
@@ -470,4 +472,86 @@ fn drain_takes_no_new_flows_and_waits_for_the_active_ones() {
         started.elapsed()
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("has no active flows"));
+}
+
+/// Whether any device in `ns` has an XDP program attached.
+fn has_xdp(ns: &Netns) -> bool {
+    let links = ns.sh("ip -d link show");
+    links.contains("prog/xdp") || links.contains("xdp/id:")
+}
+
+#[test]
+fn restart_keeps_flows_and_serves_new_connections_and_remove_ends_forwarding() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup(Arms::Two, &[4, 6]);
+    let mut long_lived = connect_in(&topo.client);
+    let first = request_on(&mut long_lived);
+    let stream = ConnectionStream::start(&topo, Duration::from_millis(20), Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
+    let packets = |b: &Balancer| per_backend(b, &topo, "web", "packets").iter().sum::<u64>();
+    let before = packets(&balancer);
+    let restart = balancer.restart();
+    std::thread::sleep(Duration::from_secs(1));
+    let report = stream.finish();
+    println!(
+        "restart: control socket back after {restart:?}; {} new connections during the run, {} failed, median {:?}, worst {:?}",
+        report.ok,
+        report.failures.len(),
+        report.median(),
+        report.worst()
+    );
+    assert!(
+        report.failures.is_empty(),
+        "connections failed across the restart: {:?}",
+        report.failures
+    );
+    assert!(
+        report.ok >= 50,
+        "too few connections measured: {}",
+        report.ok
+    );
+    assert_eq!(
+        request_on(&mut long_lived),
+        first,
+        "the long-lived connection moved or broke across the restart"
+    );
+    assert!(
+        balancer.log().contains("adopting the data path pinned"),
+        "the new daemon did not adopt the pinned state:\n{}",
+        balancer.log()
+    );
+    // Counters carry on rather than starting again.
+    assert!(
+        packets(&balancer) > before,
+        "per-backend packets restarted from zero"
+    );
+
+    // `lb remove` is refused while a daemon runs; once it is stopped, it ends forwarding.
+    let refused = balancer.remove();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(has_xdp(&topo.lb), "the refused remove detached anyway");
+    assert!(balancer.stop());
+    assert!(
+        has_xdp(&topo.lb),
+        "stopping the daemon detached the program"
+    );
+    assert!(
+        tally(&http_requests(&topo, 5), 2).1 == 0,
+        "forwarding stopped with the daemon"
+    );
+    let removed = balancer.remove();
+    assert!(
+        removed.status.success(),
+        "lb remove: {}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert!(!has_xdp(&topo.lb), "lb remove left XDP attached");
+    assert!(!balancer.bpffs.join("FLOWS").exists());
+    let reserved = topo.lb.sh("cat /proc/sys/net/ipv4/ip_local_reserved_ports");
+    assert!(
+        reserved.trim().is_empty(),
+        "SNAT ports still reserved: {reserved}"
+    );
+    drop(long_lived);
 }

@@ -1,0 +1,167 @@
+//! The daemon's pins on a bpf filesystem: one file per map (by its name) and one XDP link per
+//! interface (`link_<name>`). Pinned, the maps and the attachment outlive the daemon: stopping
+//! it leaves forwarding running, and the next daemon adopts them. `remove` ends all of it.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
+/// Every map of the program, pinned under its own name.
+pub const MAP_NAMES: [&str; 9] = [
+    "SERVICES",
+    "BACKENDS",
+    "MAGLEV",
+    "FLOWS",
+    "BACKEND_STATS",
+    "STATS",
+    "SNAT_CURSOR",
+    "IFACES",
+    "TX_PORTS",
+];
+const LINK_PREFIX: &str = "link_";
+/// statfs(2)'s f_type of a bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(
+        "{dir} is not on a bpf filesystem, so nothing pinned there would outlive the daemon; mount one (mount -t bpf bpf {dir}) or give --bpffs a directory on one"
+    )]
+    NotBpffs { dir: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
+    move |source| PinError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Creates `dir` (its parent must be on a bpf filesystem, or `dir` itself a mount of one).
+pub fn prepare(dir: &Path) -> Result<(), PinError> {
+    std::fs::create_dir_all(dir).map_err(|source| match on_bpffs(dir.parent().unwrap_or(dir)) {
+        Ok(false) => PinError::NotBpffs {
+            dir: dir.display().to_string(),
+        },
+        _ => io_error(dir)(source),
+    })?;
+    if !on_bpffs(dir).map_err(io_error(dir))? {
+        let _ = std::fs::remove_dir(dir);
+        return Err(PinError::NotBpffs {
+            dir: dir.display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn on_bpffs(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a zeroed statfs is valid, and statfs only writes it.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut fs) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fs.f_type as i64 == BPF_FS_MAGIC)
+}
+
+pub fn link_path(dir: &Path, interface: &str) -> PathBuf {
+    dir.join(format!("{LINK_PREFIX}{interface}"))
+}
+
+/// Interfaces with a pinned link in `dir`.
+pub fn pinned_interfaces(dir: &Path) -> Result<Vec<String>, PinError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(LINK_PREFIX))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Unpins the links of interfaces not in `keep` (detaching the program there, once no process
+/// holds the link). Returns the interfaces let go.
+pub fn remove_links_except(dir: &Path, keep: &[String]) -> Result<Vec<String>, PinError> {
+    let mut gone = Vec::new();
+    for name in pinned_interfaces(dir)? {
+        if !keep.contains(&name) {
+            let path = link_path(dir, &name);
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            gone.push(name);
+        }
+    }
+    Ok(gone)
+}
+
+/// Unpins everything lb pinned in `dir`, and removes `dir` if nothing else is in it: the links
+/// go (the program detaches once no daemon holds it) and the maps with them. Returns the
+/// interfaces detached.
+pub fn remove(dir: &Path) -> Result<Vec<String>, PinError> {
+    let detached = remove_links_except(dir, &[])?;
+    for name in MAP_NAMES {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(&path)(e)),
+            _ => {}
+        }
+    }
+    // Not empty (someone else's pins) or a mount point: it stays.
+    let _ = std::fs::remove_dir(dir);
+    Ok(detached)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_off_bpffs_is_refused_with_the_mount_command() {
+        let dir = std::env::temp_dir().join(format!("lb-pins-test-{}", std::process::id()));
+        let err = prepare(&dir).expect_err("tmp is not bpffs");
+        assert!(matches!(err, PinError::NotBpffs { .. }), "{err}");
+        assert!(err.to_string().contains("mount -t bpf bpf"), "{err}");
+        assert!(!dir.exists(), "the refused directory is not left behind");
+    }
+
+    #[test]
+    fn links_are_found_by_interface_and_others_removed() {
+        let dir = std::env::temp_dir().join(format!("lb-pins-links-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for f in ["link_eth0", "link_eth1", "FLOWS", "STATS"] {
+            std::fs::write(dir.join(f), b"").expect("file");
+        }
+        assert_eq!(pinned_interfaces(&dir).expect("list"), ["eth0", "eth1"]);
+        let gone = remove_links_except(&dir, &["eth0".into()]).expect("remove");
+        assert_eq!(gone, ["eth1"]);
+        assert_eq!(remove(&dir).expect("remove all"), ["eth0"]);
+        assert!(!dir.exists());
+        // Files lb did not pin stay, and so does their directory.
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("progs.debug"), b"").expect("file");
+        std::fs::write(dir.join("FLOWS"), b"").expect("file");
+        assert!(remove(&dir).expect("remove").is_empty());
+        assert!(dir.join("progs.debug").exists() && !dir.join("FLOWS").exists());
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert!(pinned_interfaces(&dir).expect("missing dir").is_empty());
+    }
+}
