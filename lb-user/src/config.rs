@@ -21,7 +21,7 @@ use std::{
 use lb_common::{
     DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
@@ -84,7 +84,8 @@ impl Default for FlowSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -110,7 +111,7 @@ impl fmt::Display for Protocol {
 }
 
 /// One `[[service]]`: a VIP:port and protocol balanced over its backends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     pub name: String,
     pub vip: SocketAddrV4,
@@ -121,7 +122,8 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HealthKind {
     /// A TCP connect succeeds.
     Tcp,
@@ -132,7 +134,7 @@ pub enum HealthKind {
 }
 
 /// `[service.health]`: how backends are probed and when their state flips.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthConfig {
     pub kind: HealthKind,
     /// Probe this port instead of the backend's own.
@@ -164,7 +166,7 @@ impl HealthConfig {
 }
 
 /// One `[[service.backend]]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
     pub address: SocketAddrV4,
     /// Relative share of new flows, 0..=MAX_WEIGHT; 0 drains (no new flows).

@@ -4,6 +4,8 @@
 use std::{path::Path, time::Duration};
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::ServiceConfig;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -25,6 +27,38 @@ pub enum Request {
         backend: String,
         weight: u32,
     },
+    /// Adds a service (checked as the config file's are).
+    ServiceAdd {
+        service: ServiceConfig,
+    },
+    ServiceRemove {
+        service: String,
+    },
+    BackendAdd {
+        service: String,
+        backend: String,
+        weight: u32,
+    },
+    BackendRemove {
+        service: String,
+        backend: String,
+    },
+    /// Re-reads the config file and applies what differs from the running services.
+    Reload,
+}
+
+impl Request {
+    /// Whether this request changes the service set (probes first, one change at a time).
+    pub fn changes_services(&self) -> bool {
+        matches!(
+            self,
+            Self::ServiceAdd { .. }
+                | Self::ServiceRemove { .. }
+                | Self::BackendAdd { .. }
+                | Self::BackendRemove { .. }
+                | Self::Reload
+        )
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,8 +69,12 @@ pub struct Response {
     /// The request itself was wrong (unknown service, weight out of range, ...): exit code 2.
     #[serde(default)]
     pub bad_input: bool,
+    /// Boxed: a response is moved around far more often than it carries a status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Status>,
+    pub status: Option<Box<Status>>,
+    /// What a change did, or a warning about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 impl Response {
@@ -46,11 +84,15 @@ impl Response {
             error: None,
             bad_input: false,
             status: None,
+            message: None,
         }
+    }
+    pub fn with_message(self, message: Option<String>) -> Self {
+        Self { message, ..self }
     }
     pub fn status(status: Status) -> Self {
         Self {
-            status: Some(status),
+            status: Some(Box::new(status)),
             ..Self::done()
         }
     }
@@ -60,6 +102,7 @@ impl Response {
             error: Some(message),
             bad_input: true,
             status: None,
+            message: None,
         }
     }
     pub fn failed(message: String) -> Self {
@@ -68,6 +111,7 @@ impl Response {
             error: Some(message),
             bad_input: false,
             status: None,
+            message: None,
         }
     }
 }

@@ -3,24 +3,22 @@
 //! All map writes go through the one `Dataplane`, behind one lock.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::SocketAddrV4,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use lb_common::{Be16, Be32, ServiceKey};
 use tokio::{io::AsyncWriteExt as _, io::BufReader, net::UnixStream, signal::unix::SignalKind};
 
 use crate::{
-    config::{Config, HealthConfig, MAX_WEIGHT, Protocol},
-    control::{
-        self, BackendStatus, FlowTableStatus, InterfaceStatus, Request, Response, ServiceStatus,
-        Status,
-    },
-    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTable, FlowTimeouts, LoadSettings},
-    health::{self, Tracker},
-    maglev::{MaglevBackend, build_table},
+    config::{BackendConfig, Config, HealthConfig, ServiceConfig},
+    control::{self, InterfaceStatus, Request, Response},
+    dataplane::{Dataplane, DataplaneError, FlowTable, FlowTimeouts, LoadSettings},
+    health,
+    layout::{self, PlacedService},
+    persist,
+    state::{ApplyError, HealthReport, Probes, State},
 };
 
 /// How often idle flows are swept and active flows counted.
@@ -34,19 +32,10 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error("lb run needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN")]
     NotPrivileged,
-    #[error(
-        "service \"{service}\": no snat address given and none found towards {backend}: {source}; set `snat` in the config"
-    )]
-    NoSnat {
-        service: String,
-        backend: SocketAddrV4,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "service \"{service}\" has no backends and no `snat` address; set `snat` in the config"
-    )]
-    NoSnatNoBackends { service: String },
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("the services cannot be placed in the maps: {0}")]
+    Layout(String),
     #[error("cannot write {path}: {source}")]
     Sysctl {
         path: String,
@@ -57,229 +46,6 @@ pub enum DaemonError {
     Ports(#[from] crate::ports::PortsError),
     #[error("cannot handle signals: {0}")]
     Signals(#[source] std::io::Error),
-}
-
-struct BackendState {
-    id: u32,
-    address: SocketAddrV4,
-    weight: u32,
-    tracker: Tracker,
-    active_flows: u64,
-    last_error: Option<String>,
-}
-
-struct ServiceState {
-    id: u32,
-    name: String,
-    vip: SocketAddrV4,
-    protocol: Protocol,
-    snat: Ipv4Addr,
-    health: HealthConfig,
-    backends: Vec<BackendState>,
-}
-
-impl ServiceState {
-    fn key(&self) -> ServiceKey {
-        ServiceKey {
-            vip: Be32::from_bytes(self.vip.ip().octets()),
-            port: Be16::from_host(self.vip.port()),
-            proto: self.protocol.number(),
-            _pad: 0,
-        }
-    }
-
-    /// The Maglev table: backends that take new flows (healthy, weight > 0).
-    fn table(&self, size: u32) -> Vec<u32> {
-        let eligible: Vec<MaglevBackend> = self
-            .backends
-            .iter()
-            .filter(|b| b.tracker.healthy && b.weight > 0)
-            .map(|b| MaglevBackend {
-                id: b.id,
-                addr: b.address,
-                weight: b.weight,
-            })
-            .collect();
-        build_table(&eligible, size)
-    }
-}
-
-/// Everything the daemon knows, behind one lock.
-pub struct State {
-    dataplane: Dataplane,
-    services: Vec<ServiceState>,
-    interfaces: Vec<InterfaceStatus>,
-    timeouts: FlowTimeouts,
-    flow_entries: u64,
-}
-
-impl State {
-    fn publish(&mut self, index: usize) -> Result<(), DataplaneError> {
-        let svc = &self.services[index];
-        let table = svc.table(self.dataplane.settings().maglev_size);
-        let (id, key, snat) = (svc.id, svc.key(), svc.snat);
-        self.dataplane.set_service(id, key, snat, &table)
-    }
-
-    fn find_service(&self, name_or_vip: &str) -> Result<usize, String> {
-        if let Some(i) = self.services.iter().position(|s| s.name == name_or_vip) {
-            return Ok(i);
-        }
-        let Ok(vip) = name_or_vip.parse::<SocketAddrV4>() else {
-            return Err(format!(
-                "no service named \"{name_or_vip}\" (give a service name or its VIP:PORT)"
-            ));
-        };
-        let matches: Vec<usize> = (0..self.services.len())
-            .filter(|&i| self.services[i].vip == vip)
-            .collect();
-        match matches[..] {
-            [i] => Ok(i),
-            [] => Err(format!("no service has the VIP {vip}")),
-            _ => Err(format!(
-                "{vip} is the VIP of a TCP and a UDP service; give the service name instead"
-            )),
-        }
-    }
-
-    pub fn set_weight(&mut self, service: &str, backend: &str, weight: u32) -> Response {
-        let index = match self.find_service(service) {
-            Ok(i) => i,
-            Err(e) => return Response::bad_input(e),
-        };
-        if weight > MAX_WEIGHT {
-            return Response::bad_input(format!(
-                "weight {weight} is out of range 0..={MAX_WEIGHT}"
-            ));
-        }
-        let svc = &mut self.services[index];
-        let Ok(address) = backend.parse::<SocketAddrV4>() else {
-            return Response::bad_input(format!(
-                "backend {backend:?} is not an IPv4 address with port (like 198.18.2.11:8000)"
-            ));
-        };
-        let Some(b) = svc.backends.iter_mut().find(|b| b.address == address) else {
-            return Response::bad_input(format!(
-                "backend {address} is not in service \"{}\"",
-                svc.name
-            ));
-        };
-        if b.weight == weight {
-            return Response::done();
-        }
-        let old = std::mem::replace(&mut b.weight, weight);
-        let name = svc.name.clone();
-        if let Err(e) = self.publish(index) {
-            // Keep what the data path still has.
-            if let Some(b) = self.services[index]
-                .backends
-                .iter_mut()
-                .find(|b| b.address == address)
-            {
-                b.weight = old;
-            }
-            return Response::failed(format!("updating the data path: {e}"));
-        }
-        log::info!("service \"{name}\": backend {address} weight {old} -> {weight}");
-        Response::done()
-    }
-
-    fn record_health(&mut self, s: usize, b: usize, result: Result<(), String>) {
-        let backend = &mut self.services[s].backends[b];
-        let ok = result.is_ok();
-        backend.last_error = result.err();
-        let Some(healthy) = backend.tracker.record(ok) else {
-            return;
-        };
-        let (id, address) = (backend.id, backend.address);
-        let name = self.services[s].name.clone();
-        let why = self.services[s].backends[b]
-            .last_error
-            .clone()
-            .unwrap_or_default();
-        let written = self
-            .dataplane
-            .set_backend(id, address, healthy)
-            .and_then(|()| self.publish(s));
-        match (written, healthy) {
-            (Err(e), _) => log::error!(
-                "service \"{name}\": backend {address} is {}, but updating the data path failed: {e}",
-                if healthy { "up" } else { "down" }
-            ),
-            (Ok(()), true) => log::info!("service \"{name}\": backend {address} is up"),
-            (Ok(()), false) => log::warn!("service \"{name}\": backend {address} is down: {why}"),
-        }
-    }
-
-    fn record_sweep(&mut self, sweep: &FlowSweep) {
-        self.flow_entries = sweep.entries - sweep.removed;
-        for b in self.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
-            b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
-        }
-    }
-
-    pub fn status(&self) -> Status {
-        let mut counters = std::collections::BTreeMap::new();
-        match self.dataplane.reason_counters() {
-            Ok(c) => {
-                for (r, n) in c.pass {
-                    counters.insert(format!("pass_{}", r.name()), n);
-                }
-                for (r, n) in c.drop {
-                    counters.insert(format!("drop_{}", r.name()), n);
-                }
-                counters.insert("tx".into(), c.tx);
-                counters.insert("redirect".into(), c.redirect);
-            }
-            Err(e) => log::warn!("reading counters: {e}"),
-        }
-        Status {
-            services: self
-                .services
-                .iter()
-                .map(|s| ServiceStatus {
-                    name: s.name.clone(),
-                    vip: s.vip.to_string(),
-                    protocol: s.protocol.to_string(),
-                    snat: s.snat.to_string(),
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| {
-                            let stats = self.dataplane.backend_stats(b.id).unwrap_or_default();
-                            BackendStatus {
-                                address: b.address.to_string(),
-                                weight: b.weight,
-                                healthy: b.tracker.healthy,
-                                active_flows: b.active_flows,
-                                new_flows: stats.new_flows,
-                                packets: stats.packets,
-                                bytes: stats.bytes,
-                                last_error: b.last_error.clone(),
-                            }
-                        })
-                        .collect(),
-                })
-                .collect(),
-            interfaces: self.interfaces.clone(),
-            flows: FlowTableStatus {
-                entries: self.flow_entries,
-                capacity: u64::from(self.dataplane.settings().flow_capacity),
-            },
-            counters,
-        }
-    }
-
-    fn handle(&mut self, request: Request) -> Response {
-        match request {
-            Request::Status => Response::status(self.status()),
-            Request::SetWeight {
-                service,
-                backend,
-                weight,
-            } => self.set_weight(&service, &backend, weight),
-        }
-    }
 }
 
 fn monotonic_ns() -> u64 {
@@ -303,16 +69,6 @@ fn privileged() -> bool {
         .unwrap_or(0);
     let has = |bit: u32| caps & (1u64 << bit) != 0;
     (has(39) || has(21)) && has(12)
-}
-
-/// The source address the kernel would use towards `backend`.
-fn source_address_towards(backend: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.connect(backend)?;
-    match socket.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
-        std::net::SocketAddr::V6(_) => Err(std::io::Error::other("IPv6 source")),
-    }
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), DaemonError> {
@@ -339,16 +95,70 @@ fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Builds the state from the config: loads the program, fills the maps, probes every backend
-/// once, and only then attaches, so no packet meets a half-filled map.
-async fn start(config: &Config, paths: &Paths) -> Result<State, DaemonError> {
+/// The services to run at start, with their ids: the persisted state if the config file is
+/// unchanged since it was written, else the config's (see `persist` for the precedence).
+fn initial_services(
+    config: &Config,
+    digest: &str,
+    state_dir: &std::path::Path,
+) -> Vec<PlacedService> {
+    let previous = match persist::load(state_dir) {
+        Ok(p) => p,
+        Err(e) => {
+            let aside = persist::set_aside(state_dir);
+            log::error!(
+                "ignoring the runtime state: {e}; starting from the config{}",
+                aside.map_or(String::new(), |p| format!(
+                    " (the file is kept as {})",
+                    p.display()
+                ))
+            );
+            None
+        }
+    };
+    match previous {
+        Some(p) if p.config_digest == digest => {
+            log::info!(
+                "restoring the runtime state from {} (the config file is unchanged since)",
+                state_dir.join(persist::FILE).display()
+            );
+            p.services
+        }
+        Some(p) => {
+            log::warn!(
+                "the config file changed since the runtime state was saved: the config wins, and changes made at runtime are dropped"
+            );
+            // Ids still follow the old state, so adopted flows keep their backends.
+            match layout::place(&config.services, &p.services) {
+                Ok((placed, _)) => placed,
+                Err(e) => {
+                    log::warn!("cannot keep the old ids ({e}); numbering afresh");
+                    layout::place(&config.services, &[])
+                        .map(|x| x.0)
+                        .unwrap_or_default()
+                }
+            }
+        }
+        None => layout::place(&config.services, &[])
+            .map(|x| x.0)
+            .unwrap_or_default(),
+    }
+}
+
+/// Builds the state: loads (or adopts) the data path, probes every backend once and publishes
+/// the services, and only then attaches, so no packet meets a half-filled map.
+async fn start(
+    config: Config,
+    paths: &Paths,
+    health_reports: tokio::sync::mpsc::UnboundedSender<HealthReport>,
+) -> Result<State, DaemonError> {
     let settings = LoadSettings {
         maglev_size: config.maglev_table_size,
         flow_capacity: config.flows.capacity,
         snat_port_min: config.flows.snat_port_min,
         snat_port_max: config.flows.snat_port_max,
     };
-    let mut dataplane = Dataplane::load_pinned(settings, &paths.bpffs)?;
+    let dataplane = Dataplane::load_pinned(settings, &paths.bpffs)?;
     let adopted = dataplane.adopted();
     if adopted {
         log::info!(
@@ -356,95 +166,30 @@ async fn start(config: &Config, paths: &Paths) -> Result<State, DaemonError> {
             paths.bpffs.display()
         );
     }
-    let mut services = Vec::new();
-    let mut next_backend = 0u32;
-    for (id, svc) in (0u32..).zip(&config.services) {
-        let snat = match (svc.snat, svc.backends.first()) {
-            (Some(a), _) => a,
-            (None, Some(b)) => {
-                source_address_towards(b.address).map_err(|source| DaemonError::NoSnat {
-                    service: svc.name.clone(),
-                    backend: b.address,
-                    source,
-                })?
-            }
-            (None, None) => {
-                return Err(DaemonError::NoSnatNoBackends {
-                    service: svc.name.clone(),
-                });
-            }
-        };
-        let first = probe_all(svc).await;
-        let mut backends = Vec::new();
-        for (b, result) in svc.backends.iter().zip(first) {
-            let healthy = result.is_ok();
-            if let Err(e) = &result {
-                log::warn!(
-                    "service \"{}\": backend {} starts down: {e}",
-                    svc.name,
-                    b.address
-                );
-            }
-            if !adopted {
-                dataplane.reset_backend_stats(next_backend)?;
-            }
-            dataplane.set_backend(next_backend, b.address, healthy)?;
-            backends.push(BackendState {
-                id: next_backend,
-                address: b.address,
-                weight: b.weight,
-                tracker: Tracker::new(healthy, svc.health.rise, svc.health.fall),
-                active_flows: 0,
-                last_error: result.err(),
-            });
-            next_backend += 1;
-        }
-        services.push(ServiceState {
-            id,
-            name: svc.name.clone(),
-            vip: svc.vip,
-            protocol: svc.protocol,
-            snat,
-            health: svc.health.clone(),
-            backends,
-        });
-    }
-    let mut state = State {
+    let text = std::fs::read_to_string(&paths.config).unwrap_or_default();
+    let digest = persist::digest(&text);
+    let placed = initial_services(&config, &digest, &paths.state_dir);
+    let interfaces = config.interfaces.clone();
+    let mut state = State::new(
         dataplane,
-        services,
-        interfaces: Vec::new(),
-        timeouts: FlowTimeouts {
-            tcp_idle: config.flows.tcp_idle_timeout,
-            tcp_closing: config.flows.tcp_closing_timeout,
-            udp_idle: config.flows.udp_idle_timeout,
-        },
-        flow_entries: 0,
-    };
-    for i in 0..state.services.len() {
-        state.publish(i)?;
-        let s = &state.services[i];
-        log::info!(
-            "service \"{}\" {} {} snat {}: {} backends",
-            s.name,
-            s.vip,
-            s.protocol,
-            s.snat,
-            s.backends.len()
-        );
-    }
-    // What an earlier daemon published and this config no longer has.
-    let keys: Vec<ServiceKey> = state.services.iter().map(ServiceState::key).collect();
-    let stale = state.dataplane.retain_services(&keys)?;
+        config,
+        paths.config.clone(),
+        digest,
+        paths.state_dir.clone(),
+        health_reports,
+    );
+    let configs: Vec<ServiceConfig> = placed.iter().map(|p| p.config.clone()).collect();
+    let probes = probe_all(state.to_probe(&configs)).await;
+    let changes = layout::Changes::everything(&placed);
+    state.apply(placed, &changes, &probes, !adopted)?;
+    // What an earlier daemon published and this one does not run.
+    let stale = state.dataplane.retain_services(&state.keys())?;
     if stale > 0 {
         log::info!("removed {stale} services the config no longer has");
     }
-    let ids: Vec<u32> = state
-        .services
-        .iter()
-        .flat_map(|s| s.backends.iter().map(|b| b.id))
-        .collect();
+    let ids = state.backend_ids();
     state.dataplane.clear_backends_except(&ids)?;
-    for name in &config.interfaces {
+    for name in &interfaces {
         enable_forwarding(name)?;
         let ifindex = state.dataplane.attach(name)?;
         log::info!("attached to {name} (ifindex {ifindex}) in native mode");
@@ -454,41 +199,45 @@ async fn start(config: &Config, paths: &Paths) -> Result<State, DaemonError> {
             mode: "native".into(),
         });
     }
-    for name in state.dataplane.detach_others(&config.interfaces)? {
+    for name in state.dataplane.detach_others(&interfaces)? {
         log::info!("detached from {name}: no longer in the config");
     }
+    if let Some(warning) = state.persist() {
+        log::warn!("{warning}");
+    }
     Ok(state)
+}
+
+/// Probes backends at once; results by address.
+async fn probe_all(targets: Vec<(SocketAddrV4, HealthConfig)>) -> Probes {
+    let handles: Vec<_> = targets
+        .into_iter()
+        .map(|(address, cfg)| {
+            (
+                address,
+                tokio::spawn(async move { health::probe(address, &cfg).await }),
+            )
+        })
+        .collect();
+    let mut results = Probes::new();
+    for (address, handle) in handles {
+        let result = handle
+            .await
+            .unwrap_or_else(|e| Err(format!("health probe task failed: {e}")));
+        results.insert(address, result);
+    }
+    results
 }
 
 /// Where the daemon keeps what outlives it.
 #[derive(Clone, Debug)]
 pub struct Paths {
+    pub config: PathBuf,
     pub socket: PathBuf,
     /// Maps and XDP links, on a bpf filesystem.
     pub bpffs: PathBuf,
-    /// Files: the SNAT port reservation.
+    /// Files: the runtime state and the SNAT port reservation.
     pub state_dir: PathBuf,
-}
-
-/// Probes every backend of a service at once; results in backend order.
-async fn probe_all(svc: &crate::config::ServiceConfig) -> Vec<Result<(), String>> {
-    let handles: Vec<_> = svc
-        .backends
-        .iter()
-        .map(|b| {
-            let (address, cfg) = (b.address, svc.health.clone());
-            tokio::spawn(async move { health::probe(address, &cfg).await })
-        })
-        .collect();
-    let mut results = Vec::with_capacity(handles.len());
-    for handle in handles {
-        results.push(
-            handle
-                .await
-                .unwrap_or_else(|e| Err(format!("health probe task failed: {e}"))),
-        );
-    }
-    results
 }
 
 pub async fn run(config: Config, paths: Paths) -> Result<(), DaemonError> {
@@ -498,34 +247,39 @@ pub async fn run(config: Config, paths: Paths) -> Result<(), DaemonError> {
     let socket = paths.socket.clone();
     // Before anything is loaded: a second daemon must not touch the first one's maps.
     let listener = control::bind(&socket).await?;
-    let state = match start(&config, &paths).await {
+    let (snat_min, snat_max) = (config.flows.snat_port_min, config.flows.snat_port_max);
+    let (reports, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let state = match start(config, &paths, reports).await {
         Ok(state) => state,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
     };
-    crate::ports::reserve(
-        config.flows.snat_port_min,
-        config.flows.snat_port_max,
-        &paths.state_dir,
-    )?;
+    crate::ports::reserve(snat_min, snat_max, &paths.state_dir)?;
     log::info!("serving the control socket {}", socket.display());
     let state = Arc::new(Mutex::new(state));
     let mut tasks = tokio::task::JoinSet::new();
-    spawn_health_checks(&state, &mut tasks);
+    let health_state = Arc::clone(&state);
+    tasks.spawn(async move {
+        while let Some(report) = health_rx.recv().await {
+            lock(&health_state).record_health(report);
+        }
+    });
     let (table, timeouts) = {
         let guard = lock(&state);
         (guard.dataplane.flow_table()?, guard.timeouts)
     };
     tasks.spawn(sweep_flows(table, timeouts, Arc::clone(&state)));
     let server = Arc::clone(&state);
+    // One change of the service set at a time: each is computed from the one before.
+    let changing = Arc::new(tokio::sync::Mutex::new(()));
     tasks.spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let state = Arc::clone(&server);
-                    tokio::spawn(serve(stream, state));
+                    tokio::spawn(serve(stream, state, Arc::clone(&changing)));
                 }
                 Err(e) => log::warn!("control socket accept: {e}"),
             }
@@ -585,38 +339,28 @@ fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn spawn_health_checks(state: &Arc<Mutex<State>>, tasks: &mut tokio::task::JoinSet<()>) {
-    let guard = lock(state);
-    let count: usize = guard.services.iter().map(|s| s.backends.len()).sum();
-    let mut n = 0;
-    for (s, svc) in guard.services.iter().enumerate() {
-        for (b, backend) in svc.backends.iter().enumerate() {
-            let cfg = svc.health.clone();
-            let address = backend.address;
-            let state = Arc::clone(state);
-            let delay = health::initial_delay(cfg.interval, n, count);
-            n += 1;
-            tasks.spawn(async move {
-                tokio::time::sleep(delay).await;
-                let mut tick = tokio::time::interval(cfg.interval);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    let result = health::probe(address, &cfg).await;
-                    lock(&state).record_health(s, b, result);
-                }
-            });
-        }
-    }
-}
-
-async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
+async fn serve(
+    stream: UnixStream,
+    state: Arc<Mutex<State>>,
+    changing: Arc<tokio::sync::Mutex<()>>,
+) {
     let mut reader = BufReader::new(stream);
     let response = match control::read_request(&mut reader).await {
-        Ok(request) => {
+        Ok(request) if request.changes_services() => {
             log::debug!("control request {request:?}");
-            lock(&state).handle(request)
+            let _one_at_a_time = changing.lock().await;
+            change(&state, request).await
         }
+        Ok(Request::Status) => Response::status(lock(&state).status()),
+        Ok(Request::SetWeight {
+            service,
+            backend,
+            weight,
+        }) => {
+            let _one_at_a_time = changing.lock().await;
+            lock(&state).set_weight(&service, &backend, weight)
+        }
+        Ok(other) => Response::failed(format!("unhandled request {other:?}")),
         Err(refusal) => {
             log::debug!("control request refused: {:?}", refusal.error);
             refusal
@@ -628,4 +372,163 @@ async fn serve(stream: UnixStream, state: Arc<Mutex<State>>) {
     if let Err(e) = stream.write_all(line.as_bytes()).await {
         log::debug!("control client went away: {e}");
     }
+}
+
+/// A change of the service set: the new set is worked out and checked, its new backends are
+/// probed (without the lock: probes take up to a timeout), then only the difference is applied
+/// and the result saved.
+async fn change(state: &Arc<Mutex<State>>, request: Request) -> Response {
+    let Desired {
+        services: desired,
+        note,
+        digest,
+    } = match desired_services(&lock(state), request) {
+        Ok(d) => d,
+        Err(refusal) => return *refusal,
+    };
+    let targets = lock(state).to_probe(&desired);
+    let probes = probe_all(targets).await;
+    let mut guard = lock(state);
+    let (placed, changes) = match layout::place(&desired, &guard.placed()) {
+        Ok(p) => p,
+        Err(e) => return Response::bad_input(e),
+    };
+    if let Err(e) = guard.apply(placed, &changes, &probes, true) {
+        return match e {
+            ApplyError::Dataplane(e) => Response::failed(format!("updating the data path: {e}")),
+            refused => Response::bad_input(refused.to_string()),
+        };
+    }
+    if let Some(digest) = digest {
+        guard.config_digest = digest;
+    }
+    let saved = guard.persist();
+    let mut message = changes.describe();
+    for extra in [note, saved].into_iter().flatten() {
+        message.push_str("; ");
+        message.push_str(&extra);
+    }
+    log::info!("{message}");
+    Response::done().with_message(Some(message))
+}
+
+/// The service set a request asks for.
+struct Desired {
+    services: Vec<ServiceConfig>,
+    /// Said in the answer.
+    note: Option<String>,
+    /// A reload's config digest, which the state then descends from.
+    digest: Option<String>,
+}
+
+/// Refusals are the request's fault, and boxed: they are the rare path.
+fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Response>> {
+    let mut services = state.service_configs();
+    let refuse = |message: String| Box::new(Response::bad_input(message));
+    let find = |services: &[ServiceConfig], name: &str| -> Result<usize, Box<Response>> {
+        let name = state.service_name(name).map_err(refuse)?;
+        Ok(services
+            .iter()
+            .position(|s| s.name == name)
+            .expect("a running service is in its own config"))
+    };
+    let address = |text: &str| {
+        text.parse::<SocketAddrV4>().map_err(|_| {
+            refuse(format!(
+                "backend {text:?} is not an IPv4 address with port (like 198.18.2.11:8000)"
+            ))
+        })
+    };
+    match request {
+        Request::ServiceAdd { service } => {
+            if services.iter().any(|s| s.name == service.name) {
+                return Err(refuse(format!(
+                    "service \"{}\" exists already",
+                    service.name
+                )));
+            }
+            services.push(service);
+        }
+        Request::ServiceRemove { service } => {
+            let i = find(&services, &service)?;
+            services.remove(i);
+        }
+        Request::BackendAdd {
+            service,
+            backend,
+            weight,
+        } => {
+            let i = find(&services, &service)?;
+            let address = address(&backend)?;
+            if services[i].backends.iter().any(|b| b.address == address) {
+                return Err(refuse(format!(
+                    "backend {address} is in service \"{}\" already",
+                    services[i].name
+                )));
+            }
+            services[i].backends.push(BackendConfig { address, weight });
+        }
+        Request::BackendRemove { service, backend } => {
+            let i = find(&services, &service)?;
+            let address = address(&backend)?;
+            let Some(b) = services[i]
+                .backends
+                .iter()
+                .position(|b| b.address == address)
+            else {
+                return Err(refuse(format!(
+                    "backend {address} is not in service \"{}\"",
+                    services[i].name
+                )));
+            };
+            services[i].backends.remove(b);
+        }
+        Request::Reload => {
+            let text = std::fs::read_to_string(&state.config_path).map_err(|e| {
+                refuse(format!(
+                    "cannot read the config {}: {e}",
+                    state.config_path.display()
+                ))
+            })?;
+            let origin = state.config_path.display().to_string();
+            let config = Config::parse(&text, &origin).map_err(|e| refuse(e.to_string()))?;
+            let note = restart_needed(&state.config, &config);
+            return Ok(Desired {
+                services: config.services,
+                note,
+                digest: Some(persist::digest(&text)),
+            });
+        }
+        Request::Status | Request::SetWeight { .. } => {
+            return Err(Box::new(Response::failed(
+                "not a change of services".into(),
+            )));
+        }
+    }
+    layout::check(&services).map_err(refuse)?;
+    Ok(Desired {
+        services,
+        note: None,
+        digest: None,
+    })
+}
+
+/// Settings a reload cannot change on a running data path, if the new config changes any.
+fn restart_needed(running: &Config, new: &Config) -> Option<String> {
+    let mut differ = Vec::new();
+    if running.interfaces != new.interfaces {
+        differ.push("interfaces");
+    }
+    if running.maglev_table_size != new.maglev_table_size {
+        differ.push("maglev_table_size");
+    }
+    if running.flows != new.flows {
+        differ.push("[flows]");
+    }
+    (!differ.is_empty()).then(|| {
+        format!(
+            "not applied until the daemon restarts: {}",
+            differ.join(", ")
+        )
+    })
 }

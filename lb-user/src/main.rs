@@ -1,5 +1,5 @@
 //! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb stats`,
-//! `lb set-weight`, `lb drain`, `lb remove`).
+//! `lb set-weight`, `lb drain`, `lb service`, `lb backend`, `lb reload`, `lb remove`).
 //! Exit codes: 0 success, 2 bad input, 1 any other failure.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_user::{
-    config::Config,
+    config::{BackendConfig, Config, HealthConfig, HealthKind, Protocol, ServiceConfig},
     control::{self, Request, Response, Status},
     daemon, pins, ports, stats,
 };
@@ -81,6 +81,23 @@ enum Command {
         /// Backend IP:PORT.
         backend: String,
     },
+    /// Add or remove a service at runtime (kept across restarts; see README, "Runtime changes").
+    Service {
+        #[command(subcommand)]
+        action: ServiceAction,
+    },
+    /// Add or remove a backend of a service at runtime. A new backend takes flows once its first
+    /// health probe passes; a removed backend's flows move to the others.
+    Backend {
+        #[command(subcommand)]
+        action: BackendAction,
+    },
+    /// Re-read the config file and apply what differs: services and backends that did not
+    /// change keep their flows untouched. Runtime changes not in the file are dropped.
+    Reload {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
     /// Set a backend's weight (0 drains it: no new flows); takes effect for new flows at once.
     SetWeight {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -90,6 +107,54 @@ enum Command {
         /// Backend IP:PORT.
         backend: String,
         weight: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceAction {
+    Add {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        name: String,
+        /// The virtual address clients connect to, IP:PORT.
+        vip: std::net::SocketAddrV4,
+        #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
+        protocol: Protocol,
+        /// Source address towards the backends (default: the one the kernel picks).
+        #[arg(long)]
+        snat: Option<std::net::Ipv4Addr>,
+        /// Health check: tcp, none, or http:/PATH (default: tcp for TCP, none for UDP).
+        #[arg(long, value_parser = parse_health)]
+        health: Option<HealthKind>,
+        /// A backend, IP:PORT or IP:PORT=WEIGHT (weight 1 if not given); repeat for more.
+        #[arg(long = "backend", value_parser = parse_backend)]
+        backends: Vec<BackendConfig>,
+    },
+    Remove {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Service name, or its VIP:PORT.
+        service: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendAction {
+    Add {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Service name, or its VIP:PORT.
+        service: String,
+        /// Backend IP:PORT.
+        backend: String,
+    },
+    Remove {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        service: String,
+        backend: String,
     },
 }
 
@@ -145,6 +210,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 error: e.into(),
             })?;
             let paths = daemon::Paths {
+                config,
                 socket,
                 bpffs,
                 state_dir,
@@ -247,23 +313,125 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
         }
+        Command::Service { action } => {
+            let (socket, request) = match action {
+                ServiceAction::Add {
+                    socket,
+                    name,
+                    vip,
+                    protocol,
+                    snat,
+                    health,
+                    backends,
+                } => {
+                    let mut check = HealthConfig::default_for(protocol);
+                    if let Some(kind) = health {
+                        check.kind = kind;
+                    }
+                    let service = ServiceConfig {
+                        name,
+                        vip,
+                        protocol,
+                        snat,
+                        health: check,
+                        backends,
+                    };
+                    (socket, Request::ServiceAdd { service })
+                }
+                ServiceAction::Remove { socket, service } => {
+                    (socket, Request::ServiceRemove { service })
+                }
+            };
+            report(call(&socket, request).await?);
+            Ok(())
+        }
+        Command::Backend { action } => {
+            let (socket, request) = match action {
+                BackendAction::Add {
+                    socket,
+                    weight,
+                    service,
+                    backend,
+                } => (
+                    socket,
+                    Request::BackendAdd {
+                        service,
+                        backend,
+                        weight,
+                    },
+                ),
+                BackendAction::Remove {
+                    socket,
+                    service,
+                    backend,
+                } => (socket, Request::BackendRemove { service, backend }),
+            };
+            report(call(&socket, request).await?);
+            Ok(())
+        }
+        Command::Reload { socket } => {
+            report(call(&socket, Request::Reload).await?);
+            Ok(())
+        }
         Command::SetWeight {
             socket,
             service,
             backend,
             weight,
         } => {
-            set_weight(&socket, &service, &backend, weight).await?;
+            let done = set_weight(&socket, &service, &backend, weight).await?;
             println!("service {service}: backend {backend} weight {weight}");
+            report(done);
             Ok(())
         }
     }
+}
+
+/// Prints what a change did.
+fn report(response: Response) {
+    if let Some(message) = response.message {
+        println!("{message}");
+    }
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    match text {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ => Err(format!("{text:?} is not tcp or udp")),
+    }
+}
+
+fn parse_health(text: &str) -> Result<HealthKind, String> {
+    match text {
+        "tcp" => Ok(HealthKind::Tcp),
+        "none" => Ok(HealthKind::None),
+        _ => match text.strip_prefix("http:") {
+            Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                Ok(HealthKind::Http { path: path.into() })
+            }
+            _ => Err(format!("{text:?} is not tcp, none or http:/PATH")),
+        },
+    }
+}
+
+/// `IP:PORT` or `IP:PORT=WEIGHT`.
+fn parse_backend(text: &str) -> Result<BackendConfig, String> {
+    let (address, weight) = text.split_once('=').unwrap_or((text, "1"));
+    let address = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 address with port"))?;
+    let weight = weight
+        .parse()
+        .map_err(|_| format!("weight {weight:?} is not a number"))?;
+    Ok(BackendConfig { address, weight })
 }
 
 async fn fetch_status(socket: &std::path::Path) -> Result<Status, Failure> {
     Ok(call(socket, Request::Status)
         .await?
         .status
+        .map(|s| *s)
         .unwrap_or_default())
 }
 
@@ -272,7 +440,7 @@ async fn set_weight(
     service: &str,
     backend: &str,
     weight: u32,
-) -> Result<(), Failure> {
+) -> Result<Response, Failure> {
     call(
         socket,
         Request::SetWeight {
@@ -282,7 +450,6 @@ async fn set_weight(
         },
     )
     .await
-    .map(drop)
 }
 
 /// The active flows of `backend` (IP:PORT) in the service named, or with VIP:PORT, `service`.

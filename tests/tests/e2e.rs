@@ -555,3 +555,151 @@ fn restart_keeps_flows_and_serves_new_connections_and_remove_ends_forwarding() {
     );
     drop(long_lived);
 }
+
+/// Runs the CLI and asserts success; returns what it printed.
+fn cli_ok(balancer: &Balancer, args: &[&str]) -> String {
+    let out = balancer.cli(args);
+    assert!(
+        out.status.success(),
+        "lb {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        balancer.log()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Bodies of `count` requests to VIP:port on new connections.
+fn requests_to_port(topo: &Topology, port: u16, count: usize) -> Vec<String> {
+    let out = topo.client.try_sh(&format!(
+        "for i in $(seq {count}); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}:{port}/ || echo FAIL; done"
+    ));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup(Arms::Two, &[4, 6]);
+    let mut long_lived = connect_in(&topo.client);
+    let holder = request_on(&mut long_lived);
+    let (mine, other) = if holder == "b1" {
+        (backend(&topo, 0), backend(&topo, 1))
+    } else {
+        (backend(&topo, 1), backend(&topo, 0))
+    };
+    println!("long-lived connection on {holder} ({mine})");
+
+    // A new service, taking flows once its backends' first probes pass.
+    let said = cli_ok(
+        &balancer,
+        &[
+            "service",
+            "add",
+            "api",
+            &format!("{VIP}:81"),
+            "--backend",
+            &format!("{mine}=1"),
+            "--backend",
+            &other,
+        ],
+    );
+    assert!(said.contains("added api"), "{said}");
+    let (counts, failed) = tally(&requests_to_port(&topo, 81, 40), 2);
+    assert_eq!(failed, 0, "the added service failed requests");
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "api uses both backends: {counts:?}"
+    );
+
+    // Removing the other backend of web moves all new flows to the long-lived one's backend.
+    let said = cli_ok(&balancer, &["backend", "remove", "web", &other]);
+    assert!(
+        said.contains("updated web") && !said.contains("api"),
+        "{said}"
+    );
+    let bodies = requests_to_port(&topo, 80, 30);
+    assert!(bodies.iter().all(|b| *b == holder), "{bodies:?}");
+    assert_eq!(request_on(&mut long_lived), holder);
+    cli_ok(
+        &balancer,
+        &["backend", "add", "web", &other, "--weight", "6"],
+    );
+    cli_ok(&balancer, &["set-weight", "web", &mine, "2"]);
+    let (counts, failed) = tally(&http_requests(&topo, 60), 2);
+    assert_eq!(failed, 0);
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "web uses both again: {counts:?}"
+    );
+
+    // Bad changes are refused with exit 2 and change nothing.
+    let before = balancer.status()["services"].clone();
+    for args in [
+        &["service", "add", "web", &format!("{VIP}:82")][..],
+        &["service", "add", "x", &format!("{VIP}:80")][..],
+        &["backend", "add", "nosuch", &other][..],
+        &["backend", "add", "web", &other][..],
+        &["backend", "remove", "web", "198.18.9.9:1"][..],
+        &["service", "remove", "nosuch"][..],
+        &["backend", "add", "web", "198.18.9.9:1", "--weight", "70000"][..],
+    ] {
+        let out = balancer.cli(args);
+        assert_eq!(out.status.code(), Some(2), "lb {args:?}: {out:?}");
+    }
+    assert_eq!(balancer.status()["services"], before);
+
+    // A restart with the config file unchanged keeps every runtime change.
+    balancer.restart();
+    assert!(balancer.log().contains("restoring the runtime state"));
+    assert_eq!(
+        balancer.status()["services"].as_array().map(Vec::len),
+        Some(3)
+    );
+    assert_eq!(balancer.backend("web", &mine)["weight"], 2);
+    assert_eq!(balancer.backend("web", &other)["weight"], 6);
+    assert_eq!(request_on(&mut long_lived), holder);
+
+    // A reload makes the file the truth again: api goes, web takes the file's weights; the
+    // long-lived connection's flow is untouched.
+    let packets_before = balancer.backend("web", &mine)["packets"]
+        .as_u64()
+        .expect("n");
+    // web (the first service in the file) goes to 1:1; dns keeps 4:6, and must not be touched.
+    let file = topo.config(&[4, 6]);
+    let file = file
+        .replacen("weight = 4", "weight = 1", 1)
+        .replacen("weight = 6", "weight = 1", 1);
+    balancer.write_config(&file);
+    let said = cli_ok(&balancer, &["reload"]);
+    assert!(
+        said.contains("updated web") && said.contains("removed api") && !said.contains("dns"),
+        "{said}"
+    );
+    assert_eq!(balancer.backend("web", &mine)["weight"], 1);
+    assert!(
+        balancer.backend("web", &mine)["packets"]
+            .as_u64()
+            .expect("n")
+            >= packets_before
+    );
+    assert_eq!(
+        requests_to_port(&topo, 81, 3),
+        ["FAIL", "FAIL", "FAIL"],
+        "the removed service still answers"
+    );
+    assert_eq!(request_on(&mut long_lived), holder);
+    // A reload of a broken file changes nothing.
+    balancer.write_config("interfaces = [\n");
+    let out = balancer.cli(&["reload"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(
+        balancer.status()["services"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let said = cli_ok(&balancer, &["status"]);
+    assert!(said.contains("service web"), "{said}");
+}

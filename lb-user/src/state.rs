@@ -1,0 +1,607 @@
+//! What the daemon runs, behind its one lock: services and backends with their health, the
+//! data path (the only writer of its maps), and the state file. Every change of the service
+//! set, from the config at start, `lb reload`, or a runtime command, goes through `apply`,
+//! which writes only what differs: services whose config is unchanged get no map write at
+//! all, so their flows and Maglev tables stay as they are.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+};
+
+use lb_common::{Be16, Be32, ServiceKey};
+use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
+
+use crate::{
+    config::{BackendConfig, Config, MAX_WEIGHT, ServiceConfig},
+    control::{BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus, Status},
+    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts},
+    health::{self, Tracker},
+    layout::{Changes, PlacedService},
+    maglev::{MaglevBackend, build_table},
+    persist::{self, Persisted},
+};
+
+/// A health probe's result, sent by a backend's probe task.
+#[derive(Debug)]
+pub struct HealthReport {
+    pub backend: u32,
+    pub address: SocketAddrV4,
+    pub result: Result<(), String>,
+}
+
+/// First probe results of backends a change adds, by address.
+pub type Probes = HashMap<SocketAddrV4, Result<(), String>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "service \"{service}\": no snat address given and none found towards {backend}: {source}; set `snat`"
+    )]
+    NoSnat {
+        service: String,
+        backend: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service \"{service}\" has no backends and no `snat` address; set `snat`")]
+    NoSnatNoBackends { service: String },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+struct BackendState {
+    id: u32,
+    address: SocketAddrV4,
+    weight: u32,
+    tracker: Tracker,
+    active_flows: u64,
+    last_error: Option<String>,
+    probe_task: Option<AbortHandle>,
+}
+
+impl Drop for BackendState {
+    fn drop(&mut self) {
+        if let Some(task) = self.probe_task.take() {
+            task.abort();
+        }
+    }
+}
+
+struct ServiceState {
+    id: u32,
+    config: ServiceConfig,
+    /// `config.snat`, or the address the kernel uses towards the first backend.
+    snat: Ipv4Addr,
+    /// In `config.backends` order.
+    backends: Vec<BackendState>,
+}
+
+impl ServiceState {
+    fn key(&self) -> ServiceKey {
+        service_key(&self.config)
+    }
+
+    /// The Maglev table: backends that take new flows (healthy, weight > 0).
+    fn table(&self, size: u32) -> Vec<u32> {
+        let eligible: Vec<MaglevBackend> = self
+            .backends
+            .iter()
+            .filter(|b| b.tracker.healthy && b.weight > 0)
+            .map(|b| MaglevBackend {
+                id: b.id,
+                addr: b.address,
+                weight: b.weight,
+            })
+            .collect();
+        build_table(&eligible, size)
+    }
+
+    fn placed(&self) -> PlacedService {
+        let mut config = self.config.clone();
+        config.backends = self
+            .backends
+            .iter()
+            .map(|b| BackendConfig {
+                address: b.address,
+                weight: b.weight,
+            })
+            .collect();
+        PlacedService {
+            id: self.id,
+            backend_ids: self.backends.iter().map(|b| b.id).collect(),
+            config,
+        }
+    }
+}
+
+fn service_key(config: &ServiceConfig) -> ServiceKey {
+    ServiceKey {
+        vip: Be32::from_bytes(config.vip.ip().octets()),
+        port: Be16::from_host(config.vip.port()),
+        proto: config.protocol.number(),
+        _pad: 0,
+    }
+}
+
+pub struct State {
+    pub dataplane: Dataplane,
+    services: Vec<ServiceState>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub timeouts: FlowTimeouts,
+    flow_entries: u64,
+    /// The config the daemon started with (settings other than services apply at start only).
+    pub config: Config,
+    pub config_path: PathBuf,
+    /// `persist::digest` of the config file the services descend from.
+    pub config_digest: String,
+    state_dir: PathBuf,
+    health: UnboundedSender<HealthReport>,
+}
+
+impl State {
+    pub fn new(
+        dataplane: Dataplane,
+        config: Config,
+        config_path: PathBuf,
+        config_digest: String,
+        state_dir: PathBuf,
+        health: UnboundedSender<HealthReport>,
+    ) -> Self {
+        Self {
+            dataplane,
+            services: Vec::new(),
+            interfaces: Vec::new(),
+            timeouts: FlowTimeouts {
+                tcp_idle: config.flows.tcp_idle_timeout,
+                tcp_closing: config.flows.tcp_closing_timeout,
+                udp_idle: config.flows.udp_idle_timeout,
+            },
+            flow_entries: 0,
+            config,
+            config_path,
+            config_digest,
+            state_dir,
+            health,
+        }
+    }
+
+    /// The services as placed in the maps (what `layout::place` compares a new set with).
+    pub fn placed(&self) -> Vec<PlacedService> {
+        self.services.iter().map(ServiceState::placed).collect()
+    }
+
+    pub fn service_configs(&self) -> Vec<ServiceConfig> {
+        self.placed().into_iter().map(|p| p.config).collect()
+    }
+
+    /// Backends of `desired` that have no probe result yet (new ones, or of a service whose
+    /// health check changed): they are probed before the change is applied, so that a new
+    /// backend takes traffic only once it answers.
+    pub fn to_probe(
+        &self,
+        desired: &[ServiceConfig],
+    ) -> Vec<(SocketAddrV4, crate::config::HealthConfig)> {
+        let mut out = Vec::new();
+        for s in desired {
+            let current = self.services.iter().find(|c| c.config.name == s.name);
+            for b in &s.backends {
+                let known = current.is_some_and(|c| {
+                    c.config.health == s.health
+                        && c.backends.iter().any(|cb| cb.address == b.address)
+                });
+                if !known {
+                    out.push((b.address, s.health.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Makes the maps and the state hold `placed`. `fresh_counters`: new backend ids start
+    /// their counters from zero (not when adopting a pinned data path, whose counters carry on).
+    pub fn apply(
+        &mut self,
+        placed: Vec<PlacedService>,
+        changes: &Changes,
+        probes: &Probes,
+        fresh_counters: bool,
+    ) -> Result<(), ApplyError> {
+        // Everything that can be refused is checked before the first map write.
+        let mut snat = HashMap::new();
+        for p in placed
+            .iter()
+            .filter(|p| changes.changed.contains(&p.config.name))
+        {
+            snat.insert(p.config.name.clone(), resolve_snat(&p.config)?);
+        }
+        let mut old: HashMap<String, ServiceState> = self
+            .services
+            .drain(..)
+            .map(|s| (s.config.name.clone(), s))
+            .collect();
+        let mut next = Vec::with_capacity(placed.len());
+        let mut written = Ok(());
+        for p in placed {
+            let previous = old.remove(&p.config.name);
+            let Some(&address) = snat.get(&p.config.name) else {
+                next.extend(previous);
+                continue;
+            };
+            match self.build(p, address, previous, probes, fresh_counters) {
+                Ok(service) => next.push(service),
+                Err(e) => {
+                    written = Err(e);
+                    break;
+                }
+            }
+        }
+        if written.is_ok() {
+            for gone in old.values() {
+                written = self.unpublish(gone);
+                if written.is_err() {
+                    break;
+                }
+            }
+        } else {
+            // A map write failed (a bug or an exhausted kernel): keep tracking what is left.
+            next.extend(old.into_values());
+        }
+        self.services = next;
+        written?;
+        for &id in &changes.freed_backends {
+            if self.backend_ids().contains(&id) {
+                continue;
+            }
+            self.dataplane
+                .set_backend(id, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)?;
+        }
+        Ok(())
+    }
+
+    fn unpublish(&mut self, gone: &ServiceState) -> Result<(), ApplyError> {
+        self.dataplane.remove_service(gone.id, gone.key())?;
+        for b in &gone.backends {
+            self.dataplane.set_backend(b.id, b.address, false)?;
+        }
+        log::info!("service \"{}\" removed", gone.config.name);
+        Ok(())
+    }
+
+    /// A changed or new service, written to the maps: its backends (new ones as their first
+    /// probe found them), then its table, then the removal of what it no longer has.
+    fn build(
+        &mut self,
+        p: PlacedService,
+        snat: Ipv4Addr,
+        previous: Option<ServiceState>,
+        probes: &Probes,
+        fresh_counters: bool,
+    ) -> Result<ServiceState, ApplyError> {
+        let name = p.config.name.clone();
+        let health_same = previous
+            .as_ref()
+            .is_some_and(|prev| prev.config.health == p.config.health);
+        let (old_key, mut old_backends) = match previous {
+            Some(mut prev) => (
+                Some((prev.id, prev.key())),
+                std::mem::take(&mut prev.backends),
+            ),
+            None => (None, Vec::new()),
+        };
+        let mut backends = Vec::with_capacity(p.config.backends.len());
+        for (b, &id) in p.config.backends.iter().zip(&p.backend_ids) {
+            let kept = old_backends
+                .iter()
+                .position(|o| o.id == id && o.address == b.address)
+                .map(|i| old_backends.swap_remove(i));
+            let existed = kept.is_some();
+            if let Some(mut k) = kept.filter(|_| health_same) {
+                k.weight = b.weight;
+                backends.push(k);
+                continue;
+            }
+            let first = probes
+                .get(&b.address)
+                .cloned()
+                .unwrap_or_else(|| Err("not probed yet".into()));
+            if fresh_counters && !existed {
+                self.dataplane.reset_backend_stats(id)?;
+            }
+            if let Err(e) = &first {
+                log::warn!("service \"{name}\": backend {} starts down: {e}", b.address);
+            }
+            self.dataplane.set_backend(id, b.address, first.is_ok())?;
+            backends.push(BackendState {
+                id,
+                address: b.address,
+                weight: b.weight,
+                tracker: Tracker::new(first.is_ok(), p.config.health.rise, p.config.health.fall),
+                active_flows: 0,
+                last_error: first.err(),
+                probe_task: Some(self.spawn_probe(id, b.address, &p.config)),
+            });
+        }
+        let service = ServiceState {
+            id: p.id,
+            config: p.config,
+            snat,
+            backends,
+        };
+        self.publish(&service)?;
+        // Backends the service no longer has stop taking flows: their flows move.
+        for gone in &old_backends {
+            self.dataplane.set_backend(gone.id, gone.address, false)?;
+        }
+        if let Some((id, key)) = old_key
+            && key != service.key()
+        {
+            self.dataplane.remove_service(id, key)?;
+        }
+        log::info!(
+            "service \"{name}\" {} {} snat {}: {} backends",
+            service.config.vip,
+            service.config.protocol,
+            service.snat,
+            service.backends.len()
+        );
+        Ok(service)
+    }
+
+    fn publish(&mut self, service: &ServiceState) -> Result<(), DataplaneError> {
+        let table = service.table(self.dataplane.settings().maglev_size);
+        self.dataplane
+            .set_service(service.id, service.key(), service.snat, &table)
+    }
+
+    fn spawn_probe(&self, id: u32, address: SocketAddrV4, service: &ServiceConfig) -> AbortHandle {
+        let cfg = service.health.clone();
+        let reports = self.health.clone();
+        // Spread probes of many backends over the interval.
+        let delay = health::initial_delay(cfg.interval, id as usize % 16, 16);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut tick = tokio::time::interval(cfg.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let result = health::probe(address, &cfg).await;
+                let report = HealthReport {
+                    backend: id,
+                    address,
+                    result,
+                };
+                if reports.send(report).is_err() {
+                    return;
+                }
+            }
+        })
+        .abort_handle()
+    }
+
+    /// Writes the services to the state file; a failure is logged and returned as a warning.
+    pub fn persist(&self) -> Option<String> {
+        let state = Persisted {
+            config_digest: self.config_digest.clone(),
+            services: self.placed(),
+        };
+        match persist::save(&self.state_dir, &state) {
+            Ok(()) => None,
+            Err(e) => {
+                log::error!("saving the runtime state: {e}");
+                Some(format!(
+                    "applied, but not saved ({e}): a restart would undo it"
+                ))
+            }
+        }
+    }
+
+    fn find_service(&self, name_or_vip: &str) -> Result<usize, String> {
+        if let Some(i) = self
+            .services
+            .iter()
+            .position(|s| s.config.name == name_or_vip)
+        {
+            return Ok(i);
+        }
+        let Ok(vip) = name_or_vip.parse::<SocketAddrV4>() else {
+            return Err(format!(
+                "no service named \"{name_or_vip}\" (give a service name or its VIP:PORT)"
+            ));
+        };
+        let matches: Vec<usize> = (0..self.services.len())
+            .filter(|&i| self.services[i].config.vip == vip)
+            .collect();
+        match matches[..] {
+            [i] => Ok(i),
+            [] => Err(format!("no service has the VIP {vip}")),
+            _ => Err(format!(
+                "{vip} is the VIP of a TCP and a UDP service; give the service name instead"
+            )),
+        }
+    }
+
+    /// The name of the service `name_or_vip` names.
+    pub fn service_name(&self, name_or_vip: &str) -> Result<String, String> {
+        self.find_service(name_or_vip)
+            .map(|i| self.services[i].config.name.clone())
+    }
+
+    pub fn set_weight(&mut self, service: &str, backend: &str, weight: u32) -> Response {
+        let index = match self.find_service(service) {
+            Ok(i) => i,
+            Err(e) => return Response::bad_input(e),
+        };
+        if weight > MAX_WEIGHT {
+            return Response::bad_input(format!(
+                "weight {weight} is out of range 0..={MAX_WEIGHT}"
+            ));
+        }
+        let Ok(address) = backend.parse::<SocketAddrV4>() else {
+            return Response::bad_input(format!(
+                "backend {backend:?} is not an IPv4 address with port (like 198.18.2.11:8000)"
+            ));
+        };
+        let svc = &mut self.services[index];
+        let Some(b) = svc.backends.iter_mut().find(|b| b.address == address) else {
+            return Response::bad_input(format!(
+                "backend {address} is not in service \"{}\"",
+                svc.config.name
+            ));
+        };
+        if b.weight == weight {
+            return Response::done();
+        }
+        let old = std::mem::replace(&mut b.weight, weight);
+        let name = svc.config.name.clone();
+        let service = &self.services[index];
+        let table = service.table(self.dataplane.settings().maglev_size);
+        let (id, key, snat) = (service.id, service.key(), service.snat);
+        if let Err(e) = self.dataplane.set_service(id, key, snat, &table) {
+            // Keep what the data path still has.
+            if let Some(b) = self.services[index]
+                .backends
+                .iter_mut()
+                .find(|b| b.address == address)
+            {
+                b.weight = old;
+            }
+            return Response::failed(format!("updating the data path: {e}"));
+        }
+        log::info!("service \"{name}\": backend {address} weight {old} -> {weight}");
+        Response::done().with_message(self.persist())
+    }
+
+    pub fn record_health(&mut self, report: HealthReport) {
+        let Some((s, b)) = self.services.iter().enumerate().find_map(|(s, svc)| {
+            svc.backends
+                .iter()
+                .position(|b| b.id == report.backend && b.address == report.address)
+                .map(|b| (s, b))
+        }) else {
+            return;
+        };
+        let backend = &mut self.services[s].backends[b];
+        let ok = report.result.is_ok();
+        backend.last_error = report.result.err();
+        let Some(healthy) = backend.tracker.record(ok) else {
+            return;
+        };
+        let (id, address) = (backend.id, backend.address);
+        let why = backend.last_error.clone().unwrap_or_default();
+        let name = self.services[s].config.name.clone();
+        let written = self
+            .dataplane
+            .set_backend(id, address, healthy)
+            .and_then(|()| {
+                let service = &self.services[s];
+                let table = service.table(self.dataplane.settings().maglev_size);
+                self.dataplane
+                    .set_service(service.id, service.key(), service.snat, &table)
+            });
+        match (written, healthy) {
+            (Err(e), _) => log::error!(
+                "service \"{name}\": backend {address} is {}, but updating the data path failed: {e}",
+                if healthy { "up" } else { "down" }
+            ),
+            (Ok(()), true) => log::info!("service \"{name}\": backend {address} is up"),
+            (Ok(()), false) => log::warn!("service \"{name}\": backend {address} is down: {why}"),
+        }
+    }
+
+    pub fn record_sweep(&mut self, sweep: &FlowSweep) {
+        self.flow_entries = sweep.entries - sweep.removed;
+        for b in self.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
+            b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
+        }
+    }
+
+    pub fn keys(&self) -> Vec<ServiceKey> {
+        self.services.iter().map(ServiceState::key).collect()
+    }
+
+    pub fn backend_ids(&self) -> Vec<u32> {
+        self.services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .collect()
+    }
+
+    pub fn status(&self) -> Status {
+        let mut counters = std::collections::BTreeMap::new();
+        match self.dataplane.reason_counters() {
+            Ok(c) => {
+                for (r, n) in c.pass {
+                    counters.insert(format!("pass_{}", r.name()), n);
+                }
+                for (r, n) in c.drop {
+                    counters.insert(format!("drop_{}", r.name()), n);
+                }
+                counters.insert("tx".into(), c.tx);
+                counters.insert("redirect".into(), c.redirect);
+            }
+            Err(e) => log::warn!("reading counters: {e}"),
+        }
+        Status {
+            services: self
+                .services
+                .iter()
+                .map(|s| ServiceStatus {
+                    name: s.config.name.clone(),
+                    vip: s.config.vip.to_string(),
+                    protocol: s.config.protocol.to_string(),
+                    snat: s.snat.to_string(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| {
+                            let stats = self.dataplane.backend_stats(b.id).unwrap_or_default();
+                            BackendStatus {
+                                address: b.address.to_string(),
+                                weight: b.weight,
+                                healthy: b.tracker.healthy,
+                                active_flows: b.active_flows,
+                                new_flows: stats.new_flows,
+                                packets: stats.packets,
+                                bytes: stats.bytes,
+                                last_error: b.last_error.clone(),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+            interfaces: self.interfaces.clone(),
+            flows: FlowTableStatus {
+                entries: self.flow_entries,
+                capacity: u64::from(self.dataplane.settings().flow_capacity),
+            },
+            counters,
+        }
+    }
+}
+
+/// The SNAT address of a service: its own, or the one the kernel uses towards its first backend.
+fn resolve_snat(config: &ServiceConfig) -> Result<Ipv4Addr, ApplyError> {
+    match (config.snat, config.backends.first()) {
+        (Some(a), _) => Ok(a),
+        (None, Some(b)) => source_address_towards(b.address).map_err(|source| ApplyError::NoSnat {
+            service: config.name.clone(),
+            backend: b.address,
+            source,
+        }),
+        (None, None) => Err(ApplyError::NoSnatNoBackends {
+            service: config.name.clone(),
+        }),
+    }
+}
+
+/// The source address the kernel would use towards `backend`.
+fn source_address_towards(backend: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(backend)?;
+    match socket.local_addr()? {
+        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+        std::net::SocketAddr::V6(_) => Err(std::io::Error::other("IPv6 source")),
+    }
+}
