@@ -36,3 +36,14 @@ pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 pub const FLOW_RECLAIM_NS: u64 = 2_000_000_000;
 /// Tries at finding a free SNAT port for a new flow before it is dropped as exhausted.
 pub const SNAT_PORT_TRIES: u32 = 8;
+/// A SYN that arrives again this long after its flow was made, while the backend has answered
+/// nothing, is a client's retransmission: the backend is suspect and the connection moves.
+/// Shorter than any TCP's initial retransmission timeout (1 s on Linux), longer than a
+/// duplicate in flight.
+pub const SYN_UNANSWERED_NS: u64 = 500_000_000;
+/// How long the data path steers new connections off a backend it saw refuse or ignore one,
+/// unless the daemon's next passing health check clears the mark first.
+pub const SUSPECT_HOLD_NS: u64 = 10_000_000_000;
+/// Maglev slots after a suspect backend's tried for a new flow: each is another backend with
+/// the probability of its weight share.
+pub const SUSPECT_PROBES: u32 = 8;

@@ -55,6 +55,9 @@ pub enum DropReason {
     Inconsistent = 9,
     /// The redirect to the egress device failed.
     RedirectFailed = 10,
+    /// A backend answered a new connection's SYN with RST (it is up, nothing listens): the RST
+    /// is kept from the client, whose retransmitted SYN goes to another backend.
+    BackendRefused = 11,
 }
 
 /// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
@@ -65,6 +68,19 @@ pub const STAT_DROP_BASE: u32 = 64;
 pub const STAT_TX: u32 = 128;
 /// Packets redirected to an egress device.
 pub const STAT_REDIRECT: u32 = 129;
+/// Events, counted besides a packet's verdict: backends marked suspect because they refused a
+/// new connection (RST to its SYN) ...
+pub const STAT_SUSPECT_REFUSED: u32 = 130;
+/// ... or left its SYN unanswered until the client sent it again;
+pub const STAT_SUSPECT_UNANSWERED: u32 = 131;
+/// new flows steered off a suspect backend to another.
+pub const STAT_STEERED_OFF_SUSPECT: u32 = 132;
+/// Event slots and their names in status and metrics.
+pub const EVENTS: [(u32, &str); 3] = [
+    (STAT_SUSPECT_REFUSED, "suspect_refused"),
+    (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
+    (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
+];
 
 impl PassReason {
     pub const ALL: [PassReason; 11] = [
@@ -103,7 +119,7 @@ impl PassReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         Self::NoBackend,
         Self::TcpNoFlow,
         Self::SnatPortsExhausted,
@@ -114,6 +130,7 @@ impl DropReason {
         Self::FibOther,
         Self::Inconsistent,
         Self::RedirectFailed,
+        Self::BackendRefused,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -132,6 +149,7 @@ impl DropReason {
             Self::FibOther => "fib_other",
             Self::Inconsistent => "inconsistent",
             Self::RedirectFailed => "redirect_failed",
+            Self::BackendRefused => "backend_refused",
         }
     }
 }
@@ -147,7 +165,8 @@ mod tests {
             .iter()
             .map(|r| r.stat_slot())
             .chain(DropReason::ALL.iter().map(|r| r.stat_slot()))
-            .chain([STAT_TX, STAT_REDIRECT]);
+            .chain([STAT_TX, STAT_REDIRECT])
+            .chain(EVENTS.iter().map(|e| e.0));
         for slot in slots {
             assert!(slot < STATS_SLOTS);
             assert!(!seen[slot as usize], "slot {slot} used twice");

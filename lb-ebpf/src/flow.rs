@@ -12,13 +12,15 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_CLOSING, FLOW_RECLAIM_NS, FLOW_REVERSE,
-    FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, SNAT_PORT_TRIES, Service,
+    FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, SNAT_PORT_TRIES, STAT_SUSPECT_REFUSED,
+    STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
 };
 
 use crate::{
     Verdict,
     maps::{BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min},
     parse::Packet,
+    suspect,
 };
 
 const EEXIST: i32 = 17;
@@ -29,24 +31,33 @@ pub struct Flow {
     pub entry: Option<*mut FlowValue>,
 }
 
-/// The packet's flow, if it has one that should carry it: a flow whose backend failed, or a
-/// closed TCP flow whose tuple a new SYN reuses, is dropped here so the packet gets a new one.
+/// The packet's flow, if it has one that should carry it: a flow whose backend failed or never
+/// answered its SYN, or a closed TCP flow whose tuple a new SYN reuses, is dropped here so the
+/// packet gets a new one. A backend's RST to a SYN it never answered ends the flow and is kept
+/// from the client (its retransmitted SYN gets a new flow).
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Option<Flow> {
-    let entry = FLOWS.get_ptr_mut(&pkt.key)?;
+pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
+    let Some(entry) = FLOWS.get_ptr_mut(&pkt.key) else {
+        return Ok(None);
+    };
     let now = now_ns();
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let value = unsafe { &mut *entry };
     if value.flags & FLOW_REVERSE == 0 {
         let reopened = pkt.is_syn() && value.flags & FLOW_CLOSING != 0;
-        if reopened || !backend_is_healthy(value.backend_id) {
+        if reopened || !backend_is_healthy(value.backend_id) || syn_unanswered(pkt, value, now) {
             // Both directions go: the reply entry frees the old SNAT port now rather than at
             // expiry, and the forward entry must not outlive it if no new flow replaces it
             // (the packet may still be dropped or passed before one is created).
             let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
             let _ = FLOWS.remove(&pkt.key);
-            return None;
+            return Ok(None);
         }
+    } else if value.last_seen_ns == 0 && pkt.is_rst() {
+        suspect::mark(value.backend_id, now, STAT_SUSPECT_REFUSED);
+        let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
+        let _ = FLOWS.remove(&pkt.key);
+        return Err(Verdict::Drop(DropReason::BackendRefused));
     }
     // Saturating: an entry stamped by a finer clock may be a jiffy ahead of the coarse one.
     if now.saturating_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
@@ -58,10 +69,27 @@ pub fn lookup(pkt: &Packet) -> Option<Flow> {
     if pkt.is_fin_or_rst() {
         value.flags |= FLOW_CLOSING;
     }
-    Some(Flow {
+    Ok(Some(Flow {
         nat: *value,
         entry: Some(entry),
-    })
+    }))
+}
+
+/// Whether `pkt` is a client's retransmitted SYN on a flow whose backend has answered nothing
+/// (its reply entry never saw a packet); the backend is marked suspect then.
+#[inline(always)]
+fn syn_unanswered(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
+    if !pkt.is_syn() || now.saturating_sub(forward.last_seen_ns) < SYN_UNANSWERED_NS {
+        return false;
+    }
+    let answered = FLOWS
+        .get_ptr(&forward.peer_key(pkt.key.proto))
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        .is_some_and(|reply| unsafe { (*reply).last_seen_ns } != 0);
+    if !answered {
+        suspect::mark(forward.backend_id, now, STAT_SUSPECT_UNANSWERED);
+    }
+    !answered
 }
 
 /// CLOCK_MONOTONIC at jiffy resolution: a flow's age is counted in seconds, and the coarse clock

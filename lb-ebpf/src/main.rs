@@ -13,6 +13,7 @@ mod parse;
 mod select;
 mod service;
 mod stats;
+mod suspect;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{DropReason, PassReason};
@@ -54,7 +55,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
-    let flow = match flow::lookup(&pkt) {
+    let flow = match flow::lookup(&pkt)? {
         Some(flow) => flow,
         None => new_flow(&pkt)?,
     };

@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
-//! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR and the
-//! counters. Sizes marked "set at load" are overridden by the daemon.
+//! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
+//! SUSPECT marks and the counters. Sizes marked "set at load" are overridden by the daemon.
 
 use aya_ebpf::{
     macros::map,
@@ -37,6 +37,11 @@ pub static BACKEND_STATS: PerCpuArray<BackendStats> =
 /// lb_common::reason slot -> packets (per CPU). Data path writes; daemon reads.
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 0);
+
+/// backend id -> when the data path saw it refuse or ignore a new connection (0: never, or
+/// cleared by the daemon after a passing health check). Data path marks; daemon clears.
+#[map]
+pub static SUSPECT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// [0] -> next SNAT port index to try on this CPU. Data path only.
 #[map]

@@ -44,6 +44,9 @@ impl Packet {
     pub fn is_fin_or_rst(&self) -> bool {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
     }
+    pub fn is_rst(&self) -> bool {
+        self.tcp_flags & TCP_RST != 0
+    }
     pub fn ttl(&self) -> u8 {
         // SAFETY: `ip` was bounds-checked in `packet`.
         unsafe { (*self.ip).ttl }

@@ -39,3 +39,12 @@ pub fn count_new_flow(id: u32) {
         unsafe { (*stats).new_flows += 1 };
     }
 }
+
+/// An event counted besides the packet's verdict (lb_common::EVENTS).
+#[inline(always)]
+pub fn count_event(slot: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *counter += 1 };
+    }
+}

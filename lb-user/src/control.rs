@@ -139,6 +139,10 @@ pub struct BackendStatus {
     pub address: String,
     pub weight: u32,
     pub healthy: bool,
+    /// The data path saw it refuse or leave unanswered a new connection, and steers new flows
+    /// off it until a health check passes.
+    #[serde(default)]
+    pub suspect: bool,
     pub active_flows: u64,
     pub new_flows: u64,
     pub packets: u64,

@@ -48,7 +48,8 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in ns: the data path's clock.
+pub fn monotonic_ns() -> u64 {
     // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: CLOCK_MONOTONIC is the data path's clock (bpf_ktime_get_coarse_ns); `ts` is a

@@ -143,6 +143,8 @@ pub struct ReasonCounters {
     pub drop: Vec<(DropReason, u64)>,
     pub tx: u64,
     pub redirect: u64,
+    /// Events counted besides verdicts (lb_common::EVENTS), by name.
+    pub events: Vec<(&'static str, u64)>,
 }
 
 pub struct Dataplane {
@@ -153,6 +155,7 @@ pub struct Dataplane {
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    suspect: Array<MapData, u64>,
     stats: PerCpuArray<MapData, u64>,
     ifaces: HashMap<MapData, u32, Iface>,
     tx_ports: DevMapHash<MapData>,
@@ -238,6 +241,7 @@ impl Dataplane {
             maglev: map(&mut ebpf, "MAGLEV", Array::try_from)?,
             flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             backend_stats: map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
+            suspect: map(&mut ebpf, "SUSPECT", Array::try_from)?,
             stats: map(&mut ebpf, "STATS", PerCpuArray::try_from)?,
             ifaces: map(&mut ebpf, "IFACES", HashMap::try_from)?,
             tx_ports: map(&mut ebpf, "TX_PORTS", DevMapHash::try_from)?,
@@ -558,11 +562,42 @@ impl Dataplane {
                 .collect::<Result<_, DataplaneError>>()?,
             tx: self.stat(STAT_TX)?,
             redirect: self.stat(STAT_REDIRECT)?,
+            events: lb_common::EVENTS
+                .iter()
+                .map(|&(slot, name)| Ok((name, self.stat(slot)?)))
+                .collect::<Result<_, DataplaneError>>()?,
         })
     }
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.flows.get(key, 0).ok()
+    }
+
+    /// When the data path marked backend `id` suspect (CLOCK_MONOTONIC ns), if it has.
+    pub fn suspect_since(&self, id: u32) -> Result<Option<u64>, DataplaneError> {
+        let since = self
+            .suspect
+            .get(&id, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: "SUSPECT",
+                source,
+            })?;
+        Ok((since != 0).then_some(since))
+    }
+
+    /// Clears backend `id`'s suspect mark: new flows may go to it again.
+    pub fn clear_suspect(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.set_suspect(id, 0)
+    }
+
+    /// Marks backend `id` suspect since `since` (CLOCK_MONOTONIC ns; 0 clears it).
+    pub fn set_suspect(&mut self, id: u32, since: u64) -> Result<(), DataplaneError> {
+        self.suspect
+            .set(id, &since, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: "SUSPECT",
+                source,
+            })
     }
 
     /// Every entry of FLOWS (for tests: a large table takes a while).

@@ -497,16 +497,20 @@ fn render(status: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<6} {:>8} {:>10} {:>12} {:>14}",
+            "  {:<22} {:>6} {:<7} {:>8} {:>10} {:>12} {:>14}",
             "backend", "weight", "health", "active", "new_flows", "packets", "bytes"
         );
         for b in &s.backends {
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:<6} {:>8} {:>10} {:>12} {:>14}",
+                "  {:<22} {:>6} {:<7} {:>8} {:>10} {:>12} {:>14}",
                 b.address,
                 b.weight,
-                if b.healthy { "up" } else { "down" },
+                match (b.healthy, b.suspect) {
+                    (false, _) => "down",
+                    (true, true) => "suspect",
+                    (true, false) => "up",
+                },
                 b.active_flows,
                 b.new_flows,
                 b.packets,

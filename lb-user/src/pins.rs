@@ -9,12 +9,13 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 10] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
     "FLOWS",
     "BACKEND_STATS",
+    "SUSPECT",
     "STATS",
     "SNAT_CURSOR",
     "IFACES",

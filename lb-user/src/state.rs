@@ -29,6 +29,8 @@ pub struct HealthReport {
     pub backend: u32,
     pub address: SocketAddrV4,
     pub result: Result<(), String>,
+    /// CLOCK_MONOTONIC when the probe began: a pass clears suspect marks made before it.
+    pub started_ns: u64,
 }
 
 /// First probe results of backends a change adds, by address.
@@ -58,6 +60,8 @@ struct BackendState {
     tracker: Tracker,
     active_flows: u64,
     last_error: Option<String>,
+    /// When the data path marked it suspect (read at each sweep).
+    suspect_since: Option<u64>,
     probe_task: Option<AbortHandle>,
 }
 
@@ -320,6 +324,7 @@ impl State {
                 tracker: Tracker::new(first.is_ok(), p.config.health.rise, p.config.health.fall),
                 active_flows: 0,
                 last_error: first.err(),
+                suspect_since: None,
                 probe_task: Some(self.spawn_probe(id, b.address, &p.config)),
             });
         }
@@ -366,11 +371,13 @@ impl State {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let started_ns = crate::daemon::monotonic_ns();
                 let result = health::probe(address, &cfg).await;
                 let report = HealthReport {
                     backend: id,
                     address,
                     result,
+                    started_ns,
                 };
                 if reports.send(report).is_err() {
                     return;
@@ -485,6 +492,27 @@ impl State {
         let backend = &mut self.services[s].backends[b];
         let ok = report.result.is_ok();
         backend.last_error = report.result.err();
+        if ok {
+            // The health check confirms the backend: a suspect mark from before this probe
+            // goes, and new flows may go to it again.
+            let id = backend.id;
+            match self.dataplane.suspect_since(id) {
+                Ok(Some(since)) if since <= report.started_ns => {
+                    if let Err(e) = self.dataplane.clear_suspect(id) {
+                        log::error!("clearing backend {} suspect: {e}", report.address);
+                    } else {
+                        log::info!(
+                            "backend {} passed its health check: no longer suspect",
+                            report.address
+                        );
+                        self.services[s].backends[b].suspect_since = None;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("reading SUSPECT: {e}"),
+            }
+        }
+        let backend = &mut self.services[s].backends[b];
         let Some(healthy) = backend.tracker.record(ok) else {
             return;
         };
@@ -512,8 +540,19 @@ impl State {
 
     pub fn record_sweep(&mut self, sweep: &FlowSweep) {
         self.flow_entries = sweep.entries - sweep.removed;
-        for b in self.services.iter_mut().flat_map(|s| s.backends.iter_mut()) {
-            b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
+        for svc in &mut self.services {
+            for b in &mut svc.backends {
+                b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
+                let since = self.dataplane.suspect_since(b.id).unwrap_or(None);
+                if since.is_some() && b.suspect_since.is_none() {
+                    log::warn!(
+                        "service \"{}\": backend {} refused or left unanswered a new connection; new connections avoid it until a health check passes",
+                        svc.config.name,
+                        b.address
+                    );
+                }
+                b.suspect_since = since;
+            }
         }
     }
 
@@ -540,6 +579,9 @@ impl State {
                 }
                 counters.insert("tx".into(), c.tx);
                 counters.insert("redirect".into(), c.redirect);
+                for (name, n) in c.events {
+                    counters.insert(format!("event_{name}"), n);
+                }
             }
             Err(e) => log::warn!("reading counters: {e}"),
         }
@@ -561,6 +603,7 @@ impl State {
                                 address: b.address.to_string(),
                                 weight: b.weight,
                                 healthy: b.tracker.healthy,
+                                suspect: b.suspect_since.is_some(),
                                 active_flows: b.active_flows,
                                 new_flows: stats.new_flows,
                                 packets: stats.packets,

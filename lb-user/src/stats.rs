@@ -151,6 +151,7 @@ mod tests {
                     address: "198.18.1.11:8000".into(),
                     weight: 4,
                     healthy: true,
+                    suspect: false,
                     active_flows: 7,
                     new_flows,
                     packets,

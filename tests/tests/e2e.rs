@@ -703,3 +703,104 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
     let said = cli_ok(&balancer, &["status"]);
     assert!(said.contains("service web"), "{said}");
 }
+
+/// Runs a steady stream of new connections while `fault` happens to backend 1, and for
+/// `settle` after. Returns what the clients saw, less the connections that were already
+/// established with the backend when the fault hit (no balancer can save those): their number
+/// is returned too.
+fn connections_across(
+    topo: &Topology,
+    fault: impl FnOnce(),
+    settle: Duration,
+) -> (lb_tests::harness::StreamReport, usize) {
+    let started = std::time::Instant::now();
+    let stream = ConnectionStream::start(topo, Duration::from_millis(20), Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(1));
+    let fault_at = started.elapsed();
+    fault();
+    std::thread::sleep(settle);
+    let mut report = stream.finish();
+    let before = report.failures.len();
+    report.failures.retain(|(when, why)| {
+        let established = !why.starts_with("connect");
+        let in_flight = *when + Duration::from_millis(50) >= fault_at && *when <= fault_at;
+        !(established && in_flight)
+    });
+    let broken = before - report.failures.len();
+    (report, broken)
+}
+
+fn counter(balancer: &Balancer, name: &str) -> u64 {
+    balancer.status()["counters"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_killed_or_unreachable_backend_fails_no_connection() {
+    // Health checks at the default pace (1 s, down after 2 failures): the data path must carry
+    // the clients through the seconds before they notice.
+    let Setup {
+        topo,
+        balancer,
+        mut servers,
+    } = setup_with(Arms::Two, &[4, 6], |c| {
+        c.replace("interval = \"200ms\"", "interval = \"1s\"")
+            .replace("timeout = \"150ms\"", "timeout = \"500ms\"")
+    });
+    let b1 = backend(&topo, 0);
+
+    // The server process dies: its host answers new SYNs with RST until health checks notice.
+    let (refused, in_flight) = connections_across(
+        &topo,
+        || lb_tests::netns::stop_child(&mut servers[0]),
+        Duration::from_secs(3),
+    );
+    println!(
+        "backend killed: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
+        refused.ok,
+        refused.failures.len(),
+        refused.median(),
+        refused.worst()
+    );
+    assert!(refused.failures.is_empty(), "{:?}", refused.failures);
+    assert!(refused.ok >= 100, "too few connections: {}", refused.ok);
+    assert!(counter(&balancer, "event_suspect_refused") >= 1);
+    assert!(counter(&balancer, "drop_backend_refused") >= 1);
+    balancer.wait_health("web", &b1, false, Duration::from_secs(5));
+
+    // Back: health checks bring it up and clear the mark.
+    servers[0] = start_server(&topo, 0);
+    balancer.wait_health("web", &b1, true, Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while balancer.backend("web", &b1)["suspect"] != false {
+        assert!(std::time::Instant::now() < deadline, "b1 stays suspect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (counts, failed) = tally(&http_requests(&topo, 50), 2);
+    assert_eq!(failed, 0);
+    assert!(counts[0] > 0, "b1 takes flows again: {counts:?}");
+
+    // The backend becomes unreachable: SYNs go unanswered, and the clients' retransmissions
+    // move to the other backend.
+    let (unanswered, in_flight) = connections_across(
+        &topo,
+        || {
+            topo.backends[0].sh("ip link set eth0 down");
+        },
+        Duration::from_secs(3),
+    );
+    println!(
+        "backend unreachable: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
+        unanswered.ok,
+        unanswered.failures.len(),
+        unanswered.median(),
+        unanswered.worst()
+    );
+    assert!(unanswered.failures.is_empty(), "{:?}", unanswered.failures);
+    assert!(
+        unanswered.ok >= 100,
+        "too few connections: {}",
+        unanswered.ok
+    );
+    assert!(counter(&balancer, "event_suspect_unanswered") >= 1);
+    balancer.wait_health("web", &b1, false, Duration::from_secs(5));
+}

@@ -68,6 +68,10 @@ enum Setup {
     },
     /// Marks lb1 as a NIC where XDP_TX is used for hairpin traffic.
     HairpinTx,
+    /// The reply entry of a flow has seen a packet: the backend answered.
+    Answered { backend: u32, snat_port: u16 },
+    /// The data path marked `backend` suspect `ago_ns` before the run.
+    Suspect { backend: u32, ago_ns: u64 },
 }
 
 /// A next hop in a FLOWS entry: egress device, MACs and the largest packet it was approved for.
@@ -87,6 +91,8 @@ enum Counter {
     Redirect,
     NewFlows(u32),
     Packets(u32),
+    /// An event slot, by its name in lb_common::EVENTS.
+    Event(&'static str),
 }
 
 struct Fixture {
@@ -103,6 +109,8 @@ struct Fixture {
     flows_after: Vec<(FlowKey, Option<FlowValue>)>,
     /// The next hop cached in an entry after the run (`None`: nothing cached).
     next_hop_after: Vec<(FlowKey, Option<CachedHop>)>,
+    /// Whether a backend is marked suspect after the run.
+    suspect_after: Vec<(u32, bool)>,
 }
 
 fn backends() -> Vec<Setup> {
@@ -216,6 +224,31 @@ fn table_for(backends: &[(u32, u32)]) -> Vec<u32> {
     build_table(&list, MAGLEV_SIZE)
 }
 
+/// The first client port from `from` whose Maglev slot names `backend`.
+fn port_choosing(backend: u32, backends: &[(u32, u32)], from: u16) -> u16 {
+    (from..)
+        .find(|&p| maglev_choice(backends, p, WEB_PORT, TCP) == backend)
+        .expect("some port chooses every backend")
+}
+
+/// A packet of backend `backend` to SNAT:snat_port (a reply), flags to be set.
+fn from_backend(backend: u32, snat_port: u16) -> PacketBuilder {
+    let mac = if backend == 1 { B1_MAC } else { B2_MAC };
+    pkt()
+        .eth(mac, LB1_MAC)
+        .ipv4(addr_of(backend), SNAT)
+        .tcp(BACKEND_PORT, snat_port)
+}
+
+/// A reply as the client receives it, from VIP:80 to its port `cport`.
+fn to_client(cport: u16) -> PacketBuilder {
+    pkt()
+        .eth(LB0_MAC, CLIENT_MAC)
+        .ipv4(VIP, CLIENT)
+        .ttl(63)
+        .tcp(WEB_PORT, cport)
+}
+
 fn client_syn(cport: u16) -> PacketBuilder {
     pkt()
         .eth(CLIENT_MAC, LB0_MAC)
@@ -252,6 +285,7 @@ fn fixture(
         counters,
         flows_after: vec![],
         next_hop_after: vec![],
+        suspect_after: vec![],
     }
 }
 
@@ -487,6 +521,188 @@ fn fixtures() -> Vec<Fixture> {
                 XDP_REDIRECT,
                 Some(to_backend(1, PORT_MIN).syn().build()),
                 vec![(Counter::NewFlows(1), 1)],
+            )
+        },
+        // Passive failover: the backend refuses a SYN it never answered. The RST is kept from
+        // the client, the flow goes, the backend is suspect.
+        Fixture {
+            flows_after: flow_pair(TCP, 40040, WEB_PORT, 1, 31040)
+                .map(|(k, _)| (k, None))
+                .to_vec(),
+            suspect_after: vec![(1, true), (2, false)],
+            ingress: "lb1",
+            ..fixture(
+                "failover_backend_rst_to_unanswered_syn_dropped_and_marks_suspect",
+                with(
+                    backends(),
+                    &[web(&[(1, 1), (2, 1)]), flow(40040, 1, 31040, None)],
+                ),
+                from_backend(1, 31040).tcp_flags(0x14).build(),
+                XDP_DROP,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::BackendRefused), 1),
+                    (Counter::Event("suspect_refused"), 1),
+                ],
+            )
+        },
+        // An answered connection's RST is the backend's to send: forwarded as any reply.
+        Fixture {
+            suspect_after: vec![(1, false)],
+            ingress: "lb1",
+            ..fixture(
+                "failover_backend_rst_on_answered_flow_forwarded",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        flow(40041, 1, 31041, None),
+                        Setup::Answered {
+                            backend: 1,
+                            snat_port: 31041,
+                        },
+                    ],
+                ),
+                from_backend(1, 31041).tcp_flags(0x14).build(),
+                XDP_REDIRECT,
+                Some(to_client(40041).tcp_flags(0x14).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("suspect_refused"), 0),
+                ],
+            )
+        },
+        // The client's SYN again, its backend silent since: suspect, and the SYN moves on.
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40100);
+            Fixture {
+                suspect_after: vec![(1, true), (2, false)],
+                flows_after: vec![(key(B1, BACKEND_PORT, SNAT, 31042, TCP), None)],
+                ..fixture(
+                    "failover_retransmitted_syn_unanswered_moves_to_another_backend",
+                    with(
+                        backends(),
+                        &[web(&[(1, 1), (2, 1)]), flow(cport, 1, 31042, None)],
+                    ),
+                    client_syn(cport).build(),
+                    XDP_REDIRECT,
+                    Some(to_backend(2, PORT_MIN).syn().build()),
+                    vec![
+                        (Counter::NewFlows(2), 1),
+                        (Counter::Event("suspect_unanswered"), 1),
+                        (Counter::Event("steered_off_suspect"), 1),
+                    ],
+                )
+            }
+        },
+        // A SYN again too soon to be a retransmission (a duplicate): same backend, no mark.
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40200);
+            Fixture {
+                suspect_after: vec![(1, false)],
+                ..fixture(
+                    "failover_duplicate_syn_too_soon_stays_on_its_backend",
+                    with(
+                        backends(),
+                        &[
+                            web(&[(1, 1), (2, 1)]),
+                            flow(
+                                cport,
+                                1,
+                                31043,
+                                Some(CachedHop {
+                                    iface: "lb1",
+                                    src: LB1_MAC,
+                                    dst: B1_MAC,
+                                    ok_len: 1500,
+                                }),
+                            ),
+                        ],
+                    ),
+                    client_syn(cport).build(),
+                    XDP_REDIRECT,
+                    Some(to_backend(1, 31043).syn().build()),
+                    vec![
+                        (Counter::NewFlows(1), 0),
+                        (Counter::Event("suspect_unanswered"), 0),
+                    ],
+                )
+            }
+        },
+        // A new connection whose Maglev slot names a suspect backend goes to the next slot's.
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40300);
+            fixture(
+                "failover_new_syn_steered_off_suspect_backend",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        Setup::Suspect {
+                            backend: 1,
+                            ago_ns: 0,
+                        },
+                    ],
+                ),
+                client_syn(cport).build(),
+                XDP_REDIRECT,
+                Some(to_backend(2, PORT_MIN).syn().build()),
+                vec![
+                    (Counter::NewFlows(2), 1),
+                    (Counter::Event("steered_off_suspect"), 1),
+                ],
+            )
+        },
+        // A mark older than SUSPECT_HOLD_NS no longer steers.
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40400);
+            fixture(
+                "failover_expired_suspect_mark_ignored",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        Setup::Suspect {
+                            backend: 1,
+                            ago_ns: lb_common::SUSPECT_HOLD_NS + 1_000_000_000,
+                        },
+                    ],
+                ),
+                client_syn(cport).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, PORT_MIN).syn().build()),
+                vec![
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Event("steered_off_suspect"), 0),
+                ],
+            )
+        },
+        // When every backend is suspect, the table's choice stands.
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40500);
+            fixture(
+                "failover_all_suspect_keeps_the_tables_choice",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        Setup::Suspect {
+                            backend: 1,
+                            ago_ns: 0,
+                        },
+                        Setup::Suspect {
+                            backend: 2,
+                            ago_ns: 0,
+                        },
+                    ],
+                ),
+                client_syn(cport).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, PORT_MIN).syn().build()),
+                vec![
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Event("steered_off_suspect"), 0),
+                ],
             )
         },
         // Found by the fuzzer: the reopening SYN expires here, so no new flow replaces the old
@@ -1062,6 +1278,16 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     dp.insert_flow(k, v).expect("insert flow");
                 }
             }
+            Setup::Answered { backend, snat_port } => {
+                let k = key(addr_of(*backend), BACKEND_PORT, SNAT, *snat_port, TCP);
+                let mut v = dp.flow(&k).expect("the reply entry to mark answered");
+                v.last_seen_ns = monotonic_ns();
+                dp.insert_flow(k, v).expect("mark answered");
+            }
+            Setup::Suspect { backend, ago_ns } => {
+                dp.set_suspect(*backend, monotonic_ns() - ago_ns)
+                    .expect("mark suspect");
+            }
             Setup::HairpinTx => {
                 dp.add_interface(ifindex("lb1").expect("lb1"), true)
                     .expect("hairpin iface");
@@ -1104,6 +1330,14 @@ fn read(dp: &Dataplane, counter: Counter) -> u64 {
         Counter::Redirect => reasons.redirect,
         Counter::NewFlows(id) => dp.backend_stats(id).expect("backend stats").new_flows,
         Counter::Packets(id) => dp.backend_stats(id).expect("backend stats").packets,
+        Counter::Event(name) => {
+            reasons
+                .events
+                .iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("no event {name}"))
+                .1
+        }
     }
 }
 
@@ -1163,6 +1397,12 @@ fn run(f: &Fixture) -> Result<(), String> {
             errors.push(format!(
                 "next hop cached in FLOWS[{k:?}] is {got:?}, expected {want:?}"
             ));
+        }
+    }
+    for &(id, want) in &f.suspect_after {
+        let got = dp.suspect_since(id).expect("read SUSPECT").is_some();
+        if got != want {
+            errors.push(format!("backend {id} suspect is {got}, expected {want}"));
         }
     }
     if errors.is_empty() {

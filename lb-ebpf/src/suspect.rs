@@ -1,0 +1,29 @@
+//! Passive failure detection: a backend that refuses a new connection (RST to its SYN) or
+//! leaves it unanswered until the client retransmits is marked suspect, and new flows are
+//! steered off it for SUSPECT_HOLD_NS, or until the daemon's next passing health check clears
+//! the mark. The client then sees a retransmission delay where it would have seen a failure.
+//! Reads and writes SUSPECT.
+
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::SUSPECT_HOLD_NS;
+
+use crate::{maps::SUSPECT, stats};
+
+#[inline(always)]
+pub fn mark(backend_id: u32, now: u64, event: u32) {
+    if let Some(slot) = SUSPECT.get_ptr_mut(backend_id) {
+        // SAFETY: an array slot; a racing mark from another CPU writes a time just as good.
+        unsafe { *slot = now.max(1) };
+    }
+    stats::count_event(event);
+}
+
+#[inline(always)]
+pub fn is_suspect(backend_id: u32) -> bool {
+    let Some(&since) = SUSPECT.get(backend_id) else {
+        return false;
+    };
+    // Read the clock only for a marked backend: the common path costs one array lookup.
+    // SAFETY: a helper without arguments or side effects.
+    since != 0 && unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(since) < SUSPECT_HOLD_NS
+}
