@@ -17,6 +17,9 @@ pub const DEFAULT_SOCKET: &str = "/run/lb/control.sock";
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// A client that sends nothing for this long is dropped.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control clients served at once; one more is told the daemon is busy and let go, so idle
+/// or stuck clients cannot pile up tasks and descriptors.
+pub const MAX_CLIENTS: usize = 64;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
@@ -121,8 +124,14 @@ pub struct Status {
     pub services: Vec<ServiceStatus>,
     pub interfaces: Vec<InterfaceStatus>,
     pub flows: FlowTableStatus,
-    /// Packets per pass/drop reason and forwarding action.
+    /// Packets per pass/drop reason and forwarding action, and events.
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// SNAT ports each backend can use (the `snat_ports` range).
+    #[serde(default)]
+    pub snat_ports_per_backend: u64,
+    /// Exhaustion and the like, as it is now or was in the last second.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +153,9 @@ pub struct BackendStatus {
     #[serde(default)]
     pub suspect: bool,
     pub active_flows: u64,
+    /// SNAT ports its flows hold (at the last sweep).
+    #[serde(default)]
+    pub snat_ports_in_use: u64,
     pub new_flows: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -249,6 +261,51 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// Accepts control clients until the task is dropped: each is served by `handle` in its own
+/// task, at most MAX_CLIENTS at once; beyond that a client gets a "busy" answer at once.
+pub async fn serve_clients<F, Fut>(listener: UnixListener, handle: F)
+where
+    F: Fn(UnixStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::warn!("control socket accept: {e}");
+                // Out of descriptors, most likely: give the clients a moment to go.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match std::sync::Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => {
+                let served = handle(stream);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                tokio::spawn(async move {
+                    let busy = Response::failed(format!(
+                        "the daemon is serving {MAX_CLIENTS} control clients already; try again"
+                    ));
+                    let _ = timeout(REQUEST_TIMEOUT, write_response(stream, &busy)).await;
+                });
+            }
+        }
+    }
+}
+
+/// Writes one response line.
+pub async fn write_response(mut stream: UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_string(response).expect("responses always serialise");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).await
+}
+
 /// Reads one request line from a connection: bounded in size and time.
 pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request, Response> {
     let mut line = Vec::new();
@@ -283,9 +340,102 @@ pub async fn read_request(stream: &mut BufReader<UnixStream>) -> Result<Request,
     }
 }
 
+/// A status with one service and backend, for tests of what is computed from statuses.
+#[cfg(test)]
+pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64) -> Status {
+    Status {
+        services: vec![ServiceStatus {
+            name: "web".into(),
+            vip: "198.18.100.1:80".into(),
+            protocol: "tcp".into(),
+            snat: "198.18.1.1".into(),
+            backends: vec![BackendStatus {
+                address: "198.18.1.11:8000".into(),
+                weight: 4,
+                healthy: true,
+                suspect: false,
+                active_flows: 7,
+                snat_ports_in_use: 7,
+                new_flows,
+                packets,
+                bytes,
+                last_error: None,
+            }],
+        }],
+        interfaces: vec![],
+        flows: FlowTableStatus {
+            entries: 14,
+            capacity: 1024,
+        },
+        counters: std::collections::BTreeMap::from([("drop_tcp_no_flow".into(), drops)]),
+        snat_ports_per_backend: 22768,
+        warnings: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_request_is_refused_at_the_deadline() {
+        let (mut client, server) = UnixStream::pair().expect("pair");
+        client
+            .write_all(b"{\"command\":")
+            .await
+            .expect("half a request");
+        let mut reader = BufReader::new(server);
+        let started = tokio::time::Instant::now();
+        let refusal = read_request(&mut reader).await.expect_err("too slow");
+        assert!(refusal.bad_input, "{refusal:?}");
+        assert!(
+            refusal
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("no complete request")
+        );
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn clients_beyond_the_limit_are_told_busy_and_the_rest_still_served() {
+        let dir = std::env::temp_dir().join(format!("lb-control-busy-{}", std::process::id()));
+        let path = dir.join("c.sock");
+        let listener = bind(&path).await.expect("bind");
+        let (release, hold) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(serve_clients(listener, move |stream| {
+            let mut hold = hold.clone();
+            async move {
+                // Every client is held until released: the slots fill up.
+                let _ = hold.wait_for(|go| *go).await;
+                let _ = write_response(stream, &Response::done()).await;
+            }
+        }));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CLIENTS {
+            held.push(UnixStream::connect(&path).await.expect("connect"));
+        }
+        let extra = UnixStream::connect(&path).await.expect("connect");
+        let mut answer = String::new();
+        BufReader::new(extra)
+            .read_line(&mut answer)
+            .await
+            .expect("busy answer");
+        let busy: Response = serde_json::from_str(&answer).expect("a response");
+        assert!(!busy.ok && busy.error.unwrap_or_default().contains("try again"));
+        release.send(true).expect("release");
+        for client in held {
+            let mut answer = String::new();
+            BufReader::new(client)
+                .read_line(&mut answer)
+                .await
+                .expect("answer");
+            assert!(answer.contains("\"ok\":true"), "{answer}");
+        }
+        server.abort();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     #[test]
     fn requests_have_a_stable_wire_form() {

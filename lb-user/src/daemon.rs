@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{io::AsyncWriteExt as _, io::BufReader, net::UnixStream, signal::unix::SignalKind};
+use tokio::{io::BufReader, net::UnixStream, signal::unix::SignalKind};
 
 use crate::{
     config::{BackendConfig, Config, HealthConfig, ServiceConfig},
@@ -17,7 +17,7 @@ use crate::{
     dataplane::{Dataplane, DataplaneError, FlowTable, FlowTimeouts, LoadSettings},
     health,
     layout::{self, PlacedService},
-    persist,
+    metrics, persist,
     state::{ApplyError, HealthReport, Probes, State},
 };
 
@@ -44,6 +44,12 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Ports(#[from] crate::ports::PortsError),
+    #[error("cannot serve metrics on {listen}: {source}; give --metrics another IP:PORT, or off")]
+    Metrics {
+        listen: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot handle signals: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -150,7 +156,7 @@ fn initial_services(
 /// the services, and only then attaches, so no packet meets a half-filled map.
 async fn start(
     config: Config,
-    paths: &Paths,
+    opts: &RunOptions,
     health_reports: tokio::sync::mpsc::UnboundedSender<HealthReport>,
 ) -> Result<State, DaemonError> {
     let settings = LoadSettings {
@@ -159,24 +165,24 @@ async fn start(
         snat_port_min: config.flows.snat_port_min,
         snat_port_max: config.flows.snat_port_max,
     };
-    let dataplane = Dataplane::load_pinned(settings, &paths.bpffs)?;
+    let dataplane = Dataplane::load_pinned(settings, &opts.bpffs)?;
     let adopted = dataplane.adopted();
     if adopted {
         log::info!(
             "adopting the data path pinned in {}: its flows, counters and attachments carry on",
-            paths.bpffs.display()
+            opts.bpffs.display()
         );
     }
-    let text = std::fs::read_to_string(&paths.config).unwrap_or_default();
+    let text = std::fs::read_to_string(&opts.config).unwrap_or_default();
     let digest = persist::digest(&text);
-    let placed = initial_services(&config, &digest, &paths.state_dir);
+    let placed = initial_services(&config, &digest, &opts.state_dir);
     let interfaces = config.interfaces.clone();
     let mut state = State::new(
         dataplane,
         config,
-        paths.config.clone(),
+        opts.config.clone(),
         digest,
-        paths.state_dir.clone(),
+        opts.state_dir.clone(),
         health_reports,
     );
     let configs: Vec<ServiceConfig> = placed.iter().map(|p| p.config.clone()).collect();
@@ -230,9 +236,11 @@ async fn probe_all(targets: Vec<(SocketAddrV4, HealthConfig)>) -> Probes {
     results
 }
 
-/// Where the daemon keeps what outlives it.
+/// Where the daemon finds its config, keeps what outlives it, and listens.
 #[derive(Clone, Debug)]
-pub struct Paths {
+pub struct RunOptions {
+    /// The Prometheus endpoint's IP:PORT, or `off`.
+    pub metrics: String,
     pub config: PathBuf,
     pub socket: PathBuf,
     /// Maps and XDP links, on a bpf filesystem.
@@ -241,23 +249,33 @@ pub struct Paths {
     pub state_dir: PathBuf,
 }
 
-pub async fn run(config: Config, paths: Paths) -> Result<(), DaemonError> {
+pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
     if !privileged() {
         return Err(DaemonError::NotPrivileged);
     }
-    let socket = paths.socket.clone();
+    let socket = opts.socket.clone();
     // Before anything is loaded: a second daemon must not touch the first one's maps.
     let listener = control::bind(&socket).await?;
+    let metrics = match metrics::bind(&opts.metrics).await {
+        Ok(m) => m,
+        Err(source) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(DaemonError::Metrics {
+                listen: opts.metrics.clone(),
+                source,
+            });
+        }
+    };
     let (snat_min, snat_max) = (config.flows.snat_port_min, config.flows.snat_port_max);
     let (reports, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    let state = match start(config, &paths, reports).await {
+    let state = match start(config, &opts, reports).await {
         Ok(state) => state,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
     };
-    crate::ports::reserve(snat_min, snat_max, &paths.state_dir)?;
+    crate::ports::reserve(snat_min, snat_max, &opts.state_dir)?;
     log::info!("serving the control socket {}", socket.display());
     let state = Arc::new(Mutex::new(state));
     let mut tasks = tokio::task::JoinSet::new();
@@ -272,20 +290,20 @@ pub async fn run(config: Config, paths: Paths) -> Result<(), DaemonError> {
         (guard.dataplane.flow_table()?, guard.timeouts)
     };
     tasks.spawn(sweep_flows(table, timeouts, Arc::clone(&state)));
-    let server = Arc::clone(&state);
+    if let Some(listener) = metrics {
+        log::info!("serving metrics on http://{}/metrics", opts.metrics);
+        let metrics_state = Arc::clone(&state);
+        tasks.spawn(metrics::serve(listener, move || {
+            let state = Arc::clone(&metrics_state);
+            async move { metrics::render(&lock(&state).status()) }
+        }));
+    }
     // One change of the service set at a time: each is computed from the one before.
     let changing = Arc::new(tokio::sync::Mutex::new(()));
-    tasks.spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    let state = Arc::clone(&server);
-                    tokio::spawn(serve(stream, state, Arc::clone(&changing)));
-                }
-                Err(e) => log::warn!("control socket accept: {e}"),
-            }
-        }
-    });
+    let server = Arc::clone(&state);
+    tasks.spawn(control::serve_clients(listener, move |stream| {
+        serve(stream, Arc::clone(&server), Arc::clone(&changing))
+    }));
     let mut term =
         tokio::signal::unix::signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut int =
@@ -299,7 +317,7 @@ pub async fn run(config: Config, paths: Paths) -> Result<(), DaemonError> {
     drop(state);
     log::info!(
         "forwarding continues from the data path pinned in {}; the next `lb run` adopts it, `lb remove` ends it",
-        paths.bpffs.display()
+        opts.bpffs.display()
     );
     Ok(())
 }
@@ -367,10 +385,7 @@ async fn serve(
             refusal
         }
     };
-    let mut line = serde_json::to_string(&response).expect("responses always serialise");
-    line.push('\n');
-    let mut stream = reader.into_inner();
-    if let Err(e) = stream.write_all(line.as_bytes()).await {
+    if let Err(e) = control::write_response(reader.into_inner(), &response).await {
         log::debug!("control client went away: {e}");
     }
 }

@@ -134,6 +134,8 @@ pub struct FlowSweep {
     pub removed: u64,
     /// backend id -> connections not closing.
     pub active: StdHashMap<u32, u64>,
+    /// backend id -> SNAT ports held (reply entries, closing ones included).
+    pub ports: StdHashMap<u32, u64>,
 }
 
 /// Packets counted per reason, from STATS.
@@ -747,6 +749,7 @@ impl FlowTable {
                 .get(&peer_key)
                 .filter(|p| p.peer_key(key.proto) == *key);
             if value.flags & FLOW_REVERSE != 0 {
+                *sweep.ports.entry(value.backend_id).or_default() += 1;
                 if peer.is_none() {
                     if self.orphans.contains(key) {
                         doomed.push(*key);

@@ -8,6 +8,7 @@ pub mod health;
 pub mod layout;
 pub mod maglev;
 pub mod map_batch;
+pub mod metrics;
 pub mod persist;
 pub mod pins;
 pub mod ports;

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use lb_user::{
     config::{BackendConfig, Config, HealthConfig, HealthKind, Protocol, ServiceConfig},
     control::{self, Request, Response, Status},
-    daemon, pins, ports, stats,
+    daemon, metrics, pins, ports, stats,
 };
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
@@ -37,6 +37,9 @@ enum Command {
         /// Directory for the daemon's own state.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Prometheus endpoint, IP:PORT (GET /metrics), or off.
+        #[arg(long, default_value = metrics::DEFAULT_LISTEN)]
+        metrics: String,
     },
     /// Stop forwarding for good: detach XDP, drop every flow and the pinned maps, and give the
     /// SNAT ports back to the kernel. Refused while a daemon runs.
@@ -204,18 +207,20 @@ async fn execute(command: Command) -> Result<(), Failure> {
             socket,
             bpffs,
             state_dir,
+            metrics,
         } => {
             let cfg = Config::load(&config).map_err(|e| Failure {
                 code: 2,
                 error: e.into(),
             })?;
-            let paths = daemon::Paths {
+            let opts = daemon::RunOptions {
+                metrics,
                 config,
                 socket,
                 bpffs,
                 state_dir,
             };
-            daemon::run(cfg, paths).await.context("lb run")?;
+            daemon::run(cfg, opts).await.context("lb run")?;
             Ok(())
         }
         Command::Remove {
@@ -535,6 +540,9 @@ fn render(status: &Status) -> String {
         .filter(|(_, n)| **n > 0)
         .map(|(k, n)| format!("{k}={n}"))
         .collect();
+    for w in &status.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     let _ = writeln!(
         out,
         "packets: {}",

@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
 };
 
-use lb_common::{Be16, Be32, ServiceKey};
+use lb_common::{Be16, Be32, DropReason, ServiceKey};
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
@@ -60,6 +60,7 @@ struct BackendState {
     tracker: Tracker,
     active_flows: u64,
     last_error: Option<String>,
+    snat_ports_in_use: u64,
     /// When the data path marked it suspect (read at each sweep).
     suspect_since: Option<u64>,
     probe_task: Option<AbortHandle>,
@@ -135,6 +136,10 @@ pub struct State {
     pub interfaces: Vec<InterfaceStatus>,
     pub timeouts: FlowTimeouts,
     flow_entries: u64,
+    /// New flows dropped for exhaustion, as counted at the last sweep, and what that sweep
+    /// found: the warnings status and metrics show.
+    exhaustion_drops: (u64, u64),
+    warnings: Vec<String>,
     /// The config the daemon started with (settings other than services apply at start only).
     pub config: Config,
     pub config_path: PathBuf,
@@ -163,6 +168,8 @@ impl State {
                 udp_idle: config.flows.udp_idle_timeout,
             },
             flow_entries: 0,
+            exhaustion_drops: (0, 0),
+            warnings: Vec::new(),
             config,
             config_path,
             config_digest,
@@ -324,6 +331,7 @@ impl State {
                 tracker: Tracker::new(first.is_ok(), p.config.health.rise, p.config.health.fall),
                 active_flows: 0,
                 last_error: first.err(),
+                snat_ports_in_use: 0,
                 suspect_since: None,
                 probe_task: Some(self.spawn_probe(id, b.address, &p.config)),
             });
@@ -540,9 +548,14 @@ impl State {
 
     pub fn record_sweep(&mut self, sweep: &FlowSweep) {
         self.flow_entries = sweep.entries - sweep.removed;
+        self.warnings = self.exhaustion(sweep);
+        for w in &self.warnings {
+            log::warn!("{w}");
+        }
         for svc in &mut self.services {
             for b in &mut svc.backends {
                 b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
+                b.snat_ports_in_use = sweep.ports.get(&b.id).copied().unwrap_or(0);
                 let since = self.dataplane.suspect_since(b.id).unwrap_or(None);
                 if since.is_some() && b.suspect_since.is_none() {
                     log::warn!(
@@ -554,6 +567,63 @@ impl State {
                 b.suspect_since = since;
             }
         }
+    }
+
+    /// What ran out since the last sweep, or is about to: new flows dropped because the flow
+    /// table was full or a backend had no SNAT port left, and tables or port ranges 90% used.
+    /// Existing flows are not affected by either; the warnings say what to change.
+    fn exhaustion(&mut self, sweep: &FlowSweep) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let drops = match self.dataplane.reason_counters() {
+            Ok(c) => {
+                let count = |r: DropReason| c.drop.iter().find(|d| d.0 == r).map_or(0, |d| d.1);
+                (
+                    count(DropReason::FlowTableFull),
+                    count(DropReason::SnatPortsExhausted),
+                )
+            }
+            Err(_) => self.exhaustion_drops,
+        };
+        let (full, no_port) = (
+            drops.0.saturating_sub(self.exhaustion_drops.0),
+            drops.1.saturating_sub(self.exhaustion_drops.1),
+        );
+        self.exhaustion_drops = drops;
+        let capacity = u64::from(self.dataplane.settings().flow_capacity);
+        if full > 0 {
+            warnings.push(format!(
+                "flow table full: {full} new flows dropped since the last sweep (existing flows are unaffected); raise [flows] capacity ({capacity}) or shorten the idle timeouts"
+            ));
+        } else if self.flow_entries * 10 >= capacity * 9 {
+            warnings.push(format!(
+                "flow table {}% full ({} of {capacity} entries)",
+                self.flow_entries * 100 / capacity.max(1),
+                self.flow_entries
+            ));
+        }
+        if no_port > 0 {
+            warnings.push(format!(
+                "SNAT ports exhausted: {no_port} new flows dropped since the last sweep (existing flows are unaffected); widen [flows] snat_ports or add backends"
+            ));
+        }
+        let range = self.snat_ports_per_backend();
+        for svc in &self.services {
+            for b in &svc.backends {
+                let used = sweep.ports.get(&b.id).copied().unwrap_or(0);
+                if used * 10 >= range * 9 {
+                    warnings.push(format!(
+                        "service \"{}\": backend {} holds {used} of its {range} SNAT ports",
+                        svc.config.name, b.address
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
+    fn snat_ports_per_backend(&self) -> u64 {
+        let s = self.dataplane.settings();
+        u64::from(s.snat_port_max) - u64::from(s.snat_port_min) + 1
     }
 
     pub fn keys(&self) -> Vec<ServiceKey> {
@@ -605,6 +675,7 @@ impl State {
                                 healthy: b.tracker.healthy,
                                 suspect: b.suspect_since.is_some(),
                                 active_flows: b.active_flows,
+                                snat_ports_in_use: b.snat_ports_in_use,
                                 new_flows: stats.new_flows,
                                 packets: stats.packets,
                                 bytes: stats.bytes,
@@ -620,6 +691,8 @@ impl State {
                 capacity: u64::from(self.dataplane.settings().flow_capacity),
             },
             counters,
+            snat_ports_per_backend: self.snat_ports_per_backend(),
+            warnings: self.warnings.clone(),
         }
     }
 }

@@ -138,34 +138,9 @@ pub fn render(r: &Rates) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::{BackendStatus, ServiceStatus};
 
     fn status(new_flows: u64, packets: u64, bytes: u64, drops: u64) -> Status {
-        Status {
-            services: vec![ServiceStatus {
-                name: "web".into(),
-                vip: "198.18.100.1:80".into(),
-                protocol: "tcp".into(),
-                snat: "198.18.1.1".into(),
-                backends: vec![BackendStatus {
-                    address: "198.18.1.11:8000".into(),
-                    weight: 4,
-                    healthy: true,
-                    suspect: false,
-                    active_flows: 7,
-                    new_flows,
-                    packets,
-                    bytes,
-                    last_error: None,
-                }],
-            }],
-            interfaces: vec![],
-            flows: FlowTableStatus {
-                entries: 14,
-                capacity: 1024,
-            },
-            counters: BTreeMap::from([("drop_tcp_no_flow".into(), drops)]),
-        }
+        crate::control::sample_status(new_flows, packets, bytes, drops)
     }
 
     #[test]

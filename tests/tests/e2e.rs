@@ -804,3 +804,75 @@ fn a_killed_or_unreachable_backend_fails_no_connection() {
     assert!(counter(&balancer, "event_suspect_unanswered") >= 1);
     balancer.wait_health("web", &b1, false, Duration::from_secs(5));
 }
+
+/// Sends one datagram to VIP:53 from each of `ports` in the client namespace, without waiting
+/// for answers: each is a new UDP flow.
+fn udp_flows(topo: &Topology, ports: std::ops::Range<u16>) {
+    let name = topo.client.name.clone();
+    std::thread::spawn(move || {
+        let ns = Netns { name };
+        ns.enter_current_thread();
+        std::mem::forget(ns);
+        for port in ports {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind a client port");
+            socket.send_to(b"x", (VIP, 53)).expect("send");
+        }
+    })
+    .join()
+    .expect("udp sender");
+}
+
+#[test]
+fn a_full_flow_table_drops_new_flows_only_and_says_so_in_status_and_metrics() {
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[4, 6], |c| {
+        c.replace(
+            "capacity = 65536\n",
+            "capacity = 1024\nudp_idle_timeout = \"2s\"\n",
+        )
+    });
+    let mut long_lived = connect_in(&topo.client);
+    let holder = request_on(&mut long_lived);
+    // 700 new flows want 1400 entries of 1024.
+    udp_flows(&topo, 41000..41700);
+    assert_eq!(
+        request_on(&mut long_lived),
+        holder,
+        "an existing flow suffered from the full table"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = balancer.status();
+    let dropped = status["counters"]["drop_flow_table_full"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(dropped >= 150, "new flows dropped as table full: {dropped}");
+    let warnings = status["warnings"].to_string();
+    assert!(warnings.contains("flow table full"), "{status}");
+    let text = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("warning: flow table full"), "{text}");
+
+    let metrics = topo
+        .lb
+        .sh("curl -s --max-time 2 http://127.0.0.1:9640/metrics");
+    let sample = |series: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(sample("lb_packets_total{verdict=\"drop\",reason=\"flow_table_full\"}") >= dropped);
+    assert_eq!(sample("lb_flow_table_capacity"), 1024);
+    assert!(sample("lb_warnings") >= 1);
+    assert!(sample("lb_backend_snat_ports_in_use{service=\"dns\"") > 0);
+    assert!(sample("lb_backend_healthy{service=\"web\"") == 1);
+    // Once the UDP flows expire, new ones are served again, and the warning goes.
+    std::thread::sleep(Duration::from_secs(4));
+    let answer = udp_request(&topo, "again", 42000);
+    assert!(
+        answer.ends_with(": again"),
+        "no answer after expiry: {answer:?}"
+    );
+    let status = balancer.status();
+    assert!(status.get("warnings").is_none(), "{status}");
+}
