@@ -4,6 +4,7 @@
 #   ./dev.sh demo    the self-contained demo (root)
 #   ./dev.sh test    every test: unit, packet fixtures, end-to-end (root)
 #   ./dev.sh build   the XDP program and the lb binary
+#   ./dev.sh install the lb binary, its systemd unit and an example config (root)
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/bootstrap.sh

@@ -883,6 +883,14 @@ weight = 4
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../packaging/lb.toml");
+        let config =
+            Config::parse(text, "packaging/lb.toml").expect("the shipped example is valid");
+        assert_eq!(config.services[0].backends.len(), 2);
+    }
+
+    #[test]
     fn example_parses() {
         let config = Config::parse(EXAMPLE, "lb.toml").expect("example is valid");
         let want = Config {

@@ -44,7 +44,7 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Ports(#[from] crate::ports::PortsError),
-    #[error("cannot serve metrics on {listen}: {source}; give --metrics another IP:PORT, or off")]
+    #[error("cannot serve metrics on {listen} (give --metrics another IP:PORT, or off)")]
     Metrics {
         listen: String,
         #[source]

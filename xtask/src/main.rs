@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask build|test|bench|demo|lint`. Run `./dev.sh TASK` on a fresh machine:
+//! Project tasks: `cargo xtask build|test|bench|demo|install|lint`. Run `./dev.sh TASK` on a fresh machine:
 //! it installs the toolchains and tools first (scripts/bootstrap.sh), then runs the task.
 
 mod bench;
 mod build;
 mod demo;
+mod install;
 mod lint;
 mod test;
 
@@ -46,6 +47,11 @@ enum Task {
     },
     /// Run the self-contained demo in network namespaces (needs root).
     Demo,
+    /// Install lb, its systemd unit and an example config (needs root; starts nothing).
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+    },
     /// rustfmt check and clippy over user space and the eBPF crate.
     Lint,
 }
@@ -61,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             contenders,
         } => bench::bench(quick, out, &contenders),
         Task::Demo => demo::demo(),
+        Task::Install { prefix } => install::install(&prefix),
         Task::Lint => lint::lint(),
     }
 }
