@@ -306,8 +306,8 @@ pub fn tally(bodies: &[String], backends: usize) -> (Vec<usize>, usize) {
 #[derive(Debug, Default)]
 pub struct StreamReport {
     pub ok: usize,
-    /// (when, from the stream's start; why)
-    pub failures: Vec<(Duration, String)>,
+    /// (when the connection began, why it failed)
+    pub failures: Vec<(Instant, String)>,
     pub latencies: Vec<Duration>,
 }
 
@@ -340,7 +340,6 @@ impl ConnectionStream {
             let ns = crate::netns::Netns { name };
             ns.enter_current_thread();
             std::mem::forget(ns);
-            let begin = Instant::now();
             let mut report = StreamReport::default();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let started = Instant::now();
@@ -349,7 +348,7 @@ impl ConnectionStream {
                         report.ok += 1;
                         report.latencies.push(started.elapsed());
                     }
-                    Err(e) => report.failures.push((started - begin, e)),
+                    Err(e) => report.failures.push((started, e)),
                 }
                 thread::sleep(every.saturating_sub(started.elapsed()));
             }

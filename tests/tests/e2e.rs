@@ -713,10 +713,9 @@ fn connections_across(
     fault: impl FnOnce(),
     settle: Duration,
 ) -> (lb_tests::harness::StreamReport, usize) {
-    let started = std::time::Instant::now();
     let stream = ConnectionStream::start(topo, Duration::from_millis(20), Duration::from_secs(3));
     std::thread::sleep(Duration::from_secs(1));
-    let fault_at = started.elapsed();
+    let fault_at = std::time::Instant::now();
     fault();
     std::thread::sleep(settle);
     let mut report = stream.finish();
