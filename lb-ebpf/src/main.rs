@@ -5,6 +5,7 @@
 #![no_main]
 
 mod csum;
+mod debug_log;
 mod flow;
 mod forward;
 mod maps;
@@ -55,14 +56,27 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
-    let flow = match flow::lookup(&pkt)? {
+    let result = balance(ctx, &pkt);
+    if let Err(Verdict::Drop(reason)) = result {
+        debug_log::drop(ctx, &pkt, reason);
+    }
+    result
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
+    let flow = match flow::lookup(pkt)? {
         Some(flow) => flow,
-        None => new_flow(&pkt)?,
+        None => {
+            let flow = new_flow(pkt)?;
+            debug_log::new_flow(ctx, pkt, &flow.nat);
+            flow
+        }
     };
-    check_ttl(&pkt)?;
-    nat::rewrite(&pkt, &flow.nat);
+    check_ttl(pkt)?;
+    nat::rewrite(pkt, &flow.nat);
     stats::count_backend(flow.nat.backend_id, pkt.len);
-    forward::send(ctx, &pkt, &flow)
+    forward::send(ctx, pkt, &flow)
 }
 
 /// A packet with no flow: find its service, choose a backend, record the flow both ways.

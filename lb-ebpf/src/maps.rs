@@ -43,6 +43,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_SLOTS, 
 #[map]
 pub static SUSPECT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// [0] -> 1 if the data path logs new flows, drops and suspect marks (aya-log). Daemon writes
+/// (`lb debug-log on|off`); off at every start.
+#[map]
+pub static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
+
 /// [0] -> next SNAT port index to try on this CPU. Data path only.
 #[map]
 pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -48,6 +48,10 @@ pub enum Request {
     },
     /// Re-reads the config file and applies what differs from the running services.
     Reload,
+    /// Switches the data path's debug logs (new flows, drops) on or off.
+    DebugLog {
+        on: bool,
+    },
 }
 
 impl Request {
@@ -129,6 +133,9 @@ pub struct Status {
     /// SNAT ports each backend can use (the `snat_ports` range).
     #[serde(default)]
     pub snat_ports_per_backend: u64,
+    /// Whether the data path logs new flows and drops (`lb debug-log`).
+    #[serde(default)]
+    pub debug_log: bool,
     /// Exhaustion and the like, as it is now or was in the last second.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -369,6 +376,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
         },
         counters: std::collections::BTreeMap::from([("drop_tcp_no_flow".into(), drops)]),
         snat_ports_per_backend: 22768,
+        debug_log: false,
         warnings: vec![],
     }
 }

@@ -277,8 +277,15 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
     };
     crate::ports::reserve(snat_min, snat_max, &opts.state_dir)?;
     log::info!("serving the control socket {}", socket.display());
+    let mut state = state;
+    // Off at every start: a restart is also how an operator turns forgotten logs off.
+    state.dataplane.set_debug_log(false)?;
+    let logger = state.dataplane.take_logger();
     let state = Arc::new(Mutex::new(state));
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(logger) = logger {
+        tasks.spawn(forward_data_path_logs(logger));
+    }
     let health_state = Arc::clone(&state);
     tasks.spawn(async move {
         while let Some(report) = health_rx.recv().await {
@@ -320,6 +327,38 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
         opts.bpffs.display()
     );
     Ok(())
+}
+
+/// Forwards the data path's log records to the daemon's log as they arrive. A record the reader
+/// cannot decode (it panics on one) stops the forwarding, not the daemon.
+async fn forward_data_path_logs(logger: crate::dataplane::DataPathLogger) {
+    use tokio::io::{Interest, unix::AsyncFd};
+    // SAFETY: the descriptor is the logger's ring buffer, owned by the logger that the AsyncFd
+    // owns: it stays open for as long as it is registered, and nothing else closes it.
+    let registered = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("the data path's debug logs cannot be read: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut ready = match fd.readable_mut().await {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("reading the data path's debug logs: {e}");
+                return;
+            }
+        };
+        let logger = ready.get_inner_mut();
+        let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush()));
+        if flushed.is_err() {
+            log::error!("a data-path log record could not be decoded; its logs stop here");
+            return;
+        }
+        ready.clear_ready();
+    }
 }
 
 /// Every SWEEP_INTERVAL, expires idle flows on a blocking thread (a large table takes seconds)
@@ -371,6 +410,16 @@ async fn serve(
             change(&state, request).await
         }
         Ok(Request::Status) => Response::status(lock(&state).status()),
+        Ok(Request::DebugLog { on }) => {
+            let result = lock(&state).dataplane.set_debug_log(on);
+            match result {
+                Ok(()) => {
+                    log::info!("data-path debug logs {}", if on { "on" } else { "off" });
+                    Response::done()
+                }
+                Err(e) => Response::failed(format!("updating the data path: {e}")),
+            }
+        }
         Ok(Request::SetWeight {
             service,
             backend,
@@ -515,7 +564,7 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
                 digest: Some(persist::digest(&text)),
             });
         }
-        Request::Status | Request::SetWeight { .. } => {
+        Request::Status | Request::SetWeight { .. } | Request::DebugLog { .. } => {
             return Err(Box::new(Response::failed(
                 "not a change of services".into(),
             )));

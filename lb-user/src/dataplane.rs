@@ -92,6 +92,8 @@ pub enum DataplaneError {
     Cpus(String),
     #[error(transparent)]
     Pins(#[from] pins::PinError),
+    #[error("cannot read the data path's logs: {0}")]
+    Logger(String),
     #[error(
         "cannot adopt the state pinned in {dir}: {source}. Its maps differ from what this lb would create (flow capacity, Maglev table size, or a map layout changed by an upgrade). `lb remove --bpffs {dir}` removes it, which stops forwarding and drops every flow"
     )]
@@ -149,6 +151,9 @@ pub struct ReasonCounters {
     pub events: Vec<(&'static str, u64)>,
 }
 
+/// The reader of the data path's log records (aya-log), forwarding them to `log`.
+pub type DataPathLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
 pub struct Dataplane {
     ebpf: Ebpf,
     settings: LoadSettings,
@@ -158,6 +163,9 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     suspect: Array<MapData, u64>,
+    debug_log: Array<MapData, u32>,
+    /// Reads the data path's aya-log records; taken by the daemon's log task.
+    logger: Option<DataPathLogger>,
     stats: PerCpuArray<MapData, u64>,
     ifaces: HashMap<MapData, u32, Iface>,
     tx_ports: DevMapHash<MapData>,
@@ -244,6 +252,11 @@ impl Dataplane {
             flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             backend_stats: map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
             suspect: map(&mut ebpf, "SUSPECT", Array::try_from)?,
+            debug_log: map(&mut ebpf, "DEBUG_LOG", Array::try_from)?,
+            logger: Some(
+                aya_log::EbpfLogger::init(&mut ebpf)
+                    .map_err(|e| DataplaneError::Logger(e.to_string()))?,
+            ),
             stats: map(&mut ebpf, "STATS", PerCpuArray::try_from)?,
             ifaces: map(&mut ebpf, "IFACES", HashMap::try_from)?,
             tx_ports: map(&mut ebpf, "TX_PORTS", DevMapHash::try_from)?,
@@ -573,6 +586,25 @@ impl Dataplane {
 
     pub fn flow(&self, key: &FlowKey) -> Option<FlowValue> {
         self.flows.get(key, 0).ok()
+    }
+
+    /// The data path's log reader, for a task that waits on its descriptor (once).
+    pub fn take_logger(&mut self) -> Option<DataPathLogger> {
+        self.logger.take()
+    }
+
+    /// Switches the data path's debug logs on or off.
+    pub fn set_debug_log(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.debug_log
+            .set(0, &u32::from(on), 0)
+            .map_err(|source| DataplaneError::Map {
+                name: "DEBUG_LOG",
+                source,
+            })
+    }
+
+    pub fn debug_log(&self) -> bool {
+        self.debug_log.get(&0, 0).is_ok_and(|v| v != 0)
     }
 
     /// When the data path marked backend `id` suspect (CLOCK_MONOTONIC ns), if it has.

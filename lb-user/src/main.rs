@@ -101,6 +101,14 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Switch the data path's debug logs on or off (off at every start): new flows and drops,
+    /// with addresses, in the daemon's log.
+    DebugLog {
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// Set a backend's weight (0 drains it: no new flows); takes effect for new flows at once.
     SetWeight {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
@@ -372,6 +380,12 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 } => (socket, Request::BackendRemove { service, backend }),
             };
             report(call(&socket, request).await?);
+            Ok(())
+        }
+        Command::DebugLog { socket, state } => {
+            let on = state == "on";
+            call(&socket, Request::DebugLog { on }).await?;
+            println!("data-path debug logs {state}");
             Ok(())
         }
         Command::Reload { socket } => {

@@ -692,6 +692,7 @@ impl State {
             },
             counters,
             snat_ports_per_backend: self.snat_ports_per_backend(),
+            debug_log: self.dataplane.debug_log(),
             warnings: self.warnings.clone(),
         }
     }

@@ -875,3 +875,49 @@ fn a_full_flow_table_drops_new_flows_only_and_says_so_in_status_and_metrics() {
     let status = balancer.status();
     assert!(status.get("warnings").is_none(), "{status}");
 }
+
+#[test]
+fn data_path_debug_logs_are_off_by_default_and_switch_at_runtime() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[4, 6]);
+    let lines = |b: &Balancer, what: &str| b.log().matches(what).count();
+    let (_, failed) = tally(&http_requests(&topo, 3), 2);
+    assert_eq!(failed, 0);
+    assert_eq!(balancer.status()["debug_log"], false);
+    assert_eq!(lines(&balancer, "new flow "), 0, "logs were on by default");
+
+    cli_ok(&balancer, &["debug-log", "on"]);
+    assert_eq!(balancer.status()["debug_log"], true);
+    let (_, failed) = tally(&http_requests(&topo, 3), 2);
+    assert_eq!(failed, 0);
+    // A drop: no backend takes new flows.
+    for i in 0..2 {
+        cli_ok(&balancer, &["set-weight", "web", &backend(&topo, i), "0"]);
+    }
+    let (_, failed) = tally(&http_requests(&topo, 1), 2);
+    assert_eq!(failed, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = balancer.log();
+    let client = lb_tests::topology::CLIENT.to_string();
+    assert!(
+        log.lines()
+            .filter(|l| {
+                l.contains("new flow ") && l.contains(&client) && l.contains(&format!("{VIP}:80"))
+            })
+            .count()
+            >= 3,
+        "no new-flow lines:\n{log}"
+    );
+    assert!(log.contains("drop no_backend: "), "no drop line:\n{log}");
+
+    cli_ok(&balancer, &["debug-log", "off"]);
+    for i in 0..2 {
+        cli_ok(&balancer, &["set-weight", "web", &backend(&topo, i), "1"]);
+    }
+    let before = lines(&balancer, "new flow ");
+    let (_, failed) = tally(&http_requests(&topo, 3), 2);
+    assert_eq!(failed, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lines(&balancer, "new flow "), before, "logs after off");
+    let out = balancer.cli(&["debug-log", "maybe"]);
+    assert_eq!(out.status.code(), Some(2));
+}
