@@ -45,7 +45,7 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
     let value = unsafe { &mut *entry };
     if value.flags & FLOW_REVERSE == 0 {
         let reopened = pkt.is_syn() && value.flags & FLOW_CLOSING != 0;
-        if reopened || !backend_is_healthy(value.backend_id) || syn_unanswered(pkt, value, now) {
+        if reopened || !backend_serves(value) || syn_unanswered(pkt, value, now) {
             // Both directions go: the reply entry frees the old SNAT port now rather than at
             // expiry, and the forward entry must not outlive it if no new flow replaces it
             // (the packet may still be dropped or passed before one is created).
@@ -53,7 +53,7 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
             let _ = FLOWS.remove(&pkt.key);
             return Ok(None);
         }
-    } else if value.last_seen_ns == 0 && pkt.is_rst() {
+    } else if value.last_seen_ns == 0 && pkt.is_rst() && !refusal_is_final(value, pkt.key.proto) {
         suspect::mark(value.backend_id, now, STAT_SUSPECT_REFUSED);
         let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
         let _ = FLOWS.remove(&pkt.key);
@@ -73,6 +73,18 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
         nat: *value,
         entry: Some(entry),
     }))
+}
+
+/// Whether a refused connection was made to a backend already marked suspect (every other was
+/// too): there is nowhere better to send the retransmission, so the client gets the RST now
+/// rather than retrying until it gives up.
+#[inline(always)]
+fn refusal_is_final(reply: &FlowValue, proto: u8) -> bool {
+    FLOWS
+        .get_ptr(&reply.peer_key(proto))
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        .map(|forward| unsafe { (*forward).last_seen_ns })
+        .is_some_and(|created| suspect::marked_before(reply.backend_id, created))
 }
 
 /// Whether `pkt` is a client's retransmitted SYN on a flow whose backend has answered nothing
@@ -100,11 +112,15 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// Whether the flow's backend is healthy and still the one the flow was made for: a backend
+/// removed and its id given to another must not receive the old one's flows.
 #[inline(always)]
-fn backend_is_healthy(id: u32) -> bool {
-    BACKENDS
-        .get(id)
-        .is_some_and(|b| b.flags & BACKEND_HEALTHY != 0)
+fn backend_serves(forward: &FlowValue) -> bool {
+    BACKENDS.get(forward.backend_id).is_some_and(|b| {
+        b.flags & BACKEND_HEALTHY != 0
+            && b.addr == forward.nat_dst_addr
+            && b.port == forward.nat_dst_port
+    })
 }
 
 /// Inserts the reply entry under `reverse_key` if its SNAT port is free for this backend, or

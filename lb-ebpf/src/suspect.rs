@@ -27,3 +27,15 @@ pub fn is_suspect(backend_id: u32) -> bool {
     // SAFETY: a helper without arguments or side effects.
     since != 0 && unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(since) < SUSPECT_HOLD_NS
 }
+
+/// Whether `backend_id` carries a live mark made at or before `time`: a flow created after it
+/// went to the backend knowing it suspect (no other was left), and its refusal is the answer.
+#[inline(always)]
+pub fn marked_before(backend_id: u32, time: u64) -> bool {
+    let Some(&since) = SUSPECT.get(backend_id) else {
+        return false;
+    };
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    since != 0 && since <= time && now.saturating_sub(since) < SUSPECT_HOLD_NS
+}

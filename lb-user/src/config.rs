@@ -39,9 +39,9 @@ const SNAT_PORT_FLOOR: u32 = 1024;
 const DEFAULT_SNAT_PORTS: (u16, u16) = (10_000, 32_767);
 const FLOW_TIMEOUT_RANGE: RangeInclusive<Duration> =
     Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
-const HEALTH_INTERVAL_RANGE: RangeInclusive<Duration> =
+pub const HEALTH_INTERVAL_RANGE: RangeInclusive<Duration> =
     Duration::from_millis(10)..=Duration::from_secs(3600);
-const HEALTH_COUNT_RANGE: RangeInclusive<u32> = 1..=100;
+pub const HEALTH_COUNT_RANGE: RangeInclusive<u32> = 1..=100;
 const WEIGHT_RANGE: RangeInclusive<u32> = 0..=MAX_WEIGHT;
 /// Linux's IFNAMSIZ (16) less the terminating NUL.
 const IFNAME_MAX_LEN: usize = 15;
@@ -122,7 +122,7 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthKind {
     /// A TCP connect succeeds.
@@ -134,7 +134,7 @@ pub enum HealthKind {
 }
 
 /// `[service.health]`: how backends are probed and when their state flips.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HealthConfig {
     pub kind: HealthKind,
     /// Probe this port instead of the backend's own.

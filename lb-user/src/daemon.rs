@@ -206,6 +206,8 @@ async fn start(
             mode: "native".into(),
         });
     }
+    let attached: Vec<u32> = state.interfaces.iter().map(|i| i.ifindex).collect();
+    state.dataplane.retain_interfaces(&attached)?;
     for name in state.dataplane.detach_others(&interfaces)? {
         log::info!("detached from {name}: no longer in the config");
     }
@@ -220,18 +222,19 @@ async fn probe_all(targets: Vec<(SocketAddrV4, HealthConfig)>) -> Probes {
     let handles: Vec<_> = targets
         .into_iter()
         .map(|(address, cfg)| {
+            let key = (address, cfg.clone());
             (
-                address,
+                key,
                 tokio::spawn(async move { health::probe(address, &cfg).await }),
             )
         })
         .collect();
     let mut results = Probes::new();
-    for (address, handle) in handles {
+    for (key, handle) in handles {
         let result = handle
             .await
             .unwrap_or_else(|e| Err(format!("health probe task failed: {e}")));
-        results.insert(address, result);
+        results.insert(key, result);
     }
     results
 }
@@ -268,14 +271,18 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
     };
     let (snat_min, snat_max) = (config.flows.snat_port_min, config.flows.snat_port_max);
     let (reports, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
-    let state = match start(config, &opts, reports).await {
+    // Before anything is published: a refused port range must not leave a data path running.
+    let started = match crate::ports::reserve(snat_min, snat_max, &opts.state_dir) {
+        Ok(()) => start(config, &opts, reports).await,
+        Err(e) => Err(e.into()),
+    };
+    let state = match started {
         Ok(state) => state,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
             return Err(e);
         }
     };
-    crate::ports::reserve(snat_min, snat_max, &opts.state_dir)?;
     log::info!("serving the control socket {}", socket.display());
     let mut state = state;
     // Off at every start: a restart is also how an operator turns forgotten logs off.

@@ -348,6 +348,27 @@ impl Dataplane {
         FdLink::try_from(link).map(Some).map_err(|e| e.to_string())
     }
 
+    /// Forgets forwarding targets other than `keep` (ifindexes): an adopted IFACES may hold
+    /// interfaces the config no longer has, which the program would still redirect through.
+    pub fn retain_interfaces(&mut self, keep: &[u32]) -> Result<(), DataplaneError> {
+        let stale: Vec<u32> = self
+            .ifaces
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !keep.contains(i))
+            .collect();
+        for ifindex in stale {
+            self.ifaces
+                .remove(&ifindex)
+                .map_err(|source| DataplaneError::Map {
+                    name: "IFACES",
+                    source,
+                })?;
+            let _ = self.tx_ports.remove(ifindex);
+        }
+        Ok(())
+    }
+
     /// Unpins the links of pinned interfaces not in `keep`, which detaches the program there.
     pub fn detach_others(&mut self, keep: &[String]) -> Result<Vec<String>, DataplaneError> {
         let Some(dir) = self.pin_dir.clone() else {
@@ -435,18 +456,22 @@ impl Dataplane {
                 want: size,
             });
         }
-        // An adopted service's live half is the one its SERVICES entry points at.
-        let live = self.live_table.get(&id).copied().or_else(|| {
-            self.services
-                .get(&key, 0)
-                .ok()
-                .map(|s| (s.maglev_base / size) % 2)
-        });
-        let staging = match live {
+        // The staging half is one no service serves from: after adoption, the live half is
+        // the one SERVICES points at, whichever service (and id) it was published for.
+        let serving: Vec<u32> = self
+            .services
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, s)| s.maglev_base)
+            .collect();
+        let base_of = |half: u32| (id * 2 + half) * size;
+        let staging = match self.live_table.get(&id) {
             Some(0) => 1,
-            _ => 0,
+            Some(_) => 0,
+            None if serving.contains(&base_of(0)) => 1,
+            None => 0,
         };
-        let base = (id * 2 + staging) * size;
+        let base = base_of(staging);
         for (slot, backend) in (base..).zip(table) {
             self.maglev
                 .set(slot, backend, 0)
@@ -487,6 +512,13 @@ impl Dataplane {
                 })?;
         }
         Ok(stale.len())
+    }
+
+    /// What BACKENDS holds for `id`: its address and whether it is marked healthy.
+    pub fn backend_entry(&self, id: u32) -> Option<(std::net::SocketAddrV4, bool)> {
+        let b = self.backends.get(&id, 0).ok()?;
+        let addr = std::net::SocketAddrV4::new(Ipv4Addr::from(b.addr.to_bytes()), b.port.to_host());
+        Some((addr, b.flags & lb_common::BACKEND_HEALTHY != 0))
     }
 
     /// Marks every backend id but `keep` as not taking traffic: flows an earlier daemon left to

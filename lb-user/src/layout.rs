@@ -12,7 +12,10 @@ use std::{
 use lb_common::{MAX_BACKENDS, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{MAX_WEIGHT, Protocol, ServiceConfig};
+use crate::config::{
+    HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE, HealthConfig, HealthKind, MAX_WEIGHT, Protocol,
+    ServiceConfig,
+};
 
 const SERVICE_NAME_MAX_LEN: usize = 64;
 
@@ -109,6 +112,7 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
                 s.vip, s.protocol
             ));
         }
+        check_health(name, &s.health)?;
         let mut seen = HashSet::new();
         for b in &s.backends {
             if b.address.port() == 0 {
@@ -130,6 +134,42 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// The config file's health rules: a probe task with a zero interval would panic, an endless
+/// timeout would hold every later change, a path with control characters would break the
+/// request.
+fn check_health(name: &str, h: &HealthConfig) -> Result<(), String> {
+    let ctx = format!("service \"{name}\" health");
+    if !HEALTH_INTERVAL_RANGE.contains(&h.interval) {
+        return Err(format!(
+            "{ctx}: interval {:?} is out of range 10ms..=1h",
+            h.interval
+        ));
+    }
+    if h.timeout.is_zero() || h.timeout > h.interval {
+        return Err(format!(
+            "{ctx}: timeout {:?} must be above 0 and at most the interval",
+            h.timeout
+        ));
+    }
+    if !HEALTH_COUNT_RANGE.contains(&h.rise) || !HEALTH_COUNT_RANGE.contains(&h.fall) {
+        return Err(format!("{ctx}: rise and fall must be 1..=100"));
+    }
+    if h.port == Some(0) {
+        return Err(format!("{ctx}: port 0"));
+    }
+    if let HealthKind::Http { path } = &h.kind
+        && (!path.starts_with('/')
+            || path
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()))
+    {
+        return Err(format!(
+            "{ctx}: path {path:?} must start with '/' and have no spaces"
+        ));
     }
     Ok(())
 }
@@ -352,6 +392,21 @@ mod tests {
         let mut zero = svc("web", 80, &[]);
         zero.vip.set_port(0);
         assert!(check(&[zero]).expect_err("port").contains("port 0"));
+        // Health settings a hand-edited state file could carry.
+        let mut never = svc("web", 80, &[]);
+        never.health.interval = std::time::Duration::ZERO;
+        assert!(check(&[never]).expect_err("interval").contains("interval"));
+        let mut endless = svc("web", 80, &[]);
+        endless.health.timeout = std::time::Duration::from_secs(86_400);
+        assert!(check(&[endless]).expect_err("timeout").contains("timeout"));
+        let mut crlf = svc("web", 80, &[]);
+        crlf.health.kind = HealthKind::Http {
+            path: "/x\r\nHost: evil".into(),
+        };
+        assert!(check(&[crlf]).expect_err("path").contains("path"));
+        let mut rise = svc("web", 80, &[]);
+        rise.health.rise = 0;
+        assert!(check(&[rise]).expect_err("rise").contains("rise"));
     }
 
     #[test]

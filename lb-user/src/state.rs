@@ -14,7 +14,7 @@ use lb_common::{Be16, Be32, DropReason, ServiceKey};
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
-    config::{BackendConfig, Config, MAX_WEIGHT, ServiceConfig},
+    config::{BackendConfig, Config, HealthConfig, HealthKind, MAX_WEIGHT, ServiceConfig},
     control::{BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus, Status},
     dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts},
     health::{self, Tracker},
@@ -33,8 +33,15 @@ pub struct HealthReport {
     pub started_ns: u64,
 }
 
-/// First probe results of backends a change adds, by address.
-pub type Probes = HashMap<SocketAddrV4, Result<(), String>>;
+/// First probe results of backends a change adds, by address and health check (one backend
+/// may serve a TCP and a UDP service with different checks).
+pub type Probes = HashMap<(SocketAddrV4, HealthConfig), Result<(), String>>;
+
+/// Service keys and backend ids a new set uses.
+pub struct InUse {
+    keys: Vec<ServiceKey>,
+    backend_ids: std::collections::HashSet<u32>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -158,6 +165,14 @@ impl State {
         state_dir: PathBuf,
         health: UnboundedSender<HealthReport>,
     ) -> Self {
+        // An adopted data path's counters carry on: only drops after this start are news.
+        let exhaustion_drops = dataplane.reason_counters().map_or((0, 0), |c| {
+            let count = |r: DropReason| c.drop.iter().find(|d| d.0 == r).map_or(0, |d| d.1);
+            (
+                count(DropReason::FlowTableFull),
+                count(DropReason::SnatPortsExhausted),
+            )
+        });
         Self {
             dataplane,
             services: Vec::new(),
@@ -168,7 +183,7 @@ impl State {
                 udp_idle: config.flows.udp_idle_timeout,
             },
             flow_entries: 0,
-            exhaustion_drops: (0, 0),
+            exhaustion_drops,
             warnings: Vec::new(),
             config,
             config_path,
@@ -190,10 +205,7 @@ impl State {
     /// Backends of `desired` that have no probe result yet (new ones, or of a service whose
     /// health check changed): they are probed before the change is applied, so that a new
     /// backend takes traffic only once it answers.
-    pub fn to_probe(
-        &self,
-        desired: &[ServiceConfig],
-    ) -> Vec<(SocketAddrV4, crate::config::HealthConfig)> {
+    pub fn to_probe(&self, desired: &[ServiceConfig]) -> Vec<(SocketAddrV4, HealthConfig)> {
         let mut out = Vec::new();
         for s in desired {
             let current = self.services.iter().find(|c| c.config.name == s.name);
@@ -232,6 +244,15 @@ impl State {
             .drain(..)
             .map(|s| (s.config.name.clone(), s))
             .collect();
+        // What the new set uses: cleaning up after the old set must not touch these (a renamed
+        // service keeps its VIP, a freed backend id may already be someone else's).
+        let keep = InUse {
+            keys: placed.iter().map(|p| service_key(&p.config)).collect(),
+            backend_ids: placed
+                .iter()
+                .flat_map(|p| p.backend_ids.iter().copied())
+                .collect(),
+        };
         let mut next = Vec::with_capacity(placed.len());
         let mut written = Ok(());
         for p in placed {
@@ -240,7 +261,7 @@ impl State {
                 next.extend(previous);
                 continue;
             };
-            match self.build(p, address, previous, probes, fresh_counters) {
+            match self.build(p, address, previous, probes, fresh_counters, &keep) {
                 Ok(service) => next.push(service),
                 Err(e) => {
                     written = Err(e);
@@ -250,7 +271,7 @@ impl State {
         }
         if written.is_ok() {
             for gone in old.values() {
-                written = self.unpublish(gone);
+                written = self.unpublish(gone, &keep);
                 if written.is_err() {
                     break;
                 }
@@ -262,7 +283,7 @@ impl State {
         self.services = next;
         written?;
         for &id in &changes.freed_backends {
-            if self.backend_ids().contains(&id) {
+            if keep.backend_ids.contains(&id) {
                 continue;
             }
             self.dataplane
@@ -271,9 +292,15 @@ impl State {
         Ok(())
     }
 
-    fn unpublish(&mut self, gone: &ServiceState) -> Result<(), ApplyError> {
-        self.dataplane.remove_service(gone.id, gone.key())?;
-        for b in &gone.backends {
+    fn unpublish(&mut self, gone: &ServiceState, keep: &InUse) -> Result<(), ApplyError> {
+        if !keep.keys.contains(&gone.key()) {
+            self.dataplane.remove_service(gone.id, gone.key())?;
+        }
+        for b in gone
+            .backends
+            .iter()
+            .filter(|b| !keep.backend_ids.contains(&b.id))
+        {
             self.dataplane.set_backend(b.id, b.address, false)?;
         }
         log::info!("service \"{}\" removed", gone.config.name);
@@ -289,6 +316,7 @@ impl State {
         previous: Option<ServiceState>,
         probes: &Probes,
         fresh_counters: bool,
+        keep: &InUse,
     ) -> Result<ServiceState, ApplyError> {
         let name = p.config.name.clone();
         let health_same = previous
@@ -301,6 +329,13 @@ impl State {
             ),
             None => (None, Vec::new()),
         };
+        // A new VIP: the old key goes first, so a full SERVICES map has room for the new one.
+        if let Some((id, key)) = old_key
+            && key != service_key(&p.config)
+            && !keep.keys.contains(&key)
+        {
+            self.dataplane.remove_service(id, key)?;
+        }
         let mut backends = Vec::with_capacity(p.config.backends.len());
         for (b, &id) in p.config.backends.iter().zip(&p.backend_ids) {
             let kept = old_backends
@@ -308,27 +343,44 @@ impl State {
                 .position(|o| o.id == id && o.address == b.address)
                 .map(|i| old_backends.swap_remove(i));
             let existed = kept.is_some();
-            if let Some(mut k) = kept.filter(|_| health_same) {
-                k.weight = b.weight;
-                backends.push(k);
-                continue;
-            }
+            let kept_up = match kept {
+                Some(mut k) if health_same => {
+                    k.weight = b.weight;
+                    backends.push(k);
+                    continue;
+                }
+                // Its health check changed: probed again, its probe task replaced.
+                Some(k) => k.tracker.healthy,
+                None => false,
+            };
+            // Up before (in this daemon, or in the adopted data path): one failed first probe
+            // must not take down its established flows; the tracker's `fall` decides.
+            let was_up = kept_up
+                || (!fresh_counters && self.dataplane.backend_entry(id) == Some((b.address, true)));
             let first = probes
-                .get(&b.address)
+                .get(&(b.address, p.config.health.clone()))
                 .cloned()
                 .unwrap_or_else(|| Err("not probed yet".into()));
             if fresh_counters && !existed {
                 self.dataplane.reset_backend_stats(id)?;
+                // A reused id must not inherit its last holder's suspect mark.
+                self.dataplane.clear_suspect(id)?;
             }
+            let healthy = first.is_ok() || was_up;
+            let mut tracker = Tracker::new(healthy, p.config.health.rise, p.config.health.fall);
             if let Err(e) = &first {
-                log::warn!("service \"{name}\": backend {} starts down: {e}", b.address);
+                if healthy {
+                    tracker.record(false);
+                } else {
+                    log::warn!("service \"{name}\": backend {} starts down: {e}", b.address);
+                }
             }
-            self.dataplane.set_backend(id, b.address, first.is_ok())?;
+            self.dataplane.set_backend(id, b.address, healthy)?;
             backends.push(BackendState {
                 id,
                 address: b.address,
                 weight: b.weight,
-                tracker: Tracker::new(first.is_ok(), p.config.health.rise, p.config.health.fall),
+                tracker,
                 active_flows: 0,
                 last_error: first.err(),
                 snat_ports_in_use: 0,
@@ -344,13 +396,11 @@ impl State {
         };
         self.publish(&service)?;
         // Backends the service no longer has stop taking flows: their flows move.
-        for gone in &old_backends {
-            self.dataplane.set_backend(gone.id, gone.address, false)?;
-        }
-        if let Some((id, key)) = old_key
-            && key != service.key()
+        for gone in old_backends
+            .iter()
+            .filter(|b| !keep.backend_ids.contains(&b.id))
         {
-            self.dataplane.remove_service(id, key)?;
+            self.dataplane.set_backend(gone.id, gone.address, false)?;
         }
         log::info!(
             "service \"{name}\" {} {} snat {}: {} backends",
@@ -497,13 +547,16 @@ impl State {
         }) else {
             return;
         };
-        let backend = &mut self.services[s].backends[b];
+        let health = &self.services[s].config.health;
+        // Only a check of the port clients use can take back what the data path saw there.
+        let checks_service_port = health.kind != HealthKind::None
+            && health.port.is_none_or(|p| p == report.address.port());
         let ok = report.result.is_ok();
-        backend.last_error = report.result.err();
-        if ok {
+        self.services[s].backends[b].last_error = report.result.err();
+        if ok && checks_service_port {
             // The health check confirms the backend: a suspect mark from before this probe
             // goes, and new flows may go to it again.
-            let id = backend.id;
+            let id = report.backend;
             match self.dataplane.suspect_since(id) {
                 Ok(Some(since)) if since <= report.started_ns => {
                     if let Err(e) = self.dataplane.clear_suspect(id) {

@@ -702,6 +702,22 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
     );
     let said = cli_ok(&balancer, &["status"]);
     assert!(said.contains("service web"), "{said}");
+    // A rename keeps the VIP: the new name's entry must survive the old name's removal.
+    balancer.write_config(
+        &topo
+            .config(&[4, 6])
+            .replace("name = \"dns\"", "name = \"names\""),
+    );
+    let said = cli_ok(&balancer, &["reload"]);
+    assert!(
+        said.contains("added names") && said.contains("removed dns"),
+        "{said}"
+    );
+    let answer = udp_request(&topo, "renamed", 42100);
+    assert!(
+        answer.ends_with(": renamed"),
+        "the renamed service's VIP stopped: {answer:?}"
+    );
 }
 
 /// Runs a steady stream of new connections while `fault` happens to backend 1, and for

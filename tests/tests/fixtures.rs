@@ -546,6 +546,44 @@ fn fixtures() -> Vec<Fixture> {
                 ],
             )
         },
+        // A flow made to a backend already suspect (no other was left): its refusal reaches
+        // the client, which would otherwise retry the same backend until it gives up.
+        Fixture {
+            suspect_after: vec![(1, true)],
+            ingress: "lb1",
+            ..fixture(
+                "failover_refusal_after_the_mark_reaches_the_client",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Suspect {
+                            backend: 1,
+                            ago_ns: 500_000_000,
+                        },
+                        flow(
+                            40044,
+                            1,
+                            31044,
+                            Some(CachedHop {
+                                iface: "lb1",
+                                src: LB1_MAC,
+                                dst: B1_MAC,
+                                ok_len: 1500,
+                            }),
+                        ),
+                    ],
+                ),
+                from_backend(1, 31044).tcp_flags(0x14).build(),
+                XDP_REDIRECT,
+                Some(to_client(40044).tcp_flags(0x14).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Drop(DropReason::BackendRefused), 0),
+                    (Counter::Event("suspect_refused"), 0),
+                ],
+            )
+        },
         // An answered connection's RST is the backend's to send: forwarded as any reply.
         Fixture {
             suspect_after: vec![(1, false)],
@@ -703,6 +741,29 @@ fn fixtures() -> Vec<Fixture> {
                     (Counter::NewFlows(1), 1),
                     (Counter::Event("steered_off_suspect"), 0),
                 ],
+            )
+        },
+        // Backend id 1 now names another address (B1 was removed, its id reused): the flow
+        // made for B1 must not go to the new holder.
+        Fixture {
+            flows_after: flow_pair(TCP, 40045, WEB_PORT, 1, 31045)
+                .map(|(k, _)| (k, None))
+                .to_vec(),
+            ..fixture(
+                "flow_whose_backend_id_was_reused_is_not_forwarded",
+                vec![
+                    Setup::Backend {
+                        id: 1,
+                        addr: B2,
+                        healthy: true,
+                    },
+                    web(&[(1, 1)]),
+                    flow(40045, 1, 31045, None),
+                ],
+                client_syn(40045).tcp_flags(0x10).build(),
+                XDP_DROP,
+                None,
+                vec![(Counter::Drop(DropReason::TcpNoFlow), 1)],
             )
         },
         // Found by the fuzzer: the reopening SYN expires here, so no new flow replaces the old
