@@ -69,18 +69,10 @@ impl Balancer {
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("open the daemon log");
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.netns])
-            .arg(&self.lb)
-            .arg("run")
+        let mut child = self
+            .in_netns("run")
             .arg("--config")
             .arg(&self.config)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--bpffs")
-            .arg(&self.bpffs)
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -115,18 +107,22 @@ impl Balancer {
 
     /// `lb remove` in the balancer's namespace (its SNAT port reservation is that namespace's).
     pub fn remove(&self) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.netns])
+        self.in_netns("remove").output().expect("run lb remove")
+    }
+
+    /// `lb SUBCOMMAND` in the balancer's namespace, with this balancer's socket, pins and state.
+    fn in_netns(&self, subcommand: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.netns])
             .arg(&self.lb)
-            .arg("remove")
+            .arg(subcommand)
             .arg("--socket")
             .arg(&self.socket)
             .arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .output()
-            .expect("run lb remove")
+            .arg(self.dir.join("state"));
+        cmd
     }
 
     /// Replaces the config file (for `lb reload` or the next start).
@@ -334,12 +330,8 @@ impl ConnectionStream {
     pub fn start(topo: &Topology, every: Duration, limit: Duration) -> ConnectionStream {
         use std::sync::{Arc, atomic::AtomicBool};
         let stop = Arc::new(AtomicBool::new(false));
-        let name = topo.client.name.clone();
         let flag = Arc::clone(&stop);
-        let thread = thread::spawn(move || {
-            let ns = crate::netns::Netns { name };
-            ns.enter_current_thread();
-            std::mem::forget(ns);
+        let thread = topo.client.spawn_inside(move || {
             let mut report = StreamReport::default();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let started = Instant::now();

@@ -124,18 +124,34 @@ impl Netns {
     /// Moves the calling thread into this namespace (for BPF_PROG_TEST_RUN, whose FIB lookups
     /// and DEVMAP writes use the caller's namespace).
     pub fn enter_current_thread(&self) {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-        // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns into {}: {}",
-            self.name,
-            std::io::Error::last_os_error()
-        );
+        enter(&self.name);
     }
+
+    /// Runs `f` on a new thread inside this namespace (sockets it opens live there). The
+    /// namespace stays this guard's.
+    pub fn spawn_inside<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name);
+            f()
+        })
+    }
+}
+
+fn enter(name: &str) {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
+    // SAFETY: a valid namespace fd; setns only changes this thread's namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Stops a server started with `Netns::spawn`: SIGTERM first, so that a master process (nginx)

@@ -128,14 +128,8 @@ fn one_arm_tcp_splits_by_weight_and_udp_answers() {
 
 /// A client connection in the client namespace, for a connection kept open across changes.
 fn connect_in(ns: &Netns) -> TcpStream {
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        let ns = Netns { name };
-        ns.enter_current_thread();
-        let stream =
-            TcpStream::connect((VIP, 80)).expect("connect to the VIP from the client namespace");
-        std::mem::forget(ns);
-        stream
+    ns.spawn_inside(|| {
+        TcpStream::connect((VIP, 80)).expect("connect to the VIP from the client namespace")
     })
     .join()
     .expect("connect thread")
@@ -823,18 +817,16 @@ fn a_killed_or_unreachable_backend_fails_no_connection() {
 /// Sends one datagram to VIP:53 from each of `ports` in the client namespace, without waiting
 /// for answers: each is a new UDP flow.
 fn udp_flows(topo: &Topology, ports: std::ops::Range<u16>) {
-    let name = topo.client.name.clone();
-    std::thread::spawn(move || {
-        let ns = Netns { name };
-        ns.enter_current_thread();
-        std::mem::forget(ns);
-        for port in ports {
-            let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind a client port");
-            socket.send_to(b"x", (VIP, 53)).expect("send");
-        }
-    })
-    .join()
-    .expect("udp sender");
+    topo.client
+        .spawn_inside(move || {
+            for port in ports {
+                let socket =
+                    std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind a client port");
+                socket.send_to(b"x", (VIP, 53)).expect("send");
+            }
+        })
+        .join()
+        .expect("udp sender");
 }
 
 #[test]

@@ -19,7 +19,7 @@ use lb_tests::{
         VIP, topology,
     },
     flows::{key, monotonic_ns, value},
-    netns::{Netns, pin_current_thread_to_cpu0, require_root, sweep_stale},
+    netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
 };
 use lb_user::{
@@ -1482,24 +1482,18 @@ fn packet_fixtures() {
     require_root();
     sweep_stale();
     let ns = topology();
-    let outcome = std::thread::spawn({
-        let name = ns.name.clone();
-        move || {
-            let ns = Netns { name };
-            ns.enter_current_thread();
+    let outcome = ns
+        .spawn_inside(|| {
             pin_current_thread_to_cpu0();
             let fixtures = fixtures();
             let failures: Vec<String> = fixtures
                 .iter()
                 .filter_map(|f| run(f).err().map(|e| format!("{}: {e}", f.name)))
                 .collect();
-            // The namespace belongs to the outer guard.
-            std::mem::forget(ns);
             (fixtures.len(), failures)
-        }
-    })
-    .join()
-    .expect("fixture thread panicked");
+        })
+        .join()
+        .expect("fixture thread panicked");
     let (total, failures) = outcome;
     assert!(
         failures.is_empty(),

@@ -17,7 +17,7 @@ use lb_tests::{
     fixture_net::{
         B1, B1_MAC, B2, CLIENT, CLIENT_MAC, LB0_MAC, LB1_MAC, OTHER, SNAT, VIP, topology,
     },
-    netns::{Netns, pin_current_thread_to_cpu0, require_root, sweep_stale},
+    netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{PacketBuilder, describe, pkt, verify_checksums},
 };
 use lb_user::{
@@ -324,20 +324,13 @@ fn fuzzed_packets_never_abort_never_touch_others_and_are_all_counted() {
              sysctl -qw net.ipv6.conf.$d.disable_ipv6=1 && ip link set $d up
          done");
     let started = std::time::Instant::now();
-    let outcome = std::thread::spawn({
-        let name = ns.name.clone();
-        move || {
-            let ns = Netns { name };
-            ns.enter_current_thread();
+    let outcome = ns
+        .spawn_inside(move || {
             pin_current_thread_to_cpu0();
-            let outcome = fuzz(packets, seed);
-            // The namespace belongs to the outer guard.
-            std::mem::forget(ns);
-            outcome
-        }
-    })
-    .join()
-    .expect("fuzz thread panicked");
+            fuzz(packets, seed)
+        })
+        .join()
+        .expect("fuzz thread panicked");
     let secs = started.elapsed().as_secs_f64();
     println!(
         "fuzzed {} packets (seed {seed:#x}) in {secs:.1} s ({:.0}/s): drop {}, pass {}, tx {}, redirect {}; {} rewritten; {} FLOWS entries at the end",

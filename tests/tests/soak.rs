@@ -22,7 +22,7 @@ use std::{
 
 use lb_tests::{
     harness::{Balancer, ConnectionStream, lb_binary, start_server, udp_request},
-    netns::{Netns, require_root, stop_child, sweep_stale},
+    netns::{require_root, stop_child, sweep_stale},
     topology::{Arms, BACKEND_PORT, Topology, VIP},
 };
 
@@ -77,11 +77,7 @@ fn connect() -> Result<TcpStream, String> {
 
 /// Keep-alive connections from the client namespace, each asking every 100 ms.
 fn keep_alive(topo: &Topology, stop: Arc<AtomicBool>) -> thread::JoinHandle<KeepAliveReport> {
-    let name = topo.client.name.clone();
-    thread::spawn(move || {
-        let ns = Netns { name };
-        ns.enter_current_thread();
-        std::mem::forget(ns);
+    topo.client.spawn_inside(move || {
         let mut report = KeepAliveReport::default();
         let mut conns: Vec<Option<(TcpStream, String)>> =
             (0..KEEP_ALIVE_CONNECTIONS).map(|_| None).collect();

@@ -62,6 +62,9 @@ const WEB_PORT: u16 = 80;
 /// that new flows find their SNAT ports free as they would in a real table.
 const SERVICE_BACKENDS: [(u32, u32); 2] = [(1, 4), (2, 6)];
 const PREFILL_BACKENDS: u32 = 32;
+/// The backend id of the ping-pong entry that rewrites towards the VIP: the data path checks
+/// that a flow's backend id still names its destination, so this id names VIP:80.
+const PING_PONG_BACKEND: u32 = 1000;
 const PORTS_PER_CLIENT: u32 = 60_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -451,7 +454,7 @@ impl Bench {
             ),
             (
                 flow_key(SNAT, HOT_PORT, b1, BACKEND_PORT),
-                flow_value(CLIENT, HOT_PORT, VIP, WEB_PORT, 1, 0, now),
+                flow_value(CLIENT, HOT_PORT, VIP, WEB_PORT, PING_PONG_BACKEND, 0, now),
             ),
             (
                 flow_key(b1, BACKEND_PORT, SNAT_REMOTE, HOT_PORT),
@@ -499,6 +502,8 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         dp.set_backend(id, SocketAddrV4::new(backend_addr(id), BACKEND_PORT), true)
             .map_err(|e| e.to_string())?;
     }
+    dp.set_backend(PING_PONG_BACKEND, SocketAddrV4::new(VIP, WEB_PORT), true)
+        .map_err(|e| e.to_string())?;
     let eligible: Vec<MaglevBackend> = SERVICE_BACKENDS
         .iter()
         .map(|&(id, weight)| MaglevBackend {
