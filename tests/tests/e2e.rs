@@ -829,33 +829,48 @@ fn udp_flows(topo: &Topology, ports: std::ops::Range<u16>) {
         .expect("udp sender");
 }
 
-#[test]
-fn a_full_flow_table_drops_new_flows_only_and_says_so_in_status_and_metrics() {
+/// What one kind of exhaustion looks like: the `[flows]` settings that bring it on with 700 new
+/// UDP flows, its drop reason, and the warning that names it.
+struct Exhaustion {
+    flows: &'static str,
+    reason: &'static str,
+    warning: &'static str,
+}
+
+/// Runs 700 new UDP flows into a balancer set up to run out, and checks that an open TCP
+/// connection is untouched, the drops are counted, `lb status` and the metrics say so, and new
+/// flows are served again once the UDP ones expire.
+fn exhaustion(case: Exhaustion) {
     let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[4, 6], |c| {
         c.replace(
             "capacity = 65536\n",
-            "capacity = 1024\nudp_idle_timeout = \"2s\"\n",
+            &format!("{}udp_idle_timeout = \"2s\"\n", case.flows),
         )
     });
     let mut long_lived = connect_in(&topo.client);
     let holder = request_on(&mut long_lived);
-    // 700 new flows want 1400 entries of 1024.
     udp_flows(&topo, 41000..41700);
     assert_eq!(
         request_on(&mut long_lived),
         holder,
-        "an existing flow suffered from the full table"
+        "an existing flow suffered from the exhaustion"
     );
     std::thread::sleep(Duration::from_millis(1500));
     let status = balancer.status();
-    let dropped = status["counters"]["drop_flow_table_full"]
-        .as_u64()
-        .unwrap_or(0);
-    assert!(dropped >= 150, "new flows dropped as table full: {dropped}");
+    let counter = format!("drop_{}", case.reason);
+    let dropped = status["counters"][&counter].as_u64().unwrap_or(0);
+    assert!(
+        dropped >= 150,
+        "new flows dropped as {}: {dropped}",
+        case.reason
+    );
     let warnings = status["warnings"].to_string();
-    assert!(warnings.contains("flow table full"), "{status}");
+    assert!(warnings.contains(case.warning), "{status}");
     let text = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
-    assert!(text.contains("warning: flow table full"), "{text}");
+    assert!(
+        text.contains(&format!("warning: {}", case.warning)),
+        "{text}"
+    );
 
     let metrics = topo
         .lb
@@ -868,8 +883,11 @@ fn a_full_flow_table_drops_new_flows_only_and_says_so_in_status_and_metrics() {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
     };
-    assert!(sample("lb_packets_total{verdict=\"drop\",reason=\"flow_table_full\"}") >= dropped);
-    assert_eq!(sample("lb_flow_table_capacity"), 1024);
+    let series = format!(
+        "lb_packets_total{{verdict=\"drop\",reason=\"{}\"}}",
+        case.reason
+    );
+    assert!(sample(&series) >= dropped);
     assert!(sample("lb_warnings") >= 1);
     assert!(sample("lb_backend_snat_ports_in_use{service=\"dns\"") > 0);
     assert!(sample("lb_backend_healthy{service=\"web\"") == 1);
@@ -882,6 +900,26 @@ fn a_full_flow_table_drops_new_flows_only_and_says_so_in_status_and_metrics() {
     );
     let status = balancer.status();
     assert!(status.get("warnings").is_none(), "{status}");
+}
+
+#[test]
+fn a_full_flow_table_drops_new_flows_only_and_says_so_in_status_and_metrics() {
+    // 700 new flows want 1400 entries of 1024.
+    exhaustion(Exhaustion {
+        flows: "capacity = 1024\n",
+        reason: "flow_table_full",
+        warning: "flow table full",
+    });
+}
+
+#[test]
+fn exhausted_snat_ports_drop_new_flows_only_and_say_so_in_status_and_metrics() {
+    // 100 ports per backend, two backends: 700 new flows want far more.
+    exhaustion(Exhaustion {
+        flows: "capacity = 65536\nsnat_ports = \"20000-20099\"\n",
+        reason: "snat_ports_exhausted",
+        warning: "SNAT ports exhausted",
+    });
 }
 
 #[test]
