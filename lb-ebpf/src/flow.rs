@@ -46,17 +46,15 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
     if value.flags & FLOW_REVERSE == 0 {
         let reopened = pkt.is_syn() && value.flags & FLOW_CLOSING != 0;
         if reopened || !backend_serves(value) || syn_unanswered(pkt, value, now) {
-            // Both directions go: the reply entry frees the old SNAT port now rather than at
-            // expiry, and the forward entry must not outlive it if no new flow replaces it
-            // (the packet may still be dropped or passed before one is created).
-            let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
-            let _ = FLOWS.remove(&pkt.key);
+            // The reply entry frees the old SNAT port now rather than at expiry, and the
+            // forward entry must not outlive it if no new flow replaces it (the packet may
+            // still be dropped or passed before one is created).
+            forget(&pkt.key, value);
             return Ok(None);
         }
     } else if value.last_seen_ns == 0 && pkt.is_rst() && !refusal_is_final(value, pkt.key.proto) {
         suspect::mark(value.backend_id, now, STAT_SUSPECT_REFUSED);
-        let _ = FLOWS.remove(&value.peer_key(pkt.key.proto));
-        let _ = FLOWS.remove(&pkt.key);
+        forget(&pkt.key, value);
         return Err(Verdict::Drop(DropReason::BackendRefused));
     }
     // Saturating: an entry stamped by a finer clock may be a jiffy ahead of the coarse one.
@@ -73,6 +71,13 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
         nat: *value,
         entry: Some(entry),
     }))
+}
+
+/// Removes a connection: the entry under `key` and its other direction.
+#[inline(always)]
+fn forget(key: &FlowKey, value: &FlowValue) {
+    let _ = FLOWS.remove(&value.peer_key(key.proto));
+    let _ = FLOWS.remove(key);
 }
 
 /// Whether a refused connection was made to a backend already marked suspect (every other was
@@ -167,10 +172,12 @@ fn reclaim_closed(reverse_key: &FlowKey, now: u64) -> bool {
     if !closing || now.saturating_sub(last_seen) < FLOW_RECLAIM_NS {
         return false;
     }
-    if forward.is_some() {
-        let _ = FLOWS.remove(&forward_key);
+    match forward {
+        Some(_) => forget(reverse_key, &reply),
+        None => {
+            let _ = FLOWS.remove(reverse_key);
+        }
     }
-    let _ = FLOWS.remove(reverse_key);
     true
 }
 

@@ -47,7 +47,7 @@ fn steer(svc: &Service, slot: u32, size: u32) -> Option<u32> {
         let next = slot.wrapping_add(step).checked_rem(size)?;
         let id = *MAGLEV.get(svc.maglev_base.wrapping_add(next))?;
         if id != NO_BACKEND && !suspect::is_suspect(id) {
-            stats::count_event(STAT_STEERED_OFF_SUSPECT);
+            stats::count_slot(STAT_STEERED_OFF_SUSPECT);
             return Some(id);
         }
     }

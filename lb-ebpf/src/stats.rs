@@ -15,10 +15,7 @@ pub fn count_verdict(verdict: &Verdict) {
         Verdict::Tx => STAT_TX,
         Verdict::Redirect(_) => STAT_REDIRECT,
     };
-    if let Some(counter) = STATS.get_ptr_mut(slot) {
-        // SAFETY: a per-CPU slot, written only by this CPU.
-        unsafe { *counter += 1 };
-    }
+    count_slot(slot);
 }
 
 #[inline(always)]
@@ -40,9 +37,9 @@ pub fn count_new_flow(id: u32) {
     }
 }
 
-/// An event counted besides the packet's verdict (lb_common::EVENTS).
+/// One more in a STATS slot: a verdict's, or an event counted besides it (lb_common::EVENTS).
 #[inline(always)]
-pub fn count_event(slot: u32) {
+pub fn count_slot(slot: u32) {
     if let Some(counter) = STATS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot, written only by this CPU.
         unsafe { *counter += 1 };

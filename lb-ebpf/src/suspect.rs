@@ -15,27 +15,30 @@ pub fn mark(backend_id: u32, now: u64, event: u32) {
         // SAFETY: an array slot; a racing mark from another CPU writes a time just as good.
         unsafe { *slot = now.max(1) };
     }
-    stats::count_event(event);
+    stats::count_slot(event);
+}
+
+/// When `backend_id` was marked, if the mark is still live.
+#[inline(always)]
+fn live_mark(backend_id: u32) -> Option<u64> {
+    let since = *SUSPECT.get(backend_id)?;
+    if since == 0 {
+        return None;
+    }
+    // Read the clock only for a marked backend: the common path costs one array lookup.
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    (now.saturating_sub(since) < SUSPECT_HOLD_NS).then_some(since)
 }
 
 #[inline(always)]
 pub fn is_suspect(backend_id: u32) -> bool {
-    let Some(&since) = SUSPECT.get(backend_id) else {
-        return false;
-    };
-    // Read the clock only for a marked backend: the common path costs one array lookup.
-    // SAFETY: a helper without arguments or side effects.
-    since != 0 && unsafe { bpf_ktime_get_coarse_ns() }.saturating_sub(since) < SUSPECT_HOLD_NS
+    live_mark(backend_id).is_some()
 }
 
 /// Whether `backend_id` carries a live mark made at or before `time`: a flow created after it
 /// went to the backend knowing it suspect (no other was left), and its refusal is the answer.
 #[inline(always)]
 pub fn marked_before(backend_id: u32, time: u64) -> bool {
-    let Some(&since) = SUSPECT.get(backend_id) else {
-        return false;
-    };
-    // SAFETY: a helper without arguments or side effects.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    since != 0 && since <= time && now.saturating_sub(since) < SUSPECT_HOLD_NS
+    live_mark(backend_id).is_some_and(|since| since <= time)
 }

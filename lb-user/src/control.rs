@@ -54,20 +54,6 @@ pub enum Request {
     },
 }
 
-impl Request {
-    /// Whether this request changes the service set (probes first, one change at a time).
-    pub fn changes_services(&self) -> bool {
-        matches!(
-            self,
-            Self::ServiceAdd { .. }
-                | Self::ServiceRemove { .. }
-                | Self::BackendAdd { .. }
-                | Self::BackendRemove { .. }
-                | Self::Reload
-        )
-    }
-}
-
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,

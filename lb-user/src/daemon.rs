@@ -54,16 +54,6 @@ pub enum DaemonError {
     Signals(#[source] std::io::Error),
 }
 
-/// CLOCK_MONOTONIC in ns: the data path's clock.
-pub fn monotonic_ns() -> u64 {
-    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: CLOCK_MONOTONIC is the data path's clock (bpf_ktime_get_coarse_ns); `ts` is a
-    // valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Root, or CAP_BPF (or CAP_SYS_ADMIN) together with CAP_NET_ADMIN.
 fn privileged() -> bool {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
@@ -108,7 +98,7 @@ fn initial_services(
     config: &Config,
     digest: &str,
     state_dir: &std::path::Path,
-) -> Vec<PlacedService> {
+) -> Result<Vec<PlacedService>, DaemonError> {
     let previous = match persist::load(state_dir) {
         Ok(p) => p,
         Err(e) => {
@@ -123,33 +113,30 @@ fn initial_services(
             None
         }
     };
-    match previous {
+    let old_ids = match previous {
         Some(p) if p.config_digest == digest => {
             log::info!(
                 "restoring the runtime state from {} (the config file is unchanged since)",
                 state_dir.join(persist::FILE).display()
             );
-            p.services
+            return Ok(p.services);
         }
         Some(p) => {
             log::warn!(
                 "the config file changed since the runtime state was saved: the config wins, and changes made at runtime are dropped"
             );
             // Ids still follow the old state, so adopted flows keep their backends.
-            match layout::place(&config.services, &p.services) {
-                Ok((placed, _)) => placed,
-                Err(e) => {
-                    log::warn!("cannot keep the old ids ({e}); numbering afresh");
-                    layout::place(&config.services, &[])
-                        .map(|x| x.0)
-                        .unwrap_or_default()
-                }
-            }
+            p.services
         }
-        None => layout::place(&config.services, &[])
-            .map(|x| x.0)
-            .unwrap_or_default(),
-    }
+        None => Vec::new(),
+    };
+    layout::place(&config.services, &old_ids)
+        .or_else(|e| {
+            log::warn!("cannot keep the old ids ({e}); numbering afresh");
+            layout::place(&config.services, &[])
+        })
+        .map(|(placed, _)| placed)
+        .map_err(DaemonError::Layout)
 }
 
 /// Builds the state: loads (or adopts) the data path, probes every backend once and publishes
@@ -175,7 +162,7 @@ async fn start(
     }
     let text = std::fs::read_to_string(&opts.config).unwrap_or_default();
     let digest = persist::digest(&text);
-    let placed = initial_services(&config, &digest, &opts.state_dir);
+    let placed = initial_services(&config, &digest, &opts.state_dir)?;
     let interfaces = config.interfaces.clone();
     let mut state = State::new(
         dataplane,
@@ -301,7 +288,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
     });
     let (table, timeouts) = {
         let guard = lock(&state);
-        (guard.dataplane.flow_table()?, guard.timeouts)
+        (guard.dataplane.flow_table()?, guard.timeouts())
     };
     tasks.spawn(sweep_flows(table, timeouts, Arc::clone(&state)));
     if let Some(listener) = metrics {
@@ -376,7 +363,7 @@ async fn sweep_flows(mut table: FlowTable, timeouts: FlowTimeouts, state: Arc<Mu
     loop {
         tick.tick().await;
         let swept = tokio::task::spawn_blocking(move || {
-            let result = table.sweep(monotonic_ns(), &timeouts);
+            let result = table.sweep(crate::dataplane::monotonic_ns(), &timeouts);
             (table, result)
         })
         .await;
@@ -411,7 +398,13 @@ async fn serve(
 ) {
     let mut reader = BufReader::new(stream);
     let response = match control::read_request(&mut reader).await {
-        Ok(request) if request.changes_services() => {
+        Ok(
+            request @ (Request::ServiceAdd { .. }
+            | Request::ServiceRemove { .. }
+            | Request::BackendAdd { .. }
+            | Request::BackendRemove { .. }
+            | Request::Reload),
+        ) => {
             log::debug!("control request {request:?}");
             let _one_at_a_time = changing.lock().await;
             change(&state, request).await
@@ -435,7 +428,6 @@ async fn serve(
             let _one_at_a_time = changing.lock().await;
             lock(&state).set_weight(&service, &backend, weight)
         }
-        Ok(other) => Response::failed(format!("unhandled request {other:?}")),
         Err(refusal) => {
             log::debug!("control request refused: {:?}", refusal.error);
             refusal

@@ -180,6 +180,11 @@ pub struct Dataplane {
     adopted: bool,
 }
 
+/// The error of an operation on map `name`.
+fn in_map(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
 fn map<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -188,7 +193,7 @@ fn map<T>(
     let raw = ebpf
         .take_map(name)
         .ok_or(DataplaneError::MissingMap { name })?;
-    convert(raw).map_err(|source| DataplaneError::Map { name, source })
+    convert(raw).map_err(in_map(name))
 }
 
 impl Dataplane {
@@ -358,12 +363,7 @@ impl Dataplane {
             .filter(|i| !keep.contains(i))
             .collect();
         for ifindex in stale {
-            self.ifaces
-                .remove(&ifindex)
-                .map_err(|source| DataplaneError::Map {
-                    name: "IFACES",
-                    source,
-                })?;
+            self.ifaces.remove(&ifindex).map_err(in_map("IFACES"))?;
             let _ = self.tx_ports.remove(ifindex);
         }
         Ok(())
@@ -385,10 +385,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::TxPorts { source })?;
         self.ifaces
             .insert(&ifindex, &Iface { flags }, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "IFACES",
-                source,
-            })
+            .map_err(in_map("IFACES"))
     }
 
     /// Detaches from every interface (also done on drop).
@@ -430,10 +427,7 @@ impl Dataplane {
         };
         self.backends
             .set(id, &backend, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "BACKENDS",
-                source,
-            })
+            .map_err(in_map("BACKENDS"))
     }
 
     /// Publishes a service with a new Maglev table: the table goes into the service's staging
@@ -475,10 +469,7 @@ impl Dataplane {
         for (slot, backend) in (base..).zip(table) {
             self.maglev
                 .set(slot, backend, 0)
-                .map_err(|source| DataplaneError::Map {
-                    name: "MAGLEV",
-                    source,
-                })?;
+                .map_err(in_map("MAGLEV"))?;
         }
         let service = Service {
             maglev_base: base,
@@ -486,10 +477,7 @@ impl Dataplane {
         };
         self.services
             .insert(&key, &service, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "SERVICES",
-                source,
-            })?;
+            .map_err(in_map("SERVICES"))?;
         self.live_table.insert(id, staging);
         Ok(())
     }
@@ -504,12 +492,7 @@ impl Dataplane {
             .filter(|k| !keep.contains(k))
             .collect();
         for key in &stale {
-            self.services
-                .remove(key)
-                .map_err(|source| DataplaneError::Map {
-                    name: "SERVICES",
-                    source,
-                })?;
+            self.services.remove(key).map_err(in_map("SERVICES"))?;
         }
         Ok(stale.len())
     }
@@ -525,20 +508,11 @@ impl Dataplane {
     /// a backend that is gone now move on their next packet.
     pub fn clear_backends_except(&mut self, keep: &[u32]) -> Result<(), DataplaneError> {
         for id in (0..MAX_BACKENDS).filter(|id| !keep.contains(id)) {
-            let b = self
-                .backends
-                .get(&id, 0)
-                .map_err(|source| DataplaneError::Map {
-                    name: "BACKENDS",
-                    source,
-                })?;
+            let b = self.backends.get(&id, 0).map_err(in_map("BACKENDS"))?;
             if b.flags != 0 {
                 self.backends
                     .set(id, &Backend { flags: 0, ..b }, 0)
-                    .map_err(|source| DataplaneError::Map {
-                        name: "BACKENDS",
-                        source,
-                    })?;
+                    .map_err(in_map("BACKENDS"))?;
             }
         }
         Ok(())
@@ -548,10 +522,7 @@ impl Dataplane {
         self.live_table.remove(&id);
         match self.services.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DataplaneError::Map {
-                name: "SERVICES",
-                source,
-            }),
+            Err(source) => Err(in_map("SERVICES")(source)),
         }
     }
 
@@ -560,10 +531,7 @@ impl Dataplane {
         let per_cpu = self
             .backend_stats
             .get(&id, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "BACKEND_STATS",
-                source,
-            })?;
+            .map_err(in_map("BACKEND_STATS"))?;
         Ok(per_cpu
             .iter()
             .fold(BackendStats::default(), |sum, s| BackendStats {
@@ -580,20 +548,11 @@ impl Dataplane {
                 .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
         self.backend_stats
             .set(id, zero, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "BACKEND_STATS",
-                source,
-            })
+            .map_err(in_map("BACKEND_STATS"))
     }
 
     fn stat(&self, slot: u32) -> Result<u64, DataplaneError> {
-        let per_cpu = self
-            .stats
-            .get(&slot, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "STATS",
-                source,
-            })?;
+        let per_cpu = self.stats.get(&slot, 0).map_err(in_map("STATS"))?;
         Ok(per_cpu.iter().sum())
     }
 
@@ -629,10 +588,7 @@ impl Dataplane {
     pub fn set_debug_log(&mut self, on: bool) -> Result<(), DataplaneError> {
         self.debug_log
             .set(0, &u32::from(on), 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "DEBUG_LOG",
-                source,
-            })
+            .map_err(in_map("DEBUG_LOG"))
     }
 
     pub fn debug_log(&self) -> bool {
@@ -641,13 +597,7 @@ impl Dataplane {
 
     /// When the data path marked backend `id` suspect (CLOCK_MONOTONIC ns), if it has.
     pub fn suspect_since(&self, id: u32) -> Result<Option<u64>, DataplaneError> {
-        let since = self
-            .suspect
-            .get(&id, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "SUSPECT",
-                source,
-            })?;
+        let since = self.suspect.get(&id, 0).map_err(in_map("SUSPECT"))?;
         Ok((since != 0).then_some(since))
     }
 
@@ -658,12 +608,7 @@ impl Dataplane {
 
     /// Marks backend `id` suspect since `since` (CLOCK_MONOTONIC ns; 0 clears it).
     pub fn set_suspect(&mut self, id: u32, since: u64) -> Result<(), DataplaneError> {
-        self.suspect
-            .set(id, &since, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "SUSPECT",
-                source,
-            })
+        self.suspect.set(id, &since, 0).map_err(in_map("SUSPECT"))
     }
 
     /// Every entry of FLOWS (for tests: a large table takes a while).
@@ -671,19 +616,11 @@ impl Dataplane {
         self.flows
             .iter()
             .collect::<Result<_, _>>()
-            .map_err(|source| DataplaneError::Map {
-                name: "FLOWS",
-                source,
-            })
+            .map_err(in_map("FLOWS"))
     }
 
     pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<(), DataplaneError> {
-        self.flows
-            .insert(&key, &value, 0)
-            .map_err(|source| DataplaneError::Map {
-                name: "FLOWS",
-                source,
-            })
+        self.flows.insert(&key, &value, 0).map_err(in_map("FLOWS"))
     }
 
     /// Inserts or replaces many flow entries at once.
@@ -698,22 +635,13 @@ impl Dataplane {
     }
 
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), DataplaneError> {
-        self.flows
-            .remove(key)
-            .map_err(|source| DataplaneError::Map {
-                name: "FLOWS",
-                source,
-            })
+        self.flows.remove(key).map_err(in_map("FLOWS"))
     }
 
     /// FLOWS through a file descriptor of its own, for the daemon's sweeper: it reads the
     /// whole table, which at a million connections takes seconds, and must not hold the lock
     /// that everything else (control requests, health changes) needs meanwhile.
     pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
-        let map = |source| DataplaneError::Map {
-            name: "FLOWS",
-            source,
-        };
         let fd = self
             .flows
             .map()
@@ -721,14 +649,14 @@ impl Dataplane {
             .as_fd()
             .try_clone_to_owned()
             .map_err(|io_error| {
-                map(MapError::SyscallError(aya::sys::SyscallError {
+                in_map("FLOWS")(MapError::SyscallError(aya::sys::SyscallError {
                     call: "dup",
                     io_error,
                 }))
             })?;
-        let data = MapData::from_fd(fd).map_err(map)?;
+        let data = MapData::from_fd(fd).map_err(in_map("FLOWS"))?;
         Ok(FlowTable {
-            flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(map)?,
+            flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(in_map("FLOWS"))?,
             orphans: HashSet::new(),
         })
     }
@@ -859,6 +787,16 @@ impl Drop for Dataplane {
             }
         }
     }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the data path's clock (`bpf_ktime_get_coarse_ns`), the one
+/// `FlowValue::last_seen_ns` and SUSPECT marks are stamped with.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn possible_cpus() -> Result<usize, DataplaneError> {

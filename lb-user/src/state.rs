@@ -83,6 +83,7 @@ impl Drop for BackendState {
 
 struct ServiceState {
     id: u32,
+    /// Its settings; the backends are in `backends` only (`placed` puts them back).
     config: ServiceConfig,
     /// `config.snat`, or the address the kernel uses towards the first backend.
     snat: Ipv4Addr,
@@ -128,6 +129,12 @@ impl ServiceState {
     }
 }
 
+/// Writes `service`'s Maglev table and entry to the data path.
+fn publish(dataplane: &mut Dataplane, service: &ServiceState) -> Result<(), DataplaneError> {
+    let table = service.table(dataplane.settings().maglev_size);
+    dataplane.set_service(service.id, service.key(), service.snat, &table)
+}
+
 fn service_key(config: &ServiceConfig) -> ServiceKey {
     ServiceKey {
         vip: Be32::from_bytes(config.vip.ip().octets()),
@@ -141,7 +148,6 @@ pub struct State {
     pub dataplane: Dataplane,
     services: Vec<ServiceState>,
     pub interfaces: Vec<InterfaceStatus>,
-    pub timeouts: FlowTimeouts,
     flow_entries: u64,
     /// New flows dropped for exhaustion, as counted at the last sweep, and what that sweep
     /// found: the warnings status and metrics show.
@@ -166,22 +172,11 @@ impl State {
         health: UnboundedSender<HealthReport>,
     ) -> Self {
         // An adopted data path's counters carry on: only drops after this start are news.
-        let exhaustion_drops = dataplane.reason_counters().map_or((0, 0), |c| {
-            let count = |r: DropReason| c.drop.iter().find(|d| d.0 == r).map_or(0, |d| d.1);
-            (
-                count(DropReason::FlowTableFull),
-                count(DropReason::SnatPortsExhausted),
-            )
-        });
+        let exhaustion_drops = exhaustion_drops(&dataplane).unwrap_or((0, 0));
         Self {
             dataplane,
             services: Vec::new(),
             interfaces: Vec::new(),
-            timeouts: FlowTimeouts {
-                tcp_idle: config.flows.tcp_idle_timeout,
-                tcp_closing: config.flows.tcp_closing_timeout,
-                udp_idle: config.flows.udp_idle_timeout,
-            },
             flow_entries: 0,
             exhaustion_drops,
             warnings: Vec::new(),
@@ -190,6 +185,16 @@ impl State {
             config_digest,
             state_dir,
             health,
+        }
+    }
+
+    /// How long idle flows live (from the config the daemon started with).
+    pub fn timeouts(&self) -> FlowTimeouts {
+        let f = &self.config.flows;
+        FlowTimeouts {
+            tcp_idle: f.tcp_idle_timeout,
+            tcp_closing: f.tcp_closing_timeout,
+            udp_idle: f.udp_idle_timeout,
         }
     }
 
@@ -390,11 +395,14 @@ impl State {
         }
         let service = ServiceState {
             id: p.id,
-            config: p.config,
+            config: ServiceConfig {
+                backends: Vec::new(),
+                ..p.config
+            },
             snat,
             backends,
         };
-        self.publish(&service)?;
+        publish(&mut self.dataplane, &service)?;
         // Backends the service no longer has stop taking flows: their flows move.
         for gone in old_backends
             .iter()
@@ -412,12 +420,6 @@ impl State {
         Ok(service)
     }
 
-    fn publish(&mut self, service: &ServiceState) -> Result<(), DataplaneError> {
-        let table = service.table(self.dataplane.settings().maglev_size);
-        self.dataplane
-            .set_service(service.id, service.key(), service.snat, &table)
-    }
-
     fn spawn_probe(&self, id: u32, address: SocketAddrV4, service: &ServiceConfig) -> AbortHandle {
         let cfg = service.health.clone();
         let reports = self.health.clone();
@@ -429,7 +431,7 @@ impl State {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let started_ns = crate::daemon::monotonic_ns();
+                let started_ns = crate::dataplane::monotonic_ns();
                 let result = health::probe(address, &cfg).await;
                 let report = HealthReport {
                     backend: id,
@@ -520,10 +522,7 @@ impl State {
         }
         let old = std::mem::replace(&mut b.weight, weight);
         let name = svc.config.name.clone();
-        let service = &self.services[index];
-        let table = service.table(self.dataplane.settings().maglev_size);
-        let (id, key, snat) = (service.id, service.key(), service.snat);
-        if let Err(e) = self.dataplane.set_service(id, key, snat, &table) {
+        if let Err(e) = publish(&mut self.dataplane, &self.services[index]) {
             // Keep what the data path still has.
             if let Some(b) = self.services[index]
                 .backends
@@ -583,12 +582,7 @@ impl State {
         let written = self
             .dataplane
             .set_backend(id, address, healthy)
-            .and_then(|()| {
-                let service = &self.services[s];
-                let table = service.table(self.dataplane.settings().maglev_size);
-                self.dataplane
-                    .set_service(service.id, service.key(), service.snat, &table)
-            });
+            .and_then(|()| publish(&mut self.dataplane, &self.services[s]));
         match (written, healthy) {
             (Err(e), _) => log::error!(
                 "service \"{name}\": backend {address} is {}, but updating the data path failed: {e}",
@@ -627,16 +621,7 @@ impl State {
     /// Existing flows are not affected by either; the warnings say what to change.
     fn exhaustion(&mut self, sweep: &FlowSweep) -> Vec<String> {
         let mut warnings = Vec::new();
-        let drops = match self.dataplane.reason_counters() {
-            Ok(c) => {
-                let count = |r: DropReason| c.drop.iter().find(|d| d.0 == r).map_or(0, |d| d.1);
-                (
-                    count(DropReason::FlowTableFull),
-                    count(DropReason::SnatPortsExhausted),
-                )
-            }
-            Err(_) => self.exhaustion_drops,
-        };
+        let drops = exhaustion_drops(&self.dataplane).unwrap_or(self.exhaustion_drops);
         let (full, no_port) = (
             drops.0.saturating_sub(self.exhaustion_drops.0),
             drops.1.saturating_sub(self.exhaustion_drops.1),
@@ -749,6 +734,16 @@ impl State {
             warnings: self.warnings.clone(),
         }
     }
+}
+
+/// New flows dropped so far because the flow table was full, and for want of a SNAT port.
+fn exhaustion_drops(dataplane: &Dataplane) -> Option<(u64, u64)> {
+    let c = dataplane.reason_counters().ok()?;
+    let count = |r: DropReason| c.drop.iter().find(|d| d.0 == r).map_or(0, |d| d.1);
+    Some((
+        count(DropReason::FlowTableFull),
+        count(DropReason::SnatPortsExhausted),
+    ))
 }
 
 /// The SNAT address of a service: its own, or the one the kernel uses towards its first backend.

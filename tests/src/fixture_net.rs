@@ -4,7 +4,24 @@
 
 use std::net::Ipv4Addr;
 
+use lb_common::{Be16, Be32, ServiceKey};
+
 use crate::{netns::Netns, packet::Mac};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+/// The services on VIP: web (TCP) and dns (UDP), and their backends' port.
+pub const WEB_PORT: u16 = 80;
+pub const DNS_PORT: u16 = 53;
+pub const BACKEND_PORT: u16 = 8000;
+/// The first SNAT port the programs are loaded with.
+pub const PORT_MIN: u16 = 20000;
+/// Small and prime: tables are quick to build, and every backend's permutation covers it.
+pub const MAGLEV_SIZE: u32 = 251;
 
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const LB0: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
@@ -24,16 +41,24 @@ pub const B2_MAC: Mac = [0x02, 0, 0, 0, 0, 0x12];
 /// A MAC no neighbour has: a frame sent to it took a cached next hop, not the FIB.
 pub const CACHED_MAC: Mac = [0x02, 0, 0, 0, 0, 0x77];
 
-/// The namespace the test thread runs in: lb0 (client side) and lb1 (backend side), each a veth
-/// whose peer stays in the same namespace, with permanent neighbours for the client, B1 and B2.
+/// A MAC as `ip` writes it.
+pub fn mac_text(m: Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The namespace the fixtures' test thread runs in.
 pub fn topology() -> Netns {
-    let ns = Netns::new("fixtures");
-    let mac = |m: Mac| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
+    network("fixtures")
+}
+
+/// A namespace `lbt-..-ROLE`: lb0 (client side) and lb1 (backend side), each a veth whose peer
+/// stays in the same namespace, with permanent neighbours for the client, B1 and B2.
+pub fn network(role: &str) -> Netns {
+    let ns = Netns::new(role);
+    let mac = mac_text;
     ns.sh(&format!(
         "ip link add lb0 address {lb0} type veth peer name peer0
          ip link add lb1 address {lb1} type veth peer name peer1
@@ -51,4 +76,14 @@ pub fn topology() -> Netns {
         b2 = mac(B2_MAC),
     ));
     ns
+}
+
+/// The SERVICES key of the service on VIP:`port`/`proto`.
+pub fn service_key(port: u16, proto: u8) -> ServiceKey {
+    ServiceKey {
+        vip: Be32::from_bytes(VIP.octets()),
+        port: Be16::from_host(port),
+        proto,
+        _pad: 0,
+    }
 }

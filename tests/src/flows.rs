@@ -3,6 +3,8 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{Be16, Be32, FlowKey, FlowValue};
+/// The data path's clock, as the daemon reads it.
+pub use lb_user::dataplane::monotonic_ns;
 
 pub fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> FlowKey {
     FlowKey {
@@ -33,13 +35,4 @@ pub fn value(
         flags,
         ..FlowValue::default()
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `FlowValue::last_seen_ns`.
-pub fn monotonic_ns() -> u64 {
-    // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }

@@ -174,17 +174,37 @@ impl Balancer {
         healthy: bool,
         limit: Duration,
     ) -> Duration {
+        let what = format!("backend {backend} {}", if healthy { "up" } else { "down" });
+        self.wait_until(limit, &what, |b| {
+            b.backend(service, backend)["healthy"] == healthy
+        })
+    }
+
+    /// Polls `done` every 50 ms until it holds and returns how long that took; panics with
+    /// `what` and the daemon's log after `limit`.
+    pub fn wait_until(
+        &self,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&Balancer) -> bool,
+    ) -> Duration {
         let start = Instant::now();
-        while self.backend(service, backend)["healthy"] != healthy {
+        while !done(self) {
             assert!(
                 start.elapsed() < limit,
-                "backend {backend} not {} within {limit:?}:\n{}",
-                if healthy { "up" } else { "down" },
+                "not {what} within {limit:?}:\n{}",
                 self.log()
             );
             thread::sleep(Duration::from_millis(50));
         }
         start.elapsed()
+    }
+
+    /// Entries in the flow table at the daemon's last sweep.
+    pub fn flow_entries(&self) -> u64 {
+        self.status()["flows"]["entries"]
+            .as_u64()
+            .expect("flow entries in the status")
     }
 
     /// Stops the daemon with SIGTERM and returns whether it exited cleanly within 10 s. The
@@ -193,18 +213,7 @@ impl Balancer {
         let Some(child) = self.child.as_mut() else {
             return true;
         };
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.success();
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        false
+        crate::netns::terminate(child, Duration::from_secs(10)).is_some_and(|s| s.success())
     }
 }
 
@@ -262,11 +271,16 @@ pub fn start_server(topo: &Topology, index: usize) -> Child {
     child
 }
 
-/// `count` HTTP requests from the client, each on a new connection (curl), sequentially.
-/// Returns each body ("b1", ...) or "FAIL".
+/// `count` HTTP requests from the client to VIP:80, each on a new connection (curl),
+/// sequentially. Returns each body ("b1", ...) or "FAIL".
 pub fn http_requests(topo: &Topology, count: usize) -> Vec<String> {
+    http_requests_to(topo, 80, count)
+}
+
+/// As `http_requests`, to VIP:`port`.
+pub fn http_requests_to(topo: &Topology, port: u16, count: usize) -> Vec<String> {
     let out = topo.client.try_sh(&format!(
-        "for i in $(seq {count}); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
+        "for i in $(seq {count}); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}:{port}/ || echo FAIL; done"
     ));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -382,4 +396,35 @@ fn one_request(limit: Duration) -> Result<(), String> {
     } else {
         Err(format!("unexpected answer {text:?}"))
     }
+}
+
+/// Sends one request on a keep-alive connection and returns the body (the backend's name).
+pub fn keep_alive_request(stream: &mut std::net::TcpStream) -> Result<String, String> {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader
+            .read_line(&mut line)
+            .map_err(|e| format!("read: {e}"))?
+            == 0
+        {
+            return Err("closed".into());
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().map_err(|_| "bad length".to_owned())?;
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    reader
+        .read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
 }

@@ -121,14 +121,8 @@ impl Netns {
             .unwrap_or_else(|e| panic!("cannot start {args:?} in {}: {e}", self.name))
     }
 
-    /// Moves the calling thread into this namespace (for BPF_PROG_TEST_RUN, whose FIB lookups
-    /// and DEVMAP writes use the caller's namespace).
-    pub fn enter_current_thread(&self) {
-        enter(&self.name);
-    }
-
-    /// Runs `f` on a new thread inside this namespace (sockets it opens live there). The
-    /// namespace stays this guard's.
+    /// Runs `f` on a new thread inside this namespace: sockets it opens live there, and so do
+    /// BPF_PROG_TEST_RUN's FIB lookups and DEVMAP writes. The namespace stays this guard's.
     pub fn spawn_inside<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
@@ -157,17 +151,27 @@ fn enter(name: &str) {
 /// Stops a server started with `Netns::spawn`: SIGTERM first, so that a master process (nginx)
 /// stops and reaps its workers, SIGKILL if it has not exited within 3 s.
 pub fn stop_child(child: &mut Child) {
+    terminate(child, std::time::Duration::from_secs(3));
+}
+
+/// SIGTERM, then SIGKILL if `child` has not exited within `grace`. Its exit status, if it
+/// exited on its own.
+pub fn terminate(
+    child: &mut Child,
+    grace: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
     // SAFETY: signalling our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let deadline = std::time::Instant::now() + grace;
     while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let _ = child.kill();
     let _ = child.wait();
+    None
 }
 
 /// Pins the calling thread to CPU 0: the data path's per-CPU state (SNAT port cursor, counters)

@@ -3,7 +3,7 @@
 //! own namespaces, so they can't disturb each other; `cargo xtask test` runs them one at a time.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::TcpStream,
     process::Child,
     time::Duration,
@@ -11,7 +11,8 @@ use std::{
 
 use lb_tests::{
     harness::{
-        Balancer, ConnectionStream, http_requests, lb_binary, start_server, tally, udp_request,
+        Balancer, ConnectionStream, http_requests, http_requests_to, keep_alive_request, lb_binary,
+        start_server, tally, udp_request,
     },
     netns::{Netns, require_root, sweep_stale},
     topology::{Arms, BACKEND_PORT, Topology, VIP},
@@ -140,26 +141,7 @@ fn request_on(stream: &mut TcpStream) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(3)))
         .expect("timeout");
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
-        .expect("send on the long-lived connection");
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        reader
-            .read_line(&mut line)
-            .expect("read a header on the long-lived connection");
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().expect("length");
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).expect("read the body");
-    String::from_utf8_lossy(&body).trim().to_owned()
+    keep_alive_request(stream).expect("a request on the long-lived connection")
 }
 
 #[test]
@@ -325,23 +307,15 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
     for i in 0..5u16 {
         assert!(udp_request(&topo, "x", 42000 + i).ends_with(": x"));
     }
-    let entries = |b: &Balancer| b.status()["flows"]["entries"].as_u64().expect("entries");
     // Each nc waits a second after its answer, so the last UDP flow is about 2.5 s idle here:
     // still inside its 3 s timeout, while the closed TCP flows are gone.
     std::thread::sleep(Duration::from_millis(1500));
-    let busy = entries(&balancer);
+    let busy = balancer.flow_entries();
     assert!(busy > 2, "flow table after traffic: {busy} entries");
     // Closed TCP flows go after 1 s, idle UDP flows after 3 s; the sweeper runs every second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while entries(&balancer) != 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "flows did not expire: {} entries left\n{}",
-            entries(&balancer),
-            balancer.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    balancer.wait_until(Duration::from_secs(10), "expired down to 2 entries", |b| {
+        b.flow_entries() == 2
+    });
     println!(
         "flow table: {busy} entries after traffic, 2 (the open connection) once the rest expired"
     );
@@ -426,14 +400,10 @@ fn drain_takes_no_new_flows_and_waits_for_the_active_ones() {
         - 1;
     let drained = backend(&topo, index);
     // The sweeper counts the connection as active within a second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while balancer.backend("web", &drained)["active_flows"] != 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no active flow on {drained}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let what = format!("one active flow on {drained}");
+    balancer.wait_until(Duration::from_secs(5), &what, |b| {
+        b.backend("web", &drained)["active_flows"] == 1
+    });
     let out = balancer.cli(&["drain", "web", &drained, "--wait", "1500ms"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
@@ -562,17 +532,6 @@ fn cli_ok(balancer: &Balancer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Bodies of `count` requests to VIP:port on new connections.
-fn requests_to_port(topo: &Topology, port: u16, count: usize) -> Vec<String> {
-    let out = topo.client.try_sh(&format!(
-        "for i in $(seq {count}); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}:{port}/ || echo FAIL; done"
-    ));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
 #[test]
 fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
     let Setup {
@@ -602,7 +561,7 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
         ],
     );
     assert!(said.contains("added api"), "{said}");
-    let (counts, failed) = tally(&requests_to_port(&topo, 81, 40), 2);
+    let (counts, failed) = tally(&http_requests_to(&topo, 81, 40), 2);
     assert_eq!(failed, 0, "the added service failed requests");
     assert!(
         counts.iter().all(|&c| c > 0),
@@ -615,7 +574,7 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
         said.contains("updated web") && !said.contains("api"),
         "{said}"
     );
-    let bodies = requests_to_port(&topo, 80, 30);
+    let bodies = http_requests_to(&topo, 80, 30);
     assert!(bodies.iter().all(|b| *b == holder), "{bodies:?}");
     assert_eq!(request_on(&mut long_lived), holder);
     cli_ok(
@@ -681,7 +640,7 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
             >= packets_before
     );
     assert_eq!(
-        requests_to_port(&topo, 81, 3),
+        http_requests_to(&topo, 81, 3),
         ["FAIL", "FAIL", "FAIL"],
         "the removed service still answers"
     );
@@ -779,11 +738,9 @@ fn a_killed_or_unreachable_backend_fails_no_connection() {
     // Back: health checks bring it up and clear the mark.
     servers[0] = start_server(&topo, 0);
     balancer.wait_health("web", &b1, true, Duration::from_secs(10));
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while balancer.backend("web", &b1)["suspect"] != false {
-        assert!(std::time::Instant::now() < deadline, "b1 stays suspect");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    balancer.wait_until(Duration::from_secs(3), "b1 cleared of suspicion", |b| {
+        b.backend("web", &b1)["suspect"] == false
+    });
     let (counts, failed) = tally(&http_requests(&topo, 50), 2);
     assert_eq!(failed, 0);
     assert!(counts[0] > 0, "b1 takes flows again: {counts:?}");

@@ -10,13 +10,13 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use lb_common::{
-    Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason,
-    ServiceKey, flow_hash,
+    DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason, flow_hash,
 };
 use lb_tests::{
     fixture_net::{
-        B1, B1_MAC, B2, B2_MAC, B3, CACHED_MAC, CLIENT, CLIENT_MAC, LB0_MAC, LB1_MAC, OTHER, SNAT,
-        VIP, topology,
+        B1, B1_MAC, B2, B2_MAC, B3, BACKEND_PORT, CACHED_MAC, CLIENT, CLIENT_MAC, DNS_PORT,
+        LB0_MAC, LB1_MAC, MAGLEV_SIZE, OTHER, PORT_MIN, SNAT, TCP, UDP, VIP, WEB_PORT, XDP_DROP,
+        XDP_PASS, XDP_REDIRECT, XDP_TX, service_key, topology,
     },
     flows::{key, monotonic_ns, value},
     netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
@@ -26,19 +26,6 @@ use lb_user::{
     dataplane::{Dataplane, LoadSettings, ifindex},
     maglev::{MaglevBackend, build_table},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const WEB_PORT: u16 = 80;
-const DNS_PORT: u16 = 53;
-const BACKEND_PORT: u16 = 8000;
-const PORT_MIN: u16 = 20000;
-const MAGLEV_SIZE: u32 = 251;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
 
 /// Map state a fixture starts from.
 #[derive(Clone)]
@@ -55,11 +42,9 @@ enum Setup {
         proto: u8,
         backends: Vec<(u32, u32)>,
     },
-    /// Both directions of a flow client:cport -> VIP:vport via SNAT:snat_port to backend.
+    /// Both directions of a TCP flow client:cport -> VIP:80 via SNAT:snat_port to backend.
     Flow {
-        proto: u8,
         cport: u16,
-        vport: u16,
         backend: u32,
         snat_port: u16,
         closing: bool,
@@ -154,13 +139,32 @@ fn dns(backends: &[(u32, u32)]) -> Setup {
 /// An open TCP flow CLIENT:cport -> VIP:80 on `backend` via SNAT port `snat_port`.
 fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> Setup {
     Setup::Flow {
-        proto: TCP,
         cport,
-        vport: WEB_PORT,
         backend,
         snat_port,
         closing: false,
         cached,
+    }
+}
+
+/// As `flow`, after a FIN or RST.
+fn closed_flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> Setup {
+    Setup::Flow {
+        cport,
+        backend,
+        snat_port,
+        closing: true,
+        cached,
+    }
+}
+
+/// A next hop out of lb1 towards `dst`, approved for packets up to `ok_len` bytes.
+fn hop(dst: Mac, ok_len: u16) -> CachedHop {
+    CachedHop {
+        iface: "lb1",
+        src: LB1_MAC,
+        dst,
+        ok_len,
     }
 }
 
@@ -300,12 +304,7 @@ fn fixtures() -> Vec<Fixture> {
             next_hop_after: vec![
                 (
                     key(CLIENT, 40000, VIP, WEB_PORT, TCP),
-                    Some(CachedHop {
-                        iface: "lb1",
-                        src: LB1_MAC,
-                        dst: B1_MAC,
-                        ok_len: 40,
-                    }),
+                    Some(hop(B1_MAC, 40)),
                 ),
                 (key(B1, BACKEND_PORT, SNAT, PORT_MIN, TCP), None),
             ],
@@ -335,21 +334,7 @@ fn fixtures() -> Vec<Fixture> {
         },
         fixture(
             "flow_established_ack_follows_existing_flow",
-            with(
-                backends(),
-                &[
-                    web(&[(1, 1)]),
-                    Setup::Flow {
-                        proto: TCP,
-                        cport: 40002,
-                        vport: WEB_PORT,
-                        backend: 2,
-                        snat_port: 31000,
-                        closing: false,
-                        cached: None,
-                    },
-                ],
-            ),
+            with(backends(), &[web(&[(1, 1)]), flow(40002, 2, 31000, None)]),
             client_syn(40002)
                 .ack()
                 .payload(b"GET / HTTP/1.0\r\n\r\n")
@@ -371,21 +356,7 @@ fn fixtures() -> Vec<Fixture> {
             ingress: "lb1",
             ..fixture(
                 "nat_reply_from_backend_rewritten_to_vip_and_client",
-                with(
-                    backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40003,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31001,
-                            closing: false,
-                            cached: None,
-                        },
-                    ],
-                ),
+                with(backends(), &[web(&[(1, 1)]), flow(40003, 1, 31001, None)]),
                 pkt()
                     .eth(B1_MAC, LB1_MAC)
                     .ipv4(B1, SNAT)
@@ -482,15 +453,7 @@ fn fixtures() -> Vec<Fixture> {
                         healthy: true,
                     },
                     web(&[(2, 1)]),
-                    Setup::Flow {
-                        proto: TCP,
-                        cport: 40005,
-                        vport: WEB_PORT,
-                        backend: 1,
-                        snat_port: 31002,
-                        closing: false,
-                        cached: None,
-                    },
+                    flow(40005, 1, 31002, None),
                 ],
                 client_syn(40005).build(),
                 XDP_REDIRECT,
@@ -504,18 +467,7 @@ fn fixtures() -> Vec<Fixture> {
                 "flow_syn_reusing_closed_tuple_gets_new_flow",
                 with(
                     backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40006,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31003,
-                            closing: true,
-                            cached: None,
-                        },
-                    ],
+                    &[web(&[(1, 1)]), closed_flow(40006, 1, 31003, None)],
                 ),
                 client_syn(40006).build(),
                 XDP_REDIRECT,
@@ -561,17 +513,7 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             ago_ns: 500_000_000,
                         },
-                        flow(
-                            40044,
-                            1,
-                            31044,
-                            Some(CachedHop {
-                                iface: "lb1",
-                                src: LB1_MAC,
-                                dst: B1_MAC,
-                                ok_len: 1500,
-                            }),
-                        ),
+                        flow(40044, 1, 31044, Some(hop(B1_MAC, 1500))),
                     ],
                 ),
                 from_backend(1, 31044).tcp_flags(0x14).build(),
@@ -644,17 +586,7 @@ fn fixtures() -> Vec<Fixture> {
                         backends(),
                         &[
                             web(&[(1, 1), (2, 1)]),
-                            flow(
-                                cport,
-                                1,
-                                31043,
-                                Some(CachedHop {
-                                    iface: "lb1",
-                                    src: LB1_MAC,
-                                    dst: B1_MAC,
-                                    ok_len: 1500,
-                                }),
-                            ),
+                            flow(cport, 1, 31043, Some(hop(B1_MAC, 1500))),
                         ],
                     ),
                     client_syn(cport).build(),
@@ -776,18 +708,7 @@ fn fixtures() -> Vec<Fixture> {
                 "flow_syn_reopening_closed_tuple_with_ttl_1_removes_both_directions",
                 with(
                     backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40016,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31016,
-                            closing: true,
-                            cached: None,
-                        },
-                    ],
+                    &[web(&[(1, 1)]), closed_flow(40016, 1, 31016, None)],
                 ),
                 client_syn(40016).ttl(1).build(),
                 XDP_PASS,
@@ -805,21 +726,7 @@ fn fixtures() -> Vec<Fixture> {
             )],
             ..fixture(
                 "flow_fin_forwarded_and_marks_closing",
-                with(
-                    backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40007,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31004,
-                            closing: false,
-                            cached: None,
-                        },
-                    ],
-                ),
+                with(backends(), &[web(&[(1, 1)]), flow(40007, 1, 31004, None)]),
                 client_syn(40007).tcp_flags(0x11).build(),
                 XDP_REDIRECT,
                 Some(to_backend(1, 31004).tcp_flags(0x11).build()),
@@ -830,12 +737,7 @@ fn fixtures() -> Vec<Fixture> {
             next_hop_after: vec![
                 (
                     key(CLIENT, 40021, VIP, WEB_PORT, TCP),
-                    Some(CachedHop {
-                        iface: "lb1",
-                        src: LB1_MAC,
-                        dst: B2_MAC,
-                        ok_len: 40,
-                    }),
+                    Some(hop(B2_MAC, 40)),
                 ),
                 (key(B2, BACKEND_PORT, SNAT, 31010, TCP), None),
             ],
@@ -854,17 +756,7 @@ fn fixtures() -> Vec<Fixture> {
                 backends(),
                 &[
                     web(&[(1, 1)]),
-                    flow(
-                        40022,
-                        2,
-                        31011,
-                        Some(CachedHop {
-                            iface: "lb1",
-                            src: LB1_MAC,
-                            dst: CACHED_MAC,
-                            ok_len: 1500,
-                        }),
-                    ),
+                    flow(40022, 2, 31011, Some(hop(CACHED_MAC, 1500))),
                 ],
             ),
             client_syn(40022).tcp_flags(0x10).build(),
@@ -880,12 +772,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             next_hop_after: vec![(
                 key(CLIENT, 40023, VIP, WEB_PORT, TCP),
-                Some(CachedHop {
-                    iface: "lb1",
-                    src: LB1_MAC,
-                    dst: B2_MAC,
-                    ok_len: 140,
-                }),
+                Some(hop(B2_MAC, 140)),
             )],
             ..fixture(
                 "forward_packet_larger_than_cached_looked_up_in_fib",
@@ -893,17 +780,7 @@ fn fixtures() -> Vec<Fixture> {
                     backends(),
                     &[
                         web(&[(1, 1)]),
-                        flow(
-                            40023,
-                            2,
-                            31012,
-                            Some(CachedHop {
-                                iface: "lb1",
-                                src: LB1_MAC,
-                                dst: CACHED_MAC,
-                                ok_len: 40,
-                            }),
-                        ),
+                        flow(40023, 2, 31012, Some(hop(CACHED_MAC, 40))),
                     ],
                 ),
                 client_syn(40023).tcp_flags(0x18).payload(&[7; 100]).build(),
@@ -948,21 +825,8 @@ fn fixtures() -> Vec<Fixture> {
                     backends(),
                     &[
                         web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40010,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31005,
-                            closing: false,
-                            // Seen just now: an active flow, whose port is never reclaimed.
-                            cached: Some(CachedHop {
-                                iface: "lb1",
-                                src: LB1_MAC,
-                                dst: B1_MAC,
-                                ok_len: 1500,
-                            }),
-                        },
+                        // Seen just now: an active flow, whose port is never reclaimed.
+                        flow(40010, 1, 31005, Some(hop(B1_MAC, 1500))),
                     ],
                 ),
                 client_syn(40011).build(),
@@ -988,18 +852,7 @@ fn fixtures() -> Vec<Fixture> {
                 "select_snat_port_of_long_closed_flow_reclaimed",
                 with(
                     backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40030,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31005,
-                            closing: true,
-                            cached: None,
-                        },
-                    ],
+                    &[web(&[(1, 1)]), closed_flow(40030, 1, 31005, None)],
                 ),
                 client_syn(40031).build(),
                 XDP_REDIRECT,
@@ -1023,21 +876,8 @@ fn fixtures() -> Vec<Fixture> {
                     backends(),
                     &[
                         web(&[(1, 1)]),
-                        Setup::Flow {
-                            proto: TCP,
-                            cport: 40032,
-                            vport: WEB_PORT,
-                            backend: 1,
-                            snat_port: 31005,
-                            closing: true,
-                            // Marks the flow seen just now.
-                            cached: Some(CachedHop {
-                                iface: "lb1",
-                                src: LB1_MAC,
-                                dst: B1_MAC,
-                                ok_len: 1500,
-                            }),
-                        },
+                        // Marks the flow seen just now.
+                        closed_flow(40032, 1, 31005, Some(hop(B1_MAC, 1500))),
                     ],
                 ),
                 client_syn(40033).build(),
@@ -1066,17 +906,7 @@ fn fixtures() -> Vec<Fixture> {
                 backends(),
                 &[
                     web(&[(1, 1)]),
-                    flow(
-                        40040,
-                        1,
-                        25001,
-                        Some(CachedHop {
-                            iface: "lb1",
-                            src: LB1_MAC,
-                            dst: B1_MAC,
-                            ok_len: 1500,
-                        }),
-                    ),
+                    flow(40040, 1, 25001, Some(hop(B1_MAC, 1500))),
                 ],
             ),
             client_syn(25001).build(),
@@ -1302,12 +1132,7 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 proto,
                 backends,
             } => {
-                let key = ServiceKey {
-                    vip: Be32::from_bytes(VIP.octets()),
-                    port: Be16::from_host(*port),
-                    proto: *proto,
-                    _pad: 0,
-                };
+                let key = service_key(*port, *proto);
                 let table = table_for(backends);
                 assert!(
                     backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND)
@@ -1315,15 +1140,13 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 dp.set_service(*id, key, SNAT, &table).expect("set service");
             }
             Setup::Flow {
-                proto,
                 cport,
-                vport,
                 backend,
                 snat_port,
                 closing,
                 cached,
             } => {
-                for (k, mut v) in flow_pair(*proto, *cport, *vport, *backend, *snat_port) {
+                for (k, mut v) in flow_pair(TCP, *cport, WEB_PORT, *backend, *snat_port) {
                     if *closing {
                         v.flags |= FLOW_CLOSING;
                     }

@@ -12,10 +12,12 @@
 
 use std::net::SocketAddrV4;
 
-use lb_common::{Be16, Be32, FLOW_REVERSE, ServiceKey};
+use lb_common::{Be16, Be32, FLOW_REVERSE};
 use lb_tests::{
     fixture_net::{
-        B1, B1_MAC, B2, CLIENT, CLIENT_MAC, LB0_MAC, LB1_MAC, OTHER, SNAT, VIP, topology,
+        B1, B1_MAC, B2, BACKEND_PORT, CLIENT, CLIENT_MAC, DNS_PORT, LB0_MAC, LB1_MAC, MAGLEV_SIZE,
+        OTHER, PORT_MIN, SNAT, TCP, UDP, VIP, WEB_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        service_key, topology,
     },
     netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{PacketBuilder, describe, pkt, verify_checksums},
@@ -25,18 +27,10 @@ use lb_user::{
     maglev::{MaglevBackend, build_table},
 };
 
-const ACTIONS: [u32; 4] = [1, 2, 3, 4];
-const XDP_PASS: u32 = 2;
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const WEB_PORT: u16 = 80;
-const DNS_PORT: u16 = 53;
-const BACKEND_PORT: u16 = 8000;
-const PORT_MIN: u16 = 20000;
+const ACTIONS: [u32; 4] = [XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT];
 const PORT_MAX: u16 = 20999;
 /// Small enough that the fuzz fills it, and SNAT ports run out too.
 const FLOW_CAPACITY: u32 = 4096;
-const MAGLEV_SIZE: u32 = 251;
 /// BPF_PROG_TEST_RUN refuses shorter XDP input (EINVAL); a NIC never delivers it either.
 const ETH_HLEN: usize = 14;
 /// Packets whose counter movement is checked one by one (a counter read costs ~50 µs).
@@ -167,14 +161,13 @@ fn service(dp: &mut Dataplane, id: u32, port: u16, proto: u8) {
         addr: SocketAddrV4::new(addr, BACKEND_PORT),
         weight,
     });
-    let key = ServiceKey {
-        vip: Be32::from_bytes(VIP.octets()),
-        port: Be16::from_host(port),
-        proto,
-        _pad: 0,
-    };
-    dp.set_service(id, key, SNAT, &build_table(&backends, MAGLEV_SIZE))
-        .expect("set service");
+    dp.set_service(
+        id,
+        service_key(port, proto),
+        SNAT,
+        &build_table(&backends, MAGLEV_SIZE),
+    )
+    .expect("set service");
 }
 
 struct Outcome {

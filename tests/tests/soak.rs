@@ -10,7 +10,6 @@
 //! LB_SOAK_SECS sets the length (default 20, as CI runs it; 600 for a long run).
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
     sync::{
         Arc, Mutex,
@@ -21,7 +20,9 @@ use std::{
 };
 
 use lb_tests::{
-    harness::{Balancer, ConnectionStream, lb_binary, start_server, udp_request},
+    harness::{
+        Balancer, ConnectionStream, keep_alive_request, lb_binary, start_server, udp_request,
+    },
     netns::{require_root, stop_child, sweep_stale},
     topology::{Arms, BACKEND_PORT, Topology, VIP},
 };
@@ -36,35 +37,6 @@ struct KeepAliveReport {
     broken: Vec<(String, Instant, String)>,
     /// (from, to) of connections whose answers came from another backend without a failure.
     moved: Vec<(String, String)>,
-}
-
-fn request(stream: &mut TcpStream) -> Result<String, String> {
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader
-            .read_line(&mut line)
-            .map_err(|e| format!("read: {e}"))?
-            == 0
-        {
-            return Err("closed".into());
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().map_err(|_| "bad length".to_owned())?;
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0; length];
-    reader
-        .read_exact(&mut body)
-        .map_err(|e| format!("read body: {e}"))?;
-    Ok(String::from_utf8_lossy(&body).trim().to_owned())
 }
 
 fn connect() -> Result<TcpStream, String> {
@@ -91,7 +63,7 @@ fn keep_alive(topo: &Topology, stop: Arc<AtomicBool>) -> thread::JoinHandle<Keep
                     continue;
                 };
                 let when = Instant::now();
-                match request(stream) {
+                match keep_alive_request(stream) {
                     Ok(body) => {
                         report.requests += 1;
                         if backend.is_empty() {
@@ -255,20 +227,9 @@ fn soak_mixed_load_with_flapping_backend_and_weight_changes() {
     );
 
     // No leak: with the load gone, every flow expires (closing 1 s, idle 3 s, one sweep each).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let entries = balancer.status()["flows"]["entries"]
-            .as_u64()
-            .unwrap_or(u64::MAX);
-        if entries == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{entries} flow entries left 15 s after the load stopped"
-        );
-        thread::sleep(Duration::from_millis(250));
-    }
+    balancer.wait_until(Duration::from_secs(15), "an empty flow table", |b| {
+        b.flow_entries() == 0
+    });
     assert!(!balancer.log().contains("panicked"), "{}", balancer.log());
     for mut s in servers {
         stop_child(&mut s);

@@ -28,18 +28,18 @@ use serde::Serialize;
 
 use super::summary::{Summary, median_u64};
 use crate::{
+    fixture_net::{
+        B1_MAC as BACKEND_MAC, CLIENT, CLIENT_MAC, LB0_MAC, LB1_MAC, OTHER, SNAT, VIP, mac_text,
+        network,
+    },
     flows::{key, monotonic_ns, value},
     netns::{Netns, pin_current_thread_to_cpu0},
-    packet::{Mac, pkt},
+    packet::{IPPROTO_TCP as TCP, pkt},
+    topology::BACKEND_PORT,
 };
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
-const TCP: u8 = 6;
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
-const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
-const LB0: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// The SNAT address of the hot reply pair: not local (a local destination would end the pong
 /// half at the kernel), with a neighbour entry.
 const SNAT_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
@@ -47,16 +47,10 @@ const SNAT_REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const HOT_PORT: u16 = 40000;
 /// Repeats of a ping-pong call: the frame starts with TTL 255 and each forward takes one.
 const PING_PONG_REPEATS: u32 = 250;
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// Clients of the prefilled connections, routed via CLIENT.
 const PREFILL_CLIENTS: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
 /// Clients of the new flows the benchmark opens.
 const NEW_CLIENTS: Ipv4Addr = Ipv4Addr::new(198, 19, 128, 0);
-const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
-const LB0_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x00];
-const LB1_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x01];
-const BACKEND_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
-const BACKEND_PORT: u16 = 8000;
 const WEB_PORT: u16 = 80;
 /// Backends 1 and 2 serve the service (weights 4:6); 3..=34 hold the prefilled connections, so
 /// that new flows find their SNAT ports free as they would in a real table.
@@ -140,15 +134,9 @@ pub struct MicroOptions {
 /// Runs in its own namespace, on a thread pinned to CPU 0.
 pub fn run(opts: MicroOptions) -> Result<MicroResults, String> {
     let ns = namespace();
-    let name = ns.name.clone();
-    std::thread::spawn(move || {
-        let ns = Netns { name };
-        ns.enter_current_thread();
+    ns.spawn_inside(move || {
         pin_current_thread_to_cpu0();
-        let result = measure(&opts);
-        // The namespace belongs to the caller's guard.
-        std::mem::forget(ns);
-        result
+        measure(&opts)
     })
     .join()
     .map_err(|_| "the micro-benchmark thread panicked".to_owned())?
@@ -158,30 +146,15 @@ fn backend_addr(id: u32) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1, 10 + id as u8)
 }
 
-fn mac_text(m: Mac) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
+/// The fixtures' network, with routes to the benchmark's clients and neighbours for every
+/// backend and the hot pair's SNAT address.
 fn namespace() -> Netns {
-    let ns = Netns::new("bench-micro");
+    let ns = network("bench-micro");
     let mut script = format!(
-        "ip link add lb0 address {lb0} type veth peer name peer0
-         ip link add lb1 address {lb1} type veth peer name peer1
-         for d in lb0 peer0 lb1 peer1; do ip link set $d up; done
-         ip addr add {LB0}/24 dev lb0
-         ip addr add {SNAT}/24 dev lb1
-         ip neigh replace {CLIENT} lladdr {client} dev lb0 nud permanent
-         ip route add 198.19.0.0/16 via {CLIENT} dev lb0
+        "ip route add 198.19.0.0/16 via {CLIENT} dev lb0
          ip route add {VIP}/32 via {CLIENT} dev lb0
          ip neigh replace {SNAT_REMOTE} lladdr {backend} dev lb1 nud permanent
-         sysctl -qw net.ipv4.ip_forward=1
 ",
-        lb0 = mac_text(LB0_MAC),
-        lb1 = mac_text(LB1_MAC),
-        client = mac_text(CLIENT_MAC),
         backend = mac_text(BACKEND_MAC),
     );
     for id in 1..=2 + PREFILL_BACKENDS {
@@ -291,7 +264,6 @@ impl Rng {
 struct Bench {
     dp: Dataplane,
     hops: Hops,
-    lb0: u32,
     connections: u64,
     next_new: u32,
     rng: Rng,
@@ -402,7 +374,7 @@ impl Bench {
                 .tcp(cport, WEB_PORT)
                 .syn()
                 .build();
-            let (ns, out) = self.one_call(&frame, self.lb0, 1, XDP_REDIRECT)?;
+            let (ns, out) = self.one_call(&frame, self.hops.lb0, 1, XDP_REDIRECT)?;
             samples.push(ns);
             // The rewritten frame names the backend (IPv4 destination) and the SNAT port.
             let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
@@ -426,7 +398,7 @@ impl Bench {
             .tcp(40000, WEB_PORT)
             .ack()
             .build();
-        Ok(self.one_call(&frame, self.lb0, repeats, XDP_PASS)?.0 as f64)
+        Ok(self.one_call(&frame, self.hops.lb0, repeats, XDP_PASS)?.0 as f64)
     }
 
     /// Grows the table to `target` connections.
@@ -523,7 +495,6 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
     let mut bench = Bench {
         dp,
         hops: Hops { lb0, lb1 },
-        lb0,
         connections: 0,
         next_new: 0,
         rng: Rng(0x9e37_79b9_7f4a_7c15),

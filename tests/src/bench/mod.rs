@@ -37,8 +37,6 @@ const LB_DEVICES: [&str; 2] = ["lb0", "lb1"];
 
 pub struct Options {
     pub quick: bool,
-    /// The folder the report, chart and raw figures are written to.
-    pub out: PathBuf,
     pub lb: PathBuf,
     /// This benchmark's own binary (its udp-echo and udp-load subcommands run in namespaces).
     pub bench: PathBuf,
@@ -317,7 +315,10 @@ fn measure(
     running: &Running<'_>,
     stats: &Result<BpfStats, String>,
 ) -> Entry {
-    let counters_before = running.balancer().map(lb_counters).unwrap_or_default();
+    let counters_before = running
+        .balancer()
+        .map(|b| lb_counters(&b.status()))
+        .unwrap_or_default();
     let mut runs = Vec::new();
     for _ in 0..RUNS {
         let cpu_before = MachineCpu::read();
@@ -358,7 +359,8 @@ fn measure(
     }
     let mut moved = Vec::new();
     if let Some(b) = running.balancer() {
-        for (name, after) in lb_counters(b) {
+        let status = b.status();
+        for (name, after) in lb_counters(&status) {
             let before = counters_before
                 .iter()
                 .find(|(n, _)| *n == name)
@@ -368,7 +370,6 @@ fn measure(
             }
         }
         // A failed balancer must not pass for a fast one.
-        let status = b.status();
         let new_flows: u64 = status["services"]
             .as_array()
             .into_iter()
@@ -410,9 +411,9 @@ fn measure(
     }
 }
 
-/// The daemon's counters (`lb status --json`).
-fn lb_counters(b: &crate::harness::Balancer) -> Vec<(String, u64)> {
-    b.status()["counters"]
+/// The daemon's counters, from `lb status --json`.
+fn lb_counters(status: &serde_json::Value) -> Vec<(String, u64)> {
+    status["counters"]
         .as_object()
         .map(|c| {
             c.iter()

@@ -109,7 +109,6 @@ fn main() -> ExitCode {
             require_root();
             let opts = Options {
                 quick,
-                out: out.clone(),
                 lb,
                 bench: std::env::current_exe().expect("the benchmark's own path"),
                 only,
