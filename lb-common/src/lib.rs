@@ -3,6 +3,7 @@
 //! kernel copies these structs byte for byte between the two sides.
 #![no_std]
 
+pub mod conntrack;
 pub mod consts;
 pub mod hash;
 pub mod reason;
