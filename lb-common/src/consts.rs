@@ -19,8 +19,9 @@ pub const BACKEND_HEALTHY: u32 = 1;
 
 /// `FlowValue::flags`: the entry is the backend -> client direction.
 pub const FLOW_REVERSE: u32 = 1;
-/// `FlowValue::flags`: a FIN or RST went through this direction; the flow expires soon.
-pub const FLOW_CLOSING: u32 = 2;
+// Bit 2 was FLOW_CLOSING, retired for `FlowValue::state`.
+/// `FlowValue::flags`: this direction sent a FIN.
+pub const FLOW_FIN_SENT: u32 = 4;
 
 /// `Iface::flags`: the device is a real NIC, where XDP_TX back out of the ingress device is the
 /// fastest action. Virtual devices (veth) need a redirect instead (see ENGINEERING.md).
@@ -29,11 +30,15 @@ pub const IFACE_XDP_TX: u32 = 1;
 /// How often the data path refreshes `FlowValue::last_seen_ns`: writing the shared entry on every
 /// packet would bounce its cache line between CPUs for no gain in expiry precision.
 pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
-/// How long a closing connection (FIN or RST seen, or SYN unanswered) must have been silent
-/// before a new flow may take its SNAT port: late retransmissions of the close still find
-/// their flow, and the port is not held for the whole closing timeout (the daemon's expiry),
-/// which at high connection rates would exhaust a backend's ports.
+/// How long an ended connection (both FINs, or an RST) must have been silent before a new flow
+/// may take its SNAT port: late retransmissions of the close still find their flow, and the
+/// port is not held for the whole closing timeout, which at high connection rates would exhaust
+/// a backend's ports.
 pub const FLOW_RECLAIM_NS: u64 = 2_000_000_000;
+/// A half-open connection at least this old gives its SNAT port to a new one when the ports
+/// tried for the new one are all taken: a genuine handshake completes within a round trip,
+/// and under a SYN flood the ports go to connections that can complete.
+pub const HALF_OPEN_EVICT_NS: u64 = 1_000_000_000;
 /// Tries at finding a free SNAT port for a new flow before it is dropped as exhausted.
 pub const SNAT_PORT_TRIES: u32 = 8;
 /// A SYN that arrives again this long after its flow was made, while the backend has answered

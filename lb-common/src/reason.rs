@@ -58,6 +58,9 @@ pub enum DropReason {
     /// A backend answered a new connection's SYN with RST (it is up, nothing listens): the RST
     /// is kept from the client, whose retransmitted SYN goes to another backend.
     BackendRefused = 11,
+    /// A TCP segment to a VIP or of a flow with flags no stack sends (SYN+FIN, SYN+RST, a FIN
+    /// without ACK, none at all): dropped before it can open or move a connection.
+    TcpInvalidFlags = 12,
 }
 
 /// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
@@ -75,11 +78,17 @@ pub const STAT_SUSPECT_REFUSED: u32 = 130;
 pub const STAT_SUSPECT_UNANSWERED: u32 = 131;
 /// new flows steered off a suspect backend to another.
 pub const STAT_STEERED_OFF_SUSPECT: u32 = 132;
+/// half-open connections whose SNAT port went to a new connection when its tries were taken;
+pub const STAT_HALF_OPEN_EVICTED: u32 = 133;
+/// flows the data path found past their state's timeout and removed itself.
+pub const STAT_EXPIRED_IN_DATA_PATH: u32 = 134;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 3] = [
+pub const EVENTS: [(u32, &str); 5] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
+    (STAT_HALF_OPEN_EVICTED, "half_open_evicted"),
+    (STAT_EXPIRED_IN_DATA_PATH, "expired_in_data_path"),
 ];
 
 impl PassReason {
@@ -119,7 +128,7 @@ impl PassReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         Self::NoBackend,
         Self::TcpNoFlow,
         Self::SnatPortsExhausted,
@@ -131,6 +140,7 @@ impl DropReason {
         Self::Inconsistent,
         Self::RedirectFailed,
         Self::BackendRefused,
+        Self::TcpInvalidFlags,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -150,6 +160,7 @@ impl DropReason {
             Self::Inconsistent => "inconsistent",
             Self::RedirectFailed => "redirect_failed",
             Self::BackendRefused => "backend_refused",
+            Self::TcpInvalidFlags => "tcp_invalid_flags",
         }
     }
 }

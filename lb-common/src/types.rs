@@ -54,7 +54,8 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
-/// Value of FLOWS: what a packet of that direction is rewritten to, and where it goes.
+/// Value of FLOWS: what a packet of that direction is rewritten to, where it goes, and the
+/// connection's state (see `conntrack`).
 ///
 /// The other direction's key is always `(nat_dst_addr, nat_src_addr, nat_dst_port, nat_src_port)`:
 /// the forward entry rewrites client -> VIP into SNAT -> backend, whose reply backend -> SNAT is
@@ -74,20 +75,26 @@ pub struct FlowValue {
     pub nat_dst_port: Be16,
     /// Index into BACKENDS and BACKEND_STATS.
     pub backend_id: u32,
-    /// `FLOW_REVERSE | FLOW_CLOSING`.
+    /// `FLOW_REVERSE | FLOW_FIN_SENT`.
     pub flags: u32,
     /// The cached next hop's device; 0: none cached.
     pub egress_ifindex: u32,
-    /// CLOCK_MONOTONIC of the last packet (refreshed at most every FLOW_TOUCH_INTERVAL_NS);
-    /// 0 for a reverse entry that has seen no reply yet.
+    /// CLOCK_MONOTONIC of this direction's last packet (refreshed at most every
+    /// FLOW_TOUCH_INTERVAL_NS, and not by a half-open connection's handshake); 0 for a reverse
+    /// entry that has seen no reply yet.
     pub last_seen_ns: u64,
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
     pub fib_ok_len: u16,
     /// The egress device's `Iface::flags`.
     pub egress_flags: u16,
+    /// Host order, TCP: the sequence number after the last byte this direction sent.
+    pub seq_next: u32,
+    /// The connection's `conntrack` state, the same in both entries.
+    pub state: u32,
+    pub _pad: [u32; 2],
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 
 impl FlowValue {
     /// The key of the other direction of this flow.

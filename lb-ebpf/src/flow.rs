@@ -1,76 +1,202 @@
-//! Stage 2b and 3b, the connection table: find a packet's flow, or record a new one in both
-//! directions with a fresh SNAT port. Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
+//! Stage 2b and 3b, the connection table: find a packet's flow and move its connection
+//! through the `conntrack` states, or record a new one in both directions with a fresh SNAT
+//! port. Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
 //!
-//! Entries are removed by the daemon when idle (FIN/RST shorten that), and by the data path
-//! only in two cases, both directions at once: a flow that is re-balanced away from a failed
-//! backend or reopened by a new SYN, and a closed connection whose SNAT port a new flow
-//! reclaims.
+//! The data path expires flows itself, lazily: a flow found past its state's timeout is removed
+//! (both directions) and the packet treated as flowless, and a SNAT port whose holder expired
+//! or ended is taken over. The daemon's sweep applies the same rules to flows nobody meets
+//! again. A half-open connection's timeout counts from its SYN, and under pressure it is the
+//! first to give its port up.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_CLOSING, FLOW_RECLAIM_NS, FLOW_REVERSE,
-    FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, SNAT_PORT_TRIES, STAT_SUSPECT_REFUSED,
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
+    FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS, SNAT_PORT_TRIES,
+    STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
     STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
+    conntrack::{
+        Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_SYN_RECV, TCP_SYN_SENT,
+        UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after, seq_in_window,
+        tcp_flags_valid, tcp_step,
+    },
 };
 
 use crate::{
     Verdict,
-    maps::{BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min},
+    maps::{
+        BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min, state_timeout,
+    },
     parse::Packet,
-    suspect,
+    stats, suspect,
 };
 
 const EEXIST: i32 = 17;
 
-/// The rewrite a packet gets, and the table entry it came from (to cache the next hop in).
+/// The packet's FLOWS entry: the rewrite it gets, and where its next hop is cached. Read in
+/// place rather than copied: the program's stack is 512 bytes.
 pub struct Flow {
-    pub nat: FlowValue,
-    pub entry: Option<*mut FlowValue>,
+    entry: *mut FlowValue,
 }
 
-/// The packet's flow, if it has one that should carry it: a flow whose backend failed or never
-/// answered its SYN, or a closed TCP flow whose tuple a new SYN reuses, is dropped here so the
-/// packet gets a new one. A backend's RST to a SYN it never answered ends the flow and is kept
+impl Flow {
+    pub fn nat(&self) -> &FlowValue {
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        unsafe { &*self.entry }
+    }
+
+    pub fn entry(&self) -> *mut FlowValue {
+        self.entry
+    }
+}
+
+/// The packet's flow, if it has one that should carry it, with its connection moved on by the
+/// packet. A flow past its timeout, a half-open one whose backend failed or never answered
+/// the SYN the client sends again, and an ended one whose tuple a new SYN reuses are removed
+/// here, so the packet gets a new one. A backend's refusal of a SYN ends the flow and is kept
 /// from the client (its retransmitted SYN gets a new flow).
 #[inline(always)]
 pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
     let Some(entry) = FLOWS.get_ptr_mut(&pkt.key) else {
         return Ok(None);
     };
+    if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
+        return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
+    }
     let now = now_ns();
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let value = unsafe { &mut *entry };
-    if value.flags & FLOW_REVERSE == 0 {
-        let reopened = pkt.is_syn() && value.flags & FLOW_CLOSING != 0;
-        if reopened || !backend_serves(value) || syn_unanswered(pkt, value, now) {
-            // The reply entry frees the old SNAT port now rather than at expiry, and the
-            // forward entry must not outlive it if no new flow replaces it (the packet may
-            // still be dropped or passed before one is created).
+    // Only an entry silent for its whole timeout costs the other direction's lookup.
+    if expired(state_timeout(value.state), value.last_seen_ns, now)
+        && connection_expired(&pkt.key, value, now)
+    {
+        stats::count_slot(STAT_EXPIRED_IN_DATA_PATH);
+        forget(&pkt.key, value);
+        return Ok(None);
+    }
+    let reply = value.flags & FLOW_REVERSE != 0;
+    if !reply && !backend_keeps(pkt, value, now) {
+        // The reply entry frees the old SNAT port now rather than at expiry, and the
+        // forward entry must not outlive it if no new flow replaces it (the packet may
+        // still be dropped or passed before one is created).
+        forget(&pkt.key, value);
+        return Ok(None);
+    }
+    if pkt.is_tcp() {
+        if !track_tcp(pkt, value, reply, now)? {
             forget(&pkt.key, value);
             return Ok(None);
         }
-    } else if value.last_seen_ns == 0 && pkt.is_rst() && !refusal_is_final(value, pkt.key.proto) {
-        suspect::mark(value.backend_id, now, STAT_SUSPECT_REFUSED);
-        forget(&pkt.key, value);
-        return Err(Verdict::Drop(DropReason::BackendRefused));
+    } else if reply && value.state == UDP_UNREPLIED {
+        set_state(&pkt.key, value, UDP_REPLIED);
     }
-    // Saturating: an entry stamped by a finer clock may be a jiffy ahead of the coarse one.
-    if now.saturating_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+    // A half-open connection's timeout counts from its SYN: its handshake's packets (a
+    // flood's SYN-ACK retransmissions) do not extend it.
+    if !half_open(value.state) && now.saturating_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
         value.last_seen_ns = now;
         // The next hop is looked up afresh once per interval, so route and neighbour changes
         // reach established flows.
         value.egress_ifindex = 0;
     }
-    if pkt.is_fin_or_rst() {
-        value.flags |= FLOW_CLOSING;
+    Ok(Some(Flow { entry }))
+}
+
+/// The other direction's entry of the connection `key` belongs to, if it points back.
+#[inline(always)]
+fn peer_of(key: &FlowKey, value: &FlowValue) -> Option<*mut FlowValue> {
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    FLOWS
+        .get_ptr_mut(&value.peer_key(key.proto))
+        .filter(|peer| unsafe { (**peer).peer_key(key.proto) } == *key)
+}
+
+/// Whether the connection has been silent in both directions for its state's timeout.
+#[inline(always)]
+fn connection_expired(key: &FlowKey, value: &FlowValue, now: u64) -> bool {
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let peer_seen = peer_of(key, value).map_or(0, |peer| unsafe { (*peer).last_seen_ns });
+    expired(
+        state_timeout(value.state),
+        value.last_seen_ns.max(peer_seen),
+        now,
+    )
+}
+
+/// Moves both entries of the connection to `state`.
+#[inline(always)]
+fn set_state(key: &FlowKey, value: &mut FlowValue, state: u32) {
+    value.state = state;
+    if let Some(peer) = peer_of(key, value) {
+        // SAFETY: as above. Another CPU may move the peer at once; both write a state the
+        // connection's packets led to.
+        unsafe { (*peer).state = state };
     }
-    Ok(Some(Flow {
-        nat: *value,
-        entry: Some(entry),
-    }))
+}
+
+/// Tracks the segment in its direction's sequence space and takes the connection's step.
+/// False if the flow must make way for a new one (a SYN reopening an ended connection).
+#[inline(always)]
+fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Result<bool, Verdict> {
+    let sent = value.seq_next;
+    // An RST carries no data, and a segment beyond the window may be a blind guess: neither
+    // moves what the direction is known to have sent.
+    if !pkt.is_rst() && seq_after(pkt.seq_end, sent) && seq_in_window(pkt.seq_end, sent) {
+        value.seq_next = pkt.seq_end;
+    }
+    if value.state == TCP_ESTABLISHED && !pkt.moves_state() {
+        return Ok(true);
+    }
+    let peer = peer_of(&pkt.key, value);
+    let step = tcp_step(
+        value.state,
+        pkt.tcp_flags,
+        reply,
+        value.flags & FLOW_FIN_SENT != 0,
+        |evidence| match evidence {
+            Evidence::InWindow => seq_in_window(pkt.seq, sent),
+            // SAFETY: as above.
+            Evidence::AcksSyn => {
+                peer.is_some_and(|p| acks_syn(pkt.ack_seq, unsafe { (*p).seq_next }))
+            }
+        },
+    );
+    let state = match step {
+        Step::Stay => return Ok(true),
+        Step::Reopen => return Ok(false),
+        Step::Refused => {
+            // SAFETY: as above; `Refused` needed the peer.
+            let created = peer.map_or(0, |p| unsafe { (*p).last_seen_ns });
+            if !suspect::marked_before(value.backend_id, created) {
+                suspect::mark(value.backend_id, now, STAT_SUSPECT_REFUSED);
+                forget(&pkt.key, value);
+                return Err(Verdict::Drop(DropReason::BackendRefused));
+            }
+            // The flow went to the backend knowing it suspect (no other was left): there is
+            // nowhere better to send the retransmission, so the client gets the RST now
+            // rather than retrying until it gives up.
+            TCP_CLOSED
+        }
+        Step::Move(state) => state,
+    };
+    if state == TCP_SYN_RECV {
+        // The backend's sequence space starts with its SYN-ACK.
+        value.seq_next = pkt.seq_end;
+    }
+    if half_open(value.state) {
+        // The first answer, or the end of the handshake: timeouts count from here.
+        value.last_seen_ns = now;
+    }
+    if pkt.tcp_flags & TCP_FIN != 0 {
+        value.flags |= FLOW_FIN_SENT;
+    }
+    value.state = state;
+    if let Some(peer) = peer {
+        // SAFETY: as above.
+        unsafe { (*peer).state = state };
+    }
+    Ok(true)
 }
 
 /// Removes a connection: the entry under `key` and its other direction.
@@ -80,33 +206,40 @@ fn forget(key: &FlowKey, value: &FlowValue) {
     let _ = FLOWS.remove(key);
 }
 
-/// Whether a refused connection was made to a backend already marked suspect (every other was
-/// too): there is nowhere better to send the retransmission, so the client gets the RST now
-/// rather than retrying until it gives up.
+/// Whether a forward entry still carries its connection to its backend. Not if the backend's
+/// id now names another backend (it was removed and the id reused). A backend marked down
+/// keeps its TCP connections (they end on their own, or with its own RST), but a SYN that
+/// finds its half-open flow on a failed or silent backend moves on; a UDP flow, with no
+/// handshake to protect, moves with its next datagram.
 #[inline(always)]
-fn refusal_is_final(reply: &FlowValue, proto: u8) -> bool {
-    FLOWS
-        .get_ptr(&reply.peer_key(proto))
-        // SAFETY: a value pointer from a map lookup is valid for this program run.
-        .map(|forward| unsafe { (*forward).last_seen_ns })
-        .is_some_and(|created| suspect::marked_before(reply.backend_id, created))
-}
-
-/// Whether `pkt` is a client's retransmitted SYN on a flow whose backend has answered nothing
-/// (its reply entry never saw a packet); the backend is marked suspect then.
-#[inline(always)]
-fn syn_unanswered(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
-    if !pkt.is_syn() || now.saturating_sub(forward.last_seen_ns) < SYN_UNANSWERED_NS {
+fn backend_keeps(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
+    let Some(backend) = BACKENDS.get(forward.backend_id) else {
+        return false;
+    };
+    if backend.addr != forward.nat_dst_addr || backend.port != forward.nat_dst_port {
         return false;
     }
-    let answered = FLOWS
-        .get_ptr(&forward.peer_key(pkt.key.proto))
-        // SAFETY: a value pointer from a map lookup is valid for this program run.
-        .is_some_and(|reply| unsafe { (*reply).last_seen_ns } != 0);
-    if !answered {
+    let healthy = backend.flags & BACKEND_HEALTHY != 0;
+    if !pkt.is_tcp() {
+        return healthy;
+    }
+    if !pkt.is_syn() || forward.state != TCP_SYN_SENT {
+        return true;
+    }
+    healthy && !syn_unanswered(pkt, forward, now)
+}
+
+/// Whether `pkt`, a SYN on a flow whose backend has answered nothing, is the client's genuine
+/// retransmission (its sequence number is the first SYN's) long enough after it: the backend
+/// is marked suspect then.
+#[inline(always)]
+fn syn_unanswered(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
+    let unanswered = pkt.seq_end == forward.seq_next
+        && now.saturating_sub(forward.last_seen_ns) >= SYN_UNANSWERED_NS;
+    if unanswered {
         suspect::mark(forward.backend_id, now, STAT_SUSPECT_UNANSWERED);
     }
-    !answered
+    unanswered
 }
 
 /// CLOCK_MONOTONIC at jiffy resolution: a flow's age is counted in seconds, and the coarse clock
@@ -117,68 +250,91 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// Whether the flow's backend is healthy and still the one the flow was made for: a backend
-/// removed and its id given to another must not receive the old one's flows.
-#[inline(always)]
-fn backend_serves(forward: &FlowValue) -> bool {
-    BACKENDS.get(forward.backend_id).is_some_and(|b| {
-        b.flags & BACKEND_HEALTHY != 0
-            && b.addr == forward.nat_dst_addr
-            && b.port == forward.nat_dst_port
-    })
+/// Who holds a SNAT port a new flow tried.
+enum Holder {
+    /// Nobody, or a connection that expired or ended a while ago: the port is free now.
+    Gone,
+    /// A half-open connection old enough to give the port up if no other is free.
+    HalfOpen,
+    /// A connection that keeps it.
+    Live,
 }
 
 /// Inserts the reply entry under `reverse_key` if its SNAT port is free for this backend, or
-/// held by a connection that may be reclaimed. False if the port is taken.
+/// held by a connection that is gone. Otherwise says who holds it.
 #[inline(always)]
-fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<bool, Verdict> {
+fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<Holder, Verdict> {
     match FLOWS.insert(reverse_key, reverse, BPF_NOEXIST as u64) {
-        Ok(()) => Ok(true),
-        // The port's holder may be a connection that closed a while ago: its port is worth
-        // more to this one than its entries are to a late retransmission.
-        Err(e) if e == -EEXIST => Ok(reclaim_closed(reverse_key, now)
-            && FLOWS
-                .insert(reverse_key, reverse, BPF_NOEXIST as u64)
-                .is_ok()),
+        Ok(()) => Ok(Holder::Gone),
+        Err(e) if e == -EEXIST => match holder(reverse_key, now) {
+            Holder::Gone => {
+                let taken = FLOWS
+                    .insert(reverse_key, reverse, BPF_NOEXIST as u64)
+                    .is_ok();
+                Ok(if taken { Holder::Gone } else { Holder::Live })
+            }
+            other => Ok(other),
+        },
         Err(_) => Err(Verdict::Drop(DropReason::FlowTableFull)),
     }
 }
 
-/// Removes the connection whose reply entry is `reverse_key` if it is closing (a FIN or RST
-/// seen, or its SYN never answered, as the daemon's expiry counts it) and has been silent for
-/// FLOW_RECLAIM_NS: its SNAT port is freed at once rather than at the daemon's expiry. True if
-/// the key is free now.
+/// Judges the connection whose reply entry is `reverse_key`, and removes it if it is gone:
+/// past its state's timeout, or ended and silent for FLOW_RECLAIM_NS (its port is worth more
+/// to a new connection than its entries are to a late retransmission).
 #[inline(always)]
-fn reclaim_closed(reverse_key: &FlowKey, now: u64) -> bool {
+fn holder(reverse_key: &FlowKey, now: u64) -> Holder {
     let Some(reply) = FLOWS.get_ptr(reverse_key) else {
-        return true;
+        return Holder::Gone;
     };
     // SAFETY: a value pointer from a map lookup is valid for this program run.
-    let reply = unsafe { *reply };
-    let forward_key = reply.peer_key(reverse_key.proto);
-    // The forward entry belongs to this connection only if it points back at the reply entry
-    // (the client's tuple may already carry a newer flow).
-    let forward = FLOWS
-        .get_ptr(&forward_key)
-        // SAFETY: as above.
-        .map(|f| unsafe { *f })
-        .filter(|f| f.peer_key(reverse_key.proto) == *reverse_key);
-    let mut closing = reply.flags & FLOW_CLOSING != 0 || reply.last_seen_ns == 0;
-    let mut last_seen = reply.last_seen_ns;
-    if let Some(f) = forward {
-        closing |= f.flags & FLOW_CLOSING != 0;
-        last_seen = last_seen.max(f.last_seen_ns);
+    let reply = unsafe { &*reply };
+    let forward = peer_of(reverse_key, reply);
+    // SAFETY: as above.
+    let forward_seen = forward.map_or(0, |f| unsafe { (*f).last_seen_ns });
+    let silent = now.saturating_sub(reply.last_seen_ns.max(forward_seen));
+    let state = reply.state;
+    if silent >= state_timeout(state) || (ended(state) && silent >= FLOW_RECLAIM_NS) {
+        evict(reverse_key, reply, forward.is_some());
+        return Holder::Gone;
     }
-    if !closing || now.saturating_sub(last_seen) < FLOW_RECLAIM_NS {
+    if half_open(state) && silent >= HALF_OPEN_EVICT_NS {
+        return Holder::HalfOpen;
+    }
+    Holder::Live
+}
+
+/// Removes the connection whose reply entry is `reverse_key` (its forward entry too, if it
+/// still points back: the client's tuple may already carry a newer flow).
+#[inline(always)]
+fn evict(reverse_key: &FlowKey, reply: &FlowValue, with_forward: bool) {
+    if with_forward {
+        forget(reverse_key, reply);
+    } else {
+        let _ = FLOWS.remove(reverse_key);
+    }
+}
+
+/// Takes the port of the half-open connection whose reply entry is `reverse_key`, for
+/// `reverse`: the ports tried were all held, and a connection that can complete needs it more.
+#[inline(always)]
+fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
+    let Some(reply) = FLOWS.get_ptr(reverse_key) else {
+        return false;
+    };
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let reply = unsafe { &*reply };
+    if !half_open(reply.state) {
         return false;
     }
-    match forward {
-        Some(_) => forget(reverse_key, &reply),
-        None => {
-            let _ = FLOWS.remove(reverse_key);
-        }
+    evict(reverse_key, reply, peer_of(reverse_key, reply).is_some());
+    let taken = FLOWS
+        .insert(reverse_key, reverse, BPF_NOEXIST as u64)
+        .is_ok();
+    if taken {
+        stats::count_slot(STAT_HALF_OPEN_EVICTED);
     }
-    true
+    taken
 }
 
 /// Records a new flow to `backend`: the reply direction first, under a SNAT port nobody holds
@@ -205,6 +361,11 @@ pub fn create(
         proto: pkt.key.proto,
         _pad: [0; 3],
     };
+    let state = if pkt.is_tcp() {
+        TCP_SYN_SENT
+    } else {
+        UDP_UNREPLIED
+    };
     let reverse = FlowValue {
         nat_src_addr: pkt.key.dst_addr,
         nat_dst_addr: pkt.key.src_addr,
@@ -213,6 +374,7 @@ pub fn create(
         backend_id,
         flags: FLOW_REVERSE,
         last_seen_ns: 0,
+        state,
         ..FlowValue::default()
     };
     // The client's own port first, when the range holds it (as conntrack's masquerade does):
@@ -221,9 +383,21 @@ pub fn create(
     // client's connection there may carry an older timestamp, and about half are refused.
     let client_port = u32::from(pkt.key.src_port.to_host());
     let mut found = false;
+    // A port held by a half-open connection, to take if none of the tries is free.
+    let mut half_open_port = None;
+    let mut try_port = |port: Be16, key: &mut FlowKey| -> Result<bool, Verdict> {
+        key.dst_port = port;
+        Ok(match take_port(key, &reverse, now)? {
+            Holder::Gone => true,
+            Holder::HalfOpen => {
+                half_open_port.get_or_insert(port);
+                false
+            }
+            Holder::Live => false,
+        })
+    };
     if client_port.wrapping_sub(port_min) < port_count {
-        reverse_key.dst_port = pkt.key.src_port;
-        found = take_port(&reverse_key, &reverse, now)?;
+        found = try_port(pkt.key.src_port, &mut reverse_key)?;
     }
     for _ in 0..SNAT_PORT_TRIES {
         if found {
@@ -242,11 +416,16 @@ pub fn create(
             .wrapping_add(cpu)
             .checked_rem(port_count)
             .ok_or(inconsistent)?;
-        reverse_key.dst_port = Be16::from_host((port_min + index) as u16);
-        found = take_port(&reverse_key, &reverse, now)?;
+        found = try_port(Be16::from_host((port_min + index) as u16), &mut reverse_key)?;
     }
     if !found {
-        return Err(Verdict::Drop(DropReason::SnatPortsExhausted));
+        let Some(port) = half_open_port else {
+            return Err(Verdict::Drop(DropReason::SnatPortsExhausted));
+        };
+        reverse_key.dst_port = port;
+        if !evict_half_open(&reverse_key, &reverse) {
+            return Err(Verdict::Drop(DropReason::SnatPortsExhausted));
+        }
     }
     let forward = FlowValue {
         nat_src_addr: svc.snat_addr,
@@ -256,6 +435,8 @@ pub fn create(
         backend_id,
         flags: 0,
         last_seen_ns: now,
+        seq_next: pkt.seq_end,
+        state,
         ..FlowValue::default()
     };
     if FLOWS.insert(&pkt.key, &forward, BPF_ANY as u64).is_err() {
@@ -264,8 +445,6 @@ pub fn create(
     }
     // The entry as stored, so that forwarding caches this packet's next hop in it: the
     // flow's next packets then skip the FIB.
-    Ok(Flow {
-        nat: forward,
-        entry: FLOWS.get_ptr_mut(&pkt.key),
-    })
+    let entry = FLOWS.get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
+    Ok(Flow { entry })
 }

@@ -37,7 +37,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verd
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: parse::packet bounds-checked the IP header.
     let tot_len = unsafe { u16::from_be_bytes((*pkt.ip).tot_len) };
-    let nat = &flow.nat;
+    let nat = flow.nat();
     let hop = if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
         NextHop {
             ifindex: nat.egress_ifindex,
@@ -47,9 +47,7 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verd
         }
     } else {
         let hop = lookup(ctx, pkt, nat, ingress, tot_len)?;
-        if let Some(entry) = flow.entry {
-            remember(entry, &hop, tot_len);
-        }
+        remember(flow.entry(), &hop, tot_len);
         hop
     };
     // SAFETY: parse::packet bounds-checked the Ethernet and IP headers.

@@ -17,7 +17,7 @@ mod stats;
 mod suspect;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
-use lb_common::{DropReason, PassReason};
+use lb_common::{DropReason, PassReason, conntrack::tcp_flags_valid};
 
 use crate::{flow::Flow, parse::Packet};
 
@@ -69,13 +69,13 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
         Some(flow) => flow,
         None => {
             let flow = new_flow(pkt)?;
-            debug_log::new_flow(ctx, pkt, &flow.nat);
+            debug_log::new_flow(ctx, pkt, flow.nat());
             flow
         }
     };
     check_ttl(pkt)?;
-    nat::rewrite(pkt, &flow.nat);
-    stats::count_backend(flow.nat.backend_id, pkt.len);
+    nat::rewrite(pkt, flow.nat());
+    stats::count_backend(flow.nat().backend_id, pkt.len);
     forward::send(ctx, pkt, &flow)
 }
 
@@ -83,6 +83,9 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
 #[inline(always)]
 fn new_flow(pkt: &Packet) -> Result<Flow, Verdict> {
     let svc = service::lookup(pkt)?;
+    if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
+        return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
+    }
     if pkt.is_tcp() && !pkt.is_syn() {
         return Err(Verdict::Drop(DropReason::TcpNoFlow));
     }

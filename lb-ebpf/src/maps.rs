@@ -9,6 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowKey, FlowValue, Iface,
     MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, STATS_SLOTS, Service, ServiceKey,
+    conntrack::STATE_SLOTS,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT address). Daemon writes; data path reads.
@@ -73,6 +74,9 @@ static MAGLEV_SIZE: u32 = DEFAULT_MAGLEV_SIZE;
 /// Possible CPUs: each CPU walks its own interleaved sequence of SNAT ports. Set at load.
 #[unsafe(no_mangle)]
 static CPU_COUNT: u32 = 1;
+/// conntrack state -> how long a connection in it lives without traffic. Set at load.
+#[unsafe(no_mangle)]
+static STATE_TIMEOUT_NS: [u64; STATE_SLOTS] = [0; STATE_SLOTS];
 
 /// Reads a load-time setting. Volatile, or the compiler folds in the default above.
 #[inline(always)]
@@ -99,4 +103,15 @@ pub fn maglev_size() -> u32 {
 #[inline(always)]
 pub fn cpu_count() -> u32 {
     setting(&CPU_COUNT)
+}
+
+/// How long a connection in `state` lives without traffic; 0 for a state it does not know.
+#[inline(always)]
+pub fn state_timeout(state: u32) -> u64 {
+    match STATE_TIMEOUT_NS.get(state as usize) {
+        // SAFETY: a reference into a static is valid; volatile, or the compiler folds in the
+        // default above.
+        Some(timeout) => unsafe { core::ptr::read_volatile(timeout) },
+        None => 0,
+    }
 }

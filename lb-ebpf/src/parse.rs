@@ -2,7 +2,10 @@
 //! Anything else passes to the kernel with its reason. Reads no maps.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{Be16, Be32, FlowKey, PassReason};
+use lb_common::{
+    Be16, Be32, FlowKey, PassReason,
+    conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::Verdict;
@@ -10,11 +13,10 @@ use crate::Verdict;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 const ETH_P_IP: u16 = 0x0800;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-/// Offset of the flags byte in the TCP header.
+/// Offsets in the TCP header: sequence number, acknowledgement number, data offset and flags.
+const TCP_SEQ_OFFSET: usize = 4;
+const TCP_ACK_OFFSET: usize = 8;
+const TCP_DOFF_OFFSET: usize = 12;
 const TCP_FLAGS_OFFSET: usize = 13;
 /// More-fragments flag and fragment offset in IPv4's `frags` field (host order).
 const IP_MF_AND_OFFSET: u16 = 0x3fff;
@@ -29,6 +31,12 @@ pub struct Packet {
     pub ports: *mut [u8; 4],
     pub key: FlowKey,
     pub tcp_flags: u8,
+    /// TCP, host order: the sequence number, and the one after the segment (its payload, SYN
+    /// and FIN count).
+    pub seq: u32,
+    pub seq_end: u32,
+    /// TCP, host order: the acknowledgement number.
+    pub ack_seq: u32,
     /// Frame length in bytes, for the counters.
     pub len: u64,
 }
@@ -41,11 +49,12 @@ impl Packet {
     pub fn is_syn(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
-    pub fn is_fin_or_rst(&self) -> bool {
-        self.tcp_flags & (TCP_FIN | TCP_RST) != 0
-    }
     pub fn is_rst(&self) -> bool {
         self.tcp_flags & TCP_RST != 0
+    }
+    /// A segment that may change its connection's state: anything but a plain ACK.
+    pub fn moves_state(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
     }
     pub fn ttl(&self) -> u8 {
         // SAFETY: `ip` was bounds-checked in `packet`.
@@ -74,10 +83,11 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
     }
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(pass(PassReason::MalformedIpv4))?;
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, frags, proto, src, dst) = unsafe {
+    let (vihl, tot_len, frags, proto, src, dst) = unsafe {
         let ip = &*ip;
         (
             ip.vihl,
+            u16::from_be_bytes(ip.tot_len),
             u16::from_be_bytes(ip.frags),
             ip.proto,
             ip.src_addr,
@@ -93,21 +103,31 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
         return Err(pass(PassReason::Fragment));
     }
     let l4 = EthHdr::LEN + ihl;
-    let (l4_check, tcp_flags): (*mut [u8; 2], u8) = match proto {
+    let mut tcp_flags = 0;
+    let (mut seq, mut seq_end, mut ack_seq) = (0, 0, 0);
+    let l4_check: *mut [u8; 2] = match proto {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(pass(PassReason::ShortL4))?;
-            // SAFETY: bounds-checked by ptr_at; both fields lie inside the header. The flags
-            // byte is read through the checked pointer: a second ptr_at at l4 + 13 is folded
+            // SAFETY: bounds-checked by ptr_at; every field read lies inside the header. The
+            // bytes are read through the checked pointer: a second ptr_at at l4 + 13 is folded
             // away by LLVM, and the verifier (6.18) then sees an unchecked pointer.
             unsafe {
-                let flags = *(tcp as *const u8).add(TCP_FLAGS_OFFSET);
-                (core::ptr::addr_of_mut!((*tcp).check), flags)
+                let at = |offset| (tcp as *const u8).add(offset);
+                tcp_flags = *at(TCP_FLAGS_OFFSET);
+                seq = u32::from_be_bytes(*(at(TCP_SEQ_OFFSET) as *const [u8; 4]));
+                ack_seq = u32::from_be_bytes(*(at(TCP_ACK_OFFSET) as *const [u8; 4]));
+                let header_len = u32::from(*at(TCP_DOFF_OFFSET) >> 4) * 4;
+                let payload = u32::from(tot_len).saturating_sub(ihl as u32 + header_len);
+                let flags_len =
+                    u32::from(tcp_flags & TCP_SYN != 0) + u32::from(tcp_flags & TCP_FIN != 0);
+                seq_end = seq.wrapping_add(payload + flags_len);
+                core::ptr::addr_of_mut!((*tcp).check)
             }
         }
         IPPROTO_UDP => {
             let udp: *mut UdpHdr = ptr_at(ctx, l4).ok_or(pass(PassReason::ShortL4))?;
             // SAFETY: as above.
-            (unsafe { core::ptr::addr_of_mut!((*udp).check) }, 0)
+            unsafe { core::ptr::addr_of_mut!((*udp).check) }
         }
         _ => return Err(pass(PassReason::NotTcpUdp)),
     };
@@ -128,6 +148,9 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
             _pad: [0; 3],
         },
         tcp_flags,
+        seq,
+        seq_end,
+        ack_seq,
         len: (ctx.data_end() - ctx.data()) as u64,
     })
 }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
-use crate::maglev::is_prime;
+use crate::{dataplane::FlowTimeouts, maglev::is_prime};
 
 /// Highest backend weight: keeps a weight's share meaningful in a table of ~65k slots.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -65,10 +65,7 @@ pub struct FlowSettings {
     pub capacity: u32,
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    pub tcp_idle_timeout: Duration,
-    /// After a FIN or RST went through.
-    pub tcp_closing_timeout: Duration,
-    pub udp_idle_timeout: Duration,
+    pub timeouts: FlowTimeouts,
 }
 
 impl Default for FlowSettings {
@@ -77,9 +74,7 @@ impl Default for FlowSettings {
             capacity: DEFAULT_FLOW_CAPACITY,
             snat_port_min: DEFAULT_SNAT_PORTS.0,
             snat_port_max: DEFAULT_SNAT_PORTS.1,
-            tcp_idle_timeout: Duration::from_secs(300),
-            tcp_closing_timeout: Duration::from_secs(10),
-            udp_idle_timeout: Duration::from_secs(30),
+            timeouts: FlowTimeouts::default(),
         }
     }
 }
@@ -271,8 +266,11 @@ struct RawConfig {
 struct RawFlows {
     capacity: Option<Spanned<i64>>,
     snat_ports: Option<Spanned<String>>,
+    tcp_syn_timeout: Option<Spanned<String>>,
     tcp_idle_timeout: Option<Spanned<String>>,
+    tcp_half_closed_timeout: Option<Spanned<String>>,
     tcp_closing_timeout: Option<Spanned<String>>,
+    udp_unreplied_timeout: Option<Spanned<String>>,
     udp_idle_timeout: Option<Spanned<String>>,
 }
 
@@ -570,26 +568,40 @@ impl Checker<'_> {
             let d = self.duration(value.as_ref(), key, ctx, FLOW_TIMEOUT_RANGE)?;
             Ok::<_, ConfigError>(d.unwrap_or(default))
         };
+        let default = defaults.timeouts;
         Ok(FlowSettings {
             capacity: (self.int(raw.capacity.as_ref(), "capacity", ctx, FLOW_CAPACITY_RANGE)?)
                 .unwrap_or(defaults.capacity),
             snat_port_min,
             snat_port_max,
-            tcp_idle_timeout: timeout(
-                &raw.tcp_idle_timeout,
-                "tcp_idle_timeout",
-                defaults.tcp_idle_timeout,
-            )?,
-            tcp_closing_timeout: timeout(
-                &raw.tcp_closing_timeout,
-                "tcp_closing_timeout",
-                defaults.tcp_closing_timeout,
-            )?,
-            udp_idle_timeout: timeout(
-                &raw.udp_idle_timeout,
-                "udp_idle_timeout",
-                defaults.udp_idle_timeout,
-            )?,
+            timeouts: FlowTimeouts {
+                tcp_syn: timeout(&raw.tcp_syn_timeout, "tcp_syn_timeout", default.tcp_syn)?,
+                tcp_established: timeout(
+                    &raw.tcp_idle_timeout,
+                    "tcp_idle_timeout",
+                    default.tcp_established,
+                )?,
+                tcp_half_closed: timeout(
+                    &raw.tcp_half_closed_timeout,
+                    "tcp_half_closed_timeout",
+                    default.tcp_half_closed,
+                )?,
+                tcp_closing: timeout(
+                    &raw.tcp_closing_timeout,
+                    "tcp_closing_timeout",
+                    default.tcp_closing,
+                )?,
+                udp_unreplied: timeout(
+                    &raw.udp_unreplied_timeout,
+                    "udp_unreplied_timeout",
+                    default.udp_unreplied,
+                )?,
+                udp_replied: timeout(
+                    &raw.udp_idle_timeout,
+                    "udp_idle_timeout",
+                    default.udp_replied,
+                )?,
+            },
         })
     }
 
@@ -821,8 +833,11 @@ maglev_table_size = 65537
 [flows]
 capacity = 1048576
 snat_ports = "10000-32767"
+tcp_syn_timeout = "4s"
 tcp_idle_timeout = "300s"
+tcp_half_closed_timeout = "90s"
 tcp_closing_timeout = "10s"
+udp_unreplied_timeout = "20s"
 udp_idle_timeout = "30s"
 [[service]]
 name = "web"
@@ -900,9 +915,14 @@ weight = 4
                 capacity: 1_048_576,
                 snat_port_min: 10_000,
                 snat_port_max: 32_767,
-                tcp_idle_timeout: Duration::from_secs(300),
-                tcp_closing_timeout: Duration::from_secs(10),
-                udp_idle_timeout: Duration::from_secs(30),
+                timeouts: FlowTimeouts {
+                    tcp_syn: Duration::from_secs(4),
+                    tcp_established: Duration::from_secs(300),
+                    tcp_half_closed: Duration::from_secs(90),
+                    tcp_closing: Duration::from_secs(10),
+                    udp_unreplied: Duration::from_secs(20),
+                    udp_replied: Duration::from_secs(30),
+                },
             },
             services: vec![ServiceConfig {
                 name: "web".to_owned(),

@@ -151,6 +151,7 @@ async fn start(
         flow_capacity: config.flows.capacity,
         snat_port_min: config.flows.snat_port_min,
         snat_port_max: config.flows.snat_port_max,
+        timeouts: config.flows.timeouts,
     };
     let dataplane = Dataplane::load_pinned(settings, &opts.bpffs)?;
     let adopted = dataplane.adopted();

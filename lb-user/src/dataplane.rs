@@ -21,9 +21,12 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendStats, Be16, Be32, DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue,
-    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service,
-    ServiceKey,
+    Backend, BackendStats, Be16, Be32, DropReason, FLOW_REVERSE, FlowKey, FlowValue, IFACE_XDP_TX,
+    Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
+    conntrack::{
+        STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
+        UDP_REPLIED, UDP_UNREPLIED, ended, expired, state_timeout,
+    },
 };
 
 use crate::{map_batch, pins};
@@ -117,14 +120,57 @@ pub struct LoadSettings {
     pub flow_capacity: u32,
     pub snat_port_min: u16,
     pub snat_port_max: u16,
+    pub timeouts: FlowTimeouts,
 }
 
-/// How long an idle flow lives; see `FlowTable::sweep`.
+/// How long a connection lives without traffic, per class of `conntrack` state. The data path
+/// expires by them (lazily, as it meets flows) and so does the daemon's sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowTimeouts {
-    pub tcp_idle: Duration,
+    /// Half-open (SYN sent, SYN-ACK seen), counted from the SYN.
+    pub tcp_syn: Duration,
+    /// Established.
+    pub tcp_established: Duration,
+    /// One direction sent a FIN; the other still sends.
+    pub tcp_half_closed: Duration,
+    /// Both FINs, time-wait, or an RST.
     pub tcp_closing: Duration,
-    pub udp_idle: Duration,
+    /// UDP, before the backend's first answer.
+    pub udp_unreplied: Duration,
+    /// UDP, after it.
+    pub udp_replied: Duration,
+}
+
+impl Default for FlowTimeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: Duration::from_secs(5),
+            tcp_established: Duration::from_secs(300),
+            tcp_half_closed: Duration::from_secs(120),
+            tcp_closing: Duration::from_secs(10),
+            udp_unreplied: Duration::from_secs(30),
+            udp_replied: Duration::from_secs(30),
+        }
+    }
+}
+
+impl FlowTimeouts {
+    /// The data path's STATE_TIMEOUT_NS: each state's timeout in nanoseconds.
+    pub fn by_state(&self) -> [u64; STATE_SLOTS] {
+        let mut table = [0u64; STATE_SLOTS];
+        for (state, _) in STATES {
+            let timeout = match state {
+                TCP_SYN_SENT | TCP_SYN_RECV => self.tcp_syn,
+                TCP_ESTABLISHED => self.tcp_established,
+                TCP_FIN_WAIT => self.tcp_half_closed,
+                UDP_UNREPLIED => self.udp_unreplied,
+                UDP_REPLIED => self.udp_replied,
+                _ => self.tcp_closing,
+            };
+            table[state as usize] = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        }
+        table
+    }
 }
 
 /// What one sweep of FLOWS found.
@@ -134,7 +180,7 @@ pub struct FlowSweep {
     pub entries: u64,
     /// Entries removed.
     pub removed: u64,
-    /// backend id -> connections not closing.
+    /// backend id -> connections that have not ended (half-open ones included).
     pub active: StdHashMap<u32, u64>,
     /// backend id -> SNAT ports held (reply entries, closing ones included).
     pub ports: StdHashMap<u32, u64>,
@@ -222,12 +268,14 @@ impl Dataplane {
         let cpus = possible_cpus()? as u32;
         let port_min = u32::from(settings.snat_port_min);
         let port_count = u32::from(settings.snat_port_max) - port_min + 1;
+        let state_timeouts = settings.timeouts.by_state();
         let mut loader = EbpfLoader::new();
         loader
             .override_global("SNAT_PORT_MIN", &port_min, true)
             .override_global("SNAT_PORT_COUNT", &port_count, true)
             .override_global("MAGLEV_SIZE", &settings.maglev_size, true)
             .override_global("CPU_COUNT", &cpus, true)
+            .override_global("STATE_TIMEOUT_NS", &state_timeouts, true)
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
             .map_max_entries("FLOWS", settings.flow_capacity);
         let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
@@ -713,14 +761,17 @@ pub struct FlowTable {
 }
 
 impl FlowTable {
-    /// Removes idle flows, both directions together, and counts live connections per backend.
-    /// A connection's age is that of its most recent packet in either direction; one that saw
-    /// a FIN or RST, or whose backend never answered, gets the short `tcp_closing` timeout.
+    /// Removes connections past their state's timeout, both directions together, by the rules
+    /// the data path expires them with (`conntrack`), and counts live connections per backend.
+    /// A connection's age is that of its most recent packet in either direction. Each doomed
+    /// connection is read again just before it goes, so one refreshed or reopened since the
+    /// table was read stays.
     pub fn sweep(
         &mut self,
         now_ns: u64,
         timeouts: &FlowTimeouts,
     ) -> Result<FlowSweep, DataplaneError> {
+        let by_state = timeouts.by_state();
         let entries: StdHashMap<FlowKey, FlowValue> =
             map_batch::lookup_all(self.flows.map().fd().as_fd())
                 .map_err(|source| DataplaneError::Batch {
@@ -736,47 +787,62 @@ impl FlowTable {
         let mut doomed = Vec::new();
         let mut orphans = HashSet::new();
         for (key, value) in &entries {
-            let peer_key = value.peer_key(key.proto);
             let peer = entries
-                .get(&peer_key)
+                .get(&value.peer_key(key.proto))
                 .filter(|p| p.peer_key(key.proto) == *key);
             if value.flags & FLOW_REVERSE != 0 {
                 *sweep.ports.entry(value.backend_id).or_default() += 1;
                 if peer.is_none() {
                     if self.orphans.contains(key) {
-                        doomed.push(*key);
+                        let _ = self.flows.remove(key).map(|()| sweep.removed += 1);
                     } else {
                         orphans.insert(*key);
                     }
                 }
                 continue;
             }
-            let reply_seen = peer.is_some_and(|p| p.last_seen_ns != 0);
-            let last = value.last_seen_ns.max(peer.map_or(0, |p| p.last_seen_ns));
-            let closing = value.flags & FLOW_CLOSING != 0
-                || peer.is_some_and(|p| p.flags & FLOW_CLOSING != 0);
-            let timeout = match key.proto {
-                6 if closing || !reply_seen => timeouts.tcp_closing,
-                6 => timeouts.tcp_idle,
-                _ => timeouts.udp_idle,
-            };
-            if now_ns.saturating_sub(last) >= timeout.as_nanos() as u64 {
+            if connection_expired(&by_state, value, peer, now_ns) {
                 doomed.push(*key);
-                if peer.is_some() {
-                    doomed.push(peer_key);
-                }
-            } else if !closing {
+            } else if !ended(value.state) {
                 *sweep.active.entry(value.backend_id).or_default() += 1;
             }
         }
         for key in doomed {
-            if self.flows.remove(&key).is_ok() {
-                sweep.removed += 1;
+            let Ok(value) = self.flows.get(&key, 0) else {
+                continue;
+            };
+            let peer_key = value.peer_key(key.proto);
+            let peer = self
+                .flows
+                .get(&peer_key, 0)
+                .ok()
+                .filter(|p| p.peer_key(key.proto) == key);
+            if !connection_expired(&by_state, &value, peer.as_ref(), now_ns) {
+                continue;
+            }
+            for k in [Some(key), peer.map(|_| peer_key)].into_iter().flatten() {
+                if self.flows.remove(&k).is_ok() {
+                    sweep.removed += 1;
+                }
             }
         }
         self.orphans = orphans;
         Ok(sweep)
     }
+}
+
+/// Whether the connection of `forward` (and its reply entry `reply`, if any) outlived its
+/// state's timeout at `now_ns`.
+fn connection_expired(
+    by_state: &[u64; STATE_SLOTS],
+    forward: &FlowValue,
+    reply: Option<&FlowValue>,
+    now_ns: u64,
+) -> bool {
+    let last = forward
+        .last_seen_ns
+        .max(reply.map_or(0, |r| r.last_seen_ns));
+    expired(state_timeout(by_state, forward.state), last, now_ns)
 }
 
 impl Drop for Dataplane {

@@ -190,12 +190,7 @@ impl State {
 
     /// How long idle flows live (from the config the daemon started with).
     pub fn timeouts(&self) -> FlowTimeouts {
-        let f = &self.config.flows;
-        FlowTimeouts {
-            tcp_idle: f.tcp_idle_timeout,
-            tcp_closing: f.tcp_closing_timeout,
-            udp_idle: f.udp_idle_timeout,
-        }
+        self.config.flows.timeouts
     }
 
     /// The services as placed in the maps (what `layout::place` compares a new set with).

@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use lb_common::{Be16, Be32, FlowKey, FlowValue};
+use lb_common::{Be16, Be32, FlowKey, FlowValue, conntrack::TCP_ESTABLISHED};
 /// The data path's clock, as the daemon reads it.
 pub use lb_user::dataplane::monotonic_ns;
 
@@ -17,7 +17,8 @@ pub fn key(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, proto: u8) -> F
     }
 }
 
-/// An entry rewriting to src:sport -> dst:dport, never seen, nothing cached.
+/// An entry of an established TCP connection rewriting to src:sport -> dst:dport, never seen,
+/// nothing cached.
 pub fn value(
     src: Ipv4Addr,
     sport: u16,
@@ -33,6 +34,7 @@ pub fn value(
         nat_dst_port: Be16::from_host(dport),
         backend_id: backend,
         flags,
+        state: TCP_ESTABLISHED,
         ..FlowValue::default()
     }
 }

@@ -7,10 +7,18 @@
 //! with two veth pairs, addresses and permanent neighbour entries, and is pinned to CPU 0 so
 //! that the SNAT port sequence is predictable.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use lb_common::{
-    DropReason, FLOW_CLOSING, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason, flow_hash,
+    DropReason, FLOW_FIN_SENT, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason,
+    conntrack::{
+        TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
+        TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
+    },
+    flow_hash,
 };
 use lb_tests::{
     fixture_net::{
@@ -23,7 +31,7 @@ use lb_tests::{
     packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
 };
 use lb_user::{
-    dataplane::{Dataplane, LoadSettings, ifindex},
+    dataplane::{Dataplane, FlowTimeouts, LoadSettings, ifindex},
     maglev::{MaglevBackend, build_table},
 };
 
@@ -42,21 +50,31 @@ enum Setup {
         proto: u8,
         backends: Vec<(u32, u32)>,
     },
-    /// Both directions of a TCP flow client:cport -> VIP:80 via SNAT:snat_port to backend.
-    Flow {
-        cport: u16,
-        backend: u32,
-        snat_port: u16,
-        closing: bool,
-        /// A next hop cached in the forward entry (egress lb1), and a fresh `last_seen_ns`.
-        cached: Option<CachedHop>,
-    },
+    /// Both directions of a flow client:cport -> VIP via SNAT:snat_port to backend.
+    Flow(FlowSetup),
     /// Marks lb1 as a NIC where XDP_TX is used for hairpin traffic.
     HairpinTx,
-    /// The reply entry of a flow has seen a packet: the backend answered.
-    Answered { backend: u32, snat_port: u16 },
     /// The data path marked `backend` suspect `ago_ns` before the run.
     Suspect { backend: u32, ago_ns: u64 },
+}
+
+/// A flow's two entries as a fixture starts from them. Both directions' sequence tracking
+/// stands at 1000 (the packet builder's default sequence number), the forward one at 1001 in
+/// SYN_SENT (after the client's SYN).
+#[derive(Clone)]
+struct FlowSetup {
+    proto: u8,
+    cport: u16,
+    backend: u32,
+    snat_port: u16,
+    state: u32,
+    /// How long ago both directions were last seen (a half-open flow's reply entry never);
+    /// `None`: never.
+    seen_ago_ns: Option<u64>,
+    /// Directions that sent a FIN: (forward, reply).
+    fin_sent: (bool, bool),
+    /// A next hop cached in the forward entry (egress lb1).
+    cached: Option<CachedHop>,
 }
 
 /// A next hop in a FLOWS entry: egress device, MACs and the largest packet it was approved for.
@@ -136,26 +154,57 @@ fn dns(backends: &[(u32, u32)]) -> Setup {
     }
 }
 
-/// An open TCP flow CLIENT:cport -> VIP:80 on `backend` via SNAT port `snat_port`.
+/// An established TCP flow CLIENT:cport -> VIP:80 on `backend` via SNAT port `snat_port`,
+/// seen just now.
 fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> Setup {
-    Setup::Flow {
+    Setup::Flow(FlowSetup {
+        proto: TCP,
         cport,
         backend,
         snat_port,
-        closing: false,
+        state: TCP_ESTABLISHED,
+        seen_ago_ns: Some(0),
+        fin_sent: (false, false),
         cached,
+    })
+}
+
+/// As `flow`, in `state`, last seen `ago_ns` before the run (`None`: never).
+fn flow_in(state: u32, cport: u16, backend: u32, snat_port: u16, ago_ns: Option<u64>) -> FlowSetup {
+    FlowSetup {
+        state,
+        seen_ago_ns: ago_ns,
+        fin_sent: match state {
+            TCP_FIN_WAIT => (true, false),
+            TCP_LAST_ACK | TCP_TIME_WAIT => (true, true),
+            _ => (false, false),
+        },
+        ..match flow(cport, backend, snat_port, None) {
+            Setup::Flow(f) => f,
+            _ => unreachable!("flow() makes a flow"),
+        }
     }
 }
 
-/// As `flow`, after a FIN or RST.
+/// A TCP flow in TIME_WAIT: seen just now with a cached hop, never without.
 fn closed_flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> Setup {
-    Setup::Flow {
-        cport,
-        backend,
-        snat_port,
-        closing: true,
+    Setup::Flow(FlowSetup {
         cached,
-    }
+        ..flow_in(TCP_TIME_WAIT, cport, backend, snat_port, cached.map(|_| 0))
+    })
+}
+
+/// A client's SYN sent to `backend` `ago_ns` before the run, not answered.
+fn half_open(cport: u16, backend: u32, snat_port: u16, ago_ns: u64) -> Setup {
+    Setup::Flow(flow_in(TCP_SYN_SENT, cport, backend, snat_port, Some(ago_ns)))
+}
+
+/// A UDP flow CLIENT:cport -> VIP:53 on `backend` via `snat_port`, last seen `ago_ns` before.
+fn udp_flow(state: u32, cport: u16, backend: u32, snat_port: u16, ago_ns: u64) -> Setup {
+    Setup::Flow(FlowSetup {
+        proto: UDP,
+        ..flow_in(state, cport, backend, snat_port, Some(ago_ns))
+    })
 }
 
 /// A next hop out of lb1 towards `dst`, approved for packets up to `ok_len` bytes.
@@ -200,6 +249,25 @@ fn flow_pair(
             value(VIP, vport, CLIENT, cport, backend, FLOW_REVERSE),
         ),
     ]
+}
+
+/// `flow_pair` with both entries in `state`, as the checks after a run expect them.
+fn flow_pair_in(
+    state: u32,
+    proto: u8,
+    cport: u16,
+    vport: u16,
+    backend: u32,
+    snat_port: u16,
+) -> Vec<(FlowKey, Option<FlowValue>)> {
+    flow_pair(proto, cport, vport, backend, snat_port)
+        .map(|(k, v)| (k, Some(FlowValue { state, ..v })))
+        .to_vec()
+}
+
+/// An entry `value` in `state`.
+fn in_state(state: u32, v: FlowValue) -> Option<FlowValue> {
+    Some(FlowValue { state, ..v })
 }
 
 /// The backend the data path's Maglev lookup picks for client port `cport`.
@@ -297,9 +365,7 @@ fn fixtures() -> Vec<Fixture> {
     let weighted = [(1, 4), (2, 6)];
     let mut list = vec![
         Fixture {
-            flows_after: flow_pair(TCP, 40000, WEB_PORT, 1, PORT_MIN)
-                .map(|(k, v)| (k, Some(v)))
-                .to_vec(),
+            flows_after: flow_pair_in(TCP_SYN_SENT, TCP, 40000, WEB_PORT, 1, PORT_MIN),
             // The new flow's next hop is cached at once; the reply direction caches its own.
             next_hop_after: vec![
                 (
@@ -440,7 +506,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             flows_after: vec![(key(B1, BACKEND_PORT, SNAT, 31002, TCP), None)],
             ..fixture(
-                "flow_unhealthy_backend_rebalanced_to_healthy",
+                "flow_half_open_on_unhealthy_backend_syn_rebalanced_to_healthy",
                 vec![
                     Setup::Backend {
                         id: 1,
@@ -453,7 +519,7 @@ fn fixtures() -> Vec<Fixture> {
                         healthy: true,
                     },
                     web(&[(2, 1)]),
-                    flow(40005, 1, 31002, None),
+                    half_open(40005, 1, 31002, 0),
                 ],
                 client_syn(40005).build(),
                 XDP_REDIRECT,
@@ -487,9 +553,9 @@ fn fixtures() -> Vec<Fixture> {
                 "failover_backend_rst_to_unanswered_syn_dropped_and_marks_suspect",
                 with(
                     backends(),
-                    &[web(&[(1, 1), (2, 1)]), flow(40040, 1, 31040, None)],
+                    &[web(&[(1, 1), (2, 1)]), half_open(40040, 1, 31040, 0)],
                 ),
-                from_backend(1, 31040).tcp_flags(0x14).build(),
+                from_backend(1, 31040).tcp_flags(0x14).ack_seq(1001).build(),
                 XDP_DROP,
                 None,
                 vec![
@@ -513,12 +579,12 @@ fn fixtures() -> Vec<Fixture> {
                             backend: 1,
                             ago_ns: 500_000_000,
                         },
-                        flow(40044, 1, 31044, Some(hop(B1_MAC, 1500))),
+                        half_open(40044, 1, 31044, 0),
                     ],
                 ),
-                from_backend(1, 31044).tcp_flags(0x14).build(),
+                from_backend(1, 31044).tcp_flags(0x14).ack_seq(1001).build(),
                 XDP_REDIRECT,
-                Some(to_client(40044).tcp_flags(0x14).build()),
+                Some(to_client(40044).tcp_flags(0x14).ack_seq(1001).build()),
                 vec![
                     (Counter::Redirect, 1),
                     (Counter::Drop(DropReason::BackendRefused), 0),
@@ -537,10 +603,6 @@ fn fixtures() -> Vec<Fixture> {
                     &[
                         web(&[(1, 1), (2, 1)]),
                         flow(40041, 1, 31041, None),
-                        Setup::Answered {
-                            backend: 1,
-                            snat_port: 31041,
-                        },
                     ],
                 ),
                 from_backend(1, 31041).tcp_flags(0x14).build(),
@@ -562,7 +624,10 @@ fn fixtures() -> Vec<Fixture> {
                     "failover_retransmitted_syn_unanswered_moves_to_another_backend",
                     with(
                         backends(),
-                        &[web(&[(1, 1), (2, 1)]), flow(cport, 1, 31042, None)],
+                        &[
+                            web(&[(1, 1), (2, 1)]),
+                            half_open(cport, 1, 31042, 600_000_000),
+                        ],
                     ),
                     client_syn(cport).build(),
                     XDP_REDIRECT,
@@ -586,7 +651,7 @@ fn fixtures() -> Vec<Fixture> {
                         backends(),
                         &[
                             web(&[(1, 1), (2, 1)]),
-                            flow(cport, 1, 31043, Some(hop(B1_MAC, 1500))),
+                            half_open(cport, 1, 31043, 0),
                         ],
                     ),
                     client_syn(cport).build(),
@@ -720,12 +785,18 @@ fn fixtures() -> Vec<Fixture> {
             )
         },
         Fixture {
-            flows_after: vec![(
-                key(CLIENT, 40007, VIP, WEB_PORT, TCP),
-                Some(value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_CLOSING)),
-            )],
+            flows_after: vec![
+                (
+                    key(CLIENT, 40007, VIP, WEB_PORT, TCP),
+                    in_state(TCP_FIN_WAIT, value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_FIN_SENT)),
+                ),
+                (
+                    key(B1, BACKEND_PORT, SNAT, 31004, TCP),
+                    in_state(TCP_FIN_WAIT, value(VIP, WEB_PORT, CLIENT, 40007, 1, FLOW_REVERSE)),
+                ),
+            ],
             ..fixture(
-                "flow_fin_forwarded_and_marks_closing",
+                "conntrack_fin_forwarded_and_moves_to_fin_wait",
                 with(backends(), &[web(&[(1, 1)]), flow(40007, 1, 31004, None)]),
                 client_syn(40007).tcp_flags(0x11).build(),
                 XDP_REDIRECT,
@@ -814,11 +885,7 @@ fn fixtures() -> Vec<Fixture> {
             vec![(Counter::Drop(DropReason::NoBackend), 1)],
         ),
         Fixture {
-            settings: Some(LoadSettings {
-                snat_port_min: 31005,
-                snat_port_max: 31005,
-                ..settings()
-            }),
+            settings: one_port(),
             ..fixture(
                 "select_snat_ports_exhausted_dropped",
                 with(
@@ -836,16 +903,12 @@ fn fixtures() -> Vec<Fixture> {
             )
         },
         Fixture {
-            settings: Some(LoadSettings {
-                snat_port_min: 31005,
-                snat_port_max: 31005,
-                ..settings()
-            }),
+            settings: one_port(),
             flows_after: vec![
                 (key(CLIENT, 40030, VIP, WEB_PORT, TCP), None),
                 (
                     key(B1, BACKEND_PORT, SNAT, 31005, TCP),
-                    Some(value(VIP, WEB_PORT, CLIENT, 40031, 1, FLOW_REVERSE)),
+                    in_state(TCP_SYN_SENT, value(VIP, WEB_PORT, CLIENT, 40031, 1, FLOW_REVERSE)),
                 ),
             ],
             ..fixture(
@@ -861,14 +924,10 @@ fn fixtures() -> Vec<Fixture> {
             )
         },
         Fixture {
-            settings: Some(LoadSettings {
-                snat_port_min: 31005,
-                snat_port_max: 31005,
-                ..settings()
-            }),
+            settings: one_port(),
             flows_after: vec![(
                 key(CLIENT, 40032, VIP, WEB_PORT, TCP),
-                Some(value(SNAT, 31005, B1, BACKEND_PORT, 1, FLOW_CLOSING)),
+                in_state(TCP_TIME_WAIT, value(SNAT, 31005, B1, BACKEND_PORT, 1, FLOW_FIN_SENT)),
             )],
             ..fixture(
                 "select_snat_port_of_just_closed_flow_kept",
@@ -889,7 +948,7 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             flows_after: vec![(
                 key(B1, BACKEND_PORT, SNAT, 25000, TCP),
-                Some(value(VIP, WEB_PORT, CLIENT, 25000, 1, FLOW_REVERSE)),
+                in_state(TCP_SYN_SENT, value(VIP, WEB_PORT, CLIENT, 25000, 1, FLOW_REVERSE)),
             )],
             ..fixture(
                 "select_snat_keeps_client_port_in_range",
@@ -1092,6 +1151,387 @@ fn fixtures() -> Vec<Fixture> {
             ));
         }
     }
+    list.extend(conntrack_fixtures());
+    list
+}
+
+/// A UDP reply of backend `backend` to SNAT:snat_port, and the same as its client receives it.
+fn udp_reply(backend: u32, snat_port: u16, cport: u16) -> (Vec<u8>, Vec<u8>) {
+    let mac = if backend == 1 { B1_MAC } else { B2_MAC };
+    (
+        pkt()
+            .eth(mac, LB1_MAC)
+            .ipv4(addr_of(backend), SNAT)
+            .udp(BACKEND_PORT, snat_port)
+            .payload(b"answer")
+            .build(),
+        pkt()
+            .eth(LB0_MAC, CLIENT_MAC)
+            .ipv4(VIP, CLIENT)
+            .ttl(63)
+            .udp(DNS_PORT, cport)
+            .payload(b"answer")
+            .build(),
+    )
+}
+
+/// The connection model (lb_common::conntrack): each state transition, the evidence it needs,
+/// each timeout class, and who gives a SNAT port up under pressure.
+fn conntrack_fixtures() -> Vec<Fixture> {
+    const ACK: u8 = 0x10;
+    const PSH_ACK: u8 = 0x18;
+    const FIN_ACK: u8 = 0x11;
+    const RST: u8 = 0x04;
+    const RST_ACK: u8 = 0x14;
+    let web1 = || with(backends(), &[web(&[(1, 1)])]);
+    let setup_flow = |f: FlowSetup| with(web1(), &[Setup::Flow(f)]);
+    // A segment of the client on its flow, and as backend 1 receives it.
+    let from_client = |cport: u16, snat: u16, f: &dyn Fn(PacketBuilder) -> PacketBuilder| {
+        (
+            f(client_syn(cport)).build(),
+            Some(f(to_backend(1, snat)).build()),
+        )
+    };
+    // A segment of backend 1 on a flow, and as its client receives it.
+    let from_b1 = |cport: u16, snat: u16, f: &dyn Fn(PacketBuilder) -> PacketBuilder| {
+        (
+            f(from_backend(1, snat)).build(),
+            Some(f(to_client(cport)).build()),
+        )
+    };
+    let moved = |name, setup, (input, output), ingress, after: Vec<(FlowKey, Option<FlowValue>)>| {
+        Fixture {
+            ingress,
+            flows_after: after,
+            ..fixture(name, setup, input, XDP_REDIRECT, output, vec![(Counter::Redirect, 1)])
+        }
+    };
+    let both_in = |state, cport, snat| flow_pair_in(state, TCP, cport, WEB_PORT, 1, snat);
+    let with_fin = |mut pair: Vec<(FlowKey, Option<FlowValue>)>, forward: bool, reply: bool| {
+        for (i, fin) in [forward, reply].into_iter().enumerate() {
+            if let (true, Some(v)) = (fin, pair[i].1.as_mut()) {
+                v.flags |= FLOW_FIN_SENT;
+            }
+        }
+        pair
+    };
+    let mut list = vec![
+        moved(
+            "conntrack_syn_ack_acknowledging_the_syn_moves_to_syn_recv",
+            with(web1(), &[half_open(41000, 1, 31100, 0)]),
+            from_b1(41000, 31100, &|b| b.syn().ack().ack_seq(1001)),
+            "lb1",
+            both_in(TCP_SYN_RECV, 41000, 31100),
+        ),
+        moved(
+            "conntrack_blind_syn_ack_leaves_syn_sent",
+            with(web1(), &[half_open(41001, 1, 31101, 0)]),
+            from_b1(41001, 31101, &|b| b.syn().ack().ack_seq(5555)),
+            "lb1",
+            both_in(TCP_SYN_SENT, 41001, 31101),
+        ),
+        moved(
+            "conntrack_handshake_ack_moves_to_established",
+            setup_flow(flow_in(TCP_SYN_RECV, 41002, 1, 31102, Some(0))),
+            from_client(41002, 31102, &|b| b.tcp_flags(ACK).ack_seq(1000)),
+            "lb0",
+            both_in(TCP_ESTABLISHED, 41002, 31102),
+        ),
+        moved(
+            "conntrack_blind_handshake_ack_leaves_syn_recv",
+            setup_flow(flow_in(TCP_SYN_RECV, 41003, 1, 31103, Some(0))),
+            from_client(41003, 31103, &|b| b.tcp_flags(ACK).ack_seq(99_999)),
+            "lb0",
+            both_in(TCP_SYN_RECV, 41003, 31103),
+        ),
+        moved(
+            "conntrack_half_closed_flow_carries_the_other_direction",
+            setup_flow(flow_in(TCP_FIN_WAIT, 41004, 1, 31104, Some(0))),
+            from_b1(41004, 31104, &|b| b.tcp_flags(PSH_ACK).payload(b"more data")),
+            "lb1",
+            with_fin(both_in(TCP_FIN_WAIT, 41004, 31104), true, false),
+        ),
+        moved(
+            "conntrack_second_fin_moves_to_last_ack",
+            setup_flow(flow_in(TCP_FIN_WAIT, 41005, 1, 31105, Some(0))),
+            from_b1(41005, 31105, &|b| b.tcp_flags(FIN_ACK)),
+            "lb1",
+            with_fin(both_in(TCP_LAST_ACK, 41005, 31105), true, true),
+        ),
+        moved(
+            "conntrack_fin_retransmitted_stays_in_fin_wait",
+            setup_flow(flow_in(TCP_FIN_WAIT, 41006, 1, 31106, Some(0))),
+            from_client(41006, 31106, &|b| b.tcp_flags(FIN_ACK)),
+            "lb0",
+            with_fin(both_in(TCP_FIN_WAIT, 41006, 31106), true, false),
+        ),
+        moved(
+            "conntrack_last_ack_acknowledged_moves_to_time_wait",
+            setup_flow(flow_in(TCP_LAST_ACK, 41007, 1, 31107, Some(0))),
+            from_client(41007, 31107, &|b| b.tcp_flags(ACK)),
+            "lb0",
+            with_fin(both_in(TCP_TIME_WAIT, 41007, 31107), true, true),
+        ),
+        moved(
+            "conntrack_rst_in_window_closes",
+            setup_flow(flow_in(TCP_ESTABLISHED, 41008, 1, 31108, Some(0))),
+            from_client(41008, 31108, &|b| b.tcp_flags(RST).seq(1000)),
+            "lb0",
+            both_in(TCP_CLOSED, 41008, 31108),
+        ),
+        moved(
+            "conntrack_blind_rst_forwarded_and_leaves_established",
+            setup_flow(flow_in(TCP_ESTABLISHED, 41009, 1, 31109, Some(0))),
+            from_client(41009, 31109, &|b| b.tcp_flags(RST).seq(0x8000_0000)),
+            "lb0",
+            both_in(TCP_ESTABLISHED, 41009, 31109),
+        ),
+        moved(
+            "conntrack_blind_fin_forwarded_and_leaves_established",
+            setup_flow(flow_in(TCP_ESTABLISHED, 41010, 1, 31110, Some(0))),
+            from_b1(41010, 31110, &|b| b.tcp_flags(FIN_ACK).seq(0x8000_0000)),
+            "lb1",
+            both_in(TCP_ESTABLISHED, 41010, 31110),
+        ),
+        moved(
+            "conntrack_syn_on_established_tuple_stays_on_its_backend",
+            with(
+                backends(),
+                &[web(&[(2, 1)]), flow(41011, 1, 31111, None)],
+            ),
+            from_client(41011, 31111, &|b| b.syn().seq(7000)),
+            "lb0",
+            both_in(TCP_ESTABLISHED, 41011, 31111),
+        ),
+        moved(
+            "conntrack_udp_reply_moves_both_entries_to_replied",
+            with(backends(), &[dns(&[(1, 1)]), udp_flow(UDP_UNREPLIED, 41012, 1, 31112, 0)]),
+            {
+                let (input, output) = udp_reply(1, 31112, 41012);
+                (input, Some(output))
+            },
+            "lb1",
+            flow_pair_in(UDP_REPLIED, UDP, 41012, DNS_PORT, 1, 31112),
+        ),
+        Fixture {
+            flows_after: vec![(key(CLIENT, 41013, VIP, WEB_PORT, TCP), None)],
+            ..fixture(
+                "conntrack_syn_fin_to_vip_dropped_and_not_tracked",
+                web1(),
+                client_syn(41013).tcp_flags(0x03).build(),
+                XDP_DROP,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::TcpInvalidFlags), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            )
+        },
+        Fixture {
+            flows_after: both_in(TCP_ESTABLISHED, 41014, 31114),
+            ..fixture(
+                "conntrack_segment_without_flags_on_flow_dropped",
+                setup_flow(flow_in(TCP_ESTABLISHED, 41014, 1, 31114, Some(0))),
+                client_syn(41014).tcp_flags(0).build(),
+                XDP_DROP,
+                None,
+                vec![(Counter::Drop(DropReason::TcpInvalidFlags), 1)],
+            )
+        },
+        Fixture {
+            flows_after: both_in(TCP_ESTABLISHED, 41015, 31115),
+            ..fixture(
+                "flow_established_on_unhealthy_backend_kept",
+                vec![
+                    Setup::Backend {
+                        id: 1,
+                        addr: B1,
+                        healthy: false,
+                    },
+                    Setup::Backend {
+                        id: 2,
+                        addr: B2,
+                        healthy: true,
+                    },
+                    web(&[(2, 1)]),
+                    flow(41015, 1, 31115, None),
+                ],
+                client_syn(41015).tcp_flags(PSH_ACK).payload(b"GET /").build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, 31115).tcp_flags(PSH_ACK).payload(b"GET /").build()),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(2), 0)],
+            )
+        },
+        Fixture {
+            suspect_after: vec![(1, false)],
+            ..moved(
+                "failover_blind_rst_to_syn_forwarded_without_mark",
+                with(
+                    backends(),
+                    &[web(&[(1, 1), (2, 1)]), half_open(41016, 1, 31116, 0)],
+                ),
+                from_b1(41016, 31116, &|b| b.tcp_flags(RST_ACK).ack_seq(7777)),
+                "lb1",
+                both_in(TCP_SYN_SENT, 41016, 31116),
+            )
+        },
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 41100);
+            Fixture {
+                suspect_after: vec![(1, false)],
+                ..moved(
+                    "failover_syn_with_another_sequence_number_marks_nothing",
+                    with(
+                        backends(),
+                        &[
+                            web(&[(1, 1), (2, 1)]),
+                            half_open(cport, 1, 31117, 600_000_000),
+                        ],
+                    ),
+                    from_client(cport, 31117, &|b| b.syn().seq(5000)),
+                    "lb0",
+                    both_in(TCP_SYN_SENT, cport, 31117),
+                )
+            }
+        },
+        Fixture {
+            settings: one_port(),
+            flows_after: vec![
+                (key(CLIENT, 41020, VIP, WEB_PORT, TCP), None),
+                (
+                    key(B1, BACKEND_PORT, SNAT, 31005, TCP),
+                    in_state(TCP_SYN_SENT, value(VIP, WEB_PORT, CLIENT, 41021, 1, FLOW_REVERSE)),
+                ),
+            ],
+            ..fixture(
+                "select_half_open_port_given_to_a_new_flow_under_pressure",
+                with(web1(), &[half_open(41020, 1, 31005, 1_500_000_000)]),
+                client_syn(41021).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, 31005).syn().build()),
+                vec![
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Event("half_open_evicted"), 1),
+                ],
+            )
+        },
+        Fixture {
+            settings: one_port(),
+            ..fixture(
+                "select_port_of_young_half_open_flow_kept",
+                with(web1(), &[half_open(41022, 1, 31005, 200_000_000)]),
+                client_syn(41023).build(),
+                XDP_DROP,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::SnatPortsExhausted), 1),
+                    (Counter::Event("half_open_evicted"), 0),
+                ],
+            )
+        },
+        Fixture {
+            settings: one_port(),
+            ..fixture(
+                "select_port_of_half_closed_flow_kept",
+                setup_flow(flow_in(TCP_FIN_WAIT, 41024, 1, 31005, Some(3_000_000_000))),
+                client_syn(41025).build(),
+                XDP_DROP,
+                None,
+                vec![(Counter::Drop(DropReason::SnatPortsExhausted), 1)],
+            )
+        },
+        Fixture {
+            settings: one_port(),
+            ..fixture(
+                "select_port_of_unanswered_udp_flow_kept",
+                with(
+                    backends(),
+                    &[dns(&[(1, 1)]), udp_flow(UDP_UNREPLIED, 41026, 1, 31005, 3_000_000_000)],
+                ),
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv4(CLIENT, VIP)
+                    .udp(41027, DNS_PORT)
+                    .payload(b"query")
+                    .build(),
+                XDP_DROP,
+                None,
+                vec![(Counter::Drop(DropReason::SnatPortsExhausted), 1)],
+            )
+        },
+    ];
+    // Each timeout class: a reply half a second before the state's timeout is forwarded; one
+    // half a second after it finds its flow gone (removed, both directions, by the data path).
+    let classes = [
+        (TCP_SYN_SENT, TCP, 2),
+        (TCP_ESTABLISHED, TCP, 3),
+        (TCP_FIN_WAIT, TCP, 4),
+        (TCP_TIME_WAIT, TCP, 5),
+        (UDP_UNREPLIED, UDP, 6),
+        (UDP_REPLIED, UDP, 7),
+    ];
+    for (i, (state, proto, timeout_s)) in classes.into_iter().enumerate() {
+        for expired in [false, true] {
+            let cport = 41200 + 2 * i as u16 + u16::from(expired);
+            let snat = 31200 + 2 * i as u16 + u16::from(expired);
+            let ago = if expired {
+                timeout_s * 1_000_000_000 + 500_000_000
+            } else {
+                timeout_s * 1_000_000_000 - 500_000_000
+            };
+            let flow = FlowSetup {
+                proto,
+                ..flow_in(state, cport, 1, snat, Some(ago))
+            };
+            let (input, output) = if proto == TCP {
+                from_b1(cport, snat, &|b| b.tcp_flags(ACK))
+            } else {
+                let (input, output) = udp_reply(1, snat, cport);
+                (input, Some(output))
+            };
+            let setup = with(backends(), &[web(&[(1, 1)]), dns(&[(1, 1)]), Setup::Flow(flow)]);
+            let vport = if proto == TCP { WEB_PORT } else { DNS_PORT };
+            list.push(Fixture {
+                settings: Some(LoadSettings {
+                    timeouts: short_timeouts(),
+                    ..settings()
+                }),
+                ingress: "lb1",
+                flows_after: if expired {
+                    flow_pair(proto, cport, vport, 1, snat)
+                        .map(|(k, _)| (k, None))
+                        .to_vec()
+                } else {
+                    vec![]
+                },
+                ..if expired {
+                    fixture(
+                        "conntrack_flow_past_its_state_timeout_removed_by_the_data_path",
+                        setup,
+                        input,
+                        XDP_PASS,
+                        None,
+                        vec![
+                            (Counter::Pass(PassReason::NotService), 1),
+                            (Counter::Event("expired_in_data_path"), 1),
+                        ],
+                    )
+                } else {
+                    fixture(
+                        "conntrack_flow_within_its_state_timeout_forwarded",
+                        setup,
+                        input,
+                        XDP_REDIRECT,
+                        output,
+                        vec![
+                            (Counter::Redirect, 1),
+                            (Counter::Event("expired_in_data_path"), 0),
+                        ],
+                    )
+                }
+            });
+        }
+    }
     list
 }
 
@@ -1116,7 +1556,30 @@ fn settings() -> LoadSettings {
         flow_capacity: 4096,
         snat_port_min: PORT_MIN,
         snat_port_max: 29999,
+        timeouts: FlowTimeouts::default(),
     }
+}
+
+/// A timeout for each class, one second apart, so that a fixture can show which one applied.
+fn short_timeouts() -> FlowTimeouts {
+    let s = Duration::from_secs;
+    FlowTimeouts {
+        tcp_syn: s(2),
+        tcp_established: s(3),
+        tcp_half_closed: s(4),
+        tcp_closing: s(5),
+        udp_unreplied: s(6),
+        udp_replied: s(7),
+    }
+}
+
+/// The SNAT range as one port, 31005: a new flow can only take that one.
+fn one_port() -> Option<LoadSettings> {
+    Some(LoadSettings {
+        snat_port_min: 31005,
+        snat_port_max: 31005,
+        ..settings()
+    })
 }
 
 fn apply(dp: &mut Dataplane, setup: &[Setup]) {
@@ -1139,21 +1602,27 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 );
                 dp.set_service(*id, key, SNAT, &table).expect("set service");
             }
-            Setup::Flow {
-                cport,
-                backend,
-                snat_port,
-                closing,
-                cached,
-            } => {
-                for (k, mut v) in flow_pair(TCP, *cport, WEB_PORT, *backend, *snat_port) {
-                    if *closing {
-                        v.flags |= FLOW_CLOSING;
+            Setup::Flow(f) => {
+                let vport = if f.proto == TCP { WEB_PORT } else { DNS_PORT };
+                let seen = f.seen_ago_ns.map_or(0, |ago| monotonic_ns() - ago);
+                for (k, mut v) in flow_pair(f.proto, f.cport, vport, f.backend, f.snat_port) {
+                    let reply = v.flags & FLOW_REVERSE != 0;
+                    v.state = f.state;
+                    v.seq_next = 1000;
+                    v.last_seen_ns = seen;
+                    if f.state == TCP_SYN_SENT || f.state == UDP_UNREPLIED {
+                        v.seq_next = if reply { 0 } else { 1001 };
+                        if reply {
+                            v.last_seen_ns = 0;
+                        }
                     }
-                    if let Some(hop) = cached
-                        && v.flags & FLOW_REVERSE == 0
+                    let fin_sent = if reply { f.fin_sent.1 } else { f.fin_sent.0 };
+                    if fin_sent {
+                        v.flags |= FLOW_FIN_SENT;
+                    }
+                    if let Some(hop) = f.cached
+                        && !reply
                     {
-                        v.last_seen_ns = monotonic_ns();
                         v.egress_ifindex = ifindex(hop.iface).expect("cached hop's device");
                         v.src_mac = hop.src;
                         v.dst_mac = hop.dst;
@@ -1161,12 +1630,6 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     }
                     dp.insert_flow(k, v).expect("insert flow");
                 }
-            }
-            Setup::Answered { backend, snat_port } => {
-                let k = key(addr_of(*backend), BACKEND_PORT, SNAT, *snat_port, TCP);
-                let mut v = dp.flow(&k).expect("the reply entry to mark answered");
-                v.last_seen_ns = monotonic_ns();
-                dp.insert_flow(k, v).expect("mark answered");
             }
             Setup::Suspect { backend, ago_ns } => {
                 dp.set_suspect(*backend, monotonic_ns() - ago_ns)
@@ -1264,6 +1727,7 @@ fn run(f: &Fixture) -> Result<(), String> {
     for (k, want) in &f.flows_after {
         let got = dp.flow(k).map(|v| FlowValue {
             last_seen_ns: 0,
+            seq_next: 0,
             egress_ifindex: 0,
             src_mac: [0; 6],
             dst_mac: [0; 6],

@@ -23,7 +23,7 @@ use lb_tests::{
     packet::{PacketBuilder, describe, pkt, verify_checksums},
 };
 use lb_user::{
-    dataplane::{Dataplane, LoadSettings, ReasonCounters, ifindex},
+    dataplane::{Dataplane, FlowTimeouts, LoadSettings, ReasonCounters, ifindex},
     maglev::{MaglevBackend, build_table},
 };
 
@@ -184,6 +184,7 @@ fn fuzz(packets: u64, seed: u64) -> Outcome {
         flow_capacity: FLOW_CAPACITY,
         snat_port_min: PORT_MIN,
         snat_port_max: PORT_MAX,
+        timeouts: FlowTimeouts::default(),
     })
     .expect("load");
     // Attached, the program stays in the kernel's XDP dispatcher, and a test run costs

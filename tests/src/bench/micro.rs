@@ -454,6 +454,19 @@ impl Bench {
     }
 }
 
+/// Timeouts long enough that nothing the benchmark writes expires while it runs.
+fn dp_timeouts() -> FlowTimeouts {
+    let hour = Duration::from_secs(3600);
+    FlowTimeouts {
+        tcp_syn: hour,
+        tcp_established: hour,
+        tcp_half_closed: hour,
+        tcp_closing: hour,
+        udp_unreplied: hour,
+        udp_replied: hour,
+    }
+}
+
 fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
     let capacity = opts.levels.iter().copied().max().unwrap_or(1) * 2 + 65_536;
     let mut dp = Dataplane::load(LoadSettings {
@@ -461,6 +474,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         flow_capacity: u32::try_from(capacity).map_err(|_| "too many connections".to_owned())?,
         snat_port_min: 1024,
         snat_port_max: 32767,
+        timeouts: dp_timeouts(),
     })
     .map_err(|e| e.to_string())?;
     let (lb0, lb1) = (
@@ -564,14 +578,9 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
                 reply_random,
                 Some(pass),
             ]);
-            let timeouts = FlowTimeouts {
-                tcp_idle: Duration::from_secs(3600),
-                tcp_closing: Duration::from_secs(3600),
-                udp_idle: Duration::from_secs(3600),
-            };
             let started = Instant::now();
             let sweep = table
-                .sweep(monotonic_ns(), &timeouts)
+                .sweep(monotonic_ns(), &dp_timeouts())
                 .map_err(|e| e.to_string())?;
             sweep_ms.push(started.elapsed().as_secs_f64() * 1000.0);
             // The table holds the prefilled connections and the four hot entries.
