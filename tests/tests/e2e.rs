@@ -786,6 +786,180 @@ fn udp_flows(topo: &Topology, ports: std::ops::Range<u16>) {
         .expect("udp sender");
 }
 
+/// Every datagram `socket` receives within `window`.
+fn datagrams_within(socket: &std::net::UdpSocket, window: Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + window;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match socket.recv(&mut buf) {
+            Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+/// One datagram from client port `port` to VIP:53 after `after`; what came back within `window`.
+fn udp_exchange(
+    topo: &Topology,
+    port: u16,
+    payload: &'static str,
+    after: Duration,
+    window: Duration,
+) -> std::thread::JoinHandle<Vec<String>> {
+    topo.client.spawn_inside(move || {
+        std::thread::sleep(after);
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind a client port");
+        socket.send_to(payload.as_bytes(), (VIP, 53)).expect("send");
+        datagrams_within(&socket, window)
+    })
+}
+
+/// A backend answers client A after 3 s, while client B opens a flow 2.5 s after A. With one
+/// SNAT port, an unanswered flow that gave its port up after 2 s sent A's answer to B. The
+/// unanswered flow now keeps its port for udp_unreplied_timeout: A gets its answer, B never
+/// gets A's (B's own datagram finds no free port and is dropped, counted).
+#[test]
+fn a_slow_udp_reply_reaches_only_the_client_that_asked() {
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 0], |c| {
+        c.replace(
+            "capacity = 65536\n",
+            "capacity = 65536\nsnat_ports = \"30000-30000\"\n",
+        )
+    });
+    let a = udp_exchange(
+        &topo,
+        20000,
+        "delay=3000 from A",
+        Duration::ZERO,
+        Duration::from_secs(6),
+    );
+    let b = udp_exchange(
+        &topo,
+        20001,
+        "from B",
+        Duration::from_millis(2500),
+        Duration::from_secs(4),
+    );
+    let (a, b) = (a.join().expect("client A"), b.join().expect("client B"));
+    println!("client A received {a:?}; client B received {b:?}");
+    assert_eq!(a.len(), 1, "client A's answers: {a:?}");
+    assert!(a[0].ends_with(": delay=3000 from A"), "client A: {a:?}");
+    assert!(
+        b.iter().all(|m| !m.contains("from A")),
+        "client B received client A's answer: {b:?}"
+    );
+    assert!(counter(&balancer, "drop_snat_ports_exhausted") >= 1);
+}
+
+/// Sends `count` SYNs to VIP:80 from the client namespace at about `per_second`, from spoofed
+/// sources on the client segment that no host owns (198.18.0.128-254, random ports): their
+/// SYN-ACKs are never acknowledged. Bounded in count and time; through a raw socket.
+fn spoofed_syn_flood(topo: &Topology, count: u32, per_second: u32) -> std::thread::JoinHandle<u32> {
+    topo.client.spawn_inside(move || {
+        // SAFETY: plain socket(2); the descriptor is closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let mut dst: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        dst.sin_family = libc::AF_INET as libc::sa_family_t;
+        dst.sin_addr.s_addr = u32::from_ne_bytes(VIP.octets());
+        let mut state = 0x2545_f491_u32;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let started = std::time::Instant::now();
+        let mut sent = 0;
+        for i in 0..count {
+            let r = next();
+            let src = std::net::Ipv4Addr::new(198, 18, 0, 128 + (r % 127) as u8);
+            let frame = lb_tests::packet::pkt()
+                .eth([2, 0, 0, 0, 0, 9], [2, 0, 0, 0, 0, 1])
+                .ipv4(src, VIP)
+                .tcp(1024 + (r >> 16) as u16 % 60000, 80)
+                .seq(next())
+                .syn()
+                .build();
+            let ip = &frame[14..];
+            // SAFETY: a valid buffer and address of the sizes given.
+            let n = unsafe {
+                libc::sendto(
+                    fd,
+                    ip.as_ptr().cast(),
+                    ip.len(),
+                    0,
+                    (&raw const dst).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            if n > 0 {
+                sent += 1;
+            }
+            let due = Duration::from_secs_f64(f64::from(i + 1) / f64::from(per_second));
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+        // SAFETY: the descriptor opened above.
+        unsafe { libc::close(fd) };
+        sent
+    })
+}
+
+/// A SYN flood from spoofed sources with the default [flows] settings: legitimate connections
+/// during and after it all succeed, and its half-open flows are gone within 15 s of its end.
+#[test]
+fn a_spoofed_syn_flood_fails_no_legitimate_connection_and_leaves_no_half_open_flows() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[4, 6]);
+    let flood = spoofed_syn_flood(&topo, 30_000, 6_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let during = ConnectionStream::start(&topo, Duration::from_millis(40), Duration::from_secs(5));
+    let sent = flood.join().expect("flood thread");
+    let during = during.finish();
+    let flooded = balancer.flow_entries();
+    let (counts, failed_after) = tally(&http_requests(&topo, 200), 2);
+    let ended = std::time::Instant::now();
+    balancer.wait_until(Duration::from_secs(15), "half-open flows gone", |b| {
+        b.flow_entries() <= 4
+    });
+    let drained = ended.elapsed();
+    let evicted = counter(&balancer, "event_half_open_evicted");
+    println!(
+        "flood: {sent} SYNs; {flooded} entries at its end; during it {} of {} connections \
+         failed (worst {:?}); after it {failed_after} of 200 failed; table drained {drained:?} \
+         after; {evicted} half-open flows evicted",
+        during.failures.len(),
+        during.ok + during.failures.len(),
+        during.worst(),
+    );
+    assert!(sent >= 29_000, "the flood sent only {sent} SYNs");
+    assert!(
+        flooded > 5_000,
+        "the flood left only {flooded} entries: did it reach the balancer?"
+    );
+    assert!(
+        during.ok > 50,
+        "only {} connections during the flood",
+        during.ok
+    );
+    assert!(
+        during.failures.is_empty(),
+        "failed during the flood: {:?}",
+        during.failures
+    );
+    assert_eq!(
+        (counts.iter().sum::<usize>(), failed_after),
+        (200, 0),
+        "after the flood"
+    );
+}
+
 /// What one kind of exhaustion looks like: the `[flows]` settings that bring it on with 700 new
 /// UDP flows, its drop reason, and the warning that names it.
 struct Exhaustion {

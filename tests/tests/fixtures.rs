@@ -196,7 +196,13 @@ fn closed_flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHo
 
 /// A client's SYN sent to `backend` `ago_ns` before the run, not answered.
 fn half_open(cport: u16, backend: u32, snat_port: u16, ago_ns: u64) -> Setup {
-    Setup::Flow(flow_in(TCP_SYN_SENT, cport, backend, snat_port, Some(ago_ns)))
+    Setup::Flow(flow_in(
+        TCP_SYN_SENT,
+        cport,
+        backend,
+        snat_port,
+        Some(ago_ns),
+    ))
 }
 
 /// A UDP flow CLIENT:cport -> VIP:53 on `backend` via `snat_port`, last seen `ago_ns` before.
@@ -600,10 +606,7 @@ fn fixtures() -> Vec<Fixture> {
                 "failover_backend_rst_on_answered_flow_forwarded",
                 with(
                     backends(),
-                    &[
-                        web(&[(1, 1), (2, 1)]),
-                        flow(40041, 1, 31041, None),
-                    ],
+                    &[web(&[(1, 1), (2, 1)]), flow(40041, 1, 31041, None)],
                 ),
                 from_backend(1, 31041).tcp_flags(0x14).build(),
                 XDP_REDIRECT,
@@ -649,10 +652,7 @@ fn fixtures() -> Vec<Fixture> {
                     "failover_duplicate_syn_too_soon_stays_on_its_backend",
                     with(
                         backends(),
-                        &[
-                            web(&[(1, 1), (2, 1)]),
-                            half_open(cport, 1, 31043, 0),
-                        ],
+                        &[web(&[(1, 1), (2, 1)]), half_open(cport, 1, 31043, 0)],
                     ),
                     client_syn(cport).build(),
                     XDP_REDIRECT,
@@ -788,11 +788,17 @@ fn fixtures() -> Vec<Fixture> {
             flows_after: vec![
                 (
                     key(CLIENT, 40007, VIP, WEB_PORT, TCP),
-                    in_state(TCP_FIN_WAIT, value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_FIN_SENT)),
+                    in_state(
+                        TCP_FIN_WAIT,
+                        value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_FIN_SENT),
+                    ),
                 ),
                 (
                     key(B1, BACKEND_PORT, SNAT, 31004, TCP),
-                    in_state(TCP_FIN_WAIT, value(VIP, WEB_PORT, CLIENT, 40007, 1, FLOW_REVERSE)),
+                    in_state(
+                        TCP_FIN_WAIT,
+                        value(VIP, WEB_PORT, CLIENT, 40007, 1, FLOW_REVERSE),
+                    ),
                 ),
             ],
             ..fixture(
@@ -908,7 +914,10 @@ fn fixtures() -> Vec<Fixture> {
                 (key(CLIENT, 40030, VIP, WEB_PORT, TCP), None),
                 (
                     key(B1, BACKEND_PORT, SNAT, 31005, TCP),
-                    in_state(TCP_SYN_SENT, value(VIP, WEB_PORT, CLIENT, 40031, 1, FLOW_REVERSE)),
+                    in_state(
+                        TCP_SYN_SENT,
+                        value(VIP, WEB_PORT, CLIENT, 40031, 1, FLOW_REVERSE),
+                    ),
                 ),
             ],
             ..fixture(
@@ -927,7 +936,10 @@ fn fixtures() -> Vec<Fixture> {
             settings: one_port(),
             flows_after: vec![(
                 key(CLIENT, 40032, VIP, WEB_PORT, TCP),
-                in_state(TCP_TIME_WAIT, value(SNAT, 31005, B1, BACKEND_PORT, 1, FLOW_FIN_SENT)),
+                in_state(
+                    TCP_TIME_WAIT,
+                    value(SNAT, 31005, B1, BACKEND_PORT, 1, FLOW_FIN_SENT),
+                ),
             )],
             ..fixture(
                 "select_snat_port_of_just_closed_flow_kept",
@@ -948,7 +960,10 @@ fn fixtures() -> Vec<Fixture> {
         Fixture {
             flows_after: vec![(
                 key(B1, BACKEND_PORT, SNAT, 25000, TCP),
-                in_state(TCP_SYN_SENT, value(VIP, WEB_PORT, CLIENT, 25000, 1, FLOW_REVERSE)),
+                in_state(
+                    TCP_SYN_SENT,
+                    value(VIP, WEB_PORT, CLIENT, 25000, 1, FLOW_REVERSE),
+                ),
             )],
             ..fixture(
                 "select_snat_keeps_client_port_in_range",
@@ -1199,13 +1214,19 @@ fn conntrack_fixtures() -> Vec<Fixture> {
             Some(f(to_client(cport)).build()),
         )
     };
-    let moved = |name, setup, (input, output), ingress, after: Vec<(FlowKey, Option<FlowValue>)>| {
-        Fixture {
+    let moved =
+        |name, setup, (input, output), ingress, after: Vec<(FlowKey, Option<FlowValue>)>| Fixture {
             ingress,
             flows_after: after,
-            ..fixture(name, setup, input, XDP_REDIRECT, output, vec![(Counter::Redirect, 1)])
-        }
-    };
+            ..fixture(
+                name,
+                setup,
+                input,
+                XDP_REDIRECT,
+                output,
+                vec![(Counter::Redirect, 1)],
+            )
+        };
     let both_in = |state, cport, snat| flow_pair_in(state, TCP, cport, WEB_PORT, 1, snat);
     let with_fin = |mut pair: Vec<(FlowKey, Option<FlowValue>)>, forward: bool, reply: bool| {
         for (i, fin) in [forward, reply].into_iter().enumerate() {
@@ -1247,7 +1268,9 @@ fn conntrack_fixtures() -> Vec<Fixture> {
         moved(
             "conntrack_half_closed_flow_carries_the_other_direction",
             setup_flow(flow_in(TCP_FIN_WAIT, 41004, 1, 31104, Some(0))),
-            from_b1(41004, 31104, &|b| b.tcp_flags(PSH_ACK).payload(b"more data")),
+            from_b1(41004, 31104, &|b| {
+                b.tcp_flags(PSH_ACK).payload(b"more data")
+            }),
             "lb1",
             with_fin(both_in(TCP_FIN_WAIT, 41004, 31104), true, false),
         ),
@@ -1295,17 +1318,17 @@ fn conntrack_fixtures() -> Vec<Fixture> {
         ),
         moved(
             "conntrack_syn_on_established_tuple_stays_on_its_backend",
-            with(
-                backends(),
-                &[web(&[(2, 1)]), flow(41011, 1, 31111, None)],
-            ),
+            with(backends(), &[web(&[(2, 1)]), flow(41011, 1, 31111, None)]),
             from_client(41011, 31111, &|b| b.syn().seq(7000)),
             "lb0",
             both_in(TCP_ESTABLISHED, 41011, 31111),
         ),
         moved(
             "conntrack_udp_reply_moves_both_entries_to_replied",
-            with(backends(), &[dns(&[(1, 1)]), udp_flow(UDP_UNREPLIED, 41012, 1, 31112, 0)]),
+            with(
+                backends(),
+                &[dns(&[(1, 1)]), udp_flow(UDP_UNREPLIED, 41012, 1, 31112, 0)],
+            ),
             {
                 let (input, output) = udp_reply(1, 31112, 41012);
                 (input, Some(output))
@@ -1356,9 +1379,17 @@ fn conntrack_fixtures() -> Vec<Fixture> {
                     web(&[(2, 1)]),
                     flow(41015, 1, 31115, None),
                 ],
-                client_syn(41015).tcp_flags(PSH_ACK).payload(b"GET /").build(),
+                client_syn(41015)
+                    .tcp_flags(PSH_ACK)
+                    .payload(b"GET /")
+                    .build(),
                 XDP_REDIRECT,
-                Some(to_backend(1, 31115).tcp_flags(PSH_ACK).payload(b"GET /").build()),
+                Some(
+                    to_backend(1, 31115)
+                        .tcp_flags(PSH_ACK)
+                        .payload(b"GET /")
+                        .build(),
+                ),
                 vec![(Counter::Redirect, 1), (Counter::NewFlows(2), 0)],
             )
         },
@@ -1400,7 +1431,10 @@ fn conntrack_fixtures() -> Vec<Fixture> {
                 (key(CLIENT, 41020, VIP, WEB_PORT, TCP), None),
                 (
                     key(B1, BACKEND_PORT, SNAT, 31005, TCP),
-                    in_state(TCP_SYN_SENT, value(VIP, WEB_PORT, CLIENT, 41021, 1, FLOW_REVERSE)),
+                    in_state(
+                        TCP_SYN_SENT,
+                        value(VIP, WEB_PORT, CLIENT, 41021, 1, FLOW_REVERSE),
+                    ),
                 ),
             ],
             ..fixture(
@@ -1446,7 +1480,10 @@ fn conntrack_fixtures() -> Vec<Fixture> {
                 "select_port_of_unanswered_udp_flow_kept",
                 with(
                     backends(),
-                    &[dns(&[(1, 1)]), udp_flow(UDP_UNREPLIED, 41026, 1, 31005, 3_000_000_000)],
+                    &[
+                        dns(&[(1, 1)]),
+                        udp_flow(UDP_UNREPLIED, 41026, 1, 31005, 3_000_000_000),
+                    ],
                 ),
                 pkt()
                     .eth(CLIENT_MAC, LB0_MAC)
@@ -1489,7 +1526,10 @@ fn conntrack_fixtures() -> Vec<Fixture> {
                 let (input, output) = udp_reply(1, snat, cport);
                 (input, Some(output))
             };
-            let setup = with(backends(), &[web(&[(1, 1)]), dns(&[(1, 1)]), Setup::Flow(flow)]);
+            let setup = with(
+                backends(),
+                &[web(&[(1, 1)]), dns(&[(1, 1)]), Setup::Flow(flow)],
+            );
             let vport = if proto == TCP { WEB_PORT } else { DNS_PORT };
             list.push(Fixture {
                 settings: Some(LoadSettings {

@@ -1,6 +1,7 @@
 //! A backend server for tests and the demo: answers HTTP requests on a TCP port with its name
 //! (keep-alive supported) and echoes UDP datagrams prefixed with its name, so that a client
-//! sees which backend served it. Usage: lb-testsrv NAME PORT
+//! sees which backend served it. A datagram that starts with `delay=MS ` is answered after MS
+//! milliseconds, as a recursive resolver answers late. Usage: lb-testsrv NAME PORT
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -27,7 +28,20 @@ fn main() {
             };
             let mut reply = format!("{udp_name}: ").into_bytes();
             reply.extend_from_slice(&buf[..n]);
-            let _ = udp.send_to(&reply, peer);
+            match reply_delay(&buf[..n]) {
+                None => {
+                    let _ = udp.send_to(&reply, peer);
+                }
+                Some(delay) => {
+                    let Ok(socket) = udp.try_clone() else {
+                        continue;
+                    };
+                    thread::spawn(move || {
+                        thread::sleep(delay);
+                        let _ = socket.send_to(&reply, peer);
+                    });
+                }
+            }
         }
     });
     let tcp =
@@ -36,6 +50,18 @@ fn main() {
         let name = name.clone();
         thread::spawn(move || serve(stream, &name));
     }
+}
+
+/// The delay a datagram asks for with a leading `delay=MS `, at most 10 s.
+fn reply_delay(datagram: &[u8]) -> Option<std::time::Duration> {
+    let text = std::str::from_utf8(datagram).ok()?;
+    let ms: u64 = text
+        .strip_prefix("delay=")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some(std::time::Duration::from_millis(ms.min(10_000)))
 }
 
 /// Answers each request on the connection until the client closes it or asks to.
