@@ -7,6 +7,7 @@ pub mod conntrack;
 pub mod consts;
 pub mod hash;
 pub mod reason;
+pub mod reset;
 pub mod types;
 
 pub use consts::*;

@@ -37,7 +37,8 @@ pub enum PassReason {
 pub enum DropReason {
     /// The service has no backend that takes new flows (all weights 0, or none healthy).
     NoBackend = 1,
-    /// A TCP segment without SYN for a service, with no flow: nothing could accept it.
+    /// A TCP segment without SYN for a service, with no flow, that gets no RST in answer: an RST
+    /// itself, or one past the CPU's budget of answers (RESETS_PER_SEC_PER_CPU).
     TcpNoFlow = 2,
     /// No free SNAT port for this backend after SNAT_PORT_TRIES tries.
     SnatPortsExhausted = 3,
@@ -82,13 +83,17 @@ pub const STAT_STEERED_OFF_SUSPECT: u32 = 132;
 pub const STAT_HALF_OPEN_EVICTED: u32 = 133;
 /// flows the data path found past their state's timeout and removed itself.
 pub const STAT_EXPIRED_IN_DATA_PATH: u32 = 134;
+/// segments to a VIP with no flow answered with an RST (sent by XDP_TX or redirect, and counted
+/// there too).
+pub const STAT_RESET_NO_FLOW: u32 = 135;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 5] = [
+pub const EVENTS: [(u32, &str); 6] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
     (STAT_HALF_OPEN_EVICTED, "half_open_evicted"),
     (STAT_EXPIRED_IN_DATA_PATH, "expired_in_data_path"),
+    (STAT_RESET_NO_FLOW, "reset_no_flow"),
 ];
 
 impl PassReason {

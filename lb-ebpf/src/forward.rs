@@ -63,11 +63,18 @@ pub fn send(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verd
         eth.dst_addr = hop.dst_mac;
         eth.src_addr = hop.src_mac;
     }
-    if hop.ifindex == ingress && hop.flags & IFACE_XDP_TX != 0 {
+    transmit(hop.ifindex, hop.flags, ingress)
+}
+
+/// Sends the packet out of `ifindex` (its `Iface::flags` given): by XDP_TX if that is the
+/// ingress device and a real NIC, by DEVMAP redirect otherwise.
+#[inline(always)]
+pub fn transmit(ifindex: u32, flags: u32, ingress: u32) -> Result<Verdict, Verdict> {
+    if ifindex == ingress && flags & IFACE_XDP_TX != 0 {
         return Ok(Verdict::Tx);
     }
     TX_PORTS
-        .redirect(hop.ifindex, 0)
+        .redirect(ifindex, 0)
         .map(Verdict::Redirect)
         .map_err(|_| Verdict::Drop(DropReason::RedirectFailed))
 }

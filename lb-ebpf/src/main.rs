@@ -11,6 +11,7 @@ mod forward;
 mod maps;
 mod nat;
 mod parse;
+mod reset;
 mod select;
 mod service;
 mod stats;
@@ -68,7 +69,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     let flow = match flow::lookup(pkt)? {
         Some(flow) => flow,
         None => {
-            let flow = new_flow(pkt)?;
+            let flow = new_flow(ctx, pkt)?;
             debug_log::new_flow(ctx, pkt, flow.nat());
             flow
         }
@@ -79,15 +80,16 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     forward::send(ctx, pkt, &flow)
 }
 
-/// A packet with no flow: find its service, choose a backend, record the flow both ways.
+/// A packet with no flow: find its service, choose a backend, record the flow both ways. A
+/// TCP segment that cannot open one is answered with an RST.
 #[inline(always)]
-fn new_flow(pkt: &Packet) -> Result<Flow, Verdict> {
+fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
     let svc = service::lookup(pkt)?;
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
         return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
     }
     if pkt.is_tcp() && !pkt.is_syn() {
-        return Err(Verdict::Drop(DropReason::TcpNoFlow));
+        return Err(reset::answer(ctx, pkt));
     }
     check_ttl(pkt)?;
     let (backend_id, backend) = select::backend(&svc, pkt)?;

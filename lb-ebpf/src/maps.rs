@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
-//! SUSPECT marks and the counters. Sizes marked "set at load" are overridden by the daemon.
+//! RESET_BUDGET, SUSPECT marks and the counters. Sizes marked "set at load" are overridden by the daemon.
 
 use aya_ebpf::{
     macros::map,
@@ -9,7 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowKey, FlowValue, Iface,
     MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, STATS_SLOTS, Service, ServiceKey,
-    conntrack::STATE_SLOTS,
+    conntrack::STATE_SLOTS, reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT address). Daemon writes; data path reads.
@@ -52,6 +52,10 @@ pub static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
 /// [0] -> next SNAT port index to try on this CPU. Data path only.
 #[map]
 pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// [0] -> this CPU's allowance of RSTs for segments with no flow. Data path only.
+#[map]
+pub static RESET_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
 
 /// ifindex -> how to send out of it. Daemon writes; data path reads.
 #[map]

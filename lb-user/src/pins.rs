@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -18,6 +18,7 @@ pub const MAP_NAMES: [&str; 10] = [
     "SUSPECT",
     "STATS",
     "SNAT_CURSOR",
+    "RESET_BUDGET",
     "IFACES",
     "TX_PORTS",
 ];

@@ -23,14 +23,9 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_PSH: u8 = 0x08;
-pub const TCP_ACK: u8 = 0x10;
-pub const TCP_URG: u8 = 0x20;
-pub const TCP_ECE: u8 = 0x40;
-pub const TCP_CWR: u8 = 0x80;
+pub use lb_common::conntrack::{
+    TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG,
+};
 
 const ETH_HLEN: usize = 14;
 const IPV4_HLEN_MIN: usize = 20;

@@ -331,6 +331,43 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
 }
 
 #[test]
+fn a_request_on_an_expired_connection_is_reset_at_once() {
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], |config| {
+        config.replace(
+            "capacity = 65536\n",
+            "capacity = 65536\ntcp_idle_timeout = \"1s\"\n",
+        )
+    });
+    let mut idle = connect_in(&topo.client);
+    request_on(&mut idle);
+    balancer.wait_until(Duration::from_secs(10), "the idle flow expired", |b| {
+        b.flow_entries() == 0
+    });
+    let resets_before = counter(&balancer, "event_reset_no_flow");
+    // Without the RST the client would retransmit into silence for minutes; with it the next
+    // request fails within a round trip, and the client is free to reconnect.
+    let started = std::time::Instant::now();
+    idle.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let outcome = keep_alive_request(&mut idle);
+    let waited = started.elapsed();
+    let error = outcome.expect_err("a request on a flow the balancer forgot");
+    assert!(
+        error.contains("Connection reset by peer"),
+        "after {waited:?}: {error}"
+    );
+    assert!(waited < Duration::from_secs(1), "the reset took {waited:?}");
+    assert!(counter(&balancer, "event_reset_no_flow") > resets_before);
+    println!("request on the expired connection reset after {waited:?}");
+    let (counts, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!(
+        (counts.iter().sum::<usize>(), failed),
+        (20, 0),
+        "reconnecting works"
+    );
+}
+
+#[test]
 fn stats_reports_per_second_rates_while_traffic_flows() {
     let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
     // A bounded stream of new connections in the background (killed with the namespace).

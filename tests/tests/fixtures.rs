@@ -15,10 +15,11 @@ use std::{
 use lb_common::{
     DropReason, FLOW_FIN_SENT, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason,
     conntrack::{
-        TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_SYN_RECV, TCP_SYN_SENT,
-        TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
+        TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
+        TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
     },
     flow_hash,
+    reset::RESETS_PER_SEC_PER_CPU,
 };
 use lb_tests::{
     fixture_net::{
@@ -325,6 +326,19 @@ fn to_client(cport: u16) -> PacketBuilder {
         .ipv4(VIP, CLIENT)
         .ttl(63)
         .tcp(WEB_PORT, cport)
+}
+
+/// The RST the balancer answers a flowless segment from `cport` with: from the VIP, at the
+/// segment's acknowledgement number, an atomic datagram (ID 0, DF) with TTL 64.
+fn rst_to_client(cport: u16, seq: u32) -> PacketBuilder {
+    pkt()
+        .eth(LB0_MAC, CLIENT_MAC)
+        .ipv4(VIP, CLIENT)
+        .ip_id(0)
+        .tcp(WEB_PORT, cport)
+        .tcp_flags(TCP_RST)
+        .seq(seq)
+        .window(0)
 }
 
 fn client_syn(cport: u16) -> PacketBuilder {
@@ -757,10 +771,10 @@ fn fixtures() -> Vec<Fixture> {
                     web(&[(1, 1)]),
                     flow(40045, 1, 31045, None),
                 ],
-                client_syn(40045).tcp_flags(0x10).build(),
-                XDP_DROP,
-                None,
-                vec![(Counter::Drop(DropReason::TcpNoFlow), 1)],
+                client_syn(40045).tcp_flags(TCP_ACK).build(),
+                XDP_REDIRECT,
+                Some(rst_to_client(40045, 0).build()),
+                vec![(Counter::Event("reset_no_flow"), 1)],
             )
         },
         // Found by the fuzzer: the reopening SYN expires here, so no new flow replaces the old
@@ -872,16 +886,85 @@ fn fixtures() -> Vec<Fixture> {
             )
         },
         fixture(
-            "select_tcp_ack_without_flow_dropped",
+            "reset_ack_without_flow_answered_with_rst",
             with(backends(), &[web(&[(1, 1)])]),
-            client_syn(40008).tcp_flags(0x10).build(),
+            client_syn(40008)
+                .tcp_flags(TCP_PSH | TCP_ACK)
+                .ack_seq(7000)
+                .payload(b"GET / HTTP/1.0\r\n\r\n")
+                .build(),
+            XDP_REDIRECT,
+            Some(rst_to_client(40008, 7000).build()),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("reset_no_flow"), 1),
+                (Counter::Drop(DropReason::TcpNoFlow), 0),
+                (Counter::NewFlows(1), 0),
+            ],
+        ),
+        fixture(
+            "reset_fin_with_ip_options_answered_with_a_bare_rst",
+            with(backends(), &[web(&[(1, 1)])]),
+            client_syn(40108)
+                .ip_options(&[1, 1, 1, 1])
+                .tcp_flags(TCP_FIN | TCP_ACK)
+                .seq(3000)
+                .ack_seq(9)
+                .payload(b"bye")
+                .build(),
+            XDP_REDIRECT,
+            Some(rst_to_client(40108, 9).build()),
+            vec![(Counter::Event("reset_no_flow"), 1)],
+        ),
+        fixture(
+            "reset_rst_without_flow_dropped_silently",
+            with(backends(), &[web(&[(1, 1)])]),
+            client_syn(40208).tcp_flags(TCP_RST | TCP_ACK).build(),
             XDP_DROP,
             None,
             vec![
                 (Counter::Drop(DropReason::TcpNoFlow), 1),
-                (Counter::NewFlows(1), 0),
+                (Counter::Event("reset_no_flow"), 0),
             ],
         ),
+        fixture(
+            "reset_ack_to_a_port_no_service_has_passed",
+            with(backends(), &[web(&[(1, 1)])]),
+            client_syn(40308).tcp(40308, 81).tcp_flags(TCP_ACK).build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::NotService), 1),
+                (Counter::Event("reset_no_flow"), 0),
+            ],
+        ),
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "reset_on_a_nic_goes_back_by_xdp_tx",
+                with(backends(), &[web(&[(1, 1)]), Setup::HairpinTx]),
+                pkt()
+                    .eth(B2_MAC, LB1_MAC)
+                    .ipv4(B2, VIP)
+                    .tcp(40408, WEB_PORT)
+                    .tcp_flags(TCP_ACK)
+                    .ack_seq(55)
+                    .build(),
+                XDP_TX,
+                Some(
+                    pkt()
+                        .eth(LB1_MAC, B2_MAC)
+                        .ipv4(VIP, B2)
+                        .ip_id(0)
+                        .tcp(WEB_PORT, 40408)
+                        .tcp_flags(TCP_RST)
+                        .seq(55)
+                        .window(0)
+                        .build(),
+                ),
+                vec![(Counter::Tx, 1), (Counter::Event("reset_no_flow"), 1)],
+            )
+        },
         fixture(
             "select_no_backend_with_weight_dropped",
             with(backends(), &[web(&[(1, 0), (2, 0)])]),
@@ -1829,4 +1912,37 @@ fn packet_fixtures() {
         failures.join("\n")
     );
     println!("{total} packet fixtures passed");
+}
+
+/// The RSTs a CPU sends in a second stop at its budget; the segments past it are dropped and
+/// counted, so a flood of flowless segments cannot turn the balancer into a reflector.
+#[test]
+fn resets_stop_at_the_cpu_budget() {
+    require_root();
+    sweep_stale();
+    let ns = topology();
+    let (resets, silent) = ns
+        .spawn_inside(|| {
+            pin_current_thread_to_cpu0();
+            let mut dp = Dataplane::load(settings()).expect("load");
+            for dev in ["lb0", "lb1"] {
+                dp.add_interface(ifindex(dev).expect(dev), false)
+                    .expect("add interface");
+            }
+            apply(&mut dp, &with(backends(), &[web(&[(1, 1)])]));
+            let ack = client_syn(40500).tcp_flags(TCP_ACK).build();
+            let lb0 = ifindex("lb0").expect("lb0");
+            // Well inside one second: a test run takes microseconds.
+            for _ in 0..RESETS_PER_SEC_PER_CPU + 200 {
+                dp.test_run(&ack, lb0, 1).expect("test run");
+            }
+            (
+                read(&dp, Counter::Event("reset_no_flow")),
+                read(&dp, Counter::Drop(DropReason::TcpNoFlow)),
+            )
+        })
+        .join()
+        .expect("budget thread panicked");
+    assert_eq!(resets, u64::from(RESETS_PER_SEC_PER_CPU));
+    assert_eq!(silent, 200);
 }

@@ -1,0 +1,363 @@
+//! The RST that answers a TCP segment to a VIP with no connection behind it (RFC 9293, 3.10.7.1:
+//! a segment to a closed port gets a reset, unless it is one). Without it, a client whose flow
+//! expired or whose backend went away retransmits into silence until its own timeout; with it,
+//! the client learns at once and reconnects. Built whole here, so the data path only copies the
+//! frame, and tests can check every byte without a kernel.
+
+use crate::{
+    FlowKey, FlowValue,
+    conntrack::{TCP_ACK, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_RST, TCP_SYN_RECV},
+};
+
+/// IPv4 without options + TCP without options.
+pub const RESET_PACKET_LEN: usize = 20 + 20;
+/// Ethernet + an RST packet.
+pub const RESET_FRAME_LEN: usize = 14 + RESET_PACKET_LEN;
+/// RSTs each CPU sends per second at most: enough for every client of an expired table to
+/// learn within seconds, too few for a spoofed flood to turn the balancer into a reflector.
+pub const RESETS_PER_SEC_PER_CPU: u32 = 1000;
+const TTL: u8 = 64;
+const IPPROTO_TCP: u8 = 6;
+
+/// What the reset is built from: the segment it answers, as it arrived (addresses and ports
+/// in network byte order as raw bytes, sequence numbers in host order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub flags: u8,
+    pub seq: u32,
+    /// The sequence number after the segment (its payload, SYN and FIN count).
+    pub seq_end: u32,
+    pub ack_seq: u32,
+}
+
+/// One RST, as IPv4 + TCP: addresses and ports as raw network-order bytes, sequence numbers in
+/// host order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reset {
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub seq: u32,
+    pub ack_seq: u32,
+    /// TCP_RST, with TCP_ACK when `ack_seq` counts.
+    pub flags: u8,
+}
+
+/// The frame that resets `seg`'s sender, sent back the way `seg` came, or `None` when `seg`
+/// must get no answer (it is an RST itself).
+///
+/// With ACK, the reset takes its sequence number from the acknowledgement: that is exactly
+/// what the receiver expects next, so RFC 5961's check accepts it at once rather than with a
+/// challenge ACK. Without ACK, it acknowledges the segment instead.
+pub fn reset_frame(seg: &Segment) -> Option<[u8; RESET_FRAME_LEN]> {
+    if seg.flags & TCP_RST != 0 {
+        return None;
+    }
+    let (seq, ack_seq, flags) = if seg.flags & TCP_ACK != 0 {
+        (seg.ack_seq, 0, TCP_RST)
+    } else {
+        (0, seg.seq_end, TCP_RST | TCP_ACK)
+    };
+    let mut f = [0u8; RESET_FRAME_LEN];
+    f[0..6].copy_from_slice(&seg.src_mac);
+    f[6..12].copy_from_slice(&seg.dst_mac);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    f[14..].copy_from_slice(&reset_packet(&Reset {
+        src_addr: seg.dst_addr,
+        dst_addr: seg.src_addr,
+        src_port: seg.dst_port,
+        dst_port: seg.src_port,
+        seq,
+        ack_seq,
+        flags,
+    }));
+    Some(f)
+}
+
+/// `r` as an IPv4 packet with both checksums.
+#[inline(always)]
+pub fn reset_packet(r: &Reset) -> [u8; RESET_PACKET_LEN] {
+    let mut p = [0u8; RESET_PACKET_LEN];
+    let ip = &mut p[0..20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    // ID 0 with DF: an atomic datagram (RFC 6864).
+    ip[6] = 0x40;
+    ip[8] = TTL;
+    ip[9] = IPPROTO_TCP;
+    ip[12..16].copy_from_slice(&r.src_addr);
+    ip[16..20].copy_from_slice(&r.dst_addr);
+    let ip_check = !fold(sum_words(ip, 0));
+    ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
+    let tcp = &mut p[20..40];
+    tcp[0..2].copy_from_slice(&r.src_port);
+    tcp[2..4].copy_from_slice(&r.dst_port);
+    tcp[4..8].copy_from_slice(&r.seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&r.ack_seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = r.flags;
+    let pseudo =
+        sum_words(&r.src_addr, 0) + sum_words(&r.dst_addr, 0) + u32::from(IPPROTO_TCP) + 20;
+    let tcp_check = !fold(sum_words(tcp, pseudo));
+    tcp[16..18].copy_from_slice(&tcp_check.to_be_bytes());
+    p
+}
+
+/// The two RSTs that cut a balanced TCP connection on purpose (a backend removed with `--now`,
+/// its grace ended, or marked down under `on_backend_down = "reset"`): one to the client, from
+/// the VIP, and one to the backend, from the SNAT address. Each carries the sequence number its
+/// receiver expects next (what the other direction has sent, as tracked), so RFC 5961's check
+/// takes it at once. `None` when the connection has no one left to tell: half-open (the
+/// client's SYN goes elsewhere when retransmitted) or already ended.
+pub fn connection_resets(
+    forward_key: &FlowKey,
+    forward: &FlowValue,
+    reverse: &FlowValue,
+) -> Option<[Reset; 2]> {
+    if !matches!(
+        forward.state,
+        TCP_SYN_RECV | TCP_ESTABLISHED | TCP_FIN_WAIT | TCP_LAST_ACK
+    ) || forward_key.proto != IPPROTO_TCP
+    {
+        return None;
+    }
+    let to_client = Reset {
+        src_addr: forward_key.dst_addr.to_bytes(),
+        dst_addr: forward_key.src_addr.to_bytes(),
+        src_port: forward_key.dst_port.to_bytes(),
+        dst_port: forward_key.src_port.to_bytes(),
+        seq: reverse.seq_next,
+        ack_seq: forward.seq_next,
+        flags: TCP_RST | TCP_ACK,
+    };
+    let to_backend = Reset {
+        src_addr: forward.nat_src_addr.to_bytes(),
+        dst_addr: forward.nat_dst_addr.to_bytes(),
+        src_port: forward.nat_src_port.to_bytes(),
+        dst_port: forward.nat_dst_port.to_bytes(),
+        seq: forward.seq_next,
+        ack_seq: reverse.seq_next,
+        flags: TCP_RST | TCP_ACK,
+    };
+    Some([to_client, to_backend])
+}
+
+/// One CPU's allowance of resets: at most `RESETS_PER_SEC_PER_CPU` per one-second window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetBudget {
+    pub window_start_ns: u64,
+    pub sent: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ResetBudget>() == 16);
+
+impl ResetBudget {
+    /// Whether one more reset may go out at `now`; counts it if so.
+    #[inline(always)]
+    pub fn take(&mut self, now: u64) -> bool {
+        if now.wrapping_sub(self.window_start_ns) >= 1_000_000_000 {
+            self.window_start_ns = now;
+            self.sent = 0;
+        }
+        if self.sent >= RESETS_PER_SEC_PER_CPU {
+            return false;
+        }
+        self.sent += 1;
+        true
+    }
+}
+
+/// The one's-complement sum of `bytes` as big-endian 16-bit words, added to `sum` (not folded).
+/// `bytes` has an even length here.
+#[inline(always)]
+fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < bytes.len() {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        Be16, Be32,
+        conntrack::{
+            TCP_CLOSED, TCP_FIN, TCP_PSH, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
+        },
+    };
+
+    fn segment(flags: u8) -> Segment {
+        Segment {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_addr: [198, 18, 1, 2],
+            dst_addr: [198, 18, 0, 100],
+            src_port: 40000u16.to_be_bytes(),
+            dst_port: 80u16.to_be_bytes(),
+            flags,
+            seq: 1000,
+            seq_end: 1010,
+            ack_seq: 5000,
+        }
+    }
+
+    /// The checksum of `bytes` including its checksum field: 0 when the field is right.
+    fn verify(bytes: &[u8], pseudo: u32) -> u16 {
+        !fold(sum_words(bytes, pseudo))
+    }
+
+    #[test]
+    fn an_ack_is_answered_with_an_rst_at_its_acknowledgement() {
+        let f = reset_frame(&segment(TCP_ACK | TCP_PSH)).expect("an ACK is answered");
+        assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 1], "back to the sender's MAC");
+        assert_eq!(&f[6..12], &[2, 0, 0, 0, 0, 2]);
+        assert_eq!(&f[26..30], &[198, 18, 0, 100], "from the VIP");
+        assert_eq!(&f[30..34], &[198, 18, 1, 2], "to the client");
+        assert_eq!(u16::from_be_bytes([f[34], f[35]]), 80);
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 40000);
+        assert_eq!(u32::from_be_bytes([f[38], f[39], f[40], f[41]]), 5000);
+        assert_eq!(u32::from_be_bytes([f[42], f[43], f[44], f[45]]), 0);
+        assert_eq!(f[47], TCP_RST);
+        assert_eq!(
+            (f[22], f[20], f[21]),
+            (64, 0x40, 0),
+            "TTL 64, DF, fragment offset 0"
+        );
+    }
+
+    #[test]
+    fn a_segment_without_ack_is_acknowledged_by_the_rst() {
+        let f = reset_frame(&segment(TCP_FIN)).expect("a FIN is answered");
+        assert_eq!(u32::from_be_bytes([f[38], f[39], f[40], f[41]]), 0);
+        assert_eq!(u32::from_be_bytes([f[42], f[43], f[44], f[45]]), 1010);
+        assert_eq!(f[47], TCP_RST | TCP_ACK);
+    }
+
+    #[test]
+    fn an_rst_gets_no_answer() {
+        assert_eq!(reset_frame(&segment(TCP_RST)), None);
+        assert_eq!(reset_frame(&segment(TCP_RST | TCP_ACK)), None);
+    }
+
+    #[test]
+    fn both_checksums_verify() {
+        for flags in [TCP_ACK, TCP_FIN | TCP_ACK, TCP_FIN] {
+            let f = reset_frame(&segment(flags)).expect("not an RST: answered");
+            assert_eq!(verify(&f[14..34], 0), 0, "IPv4 header checksum");
+            let pseudo = sum_words(&f[26..34], 0) + 6 + 20;
+            assert_eq!(verify(&f[34..54], pseudo), 0, "TCP checksum");
+        }
+    }
+
+    fn connection(state: u32) -> (FlowKey, FlowValue, FlowValue) {
+        let key = FlowKey {
+            src_addr: Be32::from_bytes([198, 18, 1, 2]),
+            dst_addr: Be32::from_bytes([198, 18, 0, 100]),
+            src_port: Be16::from_host(40000),
+            dst_port: Be16::from_host(80),
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        let forward = FlowValue {
+            nat_src_addr: Be32::from_bytes([198, 18, 2, 1]),
+            nat_dst_addr: Be32::from_bytes([198, 18, 2, 11]),
+            nat_src_port: Be16::from_host(10007),
+            nat_dst_port: Be16::from_host(8000),
+            seq_next: 1_000_100,
+            state,
+            ..FlowValue::default()
+        };
+        let reverse = FlowValue {
+            seq_next: 7_000_500,
+            state,
+            ..FlowValue::default()
+        };
+        (key, forward, reverse)
+    }
+
+    #[test]
+    fn a_cut_connection_resets_both_ends_where_they_expect_it() {
+        let (key, forward, reverse) = connection(TCP_ESTABLISHED);
+        let [client, backend] =
+            connection_resets(&key, &forward, &reverse).expect("established: reset");
+        let c = reset_packet(&client);
+        assert_eq!(
+            &c[12..20],
+            &[198, 18, 0, 100, 198, 18, 1, 2],
+            "VIP -> client"
+        );
+        assert_eq!(&c[20..24], &[0, 80, 0x9c, 0x40]);
+        assert_eq!(
+            client.seq, 7_000_500,
+            "what the backend sent: the client's next"
+        );
+        assert_eq!(client.ack_seq, 1_000_100);
+        let b = reset_packet(&backend);
+        assert_eq!(
+            &b[12..20],
+            &[198, 18, 2, 1, 198, 18, 2, 11],
+            "SNAT -> backend"
+        );
+        assert_eq!(&b[20..24], &[0x27, 0x17, 0x1f, 0x40], "10007 -> 8000");
+        assert_eq!(backend.seq, 1_000_100);
+        for p in [c, b] {
+            assert_eq!(p[33], TCP_RST | TCP_ACK);
+            assert_eq!(verify(&p[0..20], 0), 0);
+            assert_eq!(verify(&p[20..40], sum_words(&p[12..20], 0) + 6 + 20), 0);
+        }
+    }
+
+    #[test]
+    fn only_connections_with_two_ends_are_reset() {
+        for state in [TCP_SYN_RECV, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK] {
+            let (key, forward, reverse) = connection(state);
+            assert!(
+                connection_resets(&key, &forward, &reverse).is_some(),
+                "{state}"
+            );
+        }
+        for state in [
+            TCP_SYN_SENT,
+            TCP_TIME_WAIT,
+            TCP_CLOSED,
+            UDP_UNREPLIED,
+            UDP_REPLIED,
+        ] {
+            let (key, forward, reverse) = connection(state);
+            assert_eq!(connection_resets(&key, &forward, &reverse), None, "{state}");
+        }
+        let (mut key, forward, reverse) = connection(TCP_ESTABLISHED);
+        key.proto = 17;
+        assert_eq!(connection_resets(&key, &forward, &reverse), None, "UDP");
+    }
+
+    #[test]
+    fn the_budget_allows_a_thousand_a_second_per_cpu() {
+        let mut budget = ResetBudget::default();
+        let start = 5_000_000_000;
+        let sent = (0..1500)
+            .filter(|i| budget.take(start + i * 100_000))
+            .count();
+        assert_eq!(sent, RESETS_PER_SEC_PER_CPU as usize);
+        assert!(!budget.take(start + 999_999_999));
+        assert!(budget.take(start + 1_000_000_000), "a new window starts");
+    }
+}

@@ -1,0 +1,75 @@
+//! Stage 3c, reset: a TCP segment to a service with no flow behind it and no SYN to open one
+//! is answered with an RST back out of its ingress device, within each CPU's budget, so the
+//! client reconnects at once rather than retransmitting into silence. The frame is built by
+//! lb_common::reset; here it is only copied over the packet. Reads IFACES; writes RESET_BUDGET.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    DropReason, STAT_RESET_NO_FLOW,
+    reset::{RESET_FRAME_LEN, Segment, reset_frame},
+};
+
+use crate::{
+    Verdict, forward,
+    maps::{IFACES, RESET_BUDGET},
+    parse::{Packet, ptr_at},
+    stats,
+};
+
+/// The RST that answers `pkt`, sent; or a counted drop if `pkt` gets none (an RST itself, or
+/// the CPU's budget is spent).
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    let silent = Verdict::Drop(DropReason::TcpNoFlow);
+    // SAFETY: parse::packet bounds-checked the Ethernet, IP and first L4 bytes.
+    let seg = unsafe {
+        let ports = *pkt.ports;
+        Segment {
+            src_mac: (*pkt.eth).src_addr,
+            dst_mac: (*pkt.eth).dst_addr,
+            src_addr: (*pkt.ip).src_addr,
+            dst_addr: (*pkt.ip).dst_addr,
+            src_port: [ports[0], ports[1]],
+            dst_port: [ports[2], ports[3]],
+            flags: pkt.tcp_flags,
+            seq: pkt.seq,
+            seq_end: pkt.seq_end,
+            ack_seq: pkt.ack_seq,
+        }
+    };
+    let Some(frame) = reset_frame(&seg) else {
+        return silent;
+    };
+    let Some(budget) = RESET_BUDGET.get_ptr_mut(0) else {
+        return Verdict::Drop(DropReason::Inconsistent);
+    };
+    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
+    if !unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) } {
+        return silent;
+    }
+    // A parsed TCP segment is at least RESET_FRAME_LEN long, so this only shrinks the frame.
+    let excess = (ctx.data_end() - ctx.data()) as i32 - RESET_FRAME_LEN as i32;
+    // SAFETY: the context pointer is the program's own; the packet pointers in `pkt` are not
+    // used after this.
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), -excess) } != 0 {
+        return silent;
+    }
+    let Some(out) = ptr_at::<[u8; RESET_FRAME_LEN]>(ctx, 0) else {
+        return silent;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *out = frame };
+    stats::count_slot(STAT_RESET_NO_FLOW);
+    let ingress = ctx.ingress_ifindex() as u32;
+    let flags = IFACES.get_ptr(&ingress).map_or(0, |iface| {
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        unsafe { (*iface).flags }
+    });
+    match forward::transmit(ingress, flags, ingress) {
+        Ok(v) | Err(v) => v,
+    }
+}
