@@ -114,7 +114,44 @@ pub struct ServiceConfig {
     /// Source address of balanced flows towards the backends.
     pub snat: Option<Ipv4Addr>,
     pub health: HealthConfig,
+    /// What a backend marked down does to its established connections.
+    #[serde(default)]
+    pub on_backend_down: OnBackendDown,
+    /// How long the connections of a removed backend may go on before they are reset (a
+    /// removal's `--grace` or `--now` overrides it).
+    #[serde(default = "default_removal_grace")]
+    pub removal_grace: Duration,
     pub backends: Vec<BackendConfig>,
+}
+
+/// `on_backend_down`: a health check can fail while the service still serves (a slow check
+/// endpoint, a GC pause), so by default connections a backend holds go on (as IPVS with
+/// `expire_nodest_conn=0`); `reset` ends them at once with an RST to both ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendDown {
+    #[default]
+    Keep,
+    Reset,
+}
+
+impl fmt::Display for OnBackendDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Keep => "keep",
+            Self::Reset => "reset",
+        })
+    }
+}
+
+/// Long enough for a request in flight and a keep-alive connection's idle close (nginx: 75 s
+/// on the client side, but most servers close idle upstream connections within a minute).
+pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(60);
+pub const REMOVAL_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(24 * 3600);
+
+fn default_removal_grace() -> Duration {
+    DEFAULT_REMOVAL_GRACE
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -281,6 +318,8 @@ struct RawService {
     vip: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
     snat: Option<Spanned<String>>,
+    on_backend_down: Option<Spanned<String>>,
+    removal_grace: Option<Spanned<String>>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
@@ -690,6 +729,26 @@ impl Checker<'_> {
                 }
             },
         };
+        let choices = [
+            ("keep", OnBackendDown::Keep),
+            ("reset", OnBackendDown::Reset),
+        ];
+        let on_backend_down = self
+            .choice(
+                raw.on_backend_down.as_ref(),
+                "on_backend_down",
+                &ctx,
+                &choices,
+            )?
+            .unwrap_or_default();
+        let removal_grace = self
+            .duration(
+                raw.removal_grace.as_ref(),
+                "removal_grace",
+                &ctx,
+                REMOVAL_GRACE_RANGE,
+            )?
+            .unwrap_or(DEFAULT_REMOVAL_GRACE);
         let health = match &raw.health {
             None => HealthConfig::default_for(protocol),
             Some(health) => {
@@ -737,6 +796,8 @@ impl Checker<'_> {
             protocol,
             snat,
             health,
+            on_backend_down,
+            removal_grace,
             backends,
         })
     }
@@ -844,6 +905,8 @@ name = "web"
 vip = "198.18.100.1:80"
 protocol = "tcp"
 snat = "198.18.2.1"
+on_backend_down = "reset"
+removal_grace = "30s"
 [service.health]
 kind = "http"
 path = "/healthz"
@@ -939,6 +1002,8 @@ weight = 4
                     rise: 2,
                     fall: 2,
                 },
+                on_backend_down: OnBackendDown::Reset,
+                removal_grace: Duration::from_secs(30),
                 backends: vec![BackendConfig {
                     address: addr("198.18.2.11:8000"),
                     weight: 4,
@@ -974,6 +1039,8 @@ protocol = "udp"
         };
         assert_eq!(web.protocol, Protocol::Tcp);
         assert_eq!(web.snat, None);
+        assert_eq!(web.on_backend_down, OnBackendDown::Keep);
+        assert_eq!(web.removal_grace, DEFAULT_REMOVAL_GRACE);
         assert_eq!(
             web.backends,
             [BackendConfig {
@@ -1043,6 +1110,22 @@ weight = 70000
             err.to_string(),
             "config lb.toml line 14: key \"weight\": service \"web\" backend 198.18.2.11:8000: \
              weight 70000 is out of range 0..=10000"
+        );
+    }
+
+    #[test]
+    fn connection_settings_are_checked() {
+        assert_error(
+            &web("on_backend_down = \"drop\" # <- on_backend_down\n"),
+            "is not one of \"keep\", \"reset\"",
+        );
+        assert_error(
+            &web("removal_grace = \"2d\" # <- removal_grace\n"),
+            "removal_grace",
+        );
+        assert_error(
+            &web("removal_grace = \"25h\" # <- removal_grace\n"),
+            "out of range 0s..=24h",
         );
     }
 

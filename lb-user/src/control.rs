@@ -34,8 +34,12 @@ pub enum Request {
     ServiceAdd {
         service: ServiceConfig,
     },
+    /// `grace_ms`: how long its backends' connections may go on (None: the service's
+    /// `removal_grace`; 0: cut now).
     ServiceRemove {
         service: String,
+        #[serde(default)]
+        grace_ms: Option<u64>,
     },
     BackendAdd {
         service: String,
@@ -45,13 +49,30 @@ pub enum Request {
     BackendRemove {
         service: String,
         backend: String,
+        #[serde(default)]
+        grace_ms: Option<u64>,
     },
     /// Re-reads the config file and applies what differs from the running services.
-    Reload,
+    Reload {
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
     /// Switches the data path's debug logs (new flows, drops) on or off.
     DebugLog {
         on: bool,
     },
+}
+
+impl Request {
+    /// How long removed backends' connections may go on, if the request says.
+    pub fn removal_grace(&self) -> Option<std::time::Duration> {
+        match self {
+            Request::ServiceRemove { grace_ms, .. }
+            | Request::BackendRemove { grace_ms, .. }
+            | Request::Reload { grace_ms } => grace_ms.map(std::time::Duration::from_millis),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +146,19 @@ pub struct Status {
     /// Exhaustion and the like, as it is now or was in the last second.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Removed backends whose connections go on until they end or their grace runs out.
+    #[serde(default)]
+    pub terminating: Vec<TerminatingStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminatingStatus {
+    pub service: String,
+    pub address: String,
+    /// Connections it still has (at the last sweep).
+    pub active_flows: u64,
+    /// Until they are cut.
+    pub grace_left_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +398,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
         snat_ports_per_backend: 22768,
         debug_log: false,
         warnings: vec![],
+        terminating: Vec::new(),
     }
 }
 

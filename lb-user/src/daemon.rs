@@ -130,10 +130,10 @@ fn initial_services(
         }
         None => Vec::new(),
     };
-    layout::place(&config.services, &old_ids)
+    layout::place(&config.services, &old_ids, &[])
         .or_else(|e| {
             log::warn!("cannot keep the old ids ({e}); numbering afresh");
-            layout::place(&config.services, &[])
+            layout::place(&config.services, &[], &[])
         })
         .map(|(placed, _)| placed)
         .map_err(DaemonError::Layout)
@@ -176,7 +176,7 @@ async fn start(
     let configs: Vec<ServiceConfig> = placed.iter().map(|p| p.config.clone()).collect();
     let probes = probe_all(state.to_probe(&configs)).await;
     let changes = layout::Changes::everything(&placed);
-    state.apply(placed, &changes, &probes, !adopted)?;
+    state.apply(placed, &changes, &probes, !adopted, None)?;
     // What an earlier daemon published and this one does not run.
     let stale = state.dataplane.retain_services(&state.keys())?;
     if stale > 0 {
@@ -404,7 +404,7 @@ async fn serve(
             | Request::ServiceRemove { .. }
             | Request::BackendAdd { .. }
             | Request::BackendRemove { .. }
-            | Request::Reload),
+            | Request::Reload { .. }),
         ) => {
             log::debug!("control request {request:?}");
             let _one_at_a_time = changing.lock().await;
@@ -443,6 +443,15 @@ async fn serve(
 /// probed (without the lock: probes take up to a timeout), then only the difference is applied
 /// and the result saved.
 async fn change(state: &Arc<Mutex<State>>, request: Request) -> Response {
+    let grace = request.removal_grace();
+    if let Request::BackendRemove {
+        service, backend, ..
+    } = &request
+        && grace == Some(std::time::Duration::ZERO)
+        && let Some(cut) = lock(state).cut_terminating(service, backend)
+    {
+        return cut;
+    }
     let Desired {
         services: desired,
         note,
@@ -454,11 +463,12 @@ async fn change(state: &Arc<Mutex<State>>, request: Request) -> Response {
     let targets = lock(state).to_probe(&desired);
     let probes = probe_all(targets).await;
     let mut guard = lock(state);
-    let (placed, changes) = match layout::place(&desired, &guard.placed()) {
+    let (placed, changes) = match layout::place(&desired, &guard.placed(), &guard.terminating_ids())
+    {
         Ok(p) => p,
         Err(e) => return Response::bad_input(e),
     };
-    if let Err(e) = guard.apply(placed, &changes, &probes, true) {
+    if let Err(e) = guard.apply(placed, &changes, &probes, true, grace) {
         return match e {
             ApplyError::Dataplane(e) => Response::failed(format!("updating the data path: {e}")),
             refused => Response::bad_input(refused.to_string()),
@@ -514,7 +524,7 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
             }
             services.push(service);
         }
-        Request::ServiceRemove { service } => {
+        Request::ServiceRemove { service, .. } => {
             let i = find(&services, &service)?;
             services.remove(i);
         }
@@ -533,7 +543,9 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
             }
             services[i].backends.push(BackendConfig { address, weight });
         }
-        Request::BackendRemove { service, backend } => {
+        Request::BackendRemove {
+            service, backend, ..
+        } => {
             let i = find(&services, &service)?;
             let address = address(&backend)?;
             let Some(b) = services[i]
@@ -548,7 +560,7 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
             };
             services[i].backends.remove(b);
         }
-        Request::Reload => {
+        Request::Reload { .. } => {
             let text = std::fs::read_to_string(&state.config_path).map_err(|e| {
                 refuse(format!(
                     "cannot read the config {}: {e}",

@@ -176,10 +176,12 @@ fn check_health(name: &str, h: &HealthConfig) -> Result<(), String> {
 
 /// Gives `desired` its ids: what `previous` had for the same service name and backend address,
 /// fresh ones for the rest (ids freed by this change are not reused by it, so a new backend
-/// never inherits flows of a removed one). Fails only when the maps are full.
+/// never inherits flows of a removed one; `terminating` ids, of removed backends whose
+/// connections go on, are not reused at all). Fails only when the maps are full.
 pub fn place(
     desired: &[ServiceConfig],
     previous: &[PlacedService],
+    terminating: &[u32],
 ) -> Result<(Vec<PlacedService>, Changes), String> {
     check(desired)?;
     let old: HashMap<&str, &PlacedService> = previous
@@ -206,7 +208,7 @@ pub fn place(
     let mut fresh_backend = FreshIds::new(
         MAX_BACKENDS,
         previous.iter().flat_map(|p| p.backend_ids.iter().copied()),
-        kept_backends.collect::<Vec<_>>(),
+        kept_backends.chain(terminating.iter().copied()),
     );
     let mut placed = Vec::with_capacity(desired.len());
     let mut changes = Changes::default();
@@ -289,7 +291,7 @@ impl FreshIds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{BackendConfig, HealthConfig};
+    use crate::config::{BackendConfig, DEFAULT_REMOVAL_GRACE, HealthConfig, OnBackendDown};
 
     fn svc(name: &str, port: u16, backends: &[(u8, u32)]) -> ServiceConfig {
         ServiceConfig {
@@ -298,6 +300,8 @@ mod tests {
             protocol: Protocol::Tcp,
             snat: None,
             health: HealthConfig::default_for(Protocol::Tcp),
+            on_backend_down: OnBackendDown::Keep,
+            removal_grace: DEFAULT_REMOVAL_GRACE,
             backends: backends
                 .iter()
                 .map(|&(host, weight)| BackendConfig {
@@ -313,6 +317,7 @@ mod tests {
         let (placed, changes) = place(
             &[svc("web", 80, &[(1, 4), (2, 6)]), svc("api", 81, &[(3, 1)])],
             &[],
+            &[],
         )
         .expect("place");
         assert_eq!(placed[0].id, 0);
@@ -325,8 +330,8 @@ mod tests {
     #[test]
     fn unchanged_services_keep_their_ids_and_are_not_changed() {
         let set = [svc("web", 80, &[(1, 4), (2, 6)]), svc("api", 81, &[(3, 1)])];
-        let (before, _) = place(&set, &[]).expect("place");
-        let (after, changes) = place(&set, &before).expect("again");
+        let (before, _) = place(&set, &[], &[]).expect("place");
+        let (after, changes) = place(&set, &before, &[]).expect("again");
         assert_eq!(after, before);
         assert!(changes.is_empty(), "{changes:?}");
         assert_eq!(changes.describe(), "nothing changed");
@@ -337,12 +342,14 @@ mod tests {
         let (before, _) = place(
             &[svc("web", 80, &[(1, 4), (2, 6)]), svc("api", 81, &[(3, 1)])],
             &[],
+            &[],
         )
         .expect("place");
         // api goes, web loses backend .1 and gains .4, a new service comes.
         let (after, changes) = place(
             &[svc("web", 80, &[(2, 6), (4, 1)]), svc("dns", 53, &[(5, 1)])],
             &before,
+            &[],
         )
         .expect("place");
         assert_eq!(after[0].id, 0);
@@ -366,11 +373,13 @@ mod tests {
         let (before, _) = place(
             &[svc("web", 80, &[(1, 4), (2, 6)]), svc("api", 81, &[(3, 1)])],
             &[],
+            &[],
         )
         .expect("place");
         let (after, changes) = place(
             &[svc("web", 80, &[(1, 5), (2, 6)]), svc("api", 81, &[(3, 1)])],
             &before,
+            &[],
         )
         .expect("place");
         assert_eq!(changes.changed, ["web"]);
@@ -414,14 +423,31 @@ mod tests {
         let many: Vec<ServiceConfig> = (0..MAX_SERVICES as u16)
             .map(|i| svc(&format!("s{i}"), 1000 + i, &[]))
             .collect();
-        let (placed, _) = place(&many, &[]).expect("exactly full");
+        let (placed, _) = place(&many, &[], &[]).expect("exactly full");
         let mut swapped = many.clone();
         swapped[0] = svc("other", 999, &[]);
-        let (after, _) = place(&swapped, &placed).expect("one out, one in");
+        let (after, _) = place(&swapped, &placed, &[]).expect("one out, one in");
         assert_eq!(after[0].id, 0, "the only free id is the one s0 left");
         let mut more = many.clone();
         more.push(svc("one-too-many", 999, &[]));
-        let err = place(&more, &placed).expect_err("full");
+        let err = place(&more, &placed, &[]).expect_err("full");
         assert!(err.contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn terminating_backends_keep_their_ids_from_new_backends() {
+        let (before, _) = place(&[svc("web", 80, &[(1, 1), (2, 1)])], &[], &[]).expect("place");
+        // .1 leaves and is terminating (id 0); .3 comes, and later .4.
+        let (after, changes) =
+            place(&[svc("web", 80, &[(2, 1), (3, 1)])], &before, &[0]).expect("place");
+        assert_eq!(changes.freed_backends, [0]);
+        assert_eq!(after[0].backend_ids, [1, 2]);
+        let (later, _) =
+            place(&[svc("web", 80, &[(2, 1), (3, 1), (4, 1)])], &after, &[0]).expect("place");
+        assert_eq!(
+            later[0].backend_ids,
+            [1, 2, 3],
+            "id 0 stays with its connections"
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod control;
+pub mod cut;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;

@@ -7,7 +7,9 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_user::{
-    config::{BackendConfig, Config, HealthConfig, HealthKind, Protocol, ServiceConfig},
+    config::{
+        BackendConfig, Config, HealthConfig, HealthKind, OnBackendDown, Protocol, ServiceConfig,
+    },
     control::{self, Request, Response, Status},
     daemon, metrics, pins, ports, stats,
 };
@@ -97,9 +99,12 @@ enum Command {
     },
     /// Re-read the config file and apply what differs: services and backends that did not
     /// change keep their flows untouched. Runtime changes not in the file are dropped.
+    /// A backend the file no longer has is removed as `lb backend remove` does.
     Reload {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        grace: GraceArgs,
     },
     /// Switch the data path's debug logs on or off (off at every start): new flows and drops,
     /// with addresses, in the daemon's log.
@@ -137,16 +142,48 @@ enum ServiceAction {
         /// Health check: tcp, none, or http:/PATH (default: tcp for TCP, none for UDP).
         #[arg(long, value_parser = parse_health)]
         health: Option<HealthKind>,
+        /// What a backend marked down does to its established connections: keep, or reset.
+        #[arg(long, default_value = "keep", value_parser = parse_on_backend_down)]
+        on_backend_down: OnBackendDown,
+        /// How long a removed backend's connections may go on (like 30s, 5m).
+        #[arg(long, default_value = "60s", value_parser = parse_grace)]
+        removal_grace: std::time::Duration,
         /// A backend, IP:PORT or IP:PORT=WEIGHT (weight 1 if not given); repeat for more.
         #[arg(long = "backend", value_parser = parse_backend)]
         backends: Vec<BackendConfig>,
     },
+    /// Its backends' connections go on for the grace period, as `lb backend remove` says.
     Remove {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        grace: GraceArgs,
         /// Service name, or its VIP:PORT.
         service: String,
     },
+}
+
+/// How long a removed backend's connections may go on.
+#[derive(clap::Args)]
+struct GraceArgs {
+    /// Let them go on for this long (like 30s, 5m; 0s cuts them), instead of the service's
+    /// `removal_grace`.
+    #[arg(long, value_parser = parse_grace, conflicts_with = "now")]
+    grace: Option<std::time::Duration>,
+    /// Cut them at once, with an RST to both ends; also cuts a backend already terminating.
+    #[arg(long)]
+    now: bool,
+}
+
+impl GraceArgs {
+    fn ms(&self) -> Option<u64> {
+        let grace = if self.now {
+            Some(std::time::Duration::ZERO)
+        } else {
+            self.grace
+        };
+        grace.map(|g| g.as_millis() as u64)
+    }
 }
 
 #[derive(Subcommand)]
@@ -161,9 +198,14 @@ enum BackendAction {
         /// Backend IP:PORT.
         backend: String,
     },
+    /// It takes no new flows at once; its connections go on until they end or the grace
+    /// period (the service's `removal_grace`, 60 s by default) runs out, then get an RST at
+    /// both ends. `lb status` shows it as terminating meanwhile.
     Remove {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
+        #[command(flatten)]
+        grace: GraceArgs,
         service: String,
         backend: String,
     },
@@ -335,6 +377,8 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     protocol,
                     snat,
                     health,
+                    on_backend_down,
+                    removal_grace,
                     backends,
                 } => {
                     let mut check = HealthConfig::default_for(protocol);
@@ -347,13 +391,23 @@ async fn execute(command: Command) -> Result<(), Failure> {
                         protocol,
                         snat,
                         health: check,
+                        on_backend_down,
+                        removal_grace,
                         backends,
                     };
                     (socket, Request::ServiceAdd { service })
                 }
-                ServiceAction::Remove { socket, service } => {
-                    (socket, Request::ServiceRemove { service })
-                }
+                ServiceAction::Remove {
+                    socket,
+                    grace,
+                    service,
+                } => (
+                    socket,
+                    Request::ServiceRemove {
+                        service,
+                        grace_ms: grace.ms(),
+                    },
+                ),
             };
             report(call(&socket, request).await?);
             Ok(())
@@ -375,9 +429,17 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 ),
                 BackendAction::Remove {
                     socket,
+                    grace,
                     service,
                     backend,
-                } => (socket, Request::BackendRemove { service, backend }),
+                } => (
+                    socket,
+                    Request::BackendRemove {
+                        service,
+                        backend,
+                        grace_ms: grace.ms(),
+                    },
+                ),
             };
             report(call(&socket, request).await?);
             Ok(())
@@ -388,8 +450,11 @@ async fn execute(command: Command) -> Result<(), Failure> {
             println!("data-path debug logs {state}");
             Ok(())
         }
-        Command::Reload { socket } => {
-            report(call(&socket, Request::Reload).await?);
+        Command::Reload { socket, grace } => {
+            let request = Request::Reload {
+                grace_ms: grace.ms(),
+            };
+            report(call(&socket, request).await?);
             Ok(())
         }
         Command::SetWeight {
@@ -491,6 +556,22 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_on_backend_down(text: &str) -> Result<OnBackendDown, String> {
+    match text {
+        "keep" => Ok(OnBackendDown::Keep),
+        "reset" => Ok(OnBackendDown::Reset),
+        _ => Err(format!("{text:?} is not keep or reset")),
+    }
+}
+
+fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
+    let d = lb_user::config::parse_duration(text)?;
+    if !lb_user::config::REMOVAL_GRACE_RANGE.contains(&d) {
+        return Err(format!("{text} is out of range 0s..=24h"));
+    }
+    Ok(d)
+}
+
 async fn call(socket: &std::path::Path, request: Request) -> Result<Response, Failure> {
     let response = control::call(socket, &request).await?;
     if response.ok {
@@ -536,6 +617,16 @@ fn render(status: &Status) -> String {
                 b.bytes
             );
         }
+    }
+    for t in &status.terminating {
+        let _ = writeln!(
+            out,
+            "terminating: service {} backend {}: {} active flows, cut in {:.1} s",
+            t.service,
+            t.address,
+            t.active_flows,
+            t.grace_left_ms as f64 / 1000.0
+        );
     }
     let ifaces: Vec<String> = status
         .interfaces

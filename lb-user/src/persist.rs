@@ -146,7 +146,7 @@ weight = 4
             "test",
         )
         .expect("config");
-        let (services, _) = layout::place(&config.services, &[]).expect("place");
+        let (services, _) = layout::place(&config.services, &[], &[]).expect("place");
         Persisted {
             config_digest: digest("x"),
             services,

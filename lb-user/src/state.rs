@@ -14,9 +14,15 @@ use lb_common::{Be16, Be32, DropReason, ServiceKey};
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
-    config::{BackendConfig, Config, HealthConfig, HealthKind, MAX_WEIGHT, ServiceConfig},
-    control::{BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus, Status},
-    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts},
+    config::{
+        BackendConfig, Config, HealthConfig, HealthKind, MAX_WEIGHT, OnBackendDown, ServiceConfig,
+    },
+    control::{
+        BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus, Status,
+        TerminatingStatus,
+    },
+    cut,
+    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, monotonic_ns},
     health::{self, Tracker},
     layout::{Changes, PlacedService},
     maglev::{MaglevBackend, build_table},
@@ -79,6 +85,22 @@ impl Drop for BackendState {
             task.abort();
         }
     }
+}
+
+/// A removed backend whose connections go on until they end or its grace runs out. It stays
+/// in BACKENDS, marked down, so it takes no new flows while its established ones keep their
+/// way to it, and its id is kept from new backends (`layout::place`) until it is cut.
+struct Terminating {
+    id: u32,
+    service: String,
+    address: SocketAddrV4,
+    since_ns: u64,
+    until_ns: u64,
+    /// Its connections, as the last sweep counted them.
+    active_flows: u64,
+    /// Whether a sweep begun after the removal counted them (before, the count may miss a
+    /// connection opened a moment before the removal).
+    counted: bool,
 }
 
 struct ServiceState {
@@ -147,6 +169,7 @@ fn service_key(config: &ServiceConfig) -> ServiceKey {
 pub struct State {
     pub dataplane: Dataplane,
     services: Vec<ServiceState>,
+    terminating: Vec<Terminating>,
     pub interfaces: Vec<InterfaceStatus>,
     flow_entries: u64,
     /// New flows dropped for exhaustion, as counted at the last sweep, and what that sweep
@@ -176,6 +199,7 @@ impl State {
         Self {
             dataplane,
             services: Vec::new(),
+            terminating: Vec::new(),
             interfaces: Vec::new(),
             flow_entries: 0,
             exhaustion_drops,
@@ -224,12 +248,15 @@ impl State {
 
     /// Makes the maps and the state hold `placed`. `fresh_counters`: new backend ids start
     /// their counters from zero (not when adopting a pinned data path, whose counters carry on).
+    /// Backends the change removes become terminating for `grace`, or their service's
+    /// `removal_grace`.
     pub fn apply(
         &mut self,
         placed: Vec<PlacedService>,
         changes: &Changes,
         probes: &Probes,
         fresh_counters: bool,
+        grace: Option<std::time::Duration>,
     ) -> Result<(), ApplyError> {
         // Everything that can be refused is checked before the first map write.
         let mut snat = HashMap::new();
@@ -239,6 +266,26 @@ impl State {
         {
             snat.insert(p.config.name.clone(), resolve_snat(&p.config)?);
         }
+        let leaving: HashMap<u32, Terminating> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                let grace = grace.unwrap_or(s.config.removal_grace);
+                let now = monotonic_ns();
+                s.backends.iter().map(move |b| {
+                    let terminating = Terminating {
+                        id: b.id,
+                        service: s.config.name.clone(),
+                        address: b.address,
+                        since_ns: now,
+                        until_ns: now.saturating_add(grace.as_nanos() as u64),
+                        active_flows: b.active_flows,
+                        counted: false,
+                    };
+                    (b.id, terminating)
+                })
+            })
+            .collect();
         let mut old: HashMap<String, ServiceState> = self
             .services
             .drain(..)
@@ -282,14 +329,109 @@ impl State {
         }
         self.services = next;
         written?;
+        let mut leaving = leaving;
         for &id in &changes.freed_backends {
             if keep.backend_ids.contains(&id) {
                 continue;
             }
-            self.dataplane
-                .set_backend(id, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)?;
+            match leaving.remove(&id) {
+                Some(t) => {
+                    log::info!(
+                        "service \"{}\": backend {} is terminating: no new flows, its connections go on for {:?} at most",
+                        t.service,
+                        t.address,
+                        std::time::Duration::from_nanos(t.until_ns - t.since_ns)
+                    );
+                    self.terminating.push(t);
+                }
+                None => self.free_backend(id)?,
+            }
         }
+        self.end_terminating(None)?;
         Ok(())
+    }
+
+    /// Ids of terminating backends, which new backends must not take.
+    pub fn terminating_ids(&self) -> Vec<u32> {
+        self.terminating.iter().map(|t| t.id).collect()
+    }
+
+    fn free_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.dataplane
+            .set_backend(id, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)
+    }
+
+    /// Ends terminating backends whose connections are all gone (by `sweep`, if it began
+    /// after their removal) or whose grace ran out: what is left of their connections is cut,
+    /// and their ids are freed.
+    fn end_terminating(&mut self, sweep: Option<&FlowSweep>) -> Result<cut::Cut, DataplaneError> {
+        let now = monotonic_ns();
+        if let Some(sweep) = sweep {
+            for t in &mut self.terminating {
+                t.active_flows = sweep.active.get(&t.id).copied().unwrap_or(0);
+                t.counted |= sweep.started_ns > t.since_ns;
+            }
+        }
+        let (done, going): (Vec<Terminating>, Vec<Terminating>) =
+            std::mem::take(&mut self.terminating)
+                .into_iter()
+                .partition(|t| now >= t.until_ns || (t.counted && t.active_flows == 0));
+        self.terminating = going;
+        if done.is_empty() {
+            return Ok(cut::Cut::default());
+        }
+        let overdue: std::collections::HashSet<u32> = done
+            .iter()
+            .filter(|t| !(t.counted && t.active_flows == 0))
+            .map(|t| t.id)
+            .collect();
+        let cut = match cut::backends(&mut self.dataplane, &overdue) {
+            Ok(cut) => cut,
+            Err(e) => {
+                self.terminating.extend(done);
+                return Err(e);
+            }
+        };
+        for t in done {
+            self.free_backend(t.id)?;
+            if overdue.contains(&t.id) {
+                log::info!(
+                    "service \"{}\": backend {} removed; its remaining connections were cut ({} RSTs for {} connections)",
+                    t.service,
+                    t.address,
+                    cut.resets,
+                    cut.connections
+                );
+            } else {
+                log::info!(
+                    "service \"{}\": backend {} removed; its connections had all ended",
+                    t.service,
+                    t.address
+                );
+            }
+        }
+        Ok(cut)
+    }
+
+    /// `lb backend remove --now` of a backend already terminating: its connections are cut
+    /// now. `None` if `service` has no such terminating backend.
+    pub fn cut_terminating(&mut self, service: &str, backend: &str) -> Option<Response> {
+        let address: SocketAddrV4 = backend.parse().ok()?;
+        let name = self
+            .service_name(service)
+            .unwrap_or_else(|_| service.to_owned());
+        let t = self
+            .terminating
+            .iter_mut()
+            .find(|t| t.service == name && t.address == address)?;
+        t.until_ns = 0;
+        Some(match self.end_terminating(None) {
+            Ok(cut) => Response::done().with_message(Some(format!(
+                "backend {address} cut: {} connections, {} RSTs sent",
+                cut.connections, cut.resets
+            ))),
+            Err(e) => Response::failed(format!("updating the data path: {e}")),
+        })
     }
 
     fn unpublish(&mut self, gone: &ServiceState, keep: &InUse) -> Result<(), ApplyError> {
@@ -586,10 +728,23 @@ impl State {
             (Ok(()), true) => log::info!("service \"{name}\": backend {address} is up"),
             (Ok(()), false) => log::warn!("service \"{name}\": backend {address} is down: {why}"),
         }
+        if !healthy && self.services[s].config.on_backend_down == OnBackendDown::Reset {
+            match cut::backends(&mut self.dataplane, &[id].into()) {
+                Ok(cut) => log::warn!(
+                    "service \"{name}\": backend {address} down with on_backend_down = \"reset\": {} connections cut, {} RSTs sent",
+                    cut.connections,
+                    cut.resets
+                ),
+                Err(e) => log::error!("cutting backend {address}'s connections: {e}"),
+            }
+        }
     }
 
     pub fn record_sweep(&mut self, sweep: &FlowSweep) {
         self.flow_entries = sweep.entries - sweep.removed;
+        if let Err(e) = self.end_terminating(Some(sweep)) {
+            log::error!("ending terminating backends: {e}");
+        }
         self.warnings = self.exhaustion(sweep);
         for w in &self.warnings {
             log::warn!("{w}");
@@ -727,6 +882,18 @@ impl State {
             snat_ports_per_backend: self.snat_ports_per_backend(),
             debug_log: self.dataplane.debug_log(),
             warnings: self.warnings.clone(),
+            terminating: {
+                let now = monotonic_ns();
+                self.terminating
+                    .iter()
+                    .map(|t| TerminatingStatus {
+                        service: t.service.clone(),
+                        address: t.address.to_string(),
+                        active_flows: t.active_flows,
+                        grace_left_ms: t.until_ns.saturating_sub(now) / 1_000_000,
+                    })
+                    .collect()
+            },
         }
     }
 }

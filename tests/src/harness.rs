@@ -248,8 +248,14 @@ pub fn testsrv_binary() -> PathBuf {
 
 /// Starts `lb-testsrv bN` in backend `index`'s namespace.
 pub fn start_server(topo: &Topology, index: usize) -> Child {
+    start_server_on(topo, index, BACKEND_PORT)
+}
+
+/// Starts `lb-testsrv bN` on `port` in backend `index`'s namespace (another port: a health
+/// check endpoint that can fail while the service runs).
+pub fn start_server_on(topo: &Topology, index: usize, port: u16) -> Child {
     let name = format!("b{}", index + 1);
-    let port = BACKEND_PORT.to_string();
+    let port = port.to_string();
     let bin = testsrv_binary();
     let child = topo.backends[index].spawn(
         &[bin.to_str().expect("utf-8 path"), &name, &port],
