@@ -22,6 +22,13 @@ pub const FLOW_REVERSE: u32 = 1;
 // Bit 2 was FLOW_CLOSING, retired for `FlowValue::state`.
 /// `FlowValue::flags`: this direction sent a FIN.
 pub const FLOW_FIN_SENT: u32 = 4;
+/// `FlowValue::flags`: the in-kernel expiry found this reply entry without its forward entry
+/// once; if it still has none at the next pass, it goes. One pass of grace covers a flow that a
+/// CPU is creating (reply entry first) while the pass runs.
+pub const FLOW_ORPHAN_SEEN: u32 = 8;
+
+/// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table.
+pub const EXPIRY_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// `Iface::flags`: the device is a real NIC, where XDP_TX back out of the ingress device is the
 /// fastest action. Virtual devices (veth) need a redirect instead (see ENGINEERING.md).

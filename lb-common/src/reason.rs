@@ -86,14 +86,18 @@ pub const STAT_EXPIRED_IN_DATA_PATH: u32 = 134;
 /// segments to a VIP with no flow answered with an RST (sent by XDP_TX or redirect, and counted
 /// there too).
 pub const STAT_RESET_NO_FLOW: u32 = 135;
+/// connections the in-kernel expiry found past their state's timeout and removed (both
+/// entries), and reply entries it removed for having no forward entry.
+pub const STAT_EXPIRED_IN_KERNEL: u32 = 136;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 6] = [
+pub const EVENTS: [(u32, &str); 7] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
     (STAT_HALF_OPEN_EVICTED, "half_open_evicted"),
     (STAT_EXPIRED_IN_DATA_PATH, "expired_in_data_path"),
     (STAT_RESET_NO_FLOW, "reset_no_flow"),
+    (STAT_EXPIRED_IN_KERNEL, "expired_in_kernel"),
 ];
 
 impl PassReason {

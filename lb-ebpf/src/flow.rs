@@ -4,9 +4,9 @@
 //!
 //! The data path expires flows itself, lazily: a flow found past its state's timeout is removed
 //! (both directions) and the packet treated as flowless, and a SNAT port whose holder expired
-//! or ended is taken over. The daemon's sweep applies the same rules to flows nobody meets
-//! again. A half-open connection's timeout counts from its SYN, and under pressure it is the
-//! first to give its port up.
+//! or ended is taken over. The expiry timer (`expiry.rs`) applies the same rules to flows
+//! nobody meets again. A half-open connection's timeout counts from its SYN, and under
+//! pressure it is the first to give its port up.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},

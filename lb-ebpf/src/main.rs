@@ -6,6 +6,7 @@
 
 mod csum;
 mod debug_log;
+mod expiry;
 mod flow;
 mod forward;
 mod maps;

@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
-//! RESET_BUDGET, SUSPECT marks and the counters. Sizes marked "set at load" are overridden by the daemon.
+//! RESET_BUDGET, SUSPECT marks and the counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by the daemon.
 
 use aya_ebpf::{
     macros::map,
@@ -25,8 +25,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * DEFAULT_MAGLEV_SIZE, 0);
 
-/// One direction of a connection -> its rewrite. Data path inserts and refreshes; the daemon
-/// expires idle entries. Size set at load.
+/// One direction of a connection -> its rewrite. Data path inserts and refreshes; the expiry
+/// timer (`expiry.rs`) removes what outlived its state's timeout. Size set at load.
 #[map]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 

@@ -203,6 +203,10 @@ pub struct InterfaceStatus {
 pub struct FlowTableStatus {
     pub entries: u64,
     pub capacity: u64,
+    /// CLOCK_MONOTONIC (ns) when the count behind `entries` and the active flows began: a
+    /// count begun after a change (`lb drain --wait`) cannot miss a flow opened before it.
+    #[serde(default)]
+    pub counted_ns: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -393,6 +397,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
         flows: FlowTableStatus {
             entries: 14,
             capacity: 1024,
+            counted_ns: 0,
         },
         counters: std::collections::BTreeMap::from([("drop_tcp_no_flow".into(), drops)]),
         snat_ports_per_backend: 22768,

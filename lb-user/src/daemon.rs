@@ -184,6 +184,7 @@ async fn start(
     }
     let ids = state.backend_ids();
     state.dataplane.clear_backends_except(&ids)?;
+    state.dataplane.arm_expiry()?;
     for name in &interfaces {
         enable_forwarding(name)?;
         let ifindex = state.dataplane.attach(name)?;
@@ -291,7 +292,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
         let guard = lock(&state);
         (guard.dataplane.flow_table()?, guard.timeouts())
     };
-    tasks.spawn(sweep_flows(table, timeouts, Arc::clone(&state)));
+    tasks.spawn(count_flows(table, timeouts, Arc::clone(&state)));
     if let Some(listener) = metrics {
         log::info!("serving metrics on http://{}/metrics", opts.metrics);
         let metrics_state = Arc::clone(&state);
@@ -356,28 +357,25 @@ async fn forward_data_path_logs(logger: crate::dataplane::DataPathLogger) {
     }
 }
 
-/// Every SWEEP_INTERVAL, expires idle flows on a blocking thread (a large table takes seconds)
-/// and then records what the sweep counted, so that the runtime and the state stay free.
-async fn sweep_flows(mut table: FlowTable, timeouts: FlowTimeouts, state: Arc<Mutex<State>>) {
+/// Every SWEEP_INTERVAL, counts the flow table on a blocking thread (a large table takes a
+/// second) and records what it found (active flows and ports per backend, terminating
+/// backends done), so that the runtime and the state stay free. Expiry is the kernel's.
+async fn count_flows(table: FlowTable, timeouts: FlowTimeouts, state: Arc<Mutex<State>>) {
+    let table = Arc::new(table);
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let swept = tokio::task::spawn_blocking(move || {
-            let result = table.sweep(crate::dataplane::monotonic_ns(), &timeouts);
-            (table, result)
+        let table = Arc::clone(&table);
+        let counted = tokio::task::spawn_blocking(move || {
+            table.count(crate::dataplane::monotonic_ns(), &timeouts)
         })
         .await;
-        match swept {
-            Ok((back, result)) => {
-                table = back;
-                match result {
-                    Ok(sweep) => lock(&state).record_sweep(&sweep),
-                    Err(e) => log::error!("sweeping the flow table: {e}"),
-                }
-            }
+        match counted {
+            Ok(Ok(sweep)) => lock(&state).record_sweep(&sweep),
+            Ok(Err(e)) => log::error!("counting the flow table: {e}"),
             Err(e) => {
-                log::error!("the flow sweeper stopped: {e}; idle flows no longer expire");
+                log::error!("the flow counter stopped: {e}; status shows no active flows");
                 return;
             }
         }

@@ -3,11 +3,7 @@
 //! decisions (which backend, which weights) are made by the callers.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
-    ffi::CString,
-    net::Ipv4Addr,
-    os::fd::AsFd as _,
-    path::Path,
+    collections::HashMap as StdHashMap, ffi::CString, net::Ipv4Addr, os::fd::AsFd as _, path::Path,
     time::Duration,
 };
 
@@ -34,6 +30,8 @@ use crate::{map_batch, pins};
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 const PROGRAM: &str = "lb_xdp";
+/// Arms the in-kernel expiry timer (lb-ebpf's expiry.rs); run once, never attached.
+const EXPIRY_ARM_PROGRAM: &str = "lb_expiry_arm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -51,6 +49,10 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "the kernel refused to arm the flow-expiry timer (BPF timers need Linux 5.15 or later)"
+    )]
+    Expiry,
     #[error("BPF_PROG_TEST_RUN failed: {source}")]
     TestRun {
         #[source]
@@ -180,8 +182,6 @@ pub struct FlowSweep {
     pub started_ns: u64,
     /// Entries in FLOWS before the sweep (both directions).
     pub entries: u64,
-    /// Entries removed.
-    pub removed: u64,
     /// backend id -> connections that have not ended (half-open ones included).
     pub active: StdHashMap<u32, u64>,
     /// backend id -> SNAT ports held (reply entries, closing ones included).
@@ -299,6 +299,14 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram { name: PROGRAM })?;
         program
             .load()
+            .map_err(|source| DataplaneError::Program { source })?;
+        let arm: &mut Xdp = ebpf
+            .program_mut(EXPIRY_ARM_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram {
+                name: EXPIRY_ARM_PROGRAM,
+            })?;
+        arm.load()
             .map_err(|source| DataplaneError::Program { source })?;
         Ok(Self {
             services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
@@ -709,8 +717,34 @@ impl Dataplane {
         let data = MapData::from_fd(fd).map_err(in_map("FLOWS"))?;
         Ok(FlowTable {
             flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(in_map("FLOWS"))?,
-            orphans: HashSet::new(),
         })
+    }
+
+    /// Starts the in-kernel expiry: from now on the kernel removes flows past their state's
+    /// timeout every EXPIRY_INTERVAL_NS, with or without a daemon (the timer lives in the
+    /// pinned EXPIRY map). A timer an earlier daemon armed is taken over: it runs this
+    /// program's callback, with this config's timeouts, from now on.
+    pub fn arm_expiry(&mut self) -> Result<(), DataplaneError> {
+        let arm: &mut Xdp = self
+            .ebpf
+            .program_mut(EXPIRY_ARM_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram {
+                name: EXPIRY_ARM_PROGRAM,
+            })?;
+        // The program reads no packet; XDP's test run wants an Ethernet header's worth.
+        let frame = [0u8; 64];
+        let result = arm
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::TestRun { source })?;
+        const XDP_PASS: u32 = 2;
+        if result.return_value != XDP_PASS {
+            return Err(DataplaneError::Expiry);
+        }
+        Ok(())
     }
 
     /// Runs the program on `frame` through BPF_PROG_TEST_RUN, as if it arrived on
@@ -756,25 +790,17 @@ pub struct TestRunOutcome {
     pub duration: Duration,
 }
 
-/// The flow table, for the daemon's sweeper (see `Dataplane::flow_table`).
+/// The flow table, for the daemon's counting (see `Dataplane::flow_table`).
 pub struct FlowTable {
     flows: HashMap<MapData, FlowKey, FlowValue>,
-    /// Reply entries without a forward entry at the last sweep; removed if still so at the next
-    /// (one sweep of grace covers a flow that a CPU is creating right now).
-    orphans: HashSet<FlowKey>,
 }
 
 impl FlowTable {
-    /// Removes connections past their state's timeout, both directions together, by the rules
-    /// the data path expires them with (`conntrack`), and counts live connections per backend.
-    /// A connection's age is that of its most recent packet in either direction. Each doomed
-    /// connection is read again just before it goes, so one refreshed or reopened since the
-    /// table was read stays.
-    pub fn sweep(
-        &mut self,
-        now_ns: u64,
-        timeouts: &FlowTimeouts,
-    ) -> Result<FlowSweep, DataplaneError> {
+    /// Counts the table: entries, connections that have not ended per backend, SNAT ports
+    /// held per backend. A connection past its state's timeout is not counted: the kernel's
+    /// expiry (or the next packet that meets it) removes it. A connection's age is that of its
+    /// most recent packet in either direction.
+    pub fn count(&self, now_ns: u64, timeouts: &FlowTimeouts) -> Result<FlowSweep, DataplaneError> {
         let by_state = timeouts.by_state();
         let entries: StdHashMap<FlowKey, FlowValue> =
             map_batch::lookup_all(self.flows.map().fd().as_fd())
@@ -789,49 +815,18 @@ impl FlowTable {
             entries: entries.len() as u64,
             ..FlowSweep::default()
         };
-        let mut doomed = Vec::new();
-        let mut orphans = HashSet::new();
         for (key, value) in &entries {
+            if value.flags & FLOW_REVERSE != 0 {
+                *sweep.ports.entry(value.backend_id).or_default() += 1;
+                continue;
+            }
             let peer = entries
                 .get(&value.peer_key(key.proto))
                 .filter(|p| p.peer_key(key.proto) == *key);
-            if value.flags & FLOW_REVERSE != 0 {
-                *sweep.ports.entry(value.backend_id).or_default() += 1;
-                if peer.is_none() {
-                    if self.orphans.contains(key) {
-                        let _ = self.flows.remove(key).map(|()| sweep.removed += 1);
-                    } else {
-                        orphans.insert(*key);
-                    }
-                }
-                continue;
-            }
-            if connection_expired(&by_state, value, peer, now_ns) {
-                doomed.push(*key);
-            } else if !ended(value.state) {
+            if !ended(value.state) && !connection_expired(&by_state, value, peer, now_ns) {
                 *sweep.active.entry(value.backend_id).or_default() += 1;
             }
         }
-        for key in doomed {
-            let Ok(value) = self.flows.get(&key, 0) else {
-                continue;
-            };
-            let peer_key = value.peer_key(key.proto);
-            let peer = self
-                .flows
-                .get(&peer_key, 0)
-                .ok()
-                .filter(|p| p.peer_key(key.proto) == key);
-            if !connection_expired(&by_state, &value, peer.as_ref(), now_ns) {
-                continue;
-            }
-            for k in [Some(key), peer.map(|_| peer_key)].into_iter().flatten() {
-                if self.flows.remove(&k).is_ok() {
-                    sweep.removed += 1;
-                }
-            }
-        }
-        self.orphans = orphans;
         Ok(sweep)
     }
 }

@@ -344,6 +344,8 @@ async fn execute(command: Command) -> Result<(), Failure> {
             backend,
         } => {
             set_weight(&socket, &service, &backend, 0).await?;
+            // Only a count begun after this moment has seen every connection made before it.
+            let drained_ns = lb_user::dataplane::monotonic_ns();
             println!("service {service}: backend {backend} drained (weight 0): no new flows");
             let Some(wait) = wait else {
                 return Ok(());
@@ -351,6 +353,16 @@ async fn execute(command: Command) -> Result<(), Failure> {
             let deadline = std::time::Instant::now() + wait;
             loop {
                 let status = fetch_status(&socket).await?;
+                if status.flows.counted_ns <= drained_ns {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(anyhow::anyhow!(
+                            "the daemon has not counted the flows since the drain began; backend {backend} takes no new flows"
+                        )
+                        .into());
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
                 let active = active_flows(&status, &service, &backend).ok_or_else(|| {
                     anyhow::anyhow!("service {service} or backend {backend} left the daemon")
                 })?;

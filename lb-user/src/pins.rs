@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -19,6 +19,8 @@ pub const MAP_NAMES: [&str; 11] = [
     "STATS",
     "SNAT_CURSOR",
     "RESET_BUDGET",
+    // The expiry timer lives in it: pinned, it keeps expiring flows while no daemon runs.
+    "EXPIRY",
     "IFACES",
     "TX_PORTS",
 ];

@@ -172,6 +172,8 @@ pub struct State {
     terminating: Vec<Terminating>,
     pub interfaces: Vec<InterfaceStatus>,
     flow_entries: u64,
+    /// When the count behind `flow_entries` and the active flows began.
+    counted_ns: u64,
     /// New flows dropped for exhaustion, as counted at the last sweep, and what that sweep
     /// found: the warnings status and metrics show.
     exhaustion_drops: (u64, u64),
@@ -202,6 +204,7 @@ impl State {
             terminating: Vec::new(),
             interfaces: Vec::new(),
             flow_entries: 0,
+            counted_ns: 0,
             exhaustion_drops,
             warnings: Vec::new(),
             config,
@@ -741,7 +744,8 @@ impl State {
     }
 
     pub fn record_sweep(&mut self, sweep: &FlowSweep) {
-        self.flow_entries = sweep.entries - sweep.removed;
+        self.flow_entries = sweep.entries;
+        self.counted_ns = sweep.started_ns;
         if let Err(e) = self.end_terminating(Some(sweep)) {
             log::error!("ending terminating backends: {e}");
         }
@@ -877,6 +881,7 @@ impl State {
             flows: FlowTableStatus {
                 entries: self.flow_entries,
                 capacity: u64::from(self.dataplane.settings().flow_capacity),
+                counted_ns: self.counted_ns,
             },
             counters,
             snat_ports_per_backend: self.snat_ports_per_backend(),

@@ -207,6 +207,15 @@ impl Balancer {
             .expect("flow entries in the status")
     }
 
+    /// Entries in the pinned FLOWS map, read directly: works while no daemon runs.
+    pub fn pinned_flow_entries(&self) -> usize {
+        use std::os::fd::AsFd as _;
+        let map = aya::maps::MapData::from_pin(self.bpffs.join("FLOWS")).expect("pinned FLOWS");
+        lb_user::map_batch::lookup_all::<lb_common::FlowKey, lb_common::FlowValue>(map.fd().as_fd())
+            .expect("read FLOWS")
+            .len()
+    }
+
     /// Stops the daemon with SIGTERM and returns whether it exited cleanly within 10 s. The
     /// pinned data path keeps forwarding.
     pub fn stop(&mut self) -> bool {

@@ -1946,3 +1946,104 @@ fn resets_stop_at_the_cpu_budget() {
     assert_eq!(resets, u64::from(RESETS_PER_SEC_PER_CPU));
     assert_eq!(silent, 200);
 }
+
+/// Without any packet or daemon, the kernel's expiry timer removes each timeout class's
+/// connections once past it (both entries), keeps those inside it, judges a connection by its
+/// more recent direction, and removes a reply entry without its forward entry after a pass of
+/// grace.
+#[test]
+fn the_kernel_expires_every_timeout_class_without_traffic() {
+    require_root();
+    sweep_stale();
+    let ns = topology();
+    ns.spawn_inside(|| {
+        let settings = LoadSettings {
+            timeouts: short_timeouts(),
+            ..settings()
+        };
+        let mut dp = Dataplane::load(settings).expect("load");
+        apply(&mut dp, &backends());
+        let secs = |s: u64| s * 1_000_000_000;
+        // (state, protocol, timeout): one connection just past it, one a second and more inside
+        // it when the first pass runs (a second after arming).
+        let classes = [
+            (TCP_SYN_SENT, TCP, 2),
+            (TCP_ESTABLISHED, TCP, 3),
+            (TCP_FIN_WAIT, TCP, 4),
+            (TCP_TIME_WAIT, TCP, 5),
+            (UDP_UNREPLIED, UDP, 6),
+            (UDP_REPLIED, UDP, 7),
+        ];
+        let mut doomed = Vec::new();
+        let mut kept = Vec::new();
+        for (i, &(state, proto, timeout)) in classes.iter().enumerate() {
+            let i = i as u16;
+            for (past, port) in [(true, 41000 + i), (false, 42000 + i)] {
+                let ago = if past {
+                    secs(timeout)
+                } else {
+                    secs(timeout - 2)
+                };
+                let mut f = flow_in(state, port, 1, port - 10000, Some(ago));
+                f.proto = proto;
+                apply(&mut dp, &[Setup::Flow(f)]);
+                let vport = if proto == TCP { WEB_PORT } else { DNS_PORT };
+                let keys = flow_pair(proto, port, vport, 1, port - 10000).map(|(k, _)| k);
+                if past { &mut doomed } else { &mut kept }.extend(keys.map(|k| (state, k)));
+            }
+        }
+        // Silent for 10 s from the client, but the backend spoke a moment ago: it stays.
+        apply(
+            &mut dp,
+            &[Setup::Flow(flow_in(
+                TCP_ESTABLISHED,
+                43000,
+                1,
+                33000,
+                Some(secs(10)),
+            ))],
+        );
+        let [(fwd, _), (reply_key, _)] = flow_pair(TCP, 43000, WEB_PORT, 1, 33000);
+        let mut reply = dp.flow(&reply_key).expect("reply entry");
+        reply.last_seen_ns = monotonic_ns();
+        dp.insert_flow(reply_key, reply).expect("refresh the reply");
+        kept.extend([(TCP_ESTABLISHED, fwd), (TCP_ESTABLISHED, reply_key)]);
+        // A reply entry whose forward entry is gone.
+        let [(orphan_fwd, _), (orphan, _)] = flow_pair(TCP, 44000, WEB_PORT, 1, 34000);
+        apply(
+            &mut dp,
+            &[Setup::Flow(flow_in(
+                TCP_ESTABLISHED,
+                44000,
+                1,
+                34000,
+                Some(0),
+            ))],
+        );
+        dp.remove_flow(&orphan_fwd)
+            .expect("remove the forward entry");
+
+        dp.arm_expiry().expect("arm the expiry timer");
+        std::thread::sleep(Duration::from_millis(1500));
+        for (state, k) in &doomed {
+            assert_eq!(dp.flow(k), None, "state {state} past its timeout: {k:?}");
+        }
+        for (state, k) in &kept {
+            assert!(
+                dp.flow(k).is_some(),
+                "state {state} inside its timeout: {k:?}"
+            );
+        }
+        assert!(
+            dp.flow(&orphan).is_some(),
+            "an orphan gets one pass of grace"
+        );
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(dp.flow(&orphan), None, "an orphan goes at the second pass");
+        assert_eq!(read(&dp, Counter::Event("expired_in_kernel")), 6 + 1);
+        // Arming again (a new daemon) takes the running timer over.
+        dp.arm_expiry().expect("arm again");
+    })
+    .join()
+    .expect("expiry thread panicked");
+}

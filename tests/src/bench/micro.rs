@@ -513,7 +513,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         next_new: 0,
         rng: Rng(0x9e37_79b9_7f4a_7c15),
     };
-    let mut table = bench.dp.flow_table().map_err(|e| e.to_string())?;
+    let table = bench.dp.flow_table().map_err(|e| e.to_string())?;
     let hot_established = pkt()
         .eth(CLIENT_MAC, LB0_MAC)
         .ipv4(CLIENT, VIP)
@@ -544,7 +544,6 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         let mut rounds: Vec<[Option<f64>; 6]> = Vec::new();
         let mut sweep_ms = Vec::new();
         for _ in 0..3 {
-            // The sweep below rightly removes the pong entries as orphans: put them back.
             bench.insert_ping_pong()?;
             let (est_one, est_hot) = bench.hot(opts.calls, &hot_established, lb0)?;
             let (reply_one, reply_hot) = bench.hot(opts.calls, &hot_reply, lb1)?;
@@ -580,7 +579,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
             ]);
             let started = Instant::now();
             let sweep = table
-                .sweep(monotonic_ns(), &dp_timeouts())
+                .count(monotonic_ns(), &dp_timeouts())
                 .map_err(|e| e.to_string())?;
             sweep_ms.push(started.elapsed().as_secs_f64() * 1000.0);
             // The table holds the prefilled connections and the four hot entries.

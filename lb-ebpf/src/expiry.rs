@@ -1,0 +1,144 @@
+//! Expiry in the kernel: one BPF timer walks FLOWS every EXPIRY_INTERVAL_NS and removes the
+//! connections past their state's timeout, by the rules the data path expires with when a
+//! packet meets one. The timer lives in EXPIRY, a map the daemon pins: it keeps running while
+//! no daemon does (a crash, an upgrade refused, a stop), so the table never fills with flows
+//! that nobody meets again. The daemon arms it once at start by running `lb_expiry_arm`
+//! (BPF_PROG_TEST_RUN); arming again hands the running timer this program's callback.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{bpf_timer, xdp_action},
+    btf_maps::Array,
+    helpers::{
+        bpf_for_each_map_elem, bpf_ktime_get_coarse_ns, bpf_timer_init, bpf_timer_set_callback,
+        bpf_timer_start,
+    },
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use lb_common::{
+    EXPIRY_INTERVAL_NS, FLOW_ORPHAN_SEEN, FLOW_REVERSE, FlowKey, FlowValue, STAT_EXPIRED_IN_KERNEL,
+    conntrack::expired,
+};
+
+use crate::{
+    maps::{FLOWS, state_timeout},
+    stats,
+};
+
+/// The value of EXPIRY: the kernel finds the timer by its BTF type, so the map is a BTF map.
+#[repr(C)]
+pub struct ExpiryTimer {
+    timer: bpf_timer,
+}
+
+/// [0] -> the expiry timer. Pinned by the daemon, so that it outlives it.
+#[btf_map]
+pub static EXPIRY: Array<ExpiryTimer, 1> = Array::new();
+
+const CLOCK_MONOTONIC: u64 = 1;
+
+/// What one pass hands each entry.
+#[repr(C)]
+struct Pass {
+    now_ns: u64,
+}
+
+/// Arms the timer (or takes over a running one): XDP_PASS if armed, XDP_ABORTED if not.
+#[xdp]
+pub fn lb_expiry_arm(_ctx: XdpContext) -> u32 {
+    let Some(value) = EXPIRY.get_ptr_mut(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: a value pointer from a map lookup is valid for this program run; the helpers
+    // take the timer inside it and the map it lives in.
+    unsafe {
+        let timer = &raw mut (*value).timer;
+        // -EBUSY: an earlier daemon's program armed it; the callback below replaces its own.
+        let _ = bpf_timer_init(
+            timer,
+            (&raw const EXPIRY).cast_mut().cast(),
+            CLOCK_MONOTONIC,
+        );
+        if bpf_timer_set_callback(timer, expire_all as *mut c_void) != 0
+            || bpf_timer_start(timer, EXPIRY_INTERVAL_NS, 0) != 0
+        {
+            return xdp_action::XDP_ABORTED;
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The timer's callback: one pass over FLOWS, then the next in EXPIRY_INTERVAL_NS.
+extern "C" fn expire_all(_map: *mut c_void, _key: *mut u32, value: *mut ExpiryTimer) -> i32 {
+    let mut pass = Pass {
+        // SAFETY: a helper without arguments or side effects.
+        now_ns: unsafe { bpf_ktime_get_coarse_ns() },
+    };
+    // SAFETY: FLOWS is a map, the callback has the signature bpf_for_each_map_elem calls, and
+    // `pass` outlives the call; `value` is the timer's own map value.
+    unsafe {
+        bpf_for_each_map_elem(
+            (&raw const FLOWS).cast_mut().cast(),
+            expire_entry as *mut c_void,
+            (&raw mut pass).cast(),
+            0,
+        );
+        bpf_timer_start(&raw mut (*value).timer, EXPIRY_INTERVAL_NS, 0);
+    }
+    0
+}
+
+/// One entry of the pass. A forward entry decides for its connection: silent in both
+/// directions for its state's timeout, both entries go. A reply entry goes alone only when its
+/// forward entry has been missing for a whole pass.
+extern "C" fn expire_entry(
+    _map: *mut c_void,
+    key: *mut FlowKey,
+    value: *mut FlowValue,
+    pass: *mut Pass,
+) -> u64 {
+    // SAFETY: the kernel hands the callback the element's key and value and our context.
+    let (key, value, now) = unsafe { (&*key, &mut *value, (*pass).now_ns) };
+    let peer_key = value.peer_key(key.proto);
+    let peer = FLOWS
+        .get_ptr(&peer_key)
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        .filter(|peer| unsafe { (**peer).peer_key(key.proto) } == *key);
+    if value.flags & FLOW_REVERSE != 0 {
+        if peer.is_some() {
+            value.flags &= !FLOW_ORPHAN_SEEN;
+        } else if value.flags & FLOW_ORPHAN_SEEN == 0 {
+            value.flags |= FLOW_ORPHAN_SEEN;
+        } else if remove_if_same(key, value) {
+            stats::count_slot(STAT_EXPIRED_IN_KERNEL);
+        }
+        return 0;
+    }
+    let timeout = state_timeout(value.state);
+    if !expired(timeout, value.last_seen_ns, now) {
+        return 0;
+    }
+    // SAFETY: as above.
+    let peer_seen = peer.map_or(0, |peer| unsafe { (*peer).last_seen_ns });
+    if !expired(timeout, value.last_seen_ns.max(peer_seen), now) {
+        return 0;
+    }
+    if peer.is_some() {
+        let _ = FLOWS.remove(&peer_key);
+    }
+    if remove_if_same(key, value) {
+        stats::count_slot(STAT_EXPIRED_IN_KERNEL);
+    }
+    0
+}
+
+/// Removes `key` only if it still names `value`'s element: a CPU that met the expired flow
+/// meanwhile removed it and may have made a new one under the same key, which must stay.
+fn remove_if_same(key: &FlowKey, value: &FlowValue) -> bool {
+    let same = FLOWS
+        .get_ptr(key)
+        .is_some_and(|now| core::ptr::eq(now, value));
+    same && FLOWS.remove(key).is_ok()
+}
