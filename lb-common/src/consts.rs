@@ -26,6 +26,9 @@ pub const FLOW_FIN_SENT: u32 = 4;
 /// once; if it still has none at the next pass, it goes. One pass of grace covers a flow that a
 /// CPU is creating (reply entry first) while the pass runs.
 pub const FLOW_ORPHAN_SEEN: u32 = 8;
+/// `FlowValue::flags`, forward entry: the SYN that opened the flow was well formed (no data, a
+/// correct checksum), so the backend leaving it unanswered is evidence against the backend.
+pub const FLOW_SYN_WELL_FORMED: u32 = 16;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table.
 pub const EXPIRY_INTERVAL_NS: u64 = 1_000_000_000;

@@ -2,6 +2,8 @@
 //! Fields are taken as the packet holds them; a one's-complement sum does not depend on byte
 //! order as long as every word is read the same way.
 
+use crate::parse::Packet;
+
 /// The sum of changes to apply to one checksum.
 #[derive(Clone, Copy, Default)]
 pub struct Delta(u32);
@@ -28,3 +30,48 @@ impl Delta {
         !(sum as u16)
     }
 }
+
+/// Whether `pkt`, a TCP segment that is its header alone (a SYN without data), carries a
+/// correct checksum. A backend drops a segment whose checksum is wrong, so only a SYN that
+/// passes this says anything about a backend that leaves it unanswered (`flow.rs`).
+#[inline(always)]
+pub fn tcp_header_only_ok(pkt: &Packet) -> bool {
+    if pkt.tcp_payload_len != 0 || !(20..=60).contains(&pkt.tcp_header_len) {
+        return false;
+    }
+    let words = (pkt.tcp_header_len / 4) as usize;
+    let (src, dst) = (pkt.key.src_addr.to_bytes(), pkt.key.dst_addr.to_bytes());
+    let length = (pkt.tcp_header_len as u16).to_be_bytes();
+    // The pseudo header, read as the packet's words are (native order; see the module doc).
+    let mut sum = word(src[0], src[1])
+        + word(src[2], src[3])
+        + word(dst[0], dst[1])
+        + word(dst[2], dst[3])
+        + word(0, IPPROTO_TCP)
+        + word(length[0], length[1]);
+    let tcp = pkt.ports as usize;
+    let mut i = 0;
+    while i < 15 {
+        if i >= words {
+            break;
+        }
+        let at = tcp + i * 4;
+        if at + 4 > pkt.data_end {
+            return false;
+        }
+        // SAFETY: bounds-checked against the frame's end just above.
+        let w = unsafe { *(at as *const [u8; 4]) };
+        sum += word(w[0], w[1]) + word(w[2], w[3]);
+        i += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
+}
+
+#[inline(always)]
+fn word(a: u8, b: u8) -> u32 {
+    u32::from(u16::from_ne_bytes([a, b]))
+}
+
+const IPPROTO_TCP: u8 = 6;

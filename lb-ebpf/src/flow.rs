@@ -14,8 +14,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
-    FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS, SNAT_PORT_TRIES,
-    STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
+    FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS,
+    SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
     STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
     conntrack::{
         Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_SYN_RECV, TCP_SYN_SENT,
@@ -25,7 +25,7 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict,
+    Verdict, csum,
     maps::{
         BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min, state_timeout,
     },
@@ -168,7 +168,9 @@ fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Resu
         Step::Refused => {
             // SAFETY: as above; `Refused` needed the peer.
             let created = peer.map_or(0, |p| unsafe { (*p).last_seen_ns });
-            if !suspect::marked_before(value.backend_id, created) {
+            // SAFETY: as above.
+            let from_backend = peer.is_some_and(|p| unsafe { came_from_backend(pkt, &*p) });
+            if from_backend && !suspect::marked_before(value.backend_id, created) {
                 suspect::mark(value.backend_id, now, STAT_SUSPECT_REFUSED);
                 forget(&pkt.key, value);
                 return Err(Verdict::Drop(DropReason::BackendRefused));
@@ -206,6 +208,18 @@ fn forget(key: &FlowKey, value: &FlowValue) {
     let _ = FLOWS.remove(key);
 }
 
+/// Whether `pkt`, a reply, arrived the way the backend's packets do: on the device the flow's
+/// packets to the backend leave by, from the MAC they are sent to. A client on another segment
+/// cannot forge that; one on the backend's segment has to spoof the MAC as well.
+#[inline(always)]
+fn came_from_backend(pkt: &Packet, forward: &FlowValue) -> bool {
+    // SAFETY: `eth` was bounds-checked in `parse::packet`.
+    let src_mac = unsafe { (*pkt.eth).src_addr };
+    forward.egress_ifindex != 0
+        && pkt.ingress_ifindex == forward.egress_ifindex
+        && src_mac == forward.dst_mac
+}
+
 /// Whether a forward entry still carries its connection to its backend. Not if the backend's
 /// id now names another backend (it was removed and the id reused). A backend marked down
 /// keeps its TCP connections (they end on their own, or with its own RST), but a SYN that
@@ -231,11 +245,14 @@ fn backend_keeps(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
 
 /// Whether `pkt`, a SYN on a flow whose backend has answered nothing, is the client's genuine
 /// retransmission (its sequence number is the first SYN's) long enough after it: the backend
-/// is marked suspect then.
+/// is marked suspect then. Both SYNs must be well formed: a backend rightly ignores a SYN with
+/// a bad checksum, and a client must not be able to get a backend marked with one.
 #[inline(always)]
 fn syn_unanswered(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
     let unanswered = pkt.seq_end == forward.seq_next
-        && now.saturating_sub(forward.last_seen_ns) >= SYN_UNANSWERED_NS;
+        && now.saturating_sub(forward.last_seen_ns) >= SYN_UNANSWERED_NS
+        && forward.flags & FLOW_SYN_WELL_FORMED != 0
+        && csum::tcp_header_only_ok(pkt);
     if unanswered {
         suspect::mark(forward.backend_id, now, STAT_SUSPECT_UNANSWERED);
     }
@@ -433,7 +450,11 @@ pub fn create(
         nat_src_port: reverse_key.dst_port,
         nat_dst_port: backend.port,
         backend_id,
-        flags: 0,
+        flags: if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
+            FLOW_SYN_WELL_FORMED
+        } else {
+            0
+        },
         last_seen_ns: now,
         seq_next: pkt.seq_end,
         state,

@@ -39,6 +39,13 @@ pub struct Packet {
     pub ack_seq: u32,
     /// Frame length in bytes, for the counters.
     pub len: u64,
+    /// TCP: the header's length in bytes (20 to 60), and the payload's.
+    pub tcp_header_len: u32,
+    pub tcp_payload_len: u32,
+    /// The device the frame arrived on.
+    pub ingress_ifindex: u32,
+    /// The frame's end, for reads past the fixed headers (`csum::tcp_header_only_ok`).
+    pub data_end: usize,
 }
 
 impl Packet {
@@ -105,6 +112,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let l4 = EthHdr::LEN + ihl;
     let mut tcp_flags = 0;
     let (mut seq, mut seq_end, mut ack_seq) = (0, 0, 0);
+    let (mut tcp_header_len, mut tcp_payload_len) = (0, 0);
     let l4_check: *mut [u8; 2] = match proto {
         IPPROTO_TCP => {
             let tcp: *mut TcpHdr = ptr_at(ctx, l4).ok_or(pass(PassReason::ShortL4))?;
@@ -118,6 +126,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
                 ack_seq = u32::from_be_bytes(*(at(TCP_ACK_OFFSET) as *const [u8; 4]));
                 let header_len = u32::from(*at(TCP_DOFF_OFFSET) >> 4) * 4;
                 let payload = u32::from(tot_len).saturating_sub(ihl as u32 + header_len);
+                (tcp_header_len, tcp_payload_len) = (header_len, payload);
                 let flags_len =
                     u32::from(tcp_flags & TCP_SYN != 0) + u32::from(tcp_flags & TCP_FIN != 0);
                 seq_end = seq.wrapping_add(payload + flags_len);
@@ -152,5 +161,10 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
         seq_end,
         ack_seq,
         len: (ctx.data_end() - ctx.data()) as u64,
+        tcp_header_len,
+        tcp_payload_len,
+        // SAFETY: a field of the context the kernel hands every XDP program.
+        ingress_ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        data_end: ctx.data_end(),
     })
 }

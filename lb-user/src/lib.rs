@@ -15,3 +15,4 @@ pub mod pins;
 pub mod ports;
 pub mod state;
 pub mod stats;
+pub mod steering;

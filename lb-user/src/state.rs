@@ -5,12 +5,12 @@
 //! all, so their flows and Maglev tables stay as they are.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
 };
 
-use lb_common::{Be16, Be32, DropReason, ServiceKey};
+use lb_common::{Be16, Be32, DropReason, SUSPECT_HOLD_NS, ServiceKey};
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
@@ -27,6 +27,7 @@ use crate::{
     layout::{Changes, PlacedService},
     maglev::{MaglevBackend, build_table},
     persist::{self, Persisted},
+    steering::{self, Candidate},
 };
 
 /// A health probe's result, sent by a backend's probe task.
@@ -111,6 +112,8 @@ struct ServiceState {
     snat: Ipv4Addr,
     /// In `config.backends` order.
     backends: Vec<BackendState>,
+    /// Suspect backends left out of the table (`steering`).
+    avoided: BTreeSet<u32>,
 }
 
 impl ServiceState {
@@ -118,12 +121,18 @@ impl ServiceState {
         service_key(&self.config)
     }
 
-    /// The Maglev table: backends that take new flows (healthy, weight > 0).
-    fn table(&self, size: u32) -> Vec<u32> {
-        let eligible: Vec<MaglevBackend> = self
-            .backends
+    /// Backends that take new flows: healthy, weight > 0.
+    fn eligible(&self) -> impl Iterator<Item = &BackendState> {
+        self.backends
             .iter()
             .filter(|b| b.tracker.healthy && b.weight > 0)
+    }
+
+    /// The Maglev table: eligible backends not avoided for a suspect mark.
+    fn table(&self, size: u32) -> Vec<u32> {
+        let eligible: Vec<MaglevBackend> = self
+            .eligible()
+            .filter(|b| !self.avoided.contains(&b.id))
             .map(|b| MaglevBackend {
                 id: b.id,
                 addr: b.address,
@@ -541,6 +550,7 @@ impl State {
             },
             snat,
             backends,
+            avoided: BTreeSet::new(),
         };
         publish(&mut self.dataplane, &service)?;
         // Backends the service no longer has stop taking flows: their flows move.
@@ -706,6 +716,7 @@ impl State {
                             report.address
                         );
                         self.services[s].backends[b].suspect_since = None;
+                        self.steer_off_suspects(s);
                     }
                 }
                 Ok(_) => {}
@@ -757,7 +768,11 @@ impl State {
             for b in &mut svc.backends {
                 b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
                 b.snat_ports_in_use = sweep.ports.get(&b.id).copied().unwrap_or(0);
-                let since = self.dataplane.suspect_since(b.id).unwrap_or(None);
+                let since = self
+                    .dataplane
+                    .suspect_since(b.id)
+                    .unwrap_or(None)
+                    .filter(|&since| sweep.started_ns.saturating_sub(since) < SUSPECT_HOLD_NS);
                 if since.is_some() && b.suspect_since.is_none() {
                     log::warn!(
                         "service \"{}\": backend {} refused or left unanswered a new connection; new connections avoid it until a health check passes",
@@ -768,6 +783,61 @@ impl State {
                 b.suspect_since = since;
             }
         }
+        for s in 0..self.services.len() {
+            self.steer_off_suspects(s);
+        }
+    }
+
+    /// Republishes service `s`'s table without its suspect backends, within the share
+    /// `steering` allows, and clears the marks beyond it.
+    fn steer_off_suspects(&mut self, s: usize) {
+        let svc = &self.services[s];
+        let candidates: Vec<Candidate> = svc
+            .eligible()
+            .map(|b| Candidate {
+                id: b.id,
+                marked_since: b.suspect_since,
+            })
+            .collect();
+        let decision = steering::decide(&candidates);
+        let name = svc.config.name.clone();
+        for &id in &decision.unmarked {
+            let Some(b) = self.services[s].backends.iter_mut().find(|b| b.id == id) else {
+                continue;
+            };
+            match self.dataplane.clear_suspect(id) {
+                Ok(()) => {
+                    log::warn!(
+                        "service \"{name}\": backend {} is suspect, but half of the backends already are: new flows still go to it",
+                        b.address
+                    );
+                    b.suspect_since = None;
+                }
+                Err(e) => log::error!("clearing backend {} suspect: {e}", b.address),
+            }
+        }
+        if decision.avoided == self.services[s].avoided {
+            return;
+        }
+        let before = std::mem::replace(&mut self.services[s].avoided, decision.avoided);
+        if let Err(e) = publish(&mut self.dataplane, &self.services[s]) {
+            log::error!("service \"{name}\": publishing its table without suspect backends: {e}");
+            self.services[s].avoided = before;
+            return;
+        }
+        let svc = &self.services[s];
+        let listed = |ids: &BTreeSet<u32>| -> Vec<String> {
+            svc.backends
+                .iter()
+                .filter(|b| ids.contains(&b.id))
+                .map(|b| b.address.to_string())
+                .collect()
+        };
+        log::info!(
+            "service \"{name}\": new flows avoid suspect backends [{}] (were [{}])",
+            listed(&svc.avoided).join(", "),
+            listed(&before).join(", ")
+        );
     }
 
     /// What ran out since the last sweep, or is about to: new flows dropped because the flow

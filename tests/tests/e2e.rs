@@ -469,6 +469,37 @@ fn a_backend_down_with_on_backend_down_reset_has_its_connections_reset_at_both_e
     );
 }
 
+#[test]
+fn a_suspect_backend_with_most_of_the_weight_takes_no_new_flows() {
+    require_root();
+    sweep_stale();
+    const HEALTH_PORT: u16 = 9000;
+    let topo = Topology::new(Arms::Two, 2);
+    let mut servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    servers.extend((0..2).map(|i| start_server_on(&topo, i, HEALTH_PORT)));
+    let config = topo.config(&[9, 1]).replace(
+        &format!("port = {BACKEND_PORT}\n"),
+        &format!("port = {HEALTH_PORT}\n"),
+    );
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    let heavy = backend(&topo, 0);
+    // The heavy backend's service stops while its health check goes on passing: only the data
+    // path sees it refuse. The data path's own steering looks a few Maglev slots ahead, and
+    // with 9 of 10 slots the heavy backend's, many flows would find no other there.
+    stop_child(&mut servers[0]);
+    // Until the daemon republishes the table (within a second), that steering is all there
+    // is: these requests mark the backend, whatever becomes of them.
+    let _ = http_requests(&topo, 3);
+    balancer.wait_until(Duration::from_secs(3), "the heavy backend avoided", |b| {
+        b.backend("web", &heavy)["suspect"] == true
+            && b.log().contains("new flows avoid suspect backends")
+    });
+    let (counts, failed) = tally(&http_requests(&topo, 100), 2);
+    println!("after the mark: {counts:?}, {failed} failed");
+    assert_eq!((counts, failed), (vec![0, 100], 0));
+    assert_eq!(balancer.backend("web", &heavy)["healthy"], true);
+}
+
 /// `config` without the backend `address` (IP:PORT) in any service.
 fn without_backend(config: &str, address: &str) -> String {
     let block =

@@ -13,7 +13,8 @@ use std::{
 };
 
 use lb_common::{
-    DropReason, FLOW_FIN_SENT, FLOW_REVERSE, FlowKey, FlowValue, NO_BACKEND, PassReason,
+    DropReason, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FlowKey, FlowValue, NO_BACKEND,
+    PassReason,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
@@ -76,6 +77,8 @@ struct FlowSetup {
     fin_sent: (bool, bool),
     /// A next hop cached in the forward entry (egress lb1).
     cached: Option<CachedHop>,
+    /// TCP: the SYN that opened the flow was well formed (no data, a correct checksum).
+    syn_well_formed: bool,
 }
 
 /// A next hop in a FLOWS entry: egress device, MACs and the largest packet it was approved for.
@@ -167,6 +170,7 @@ fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> 
         seen_ago_ns: Some(0),
         fin_sent: (false, false),
         cached,
+        syn_well_formed: true,
     })
 }
 
@@ -204,6 +208,25 @@ fn half_open(cport: u16, backend: u32, snat_port: u16, ago_ns: u64) -> Setup {
         snat_port,
         Some(ago_ns),
     ))
+}
+
+/// As `half_open`, with the next hop to the backend cached: where its replies come from.
+fn half_open_via_lb1(cport: u16, backend: u32, snat_port: u16, ago_ns: u64) -> Setup {
+    let mac = if backend == 1 { B1_MAC } else { B2_MAC };
+    Setup::Flow(FlowSetup {
+        cached: Some(hop(mac, 1500)),
+        ..flow_in(TCP_SYN_SENT, cport, backend, snat_port, Some(ago_ns))
+    })
+}
+
+/// `frame`, a TCP segment over a 20-byte IPv4 header, with its checksum one more than right.
+/// A checksum updated for a rewrite stays one off, so the expected output is made the same way.
+fn tcp_checksum_off_by_one(mut frame: Vec<u8>) -> Vec<u8> {
+    const AT: usize = 14 + 20 + 16;
+    let sum = u16::from_be_bytes([frame[AT], frame[AT + 1]]);
+    assert!(sum < 0xfffe, "a checksum that one more would wrap");
+    frame[AT..AT + 2].copy_from_slice(&(sum + 1).to_be_bytes());
+    frame
 }
 
 /// A UDP flow CLIENT:cport -> VIP:53 on `backend` via `snat_port`, last seen `ago_ns` before.
@@ -246,10 +269,16 @@ fn flow_pair(
     snat_port: u16,
 ) -> [(FlowKey, FlowValue); 2] {
     let b = addr_of(backend);
+    // A TCP flow opens with a well-formed SYN in all but the fixtures that say otherwise.
+    let forward_flags = if proto == TCP {
+        FLOW_SYN_WELL_FORMED
+    } else {
+        0
+    };
     [
         (
             key(CLIENT, cport, VIP, vport, proto),
-            value(SNAT, snat_port, b, BACKEND_PORT, backend, 0),
+            value(SNAT, snat_port, b, BACKEND_PORT, backend, forward_flags),
         ),
         (
             key(b, BACKEND_PORT, SNAT, snat_port, proto),
@@ -573,7 +602,10 @@ fn fixtures() -> Vec<Fixture> {
                 "failover_backend_rst_to_unanswered_syn_dropped_and_marks_suspect",
                 with(
                     backends(),
-                    &[web(&[(1, 1), (2, 1)]), half_open(40040, 1, 31040, 0)],
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        half_open_via_lb1(40040, 1, 31040, 0),
+                    ],
                 ),
                 from_backend(1, 31040).tcp_flags(0x14).ack_seq(1001).build(),
                 XDP_DROP,
@@ -581,6 +613,57 @@ fn fixtures() -> Vec<Fixture> {
                 vec![
                     (Counter::Drop(DropReason::BackendRefused), 1),
                     (Counter::Event("suspect_refused"), 1),
+                ],
+            )
+        },
+        // The same RST arriving where the backend's packets do not (another device, or another
+        // MAC on the backends' segment) is no evidence: a client could forge it. It ends the
+        // connection as any RST to a SYN does, and goes on to the client.
+        Fixture {
+            flows_after: flow_pair_in(TCP_CLOSED, TCP, 40045, WEB_PORT, 1, 31045),
+            suspect_after: vec![(1, false)],
+            ingress: "lb0",
+            ..fixture(
+                "failover_refusal_on_another_device_marks_nothing",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        half_open_via_lb1(40045, 1, 31045, 0),
+                    ],
+                ),
+                from_backend(1, 31045).tcp_flags(0x14).ack_seq(1001).build(),
+                XDP_REDIRECT,
+                Some(to_client(40045).tcp_flags(0x14).ack_seq(1001).build()),
+                vec![
+                    (Counter::Drop(DropReason::BackendRefused), 0),
+                    (Counter::Event("suspect_refused"), 0),
+                ],
+            )
+        },
+        Fixture {
+            flows_after: flow_pair_in(TCP_CLOSED, TCP, 40046, WEB_PORT, 1, 31046),
+            suspect_after: vec![(1, false)],
+            ingress: "lb1",
+            ..fixture(
+                "failover_refusal_from_another_mac_marks_nothing",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        half_open_via_lb1(40046, 1, 31046, 0),
+                    ],
+                ),
+                from_backend(1, 31046)
+                    .eth(B2_MAC, LB1_MAC)
+                    .tcp_flags(0x14)
+                    .ack_seq(1001)
+                    .build(),
+                XDP_REDIRECT,
+                Some(to_client(40046).tcp_flags(0x14).ack_seq(1001).build()),
+                vec![
+                    (Counter::Drop(DropReason::BackendRefused), 0),
+                    (Counter::Event("suspect_refused"), 0),
                 ],
             )
         },
@@ -656,6 +739,71 @@ fn fixtures() -> Vec<Fixture> {
                     ],
                 )
             }
+        },
+        // A retransmission with a wrong checksum is no evidence: the backend rightly ignores
+        // it, and a client could send it on purpose. It goes to the flow's backend as it is.
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40400);
+            Fixture {
+                suspect_after: vec![(1, false)],
+                ..fixture(
+                    "failover_unanswered_syn_with_a_bad_checksum_marks_nothing",
+                    with(
+                        backends(),
+                        &[
+                            web(&[(1, 1), (2, 1)]),
+                            half_open(cport, 1, 31047, 600_000_000),
+                        ],
+                    ),
+                    tcp_checksum_off_by_one(client_syn(cport).build()),
+                    XDP_REDIRECT,
+                    Some(tcp_checksum_off_by_one(to_backend(1, 31047).syn().build())),
+                    vec![
+                        (Counter::NewFlows(1), 0),
+                        (Counter::Event("suspect_unanswered"), 0),
+                        (Counter::Event("steered_off_suspect"), 0),
+                    ],
+                )
+            }
+        },
+        // Nor is a good retransmission of a SYN whose first copy was bad (or carried data).
+        {
+            let cport = port_choosing(1, &[(1, 1), (2, 1)], 40500);
+            let opened_badly = Setup::Flow(FlowSetup {
+                syn_well_formed: false,
+                ..flow_in(TCP_SYN_SENT, cport, 1, 31048, Some(600_000_000))
+            });
+            Fixture {
+                suspect_after: vec![(1, false)],
+                ..fixture(
+                    "failover_flow_opened_by_a_bad_syn_marks_nothing",
+                    with(backends(), &[web(&[(1, 1), (2, 1)]), opened_badly]),
+                    client_syn(cport).build(),
+                    XDP_REDIRECT,
+                    Some(to_backend(1, 31048).syn().build()),
+                    vec![
+                        (Counter::NewFlows(1), 0),
+                        (Counter::Event("suspect_unanswered"), 0),
+                    ],
+                )
+            }
+        },
+        // A flow opened by a SYN with a bad checksum is not marked well formed.
+        Fixture {
+            flows_after: vec![(
+                key(CLIENT, 40049, VIP, WEB_PORT, TCP),
+                in_state(TCP_SYN_SENT, value(SNAT, PORT_MIN, B1, BACKEND_PORT, 1, 0)),
+            )],
+            ..fixture(
+                "select_syn_with_a_bad_checksum_opens_a_flow_not_well_formed",
+                with(backends(), &[web(&[(1, 1)])]),
+                tcp_checksum_off_by_one(client_syn(40049).build()),
+                XDP_REDIRECT,
+                Some(tcp_checksum_off_by_one(
+                    to_backend(1, PORT_MIN).syn().build(),
+                )),
+                vec![(Counter::NewFlows(1), 1)],
+            )
         },
         // A SYN again too soon to be a retransmission (a duplicate): same backend, no mark.
         {
@@ -804,7 +952,14 @@ fn fixtures() -> Vec<Fixture> {
                     key(CLIENT, 40007, VIP, WEB_PORT, TCP),
                     in_state(
                         TCP_FIN_WAIT,
-                        value(SNAT, 31004, B1, BACKEND_PORT, 1, FLOW_FIN_SENT),
+                        value(
+                            SNAT,
+                            31004,
+                            B1,
+                            BACKEND_PORT,
+                            1,
+                            FLOW_SYN_WELL_FORMED | FLOW_FIN_SENT,
+                        ),
                     ),
                 ),
                 (
@@ -1021,7 +1176,14 @@ fn fixtures() -> Vec<Fixture> {
                 key(CLIENT, 40032, VIP, WEB_PORT, TCP),
                 in_state(
                     TCP_TIME_WAIT,
-                    value(SNAT, 31005, B1, BACKEND_PORT, 1, FLOW_FIN_SENT),
+                    value(
+                        SNAT,
+                        31005,
+                        B1,
+                        BACKEND_PORT,
+                        1,
+                        FLOW_SYN_WELL_FORMED | FLOW_FIN_SENT,
+                    ),
                 ),
             )],
             ..fixture(
@@ -1743,6 +1905,9 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     if fin_sent {
                         v.flags |= FLOW_FIN_SENT;
                     }
+                    if !f.syn_well_formed {
+                        v.flags &= !FLOW_SYN_WELL_FORMED;
+                    }
                     if let Some(hop) = f.cached
                         && !reply
                     {
@@ -1833,7 +1998,9 @@ fn run(f: &Fixture) -> Result<(), String> {
     if out != *expected {
         errors.push(format!("output differs:\n{}", diff(expected, &out)));
     }
+    // A rewrite keeps a wrong checksum wrong: only a correct input promises a correct output.
     if f.output.is_some()
+        && verify_checksums(&f.input).is_ok()
         && let Err(e) = verify_checksums(&out)
     {
         errors.push(format!("checksums of the output: {e}"));
