@@ -29,6 +29,10 @@ pub const FLOW_ORPHAN_SEEN: u32 = 8;
 /// `FlowValue::flags`, forward entry: the SYN that opened the flow was well formed (no data, a
 /// correct checksum), so the backend leaving it unanswered is evidence against the backend.
 pub const FLOW_SYN_WELL_FORMED: u32 = 16;
+/// `FlowValue::flags`, forward entry: its connection's end is counted in FLOW_COUNTS. Set with
+/// an atomic fetch-or, so that of the CPUs (and the expiry timer) that meet the end at once,
+/// exactly one counts it.
+pub const FLOW_END_COUNTED: u32 = 32;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table.
 pub const EXPIRY_INTERVAL_NS: u64 = 1_000_000_000;

@@ -95,6 +95,12 @@ pub struct FlowValue {
     pub _pad: [u32; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
+// lb-ebpf sets `flags` bits with a 64-bit atomic over `flags` and `egress_ifindex`.
+const _: () = assert!(
+    core::mem::offset_of!(FlowValue, flags) % 8 == 0
+        && core::mem::offset_of!(FlowValue, egress_ifindex)
+            == core::mem::offset_of!(FlowValue, flags) + 4
+);
 
 impl FlowValue {
     /// The key of the other direction of this flow.
@@ -155,6 +161,41 @@ pub struct BackendStats {
 }
 const _: () = assert!(core::mem::size_of::<BackendStats>() == 24);
 
+/// Value of FLOW_COUNTS (per CPU), indexed by backend id: what the data path did to the
+/// backend's connections. Summed over CPUs, `opened - ended` are its open connections and
+/// `opened - released` those still holding a SNAT port: the daemon reads them in O(backends)
+/// instead of reading the flow table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    /// Forward entries inserted.
+    pub opened: u64,
+    /// Connections that ended (both FINs, an RST) or were removed before they did: once each,
+    /// by whoever sets FLOW_END_COUNTED on the forward entry.
+    pub ended: u64,
+    /// Forward entries removed.
+    pub released: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowCounts>() == 24);
+
+impl FlowCounts {
+    /// Open connections.
+    pub fn open(&self) -> u64 {
+        self.opened.saturating_sub(self.ended)
+    }
+
+    /// SNAT ports held by connections, ended ones included.
+    pub fn holding_ports(&self) -> u64 {
+        self.opened.saturating_sub(self.released)
+    }
+
+    pub fn add(&mut self, other: &FlowCounts) {
+        self.opened = self.opened.wrapping_add(other.opened);
+        self.ended = self.ended.wrapping_add(other.ended);
+        self.released = self.released.wrapping_add(other.released);
+    }
+}
+
 /// Value of IFACES, keyed by ifindex: an interface the program forwards through.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,6 +221,8 @@ mod pod {
     unsafe impl aya::Pod for Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for BackendStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Iface {}
 }

@@ -23,6 +23,7 @@ use lb_common::{
 };
 
 use crate::{
+    flow_count,
     maps::{FLOWS, state_timeout},
     stats,
 };
@@ -111,7 +112,7 @@ extern "C" fn expire_entry(
             value.flags &= !FLOW_ORPHAN_SEEN;
         } else if value.flags & FLOW_ORPHAN_SEEN == 0 {
             value.flags |= FLOW_ORPHAN_SEEN;
-        } else if remove_if_same(key, value) {
+        } else if is_same(key, value) && FLOWS.remove(key).is_ok() {
             stats::count_slot(STAT_EXPIRED_IN_KERNEL);
         }
         return 0;
@@ -128,17 +129,16 @@ extern "C" fn expire_entry(
     if peer.is_some() {
         let _ = FLOWS.remove(&peer_key);
     }
-    if remove_if_same(key, value) {
+    if is_same(key, value) && flow_count::remove_forward(key, value) {
         stats::count_slot(STAT_EXPIRED_IN_KERNEL);
     }
     0
 }
 
-/// Removes `key` only if it still names `value`'s element: a CPU that met the expired flow
-/// meanwhile removed it and may have made a new one under the same key, which must stay.
-fn remove_if_same(key: &FlowKey, value: &FlowValue) -> bool {
-    let same = FLOWS
+/// Whether `key` still names `value`'s element: a CPU that met the expired flow meanwhile
+/// removed it and may have made a new one under the same key, which must stay.
+fn is_same(key: &FlowKey, value: &FlowValue) -> bool {
+    FLOWS
         .get_ptr(key)
-        .is_some_and(|now| core::ptr::eq(now, value));
-    same && FLOWS.remove(key).is_ok()
+        .is_some_and(|now| core::ptr::eq(now, value))
 }

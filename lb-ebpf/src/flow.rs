@@ -9,7 +9,7 @@
 //! pressure it is the first to give its port up.
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
@@ -25,7 +25,7 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, csum,
+    Verdict, csum, flow_count,
     maps::{
         BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min, state_timeout,
     },
@@ -191,7 +191,17 @@ fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Resu
         value.last_seen_ns = now;
     }
     if pkt.tcp_flags & TCP_FIN != 0 {
-        value.flags |= FLOW_FIN_SENT;
+        // Atomic: the other direction's CPU may be setting FLOW_END_COUNTED in the same word.
+        flow_count::fetch_or_flags(value, FLOW_FIN_SENT);
+    }
+    if ended(state) && !ended(value.state) {
+        // A null pointer rather than an Option: the verifier then sees the null check itself.
+        let forward = if reply {
+            peer.unwrap_or(core::ptr::null_mut())
+        } else {
+            &raw mut *value
+        };
+        flow_count::ended(forward);
     }
     value.state = state;
     if let Some(peer) = peer {
@@ -201,11 +211,22 @@ fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Resu
     Ok(true)
 }
 
-/// Removes a connection: the entry under `key` and its other direction.
+/// Removes a connection: the entry under `key` and its other direction (the reply entry
+/// first: a packet meeting the forward entry alone is forgotten too).
 #[inline(always)]
-fn forget(key: &FlowKey, value: &FlowValue) {
-    let _ = FLOWS.remove(&value.peer_key(key.proto));
-    let _ = FLOWS.remove(key);
+fn forget(key: &FlowKey, value: &mut FlowValue) {
+    let peer_key = value.peer_key(key.proto);
+    if value.flags & FLOW_REVERSE != 0 {
+        evict(key, value, peer_of(key, value));
+    } else {
+        forget_forward(key, value, &peer_key);
+    }
+}
+
+#[inline(always)]
+fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &FlowKey) {
+    let _ = FLOWS.remove(reply_key);
+    let _ = flow_count::remove_forward(forward_key, forward);
 }
 
 /// Whether `pkt`, a reply, arrived the way the backend's packets do: on the device the flow's
@@ -312,7 +333,7 @@ fn holder(reverse_key: &FlowKey, now: u64) -> Holder {
     let silent = now.saturating_sub(reply.last_seen_ns.max(forward_seen));
     let state = reply.state;
     if silent >= state_timeout(state) || (ended(state) && silent >= FLOW_RECLAIM_NS) {
-        evict(reverse_key, reply, forward.is_some());
+        evict(reverse_key, reply, forward);
         return Holder::Gone;
     }
     if half_open(state) && silent >= HALF_OPEN_EVICT_NS {
@@ -321,14 +342,20 @@ fn holder(reverse_key: &FlowKey, now: u64) -> Holder {
     Holder::Live
 }
 
-/// Removes the connection whose reply entry is `reverse_key` (its forward entry too, if it
-/// still points back: the client's tuple may already carry a newer flow).
+/// Removes the connection whose reply entry is `reverse_key`; its forward entry too if it
+/// still points back (`forward`): the client's tuple may already carry a newer flow.
 #[inline(always)]
-fn evict(reverse_key: &FlowKey, reply: &FlowValue, with_forward: bool) {
-    if with_forward {
-        forget(reverse_key, reply);
-    } else {
-        let _ = FLOWS.remove(reverse_key);
+fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValue>) {
+    match forward {
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        Some(forward) => forget_forward(
+            &reply.peer_key(reverse_key.proto),
+            unsafe { &mut *forward },
+            reverse_key,
+        ),
+        None => {
+            let _ = FLOWS.remove(reverse_key);
+        }
     }
 }
 
@@ -344,7 +371,7 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
     if !half_open(reply.state) {
         return false;
     }
-    evict(reverse_key, reply, peer_of(reverse_key, reply).is_some());
+    evict(reverse_key, reply, peer_of(reverse_key, reply));
     let taken = FLOWS
         .insert(reverse_key, reverse, BPF_NOEXIST as u64)
         .is_ok();
@@ -460,9 +487,16 @@ pub fn create(
         state,
         ..FlowValue::default()
     };
-    if FLOWS.insert(&pkt.key, &forward, BPF_ANY as u64).is_err() {
-        let _ = FLOWS.remove(&reverse_key);
-        return Err(Verdict::Drop(DropReason::FlowTableFull));
+    // BPF_NOEXIST: each connection is counted opened once. Another CPU that made the same
+    // flow a moment earlier (a duplicate SYN) wins, and this packet follows its flow.
+    match FLOWS.insert(&pkt.key, &forward, BPF_NOEXIST as u64) {
+        Ok(()) => flow_count::opened(backend_id),
+        Err(e) => {
+            let _ = FLOWS.remove(&reverse_key);
+            if e != -EEXIST {
+                return Err(Verdict::Drop(DropReason::FlowTableFull));
+            }
+        }
     }
     // The entry as stored, so that forwarding caches this packet's next hop in it: the
     // flow's next packets then skip the FIB.

@@ -3,11 +3,15 @@
 //! Traffic that is not a service's passes to the kernel untouched.
 #![no_std]
 #![no_main]
+// The target's core has no atomic read-modify-write types; the intrinsic lowers to BPF_ATOMIC.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod csum;
 mod debug_log;
 mod expiry;
 mod flow;
+mod flow_count;
 mod forward;
 mod maps;
 mod nat;

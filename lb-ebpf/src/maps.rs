@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowKey, FlowValue, Iface,
-    MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, STATS_SLOTS, Service, ServiceKey,
+    Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
+    FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, STATS_SLOTS, Service, ServiceKey,
     conntrack::STATE_SLOTS, reset::ResetBudget,
 };
 
@@ -34,6 +34,11 @@ pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAUL
 #[map]
 pub static BACKEND_STATS: PerCpuArray<BackendStats> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// backend id -> connections opened, ended and released (per CPU, `flow_count.rs`). Data path
+/// writes; daemon reads, and zeroes a backend's after cutting its connections.
+#[map]
+pub static FLOW_COUNTS: PerCpuArray<FlowCounts> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// lb_common::reason slot -> packets (per CPU). Data path writes; daemon reads.
 #[map]

@@ -62,6 +62,10 @@ pub fn backends(dataplane: &mut Dataplane, ids: &HashSet<u32>) -> Result<Cut, Da
             cut.connections += 1;
         }
     }
+    // No entry of theirs is left for the data path to count the end or release of.
+    for &id in ids {
+        dataplane.reset_flow_counts(id)?;
+    }
     Ok(cut)
 }
 

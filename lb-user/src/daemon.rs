@@ -14,7 +14,7 @@ use tokio::{io::BufReader, net::UnixStream, signal::unix::SignalKind};
 use crate::{
     config::{BackendConfig, Config, HealthConfig, ServiceConfig},
     control::{self, InterfaceStatus, Request, Response},
-    dataplane::{Dataplane, DataplaneError, FlowTable, FlowTimeouts, LoadSettings},
+    dataplane::{Dataplane, DataplaneError, LoadSettings},
     health,
     layout::{self, PlacedService},
     metrics, persist,
@@ -288,11 +288,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
             lock(&health_state).record_health(report);
         }
     });
-    let (table, timeouts) = {
-        let guard = lock(&state);
-        (guard.dataplane.flow_table()?, guard.timeouts())
-    };
-    tasks.spawn(count_flows(table, timeouts, Arc::clone(&state)));
+    tasks.spawn(count_flows(Arc::clone(&state)));
     if let Some(listener) = metrics {
         log::info!("serving metrics on http://{}/metrics", opts.metrics);
         let metrics_state = Arc::clone(&state);
@@ -357,27 +353,18 @@ async fn forward_data_path_logs(logger: crate::dataplane::DataPathLogger) {
     }
 }
 
-/// Every SWEEP_INTERVAL, counts the flow table on a blocking thread (a large table takes a
-/// second) and records what it found (active flows and ports per backend, terminating
-/// backends done), so that the runtime and the state stay free. Expiry is the kernel's.
-async fn count_flows(table: FlowTable, timeouts: FlowTimeouts, state: Arc<Mutex<State>>) {
-    let table = Arc::new(table);
+/// Every SWEEP_INTERVAL, reads the data path's per-backend connection counts (a read per
+/// backend, whatever the size of the flow table) and records them: active flows and ports per
+/// backend, terminating backends done, suspect backends avoided. Expiry is the kernel's.
+async fn count_flows(state: Arc<Mutex<State>>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let table = Arc::clone(&table);
-        let counted = tokio::task::spawn_blocking(move || {
-            table.count(crate::dataplane::monotonic_ns(), &timeouts)
-        })
-        .await;
-        match counted {
-            Ok(Ok(sweep)) => lock(&state).record_sweep(&sweep),
-            Ok(Err(e)) => log::error!("counting the flow table: {e}"),
-            Err(e) => {
-                log::error!("the flow counter stopped: {e}; status shows no active flows");
-                return;
-            }
+        let mut state = lock(&state);
+        match state.count_flows() {
+            Ok(sweep) => state.record_sweep(&sweep),
+            Err(e) => log::error!("reading the flow counts: {e}"),
         }
     }
 }

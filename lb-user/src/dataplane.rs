@@ -17,11 +17,12 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendStats, Be16, Be32, DropReason, FLOW_REVERSE, FlowKey, FlowValue, IFACE_XDP_TX,
-    Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
+    Backend, BackendStats, Be16, Be32, DropReason, FLOW_REVERSE, FlowCounts, FlowKey, FlowValue,
+    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service,
+    ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
-        UDP_REPLIED, UDP_UNREPLIED, ended, expired, state_timeout,
+        UDP_REPLIED, UDP_UNREPLIED,
     },
 };
 
@@ -210,6 +211,7 @@ pub struct Dataplane {
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
+    flow_counts: PerCpuArray<MapData, FlowCounts>,
     suspect: Array<MapData, u64>,
     debug_log: Array<MapData, u32>,
     /// Reads the data path's aya-log records; taken by the daemon's log task.
@@ -281,6 +283,8 @@ impl Dataplane {
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
             .map_max_entries("FLOWS", settings.flow_capacity);
         let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
+        // An upgrade from a build without FLOW_COUNTS adopts flows it never counted opened.
+        let counts_fresh = !pin_dir.is_some_and(|dir| dir.join("FLOW_COUNTS").exists());
         if let Some(dir) = pin_dir {
             for name in pins::MAP_NAMES {
                 loader.map_pin_path(name, dir.join(name));
@@ -308,12 +312,13 @@ impl Dataplane {
             })?;
         arm.load()
             .map_err(|source| DataplaneError::Program { source })?;
-        Ok(Self {
+        let mut dataplane = Self {
             services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
             maglev: map(&mut ebpf, "MAGLEV", Array::try_from)?,
             flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
             backend_stats: map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
+            flow_counts: map(&mut ebpf, "FLOW_COUNTS", PerCpuArray::try_from)?,
             suspect: map(&mut ebpf, "SUSPECT", Array::try_from)?,
             debug_log: map(&mut ebpf, "DEBUG_LOG", Array::try_from)?,
             logger: Some(
@@ -330,7 +335,81 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_path_buf),
             pinned_links: Vec::new(),
             adopted,
-        })
+        };
+        if adopted && counts_fresh {
+            // Before this program is attached, so no data path writes FLOW_COUNTS meanwhile.
+            dataplane.seed_flow_counts()?;
+        }
+        Ok(dataplane)
+    }
+
+    /// Counts the adopted table's connections as opened, per backend (their ends and releases
+    /// the data path counts as they come).
+    fn seed_flow_counts(&mut self) -> Result<(), DataplaneError> {
+        let mut opened: StdHashMap<u32, u64> = StdHashMap::new();
+        for (_, value) in self.flow_entries()? {
+            if value.flags & FLOW_REVERSE == 0 {
+                *opened.entry(value.backend_id).or_default() += 1;
+            }
+        }
+        for (id, opened) in opened {
+            self.set_flow_counts(
+                id,
+                FlowCounts {
+                    opened,
+                    ..FlowCounts::default()
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A backend's connection counts, summed over CPUs.
+    pub fn flow_counts(&self, id: u32) -> Result<FlowCounts, DataplaneError> {
+        let per_cpu = self
+            .flow_counts
+            .get(&id, 0)
+            .map_err(in_map("FLOW_COUNTS"))?;
+        Ok(per_cpu.iter().fold(FlowCounts::default(), |mut sum, c| {
+            sum.add(c);
+            sum
+        }))
+    }
+
+    /// Zeroes a backend's connection counts: its connections were all removed (cut), so no
+    /// data path will count one of them again.
+    pub fn reset_flow_counts(&mut self, id: u32) -> Result<(), DataplaneError> {
+        self.set_flow_counts(id, FlowCounts::default())
+    }
+
+    /// Sets a backend's counts: `counts` on the first CPU, zero on the others.
+    fn set_flow_counts(&mut self, id: u32, counts: FlowCounts) -> Result<(), DataplaneError> {
+        let mut values = vec![FlowCounts::default(); possible_cpus()?];
+        values[0] = counts;
+        let values = aya::maps::PerCpuValues::try_from(values)
+            .map_err(|e| DataplaneError::Cpus(e.to_string()))?;
+        self.flow_counts
+            .set(id, values, 0)
+            .map_err(in_map("FLOW_COUNTS"))
+    }
+
+    /// Each backend's open connections and the SNAT ports they hold, from FLOW_COUNTS: a read
+    /// per backend, whatever the size of the flow table.
+    pub fn count_flows(
+        &self,
+        ids: impl IntoIterator<Item = u32>,
+    ) -> Result<FlowSweep, DataplaneError> {
+        let mut sweep = FlowSweep {
+            started_ns: monotonic_ns(),
+            ..FlowSweep::default()
+        };
+        for id in ids {
+            let counts = self.flow_counts(id)?;
+            sweep.active.insert(id, counts.open());
+            sweep.ports.insert(id, counts.holding_ports());
+            sweep.entries += 2 * counts.holding_ports();
+        }
+        Ok(sweep)
     }
 
     pub fn settings(&self) -> LoadSettings {
@@ -698,28 +777,6 @@ impl Dataplane {
         self.flows.remove(key).map_err(in_map("FLOWS"))
     }
 
-    /// FLOWS through a file descriptor of its own, for the daemon's sweeper: it reads the
-    /// whole table, which at a million connections takes seconds, and must not hold the lock
-    /// that everything else (control requests, health changes) needs meanwhile.
-    pub fn flow_table(&self) -> Result<FlowTable, DataplaneError> {
-        let fd = self
-            .flows
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|io_error| {
-                in_map("FLOWS")(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "dup",
-                    io_error,
-                }))
-            })?;
-        let data = MapData::from_fd(fd).map_err(in_map("FLOWS"))?;
-        Ok(FlowTable {
-            flows: HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(in_map("FLOWS"))?,
-        })
-    }
-
     /// Starts the in-kernel expiry: from now on the kernel removes flows past their state's
     /// timeout every EXPIRY_INTERVAL_NS, with or without a daemon (the timer lives in the
     /// pinned EXPIRY map). A timer an earlier daemon armed is taken over: it runs this
@@ -788,61 +845,6 @@ pub struct TestRunOutcome {
     pub frame: Vec<u8>,
     /// The kernel's time per run (its own clock around the program, divided by the repeats).
     pub duration: Duration,
-}
-
-/// The flow table, for the daemon's counting (see `Dataplane::flow_table`).
-pub struct FlowTable {
-    flows: HashMap<MapData, FlowKey, FlowValue>,
-}
-
-impl FlowTable {
-    /// Counts the table: entries, connections that have not ended per backend, SNAT ports
-    /// held per backend. A connection past its state's timeout is not counted: the kernel's
-    /// expiry (or the next packet that meets it) removes it. A connection's age is that of its
-    /// most recent packet in either direction.
-    pub fn count(&self, now_ns: u64, timeouts: &FlowTimeouts) -> Result<FlowSweep, DataplaneError> {
-        let by_state = timeouts.by_state();
-        let entries: StdHashMap<FlowKey, FlowValue> =
-            map_batch::lookup_all(self.flows.map().fd().as_fd())
-                .map_err(|source| DataplaneError::Batch {
-                    name: "FLOWS",
-                    source,
-                })?
-                .into_iter()
-                .collect();
-        let mut sweep = FlowSweep {
-            started_ns: now_ns,
-            entries: entries.len() as u64,
-            ..FlowSweep::default()
-        };
-        for (key, value) in &entries {
-            if value.flags & FLOW_REVERSE != 0 {
-                *sweep.ports.entry(value.backend_id).or_default() += 1;
-                continue;
-            }
-            let peer = entries
-                .get(&value.peer_key(key.proto))
-                .filter(|p| p.peer_key(key.proto) == *key);
-            if !ended(value.state) && !connection_expired(&by_state, value, peer, now_ns) {
-                *sweep.active.entry(value.backend_id).or_default() += 1;
-            }
-        }
-        Ok(sweep)
-    }
-}
-
-/// Whether the connection of `forward` (and its reply entry `reply`, if any) outlived its
-/// state's timeout at `now_ns`.
-fn connection_expired(
-    by_state: &[u64; STATE_SLOTS],
-    forward: &FlowValue,
-    reply: Option<&FlowValue>,
-    now_ns: u64,
-) -> bool {
-    let last = forward
-        .last_seen_ns
-        .max(reply.map_or(0, |r| r.last_seen_ns));
-    expired(state_timeout(by_state, forward.state), last, now_ns)
 }
 
 impl Drop for Dataplane {

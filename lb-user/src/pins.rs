@@ -9,12 +9,13 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
     "FLOWS",
     "BACKEND_STATS",
+    "FLOW_COUNTS",
     "SUSPECT",
     "STATS",
     "SNAT_CURSOR",

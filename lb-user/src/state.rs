@@ -517,6 +517,7 @@ impl State {
                 .unwrap_or_else(|| Err("not probed yet".into()));
             if fresh_counters && !existed {
                 self.dataplane.reset_backend_stats(id)?;
+                self.dataplane.reset_flow_counts(id)?;
                 // A reused id must not inherit its last holder's suspect mark.
                 self.dataplane.clear_suspect(id)?;
             }
@@ -752,6 +753,16 @@ impl State {
                 Err(e) => log::error!("cutting backend {address}'s connections: {e}"),
             }
         }
+    }
+
+    /// The data path's counts for every backend the daemon knows, terminating ones included.
+    pub fn count_flows(&self) -> Result<FlowSweep, DataplaneError> {
+        let ids = self
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.id))
+            .chain(self.terminating.iter().map(|t| t.id));
+        self.dataplane.count_flows(ids.collect::<BTreeSet<u32>>())
     }
 
     pub fn record_sweep(&mut self, sweep: &FlowSweep) {

@@ -13,11 +13,11 @@ use std::{
 };
 
 use lb_common::{
-    DropReason, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FlowKey, FlowValue, NO_BACKEND,
-    PassReason,
+    DropReason, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FlowKey,
+    FlowValue, NO_BACKEND, PassReason,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
-        TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
+        TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
     },
     flow_hash,
     reset::RESETS_PER_SEC_PER_CPU,
@@ -100,6 +100,10 @@ enum Counter {
     Packets(u32),
     /// An event slot, by its name in lb_common::EVENTS.
     Event(&'static str),
+    /// A backend's FLOW_COUNTS: connections opened, ended, released.
+    Opened(u32),
+    Ended(u32),
+    Released(u32),
 }
 
 struct Fixture {
@@ -297,13 +301,22 @@ fn flow_pair_in(
     snat_port: u16,
 ) -> Vec<(FlowKey, Option<FlowValue>)> {
     flow_pair(proto, cport, vport, backend, snat_port)
-        .map(|(k, v)| (k, Some(FlowValue { state, ..v })))
+        .map(|(k, v)| (k, in_state(state, v)))
         .to_vec()
 }
 
 /// An entry `value` in `state`.
 fn in_state(state: u32, v: FlowValue) -> Option<FlowValue> {
-    Some(FlowValue { state, ..v })
+    Some(with_end_counted(FlowValue { state, ..v }))
+}
+
+/// `v` with FLOW_END_COUNTED if it is a forward entry of an ended connection: the data path
+/// sets it where it counts the end (`flow_count.rs`), and `apply` on ended flows it sets up.
+fn with_end_counted(mut v: FlowValue) -> FlowValue {
+    if v.flags & FLOW_REVERSE == 0 && ended(v.state) {
+        v.flags |= FLOW_END_COUNTED;
+    }
+    v
 }
 
 /// The backend the data path's Maglev lookup picks for client port `cport`.
@@ -1412,7 +1425,72 @@ fn fixtures() -> Vec<Fixture> {
         }
     }
     list.extend(conntrack_fixtures());
+    count_connections(&mut list);
     list
+}
+
+/// What fixtures do to their backends' connection counts (FLOW_COUNTS, `flow_count.rs`):
+/// connections opened, ended (once each) and released (entries removed). The daemon's active
+/// flows and SNAT ports in use come from these alone.
+fn count_connections(list: &mut [Fixture]) {
+    use Counter::{Ended, Opened, Released};
+    let deltas: &[(&str, &[(Counter, u64)])] = &[
+        (
+            "select_tcp_syn_to_vip_snats_to_backend",
+            &[(Opened(1), 1), (Ended(1), 0), (Released(1), 0)],
+        ),
+        (
+            "failover_backend_rst_to_unanswered_syn_dropped_and_marks_suspect",
+            &[(Opened(1), 0), (Ended(1), 1), (Released(1), 1)],
+        ),
+        (
+            "failover_refusal_on_another_device_marks_nothing",
+            &[(Ended(1), 1), (Released(1), 0)],
+        ),
+        (
+            "failover_retransmitted_syn_unanswered_moves_to_another_backend",
+            &[(Ended(1), 1), (Released(1), 1), (Opened(2), 1)],
+        ),
+        (
+            "conntrack_second_fin_moves_to_last_ack",
+            &[(Ended(1), 1), (Released(1), 0)],
+        ),
+        (
+            "conntrack_last_ack_acknowledged_moves_to_time_wait",
+            &[(Ended(1), 0), (Released(1), 0)],
+        ),
+        (
+            "conntrack_rst_in_window_closes",
+            &[(Ended(1), 1), (Released(1), 0)],
+        ),
+        (
+            "conntrack_blind_rst_forwarded_and_leaves_established",
+            &[(Ended(1), 0)],
+        ),
+        (
+            "select_snat_port_of_long_closed_flow_reclaimed",
+            &[(Opened(1), 1), (Ended(1), 0), (Released(1), 1)],
+        ),
+        (
+            "select_snat_port_of_just_closed_flow_kept",
+            &[(Opened(1), 0), (Released(1), 0)],
+        ),
+        (
+            "select_half_open_port_given_to_a_new_flow_under_pressure",
+            &[(Opened(1), 1), (Ended(1), 1), (Released(1), 1)],
+        ),
+        (
+            "flow_syn_reusing_closed_tuple_gets_new_flow",
+            &[(Opened(1), 1), (Ended(1), 0), (Released(1), 1)],
+        ),
+    ];
+    for (name, counters) in deltas {
+        let fixture = list
+            .iter_mut()
+            .find(|f| f.name == *name)
+            .unwrap_or_else(|| panic!("no fixture {name}"));
+        fixture.counters.extend_from_slice(counters);
+    }
 }
 
 /// A UDP reply of backend `backend` to SNAT:snat_port, and the same as its client receives it.
@@ -1799,6 +1877,9 @@ fn conntrack_fixtures() -> Vec<Fixture> {
                         vec![
                             (Counter::Pass(PassReason::NotService), 1),
                             (Counter::Event("expired_in_data_path"), 1),
+                            // An ended connection's end was counted when it ended.
+                            (Counter::Ended(1), u64::from(!ended(state))),
+                            (Counter::Released(1), 1),
                         ],
                     )
                 } else {
@@ -1908,6 +1989,7 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     if !f.syn_well_formed {
                         v.flags &= !FLOW_SYN_WELL_FORMED;
                     }
+                    let mut v = with_end_counted(v);
                     if let Some(hop) = f.cached
                         && !reply
                     {
@@ -1965,6 +2047,9 @@ fn read(dp: &Dataplane, counter: Counter) -> u64 {
         Counter::Redirect => reasons.redirect,
         Counter::NewFlows(id) => dp.backend_stats(id).expect("backend stats").new_flows,
         Counter::Packets(id) => dp.backend_stats(id).expect("backend stats").packets,
+        Counter::Opened(id) => dp.flow_counts(id).expect("flow counts").opened,
+        Counter::Ended(id) => dp.flow_counts(id).expect("flow counts").ended,
+        Counter::Released(id) => dp.flow_counts(id).expect("flow counts").released,
         Counter::Event(name) => {
             reasons
                 .events
@@ -2208,6 +2293,9 @@ fn the_kernel_expires_every_timeout_class_without_traffic() {
         std::thread::sleep(Duration::from_millis(1000));
         assert_eq!(dp.flow(&orphan), None, "an orphan goes at the second pass");
         assert_eq!(read(&dp, Counter::Event("expired_in_kernel")), 6 + 1);
+        // Six forward entries went; the time-wait one's end was counted when it ended.
+        assert_eq!(read(&dp, Counter::Released(1)), 6);
+        assert_eq!(read(&dp, Counter::Ended(1)), 5);
         // Arming again (a new daemon) takes the running timer over.
         dp.arm_expiry().expect("arm again");
     })

@@ -315,7 +315,10 @@ pub fn markdown(results: &Results, command: &str) -> String {
                 }
                 r += "\n";
             }
-            let _ = write!(r, "| daemon: one sweep of the whole table (ms) |");
+            let _ = write!(
+                r,
+                "| daemon: one read of the backends' connection counts (ms) |"
+            );
             for l in &levels {
                 let cell = micro
                     .sweeps
