@@ -34,8 +34,10 @@ pub const FLOW_SYN_WELL_FORMED: u32 = 16;
 /// exactly one counts it.
 pub const FLOW_END_COUNTED: u32 = 32;
 
-/// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table.
+/// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
+/// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.
 pub const EXPIRY_INTERVAL_NS: u64 = 1_000_000_000;
+pub const EXPIRY_INTERVAL_MAX_NS: u64 = 5_000_000_000;
 
 /// `Iface::flags`: the device is a real NIC, where XDP_TX back out of the ingress device is the
 /// fastest action. Virtual devices (veth) need a redirect instead (see ENGINEERING.md).

@@ -89,8 +89,12 @@ pub const STAT_RESET_NO_FLOW: u32 = 135;
 /// connections the in-kernel expiry found past their state's timeout and removed (both
 /// entries), and reply entries it removed for having no forward entry.
 pub const STAT_EXPIRED_IN_KERNEL: u32 = 136;
+/// Passes of the in-kernel expiry over the flow table, and the nanoseconds they took in all
+/// (their ratio is a pass's cost, paid in softirq once a second).
+pub const STAT_EXPIRY_PASSES: u32 = 137;
+pub const STAT_EXPIRY_PASS_NS: u32 = 138;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 7] = [
+pub const EVENTS: [(u32, &str); 9] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -98,6 +102,8 @@ pub const EVENTS: [(u32, &str); 7] = [
     (STAT_EXPIRED_IN_DATA_PATH, "expired_in_data_path"),
     (STAT_RESET_NO_FLOW, "reset_no_flow"),
     (STAT_EXPIRED_IN_KERNEL, "expired_in_kernel"),
+    (STAT_EXPIRY_PASSES, "expiry_passes"),
+    (STAT_EXPIRY_PASS_NS, "expiry_pass_ns"),
 ];
 
 impl PassReason {

@@ -11,15 +11,15 @@ use aya_ebpf::{
     bindings::{bpf_timer, xdp_action},
     btf_maps::Array,
     helpers::{
-        bpf_for_each_map_elem, bpf_ktime_get_coarse_ns, bpf_timer_init, bpf_timer_set_callback,
-        bpf_timer_start,
+        bpf_for_each_map_elem, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_timer_init,
+        bpf_timer_set_callback, bpf_timer_start,
     },
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use lb_common::{
-    EXPIRY_INTERVAL_NS, FLOW_ORPHAN_SEEN, FLOW_REVERSE, FlowKey, FlowValue, STAT_EXPIRED_IN_KERNEL,
-    conntrack::expired,
+    EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_ORPHAN_SEEN, FLOW_REVERSE, FlowKey, FlowValue,
+    STAT_EXPIRED_IN_KERNEL, STAT_EXPIRY_PASS_NS, STAT_EXPIRY_PASSES, conntrack::expired,
 };
 
 use crate::{
@@ -39,6 +39,9 @@ pub struct ExpiryTimer {
 pub static EXPIRY: Array<ExpiryTimer, 1> = Array::new();
 
 const CLOCK_MONOTONIC: u64 = 1;
+/// The next pass waits this many times as long as the last one took (at least
+/// EXPIRY_INTERVAL_NS, at most EXPIRY_INTERVAL_MAX_NS).
+const EXPIRY_PACE: u64 = 4;
 
 /// What one pass hands each entry.
 #[repr(C)]
@@ -77,6 +80,9 @@ extern "C" fn expire_all(_map: *mut c_void, _key: *mut u32, value: *mut ExpiryTi
         // SAFETY: a helper without arguments or side effects.
         now_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
+    // The precise clock: a pass over a small table takes microseconds.
+    // SAFETY: as above.
+    let started = unsafe { bpf_ktime_get_ns() };
     // SAFETY: FLOWS is a map, the callback has the signature bpf_for_each_map_elem calls, and
     // `pass` outlives the call; `value` is the timer's own map value.
     unsafe {
@@ -86,8 +92,17 @@ extern "C" fn expire_all(_map: *mut c_void, _key: *mut u32, value: *mut ExpiryTi
             (&raw mut pass).cast(),
             0,
         );
-        bpf_timer_start(&raw mut (*value).timer, EXPIRY_INTERVAL_NS, 0);
     }
+    // SAFETY: as above.
+    let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(started);
+    // A pass over a huge table may take a good part of a second in softirq: the next one
+    // waits at least 4 times as long, so that expiry takes a fifth of a CPU at most (the cap
+    // keeps it timely should a pass ever take over a second).
+    let next = (took * EXPIRY_PACE).clamp(EXPIRY_INTERVAL_NS, EXPIRY_INTERVAL_MAX_NS);
+    // SAFETY: `value` is the timer's own map value.
+    unsafe { bpf_timer_start(&raw mut (*value).timer, next, 0) };
+    stats::count_slot(STAT_EXPIRY_PASSES);
+    stats::add_to_slot(STAT_EXPIRY_PASS_NS, took);
     0
 }
 
@@ -102,6 +117,13 @@ extern "C" fn expire_entry(
 ) -> u64 {
     // SAFETY: the kernel hands the callback the element's key and value and our context.
     let (key, value, now) = unsafe { (&*key, &mut *value, (*pass).now_ns) };
+    // Most entries are judged by themselves alone: the other direction's lookup (a cache miss
+    // in a large table) only for an entry silent for its state's timeout. A reply entry whose
+    // forward entry went (rare: both go together) is then found once it is that silent.
+    let timeout = state_timeout(value.state);
+    if !expired(timeout, value.last_seen_ns, now) {
+        return 0;
+    }
     let peer_key = value.peer_key(key.proto);
     let peer = FLOWS
         .get_ptr(&peer_key)
@@ -115,10 +137,6 @@ extern "C" fn expire_entry(
         } else if is_same(key, value) && FLOWS.remove(key).is_ok() {
             stats::count_slot(STAT_EXPIRED_IN_KERNEL);
         }
-        return 0;
-    }
-    let timeout = state_timeout(value.state);
-    if !expired(timeout, value.last_seen_ns, now) {
         return 0;
     }
     // SAFETY: as above.

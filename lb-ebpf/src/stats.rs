@@ -40,8 +40,13 @@ pub fn count_new_flow(id: u32) {
 /// One more in a STATS slot: a verdict's, or an event counted besides it (lb_common::EVENTS).
 #[inline(always)]
 pub fn count_slot(slot: u32) {
+    add_to_slot(slot, 1);
+}
+
+#[inline(always)]
+pub fn add_to_slot(slot: u32, amount: u64) {
     if let Some(counter) = STATS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU slot, written only by this CPU.
-        unsafe { *counter += 1 };
+        unsafe { *counter += amount };
     }
 }

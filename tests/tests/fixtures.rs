@@ -2260,7 +2260,8 @@ fn the_kernel_expires_every_timeout_class_without_traffic() {
         reply.last_seen_ns = monotonic_ns();
         dp.insert_flow(reply_key, reply).expect("refresh the reply");
         kept.extend([(TCP_ESTABLISHED, fwd), (TCP_ESTABLISHED, reply_key)]);
-        // A reply entry whose forward entry is gone.
+        // A reply entry whose forward entry is gone, silent for its state's timeout (the pass
+        // looks for a missing forward entry only then).
         let [(orphan_fwd, _), (orphan, _)] = flow_pair(TCP, 44000, WEB_PORT, 1, 34000);
         apply(
             &mut dp,
@@ -2269,7 +2270,7 @@ fn the_kernel_expires_every_timeout_class_without_traffic() {
                 44000,
                 1,
                 34000,
-                Some(0),
+                Some(secs(3)),
             ))],
         );
         dp.remove_flow(&orphan_fwd)

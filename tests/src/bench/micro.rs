@@ -117,6 +117,8 @@ pub struct SweepFigure {
 pub struct MicroResults {
     pub figures: Vec<MicroFigure>,
     pub sweeps: Vec<SweepFigure>,
+    /// The in-kernel expiry's pass over the fullest table: (connections, mean ms, passes).
+    pub expiry_pass: (u64, f64, u64),
     /// The per-call overhead subtracted from one-call timings of the established path
     /// (median over levels and rounds).
     pub call_overhead_ns: f64,
@@ -454,6 +456,27 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Arms the in-kernel expiry and returns the mean time of its passes over the table as it
+    /// is (nothing in it expires: the walk is the cost), in ms, and how many passes that is.
+    fn expiry_pass(&mut self) -> Result<(f64, u64), String> {
+        let read = |dp: &Dataplane| -> Result<(u64, u64), String> {
+            let events = dp.reason_counters().map_err(|e| e.to_string())?.events;
+            let event = |name: &str| events.iter().find(|(n, _)| *n == name).map_or(0, |e| e.1);
+            Ok((event("expiry_passes"), event("expiry_pass_ns")))
+        };
+        self.dp.arm_expiry().map_err(|e| e.to_string())?;
+        let (passes, ns) = read(&self.dp)?;
+        std::thread::sleep(Duration::from_millis(3500));
+        let (passes_after, ns_after) = read(&self.dp)?;
+        let passes = passes_after - passes;
+        if passes == 0 {
+            return Err("the expiry timer made no pass in 3.5 s".into());
+        }
+        Ok(((ns_after - ns) as f64 / passes as f64 / 1e6, passes))
+    }
+}
+
 /// Timeouts long enough that nothing the benchmark writes expires while it runs.
 fn dp_timeouts() -> FlowTimeouts {
     let hour = Duration::from_secs(3600);
@@ -602,9 +625,14 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
             ms: Summary::of(&sweep_ms).ok_or("no samples")?,
         });
     }
+    // Last: once armed, the timer walks the table every second, in softirq on some CPU, and
+    // would disturb the timings above.
+    let (pass_ms, passes) = bench.expiry_pass()?;
+    let expiry_pass = (bench.connections, pass_ms, passes);
     Ok(MicroResults {
         figures,
         sweeps,
+        expiry_pass,
         call_overhead_ns: Summary::of(&overheads).map_or(0.0, |s| s.median),
         calls_per_round: opts.calls,
         repeats_per_round: opts.repeats,

@@ -338,12 +338,21 @@ pub fn markdown(results: &Results, command: &str) -> String {
                  a time ({} calls a round) less the per-call overhead of the same path (one-call \
                  time minus repeated time of the hot flow; {:.0} ns for the established path). \
                  The pass path is the mean over {} repeats. Times include the FIB lookup and \
-                 the redirect decision, not the transmit. The sweep is the daemon's walk of the \
-                 whole table, done once a second.\n",
+                 the redirect decision, not the transmit. The daemon's read is what it does \
+                 once a second to learn each backend's connections: one per-CPU counter per \
+                 backend, whatever the size of the table.\n",
                 micro.ping_pong_repeats,
                 micro.calls_per_round,
                 micro.call_overhead_ns,
                 number(f64::from(micro.repeats_per_round))
+            );
+            let (connections, ms, passes) = micro.expiry_pass;
+            let _ = writeln!(
+                r,
+                "\nThe in-kernel expiry's pass over the table ({} connections, {} entries), once \
+                 a second in softirq: {ms:.2} ms (mean of {passes} passes).",
+                number(connections as f64),
+                number((connections * 2) as f64),
             );
         }
         Err(e) => {
