@@ -500,6 +500,67 @@ fn a_suspect_backend_with_most_of_the_weight_takes_no_new_flows() {
     assert_eq!(balancer.backend("web", &heavy)["healthy"], true);
 }
 
+/// A client that shut down writing while its backend streams, with pauses longer than the 2 s
+/// after which an ended connection's SNAT port may be taken. Before half-close was tracked per
+/// direction, the first FIN marked the connection closing, a new flow took its port in a pause,
+/// and the rest of the stream went to the new flow's client.
+#[test]
+fn a_half_closed_connection_keeps_its_port_while_the_backend_streams() {
+    use std::io::{Read as _, Write as _};
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 0], |c| {
+        c.replace(
+            "capacity = 65536\n",
+            "capacity = 65536\nsnat_ports = \"30000-30001\"\n",
+        )
+    });
+    let mut download = connect_in(&topo.client);
+    download
+        .write_all(b"GET /stream/4/2500 HTTP/1.1\r\nHost: vip\r\n\r\n")
+        .expect("send the request");
+    download
+        .shutdown(std::net::Shutdown::Write)
+        .expect("shut down writing");
+    // New connections meanwhile, each closed at once: they take and give up the other port
+    // (and would take this one, were it free).
+    let script = format!(
+        "for i in $(seq 25); do \
+         curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; sleep 0.2; done"
+    );
+    let (read, body, others) = std::thread::scope(|scope| {
+        let others = scope.spawn(|| topo.client.try_sh(&script));
+        download
+            .set_read_timeout(Some(Duration::from_secs(6)))
+            .expect("timeout");
+        let mut body = String::new();
+        let read = download.read_to_string(&mut body);
+        let others = others.join().expect("the other connections");
+        (
+            read,
+            body,
+            String::from_utf8_lossy(&others.stdout).into_owned(),
+        )
+    });
+    let served = others.lines().filter(|l| *l == "b1").count();
+    println!(
+        "half-closed download: {read:?}, {body:?}; {served} other connections served meanwhile"
+    );
+    assert!(read.is_ok(), "the download broke: {read:?} after {body:?}");
+    for i in 0..4 {
+        assert!(
+            body.contains(&format!("chunk {i}\n")),
+            "chunk {i} missing: {body:?}"
+        );
+    }
+    assert!(
+        served >= 5,
+        "too few other connections took ports meanwhile: {others}"
+    );
+    assert!(
+        counter(&balancer, "drop_snat_ports_exhausted") >= 1,
+        "the ports were never short"
+    );
+}
+
 /// `config` without the backend `address` (IP:PORT) in any service.
 fn without_backend(config: &str, address: &str) -> String {
     let block =

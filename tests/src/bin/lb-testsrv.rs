@@ -1,7 +1,9 @@
 //! A backend server for tests and the demo: answers HTTP requests on a TCP port with its name
 //! (keep-alive supported) and echoes UDP datagrams prefixed with its name, so that a client
 //! sees which backend served it. A datagram that starts with `delay=MS ` is answered after MS
-//! milliseconds, as a recursive resolver answers late. Usage: lb-testsrv NAME PORT
+//! milliseconds, as a recursive resolver answers late. `GET /stream/N/MS` is answered with N
+//! lines `chunk I`, MS milliseconds apart, then the connection closes: a download with pauses.
+//! Usage: lb-testsrv NAME PORT
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -72,18 +74,24 @@ fn serve(stream: TcpStream, name: &str) {
     let mut reader = BufReader::new(stream);
     loop {
         let mut close = false;
+        let mut stream_asked = None;
         loop {
             let mut line = String::new();
             match reader.read_line(&mut line) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
+            stream_asked = stream_asked.or_else(|| stream_request(&line));
             if line.to_ascii_lowercase().starts_with("connection: close") {
                 close = true;
             }
             if line == "\r\n" || line == "\n" {
                 break;
             }
+        }
+        if let Some((chunks, pause)) = stream_asked {
+            let _ = stream_chunks(&mut writer, chunks, pause);
+            return;
         }
         let body = format!("{name}\n");
         let response = format!(
@@ -95,4 +103,32 @@ fn serve(stream: TcpStream, name: &str) {
             return;
         }
     }
+}
+
+/// `GET /stream/N/MS`: N chunks (at most 100), MS milliseconds apart (at most 10 s).
+fn stream_request(line: &str) -> Option<(u32, std::time::Duration)> {
+    let path = line.strip_prefix("GET /stream/")?.split(' ').next()?;
+    let (chunks, pause) = path.split_once('/')?;
+    let chunks: u32 = chunks.parse().ok()?;
+    let pause: u64 = pause.parse().ok()?;
+    Some((
+        chunks.min(100),
+        std::time::Duration::from_millis(pause.min(10_000)),
+    ))
+}
+
+fn stream_chunks(
+    writer: &mut TcpStream,
+    chunks: u32,
+    pause: std::time::Duration,
+) -> std::io::Result<()> {
+    writer
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n")?;
+    for i in 0..chunks {
+        if i > 0 {
+            thread::sleep(pause);
+        }
+        writer.write_all(format!("chunk {i}\n").as_bytes())?;
+    }
+    Ok(())
 }
