@@ -296,6 +296,8 @@ enum Holder {
     HalfOpen,
     /// A connection that keeps it.
     Live,
+    /// Nobody, but the table has no room for another entry.
+    TableFull,
 }
 
 /// Inserts the reply entry under `reverse_key` if its SNAT port is free for this backend, or
@@ -313,7 +315,9 @@ fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<Hol
             }
             other => Ok(other),
         },
-        Err(_) => Err(Verdict::Drop(DropReason::FlowTableFull)),
+        // The port is free, but the table is full: a half-open flow holding another port may
+        // still make room.
+        Err(_) => Ok(Holder::TableFull),
     }
 }
 
@@ -355,6 +359,23 @@ fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValu
         ),
         None => {
             let _ = FLOWS.remove(reverse_key);
+        }
+    }
+}
+
+/// Why no port could be had: the last port tried is held (the backend's ports ran out), or
+/// free with no room in the table for it (the table ran out). Outside the port search, so the
+/// search carries no flag for it (each one doubles the paths the verifier walks).
+#[inline(always)]
+fn exhausted(last_tried: &FlowKey, reverse: &FlowValue) -> Verdict {
+    match FLOWS.insert(last_tried, reverse, BPF_NOEXIST as u64) {
+        Err(e) if e == -EEXIST => Verdict::Drop(DropReason::SnatPortsExhausted),
+        Err(_) => Verdict::Drop(DropReason::FlowTableFull),
+        Ok(()) => {
+            // Freed a moment ago; this packet is dropped all the same (its retransmission
+            // finds the port), and the entry must not stay without its forward entry.
+            let _ = FLOWS.remove(last_tried);
+            Verdict::Drop(DropReason::SnatPortsExhausted)
         }
     }
 }
@@ -437,7 +458,7 @@ pub fn create(
                 half_open_port.get_or_insert(port);
                 false
             }
-            Holder::Live => false,
+            Holder::Live | Holder::TableFull => false,
         })
     };
     if client_port.wrapping_sub(port_min) < port_count {
@@ -463,12 +484,14 @@ pub fn create(
         found = try_port(Be16::from_host((port_min + index) as u16), &mut reverse_key)?;
     }
     if !found {
+        // A half-open connection gives its port up, and its two entries with it: under a
+        // flood, that makes room whether the ports or the table ran out.
         let Some(port) = half_open_port else {
-            return Err(Verdict::Drop(DropReason::SnatPortsExhausted));
+            return Err(exhausted(&reverse_key, &reverse));
         };
         reverse_key.dst_port = port;
         if !evict_half_open(&reverse_key, &reverse) {
-            return Err(Verdict::Drop(DropReason::SnatPortsExhausted));
+            return Err(exhausted(&reverse_key, &reverse));
         }
     }
     let forward = FlowValue {

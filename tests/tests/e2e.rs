@@ -824,6 +824,35 @@ fn restart_keeps_flows_and_serves_new_connections_and_remove_ends_forwarding() {
     drop(long_lived);
 }
 
+/// An upgrade from a build without the per-backend connection counts adopts connections it
+/// never saw open: it counts them once, before its program is attached, and their ends after.
+#[test]
+fn an_upgrade_counts_the_connections_it_adopts() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup(Arms::Two, &[1, 0]);
+    let b1 = backend(&topo, 0);
+    let active = |b: &Balancer| b.backend("web", &b1)["active_flows"].clone();
+    let mut long_lived = connect_in(&topo.client);
+    assert_eq!(request_on(&mut long_lived), "b1");
+    balancer.wait_until(Duration::from_secs(3), "the connection counted", |b| {
+        active(b) == 1
+    });
+    // What such a build leaves pinned: everything but the counts.
+    std::fs::remove_file(balancer.bpffs.join("FLOW_COUNTS")).expect("unpin FLOW_COUNTS");
+    balancer.restart();
+    balancer.wait_until(
+        Duration::from_secs(3),
+        "the adopted connection counted",
+        |b| active(b) == 1,
+    );
+    assert_eq!(request_on(&mut long_lived), "b1");
+    drop(long_lived);
+    balancer.wait_until(Duration::from_secs(5), "its end counted", |b| {
+        active(b) == 0
+    });
+}
+
 /// Runs the CLI and asserts success; returns what it printed.
 fn cli_ok(balancer: &Balancer, args: &[&str]) -> String {
     let out = balancer.cli(args);
