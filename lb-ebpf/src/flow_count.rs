@@ -5,9 +5,8 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_or};
 
-use lb_common::{FLOW_END_COUNTED, FlowKey, FlowValue};
-
 use aya_ebpf::helpers::bpf_map_delete_elem;
+use lb_common::{FLOW_END_COUNTED, FlowKey, FlowValue};
 
 use crate::maps::{FLOW_COUNTS, FLOWS};
 
@@ -28,7 +27,7 @@ pub fn ended(forward: *mut FlowValue) {
     if fetch_or_flags(forward, FLOW_END_COUNTED) & FLOW_END_COUNTED != 0 {
         return;
     }
-    // SAFETY: as above.
+    // SAFETY: a value pointer from a map lookup, valid for this program run.
     let backend_id = unsafe { (*forward).backend_id };
     if let Some(counts) = FLOW_COUNTS.get_ptr_mut(backend_id) {
         // SAFETY: a per-CPU array slot, only this CPU writes it.
@@ -54,9 +53,9 @@ pub fn fetch_or_flags(value: *mut FlowValue, bits: u32) -> u32 {
 }
 
 /// Removes the forward entry `forward` under `key`, counting its connection's end (if not yet
-/// counted) and, if this removal is the one that took it (true), its release. Branch-free but for one
-/// lookup: it runs inside the SNAT port search, where every branch multiplies the paths the
-/// verifier walks.
+/// counted) and, if this removal is the one that took it (true), its release. Branch-free but
+/// for one lookup: it runs inside the SNAT port search, where every branch multiplies the paths
+/// the verifier walks.
 #[inline(always)]
 pub fn remove_forward(key: &FlowKey, forward: &mut FlowValue) -> bool {
     // Before the removal: a preallocated entry may be reused by another CPU's insert at once.
