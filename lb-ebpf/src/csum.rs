@@ -2,7 +2,7 @@
 //! Fields are taken as the packet holds them; a one's-complement sum does not depend on byte
 //! order as long as every word is read the same way.
 
-use crate::parse::Packet;
+use crate::parse::{IPPROTO_TCP, Packet};
 
 /// The sum of changes to apply to one checksum.
 #[derive(Clone, Copy, Default)]
@@ -73,5 +73,3 @@ pub fn tcp_header_only_ok(pkt: &Packet) -> bool {
 fn word(a: u8, b: u8) -> u32 {
     u32::from(u16::from_ne_bytes([a, b]))
 }
-
-const IPPROTO_TCP: u8 = 6;

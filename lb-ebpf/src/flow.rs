@@ -215,11 +215,11 @@ fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Resu
 /// first: a packet meeting the forward entry alone is forgotten too).
 #[inline(always)]
 fn forget(key: &FlowKey, value: &mut FlowValue) {
-    let peer_key = value.peer_key(key.proto);
     if value.flags & FLOW_REVERSE != 0 {
         evict(key, value, peer_of(key, value));
     } else {
-        forget_forward(key, value, &peer_key);
+        let reply_key = value.peer_key(key.proto);
+        forget_forward(key, value, &reply_key);
     }
 }
 

@@ -42,6 +42,13 @@ fn setup_with(arms: Arms, weights: &[u32], edit: impl FnOnce(String) -> String) 
     }
 }
 
+/// `setup_with`, with `flows` (TOML lines) added to the topology's `[flows]` section.
+fn setup_with_flows(arms: Arms, weights: &[u32], flows: &str) -> Setup {
+    setup_with(arms, weights, |config| {
+        config.replace("capacity = 65536\n", &format!("capacity = 65536\n{flows}"))
+    })
+}
+
 fn backend(topo: &Topology, i: usize) -> String {
     format!("{}:{BACKEND_PORT}", topo.backend_addrs[i])
 }
@@ -294,12 +301,11 @@ fn lb_run_reports_config_errors_with_their_line_and_exit_2() {
 
 #[test]
 fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
-    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], |config| {
-        config.replace(
-            "capacity = 65536\n",
-            "capacity = 65536\ntcp_closing_timeout = \"1s\"\nudp_idle_timeout = \"3s\"\n",
-        )
-    });
+    let Setup { topo, balancer, .. } = setup_with_flows(
+        Arms::Two,
+        &[1, 1],
+        "tcp_closing_timeout = \"1s\"\nudp_idle_timeout = \"3s\"\n",
+    );
     let mut long_lived = connect_in(&topo.client);
     let served_by = request_on(&mut long_lived);
     let (counts, failed) = tally(&http_requests(&topo, 50), 2);
@@ -332,12 +338,8 @@ fn closed_and_idle_flows_expire_while_an_open_connection_stays() {
 
 #[test]
 fn a_request_on_an_expired_connection_is_reset_at_once() {
-    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], |config| {
-        config.replace(
-            "capacity = 65536\n",
-            "capacity = 65536\ntcp_idle_timeout = \"1s\"\n",
-        )
-    });
+    let Setup { topo, balancer, .. } =
+        setup_with_flows(Arms::Two, &[1, 1], "tcp_idle_timeout = \"1s\"\n");
     let mut idle = connect_in(&topo.client);
     request_on(&mut idle);
     // Past the timeout, the flow is gone whether a sweep removed it or the data path finds it
@@ -507,12 +509,8 @@ fn a_suspect_backend_with_most_of_the_weight_takes_no_new_flows() {
 #[test]
 fn a_half_closed_connection_keeps_its_port_while_the_backend_streams() {
     use std::io::{Read as _, Write as _};
-    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 0], |c| {
-        c.replace(
-            "capacity = 65536\n",
-            "capacity = 65536\nsnat_ports = \"30000-30001\"\n",
-        )
-    });
+    let Setup { topo, balancer, .. } =
+        setup_with_flows(Arms::Two, &[1, 0], "snat_ports = \"30000-30001\"\n");
     let mut download = connect_in(&topo.client);
     download
         .write_all(b"GET /stream/4/2500 HTTP/1.1\r\nHost: vip\r\n\r\n")
@@ -1158,12 +1156,8 @@ fn udp_exchange(
 /// gets A's (B's own datagram finds no free port and is dropped, counted).
 #[test]
 fn a_slow_udp_reply_reaches_only_the_client_that_asked() {
-    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 0], |c| {
-        c.replace(
-            "capacity = 65536\n",
-            "capacity = 65536\nsnat_ports = \"30000-30000\"\n",
-        )
-    });
+    let Setup { topo, balancer, .. } =
+        setup_with_flows(Arms::Two, &[1, 0], "snat_ports = \"30000-30000\"\n");
     let a = udp_exchange(
         &topo,
         20000,
