@@ -33,6 +33,9 @@ pub const FLOW_SYN_WELL_FORMED: u32 = 16;
 /// an atomic fetch-or, so that of the CPUs (and the expiry timer) that meet the end at once,
 /// exactly one counts it.
 pub const FLOW_END_COUNTED: u32 = 32;
+/// `FlowValue::flags`, both entries: the connection negotiated TCP timestamps, and its
+/// segments' timestamps are translated by `FlowValue::ts_add` (`timestamps`).
+pub const FLOW_TS: u32 = 64;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
 /// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.

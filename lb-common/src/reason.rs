@@ -93,8 +93,11 @@ pub const STAT_EXPIRED_IN_KERNEL: u32 = 136;
 /// (their ratio is a pass's cost, paid in softirq once a second).
 pub const STAT_EXPIRY_PASSES: u32 = 137;
 pub const STAT_EXPIRY_PASS_NS: u32 = 138;
+/// Forward segments whose translated TCP timestamp ran more than `timestamps::AHEAD_MAX` ahead
+/// of the balancer's clock, and was held there (a client clock far too fast, or forged).
+pub const STAT_TS_CLAMPED: u32 = 139;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 9] = [
+pub const EVENTS: [(u32, &str); 10] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -104,6 +107,7 @@ pub const EVENTS: [(u32, &str); 9] = [
     (STAT_EXPIRED_IN_KERNEL, "expired_in_kernel"),
     (STAT_EXPIRY_PASSES, "expiry_passes"),
     (STAT_EXPIRY_PASS_NS, "expiry_pass_ns"),
+    (STAT_TS_CLAMPED, "ts_clamped"),
 ];
 
 impl PassReason {

@@ -92,7 +92,10 @@ pub struct FlowValue {
     pub seq_next: u32,
     /// The connection's `conntrack` state, the same in both entries.
     pub state: u32,
-    pub _pad: [u32; 2],
+    /// With FLOW_TS: added to the TSval of a forward segment, and to the TSecr of a reply, so
+    /// that the backend sees the balancer's timestamp clock (`timestamps`).
+    pub ts_add: u32,
+    pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 // lb-ebpf sets `flags` bits with a 64-bit atomic over `flags` and `egress_ifindex`.

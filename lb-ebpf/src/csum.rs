@@ -20,6 +20,21 @@ impl Delta {
         self.replace16((old >> 16) as u16, (new >> 16) as u16);
     }
 
+    /// These changes as they count for bytes one position further (at odd offsets from the
+    /// checksummed data's start): a one's-complement sum of byte-swapped words is the
+    /// byte-swapped sum.
+    #[inline(always)]
+    pub fn swapped(self) -> Delta {
+        let folded = !self.apply(0xffff);
+        Delta(u32::from(folded.swap_bytes()))
+    }
+
+    /// Both sets of changes.
+    #[inline(always)]
+    pub fn and(self, other: Delta) -> Delta {
+        Delta(self.0 + other.0)
+    }
+
     /// The checksum `check` becomes after the changes.
     #[inline(always)]
     pub fn apply(self, check: u16) -> u16 {

@@ -11,10 +11,11 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    programs::XdpContext,
 };
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
-    FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS,
+    FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS,
     SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
     STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
     conntrack::{
@@ -30,7 +31,7 @@ use crate::{
         BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min, state_timeout,
     },
     parse::Packet,
-    stats, suspect,
+    stats, suspect, timestamps,
 };
 
 const EEXIST: i32 = 17;
@@ -407,6 +408,7 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
 /// forward direction.
 #[inline(always)]
 pub fn create(
+    ctx: &XdpContext,
     pkt: &Packet,
     svc: &Service,
     backend_id: u32,
@@ -431,15 +433,23 @@ pub fn create(
     } else {
         UDP_UNREPLIED
     };
+    let ts_add = if pkt.is_tcp() {
+        timestamps::syn_add(ctx, pkt)
+    } else {
+        None
+    };
+    let ts_flag = if ts_add.is_some() { FLOW_TS } else { 0 };
+    let ts_add = ts_add.unwrap_or(0);
     let reverse = FlowValue {
         nat_src_addr: pkt.key.dst_addr,
         nat_dst_addr: pkt.key.src_addr,
         nat_src_port: pkt.key.dst_port,
         nat_dst_port: pkt.key.src_port,
         backend_id,
-        flags: FLOW_REVERSE,
+        flags: FLOW_REVERSE | ts_flag,
         last_seen_ns: 0,
         state,
+        ts_add: ts_add.wrapping_neg(),
         ..FlowValue::default()
     };
     // The client's own port first, when the range holds it (as conntrack's masquerade does):
@@ -500,14 +510,16 @@ pub fn create(
         nat_src_port: reverse_key.dst_port,
         nat_dst_port: backend.port,
         backend_id,
-        flags: if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
-            FLOW_SYN_WELL_FORMED
-        } else {
-            0
-        },
+        flags: ts_flag
+            | if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
+                FLOW_SYN_WELL_FORMED
+            } else {
+                0
+            },
         last_seen_ns: now,
         seq_next: pkt.seq_end,
         state,
+        ts_add,
         ..FlowValue::default()
     };
     // BPF_NOEXIST: each connection is counted opened once. Another CPU that made the same

@@ -21,6 +21,7 @@ mod select;
 mod service;
 mod stats;
 mod suspect;
+mod timestamps;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{DropReason, PassReason, conntrack::tcp_flags_valid};
@@ -80,7 +81,12 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
         }
     };
     check_ttl(pkt)?;
-    nat::rewrite(pkt, flow.nat());
+    let timestamps = if pkt.is_tcp() {
+        timestamps::translate(ctx, pkt, flow.nat())
+    } else {
+        Default::default()
+    };
+    nat::rewrite(pkt, flow.nat(), timestamps);
     stats::count_backend(flow.nat().backend_id, pkt.len);
     forward::send(ctx, pkt, &flow)
 }
@@ -98,7 +104,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
     }
     check_ttl(pkt)?;
     let (backend_id, backend) = select::backend(&svc, pkt)?;
-    let flow = flow::create(pkt, &svc, backend_id, &backend)?;
+    let flow = flow::create(ctx, pkt, &svc, backend_id, &backend)?;
     stats::count_new_flow(backend_id);
     Ok(flow)
 }

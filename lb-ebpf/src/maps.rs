@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
-//! RESET_BUDGET, SUSPECT marks and the counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by the daemon.
+//! TS_HIGH, RESET_BUDGET, SUSPECT marks and the counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by the daemon.
 
 use aya_ebpf::{
     macros::map,
@@ -58,6 +58,11 @@ pub static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
+/// [0] -> the highest TCP timestamp sent to a backend yet, in its low 32 bits (`timestamps.rs`).
+/// Data path only; 64 bits because the target's atomics are.
+#[map]
+pub static TS_HIGH: Array<u64> = Array::with_max_entries(1, 0);
+
 /// [0] -> this CPU's allowance of RSTs for segments with no flow. Data path only.
 #[map]
 pub static RESET_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
@@ -83,6 +88,10 @@ static MAGLEV_SIZE: u32 = DEFAULT_MAGLEV_SIZE;
 /// Possible CPUs: each CPU walks its own interleaved sequence of SNAT ports. Set at load.
 #[unsafe(no_mangle)]
 static CPU_COUNT: u32 = 1;
+/// Added to CLOCK_MONOTONIC_COARSE in milliseconds to make the TCP timestamp clock: the
+/// realtime clock's milliseconds, which keep moving forward across reboots. Set at load.
+#[unsafe(no_mangle)]
+static TS_CLOCK_OFFSET_MS: u32 = 0;
 /// conntrack state -> how long a connection in it lives without traffic. Set at load.
 #[unsafe(no_mangle)]
 static STATE_TIMEOUT_NS: [u64; STATE_SLOTS] = [0; STATE_SLOTS];
@@ -112,6 +121,11 @@ pub fn maglev_size() -> u32 {
 #[inline(always)]
 pub fn cpu_count() -> u32 {
     setting(&CPU_COUNT)
+}
+
+#[inline(always)]
+pub fn ts_clock_offset_ms() -> u32 {
+    setting(&TS_CLOCK_OFFSET_MS)
 }
 
 /// How long a connection in `state` lives without traffic; 0 for a state it does not know.

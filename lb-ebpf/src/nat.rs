@@ -1,17 +1,17 @@
 //! Stage 4, rewrite: addresses and ports as the flow says, with the IPv4 and TCP/UDP checksums
-//! updated incrementally. Touches no map.
+//! updated incrementally (the L4 one for `l4_changes` made earlier too). Touches no map.
 
 use lb_common::FlowValue;
 
 use crate::{csum::Delta, parse::Packet};
 
 #[inline(always)]
-pub fn rewrite(pkt: &Packet, nat: &FlowValue) {
+pub fn rewrite(pkt: &Packet, nat: &FlowValue, l4_changes: Delta) {
     let k = &pkt.key;
     let mut addrs = Delta::default();
     addrs.replace32(k.src_addr.0, nat.nat_src_addr.0);
     addrs.replace32(k.dst_addr.0, nat.nat_dst_addr.0);
-    let mut l4 = addrs;
+    let mut l4 = addrs.and(l4_changes);
     l4.replace16(k.src_port.0, nat.nat_src_port.0);
     l4.replace16(k.dst_port.0, nat.nat_dst_port.0);
     // SAFETY: parse::packet bounds-checked the IP header, the ports and the L4 checksum field.

@@ -213,6 +213,7 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     flow_counts: PerCpuArray<MapData, FlowCounts>,
     suspect: Array<MapData, u64>,
+    ts_high: Array<MapData, u64>,
     debug_log: Array<MapData, u32>,
     /// Reads the data path's aya-log records; taken by the daemon's log task.
     logger: Option<DataPathLogger>,
@@ -273,6 +274,7 @@ impl Dataplane {
         let port_min = u32::from(settings.snat_port_min);
         let port_count = u32::from(settings.snat_port_max) - port_min + 1;
         let state_timeouts = settings.timeouts.by_state();
+        let ts_clock_offset = ts_clock_offset_ms();
         let mut loader = EbpfLoader::new();
         loader
             .override_global("SNAT_PORT_MIN", &port_min, true)
@@ -280,6 +282,7 @@ impl Dataplane {
             .override_global("MAGLEV_SIZE", &settings.maglev_size, true)
             .override_global("CPU_COUNT", &cpus, true)
             .override_global("STATE_TIMEOUT_NS", &state_timeouts, true)
+            .override_global("TS_CLOCK_OFFSET_MS", &ts_clock_offset, true)
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
             .map_max_entries("FLOWS", settings.flow_capacity);
         let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
@@ -320,6 +323,7 @@ impl Dataplane {
             backend_stats: map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
             flow_counts: map(&mut ebpf, "FLOW_COUNTS", PerCpuArray::try_from)?,
             suspect: map(&mut ebpf, "SUSPECT", Array::try_from)?,
+            ts_high: map(&mut ebpf, "TS_HIGH", Array::try_from)?,
             debug_log: map(&mut ebpf, "DEBUG_LOG", Array::try_from)?,
             logger: Some(
                 aya_log::EbpfLogger::init(&mut ebpf)
@@ -748,6 +752,18 @@ impl Dataplane {
         self.suspect.set(id, &since, 0).map_err(in_map("SUSPECT"))
     }
 
+    /// The highest TCP timestamp the data path has sent a backend (lb-common's `timestamps`).
+    pub fn ts_highest(&self) -> Result<u32, DataplaneError> {
+        Ok(self.ts_high.get(&0, 0).map_err(in_map("TS_HIGH"))? as u32)
+    }
+
+    /// Sets the highest TCP timestamp sent, as a fixture's starting point.
+    pub fn set_ts_highest(&mut self, value: u32) -> Result<(), DataplaneError> {
+        self.ts_high
+            .set(0, &u64::from(value), 0)
+            .map_err(in_map("TS_HIGH"))
+    }
+
     /// Every entry of FLOWS, read in batches (a million entries take about a second).
     pub fn flow_entries(&self) -> Result<Vec<(FlowKey, FlowValue)>, DataplaneError> {
         map_batch::lookup_all(self.flows.map().fd().as_fd()).map_err(|source| {
@@ -860,11 +876,28 @@ impl Drop for Dataplane {
 /// CLOCK_MONOTONIC in nanoseconds: the data path's clock (`bpf_ktime_get_coarse_ns`), the one
 /// `FlowValue::last_seen_ns` and SUSPECT marks are stamped with.
 pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     // SAFETY: a zeroed timespec is valid and clock_gettime only writes it.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: a valid clock id and out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// What the data path adds to its monotonic milliseconds to make its TCP timestamp clock
+/// (lb-common's `timestamps`): the realtime clock's milliseconds, so that the clock keeps moving
+/// forward across reboots, when a fresh map no longer remembers the highest value sent.
+fn ts_clock_offset_ms() -> u32 {
+    let realtime = (clock_ns(libc::CLOCK_REALTIME) / 1_000_000) as u32;
+    realtime.wrapping_sub((monotonic_ns() / 1_000_000) as u32)
+}
+
+/// The TCP timestamp clock as the data path reads it now (give or take a tick).
+pub fn ts_clock_ms() -> u32 {
+    ((monotonic_ns() / 1_000_000) as u32).wrapping_add(ts_clock_offset_ms())
 }
 
 fn possible_cpus() -> Result<usize, DataplaneError> {

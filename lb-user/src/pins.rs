@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 14] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -19,6 +19,8 @@ pub const MAP_NAMES: [&str; 13] = [
     "SUSPECT",
     "STATS",
     "SNAT_CURSOR",
+    // The highest TCP timestamp sent: a new daemon's SYNs must not go back behind it.
+    "TS_HIGH",
     "RESET_BUDGET",
     // The expiry timer lives in it: pinned, it keeps expiring flows while no daemon runs.
     "EXPIRY",

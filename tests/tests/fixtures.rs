@@ -13,8 +13,8 @@ use std::{
 };
 
 use lb_common::{
-    DropReason, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FlowKey,
-    FlowValue, NO_BACKEND, PassReason,
+    DropReason, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TS,
+    FlowKey, FlowValue, NO_BACKEND, PassReason,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
@@ -33,7 +33,7 @@ use lb_tests::{
     packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
 };
 use lb_user::{
-    dataplane::{Dataplane, FlowTimeouts, LoadSettings, ifindex},
+    dataplane::{Dataplane, FlowTimeouts, LoadSettings, ifindex, ts_clock_ms},
     maglev::{MaglevBackend, build_table},
 };
 
@@ -58,6 +58,8 @@ enum Setup {
     HairpinTx,
     /// The data path marked `backend` suspect `ago_ns` before the run.
     Suspect { backend: u32, ago_ns: u64 },
+    /// The highest TCP timestamp sent to a backend so far (TS_HIGH).
+    TsHighest(u32),
 }
 
 /// A flow's two entries as a fixture starts from them. Both directions' sequence tracking
@@ -79,6 +81,8 @@ struct FlowSetup {
     cached: Option<CachedHop>,
     /// TCP: the SYN that opened the flow was well formed (no data, a correct checksum).
     syn_well_formed: bool,
+    /// TCP: the connection's timestamps are translated, the forward TSval by this much.
+    ts_add: Option<u32>,
 }
 
 /// A next hop in a FLOWS entry: egress device, MACs and the largest packet it was approved for.
@@ -122,6 +126,8 @@ struct Fixture {
     next_hop_after: Vec<(FlowKey, Option<CachedHop>)>,
     /// Whether a backend is marked suspect after the run.
     suspect_after: Vec<(u32, bool)>,
+    /// The highest TCP timestamp sent (TS_HIGH) after the run.
+    ts_highest_after: Option<u32>,
 }
 
 fn backends() -> Vec<Setup> {
@@ -175,6 +181,7 @@ fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> 
         fin_sent: (false, false),
         cached,
         syn_well_formed: true,
+        ts_add: None,
     })
 }
 
@@ -420,6 +427,7 @@ fn fixture(
         flows_after: vec![],
         next_hop_after: vec![],
         suspect_after: vec![],
+        ts_highest_after: None,
     }
 }
 
@@ -1425,7 +1433,394 @@ fn fixtures() -> Vec<Fixture> {
         }
     }
     list.extend(conntrack_fixtures());
+    list.extend(timestamp_fixtures());
     count_connections(&mut list);
+    list
+}
+
+/// TCP options as Linux puts them in a SYN or SYN-ACK: MSS, SACK permitted, timestamp, NOP,
+/// window scale.
+fn linux_syn_options(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![2, 4, 0x05, 0xb4, 4, 2, 8, 10];
+    o.extend(tsval.to_be_bytes());
+    o.extend(tsecr.to_be_bytes());
+    o.extend([1, 3, 3, 7]);
+    o
+}
+
+/// The timestamp option alone.
+fn ts_option(tsval: u32, tsecr: u32) -> Vec<u8> {
+    let mut o = vec![8, 10];
+    o.extend(tsval.to_be_bytes());
+    o.extend(tsecr.to_be_bytes());
+    o
+}
+
+/// `parts` one after the other.
+fn options(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// A SACK option with one block.
+const SACK_BLOCK: [u8; 10] = [5, 10, 0, 0, 0x10, 0, 0, 0, 0x20, 0];
+
+/// Timestamp translation (lb-ebpf's `timestamps.rs`). Values are placed relative to the
+/// balancer's timestamp clock read now, far from the limit at which the data path holds a
+/// runaway TSval, so that every output is exact: a SYN's TSval comes from a TS_HIGH set ahead
+/// of the clock, and a flow's from its `ts_add`.
+fn timestamp_fixtures() -> Vec<Fixture> {
+    let clock = ts_clock_ms();
+    let highest = clock.wrapping_add(10_000_000);
+    // An established flow's client and backend-side TSvals, and the backend's own clock.
+    let (client_ts, backend_side, backend_ts) =
+        (7_000_000u32, clock.wrapping_add(5_000), 123_456u32);
+    let add = backend_side.wrapping_sub(client_ts);
+    let ts_flow = |cport: u16, snat_port: u16| {
+        Setup::Flow(FlowSetup {
+            ts_add: Some(add),
+            ..match flow(cport, 1, snat_port, None) {
+                Setup::Flow(f) => f,
+                _ => unreachable!("flow() makes a flow"),
+            }
+        })
+    };
+    let ts_pair = |state: u32, cport: u16, snat_port: u16, add: u32| {
+        flow_pair(TCP, cport, WEB_PORT, 1, snat_port)
+            .map(|(k, v)| {
+                let reply = v.flags & FLOW_REVERSE != 0;
+                let v = FlowValue {
+                    flags: v.flags | FLOW_TS,
+                    ts_add: if reply { add.wrapping_neg() } else { add },
+                    ..v
+                };
+                (k, in_state(state, v))
+            })
+            .to_vec()
+    };
+    let established = |cport: u16, snat_port: u16, client_opts: &[u8], backend_opts: &[u8]| {
+        (
+            client_syn(cport)
+                .tcp_flags(TCP_ACK)
+                .tcp_options(client_opts)
+                .payload(b"GET / HTTP/1.0\r\n\r\n")
+                .build(),
+            to_backend(1, snat_port)
+                .ack()
+                .tcp_options(backend_opts)
+                .payload(b"GET / HTTP/1.0\r\n\r\n")
+                .build(),
+        )
+    };
+    let mut list = vec![
+        Fixture {
+            flows_after: ts_pair(
+                TCP_SYN_SENT,
+                41000,
+                PORT_MIN,
+                highest.wrapping_sub(client_ts),
+            ),
+            ts_highest_after: Some(highest),
+            ..fixture(
+                "ts_linux_syn_gets_the_highest_timestamp_sent",
+                with(backends(), &[web(&[(1, 1)]), Setup::TsHighest(highest)]),
+                client_syn(41000)
+                    .tcp_options(&linux_syn_options(client_ts, 0))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend(1, PORT_MIN)
+                        .syn()
+                        .tcp_options(&linux_syn_options(highest, 0))
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
+        Fixture {
+            // A SYN whose option sits after others than Linux's: found by the walk.
+            flows_after: ts_pair(
+                TCP_SYN_SENT,
+                41001,
+                PORT_MIN,
+                highest.wrapping_sub(client_ts),
+            ),
+            ..fixture(
+                "ts_syn_with_other_option_order",
+                with(backends(), &[web(&[(1, 1)]), Setup::TsHighest(highest)]),
+                client_syn(41001)
+                    .tcp_options(&options(&[
+                        &[2, 4, 5, 0xb4, 1, 3, 3, 6, 1, 1],
+                        &ts_option(client_ts, 0),
+                        &[4, 2],
+                    ]))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend(1, PORT_MIN)
+                        .syn()
+                        .tcp_options(&options(&[
+                            &[2, 4, 5, 0xb4, 1, 3, 3, 6, 1, 1],
+                            &ts_option(highest, 0),
+                            &[4, 2],
+                        ]))
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        Fixture {
+            flows_after: flow_pair_in(TCP_SYN_SENT, TCP, 41002, WEB_PORT, 1, PORT_MIN),
+            ..fixture(
+                "ts_syn_without_timestamps_is_not_translated",
+                with(backends(), &[web(&[(1, 1)]), Setup::TsHighest(highest)]),
+                client_syn(41002)
+                    .tcp_options(&[2, 4, 5, 0xb4, 4, 2, 1, 3, 3, 7])
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend(1, PORT_MIN)
+                        .syn()
+                        .tcp_options(&[2, 4, 5, 0xb4, 4, 2, 1, 3, 3, 7])
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ts_linux_syn_ack_tsecr_translated_back",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        Setup::Flow(FlowSetup {
+                            ts_add: Some(add),
+                            ..flow_in(TCP_SYN_SENT, 41003, 1, 31100, Some(0))
+                        }),
+                    ],
+                ),
+                from_backend(1, 31100)
+                    .syn()
+                    .ack()
+                    .tcp_options(&linux_syn_options(backend_ts, backend_side))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_client(41003)
+                        .syn()
+                        .ack()
+                        .tcp_options(&linux_syn_options(backend_ts, client_ts))
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ts_reply_tsecr_translated_back_tsval_kept",
+                with(backends(), &[web(&[(1, 1)]), ts_flow(41004, 31101)]),
+                from_backend(1, 31101)
+                    .ack()
+                    .tcp_options(&options(&[
+                        &[1, 1],
+                        &ts_option(backend_ts, backend_side.wrapping_add(40)),
+                    ]))
+                    .payload(b"HTTP/1.0 200 OK\r\n\r\n")
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_client(41004)
+                        .ack()
+                        .tcp_options(&options(&[&[1, 1], &ts_option(backend_ts, client_ts + 40)]))
+                        .payload(b"HTTP/1.0 200 OK\r\n\r\n")
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::Event("ts_clamped"), 0)],
+            )
+        },
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ts_reply_without_timestamps_is_rewritten_as_before",
+                with(backends(), &[web(&[(1, 1)]), ts_flow(41005, 31102)]),
+                from_backend(1, 31102).ack().payload(b"x").build(),
+                XDP_REDIRECT,
+                Some(to_client(41005).ack().payload(b"x").build()),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        {
+            let (input, output) = established(
+                41006,
+                31103,
+                &options(&[&[1, 1], &ts_option(client_ts + 9, backend_ts)]),
+                &options(&[&[1, 1], &ts_option(backend_side + 9, backend_ts)]),
+            );
+            Fixture {
+                ts_highest_after: Some(backend_side + 9),
+                ..fixture(
+                    "ts_established_tsval_translated_and_highest_raised",
+                    with(
+                        backends(),
+                        &[
+                            web(&[(1, 1)]),
+                            ts_flow(41006, 31103),
+                            Setup::TsHighest(backend_side),
+                        ],
+                    ),
+                    input,
+                    XDP_REDIRECT,
+                    Some(output),
+                    vec![(Counter::Redirect, 1), (Counter::Event("ts_clamped"), 0)],
+                )
+            }
+        },
+        {
+            // Linux puts the timestamp first and SACK blocks after it.
+            let (input, output) = established(
+                41007,
+                31104,
+                &options(&[
+                    &[1, 1],
+                    &ts_option(client_ts + 3, backend_ts),
+                    &[1, 1],
+                    &SACK_BLOCK,
+                ]),
+                &options(&[
+                    &[1, 1],
+                    &ts_option(backend_side + 3, backend_ts),
+                    &[1, 1],
+                    &SACK_BLOCK,
+                ]),
+            );
+            Fixture {
+                // Below the highest sent: left as it is.
+                ts_highest_after: Some(highest),
+                ..fixture(
+                    "ts_established_with_sack_after_timestamp",
+                    with(
+                        backends(),
+                        &[
+                            web(&[(1, 1)]),
+                            ts_flow(41007, 31104),
+                            Setup::TsHighest(highest),
+                        ],
+                    ),
+                    input,
+                    XDP_REDIRECT,
+                    Some(output),
+                    vec![(Counter::Redirect, 1)],
+                )
+            }
+        },
+        {
+            let (input, output) = established(
+                41008,
+                31105,
+                &options(&[
+                    &[1, 1],
+                    &SACK_BLOCK,
+                    &[1, 1],
+                    &ts_option(client_ts + 4, backend_ts),
+                ]),
+                &options(&[
+                    &[1, 1],
+                    &SACK_BLOCK,
+                    &[1, 1],
+                    &ts_option(backend_side + 4, backend_ts),
+                ]),
+            );
+            fixture(
+                "ts_established_with_sack_before_timestamp",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        ts_flow(41008, 31105),
+                        Setup::TsHighest(highest),
+                    ],
+                ),
+                input,
+                XDP_REDIRECT,
+                Some(output),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        {
+            let (input, output) = established(41009, 31106, &[], &[]);
+            fixture(
+                "ts_established_without_timestamps_is_rewritten_as_before",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        ts_flow(41009, 31106),
+                        Setup::TsHighest(highest),
+                    ],
+                ),
+                input,
+                XDP_REDIRECT,
+                Some(output),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        {
+            // A flow that does not translate leaves timestamps alone.
+            let opts = options(&[&[1, 1], &ts_option(client_ts, backend_ts)]);
+            let (input, output) = established(41010, 31107, &opts, &opts);
+            fixture(
+                "ts_untranslated_flow_keeps_timestamps",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        flow(41010, 1, 31107, None),
+                        Setup::TsHighest(highest),
+                    ],
+                ),
+                input,
+                XDP_REDIRECT,
+                Some(output),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+    ];
+    // The option at every position the header allows, odd offsets (where the checksum sees its
+    // bytes swapped) included: after 0 to 30 NOPs.
+    for nops in [1usize, 3, 7, 30] {
+        let pad = vec![1u8; nops];
+        let (input, output) = established(
+            41020 + nops as u16,
+            31120 + nops as u16,
+            &options(&[&pad, &ts_option(client_ts + 1, backend_ts)]),
+            &options(&[&pad, &ts_option(backend_side + 1, backend_ts)]),
+        );
+        list.push(fixture(
+            [
+                "ts_after_1_nop",
+                "ts_after_3_nops",
+                "ts_after_7_nops",
+                "ts_after_30_nops",
+            ][[1, 3, 7, 30]
+                .iter()
+                .position(|&n| n == nops)
+                .expect("listed")],
+            with(
+                backends(),
+                &[
+                    web(&[(1, 1)]),
+                    ts_flow(41020 + nops as u16, 31120 + nops as u16),
+                    Setup::TsHighest(highest),
+                ],
+            ),
+            input,
+            XDP_REDIRECT,
+            Some(output),
+            vec![(Counter::Redirect, 1)],
+        ));
+    }
     list
 }
 
@@ -2059,6 +2454,10 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     if !f.syn_well_formed {
                         v.flags &= !FLOW_SYN_WELL_FORMED;
                     }
+                    if let Some(add) = f.ts_add {
+                        v.flags |= FLOW_TS;
+                        v.ts_add = if reply { add.wrapping_neg() } else { add };
+                    }
                     let mut v = with_end_counted(v);
                     if let Some(hop) = f.cached
                         && !reply
@@ -2074,6 +2473,9 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
             Setup::Suspect { backend, ago_ns } => {
                 dp.set_suspect(*backend, monotonic_ns() - ago_ns)
                     .expect("mark suspect");
+            }
+            Setup::TsHighest(value) => {
+                dp.set_ts_highest(*value).expect("set TS_HIGH");
             }
             Setup::HairpinTx => {
                 dp.add_interface(ifindex("lb1").expect("lb1"), true)
@@ -2190,6 +2592,12 @@ fn run(f: &Fixture) -> Result<(), String> {
             errors.push(format!(
                 "next hop cached in FLOWS[{k:?}] is {got:?}, expected {want:?}"
             ));
+        }
+    }
+    if let Some(want) = f.ts_highest_after {
+        let got = dp.ts_highest().expect("read TS_HIGH");
+        if got != want {
+            errors.push(format!("TS_HIGH is {got}, expected {want}"));
         }
     }
     for &(id, want) in &f.suspect_after {

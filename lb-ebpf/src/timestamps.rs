@@ -1,0 +1,220 @@
+//! Stage 4b, rewrite: TCP timestamps. The backend side of a connection sees the balancer's
+//! timestamp clock, so that a SNAT port reused for another client never meets PAWS in the
+//! backend's TIME_WAIT (lb-common's `timestamps` says why and how). A forward segment's TSval
+//! and a reply's TSecr move by the flow's `ts_add`; the L4 checksum follows. Reads and raises
+//! TS_HIGH.
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg};
+
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use lb_common::{
+    FLOW_REVERSE, FLOW_TS, FlowValue, STAT_TS_CLAMPED,
+    timestamps::{after, forward_add, forward_tsval, syn_tsval},
+};
+
+use crate::{
+    csum::Delta,
+    maps::{TS_HIGH, ts_clock_offset_ms},
+    parse::Packet,
+    stats,
+};
+
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
+const TCPOPT_SACK_PERM: u8 = 4;
+const TCPOPT_TIMESTAMP: u8 = 8;
+const TIMESTAMP_LEN: u8 = 10;
+/// The fixed TCP header; options follow it.
+const TCP_HEADER_MIN: usize = 20;
+/// Options take at most 40 bytes.
+const OPTIONS_MAX: usize = 40;
+/// Offsets of TSval and TSecr in the option.
+const TSVAL_AT: usize = 2;
+const TSECR_AT: usize = 6;
+
+/// The translation a new connection's flow entries carry, from its SYN: what the forward
+/// entry adds to TSval, if the SYN offers timestamps.
+#[inline(always)]
+pub fn syn_add(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+    let option = find(ctx, pkt)?;
+    let client_tsval = read_u32(pkt, option + TSVAL_AT)?;
+    let highest = TS_HIGH.get(0).map_or(0, |h| *h as u32);
+    Some(forward_add(client_tsval, syn_tsval(clock_ms(), highest)))
+}
+
+/// Translates the segment's timestamp if its flow translates them, returning the change to
+/// fold into the L4 checksum.
+#[inline(always)]
+pub fn translate(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) -> Delta {
+    let mut delta = Delta::default();
+    if nat.flags & FLOW_TS == 0 {
+        return delta;
+    }
+    let Some(option) = find(ctx, pkt) else {
+        return delta;
+    };
+    let reply = nat.flags & FLOW_REVERSE != 0;
+    let at = option + if reply { TSECR_AT } else { TSVAL_AT };
+    let field = pkt.ports as usize + at;
+    if field + 4 > pkt.data_end {
+        return delta;
+    }
+    let field = field as *mut [u8; 4];
+    // SAFETY: bounds-checked against the frame's end just above.
+    let old = unsafe { *field };
+    let value = if reply {
+        u32::from_be_bytes(old).wrapping_add(nat.ts_add)
+    } else {
+        let (value, held) = forward_tsval(u32::from_be_bytes(old), nat.ts_add, clock_ms());
+        if held {
+            stats::count_slot(STAT_TS_CLAMPED);
+        }
+        raise_highest(value);
+        value
+    };
+    let new = value.to_be_bytes();
+    // SAFETY: as above.
+    unsafe { *field = new };
+    delta.replace32(u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+    // The checksum sums 16-bit words from the header's start: a field at an odd offset
+    // straddles them, and its change counts byte-swapped.
+    if at & 1 != 0 { delta.swapped() } else { delta }
+}
+
+/// The timestamp clock: milliseconds of the realtime clock (mod 2^32), read from the coarse
+/// monotonic one plus the offset the daemon measured at load.
+#[inline(always)]
+fn clock_ms() -> u32 {
+    // SAFETY: a helper without arguments or side effects.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    ((now / 1_000_000) as u32).wrapping_add(ts_clock_offset_ms())
+}
+
+/// Makes TS_HIGH at least `sent`. Raised rarely (a connection's TSval passes it once per clock
+/// tick at most), so the shared word is mostly read; a compare-and-swap keeps a racing CPU's
+/// higher value.
+#[inline(always)]
+fn raise_highest(sent: u32) {
+    let Some(highest) = TS_HIGH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: an array slot, valid for this program run.
+    let mut seen = unsafe { *highest };
+    for _ in 0..2 {
+        if !after(sent, seen as u32) {
+            return;
+        }
+        // SAFETY: as above; the slot is 8-aligned.
+        let (previous, swapped) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+                highest,
+                seen,
+                u64::from(sent),
+            )
+        };
+        if swapped {
+            return;
+        }
+        seen = previous;
+    }
+}
+
+/// The offset of the timestamp option from the TCP header's start, if the segment has one.
+/// Linux's layouts are recognised at once; any other is walked option by option.
+#[inline(always)]
+fn find(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
+    let header_len = pkt.tcp_header_len as usize;
+    if header_len <= TCP_HEADER_MIN {
+        return None;
+    }
+    let ts = [TCPOPT_TIMESTAMP, TIMESTAMP_LEN];
+    // Linux's segments after the handshake: NOP, NOP, timestamp (then SACK blocks, if any).
+    if header_len >= TCP_HEADER_MIN + 12
+        && read::<4>(pkt, TCP_HEADER_MIN)? == [TCPOPT_NOP, TCPOPT_NOP, ts[0], ts[1]]
+    {
+        return Some(TCP_HEADER_MIN + 2);
+    }
+    // Linux's SYN and SYN-ACK: MSS, SACK permitted, timestamp, NOP, window scale.
+    if header_len == TCP_HEADER_MIN + 20 {
+        let [kind, len, _, _, sack_kind, sack_len, ts_kind, ts_len] =
+            read::<8>(pkt, TCP_HEADER_MIN)?;
+        if [kind, len, sack_kind, sack_len, ts_kind, ts_len]
+            == [TCPOPT_MSS, 4, TCPOPT_SACK_PERM, 2, ts[0], ts[1]]
+        {
+            return Some(TCP_HEADER_MIN + 6);
+        }
+    }
+    walk(ctx, pkt, header_len)
+}
+
+/// Walks the options for the timestamp option, on a copy: reads at offsets taken from the
+/// packet would give the verifier a state per path through the options, each to follow through
+/// the rest of the program. Positions are visited in order, each checked against where the next
+/// option starts, so every path through the walk stays within a handful of states.
+#[inline(always)]
+fn walk(ctx: &XdpContext, pkt: &Packet, header_len: usize) -> Option<usize> {
+    let len = header_len - TCP_HEADER_MIN;
+    if len > OPTIONS_MAX {
+        return None;
+    }
+    let mut options = [0u8; OPTIONS_MAX];
+    let offset = pkt.ports as usize - ctx.data() + TCP_HEADER_MIN;
+    // SAFETY: the buffer holds OPTIONS_MAX >= len bytes; the helper checks the frame's bounds.
+    let copied = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx,
+            offset as u32,
+            options.as_mut_ptr().cast(),
+            len as u32,
+        )
+    };
+    if copied != 0 {
+        return None;
+    }
+    let mut next = 0;
+    for at in 0..OPTIONS_MAX {
+        if at >= len {
+            return None;
+        }
+        if at != next {
+            continue;
+        }
+        let kind = options[at];
+        if kind == TCPOPT_EOL {
+            return None;
+        }
+        if kind == TCPOPT_NOP {
+            next = at + 1;
+            continue;
+        }
+        let option_len = *options.get(at + 1)? as usize;
+        if kind == TCPOPT_TIMESTAMP && option_len == TIMESTAMP_LEN as usize {
+            return (at + option_len <= len).then_some(TCP_HEADER_MIN + at);
+        }
+        if option_len < 2 || at + option_len > len {
+            return None;
+        }
+        next = at + option_len;
+    }
+    None
+}
+
+/// `N` bytes at `offset` from the TCP header's start, if the frame holds them.
+#[inline(always)]
+fn read<const N: usize>(pkt: &Packet, offset: usize) -> Option<[u8; N]> {
+    let at = pkt.ports as usize + offset;
+    if at + N > pkt.data_end {
+        return None;
+    }
+    // SAFETY: bounds-checked against the frame's end just above.
+    Some(unsafe { *(at as *const [u8; N]) })
+}
+
+#[inline(always)]
+fn read_u32(pkt: &Packet, offset: usize) -> Option<u32> {
+    read::<4>(pkt, offset).map(u32::from_be_bytes)
+}
