@@ -30,20 +30,10 @@ pub enum Load {
     Bulk,
     /// Small UDP requests and their echoes.
     Udp,
-    /// As NewConnections, with the clients' TCP timestamps offset per connection (the kernel's
-    /// default): a backend then refuses about half of the SYNs that reuse a source address and
-    /// port still in its TIME_WAIT, which every balancer that rewrites the source meets.
-    NewConnectionsTsOffsets,
 }
 
 impl Load {
-    pub const ALL: [Load; 5] = [
-        Load::NewConnections,
-        Load::KeepAlive,
-        Load::Bulk,
-        Load::Udp,
-        Load::NewConnectionsTsOffsets,
-    ];
+    pub const ALL: [Load; 4] = [Load::NewConnections, Load::KeepAlive, Load::Bulk, Load::Udp];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -51,13 +41,12 @@ impl Load {
             Load::KeepAlive => "keep-alive requests",
             Load::Bulk => "bulk TCP download",
             Load::Udp => "UDP request/response",
-            Load::NewConnectionsTsOffsets => "new connections, per-connection TCP timestamps",
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
-            Load::NewConnections | Load::KeepAlive | Load::NewConnectionsTsOffsets => "requests/s",
+            Load::NewConnections | Load::KeepAlive => "requests/s",
             Load::Bulk => "Gbit/s",
             Load::Udp => "replies/s",
         }
@@ -282,9 +271,7 @@ pub fn run(
     let script = dir.join(format!("wrk-{contender:?}.lua"));
     fs::write(&script, wrk_script(contender, topo)).map_err(|e| e.to_string())?;
     let (path, connections, close) = match load {
-        Load::NewConnections | Load::NewConnectionsTsOffsets => {
-            ("/", WRK_CONNECTIONS, "-H 'Connection: close'")
-        }
+        Load::NewConnections => ("/", WRK_CONNECTIONS, "-H 'Connection: close'"),
         Load::KeepAlive => ("/", WRK_CONNECTIONS, ""),
         _ => ("/bulk", WRK_THREADS, ""),
     };

@@ -216,12 +216,17 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
         eprintln!("bench: {}", contender.label());
         // A fresh network per contender: TIME_WAIT sockets on the backends, conntrack entries
         // and sysctls left by one contender would otherwise tax the next (a backend's TIME_WAIT
-        // from another source's timestamps refuses about half of the reused ports' SYNs).
+        // refuses a SYN that reuses its addresses and ports with an older timestamp, and
+        // another connection's timestamps are unrelated). Every host keeps the kernel's TCP
+        // defaults, and lb its default configuration. (`tcp_timestamps=1` offsets timestamps
+        // by a secret hash of the connection's addresses and ports, measured on 6.18: the same
+        // four values get the same offset again, another source port an unrelated one.)
         let topo = Topology::new(Arms::Two, 2);
-        set_client_timestamps(&topo, TIMESTAMPS_MONOTONIC);
-        // The load generator reuses its own TIME_WAIT ports, as load generators are tuned: a
-        // proxy's answer reaches wrk before the proxy's FIN, so wrk closes first and keeps
-        // TIME_WAIT, and without reuse its connect() soon spends the CPU searching for a port.
+        // The client reuses its own TIME_WAIT ports, as load generators are tuned: wrk closes
+        // each `Connection: close` connection as soon as it has read the answer, while the
+        // server closes its end, so both ends keep TIME_WAIT (2 s of wrk -c10 straight to
+        // nginx left about 5,000 on the client and 9,000 on the server), and without reuse
+        // wrk's connect() soon spends the CPU searching for a free port among 28,232.
         topo.client.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
         let dir = std::env::temp_dir().join(format!("{}-bench", topo.lb.name));
         let _cleanup = RemoveDir(dir.clone());
@@ -262,13 +267,9 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
                 });
                 continue;
             }
-            if load == Load::NewConnectionsTsOffsets {
-                set_client_timestamps(&topo, TIMESTAMPS_PER_CONNECTION);
-            }
             let entry = measure(
                 opts, contender, load, &topo, &dir, seconds, &running, &stats,
             );
-            set_client_timestamps(&topo, TIMESTAMPS_MONOTONIC);
             if let Cell::Measured(m) = &entry.cell {
                 eprintln!(
                     "bench:   {:<28} {:>12.2} {} (min {:.2}, max {:.2})",
@@ -282,22 +283,6 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
             results.entries.push(entry);
         }
         drop(running);
-    }
-}
-
-/// `net.ipv4.tcp_timestamps`: 1 offsets each connection's timestamps at random (the default),
-/// 2 sends the plain clock, monotonic across connections.
-const TIMESTAMPS_PER_CONNECTION: u8 = 1;
-const TIMESTAMPS_MONOTONIC: u8 = 2;
-
-/// Sets how the hosts that open TCP connections (the client, and the balancer namespace for
-/// the proxies' connections to the backends) stamp them. Every load but one runs with
-/// monotonic timestamps, so that reusing a source port still in a backend's TIME_WAIT (which
-/// every source-rewriting balancer does within seconds at these rates) is accepted, and the
-/// figures measure the balancers rather than that; one load shows the default.
-fn set_client_timestamps(topo: &Topology, mode: u8) {
-    for ns in [&topo.client, &topo.lb] {
-        ns.sh(&format!("sysctl -qw net.ipv4.tcp_timestamps={mode}"));
     }
 }
 

@@ -221,14 +221,14 @@ pub fn markdown(results: &Results, command: &str) -> String {
          weights 4:6; the client runs wrk (5 threads; 50 connections, or 5 for bulk) and \
          `lb-bench udp-load` (20 flows, 8 requests in flight each). Clients and backends \
          send full checksums (`ethtool -K tx off`, which also turns TSO off) for every \
-         contender alike, since native XDP cannot finish partial checksums on veth. The hosts \
-         that open connections (the client; the balancer namespace, for the proxies) send \
-         monotonic TCP timestamps (`net.ipv4.tcp_timestamps=2`) in every load but the last, \
-         which keeps the kernel's default of a random offset per connection: a backend then \
-         refuses about half of the SYNs that reuse a source address and port still in its \
-         TIME_WAIT, and every contender that rewrites the source reuses ports within seconds \
-         at these rates (see the README's benchmark section). The client reuses its own TIME_WAIT \
-         ports (`net.ipv4.tcp_tw_reuse=1`), as load generators are tuned.\n\n\
+         contender alike, since native XDP cannot finish partial checksums on veth. \
+         Everything runs with its defaults: lb's configuration names only its interfaces and \
+         services, and every host keeps the kernel's TCP settings, timestamps offset by a \
+         hash of each connection's addresses and ports included: a backend refuses a SYN that \
+         reuses the addresses and ports of a connection in its TIME_WAIT with an older \
+         timestamp, which a balancer that maps another client port onto that source port \
+         sends about half of the time. The client alone reuses its own TIME_WAIT ports \
+         (`net.ipv4.tcp_tw_reuse=1`), as load generators are tuned.\n\n\
          ## Summary\n\n{}\n",
         m.date,
         m.cpus,
