@@ -21,12 +21,12 @@ use serde::Serialize;
 use self::{
     contenders::{Contender, Running},
     cost::{BpfStats, MachineCpu, device_drops, namespace_cpu_seconds, program_runtime},
-    loads::{Cost, Load, Outcome},
+    loads::{Cost, Load, MORE_CLIENTS, Outcome},
     micro::{MicroOptions, MicroResults},
     summary::Summary,
 };
 use crate::{
-    netns::sweep_stale,
+    netns::{Netns, sweep_stale},
     topology::{Arms, Topology},
 };
 
@@ -53,6 +53,8 @@ pub struct Machine {
     pub memory_gib: f64,
     pub mode: String,
     pub seconds_per_run: f64,
+    /// The new-connection loads' runs, sustained longer.
+    pub new_connection_seconds_per_run: f64,
 }
 
 /// The figures of one contender under one load, over its runs.
@@ -162,6 +164,7 @@ fn machine(quick: bool, seconds: f64) -> Machine {
         memory_gib: memory_kib / 1024.0 / 1024.0,
         mode: if quick { "quick" } else { "default" }.into(),
         seconds_per_run: seconds,
+        new_connection_seconds_per_run: Load::NewConnections.seconds(seconds, quick),
     }
 }
 
@@ -222,12 +225,15 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
         // by a secret hash of the connection's addresses and ports, measured on 6.18: the same
         // four values get the same offset again, another source port an unrelated one.)
         let topo = Topology::new(Arms::Two, 2);
-        // The client reuses its own TIME_WAIT ports, as load generators are tuned: wrk closes
-        // each `Connection: close` connection as soon as it has read the answer, while the
-        // server closes its end, so both ends keep TIME_WAIT (2 s of wrk -c10 straight to
-        // nginx left about 5,000 on the client and 9,000 on the server), and without reuse
+        let more_clients = topo.add_clients(MORE_CLIENTS);
+        // The client hosts reuse their own TIME_WAIT ports, as load generators are tuned: wrk
+        // closes each `Connection: close` connection as soon as it has read the answer, while
+        // the server closes its end, so both ends keep TIME_WAIT (2 s of wrk -c10 straight
+        // to nginx left about 5,000 on the client and 9,000 on the server), and without reuse
         // wrk's connect() soon spends the CPU searching for a free port among 28,232.
-        topo.client.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
+        for host in std::iter::once(&topo.client).chain(&more_clients) {
+            host.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
+        }
         let dir = std::env::temp_dir().join(format!("{}-bench", topo.lb.name));
         let _cleanup = RemoveDir(dir.clone());
         let running = std::fs::create_dir_all(&dir)
@@ -254,7 +260,15 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
             }
         };
         // Warm-up: neighbours resolved, caches and pools filled; not recorded.
-        let _ = loads::run(Load::KeepAlive, contender, &topo, &dir, &opts.bench, 1.0);
+        let _ = loads::run(
+            Load::KeepAlive,
+            contender,
+            &topo,
+            &more_clients,
+            &dir,
+            &opts.bench,
+            1.0,
+        );
         for load in Load::ALL {
             if load == Load::Udp
                 && let Some(why) = contender.udp_unsupported()
@@ -267,17 +281,29 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
                 });
                 continue;
             }
+            let hosts = Hosts {
+                topo: &topo,
+                more_clients: &more_clients,
+                dir: &dir,
+            };
             let entry = measure(
-                opts, contender, load, &topo, &dir, seconds, &running, &stats,
+                opts,
+                contender,
+                load,
+                &hosts,
+                load.seconds(seconds, opts.quick),
+                &running,
+                &stats,
             );
             if let Cell::Measured(m) = &entry.cell {
                 eprintln!(
-                    "bench:   {:<28} {:>12.2} {} (min {:.2}, max {:.2})",
+                    "bench:   {:<32} {:>12.2} {} (min {:.2}, max {:.2}; errors {})",
                     load.label(),
                     m.value.median,
                     load.unit(),
                     m.value.min,
-                    m.value.max
+                    m.value.max,
+                    m.errors
                 );
             }
             results.entries.push(entry);
@@ -286,20 +312,23 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one run's whole context; a struct for one caller would only rename it"
-)]
+/// Where the loads run: the network, the four-client load's client hosts, the run's folder.
+struct Hosts<'a> {
+    topo: &'a Topology,
+    more_clients: &'a [Netns],
+    dir: &'a Path,
+}
+
 fn measure(
     opts: &Options,
     contender: Contender,
     load: Load,
-    topo: &Topology,
-    dir: &Path,
+    hosts: &Hosts<'_>,
     seconds: f64,
     running: &Running<'_>,
     stats: &Result<BpfStats, String>,
 ) -> Entry {
+    let topo = hosts.topo;
     let counters_before = running
         .balancer()
         .map(|b| lb_counters(&b.status()))
@@ -311,7 +340,15 @@ fn measure(
         let drops_before = device_drops(&topo.lb, &LB_DEVICES);
         let xdp_before = program_runtime(XDP_PROGRAM);
         let started = Instant::now();
-        let outcome = loads::run(load, contender, topo, dir, &opts.bench, seconds);
+        let outcome = loads::run(
+            load,
+            contender,
+            topo,
+            hosts.more_clients,
+            hosts.dir,
+            &opts.bench,
+            seconds,
+        );
         let wall = started.elapsed().as_secs_f64();
         let xdp_after = program_runtime(XDP_PROGRAM);
         let lb_after = namespace_cpu_seconds(&topo.lb);

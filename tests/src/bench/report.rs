@@ -219,16 +219,18 @@ pub fn markdown(results: &Results, command: &str) -> String {
          contenders run in turn in the same balancer namespace, on the same veth wires, in \
          front of the same two backends (nginx for HTTP, `lb-bench udp-echo` for UDP) with \
          weights 4:6; the client runs wrk (5 threads; 50 connections, or 5 for bulk) and \
-         `lb-bench udp-load` (20 flows, 8 requests in flight each). Clients and backends \
-         send full checksums (`ethtool -K tx off`, which also turns TSO off) for every \
-         contender alike, since native XDP cannot finish partial checksums on veth. \
-         Everything runs with its defaults: lb's configuration names only its interfaces and \
-         services, and every host keeps the kernel's TCP settings, timestamps offset by a \
-         hash of each connection's addresses and ports included: a backend refuses a SYN that \
-         reuses the addresses and ports of a connection in its TIME_WAIT with an older \
-         timestamp, which a balancer that maps another client port onto that source port \
-         sends about half of the time. The client alone reuses its own TIME_WAIT ports \
-         (`net.ipv4.tcp_tw_reuse=1`), as load generators are tuned.\n\n\
+         `lb-bench udp-load` (20 flows, 8 requests in flight each); for the four-client load, \
+         four other client hosts (each its own address, routed through the client's \
+         namespace) run wrk at once (2 threads, 8 connections each). New-connection loads \
+         run {} s per run. Clients and backends send full checksums (`ethtool -K tx off`, \
+         which also turns TSO off) for every contender alike, since native XDP cannot finish \
+         partial checksums on veth. Everything runs with its defaults: lb's configuration \
+         names only its interfaces and services, and every host keeps the kernel's TCP \
+         settings, timestamps offset by a hash of each connection's addresses and ports \
+         included: a backend refuses a SYN that reuses the addresses and ports of a \
+         connection in its TIME_WAIT with an older timestamp, which a balancer that maps \
+         another client port onto that source port sends about half of the time. The client hosts alone reuse their own \
+         TIME_WAIT ports (`net.ipv4.tcp_tw_reuse=1`), as load generators are tuned.\n\n\
          ## Summary\n\n{}\n",
         m.date,
         m.cpus,
@@ -239,6 +241,7 @@ pub fn markdown(results: &Results, command: &str) -> String {
         super::RUNS,
         m.seconds_per_run,
         results.elapsed_s,
+        m.new_connection_seconds_per_run,
         summary_table(results),
     );
     for (name, why) in &results.absent {
@@ -510,6 +513,7 @@ mod tests {
                 memory_gib: 24.0,
                 mode: "quick".into(),
                 seconds_per_run: 1.0,
+                new_connection_seconds_per_run: 1.0,
             },
             micro: Err("not run".into()),
             entries,
