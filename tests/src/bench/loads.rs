@@ -78,7 +78,8 @@ impl Load {
         }
     }
 
-    /// Loads that open a TCP connection per request.
+    /// Loads that open a TCP connection per request: their runs count the backends' PAWS
+    /// rejections and the clients' SYN retransmits.
     pub fn new_connections(self) -> bool {
         matches!(self, Load::NewConnections | Load::NewConnectionsFourClients)
     }
@@ -105,6 +106,12 @@ pub struct Outcome {
     /// requests without a reply.
     pub errors: u64,
     pub requests: u64,
+    /// New-connection loads: SYNs the backends dropped because they met a connection of the
+    /// same addresses and ports in TIME_WAIT with a newer timestamp (`TcpExtPAWSTimewait`,
+    /// summed over the backends' namespaces).
+    pub paws_timewait: Option<u64>,
+    /// New-connection loads: SYNs the load's client hosts sent again (`TcpExtTCPSynRetrans`).
+    pub syn_retrans: Option<u64>,
     pub cost: Cost,
 }
 

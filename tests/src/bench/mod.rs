@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use self::{
     contenders::{Contender, Running},
-    cost::{BpfStats, MachineCpu, device_drops, namespace_cpu_seconds, program_runtime},
+    cost::{
+        BpfStats, MachineCpu, device_drops, kernel_counter, namespace_cpu_seconds, program_runtime,
+    },
     loads::{Cost, Load, MORE_CLIENTS, Outcome},
     micro::{MicroOptions, MicroResults},
     summary::Summary,
@@ -66,6 +68,10 @@ pub struct Measured {
     /// Failed requests over all runs.
     pub errors: u64,
     pub requests: u64,
+    /// New-connection loads: the backends' PAWS rejections of SYNs (`TcpExtPAWSTimewait`) and
+    /// the clients' SYN retransmits (`TcpExtTCPSynRetrans`), over all runs.
+    pub paws_timewait: Option<u64>,
+    pub syn_retrans: Option<u64>,
     pub xdp_ns_per_packet: Option<Summary>,
     pub balancer_cpu: Option<Summary>,
     pub machine_busy: Summary,
@@ -296,8 +302,14 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
                 &stats,
             );
             if let Cell::Measured(m) = &entry.cell {
+                let tcp = match (m.paws_timewait, m.syn_retrans) {
+                    (Some(paws), Some(syn)) => {
+                        format!("; PAWS rejections {paws}, SYN retransmits {syn}")
+                    }
+                    _ => String::new(),
+                };
                 eprintln!(
-                    "bench:   {:<32} {:>12.2} {} (min {:.2}, max {:.2}; errors {})",
+                    "bench:   {:<32} {:>12.2} {} (min {:.2}, max {:.2}; errors {}){tcp}",
                     load.label(),
                     m.value.median,
                     load.unit(),
@@ -317,6 +329,28 @@ struct Hosts<'a> {
     topo: &'a Topology,
     more_clients: &'a [Netns],
     dir: &'a Path,
+}
+
+impl Hosts<'_> {
+    /// The hosts that open `load`'s connections.
+    fn clients(&self, load: Load) -> Vec<&Netns> {
+        match load {
+            Load::NewConnectionsFourClients => self.more_clients.iter().collect(),
+            _ => vec![&self.topo.client],
+        }
+    }
+
+    /// (the backends' PAWS rejections, the clients' SYN retransmits) so far, for a load that
+    /// opens a connection per request.
+    fn tcp_counters(&self, load: Load) -> Option<(u64, u64)> {
+        let backends: Vec<&Netns> = self.topo.backends.iter().collect();
+        load.new_connections().then(|| {
+            (
+                kernel_counter(&backends, "TcpExtPAWSTimewait"),
+                kernel_counter(&self.clients(load), "TcpExtTCPSynRetrans"),
+            )
+        })
+    }
 }
 
 fn measure(
@@ -339,6 +373,7 @@ fn measure(
         let lb_before = namespace_cpu_seconds(&topo.lb);
         let drops_before = device_drops(&topo.lb, &LB_DEVICES);
         let xdp_before = program_runtime(XDP_PROGRAM);
+        let tcp_before = hosts.tcp_counters(load);
         let started = Instant::now();
         let outcome = loads::run(
             load,
@@ -350,6 +385,7 @@ fn measure(
             seconds,
         );
         let wall = started.elapsed().as_secs_f64();
+        let tcp_after = hosts.tcp_counters(load);
         let xdp_after = program_runtime(XDP_PROGRAM);
         let lb_after = namespace_cpu_seconds(&topo.lb);
         let drops_after = device_drops(&topo.lb, &LB_DEVICES);
@@ -361,6 +397,10 @@ fn measure(
             }
             Err(e) => return failed(contender, load, runs, e),
         };
+        if let (Some(before), Some(after)) = (tcp_before, tcp_after) {
+            outcome.paws_timewait = Some(after.0.saturating_sub(before.0));
+            outcome.syn_retrans = Some(after.1.saturating_sub(before.1));
+        }
         let (busy, softirq) = cpu_before.shares_until(&cpu_after);
         let process_cpu = (lb_after - lb_before) / wall;
         let (xdp_ns, xdp_runs) = (xdp_after.0 - xdp_before.0, xdp_after.1 - xdp_before.1);
@@ -418,6 +458,8 @@ fn measure(
         p99_ms: pick(&|o| o.p99_ms),
         errors: runs.iter().map(|o| o.errors).sum(),
         requests: runs.iter().map(|o| o.requests).sum(),
+        paws_timewait: runs.iter().map(|o| o.paws_timewait).sum(),
+        syn_retrans: runs.iter().map(|o| o.syn_retrans).sum(),
         xdp_ns_per_packet: pick(&|o| o.cost.xdp_ns_per_packet),
         balancer_cpu: pick(&|o| o.cost.balancer_cpu),
         machine_busy: pick(&|o| Some(o.cost.machine_busy)).expect("always measured"),
