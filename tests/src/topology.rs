@@ -3,18 +3,35 @@
 //!
 //! - two-arm: client 198.18.0.2 -- lb0 198.18.0.1 | lb1 198.18.1.1 -- switch -- 198.18.1.1x
 //! - one-arm: client 198.18.0.2 and backends 198.18.0.1x share the switch with lb0 198.18.0.1
+//! - more client hosts (two-arm, `add_clients`): 198.18.(16+i).2 behind the client namespace,
+//!   which routes for them (198.18.16.0/20)
 //!
 //! veth rules from ENGINEERING.md: GRO on every veth end (redirected frames need NAPI on the
 //! peer), and checksum offload off on the client and backends (native XDP cannot finish partial
 //! checksums).
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use crate::netns::Netns;
 
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const BACKEND_PORT: u16 = 8000;
+/// The client hosts that `Topology::add_clients` adds: 198.18.(16+i).0/24 each.
+const MORE_CLIENTS_NET: &str = "198.18.16.0/20";
+const MORE_CLIENTS_MAX: usize = 16;
+
+/// The address of the client host that `Topology::add_clients` numbers `i` (from 0).
+pub fn more_client_addr(i: usize) -> Ipv4Addr {
+    assert!(
+        i < MORE_CLIENTS_MAX,
+        "client host {i} is outside {MORE_CLIENTS_NET}"
+    );
+    Ipv4Addr::new(198, 18, 16 + i as u8, 2)
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arms {
@@ -31,6 +48,8 @@ pub struct Topology {
     pub backend_addrs: Vec<Ipv4Addr>,
     /// Interfaces in the balancer namespace that the XDP program attaches to.
     pub lb_interfaces: Vec<String>,
+    /// Client hosts added by `add_clients` so far (their numbering goes on across calls).
+    more_clients: AtomicUsize,
 }
 
 /// Connects `a`'s device `a_dev` to `b`'s device `b_dev` with a veth pair.
@@ -99,7 +118,48 @@ impl Topology {
             backends,
             backend_addrs,
             lb_interfaces,
+            more_clients: AtomicUsize::new(0),
         }
+    }
+
+    /// Adds `n` client hosts (two-arm only), each in its own namespace and wired by a veth pair
+    /// to the client namespace, which forwards for them: client i (counted across calls from 0)
+    /// is 198.18.(16+i).2/24 on its `eth0`, the client namespace's side 198.18.(16+i).1/24 on
+    /// `cI`; their default route goes through the client namespace, and the balancer namespace
+    /// routes 198.18.16.0/20 back through it. They send full checksums, as the client does.
+    /// The namespaces are removed when the returned values are dropped.
+    pub fn add_clients(&self, n: usize) -> Vec<Netns> {
+        assert_eq!(
+            self.arms,
+            Arms::Two,
+            "more client hosts need the two-arm topology (the client namespace routes for them)"
+        );
+        let first = self.more_clients.fetch_add(n, Ordering::Relaxed);
+        assert!(
+            first + n <= MORE_CLIENTS_MAX,
+            "at most {MORE_CLIENTS_MAX} more client hosts fit in {MORE_CLIENTS_NET}"
+        );
+        self.client.sh("sysctl -qw net.ipv4.ip_forward=1");
+        self.lb
+            .sh(&format!("ip route replace {MORE_CLIENTS_NET} via {CLIENT}"));
+        (first..first + n)
+            .map(|i| {
+                let ns = Netns::new(&format!("client{}", i + 1));
+                let addr = more_client_addr(i);
+                let [a, b, c, _] = addr.octets();
+                let gateway = Ipv4Addr::new(a, b, c, 1);
+                let dev = format!("c{i}");
+                wire(&self.client, &dev, &ns, "eth0");
+                self.client
+                    .sh(&format!("ip addr add {gateway}/24 dev {dev}"));
+                ns.sh(&format!(
+                    "ip addr add {addr}/24 dev eth0
+                     ip route add default via {gateway}
+                     ethtool -K eth0 tx off >/dev/null"
+                ));
+                ns
+            })
+            .collect()
     }
 
     /// A config for one TCP service "web" on VIP:80 and one UDP service "dns" on VIP:53 over

@@ -99,14 +99,10 @@ fn backends(topo: &Topology) -> impl Iterator<Item = (String, u32)> + '_ {
         .map(|(a, w)| (format!("{a}:{BACKEND_PORT}"), w))
 }
 
+/// lb's configuration: the interfaces and the services only, so that every other setting (the
+/// flow table, SNAT ports, timeouts) is lb's default, as a user who just installed it runs it.
 pub fn daemon_config(topo: &Topology) -> String {
-    // The SNAT range covers the client's ephemeral ports (Linux: 32768-60999), so that lb
-    // keeps each client's port as conntrack does; the balancer host's own range moves above
-    // it (start()). The table holds every connection of the heaviest load for the closing
-    // timeout.
-    let mut text = String::from(
-        "interfaces = [\"lb0\", \"lb1\"]\n[flows]\ncapacity = 2097152\nsnat_ports = \"1024-60999\"\n",
-    );
+    let mut text = String::from("interfaces = [\"lb0\", \"lb1\"]\n");
     for (name, port, proto) in [("web", WEB_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
         text += &format!(
             "[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{proto}\"\n\
@@ -205,8 +201,6 @@ pub fn start<'a>(
     match contender {
         Contender::Direct => Ok(Running::Nothing),
         Contender::Xdp => {
-            topo.lb
-                .sh("sysctl -qw net.ipv4.ip_local_port_range='61000 65535'");
             let balancer = Balancer::start(lb, topo, &daemon_config(topo));
             let running = Running::Daemon(Box::new(balancer));
             wait_for_vip(topo, "lb")?;

@@ -1,6 +1,7 @@
 //! What a run costs: the machine's CPU (/proc/stat), the balancer namespace's processes
-//! (/proc/PID/stat), and the XDP program's own run time (the kernel's BPF statistics, switched
-//! on for the benchmark's lifetime through BPF_ENABLE_STATS).
+//! (/proc/PID/stat), the XDP program's own run time (the kernel's BPF statistics, switched
+//! on for the benchmark's lifetime through BPF_ENABLE_STATS), and the hosts' TCP counters
+//! (/proc/net/netstat, as `nstat` names them).
 
 use std::os::fd::OwnedFd;
 
@@ -107,6 +108,53 @@ pub fn parse_device_drops(text: &str) -> u64 {
         .sum()
 }
 
+/// The sum of the kernel counter `name` (nstat's name: `TcpExtPAWSTimewait`) over the
+/// namespaces `hosts`, read from /proc/net/netstat and /proc/net/snmp inside each; a host
+/// whose counters cannot be read adds 0.
+pub fn kernel_counter(hosts: &[&Netns], name: &str) -> u64 {
+    hosts
+        .iter()
+        .map(|ns| {
+            let out = ns.try_sh("cat /proc/net/netstat /proc/net/snmp");
+            parse_kernel_counters(&String::from_utf8_lossy(&out.stdout))
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, v)| v)
+        })
+        .sum()
+}
+
+/// The counters of /proc/net/netstat or /proc/net/snmp text, named as nstat names them (the
+/// group and the field: `TcpExtPAWSTimewait`): each group is a line of names followed by a
+/// line of values with the same `Group:` prefix. Negative values (Tcp MaxConn) are left out.
+pub fn parse_kernel_counters(text: &str) -> Vec<(String, u64)> {
+    let mut counters = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.windows(2) {
+        let (Some((group, names)), Some((value_group, values))) =
+            (pair[0].split_once(':'), pair[1].split_once(':'))
+        else {
+            continue;
+        };
+        let values: Vec<&str> = values.split_whitespace().collect();
+        let names: Vec<&str> = names.split_whitespace().collect();
+        let numeric = |v: &[&str]| v.iter().all(|f| f.parse::<i64>().is_ok());
+        if group != value_group
+            || names.len() != values.len()
+            || numeric(&names)
+            || !numeric(&values)
+        {
+            continue;
+        }
+        for (name, value) in names.iter().zip(values) {
+            if let Ok(v) = value.parse::<u64>() {
+                counters.push((format!("{group}{name}"), v));
+            }
+        }
+    }
+    counters
+}
+
 /// Keeps the kernel's BPF run-time statistics on while alive.
 pub struct BpfStats {
     _fd: OwnedFd,
@@ -151,6 +199,28 @@ mod tests {
                     tx_queue_0_xdp_xmit: 50\n     tx_queue_0_xdp_xmit_errors: 5\n";
         assert_eq!(parse_device_drops(text), 12);
         assert_eq!(parse_device_drops("garbage"), 0);
+    }
+
+    #[test]
+    fn kernel_counters_pair_names_with_values() {
+        let text = "TcpExt: SyncookiesSent PAWSTimewait TCPSynRetrans\n\
+                    TcpExt: 0 1234 56\n\
+                    IpExt: InNoRoutes InOctets\n\
+                    IpExt: 7 8\n\
+                    Tcp: RtoAlgorithm MaxConn ActiveOpens\n\
+                    Tcp: 1 -1 99\n";
+        let counters = parse_kernel_counters(text);
+        let get = |name: &str| counters.iter().find(|(n, _)| n == name).map(|c| c.1);
+        assert_eq!(get("TcpExtPAWSTimewait"), Some(1234));
+        assert_eq!(get("TcpExtTCPSynRetrans"), Some(56));
+        assert_eq!(get("IpExtInOctets"), Some(8));
+        assert_eq!(get("TcpActiveOpens"), Some(99));
+        assert_eq!(get("TcpMaxConn"), None);
+        // A names line is never taken for values, nor a group for another's.
+        assert_eq!(get("TcpExtInNoRoutes"), None);
+        assert_eq!(counters.len(), 7, "{counters:?}");
+        assert!(parse_kernel_counters("garbage\nTcpExt: 1 2\n").is_empty());
+        assert!(parse_kernel_counters("TcpExt: A B\nTcpExt: 1\n").is_empty());
     }
 
     #[test]

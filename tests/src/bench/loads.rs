@@ -1,22 +1,35 @@
 //! The loads of the end-to-end benchmark and what each run costs the balancer: wrk for HTTP
-//! (a new connection per request, keep-alive requests, and a bulk download), `lb-bench udp-load`
-//! for UDP. Every load is bounded in time; every external command is bounded by `timeout`.
+//! (a new connection per request from one client host and from four at once, keep-alive
+//! requests, and a bulk download), `lb-bench udp-load` for UDP. Every load is bounded in time;
+//! every external command is bounded by `timeout`.
 
 use std::{fs, net::SocketAddrV4, path::Path};
 
 use serde::Serialize;
 
 use super::{
-    contenders::{Contender, UDP_PORT, WEB_PORT},
+    contenders::{Contender, UDP_PORT, WEB_PORT, WEIGHTS},
+    summary::Summary,
     udp::UdpLoadResult,
 };
-use crate::topology::{BACKEND_PORT, Topology, VIP};
+use crate::{
+    netns::Netns,
+    topology::{BACKEND_PORT, Topology, VIP},
+};
 
 /// Size of the object the bulk load downloads over and over (keep-alive).
 pub const BULK_BYTES: usize = 16 << 20;
 /// wrk threads: 5 lets the direct path split them 2:3 over the backends (4:6).
 const WRK_THREADS: usize = 5;
 const WRK_CONNECTIONS: usize = 50;
+/// The client hosts of the four-client load (`Topology::add_clients`), and wrk's threads and
+/// connections on each of them (32 connections in all).
+pub const MORE_CLIENTS: usize = 4;
+const MORE_CLIENT_WRK_THREADS: usize = 2;
+const MORE_CLIENT_WRK_CONNECTIONS: usize = 8;
+/// New-connection loads run at least this long per run (outside `--quick`): the goal is a rate
+/// sustained for 15 s, long enough for the backends' TIME_WAIT to fill with the run's ports.
+const NEW_CONNECTION_SECONDS: f64 = 15.0;
 const UDP_FLOWS: usize = 20;
 const UDP_WINDOW: u32 = 8;
 
@@ -24,42 +37,60 @@ const UDP_WINDOW: u32 = 8;
 pub enum Load {
     /// A new TCP connection per request (HTTP with `Connection: close`).
     NewConnections,
+    /// As NewConnections, from four other client hosts at once, each with its own address
+    /// (wrk -t2 -c8 on each): a balancer that rewrites the source now carries several hosts'
+    /// connections to a backend on one address.
+    NewConnectionsFourClients,
     /// Requests on kept-alive connections.
     KeepAlive,
     /// Bulk TCP: a 16 MiB object downloaded over and over on 5 connections.
     Bulk,
     /// Small UDP requests and their echoes.
     Udp,
-    /// As NewConnections, with the clients' TCP timestamps offset per connection (the kernel's
-    /// default): a backend then refuses about half of the SYNs that reuse a source address and
-    /// port still in its TIME_WAIT, which every balancer that rewrites the source meets.
-    NewConnectionsTsOffsets,
 }
 
 impl Load {
     pub const ALL: [Load; 5] = [
         Load::NewConnections,
+        Load::NewConnectionsFourClients,
         Load::KeepAlive,
         Load::Bulk,
         Load::Udp,
-        Load::NewConnectionsTsOffsets,
     ];
 
     pub fn label(self) -> &'static str {
         match self {
             Load::NewConnections => "new connection per request",
+            Load::NewConnectionsFourClients => "new connections, 4 client hosts",
             Load::KeepAlive => "keep-alive requests",
             Load::Bulk => "bulk TCP download",
             Load::Udp => "UDP request/response",
-            Load::NewConnectionsTsOffsets => "new connections, per-connection TCP timestamps",
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
-            Load::NewConnections | Load::KeepAlive | Load::NewConnectionsTsOffsets => "requests/s",
+            Load::NewConnections | Load::NewConnectionsFourClients | Load::KeepAlive => {
+                "requests/s"
+            }
             Load::Bulk => "Gbit/s",
             Load::Udp => "replies/s",
+        }
+    }
+
+    /// Loads that open a TCP connection per request: their runs count the backends' PAWS
+    /// rejections and the clients' SYN retransmits.
+    pub fn new_connections(self) -> bool {
+        matches!(self, Load::NewConnections | Load::NewConnectionsFourClients)
+    }
+
+    /// Seconds per run: `seconds`, or at least NEW_CONNECTION_SECONDS for new-connection loads
+    /// unless `quick`.
+    pub fn seconds(self, seconds: f64, quick: bool) -> f64 {
+        if self.new_connections() && !quick {
+            seconds.max(NEW_CONNECTION_SECONDS)
+        } else {
+            seconds
         }
     }
 }
@@ -75,6 +106,12 @@ pub struct Outcome {
     /// requests without a reply.
     pub errors: u64,
     pub requests: u64,
+    /// New-connection loads: SYNs the backends dropped because they met a connection of the
+    /// same addresses and ports in TIME_WAIT with a newer timestamp (`TcpExtPAWSTimewait`,
+    /// summed over the backends' namespaces).
+    pub paws_timewait: Option<u64>,
+    /// New-connection loads: SYNs the load's client hosts sent again (`TcpExtTCPSynRetrans`).
+    pub syn_retrans: Option<u64>,
     pub cost: Cost,
 }
 
@@ -178,12 +215,23 @@ pub fn start_backends(topo: &Topology, dir: &Path, bench: &Path) -> Result<Serve
     Ok(servers)
 }
 
+/// The backend (0 or 1) of each of the direct path's `threads` wrk threads or UDP targets, as
+/// near the weights 4:6 as whole threads allow: 5 split 2:3, the four-client load's 8 (2 per
+/// host) 3:5.
+pub fn direct_split(threads: usize) -> Vec<usize> {
+    let first = u64::from(WEIGHTS[0]);
+    let total = u64::from(WEIGHTS.iter().sum::<u32>());
+    (0..threads as u64)
+        .map(|k| usize::from((k + 1) * first / total == k * first / total))
+        .collect()
+}
+
 /// The wrk script: reports the figures on one line, and for the direct path sends wrk's
-/// threads straight to the backends, 2 to the first and 3 to the second (4:6).
-fn wrk_script(contender: Contender, topo: &Topology) -> String {
+/// threads straight to the backends, thread k to backend `backends[k]`.
+fn wrk_script(contender: Contender, topo: &Topology, backends: &[usize]) -> String {
     let mut script = String::new();
     if contender == Contender::Direct {
-        let targets: Vec<String> = [0, 0, 1, 1, 1]
+        let targets: Vec<String> = backends
             .iter()
             .map(|&i| format!("\"{}\"", topo.backend_addrs[i]))
             .collect();
@@ -231,63 +279,82 @@ pub fn parse_wrk(stdout: &str, load: Load) -> Result<Outcome, String> {
         p99_ms: Some(field(line, "p99_us")? / 1000.0),
         errors: field(line, "errors")? as u64,
         requests: requests as u64,
-        cost: Cost::default(),
+        ..Outcome::default()
     })
 }
 
-/// Runs one load for `seconds` from the client namespace (without its cost).
+/// One run of the four-client load from each host's run: rates, requests and errors add up,
+/// p50 is the median of the hosts' p50s, p99 the worst host's p99.
+pub fn combine_hosts(hosts: &[Outcome]) -> Outcome {
+    let p50s: Vec<f64> = hosts.iter().filter_map(|o| o.p50_ms).collect();
+    let p99s: Vec<f64> = hosts.iter().filter_map(|o| o.p99_ms).collect();
+    let every = |v: &Vec<f64>| !hosts.is_empty() && v.len() == hosts.len();
+    Outcome {
+        value: hosts.iter().map(|o| o.value).sum(),
+        p50_ms: every(&p50s)
+            .then(|| Summary::of(&p50s).map(|s| s.median))
+            .flatten(),
+        p99_ms: every(&p99s).then(|| p99s.iter().copied().fold(f64::MIN, f64::max)),
+        errors: hosts.iter().map(|o| o.errors).sum(),
+        requests: hosts.iter().map(|o| o.requests).sum(),
+        ..Outcome::default()
+    }
+}
+
+/// The UDP load from the client namespace: `lb-bench udp-load`, bounded by `limit` seconds.
+fn udp_load(
+    contender: Contender,
+    topo: &Topology,
+    bench: &Path,
+    seconds: f64,
+    limit: u64,
+) -> Result<Outcome, String> {
+    let targets: Vec<String> = if contender == Contender::Direct {
+        direct_split(WRK_THREADS)
+            .iter()
+            .map(|&i| SocketAddrV4::new(topo.backend_addrs[i], BACKEND_PORT).to_string())
+            .collect()
+    } else {
+        vec![SocketAddrV4::new(VIP, UDP_PORT).to_string()]
+    };
+    let out = topo.client.try_sh(&format!(
+        "timeout {limit} {} udp-load --targets {} --flows {UDP_FLOWS} --window {UDP_WINDOW} --seconds {seconds}",
+        bench.display(),
+        targets.join(",")
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "udp-load failed ({}): {stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let r: UdpLoadResult = serde_json::from_str(stdout.trim())
+        .map_err(|e| format!("udp-load printed {stdout:?}: {e}"))?;
+    let secs = r.elapsed_us as f64 / 1e6;
+    Ok(Outcome {
+        value: r.received as f64 / secs,
+        p50_ms: None,
+        p99_ms: None,
+        errors: r.lost,
+        requests: r.sent,
+        ..Outcome::default()
+    })
+}
+
+/// Runs one load for `seconds` from the client namespace, or from `more_clients` (the hosts of
+/// `Topology::add_clients`) for the four-client load, without its cost.
 pub fn run(
     load: Load,
     contender: Contender,
     topo: &Topology,
+    more_clients: &[Netns],
     dir: &Path,
     bench: &Path,
     seconds: f64,
 ) -> Result<Outcome, String> {
     let limit = seconds.ceil() as u64 + 20;
-    if load == Load::Udp {
-        let targets: Vec<String> = if contender == Contender::Direct {
-            [0, 0, 1, 1, 1]
-                .iter()
-                .map(|&i| SocketAddrV4::new(topo.backend_addrs[i], BACKEND_PORT).to_string())
-                .collect()
-        } else {
-            vec![SocketAddrV4::new(VIP, UDP_PORT).to_string()]
-        };
-        let out = topo.client.try_sh(&format!(
-            "timeout {limit} {} udp-load --targets {} --flows {UDP_FLOWS} --window {UDP_WINDOW} --seconds {seconds}",
-            bench.display(),
-            targets.join(",")
-        ));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() {
-            return Err(format!(
-                "udp-load failed ({}): {stdout}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let r: UdpLoadResult = serde_json::from_str(stdout.trim())
-            .map_err(|e| format!("udp-load printed {stdout:?}: {e}"))?;
-        let secs = r.elapsed_us as f64 / 1e6;
-        return Ok(Outcome {
-            value: r.received as f64 / secs,
-            p50_ms: None,
-            p99_ms: None,
-            errors: r.lost,
-            requests: r.sent,
-            cost: Cost::default(),
-        });
-    }
-    let script = dir.join(format!("wrk-{contender:?}.lua"));
-    fs::write(&script, wrk_script(contender, topo)).map_err(|e| e.to_string())?;
-    let (path, connections, close) = match load {
-        Load::NewConnections | Load::NewConnectionsTsOffsets => {
-            ("/", WRK_CONNECTIONS, "-H 'Connection: close'")
-        }
-        Load::KeepAlive => ("/", WRK_CONNECTIONS, ""),
-        _ => ("/bulk", WRK_THREADS, ""),
-    };
     // wrk checks the URL's address before its threads start, so the direct path names the
     // first backend; its script then spreads the threads over both.
     let target = if contender == Contender::Direct {
@@ -295,19 +362,88 @@ pub fn run(
     } else {
         SocketAddrV4::new(VIP, WEB_PORT)
     };
-    let out = topo.client.try_sh(&format!(
-        "timeout {limit} wrk -t{WRK_THREADS} -c{connections} -d{seconds}s --timeout 2s {close} -s {} http://{target}{path}",
-        script.display()
-    ));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "wrk failed ({}): {stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
+    let wrk = |host: &Netns, name: &str, backends: &[usize], connections: usize, options: &str| {
+        let script = dir.join(format!("wrk-{contender:?}-{name}.lua"));
+        fs::write(&script, wrk_script(contender, topo, backends)).map_err(|e| e.to_string())?;
+        let path = if load == Load::Bulk { "/bulk" } else { "/" };
+        let out = host.try_sh(&format!(
+            "timeout {limit} wrk -t{} -c{connections} -d{seconds}s --timeout 2s {options} -s {} http://{target}{path}",
+            backends.len(),
+            script.display()
         ));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "wrk in {name} failed ({}): {stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        parse_wrk(&stdout, load)
+    };
+    let close = "-H 'Connection: close'";
+    match load {
+        Load::NewConnections => wrk(
+            &topo.client,
+            "client",
+            &direct_split(WRK_THREADS),
+            WRK_CONNECTIONS,
+            close,
+        ),
+        Load::NewConnectionsFourClients => {
+            if more_clients.len() < MORE_CLIENTS {
+                return Err(format!(
+                    "{MORE_CLIENTS} more client hosts needed, {} set up",
+                    more_clients.len()
+                ));
+            }
+            // The direct path spreads the 8 threads of all hosts 3:5 over the backends.
+            let split = direct_split(MORE_CLIENTS * MORE_CLIENT_WRK_THREADS);
+            let hosts: Vec<Result<Outcome, String>> = std::thread::scope(|scope| {
+                let runs: Vec<_> = more_clients[..MORE_CLIENTS]
+                    .iter()
+                    .zip(split.chunks(MORE_CLIENT_WRK_THREADS))
+                    .enumerate()
+                    .map(|(i, (host, backends))| {
+                        let wrk = &wrk;
+                        scope.spawn(move || {
+                            wrk(
+                                host,
+                                &format!("client{}", i + 1),
+                                backends,
+                                MORE_CLIENT_WRK_CONNECTIONS,
+                                close,
+                            )
+                        })
+                    })
+                    .collect();
+                runs.into_iter()
+                    .map(|r| {
+                        r.join()
+                            .unwrap_or_else(|_| Err("wrk's thread panicked".into()))
+                    })
+                    .collect()
+            });
+            Ok(combine_hosts(
+                &hosts.into_iter().collect::<Result<Vec<_>, _>>()?,
+            ))
+        }
+        Load::KeepAlive => wrk(
+            &topo.client,
+            "client",
+            &direct_split(WRK_THREADS),
+            WRK_CONNECTIONS,
+            "",
+        ),
+        Load::Bulk => wrk(
+            &topo.client,
+            "client",
+            &direct_split(WRK_THREADS),
+            WRK_THREADS,
+            "",
+        ),
+        Load::Udp => udp_load(contender, topo, bench, seconds, limit),
     }
-    parse_wrk(&stdout, load)
 }
 
 #[cfg(test)]
@@ -322,6 +458,41 @@ mod tests {
         assert_eq!((o.p50_ms, o.p99_ms, o.errors), (Some(1.5), Some(9.0), 3));
         let o = parse_wrk(out, Load::Bulk).expect("parses");
         assert!((o.value - 8000.0 * 8.0 / 2.0 / 1e9).abs() < 1e-12);
+    }
+
+    #[test]
+    fn direct_split_follows_the_weights() {
+        assert_eq!(direct_split(5), vec![1, 1, 0, 1, 0]);
+        let eight = direct_split(8);
+        assert_eq!(eight.iter().filter(|&&b| b == 0).count(), 3, "{eight:?}");
+        assert_eq!(eight.len(), 8);
+        assert!(direct_split(0).is_empty());
+    }
+
+    #[test]
+    fn hosts_add_up_with_median_p50_and_worst_p99() {
+        let host = |value, p50, p99, errors| Outcome {
+            value,
+            p50_ms: Some(p50),
+            p99_ms: Some(p99),
+            errors,
+            requests: value as u64 * 15,
+            ..Outcome::default()
+        };
+        let all = combine_hosts(&[
+            host(100.0, 1.0, 10.0, 1),
+            host(200.0, 4.0, 50.0, 0),
+            host(300.0, 2.0, 20.0, 2),
+            host(400.0, 3.0, 30.0, 3),
+        ]);
+        assert_eq!(all.value, 1000.0);
+        assert_eq!((all.errors, all.requests), (6, 15_000));
+        assert_eq!((all.p50_ms, all.p99_ms), (Some(2.5), Some(50.0)));
+        let mut no_latency = host(1.0, 1.0, 1.0, 0);
+        no_latency.p99_ms = None;
+        let some = combine_hosts(&[host(1.0, 1.0, 1.0, 0), no_latency]);
+        assert_eq!((some.p50_ms, some.p99_ms), (Some(1.0), None));
+        assert_eq!(combine_hosts(&[]).p50_ms, None);
     }
 
     #[test]

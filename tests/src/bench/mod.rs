@@ -20,13 +20,15 @@ use serde::Serialize;
 
 use self::{
     contenders::{Contender, Running},
-    cost::{BpfStats, MachineCpu, device_drops, namespace_cpu_seconds, program_runtime},
-    loads::{Cost, Load, Outcome},
+    cost::{
+        BpfStats, MachineCpu, device_drops, kernel_counter, namespace_cpu_seconds, program_runtime,
+    },
+    loads::{Cost, Load, MORE_CLIENTS, Outcome},
     micro::{MicroOptions, MicroResults},
     summary::Summary,
 };
 use crate::{
-    netns::sweep_stale,
+    netns::{Netns, sweep_stale},
     topology::{Arms, Topology},
 };
 
@@ -53,6 +55,8 @@ pub struct Machine {
     pub memory_gib: f64,
     pub mode: String,
     pub seconds_per_run: f64,
+    /// The new-connection loads' runs, sustained longer.
+    pub new_connection_seconds_per_run: f64,
 }
 
 /// The figures of one contender under one load, over its runs.
@@ -64,6 +68,10 @@ pub struct Measured {
     /// Failed requests over all runs.
     pub errors: u64,
     pub requests: u64,
+    /// New-connection loads: the backends' PAWS rejections of SYNs (`TcpExtPAWSTimewait`) and
+    /// the clients' SYN retransmits (`TcpExtTCPSynRetrans`), over all runs.
+    pub paws_timewait: Option<u64>,
+    pub syn_retrans: Option<u64>,
     pub xdp_ns_per_packet: Option<Summary>,
     pub balancer_cpu: Option<Summary>,
     pub machine_busy: Summary,
@@ -162,6 +170,7 @@ fn machine(quick: bool, seconds: f64) -> Machine {
         memory_gib: memory_kib / 1024.0 / 1024.0,
         mode: if quick { "quick" } else { "default" }.into(),
         seconds_per_run: seconds,
+        new_connection_seconds_per_run: Load::NewConnections.seconds(seconds, quick),
     }
 }
 
@@ -216,13 +225,21 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
         eprintln!("bench: {}", contender.label());
         // A fresh network per contender: TIME_WAIT sockets on the backends, conntrack entries
         // and sysctls left by one contender would otherwise tax the next (a backend's TIME_WAIT
-        // from another source's timestamps refuses about half of the reused ports' SYNs).
+        // refuses a SYN that reuses its addresses and ports with an older timestamp, and
+        // another connection's timestamps are unrelated). Every host keeps the kernel's TCP
+        // defaults, and lb its default configuration. (`tcp_timestamps=1` offsets timestamps
+        // by a secret hash of the connection's addresses and ports, measured on 6.18: the same
+        // four values get the same offset again, another source port an unrelated one.)
         let topo = Topology::new(Arms::Two, 2);
-        set_client_timestamps(&topo, TIMESTAMPS_MONOTONIC);
-        // The load generator reuses its own TIME_WAIT ports, as load generators are tuned: a
-        // proxy's answer reaches wrk before the proxy's FIN, so wrk closes first and keeps
-        // TIME_WAIT, and without reuse its connect() soon spends the CPU searching for a port.
-        topo.client.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
+        let more_clients = topo.add_clients(MORE_CLIENTS);
+        // The client hosts reuse their own TIME_WAIT ports, as load generators are tuned: wrk
+        // closes each `Connection: close` connection as soon as it has read the answer, while
+        // the server closes its end, so both ends keep TIME_WAIT (2 s of wrk -c10 straight
+        // to nginx left about 5,000 on the client and 9,000 on the server), and without reuse
+        // wrk's connect() soon spends the CPU searching for a free port among 28,232.
+        for host in std::iter::once(&topo.client).chain(&more_clients) {
+            host.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
+        }
         let dir = std::env::temp_dir().join(format!("{}-bench", topo.lb.name));
         let _cleanup = RemoveDir(dir.clone());
         let running = std::fs::create_dir_all(&dir)
@@ -249,7 +266,15 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
             }
         };
         // Warm-up: neighbours resolved, caches and pools filled; not recorded.
-        let _ = loads::run(Load::KeepAlive, contender, &topo, &dir, &opts.bench, 1.0);
+        let _ = loads::run(
+            Load::KeepAlive,
+            contender,
+            &topo,
+            &more_clients,
+            &dir,
+            &opts.bench,
+            1.0,
+        );
         for load in Load::ALL {
             if load == Load::Udp
                 && let Some(why) = contender.udp_unsupported()
@@ -262,21 +287,35 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
                 });
                 continue;
             }
-            if load == Load::NewConnectionsTsOffsets {
-                set_client_timestamps(&topo, TIMESTAMPS_PER_CONNECTION);
-            }
+            let hosts = Hosts {
+                topo: &topo,
+                more_clients: &more_clients,
+                dir: &dir,
+            };
             let entry = measure(
-                opts, contender, load, &topo, &dir, seconds, &running, &stats,
+                opts,
+                contender,
+                load,
+                &hosts,
+                load.seconds(seconds, opts.quick),
+                &running,
+                &stats,
             );
-            set_client_timestamps(&topo, TIMESTAMPS_MONOTONIC);
             if let Cell::Measured(m) = &entry.cell {
+                let tcp = match (m.paws_timewait, m.syn_retrans) {
+                    (Some(paws), Some(syn)) => {
+                        format!("; PAWS rejections {paws}, SYN retransmits {syn}")
+                    }
+                    _ => String::new(),
+                };
                 eprintln!(
-                    "bench:   {:<28} {:>12.2} {} (min {:.2}, max {:.2})",
+                    "bench:   {:<32} {:>12.2} {} (min {:.2}, max {:.2}; errors {}){tcp}",
                     load.label(),
                     m.value.median,
                     load.unit(),
                     m.value.min,
-                    m.value.max
+                    m.value.max,
+                    m.errors
                 );
             }
             results.entries.push(entry);
@@ -285,36 +324,45 @@ fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
     }
 }
 
-/// `net.ipv4.tcp_timestamps`: 1 offsets each connection's timestamps at random (the default),
-/// 2 sends the plain clock, monotonic across connections.
-const TIMESTAMPS_PER_CONNECTION: u8 = 1;
-const TIMESTAMPS_MONOTONIC: u8 = 2;
+/// Where the loads run: the network, the four-client load's client hosts, the run's folder.
+struct Hosts<'a> {
+    topo: &'a Topology,
+    more_clients: &'a [Netns],
+    dir: &'a Path,
+}
 
-/// Sets how the hosts that open TCP connections (the client, and the balancer namespace for
-/// the proxies' connections to the backends) stamp them. Every load but one runs with
-/// monotonic timestamps, so that reusing a source port still in a backend's TIME_WAIT (which
-/// every source-rewriting balancer does within seconds at these rates) is accepted, and the
-/// figures measure the balancers rather than that; one load shows the default.
-fn set_client_timestamps(topo: &Topology, mode: u8) {
-    for ns in [&topo.client, &topo.lb] {
-        ns.sh(&format!("sysctl -qw net.ipv4.tcp_timestamps={mode}"));
+impl Hosts<'_> {
+    /// The hosts that open `load`'s connections.
+    fn clients(&self, load: Load) -> Vec<&Netns> {
+        match load {
+            Load::NewConnectionsFourClients => self.more_clients.iter().collect(),
+            _ => vec![&self.topo.client],
+        }
+    }
+
+    /// (the backends' PAWS rejections, the clients' SYN retransmits) so far, for a load that
+    /// opens a connection per request.
+    fn tcp_counters(&self, load: Load) -> Option<(u64, u64)> {
+        let backends: Vec<&Netns> = self.topo.backends.iter().collect();
+        load.new_connections().then(|| {
+            (
+                kernel_counter(&backends, "TcpExtPAWSTimewait"),
+                kernel_counter(&self.clients(load), "TcpExtTCPSynRetrans"),
+            )
+        })
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one run's whole context; a struct for one caller would only rename it"
-)]
 fn measure(
     opts: &Options,
     contender: Contender,
     load: Load,
-    topo: &Topology,
-    dir: &Path,
+    hosts: &Hosts<'_>,
     seconds: f64,
     running: &Running<'_>,
     stats: &Result<BpfStats, String>,
 ) -> Entry {
+    let topo = hosts.topo;
     let counters_before = running
         .balancer()
         .map(|b| lb_counters(&b.status()))
@@ -325,9 +373,19 @@ fn measure(
         let lb_before = namespace_cpu_seconds(&topo.lb);
         let drops_before = device_drops(&topo.lb, &LB_DEVICES);
         let xdp_before = program_runtime(XDP_PROGRAM);
+        let tcp_before = hosts.tcp_counters(load);
         let started = Instant::now();
-        let outcome = loads::run(load, contender, topo, dir, &opts.bench, seconds);
+        let outcome = loads::run(
+            load,
+            contender,
+            topo,
+            hosts.more_clients,
+            hosts.dir,
+            &opts.bench,
+            seconds,
+        );
         let wall = started.elapsed().as_secs_f64();
+        let tcp_after = hosts.tcp_counters(load);
         let xdp_after = program_runtime(XDP_PROGRAM);
         let lb_after = namespace_cpu_seconds(&topo.lb);
         let drops_after = device_drops(&topo.lb, &LB_DEVICES);
@@ -339,6 +397,10 @@ fn measure(
             }
             Err(e) => return failed(contender, load, runs, e),
         };
+        if let (Some(before), Some(after)) = (tcp_before, tcp_after) {
+            outcome.paws_timewait = Some(after.0.saturating_sub(before.0));
+            outcome.syn_retrans = Some(after.1.saturating_sub(before.1));
+        }
         let (busy, softirq) = cpu_before.shares_until(&cpu_after);
         let process_cpu = (lb_after - lb_before) / wall;
         let (xdp_ns, xdp_runs) = (xdp_after.0 - xdp_before.0, xdp_after.1 - xdp_before.1);
@@ -396,6 +458,8 @@ fn measure(
         p99_ms: pick(&|o| o.p99_ms),
         errors: runs.iter().map(|o| o.errors).sum(),
         requests: runs.iter().map(|o| o.requests).sum(),
+        paws_timewait: runs.iter().map(|o| o.paws_timewait).sum(),
+        syn_retrans: runs.iter().map(|o| o.syn_retrans).sum(),
         xdp_ns_per_packet: pick(&|o| o.cost.xdp_ns_per_packet),
         balancer_cpu: pick(&|o| o.cost.balancer_cpu),
         machine_busy: pick(&|o| Some(o.cost.machine_busy)).expect("always measured"),

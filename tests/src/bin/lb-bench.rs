@@ -133,6 +133,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
             println!("{}", report::summary_table(&results));
+            // Goals are reported, not enforced: they do not change the exit status.
+            println!("goals:\n{}", report::goals_text(&results));
             println!("report: {}", out.join("report.md").display());
             let failures = results.failures(&opts);
             if failures.is_empty() {
