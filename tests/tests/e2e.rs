@@ -10,6 +10,7 @@ use std::{
 };
 
 use lb_tests::{
+    bench::cost::kernel_counter,
     harness::{
         Balancer, ConnectionStream, http_requests, http_requests_to, keep_alive_request, lb_binary,
         start_server, start_server_on, tally, udp_request,
@@ -1472,4 +1473,71 @@ fn data_path_debug_logs_are_off_by_default_and_switch_at_runtime() {
     assert_eq!(lines(&balancer, "new flow "), before, "logs after off");
     let out = balancer.cli(&["debug-log", "maybe"]);
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// Connections `wrk` reports it completed ("N requests in ...").
+fn wrk_requests(stdout: &str) -> u64 {
+    stdout
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk's output:\n{stdout}"))
+}
+
+/// Four client hosts open connections to one backend, each closed by the server (which keeps
+/// it in TIME_WAIT), until SNAT ports come round again, with lb's default `[flows]`. A backend
+/// compares a reused tuple's SYN with its TIME_WAIT's last TCP timestamp (PAWS): the clients'
+/// timestamps are offset per address pair, so without the balancer's translation about half of
+/// those SYNs would be refused, each costing its client a second.
+#[test]
+fn four_client_hosts_reusing_snat_ports_meet_no_paws_refusal() {
+    let s = setup_with(Arms::Two, &[1], |config| {
+        config.replace("[flows]\ncapacity = 65536\n", "")
+    });
+    let clients = s.topo.add_clients(4);
+    let backend = [&s.topo.backends[0]];
+    let client_hosts: Vec<&Netns> = clients.iter().collect();
+    let paws_before = kernel_counter(&backend, "TcpExtPAWSTimewait");
+    let retrans_before = kernel_counter(&client_hosts, "TcpExtTCPSynRetrans");
+    // The default range holds 22,768 ports: past that many connections, every new one reuses
+    // a tuple the backend still holds in TIME_WAIT (60 s). Rounds of 5 s, at most 12.
+    let mut connections = 0;
+    for _ in 0..12 {
+        let outputs: Vec<_> = std::thread::scope(|scope| {
+            let runs: Vec<_> = clients
+                .iter()
+                .map(|ns| {
+                    scope.spawn(move || {
+                        ns.try_sh(&format!(
+                            "timeout 30 wrk -t1 -c8 -d5s --timeout 3s -H 'Connection: close' http://{VIP}:80/"
+                        ))
+                    })
+                })
+                .collect();
+            runs.into_iter()
+                .map(|r| r.join().expect("wrk thread"))
+                .collect()
+        });
+        for out in outputs {
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "wrk failed: {stdout}");
+            connections += wrk_requests(&stdout);
+        }
+        if connections > 30_000 {
+            break;
+        }
+    }
+    let paws = kernel_counter(&backend, "TcpExtPAWSTimewait") - paws_before;
+    let retrans = kernel_counter(&client_hosts, "TcpExtTCPSynRetrans") - retrans_before;
+    println!(
+        "{connections} connections; backend PAWS refusals {paws}; client SYN retransmissions {retrans}"
+    );
+    assert!(
+        connections > 30_000,
+        "only {connections} connections in a minute: SNAT ports did not come round"
+    );
+    assert_eq!(
+        paws, 0,
+        "the backend refused SYNs of reused tuples for PAWS"
+    );
 }
