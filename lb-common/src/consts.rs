@@ -58,7 +58,15 @@ pub const FLOW_RECLAIM_NS: u64 = 2_000_000_000;
 /// tried for the new one are all taken: a genuine handshake completes within a round trip,
 /// and under a SYN flood the ports go to connections that can complete.
 pub const HALF_OPEN_EVICT_NS: u64 = 1_000_000_000;
-/// Tries at finding a free SNAT port for a new flow before it is dropped as exhausted.
+/// TCP options take at most 40 bytes.
+pub const TCP_OPTIONS_MAX: usize = 40;
+/// SNAT port bitmaps (lb-ebpf's `snat.rs`): 64-bit words of ports per backend and protocol,
+/// covering every port number, and words of their summary bits.
+pub const SNAT_PORT_WORDS: u32 = 1024;
+pub const SNAT_SUMMARY_WORDS: u32 = SNAT_PORT_WORDS / 64;
+/// Tries at finding a SNAT port by probing FLOWS, when the bitmaps have none free (ports held
+/// by connections that ended or expired but were not removed yet), before a new flow is
+/// dropped as exhausted.
 pub const SNAT_PORT_TRIES: u32 = 8;
 /// A SYN that arrives again this long after its flow was made, while the backend has answered
 /// nothing, is a client's retransmission: the backend is suspect and the connection moves.

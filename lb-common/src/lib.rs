@@ -8,6 +8,7 @@ pub mod consts;
 pub mod hash;
 pub mod reason;
 pub mod reset;
+pub mod snat_ports;
 pub mod timestamps;
 pub mod types;
 

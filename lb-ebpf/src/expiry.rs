@@ -25,7 +25,7 @@ use lb_common::{
 use crate::{
     flow_count,
     maps::{FLOWS, state_timeout},
-    stats,
+    snat, stats,
 };
 
 /// The value of EXPIRY: the kernel finds the timer by its BTF type, so the map is a BTF map.
@@ -135,6 +135,7 @@ extern "C" fn expire_entry(
         } else if value.flags & FLOW_ORPHAN_SEEN == 0 {
             value.flags |= FLOW_ORPHAN_SEEN;
         } else if is_same(key, value) && FLOWS.remove(key).is_ok() {
+            snat::release(key, value.backend_id);
             stats::count_slot(STAT_EXPIRED_IN_KERNEL);
         }
         return 0;
@@ -144,8 +145,8 @@ extern "C" fn expire_entry(
     if !expired(timeout, value.last_seen_ns.max(peer_seen), now) {
         return 0;
     }
-    if peer.is_some() {
-        let _ = FLOWS.remove(&peer_key);
+    if peer.is_some() && FLOWS.remove(&peer_key).is_ok() {
+        snat::release(&peer_key, value.backend_id);
     }
     if is_same(key, value) && flow_count::remove_forward(key, value) {
         stats::count_slot(STAT_EXPIRED_IN_KERNEL);

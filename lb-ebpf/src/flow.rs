@@ -1,6 +1,6 @@
 //! Stage 2b and 3b, the connection table: find a packet's flow and move its connection
 //! through the `conntrack` states, or record a new one in both directions with a fresh SNAT
-//! port. Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
+//! port (`snat.rs`). Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
 //!
 //! The data path expires flows itself, lazily: a flow found past its state's timeout is removed
 //! (both directions) and the packet treated as flowless, and a SNAT port whose holder expired
@@ -31,7 +31,7 @@ use crate::{
         BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min, state_timeout,
     },
     parse::Packet,
-    stats, suspect, timestamps,
+    snat, stats, suspect, timestamps,
 };
 
 const EEXIST: i32 = 17;
@@ -226,8 +226,17 @@ fn forget(key: &FlowKey, value: &mut FlowValue) {
 
 #[inline(always)]
 fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &FlowKey) {
-    let _ = FLOWS.remove(reply_key);
+    remove_reply(reply_key, forward.backend_id);
     let _ = flow_count::remove_forward(forward_key, forward);
+}
+
+/// Removes the reply entry `reply_key` of backend `backend_id`, and with it the hold on its
+/// SNAT port.
+#[inline(always)]
+fn remove_reply(reply_key: &FlowKey, backend_id: u32) {
+    if FLOWS.remove(reply_key).is_ok() {
+        snat::release(reply_key, backend_id);
+    }
 }
 
 /// Whether `pkt`, a reply, arrived the way the backend's packets do: on the device the flow's
@@ -358,9 +367,7 @@ fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValu
             unsafe { &mut *forward },
             reverse_key,
         ),
-        None => {
-            let _ = FLOWS.remove(reverse_key);
-        }
+        None => remove_reply(reverse_key, reply.backend_id),
     }
 }
 
@@ -375,9 +382,24 @@ fn exhausted(last_tried: &FlowKey, reverse: &FlowValue) -> Verdict {
         Ok(()) => {
             // Freed a moment ago; this packet is dropped all the same (its retransmission
             // finds the port), and the entry must not stay without its forward entry.
-            let _ = FLOWS.remove(last_tried);
+            remove_reply(last_tried, reverse.backend_id);
             Verdict::Drop(DropReason::SnatPortsExhausted)
         }
+    }
+}
+
+/// After a port claimed in the bitmaps turned out taken in FLOWS: the claim stays if a reply
+/// entry of this backend holds the port (the bitmaps had missed it, as after an upgrade from a
+/// build without them), and is given back otherwise (another backend id with the same address
+/// holds it, or the table had no room).
+#[inline(always)]
+fn keep_claim_if_held(reverse_key: &FlowKey, backend_id: u32) {
+    let held = FLOWS
+        .get_ptr(reverse_key)
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        .is_some_and(|holder| unsafe { (*holder).backend_id } == backend_id);
+    if !held {
+        snat::release(reverse_key, backend_id);
     }
 }
 
@@ -440,7 +462,9 @@ pub fn create(
     };
     let ts_flag = if ts_add.is_some() { FLOW_TS } else { 0 };
     let ts_add = ts_add.unwrap_or(0);
-    let reverse = FlowValue {
+    // The reply entry, and after the port search the forward entry: one value on the stack,
+    // which the rest of the program fills.
+    let mut reverse = FlowValue {
         nat_src_addr: pkt.key.dst_addr,
         nat_dst_addr: pkt.key.src_addr,
         nat_src_port: pkt.key.dst_port,
@@ -471,9 +495,23 @@ pub fn create(
             Holder::Live | Holder::TableFull => false,
         })
     };
-    if client_port.wrapping_sub(port_min) < port_count {
+    let ports = snat::ports_of(backend_id, pkt.key.proto);
+    if client_port.wrapping_sub(port_min) < port_count
+        && snat::claim_port(ports, pkt.key.src_port.to_host())
+    {
         found = try_port(pkt.key.src_port, &mut reverse_key)?;
+        if !found {
+            keep_claim_if_held(&reverse_key, backend_id);
+        }
     }
+    if !found && let Some(port) = snat::claim(ports, cpu) {
+        found = try_port(Be16::from_host(port), &mut reverse_key)?;
+        if !found {
+            keep_claim_if_held(&reverse_key, backend_id);
+        }
+    }
+    // The bitmaps had no free port: ports may still be held by connections gone since (ended,
+    // or past their timeout, and not removed yet). A few tries in FLOWS find those.
     for _ in 0..SNAT_PORT_TRIES {
         if found {
             break;
@@ -504,30 +542,27 @@ pub fn create(
             return Err(exhausted(&reverse_key, &reverse));
         }
     }
-    let forward = FlowValue {
-        nat_src_addr: svc.snat_addr,
-        nat_dst_addr: backend.addr,
-        nat_src_port: reverse_key.dst_port,
-        nat_dst_port: backend.port,
-        backend_id,
-        flags: ts_flag
-            | if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
-                FLOW_SYN_WELL_FORMED
-            } else {
-                0
-            },
-        last_seen_ns: now,
-        seq_next: pkt.seq_end,
-        state,
-        ts_add,
-        ..FlowValue::default()
-    };
+    snat::mark(ports, reverse_key.dst_port.to_host());
+    let forward = &mut reverse;
+    forward.nat_src_addr = svc.snat_addr;
+    forward.nat_dst_addr = backend.addr;
+    forward.nat_src_port = reverse_key.dst_port;
+    forward.nat_dst_port = backend.port;
+    forward.flags = ts_flag
+        | if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
+            FLOW_SYN_WELL_FORMED
+        } else {
+            0
+        };
+    forward.last_seen_ns = now;
+    forward.seq_next = pkt.seq_end;
+    forward.ts_add = ts_add;
     // BPF_NOEXIST: each connection is counted opened once. Another CPU that made the same
     // flow a moment earlier (a duplicate SYN) wins, and this packet follows its flow.
-    match FLOWS.insert(&pkt.key, &forward, BPF_NOEXIST as u64) {
+    match FLOWS.insert(&pkt.key, forward, BPF_NOEXIST as u64) {
         Ok(()) => flow_count::opened(backend_id),
         Err(e) => {
-            let _ = FLOWS.remove(&reverse_key);
+            remove_reply(&reverse_key, backend_id);
             if e != -EEXIST {
                 return Err(Verdict::Drop(DropReason::FlowTableFull));
             }

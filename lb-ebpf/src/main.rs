@@ -19,6 +19,7 @@ mod parse;
 mod reset;
 mod select;
 mod service;
+mod snat;
 mod stats;
 mod suspect;
 mod timestamps;

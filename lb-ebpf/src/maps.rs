@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
-//! TS_HIGH, RESET_BUDGET, SUSPECT marks and the counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by the daemon.
+//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, SUSPECT marks and the counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by the daemon.
 
 use aya_ebpf::{
     macros::map,
@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
-    FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, STATS_SLOTS, Service, ServiceKey,
-    conntrack::STATE_SLOTS, reset::ResetBudget,
+    FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SNAT_PORT_WORDS,
+    SNAT_SUMMARY_WORDS, STATS_SLOTS, Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS,
+    reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT address). Daemon writes; data path reads.
@@ -57,6 +58,25 @@ pub static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
 /// [0] -> next SNAT port index to try on this CPU. Data path only.
 #[map]
 pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// (backend id, protocol) x port word -> the ports held by reply entries (`snat.rs`). Data
+/// path writes; the daemon zeroes a backend's when none of its entries is left.
+#[map]
+pub static SNAT_PORTS: Array<u64> = Array::with_max_entries(MAX_BACKENDS * 2 * SNAT_PORT_WORDS, 0);
+
+/// (backend id, protocol) x summary word -> which port words are full (`snat.rs`). As above.
+#[map]
+pub static SNAT_FULL: Array<u64> =
+    Array::with_max_entries(MAX_BACKENDS * 2 * SNAT_SUMMARY_WORDS, 0);
+
+/// (backend id, protocol) -> the port word this CPU last took a port from. Data path only.
+#[map]
+pub static SNAT_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_BACKENDS * 2, 0);
+
+/// [0] -> a copy of the TCP options being walked for the timestamp option (`timestamps.rs`).
+/// Data path only: scratch space off the stack.
+#[map]
+pub static TCP_OPTIONS: PerCpuArray<[u8; TCP_OPTIONS_MAX]> = PerCpuArray::with_max_entries(1, 0);
 
 /// [0] -> the highest TCP timestamp sent to a backend yet, in its low 32 bits (`timestamps.rs`).
 /// Data path only; 64 bits because the target's atomics are.

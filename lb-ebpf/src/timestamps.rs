@@ -17,7 +17,7 @@ use lb_common::{
 
 use crate::{
     csum::Delta,
-    maps::{TS_HIGH, ts_clock_offset_ms},
+    maps::{TCP_OPTIONS, TS_HIGH, ts_clock_offset_ms},
     parse::Packet,
     stats,
 };
@@ -30,8 +30,7 @@ const TCPOPT_TIMESTAMP: u8 = 8;
 const TIMESTAMP_LEN: u8 = 10;
 /// The fixed TCP header; options follow it.
 const TCP_HEADER_MIN: usize = 20;
-/// Options take at most 40 bytes.
-const OPTIONS_MAX: usize = 40;
+use lb_common::TCP_OPTIONS_MAX as OPTIONS_MAX;
 /// Offsets of TSval and TSecr in the option.
 const TSVAL_AT: usize = 2;
 const TSECR_AT: usize = 6;
@@ -161,20 +160,16 @@ fn walk(ctx: &XdpContext, pkt: &Packet, header_len: usize) -> Option<usize> {
     if len > OPTIONS_MAX {
         return None;
     }
-    let mut options = [0u8; OPTIONS_MAX];
+    // Off the stack, which the rest of the program fills.
+    let options = TCP_OPTIONS.get_ptr_mut(0)?;
     let offset = pkt.ports as usize - ctx.data() + TCP_HEADER_MIN;
     // SAFETY: the buffer holds OPTIONS_MAX >= len bytes; the helper checks the frame's bounds.
-    let copied = unsafe {
-        bpf_xdp_load_bytes(
-            ctx.ctx,
-            offset as u32,
-            options.as_mut_ptr().cast(),
-            len as u32,
-        )
-    };
+    let copied = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, options.cast(), len as u32) };
     if copied != 0 {
         return None;
     }
+    // SAFETY: a per-CPU array slot, valid for this program run and only this CPU's.
+    let options = unsafe { &*options };
     let mut next = 0;
     for at in 0..OPTIONS_MAX {
         if at >= len {

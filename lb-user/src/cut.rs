@@ -62,9 +62,11 @@ pub fn backends(dataplane: &mut Dataplane, ids: &HashSet<u32>) -> Result<Cut, Da
             cut.connections += 1;
         }
     }
-    // No entry of theirs is left for the data path to count the end or release of.
+    // No entry of theirs is left for the data path to count the end or release of, nor a
+    // port held.
     for &id in ids {
         dataplane.reset_flow_counts(id)?;
+        dataplane.clear_snat_ports(id)?;
     }
     Ok(cut)
 }

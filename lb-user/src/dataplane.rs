@@ -18,12 +18,13 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendStats, Be16, Be32, DropReason, FLOW_REVERSE, FlowCounts, FlowKey, FlowValue,
-    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, STAT_REDIRECT, STAT_TX, Service,
-    ServiceKey,
+    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_PORT_WORDS,
+    SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED,
     },
+    snat_ports::{PortMap, in_range, port_bit},
 };
 
 use crate::{map_batch, pins};
@@ -214,6 +215,8 @@ pub struct Dataplane {
     flow_counts: PerCpuArray<MapData, FlowCounts>,
     suspect: Array<MapData, u64>,
     ts_high: Array<MapData, u64>,
+    snat_ports: Array<MapData, u64>,
+    snat_full: Array<MapData, u64>,
     debug_log: Array<MapData, u32>,
     /// Reads the data path's aya-log records; taken by the daemon's log task.
     logger: Option<DataPathLogger>,
@@ -286,8 +289,10 @@ impl Dataplane {
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
             .map_max_entries("FLOWS", settings.flow_capacity);
         let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
-        // An upgrade from a build without FLOW_COUNTS adopts flows it never counted opened.
+        // An upgrade from a build without FLOW_COUNTS adopts flows it never counted opened,
+        // and from one without SNAT_PORTS, flows holding ports its bitmaps do not show.
         let counts_fresh = !pin_dir.is_some_and(|dir| dir.join("FLOW_COUNTS").exists());
+        let ports_fresh = !pin_dir.is_some_and(|dir| dir.join("SNAT_PORTS").exists());
         if let Some(dir) = pin_dir {
             for name in pins::MAP_NAMES {
                 loader.map_pin_path(name, dir.join(name));
@@ -324,6 +329,8 @@ impl Dataplane {
             flow_counts: map(&mut ebpf, "FLOW_COUNTS", PerCpuArray::try_from)?,
             suspect: map(&mut ebpf, "SUSPECT", Array::try_from)?,
             ts_high: map(&mut ebpf, "TS_HIGH", Array::try_from)?,
+            snat_ports: map(&mut ebpf, "SNAT_PORTS", Array::try_from)?,
+            snat_full: map(&mut ebpf, "SNAT_FULL", Array::try_from)?,
             debug_log: map(&mut ebpf, "DEBUG_LOG", Array::try_from)?,
             logger: Some(
                 aya_log::EbpfLogger::init(&mut ebpf)
@@ -344,7 +351,70 @@ impl Dataplane {
             // Before this program is attached, so no data path writes FLOW_COUNTS meanwhile.
             dataplane.seed_flow_counts()?;
         }
+        if adopted && ports_fresh {
+            dataplane.seed_snat_ports()?;
+        }
         Ok(dataplane)
+    }
+
+    /// Marks the ports the adopted table's reply entries hold in the SNAT port bitmaps.
+    fn seed_snat_ports(&mut self) -> Result<(), DataplaneError> {
+        for (key, value) in self.flow_entries()? {
+            if value.flags & FLOW_REVERSE != 0 {
+                self.mark_snat_port(value.backend_id, key.proto, key.dst_port.to_host())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `port` held by a connection of backend `id` and protocol `proto` in the SNAT port
+    /// bitmaps (lb-common's `snat_ports`), as the data path does when it takes one: for
+    /// adopting a table, and for fixtures that start from one.
+    pub fn mark_snat_port(&mut self, id: u32, proto: u8, port: u16) -> Result<(), DataplaneError> {
+        let ports = PortMap::of(id, proto == libc::IPPROTO_UDP as u8);
+        let index = ports.word_index(port);
+        let bits = self
+            .snat_ports
+            .get(&index, 0)
+            .map_err(in_map("SNAT_PORTS"))?
+            | port_bit(port);
+        self.snat_ports
+            .set(index, &bits, 0)
+            .map_err(in_map("SNAT_PORTS"))?;
+        let (first, last) = (
+            u32::from(self.settings.snat_port_min),
+            u32::from(self.settings.snat_port_max),
+        );
+        let word = u32::from(port) / 64;
+        let valid = in_range(word, first, last);
+        if valid != 0 && bits & valid == valid {
+            let summary = ports.summary_index(word);
+            let full = self
+                .snat_full
+                .get(&summary, 0)
+                .map_err(in_map("SNAT_FULL"))?;
+            self.snat_full
+                .set(summary, &(full | 1 << (word % 64)), 0)
+                .map_err(in_map("SNAT_FULL"))?;
+        }
+        Ok(())
+    }
+
+    /// Clears backend `id`'s SNAT port bitmaps: none of its entries is left (cut), or the id is
+    /// given to a new backend.
+    pub fn clear_snat_ports(&mut self, id: u32) -> Result<(), DataplaneError> {
+        // Both protocols' maps are adjacent: one batch each for their words and summaries.
+        let first = PortMap::of(id, false).0;
+        for (map, name, words) in [
+            (&self.snat_ports, "SNAT_PORTS", SNAT_PORT_WORDS),
+            (&self.snat_full, "SNAT_FULL", SNAT_SUMMARY_WORDS),
+        ] {
+            let keys: Vec<u32> = (first * words..(first + 2) * words).collect();
+            let zeros = vec![0u64; keys.len()];
+            map_batch::update(map.map().fd().as_fd(), &keys, &zeros, 0)
+                .map_err(|source| DataplaneError::Batch { name, source })?;
+        }
+        Ok(())
     }
 
     /// Counts the adopted table's connections as opened, per backend (their ends and releases

@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 17] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -19,6 +19,9 @@ pub const MAP_NAMES: [&str; 14] = [
     "SUSPECT",
     "STATS",
     "SNAT_CURSOR",
+    "SNAT_PORTS",
+    "SNAT_FULL",
+    "SNAT_NEXT",
     // The highest TCP timestamp sent: a new daemon's SYNs must not go back behind it.
     "TS_HIGH",
     "RESET_BUDGET",

@@ -518,6 +518,7 @@ impl State {
             if fresh_counters && !existed {
                 self.dataplane.reset_backend_stats(id)?;
                 self.dataplane.reset_flow_counts(id)?;
+                self.dataplane.clear_snat_ports(id)?;
                 // A reused id must not inherit its last holder's suspect mark.
                 self.dataplane.clear_suspect(id)?;
             }

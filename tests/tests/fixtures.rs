@@ -1434,6 +1434,7 @@ fn fixtures() -> Vec<Fixture> {
     }
     list.extend(conntrack_fixtures());
     list.extend(timestamp_fixtures());
+    list.extend(snat_port_fixtures());
     count_connections(&mut list);
     list
 }
@@ -1822,6 +1823,58 @@ fn timestamp_fixtures() -> Vec<Fixture> {
         ));
     }
     list
+}
+
+/// A range of 200 SNAT ports, over four bitmap words (the first and last partly).
+fn two_hundred_ports() -> Option<LoadSettings> {
+    Some(LoadSettings {
+        snat_port_min: 20_000,
+        snat_port_max: 20_199,
+        ..settings()
+    })
+}
+
+/// The port allocator (lb-ebpf's `snat.rs`): with all of a backend's ports but one held by live
+/// connections, a new connection gets that one; with none free, it is dropped and counted.
+fn snat_port_fixtures() -> Vec<Fixture> {
+    let held = |free: Option<u16>| -> Vec<Setup> {
+        let mut setup = with(backends(), &[web(&[(1, 1)])]);
+        for (i, port) in (20_000..20_200u16).enumerate() {
+            if Some(port) != free {
+                setup.push(flow(50_000 + i as u16, 1, port, None));
+            }
+        }
+        setup
+    };
+    vec![
+        Fixture {
+            settings: two_hundred_ports(),
+            flows_after: flow_pair_in(TCP_SYN_SENT, TCP, 41100, WEB_PORT, 1, 20_137),
+            ..fixture(
+                "snat_last_free_port_of_a_99_percent_full_range_is_found",
+                held(Some(20_137)),
+                client_syn(41100).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, 20_137).syn().build()),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
+        Fixture {
+            settings: two_hundred_ports(),
+            flows_after: vec![(key(CLIENT, 41101, VIP, WEB_PORT, TCP), None)],
+            ..fixture(
+                "snat_full_range_drops_the_new_flow_as_exhausted",
+                held(None),
+                client_syn(41101).build(),
+                XDP_DROP,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::SnatPortsExhausted), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            )
+        },
+    ]
 }
 
 /// What fixtures do to their backends' connection counts (FLOW_COUNTS, `flow_count.rs`):
@@ -2468,6 +2521,11 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                         v.fib_ok_len = hop.ok_len;
                     }
                     dp.insert_flow(k, v).expect("insert flow");
+                    if reply {
+                        // As the data path marks the port it takes.
+                        dp.mark_snat_port(f.backend, f.proto, f.snat_port)
+                            .expect("mark SNAT port");
+                    }
                 }
             }
             Setup::Suspect { backend, ago_ns } => {
