@@ -1485,6 +1485,17 @@ fn timestamp_fixtures() -> Vec<Fixture> {
             }
         })
     };
+    // A translating flow on backend 1, with the highest TSval sent ahead of its TSvals.
+    let ts_setup = |cport: u16, snat_port: u16| {
+        with(
+            backends(),
+            &[
+                web(&[(1, 1)]),
+                ts_flow(cport, snat_port),
+                Setup::TsHighest(highest),
+            ],
+        )
+    };
     let ts_pair = |state: u32, cport: u16, snat_port: u16, add: u32| {
         flow_pair(TCP, cport, WEB_PORT, 1, snat_port)
             .map(|(k, v)| {
@@ -1701,14 +1712,7 @@ fn timestamp_fixtures() -> Vec<Fixture> {
                 ts_highest_after: Some(highest),
                 ..fixture(
                     "ts_established_with_sack_after_timestamp",
-                    with(
-                        backends(),
-                        &[
-                            web(&[(1, 1)]),
-                            ts_flow(41007, 31104),
-                            Setup::TsHighest(highest),
-                        ],
-                    ),
+                    ts_setup(41007, 31104),
                     input,
                     XDP_REDIRECT,
                     Some(output),
@@ -1735,14 +1739,7 @@ fn timestamp_fixtures() -> Vec<Fixture> {
             );
             fixture(
                 "ts_established_with_sack_before_timestamp",
-                with(
-                    backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        ts_flow(41008, 31105),
-                        Setup::TsHighest(highest),
-                    ],
-                ),
+                ts_setup(41008, 31105),
                 input,
                 XDP_REDIRECT,
                 Some(output),
@@ -1753,14 +1750,7 @@ fn timestamp_fixtures() -> Vec<Fixture> {
             let (input, output) = established(41009, 31106, &[], &[]);
             fixture(
                 "ts_established_without_timestamps_is_rewritten_as_before",
-                with(
-                    backends(),
-                    &[
-                        web(&[(1, 1)]),
-                        ts_flow(41009, 31106),
-                        Setup::TsHighest(highest),
-                    ],
-                ),
+                ts_setup(41009, 31106),
                 input,
                 XDP_REDIRECT,
                 Some(output),
@@ -1808,14 +1798,7 @@ fn timestamp_fixtures() -> Vec<Fixture> {
                 .iter()
                 .position(|&n| n == nops)
                 .expect("listed")],
-            with(
-                backends(),
-                &[
-                    web(&[(1, 1)]),
-                    ts_flow(41020 + nops as u16, 31120 + nops as u16),
-                    Setup::TsHighest(highest),
-                ],
-            ),
+            ts_setup(41020 + nops as u16, 31120 + nops as u16),
             input,
             XDP_REDIRECT,
             Some(output),
