@@ -60,8 +60,14 @@ pub const FLOW_RECLAIM_NS: u64 = 2_000_000_000;
 pub const HALF_OPEN_EVICT_NS: u64 = 1_000_000_000;
 /// TCP options take at most 40 bytes.
 pub const TCP_OPTIONS_MAX: usize = 40;
-/// SNAT port bitmaps (lb-ebpf's `snat.rs`): 64-bit words of ports per backend and protocol,
-/// covering every port number, and words of their summary bits.
+/// SNAT addresses a service's pool holds at most: a backend's connections may take every port
+/// of the range on each (lb-ebpf's `snat.rs`).
+pub const SNAT_POOL_MAX: u32 = 4;
+/// SNAT port bitmaps (lb-ebpf's `snat.rs`): one per backend id and address of its service's
+/// pool (a backend id serves one service, so one protocol).
+pub const SNAT_BITMAPS: u32 = MAX_BACKENDS * SNAT_POOL_MAX;
+/// 64-bit words of ports per bitmap, covering every port number, and words of their summary
+/// bits.
 pub const SNAT_PORT_WORDS: u32 = 1024;
 pub const SNAT_SUMMARY_WORDS: u32 = SNAT_PORT_WORDS / 64;
 /// Tries at finding a SNAT port by probing FLOWS, when the bitmaps have none free (ports held

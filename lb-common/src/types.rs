@@ -1,6 +1,8 @@
 //! Map keys and values. Network byte order lives in the type (`Be16`/`Be32`); no `bool`, enum or
 //! implicit padding crosses the kernel boundary, and every size is asserted.
 
+use crate::SNAT_POOL_MAX;
+
 /// A 32-bit value in network byte order, stored as the packet has it.
 #[repr(transparent)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -95,7 +97,9 @@ pub struct FlowValue {
     /// With FLOW_TS: added to the TSval of a forward segment, and to the TSecr of a reply, so
     /// that the backend sees the balancer's timestamp clock (`timestamps`).
     pub ts_add: u32,
-    pub _pad: u32,
+    /// Which address of the service's SNAT pool the flow took (`Service::snat_addrs`): with
+    /// `backend_id`, the port bitmap its port is marked in (`snat_ports::PortMap`).
+    pub snat_index: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 // lb-ebpf sets `flags` bits with a 64-bit atomic over `flags` and `egress_ifindex`.
@@ -137,10 +141,13 @@ pub struct Service {
     /// Index of the live Maglev table's first slot in MAGLEV. Flipping this one field (a single
     /// map update) switches the service to a fully written new table.
     pub maglev_base: u32,
-    /// Source address of the flows this service sends to its backends.
-    pub snat_addr: Be32,
+    /// How many of `snat_addrs` are the service's SNAT pool: at least 1.
+    pub snat_count: u32,
+    /// Source addresses of the flows this service sends to its backends. Each backend's
+    /// connections may take every port of the range on each.
+    pub snat_addrs: [Be32; SNAT_POOL_MAX as usize],
 }
-const _: () = assert!(core::mem::size_of::<Service>() == 8);
+const _: () = assert!(core::mem::size_of::<Service>() == 8 + 4 * SNAT_POOL_MAX as usize);
 
 /// Value of BACKENDS, indexed by backend id.
 #[repr(C)]

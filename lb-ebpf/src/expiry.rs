@@ -135,7 +135,7 @@ extern "C" fn expire_entry(
         } else if value.flags & FLOW_ORPHAN_SEEN == 0 {
             value.flags |= FLOW_ORPHAN_SEEN;
         } else if is_same(key, value) && FLOWS.remove(key).is_ok() {
-            snat::release(key, value.backend_id);
+            snat::release(key, snat::ports_of(value));
             stats::count_slot(STAT_EXPIRED_IN_KERNEL);
         }
         return 0;
@@ -146,7 +146,7 @@ extern "C" fn expire_entry(
         return 0;
     }
     if peer.is_some() && FLOWS.remove(&peer_key).is_ok() {
-        snat::release(&peer_key, value.backend_id);
+        snat::release(&peer_key, snat::ports_of(value));
     }
     if is_same(key, value) && flow_count::remove_forward(key, value) {
         stats::count_slot(STAT_EXPIRED_IN_KERNEL);

@@ -16,13 +16,14 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
     FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS,
-    SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
-    STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
+    SNAT_POOL_MAX, SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED,
+    STAT_SUSPECT_REFUSED, STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
     conntrack::{
         Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after, seq_in_window,
         tcp_flags_valid, tcp_step,
     },
+    snat_ports::pool_start,
 };
 
 use crate::{
@@ -226,16 +227,16 @@ fn forget(key: &FlowKey, value: &mut FlowValue) {
 
 #[inline(always)]
 fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &FlowKey) {
-    remove_reply(reply_key, forward.backend_id);
+    remove_reply(reply_key, forward);
     let _ = flow_count::remove_forward(forward_key, forward);
 }
 
-/// Removes the reply entry `reply_key` of backend `backend_id`, and with it the hold on its
+/// Removes the reply entry `reply_key` of `flow` (either entry), and with it the hold on its
 /// SNAT port.
 #[inline(always)]
-fn remove_reply(reply_key: &FlowKey, backend_id: u32) {
+fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
     if FLOWS.remove(reply_key).is_ok() {
-        snat::release(reply_key, backend_id);
+        snat::release(reply_key, snat::ports_of(flow));
     }
 }
 
@@ -367,7 +368,7 @@ fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValu
             unsafe { &mut *forward },
             reverse_key,
         ),
-        None => remove_reply(reverse_key, reply.backend_id),
+        None => remove_reply(reverse_key, reply),
     }
 }
 
@@ -382,7 +383,7 @@ fn exhausted(last_tried: &FlowKey, reverse: &FlowValue) -> Verdict {
         Ok(()) => {
             // Freed a moment ago; this packet is dropped all the same (its retransmission
             // finds the port), and the entry must not stay without its forward entry.
-            remove_reply(last_tried, reverse.backend_id);
+            remove_reply(last_tried, reverse);
             Verdict::Drop(DropReason::SnatPortsExhausted)
         }
     }
@@ -393,13 +394,13 @@ fn exhausted(last_tried: &FlowKey, reverse: &FlowValue) -> Verdict {
 /// build without them), and is given back otherwise (another backend id with the same address
 /// holds it, or the table had no room).
 #[inline(always)]
-fn keep_claim_if_held(reverse_key: &FlowKey, backend_id: u32) {
+fn keep_claim_if_held(reverse_key: &FlowKey, reverse: &FlowValue) {
     let held = FLOWS
         .get_ptr(reverse_key)
         // SAFETY: a value pointer from a map lookup is valid for this program run.
-        .is_some_and(|holder| unsafe { (*holder).backend_id } == backend_id);
+        .is_some_and(|holder| unsafe { (*holder).backend_id } == reverse.backend_id);
     if !held {
-        snat::release(reverse_key, backend_id);
+        snat::release(reverse_key, snat::ports_of(reverse));
     }
 }
 
@@ -442,9 +443,14 @@ pub fn create(
     // SAFETY: a helper without arguments or side effects.
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let (port_min, port_count, cpus) = (snat_port_min(), snat_port_count(), cpu_count());
+    // The pool's addresses are tried from one the client's address and port choose: a client
+    // reusing its tuple comes back to the same address (below: and port).
+    let snat_count = svc.snat_count.clamp(1, SNAT_POOL_MAX);
+    let snat_start = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, snat_count);
+    let snat_addr = |index: u32| svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
     let mut reverse_key = FlowKey {
         src_addr: backend.addr,
-        dst_addr: svc.snat_addr,
+        dst_addr: snat_addr(snat_start),
         src_port: backend.port,
         dst_port: Be16(0),
         proto: pkt.key.proto,
@@ -474,6 +480,7 @@ pub fn create(
         last_seen_ns: 0,
         state,
         ts_add: ts_add.wrapping_neg(),
+        snat_index: snat_start,
         ..FlowValue::default()
     };
     // The client's own port first, when the range holds it (as conntrack's masquerade does):
@@ -484,30 +491,32 @@ pub fn create(
     let mut found = false;
     // A port held by a half-open connection, to take if none of the tries is free.
     let mut half_open_port = None;
-    let mut try_port = |port: Be16, key: &mut FlowKey| -> Result<bool, Verdict> {
-        key.dst_port = port;
-        Ok(match take_port(key, &reverse, now)? {
-            Holder::Gone => true,
-            Holder::HalfOpen => {
-                half_open_port.get_or_insert(port);
-                false
-            }
-            Holder::Live | Holder::TableFull => false,
-        })
-    };
-    let ports = snat::ports_of(backend_id, pkt.key.proto);
+    let mut try_port =
+        |port: Be16, key: &mut FlowKey, reverse: &FlowValue| -> Result<bool, Verdict> {
+            key.dst_port = port;
+            Ok(match take_port(key, reverse, now)? {
+                Holder::Gone => true,
+                Holder::HalfOpen => {
+                    half_open_port.get_or_insert(port);
+                    false
+                }
+                Holder::Live | Holder::TableFull => false,
+            })
+        };
     if client_port.wrapping_sub(port_min) < port_count
-        && snat::claim_port(ports, pkt.key.src_port.to_host())
+        && snat::claim_port(snat::ports_of(&reverse), pkt.key.src_port.to_host())
     {
-        found = try_port(pkt.key.src_port, &mut reverse_key)?;
+        found = try_port(pkt.key.src_port, &mut reverse_key, &reverse)?;
         if !found {
-            keep_claim_if_held(&reverse_key, backend_id);
+            keep_claim_if_held(&reverse_key, &reverse);
         }
     }
-    if !found && let Some(port) = snat::claim(ports, cpu) {
-        found = try_port(Be16::from_host(port), &mut reverse_key)?;
+    if !found && let Some((index, port)) = snat::claim(backend_id, snat_count, snat_start, cpu) {
+        reverse.snat_index = index;
+        reverse_key.dst_addr = snat_addr(index);
+        found = try_port(Be16::from_host(port), &mut reverse_key, &reverse)?;
         if !found {
-            keep_claim_if_held(&reverse_key, backend_id);
+            keep_claim_if_held(&reverse_key, &reverse);
         }
     }
     // The bitmaps had no free port: ports may still be held by connections gone since (ended,
@@ -529,7 +538,11 @@ pub fn create(
             .wrapping_add(cpu)
             .checked_rem(port_count)
             .ok_or(inconsistent)?;
-        found = try_port(Be16::from_host((port_min + index) as u16), &mut reverse_key)?;
+        found = try_port(
+            Be16::from_host((port_min + index) as u16),
+            &mut reverse_key,
+            &reverse,
+        )?;
     }
     if !found {
         // A half-open connection gives its port up, and its two entries with it: under a
@@ -542,9 +555,9 @@ pub fn create(
             return Err(exhausted(&reverse_key, &reverse));
         }
     }
-    snat::mark(ports, reverse_key.dst_port.to_host());
+    snat::mark(snat::ports_of(&reverse), reverse_key.dst_port.to_host());
     let forward = &mut reverse;
-    forward.nat_src_addr = svc.snat_addr;
+    forward.nat_src_addr = reverse_key.dst_addr;
     forward.nat_dst_addr = backend.addr;
     forward.nat_src_port = reverse_key.dst_port;
     forward.nat_dst_port = backend.port;
@@ -562,7 +575,7 @@ pub fn create(
     match FLOWS.insert(&pkt.key, forward, BPF_NOEXIST as u64) {
         Ok(()) => flow_count::opened(backend_id),
         Err(e) => {
-            remove_reply(&reverse_key, backend_id);
+            remove_reply(&reverse_key, forward);
             if e != -EEXIST {
                 return Err(Verdict::Drop(DropReason::FlowTableFull));
             }

@@ -8,12 +8,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
-    FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SNAT_PORT_WORDS,
+    FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS,
     SNAT_SUMMARY_WORDS, STATS_SLOTS, Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS,
     reset::ResetBudget,
 };
 
-/// VIP:port/proto -> service (live Maglev table, SNAT address). Daemon writes; data path reads.
+/// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
@@ -59,19 +59,21 @@ pub static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
-/// (backend id, protocol) x port word -> the ports held by reply entries (`snat.rs`). Data
-/// path writes; the daemon zeroes a backend's when none of its entries is left.
+/// (SNAT pool address, backend id) x port word -> the ports held by reply entries
+/// (`snat.rs`). Data path writes; the daemon zeroes a backend's when none of its entries is
+/// left.
 #[map]
-pub static SNAT_PORTS: Array<u64> = Array::with_max_entries(MAX_BACKENDS * 2 * SNAT_PORT_WORDS, 0);
+pub static SNAT_PORTS: Array<u64> = Array::with_max_entries(SNAT_BITMAPS * SNAT_PORT_WORDS, 0);
 
-/// (backend id, protocol) x summary word -> which port words are full (`snat.rs`). As above.
+/// (SNAT pool address, backend id) x summary word -> which port words are full (`snat.rs`).
+/// As above.
 #[map]
-pub static SNAT_FULL: Array<u64> =
-    Array::with_max_entries(MAX_BACKENDS * 2 * SNAT_SUMMARY_WORDS, 0);
+pub static SNAT_FULL: Array<u64> = Array::with_max_entries(SNAT_BITMAPS * SNAT_SUMMARY_WORDS, 0);
 
-/// (backend id, protocol) -> the port word this CPU last took a port from. Data path only.
+/// (SNAT pool address, backend id) -> the port word this CPU last took a port from. Data path
+/// only.
 #[map]
-pub static SNAT_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(MAX_BACKENDS * 2, 0);
+pub static SNAT_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(SNAT_BITMAPS, 0);
 
 /// [0] -> a copy of the TCP options being walked for the timestamp option (`timestamps.rs`).
 /// Data path only: scratch space off the stack.

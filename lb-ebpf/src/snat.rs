@@ -2,9 +2,10 @@
 //! finds a free one whenever the range has one, in bounded steps. Reads and writes SNAT_PORTS,
 //! SNAT_FULL and SNAT_NEXT (layout: lb-common's `snat_ports`).
 //!
-//! Per backend and protocol, SNAT_PORTS holds a bit per port (set: a reply entry holds it) and
-//! SNAT_FULL a bit per word of those (set: all of the word's ports in the range are held). A
-//! search reads at most SNAT_SUMMARY_WORDS + 1 summary words and one port word. Each CPU sweeps
+//! Per backend and address of its service's SNAT pool, SNAT_PORTS holds a bit per port (set: a
+//! reply entry holds it) and SNAT_FULL a bit per word of those (set: all of the word's ports in
+//! the range are held). A search reads at most SNAT_SUMMARY_WORDS + 1 summary words and one port
+//! word per address of the pool. Each CPU sweeps
 //! the range from the word it last took a port from (SNAT_NEXT), so a freed port comes round
 //! again only after the rest of the range: the backend's TIME_WAIT of its previous connection
 //! is then as old as it can be. CPUs start apart, and rarely share a word.
@@ -16,30 +17,44 @@
 use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use lb_common::{
-    FlowKey, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
+    FlowKey, FlowValue, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
     snat_ports::{PortMap, in_range, port_bit},
 };
 
-use crate::{
-    maps::{SNAT_FULL, SNAT_NEXT, SNAT_PORTS, cpu_count, snat_port_count, snat_port_min},
-    parse::IPPROTO_UDP,
-};
+use crate::maps::{SNAT_FULL, SNAT_NEXT, SNAT_PORTS, cpu_count, snat_port_count, snat_port_min};
 
-/// The bitmaps of `backend_id`'s connections of protocol `proto`.
+/// The bitmap the port of `flow` (either entry) is marked in.
 #[inline(always)]
-pub fn ports_of(backend_id: u32, proto: u8) -> PortMap {
-    PortMap::of(backend_id, proto == IPPROTO_UDP)
+pub fn ports_of(flow: &FlowValue) -> PortMap {
+    PortMap::of(flow.backend_id, flow.snat_index)
 }
 
-/// Claims a free port of the range in `ports`, if one is free.
+/// Claims a free port of the range for `backend_id` on one of the first `count` addresses of
+/// its service's SNAT pool, trying them from the `start`th on: the address's index and the
+/// port, if one is free.
 #[inline(always)]
-pub fn claim(ports: PortMap, cpu: u32) -> Option<u16> {
-    u16::try_from(lb_snat_claim(ports.0, cpu)).ok()
+pub fn claim(backend_id: u32, count: u32, start: u32, cpu: u32) -> Option<(u32, u16)> {
+    // A loop around a call the verifier checks once: each step costs it a few instructions.
+    let mut claimed = None;
+    for i in 0..SNAT_POOL_MAX {
+        if i < count && claimed.is_none() {
+            let index = if start + i >= count {
+                start + i - count
+            } else {
+                start + i
+            };
+            let port = lb_snat_claim(PortMap::of(backend_id, index).0, cpu);
+            if let Ok(port) = u16::try_from(port) {
+                claimed = Some((index, port));
+            }
+        }
+    }
+    claimed
 }
 
-/// `claim`'s search, a BPF function of its own: the verifier checks it once, apart from the
-/// paths that reach it, and its loop state stays off the caller's stack. Returns the port, or
-/// u32::MAX.
+/// `claim`'s search in one bitmap, a BPF function of its own: the verifier checks it once,
+/// apart from the paths that reach it, and its loop state stays off the caller's stack.
+/// Returns the port, or u32::MAX.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn lb_snat_claim(ports: u32, cpu: u32) -> u32 {
@@ -106,10 +121,9 @@ pub fn mark(ports: PortMap, port: u16) {
     let _ = lb_snat_mark(ports.0, u32::from(port));
 }
 
-/// Clears the bit of the port the removed reply entry `reply_key` of backend `backend_id` held.
+/// Clears the bit of the port the removed reply entry `reply_key` held in `ports`.
 #[inline(always)]
-pub fn release(reply_key: &FlowKey, backend_id: u32) {
-    let ports = ports_of(backend_id, reply_key.proto);
+pub fn release(reply_key: &FlowKey, ports: PortMap) {
     let _ = lb_snat_release(ports.0, u32::from(reply_key.dst_port.to_host()));
 }
 

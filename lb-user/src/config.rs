@@ -20,12 +20,33 @@ use std::{
 
 use lb_common::{
     DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES,
+    SNAT_POOL_MAX,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Spanned;
 
 use crate::{dataplane::FlowTimeouts, maglev::is_prime};
+
+/// What makes a SNAT pool valid, whether from the file or the CLI: an empty pool (the kernel's
+/// choice) or up to SNAT_POOL_MAX addresses, none twice.
+pub fn check_snat_pool(pool: &[Ipv4Addr]) -> Result<(), String> {
+    if pool.len() > SNAT_POOL_MAX as usize {
+        return Err(format!(
+            "has {} addresses; a SNAT pool holds at most {SNAT_POOL_MAX}",
+            pool.len()
+        ));
+    }
+    for (i, a) in pool.iter().enumerate() {
+        if pool[..i].contains(a) {
+            return Err(format!("lists {a} twice"));
+        }
+        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+            return Err(format!("{a} cannot be a source address"));
+        }
+    }
+    Ok(())
+}
 
 /// Highest backend weight: keeps a weight's share meaningful in a table of ~65k slots.
 pub const MAX_WEIGHT: u32 = 10_000;
@@ -111,8 +132,10 @@ pub struct ServiceConfig {
     pub name: String,
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
-    /// Source address of balanced flows towards the backends.
-    pub snat: Option<Ipv4Addr>,
+    /// Source addresses of balanced flows towards the backends (a pool of up to
+    /// SNAT_POOL_MAX); empty: the one the kernel uses towards the first backend.
+    #[serde(default, deserialize_with = "snat_pool")]
+    pub snat: Vec<Ipv4Addr>,
     pub health: HealthConfig,
     /// What a backend marked down does to its established connections.
     #[serde(default)]
@@ -317,12 +340,67 @@ struct RawService {
     name: Option<Spanned<String>>,
     vip: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
-    snat: Option<Spanned<String>>,
+    snat: Option<Spanned<RawSnat>>,
     on_backend_down: Option<Spanned<String>>,
     removal_grace: Option<Spanned<String>>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
+}
+
+/// `snat`: an address, a prefix, or a list of them.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSnat {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `ServiceConfig::snat` as saved: an address or null (before pools), or a list.
+fn snat_pool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Saved {
+        One(Ipv4Addr),
+        Many(Vec<Ipv4Addr>),
+    }
+    Ok(match Option::<Saved>::deserialize(d)? {
+        None => Vec::new(),
+        Some(Saved::One(a)) => vec![a],
+        Some(Saved::Many(v)) => v,
+    })
+}
+
+/// The addresses of one `snat` item: an address, or every address of a prefix.
+fn snat_item(text: &str) -> Result<Vec<Ipv4Addr>, String> {
+    let Some((addr, len)) = text.split_once('/') else {
+        return text
+            .parse::<Ipv4Addr>()
+            .map(|a| vec![a])
+            .map_err(|_| format!("\"{text}\" is not an IPv4 address or prefix"));
+    };
+    let (Ok(addr), Ok(len)) = (addr.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+        return Err(format!("\"{text}\" is not an IPv4 address or prefix"));
+    };
+    if len > 32 {
+        return Err(format!("\"{text}\" has a prefix length above 32"));
+    }
+    let size = 1u64 << (32 - len);
+    if size > u64::from(SNAT_POOL_MAX) {
+        return Err(format!(
+            "\"{text}\" holds {size} addresses; a SNAT pool holds at most {SNAT_POOL_MAX}"
+        ));
+    }
+    let first = u32::from(addr) & !((size - 1) as u32);
+    if first != u32::from(addr) {
+        return Err(format!(
+            "\"{text}\" has host bits set; the prefix starts at {}",
+            Ipv4Addr::from(first)
+        ));
+    }
+    Ok((0..size as u32)
+        .map(|i| Ipv4Addr::from(first + i))
+        .collect())
 }
 
 #[derive(Deserialize)]
@@ -492,6 +570,30 @@ impl Checker<'_> {
             names.join(", ")
         );
         self.fail(value.span(), key, message)
+    }
+
+    /// A service's SNAT pool: at least one address, at most SNAT_POOL_MAX, none twice.
+    fn snat(&self, value: &Spanned<RawSnat>, ctx: &str) -> Result<Vec<Ipv4Addr>, ConfigError> {
+        let items = match value.get_ref() {
+            RawSnat::One(item) => std::slice::from_ref(item),
+            RawSnat::Many(items) => items.as_slice(),
+        };
+        if items.is_empty() {
+            let message =
+                format!("{ctx}snat is an empty list; leave it out for the address routing picks");
+            return self.fail(value.span(), "snat", message);
+        }
+        let mut pool = Vec::new();
+        for item in items {
+            match snat_item(item) {
+                Ok(addrs) => pool.extend(addrs),
+                Err(e) => return self.fail(value.span(), "snat", format!("{ctx}snat {e}")),
+            }
+        }
+        if let Err(e) = check_snat_pool(&pool) {
+            return self.fail(value.span(), "snat", format!("{ctx}snat {e}"));
+        }
+        Ok(pool)
     }
 
     fn socket_addr(
@@ -719,15 +821,8 @@ impl Checker<'_> {
             return self.fail(vip_value.span(), "vip", message);
         }
         let snat = match &raw.snat {
-            None => None,
-            Some(value) => match value.get_ref().parse::<Ipv4Addr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    let message =
-                        format!("{ctx}snat \"{}\" is not an IPv4 address", value.get_ref());
-                    return self.fail(value.span(), "snat", message);
-                }
-            },
+            None => Vec::new(),
+            Some(value) => self.snat(value, &ctx)?,
         };
         let choices = [
             ("keep", OnBackendDown::Keep),
@@ -991,7 +1086,7 @@ weight = 4
                 name: "web".to_owned(),
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
-                snat: Some(Ipv4Addr::new(198, 18, 2, 1)),
+                snat: vec![Ipv4Addr::new(198, 18, 2, 1)],
                 health: HealthConfig {
                     kind: HealthKind::Http {
                         path: "/healthz".to_owned(),
@@ -1038,7 +1133,7 @@ protocol = "udp"
             panic!("two services: {config:?}")
         };
         assert_eq!(web.protocol, Protocol::Tcp);
-        assert_eq!(web.snat, None);
+        assert!(web.snat.is_empty());
         assert_eq!(web.on_backend_down, OnBackendDown::Keep);
         assert_eq!(web.removal_grace, DEFAULT_REMOVAL_GRACE);
         assert_eq!(
@@ -1225,6 +1320,61 @@ weight = 70000
             &web("snat = \"198.18.2\" # <- snat\n"),
             "is not an IPv4 address",
         );
+        for (value, fragment) in [
+            ("[]", "empty list"),
+            ("[\"198.18.2.1\", \"198.18.2.1\"]", "lists 198.18.2.1 twice"),
+            (
+                "[\"198.18.2.0/31\", \"198.18.2.1\"]",
+                "lists 198.18.2.1 twice",
+            ),
+            (
+                "\"198.18.2.0/29\"",
+                "holds 8 addresses; a SNAT pool holds at most 4",
+            ),
+            ("[\"198.18.2.0/30\", \"198.18.3.1\"]", "has 5 addresses"),
+            (
+                "\"198.18.2.1/30\"",
+                "host bits set; the prefix starts at 198.18.2.0",
+            ),
+            ("\"198.18.2.0/33\"", "prefix length above 32"),
+            ("[\"198.18.2.1\", 7]", "snat"),
+            ("\"0.0.0.0\"", "cannot be a source address"),
+        ] {
+            assert_error(&web(&format!("snat = {value} # <- snat\n")), fragment);
+        }
+    }
+
+    #[test]
+    fn snat_pools() {
+        let pool = |value: &str| {
+            let config = Config::parse(&web(&format!("snat = {value}\n")), "lb.toml")
+                .unwrap_or_else(|e| panic!("{value}: {e}"));
+            config.services[0].snat.clone()
+        };
+        let a = |last: u8| Ipv4Addr::new(198, 18, 2, last);
+        assert_eq!(pool("\"198.18.2.1\""), [a(1)]);
+        assert_eq!(pool("[\"198.18.2.9\", \"198.18.2.1\"]"), [a(9), a(1)]);
+        assert_eq!(pool("\"198.18.2.4/30\""), [a(4), a(5), a(6), a(7)]);
+        assert_eq!(
+            pool("[\"198.18.2.2/31\", \"198.18.2.9/32\"]"),
+            [a(2), a(3), a(9)]
+        );
+    }
+
+    #[test]
+    fn saved_services_from_before_pools_load() {
+        let config = Config::parse(&web(""), "lb.toml").expect("valid");
+        let load = |snat: serde_json::Value| {
+            let mut saved = serde_json::to_value(&config.services[0]).expect("serializes");
+            saved["snat"] = snat.clone();
+            serde_json::from_value::<ServiceConfig>(saved)
+                .unwrap_or_else(|e| panic!("{snat}: {e}"))
+                .snat
+        };
+        let a = Ipv4Addr::new(198, 18, 2, 1);
+        assert!(load(serde_json::Value::Null).is_empty());
+        assert_eq!(load(serde_json::json!("198.18.2.1")), [a]);
+        assert_eq!(load(serde_json::json!(["198.18.2.1"])), [a]);
     }
 
     #[test]

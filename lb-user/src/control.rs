@@ -137,7 +137,8 @@ pub struct Status {
     pub flows: FlowTableStatus,
     /// Packets per pass/drop reason and forwarding action, and events.
     pub counters: std::collections::BTreeMap<String, u64>,
-    /// SNAT ports each backend can use (the `snat_ports` range).
+    /// SNAT ports each backend can use per address of its service's SNAT pool (the
+    /// `snat_ports` range).
     #[serde(default)]
     pub snat_ports_per_backend: u64,
     /// Whether the data path logs new flows and drops (`lb debug-log`).
@@ -166,7 +167,8 @@ pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
     pub protocol: String,
-    pub snat: String,
+    /// The service's SNAT pool.
+    pub snat: Vec<String>,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -379,7 +381,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
             name: "web".into(),
             vip: "198.18.100.1:80".into(),
             protocol: "tcp".into(),
-            snat: "198.18.1.1".into(),
+            snat: vec!["198.18.1.1".into()],
             backends: vec![BackendStatus {
                 address: "198.18.1.11:8000".into(),
                 weight: 4,

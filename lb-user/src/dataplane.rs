@@ -18,7 +18,7 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendStats, Be16, Be32, DropReason, FLOW_REVERSE, FlowCounts, FlowKey, FlowValue,
-    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_PORT_WORDS,
+    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS,
     SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
@@ -91,6 +91,8 @@ pub enum DataplaneError {
     },
     #[error("service id {id} is out of range (at most {MAX_SERVICES} services)")]
     ServiceId { id: u32 },
+    #[error("a service's SNAT pool holds 1 to {SNAT_POOL_MAX} addresses, not {count}")]
+    SnatPool { count: usize },
     #[error("backend id {id} is out of range (at most {MAX_BACKENDS} backends)")]
     BackendId { id: u32 },
     #[error("a Maglev table has {got} slots, the program was loaded for {want}")]
@@ -361,17 +363,26 @@ impl Dataplane {
     fn seed_snat_ports(&mut self) -> Result<(), DataplaneError> {
         for (key, value) in self.flow_entries()? {
             if value.flags & FLOW_REVERSE != 0 {
-                self.mark_snat_port(value.backend_id, key.proto, key.dst_port.to_host())?;
+                self.mark_snat_port(value.backend_id, value.snat_index, key.dst_port.to_host())?;
             }
         }
         Ok(())
     }
 
-    /// Marks `port` held by a connection of backend `id` and protocol `proto` in the SNAT port
-    /// bitmaps (lb-common's `snat_ports`), as the data path does when it takes one: for
-    /// adopting a table, and for fixtures that start from one.
-    pub fn mark_snat_port(&mut self, id: u32, proto: u8, port: u16) -> Result<(), DataplaneError> {
-        let ports = PortMap::of(id, proto == libc::IPPROTO_UDP as u8);
+    /// Marks `port` held by a connection of backend `id` on the `snat_index`th address of its
+    /// service's SNAT pool in the port bitmaps (lb-common's `snat_ports`), as the data path
+    /// does when it takes one: for adopting a table, and for fixtures that start from one.
+    pub fn mark_snat_port(
+        &mut self,
+        id: u32,
+        snat_index: u32,
+        port: u16,
+    ) -> Result<(), DataplaneError> {
+        if snat_index >= SNAT_POOL_MAX {
+            // An entry of a pool address the data path cannot have given.
+            return Ok(());
+        }
+        let ports = PortMap::of(id, snat_index);
         let index = ports.word_index(port);
         let bits = self
             .snat_ports
@@ -403,13 +414,16 @@ impl Dataplane {
     /// Clears backend `id`'s SNAT port bitmaps: none of its entries is left (cut), or the id is
     /// given to a new backend.
     pub fn clear_snat_ports(&mut self, id: u32) -> Result<(), DataplaneError> {
-        // Both protocols' maps are adjacent: one batch each for their words and summaries.
-        let first = PortMap::of(id, false).0;
+        // One batch each for the words and the summaries of every pool address.
+        let maps: Vec<u32> = (0..SNAT_POOL_MAX).map(|i| PortMap::of(id, i).0).collect();
         for (map, name, words) in [
             (&self.snat_ports, "SNAT_PORTS", SNAT_PORT_WORDS),
             (&self.snat_full, "SNAT_FULL", SNAT_SUMMARY_WORDS),
         ] {
-            let keys: Vec<u32> = (first * words..(first + 2) * words).collect();
+            let keys: Vec<u32> = maps
+                .iter()
+                .flat_map(|m| m * words..(m + 1) * words)
+                .collect();
             let zeros = vec![0u64; keys.len()];
             map_batch::update(map.map().fd().as_fd(), &keys, &zeros, 0)
                 .map_err(|source| DataplaneError::Batch { name, source })?;
@@ -648,9 +662,12 @@ impl Dataplane {
         &mut self,
         id: u32,
         key: ServiceKey,
-        snat: Ipv4Addr,
+        snat: &[Ipv4Addr],
         table: &[u32],
     ) -> Result<(), DataplaneError> {
+        if snat.is_empty() || snat.len() > SNAT_POOL_MAX as usize {
+            return Err(DataplaneError::SnatPool { count: snat.len() });
+        }
         if id >= MAX_SERVICES {
             return Err(DataplaneError::ServiceId { id });
         }
@@ -682,9 +699,14 @@ impl Dataplane {
                 .set(slot, backend, 0)
                 .map_err(in_map("MAGLEV"))?;
         }
+        let mut snat_addrs = [Be32::default(); SNAT_POOL_MAX as usize];
+        for (slot, addr) in snat_addrs.iter_mut().zip(snat) {
+            *slot = Be32::from_bytes(addr.octets());
+        }
         let service = Service {
             maglev_base: base,
-            snat_addr: Be32::from_bytes(snat.octets()),
+            snat_count: snat.len() as u32,
+            snat_addrs,
         };
         self.services
             .insert(&key, &service, 0)

@@ -113,6 +113,8 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
             ));
         }
         check_health(name, &s.health)?;
+        crate::config::check_snat_pool(&s.snat)
+            .map_err(|e| format!("service \"{name}\": snat {e}"))?;
         let mut seen = HashSet::new();
         for b in &s.backends {
             if b.address.port() == 0 {
@@ -298,7 +300,7 @@ mod tests {
             name: name.into(),
             vip: SocketAddrV4::new([198, 18, 100, 1].into(), port),
             protocol: Protocol::Tcp,
-            snat: None,
+            snat: Vec::new(),
             health: HealthConfig::default_for(Protocol::Tcp),
             on_backend_down: OnBackendDown::Keep,
             removal_grace: DEFAULT_REMOVAL_GRACE,

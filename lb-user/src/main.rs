@@ -136,9 +136,10 @@ enum ServiceAction {
         vip: std::net::SocketAddrV4,
         #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
         protocol: Protocol,
-        /// Source address towards the backends (default: the one the kernel picks).
+        /// Source address towards the backends (default: the one the kernel picks); give it
+        /// again for a pool (at most 4), whose every address has the whole port range.
         #[arg(long)]
-        snat: Option<std::net::Ipv4Addr>,
+        snat: Vec<std::net::Ipv4Addr>,
         /// Health check: tcp, none, or http:/PATH (default: tcp for TCP, none for UDP).
         #[arg(long, value_parser = parse_health)]
         health: Option<HealthKind>,
@@ -605,7 +606,10 @@ fn render(status: &Status) -> String {
         let _ = writeln!(
             out,
             "service {} {}/{} snat {}",
-            s.name, s.vip, s.protocol, s.snat
+            s.name,
+            s.vip,
+            s.protocol,
+            s.snat.join(",")
         );
         let _ = writeln!(
             out,

@@ -121,11 +121,13 @@ pub fn render(status: &Status) -> String {
         }
     }
     let name = "lb_snat_ports_per_backend";
-    Family::new(&mut out, name, "gauge", "SNAT ports each backend can use.").sample(
+    Family::new(
+        &mut out,
         name,
-        &[],
-        status.snat_ports_per_backend,
-    );
+        "gauge",
+        "SNAT ports each backend can use per address of its service's SNAT pool.",
+    )
+    .sample(name, &[], status.snat_ports_per_backend);
     let name = "lb_flow_table_entries";
     Family::new(
         &mut out,

@@ -109,7 +109,7 @@ struct ServiceState {
     /// Its settings; the backends are in `backends` only (`placed` puts them back).
     config: ServiceConfig,
     /// `config.snat`, or the address the kernel uses towards the first backend.
-    snat: Ipv4Addr,
+    snat: Vec<Ipv4Addr>,
     /// In `config.backends` order.
     backends: Vec<BackendState>,
     /// Suspect backends left out of the table (`steering`).
@@ -163,7 +163,7 @@ impl ServiceState {
 /// Writes `service`'s Maglev table and entry to the data path.
 fn publish(dataplane: &mut Dataplane, service: &ServiceState) -> Result<(), DataplaneError> {
     let table = service.table(dataplane.settings().maglev_size);
-    dataplane.set_service(service.id, service.key(), service.snat, &table)
+    dataplane.set_service(service.id, service.key(), &service.snat, &table)
 }
 
 fn service_key(config: &ServiceConfig) -> ServiceKey {
@@ -316,11 +316,11 @@ impl State {
         let mut written = Ok(());
         for p in placed {
             let previous = old.remove(&p.config.name);
-            let Some(&address) = snat.get(&p.config.name) else {
+            let Some(pool) = snat.remove(&p.config.name) else {
                 next.extend(previous);
                 continue;
             };
-            match self.build(p, address, previous, probes, fresh_counters, &keep) {
+            match self.build(p, pool, previous, probes, fresh_counters, &keep) {
                 Ok(service) => next.push(service),
                 Err(e) => {
                     written = Err(e);
@@ -466,7 +466,7 @@ impl State {
     fn build(
         &mut self,
         p: PlacedService,
-        snat: Ipv4Addr,
+        snat: Vec<Ipv4Addr>,
         previous: Option<ServiceState>,
         probes: &Probes,
         fresh_counters: bool,
@@ -566,7 +566,7 @@ impl State {
             "service \"{name}\" {} {} snat {}: {} backends",
             service.config.vip,
             service.config.protocol,
-            service.snat,
+            pool_text(&service.snat),
             service.backends.len()
         );
         Ok(service)
@@ -880,8 +880,8 @@ impl State {
                 "SNAT ports exhausted: {no_port} new flows dropped since the last sweep (existing flows are unaffected); widen [flows] snat_ports or add backends"
             ));
         }
-        let range = self.snat_ports_per_backend();
         for svc in &self.services {
+            let range = self.snat_ports_per_backend() * svc.snat.len() as u64;
             for b in &svc.backends {
                 let used = sweep.ports.get(&b.id).copied().unwrap_or(0);
                 if used * 10 >= range * 9 {
@@ -937,7 +937,7 @@ impl State {
                     name: s.config.name.clone(),
                     vip: s.config.vip.to_string(),
                     protocol: s.config.protocol.to_string(),
-                    snat: s.snat.to_string(),
+                    snat: s.snat.iter().map(Ipv4Addr::to_string).collect(),
                     backends: s
                         .backends
                         .iter()
@@ -995,19 +995,32 @@ fn exhaustion_drops(dataplane: &Dataplane) -> Option<(u64, u64)> {
     ))
 }
 
-/// The SNAT address of a service: its own, or the one the kernel uses towards its first backend.
-fn resolve_snat(config: &ServiceConfig) -> Result<Ipv4Addr, ApplyError> {
-    match (config.snat, config.backends.first()) {
-        (Some(a), _) => Ok(a),
-        (None, Some(b)) => source_address_towards(b.address).map_err(|source| ApplyError::NoSnat {
-            service: config.name.clone(),
-            backend: b.address,
-            source,
-        }),
-        (None, None) => Err(ApplyError::NoSnatNoBackends {
+/// The SNAT pool of a service: its own, or the address the kernel uses towards its first
+/// backend.
+fn resolve_snat(config: &ServiceConfig) -> Result<Vec<Ipv4Addr>, ApplyError> {
+    if !config.snat.is_empty() {
+        return Ok(config.snat.clone());
+    }
+    match config.backends.first() {
+        Some(b) => source_address_towards(b.address)
+            .map(|a| vec![a])
+            .map_err(|source| ApplyError::NoSnat {
+                service: config.name.clone(),
+                backend: b.address,
+                source,
+            }),
+        None => Err(ApplyError::NoSnatNoBackends {
             service: config.name.clone(),
         }),
     }
+}
+
+/// A SNAT pool as the log and the CLI show it.
+pub fn pool_text(pool: &[Ipv4Addr]) -> String {
+    pool.iter()
+        .map(Ipv4Addr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The source address the kernel would use towards `backend`.

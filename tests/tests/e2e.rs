@@ -1544,3 +1544,65 @@ fn four_client_hosts_reusing_snat_ports_meet_no_paws_refusal() {
         "the backend refused {paws} segments for PAWS, over 0.1% of {connections} connections"
     );
 }
+
+/// A service with a SNAT pool of two addresses and a range of 64 ports holds 100 connections to
+/// its one backend at once: every address has the whole range, so the backend sees both as
+/// sources. One address alone would refuse the 65th. Then all of them close, and 100 new ones
+/// get ports again.
+#[test]
+fn a_snat_pool_of_two_addresses_holds_more_connections_than_one_address_has_ports() {
+    const POOL: [&str; 2] = ["198.18.2.1", "198.18.2.2"];
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1], |config| {
+        config
+            .replace(
+                "capacity = 65536\n",
+                "capacity = 65536\nsnat_ports = \"20000-20063\"\n",
+            )
+            .replacen(
+                "protocol = \"tcp\"\n",
+                &format!(
+                    "protocol = \"tcp\"\nsnat = [\"{}\", \"{}\"]\n",
+                    POOL[0], POOL[1]
+                ),
+                1,
+            )
+    });
+    balancer.wait_health("web", &backend(&topo, 0), true, Duration::from_secs(10));
+    let web = balancer.status()["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "web").cloned())
+        .expect("service web in the status");
+    assert_eq!(web["snat"], serde_json::json!(POOL), "{web}");
+    for round in 1..=2 {
+        let mut connections: Vec<TcpStream> = (0..100).map(|_| connect_in(&topo.client)).collect();
+        for (i, c) in connections.iter_mut().enumerate() {
+            assert_eq!(request_on(c), "b1", "round {round}, connection {i}");
+        }
+        let peers = topo.backends[0].sh(&format!(
+            "ss -Htn state established '( sport = :{BACKEND_PORT} )' | awk '{{print $4}}'"
+        ));
+        let from = |addr: &str| {
+            peers
+                .lines()
+                .filter(|p| p.starts_with(&format!("{addr}:")))
+                .count()
+        };
+        let (first, second) = (from(POOL[0]), from(POOL[1]));
+        println!(
+            "round {round}: the backend sees {first} connections from {}, {second} from {}",
+            POOL[0], POOL[1]
+        );
+        assert_eq!(
+            first + second,
+            100,
+            "round {round}: the backend's peers:\n{peers}"
+        );
+        assert!(
+            first > 0 && second > 0 && first <= 64 && second <= 64,
+            "round {round}: {first} and {second} connections on the two addresses"
+        );
+        drop(connections);
+        // Ended connections give their ports up FLOW_RECLAIM_NS (2 s) after they went silent.
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}

@@ -45,12 +45,13 @@ enum Setup {
         addr: Ipv4Addr,
         healthy: bool,
     },
-    /// A service and its Maglev table built from `(backend id, weight)`.
+    /// A service and its Maglev table built from `(backend id, weight)`, with its SNAT pool.
     Service {
         id: u32,
         port: u16,
         proto: u8,
         backends: Vec<(u32, u32)>,
+        snat: Vec<Ipv4Addr>,
     },
     /// Both directions of a flow client:cport -> VIP via SNAT:snat_port to backend.
     Flow(FlowSetup),
@@ -83,7 +84,12 @@ struct FlowSetup {
     syn_well_formed: bool,
     /// TCP: the connection's timestamps are translated, the forward TSval by this much.
     ts_add: Option<u32>,
+    /// The address of the service's SNAT pool the flow took: `SNAT_POOL[snat_index]`.
+    snat_index: u32,
 }
+
+/// A SNAT pool of two addresses, the first the one every other fixture uses.
+const SNAT_POOL: [Ipv4Addr; 2] = [SNAT, Ipv4Addr::new(198, 18, 1, 2)];
 
 /// A next hop in a FLOWS entry: egress device, MACs and the largest packet it was approved for.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -156,6 +162,18 @@ fn web(backends: &[(u32, u32)]) -> Setup {
         port: WEB_PORT,
         proto: TCP,
         backends: backends.to_vec(),
+        snat: vec![SNAT],
+    }
+}
+
+/// `web` with the SNAT pool SNAT_POOL.
+fn web_pool(backends: &[(u32, u32)]) -> Setup {
+    Setup::Service {
+        id: 0,
+        port: WEB_PORT,
+        proto: TCP,
+        backends: backends.to_vec(),
+        snat: SNAT_POOL.to_vec(),
     }
 }
 
@@ -165,6 +183,7 @@ fn dns(backends: &[(u32, u32)]) -> Setup {
         port: DNS_PORT,
         proto: UDP,
         backends: backends.to_vec(),
+        snat: vec![SNAT],
     }
 }
 
@@ -182,6 +201,7 @@ fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> 
         cached,
         syn_well_formed: true,
         ts_add: None,
+        snat_index: 0,
     })
 }
 
@@ -279,6 +299,18 @@ fn flow_pair(
     backend: u32,
     snat_port: u16,
 ) -> [(FlowKey, FlowValue); 2] {
+    flow_pair_via(proto, cport, vport, backend, (SNAT, 0), snat_port)
+}
+
+/// `flow_pair` via the `index`th address `snat` of its service's SNAT pool.
+fn flow_pair_via(
+    proto: u8,
+    cport: u16,
+    vport: u16,
+    backend: u32,
+    (snat, index): (Ipv4Addr, u32),
+    snat_port: u16,
+) -> [(FlowKey, FlowValue); 2] {
     let b = addr_of(backend);
     // A TCP flow opens with a well-formed SYN in all but the fixtures that say otherwise.
     let forward_flags = if proto == TCP {
@@ -289,11 +321,17 @@ fn flow_pair(
     [
         (
             key(CLIENT, cport, VIP, vport, proto),
-            value(SNAT, snat_port, b, BACKEND_PORT, backend, forward_flags),
+            FlowValue {
+                snat_index: index,
+                ..value(snat, snat_port, b, BACKEND_PORT, backend, forward_flags)
+            },
         ),
         (
-            key(b, BACKEND_PORT, SNAT, snat_port, proto),
-            value(VIP, vport, CLIENT, cport, backend, FLOW_REVERSE),
+            key(b, BACKEND_PORT, snat, snat_port, proto),
+            FlowValue {
+                snat_index: index,
+                ..value(VIP, vport, CLIENT, cport, backend, FLOW_REVERSE)
+            },
         ),
     ]
 }
@@ -1435,6 +1473,7 @@ fn fixtures() -> Vec<Fixture> {
     list.extend(conntrack_fixtures());
     list.extend(timestamp_fixtures());
     list.extend(snat_port_fixtures());
+    list.extend(snat_pool_fixtures());
     count_connections(&mut list);
     list
 }
@@ -1860,6 +1899,73 @@ fn snat_port_fixtures() -> Vec<Fixture> {
     ]
 }
 
+/// SNAT pools: a backend whose connections hold every port of the range on the pool's first
+/// address still takes new ones on the second; with every port of both held, a new one is
+/// dropped as exhausted.
+fn snat_pool_fixtures() -> Vec<Fixture> {
+    let held = |free: Option<u16>| -> Vec<Setup> {
+        let mut setup = with(backends(), &[web_pool(&[(1, 1)])]);
+        for index in 0..2u32 {
+            for (i, port) in (20_000..20_200u16).enumerate() {
+                if index == 1 && Some(port) == free {
+                    continue;
+                }
+                setup.push(Setup::Flow(FlowSetup {
+                    snat_index: index,
+                    ..flow_in(
+                        TCP_ESTABLISHED,
+                        50_000 + index as u16 * 1000 + i as u16,
+                        1,
+                        port,
+                        Some(0),
+                    )
+                }));
+            }
+        }
+        setup
+    };
+    let via_second = |port: u16| {
+        pkt()
+            .eth(LB1_MAC, B1_MAC)
+            .ipv4(SNAT_POOL[1], B1)
+            .ttl(63)
+            .tcp(port, BACKEND_PORT)
+    };
+    let pair = flow_pair_via(TCP, 41150, WEB_PORT, 1, (SNAT_POOL[1], 1), 20_042);
+    vec![
+        Fixture {
+            settings: two_hundred_ports(),
+            flows_after: pair
+                .iter()
+                .map(|&(k, v)| (k, in_state(TCP_SYN_SENT, v)))
+                .collect(),
+            ..fixture(
+                "snat_pool_second_address_takes_new_flows_when_the_first_is_full",
+                held(Some(20_042)),
+                client_syn(41150).build(),
+                XDP_REDIRECT,
+                Some(via_second(20_042).syn().build()),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
+        Fixture {
+            settings: two_hundred_ports(),
+            flows_after: vec![(key(CLIENT, 41151, VIP, WEB_PORT, TCP), None)],
+            ..fixture(
+                "snat_pool_every_address_full_drops_the_new_flow_as_exhausted",
+                held(None),
+                client_syn(41151).build(),
+                XDP_DROP,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::SnatPortsExhausted), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            )
+        },
+    ]
+}
+
 /// What fixtures do to their backends' connection counts (FLOW_COUNTS, `flow_count.rs`):
 /// connections opened, ended (once each) and released (entries removed). The daemon's active
 /// flows and SNAT ports in use come from these alone.
@@ -1869,6 +1975,14 @@ fn count_connections(list: &mut [Fixture]) {
         (
             "select_tcp_syn_to_vip_snats_to_backend",
             &[(Opened(1), 1), (Ended(1), 0), (Released(1), 0)],
+        ),
+        (
+            "snat_pool_second_address_takes_new_flows_when_the_first_is_full",
+            &[(Opened(1), 1), (Ended(1), 0), (Released(1), 0)],
+        ),
+        (
+            "snat_pool_every_address_full_drops_the_new_flow_as_exhausted",
+            &[(Opened(1), 0), (Ended(1), 0), (Released(1), 0)],
         ),
         (
             "failover_backend_rst_to_unanswered_syn_dropped_and_marks_suspect",
@@ -2461,18 +2575,22 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 port,
                 proto,
                 backends,
+                snat,
             } => {
                 let key = service_key(*port, *proto);
                 let table = table_for(backends);
                 assert!(
                     backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND)
                 );
-                dp.set_service(*id, key, SNAT, &table).expect("set service");
+                dp.set_service(*id, key, snat, &table).expect("set service");
             }
             Setup::Flow(f) => {
                 let vport = if f.proto == TCP { WEB_PORT } else { DNS_PORT };
                 let seen = f.seen_ago_ns.map_or(0, |ago| monotonic_ns() - ago);
-                for (k, mut v) in flow_pair(f.proto, f.cport, vport, f.backend, f.snat_port) {
+                let via = (SNAT_POOL[f.snat_index as usize], f.snat_index);
+                for (k, mut v) in
+                    flow_pair_via(f.proto, f.cport, vport, f.backend, via, f.snat_port)
+                {
                     let reply = v.flags & FLOW_REVERSE != 0;
                     v.state = f.state;
                     v.seq_next = 1000;
@@ -2506,7 +2624,7 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     dp.insert_flow(k, v).expect("insert flow");
                     if reply {
                         // As the data path marks the port it takes.
-                        dp.mark_snat_port(f.backend, f.proto, f.snat_port)
+                        dp.mark_snat_port(f.backend, f.snat_index, f.snat_port)
                             .expect("mark SNAT port");
                     }
                 }

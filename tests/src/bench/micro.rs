@@ -527,8 +527,13 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         proto: TCP,
         _pad: 0,
     };
-    dp.set_service(0, key, SNAT, &build_table(&eligible, DEFAULT_MAGLEV_SIZE))
-        .map_err(|e| e.to_string())?;
+    dp.set_service(
+        0,
+        key,
+        &[SNAT],
+        &build_table(&eligible, DEFAULT_MAGLEV_SIZE),
+    )
+    .map_err(|e| e.to_string())?;
     let mut bench = Bench {
         dp,
         hops: Hops { lb0, lb1 },
