@@ -36,6 +36,11 @@ pub const FLOW_END_COUNTED: u32 = 32;
 /// `FlowValue::flags`, both entries: the connection negotiated TCP timestamps, and its
 /// segments' timestamps are translated by `FlowValue::ts_add` (`timestamps`).
 pub const FLOW_TS: u32 = 64;
+/// `FlowValue::flags`, both entries: the in-kernel expiry found the connection ended and silent
+/// for FLOW_RECLAIM_NS, and cleared its SNAT port's bit, so that the port search finds the port
+/// (and takes it over in FLOWS) long before the entries time out. Removing the entries then
+/// leaves the bit alone: it is the next holder's.
+pub const FLOW_PORT_RELEASED: u32 = 128;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
 /// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.

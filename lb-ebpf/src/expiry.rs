@@ -18,8 +18,10 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_ORPHAN_SEEN, FLOW_REVERSE, FlowKey, FlowValue,
-    STAT_EXPIRED_IN_KERNEL, STAT_EXPIRY_PASS_NS, STAT_EXPIRY_PASSES, conntrack::expired,
+    EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_ORPHAN_SEEN, FLOW_PORT_RELEASED,
+    FLOW_RECLAIM_NS, FLOW_REVERSE, FlowKey, FlowValue, STAT_EXPIRED_IN_KERNEL, STAT_EXPIRY_PASS_NS,
+    STAT_EXPIRY_PASSES,
+    conntrack::{ended, expired},
 };
 
 use crate::{
@@ -120,6 +122,12 @@ extern "C" fn expire_entry(
     // Most entries are judged by themselves alone: the other direction's lookup (a cache miss
     // in a large table) only for an entry silent for its state's timeout. A reply entry whose
     // forward entry went (rare: both go together) is then found once it is that silent.
+    if value.flags & (FLOW_REVERSE | FLOW_PORT_RELEASED) == FLOW_REVERSE
+        && ended(value.state)
+        && expired(FLOW_RECLAIM_NS, value.last_seen_ns, now)
+    {
+        release_ended(key, value, now);
+    }
     let timeout = state_timeout(value.state);
     if !expired(timeout, value.last_seen_ns, now) {
         return 0;
@@ -135,7 +143,7 @@ extern "C" fn expire_entry(
         } else if value.flags & FLOW_ORPHAN_SEEN == 0 {
             value.flags |= FLOW_ORPHAN_SEEN;
         } else if is_same(key, value) && FLOWS.remove(key).is_ok() {
-            snat::release(key, snat::ports_of(value));
+            snat::release_held(key, value);
             stats::count_slot(STAT_EXPIRED_IN_KERNEL);
         }
         return 0;
@@ -146,12 +154,33 @@ extern "C" fn expire_entry(
         return 0;
     }
     if peer.is_some() && FLOWS.remove(&peer_key).is_ok() {
-        snat::release(&peer_key, snat::ports_of(value));
+        snat::release_held(&peer_key, value);
     }
     if is_same(key, value) && flow_count::remove_forward(key, value) {
         stats::count_slot(STAT_EXPIRED_IN_KERNEL);
     }
     0
+}
+
+/// Gives the SNAT port of the ended connection whose reply entry is `reply` back to the port
+/// search, if the connection has been silent both ways for FLOW_RECLAIM_NS: a new connection
+/// then finds it in the bitmaps, and takes it over (`flow.rs`'s `holder`), instead of waiting
+/// for the entries' timeout or finding it by chance in a few probes.
+fn release_ended(reply_key: &FlowKey, reply: &mut FlowValue, now: u64) {
+    let forward = FLOWS
+        .get_ptr_mut(&reply.peer_key(reply_key.proto))
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        .filter(|f| unsafe { (**f).peer_key(reply_key.proto) } == *reply_key);
+    // SAFETY: as above.
+    let forward_seen = forward.map_or(0, |f| unsafe { (*f).last_seen_ns });
+    if !expired(FLOW_RECLAIM_NS, reply.last_seen_ns.max(forward_seen), now) {
+        return;
+    }
+    if let Some(forward) = forward {
+        flow_count::fetch_or_flags(forward, FLOW_PORT_RELEASED);
+    }
+    flow_count::fetch_or_flags(reply, FLOW_PORT_RELEASED);
+    snat::release(reply_key, snat::ports_of(reply));
 }
 
 /// Whether `key` still names `value`'s element: a CPU that met the expired flow meanwhile

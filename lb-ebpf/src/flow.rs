@@ -236,7 +236,7 @@ fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &Fl
 #[inline(always)]
 fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
     if FLOWS.remove(reply_key).is_ok() {
-        snat::release(reply_key, snat::ports_of(flow));
+        snat::release_held(reply_key, flow);
     }
 }
 

@@ -17,7 +17,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use lb_common::{
-    FlowKey, FlowValue, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
+    FLOW_PORT_RELEASED, FlowKey, FlowValue, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
     snat_ports::{PortMap, in_range, port_bit},
 };
 
@@ -119,6 +119,15 @@ pub fn claim_port(ports: PortMap, port: u16) -> bool {
 #[inline(always)]
 pub fn mark(ports: PortMap, port: u16) {
     let _ = lb_snat_mark(ports.0, u32::from(port));
+}
+
+/// Clears the bit of the port the removed reply entry `reply_key` of `flow` (either entry)
+/// held, unless the expiry gave it back already (FLOW_PORT_RELEASED: the bit is another's now).
+#[inline(always)]
+pub fn release_held(reply_key: &FlowKey, flow: &FlowValue) {
+    if flow.flags & FLOW_PORT_RELEASED == 0 {
+        release(reply_key, ports_of(flow));
+    }
 }
 
 /// Clears the bit of the port the removed reply entry `reply_key` held in `ports`.

@@ -17,9 +17,9 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendStats, Be16, Be32, DropReason, FLOW_REVERSE, FlowCounts, FlowKey, FlowValue,
-    IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS,
-    SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
+    Backend, BackendStats, Be16, Be32, DropReason, FLOW_PORT_RELEASED, FLOW_REVERSE, FlowCounts,
+    FlowKey, FlowValue, IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_POOL_MAX,
+    SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED,
@@ -362,7 +362,7 @@ impl Dataplane {
     /// Marks the ports the adopted table's reply entries hold in the SNAT port bitmaps.
     fn seed_snat_ports(&mut self) -> Result<(), DataplaneError> {
         for (key, value) in self.flow_entries()? {
-            if value.flags & FLOW_REVERSE != 0 {
+            if value.flags & (FLOW_REVERSE | FLOW_PORT_RELEASED) == FLOW_REVERSE {
                 self.mark_snat_port(value.backend_id, value.snat_index, key.dst_port.to_host())?;
             }
         }
