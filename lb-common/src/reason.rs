@@ -62,6 +62,9 @@ pub enum DropReason {
     /// A TCP segment to a VIP or of a flow with flags no stack sends (SYN+FIN, SYN+RST, a FIN
     /// without ACK, none at all): dropped before it can open or move a connection.
     TcpInvalidFlags = 12,
+    /// An echo request to a VIP past the CPU's budget of answers (ECHO_REPLIES_PER_SEC_PER_CPU):
+    /// the balancer must not be a ping flood's amplifier.
+    IcmpEchoLimited = 13,
 }
 
 /// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
@@ -96,8 +99,10 @@ pub const STAT_EXPIRY_PASS_NS: u32 = 138;
 /// Forward segments whose translated TCP timestamp ran more than `timestamps::AHEAD_MAX` ahead
 /// of the balancer's clock, and was held there (a client clock far too fast, or forged).
 pub const STAT_TS_CLAMPED: u32 = 139;
+/// Echo requests to a VIP answered by the balancer (`icmp.rs`).
+pub const STAT_ICMP_ECHO_REPLIED: u32 = 140;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 10] = [
+pub const EVENTS: [(u32, &str); 11] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -108,6 +113,7 @@ pub const EVENTS: [(u32, &str); 10] = [
     (STAT_EXPIRY_PASSES, "expiry_passes"),
     (STAT_EXPIRY_PASS_NS, "expiry_pass_ns"),
     (STAT_TS_CLAMPED, "ts_clamped"),
+    (STAT_ICMP_ECHO_REPLIED, "icmp_echo_replied"),
 ];
 
 impl PassReason {
@@ -147,7 +153,7 @@ impl PassReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         Self::NoBackend,
         Self::TcpNoFlow,
         Self::SnatPortsExhausted,
@@ -160,6 +166,7 @@ impl DropReason {
         Self::RedirectFailed,
         Self::BackendRefused,
         Self::TcpInvalidFlags,
+        Self::IcmpEchoLimited,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -180,6 +187,7 @@ impl DropReason {
             Self::RedirectFailed => "redirect_failed",
             Self::BackendRefused => "backend_refused",
             Self::TcpInvalidFlags => "tcp_invalid_flags",
+            Self::IcmpEchoLimited => "icmp_echo_limited",
         }
     }
 }

@@ -16,6 +16,8 @@ pub const RESET_FRAME_LEN: usize = 14 + RESET_PACKET_LEN;
 /// RSTs each CPU sends per second at most: enough for every client of an expired table to
 /// learn within seconds, too few for a spoofed flood to turn the balancer into a reflector.
 pub const RESETS_PER_SEC_PER_CPU: u32 = 1000;
+/// Echo replies to pings of a VIP a CPU sends per second at most (`ResetBudget::take_within`).
+pub const ECHO_REPLIES_PER_SEC_PER_CPU: u32 = 1000;
 const TTL: u8 = 64;
 const IPPROTO_TCP: u8 = 6;
 
@@ -163,11 +165,18 @@ impl ResetBudget {
     /// Whether one more reset may go out at `now`; counts it if so.
     #[inline(always)]
     pub fn take(&mut self, now: u64) -> bool {
+        self.take_within(now, RESETS_PER_SEC_PER_CPU)
+    }
+
+    /// Whether one more answer may go out at `now` within `per_sec` a second (the same budget
+    /// for other answers than resets, in maps of their own); counts it if so.
+    #[inline(always)]
+    pub fn take_within(&mut self, now: u64, per_sec: u32) -> bool {
         if now.wrapping_sub(self.window_start_ns) >= 1_000_000_000 {
             self.window_start_ns = now;
             self.sent = 0;
         }
-        if self.sent >= RESETS_PER_SEC_PER_CPU {
+        if self.sent >= per_sec {
             return false;
         }
         self.sent += 1;

@@ -220,6 +220,8 @@ mod pod {
     use super::*;
     // SAFETY: all of these are #[repr(C)] with only integer fields and no implicit padding
     // (sizes asserted above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for Be32 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowValue {}

@@ -13,6 +13,7 @@ mod expiry;
 mod flow;
 mod flow_count;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -63,7 +64,11 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = parse::packet(ctx)?;
+    let pkt = match parse::packet(ctx) {
+        Ok(pkt) => pkt,
+        Err(Verdict::Pass(PassReason::NotTcpUdp)) => return icmp::handle(ctx),
+        Err(verdict) => return Err(verdict),
+    };
     let result = balance(ctx, &pkt);
     if let Err(Verdict::Drop(reason)) = result {
         debug_log::drop(ctx, &pkt, reason);

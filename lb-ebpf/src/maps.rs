@@ -1,13 +1,15 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
-//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, SUSPECT marks and the counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by the daemon.
+//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, SUSPECT marks and the
+//! counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by
+//! the daemon.
 
 use aya_ebpf::{
     macros::map,
     maps::{Array, DevMapHash, HashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendStats, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
+    Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
     FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS,
     SNAT_SUMMARY_WORDS, STATS_SLOTS, Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS,
     reset::ResetBudget,
@@ -88,6 +90,15 @@ pub static TS_HIGH: Array<u64> = Array::with_max_entries(1, 0);
 /// [0] -> this CPU's allowance of RSTs for segments with no flow. Data path only.
 #[map]
 pub static RESET_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// [0] -> this CPU's allowance of echo replies to pings of a VIP (`icmp.rs`). Data path only.
+#[map]
+pub static ICMP_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
+
+/// VIP -> 1: the addresses of SERVICES' keys, for traffic that has no port (`icmp.rs`). Daemon
+/// writes; data path reads.
+#[map]
+pub static VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// ifindex -> how to send out of it. Daemon writes; data path reads.
 #[map]

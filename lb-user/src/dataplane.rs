@@ -210,6 +210,8 @@ pub struct Dataplane {
     ebpf: Ebpf,
     settings: LoadSettings,
     services: HashMap<MapData, ServiceKey, Service>,
+    /// SERVICES' addresses (`sync_vips`).
+    vips: HashMap<MapData, Be32, u32>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -324,6 +326,7 @@ impl Dataplane {
             .map_err(|source| DataplaneError::Program { source })?;
         let mut dataplane = Self {
             services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
+            vips: map(&mut ebpf, "VIPS", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
             maglev: map(&mut ebpf, "MAGLEV", Array::try_from)?,
             flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
@@ -356,6 +359,8 @@ impl Dataplane {
         if adopted && ports_fresh {
             dataplane.seed_snat_ports()?;
         }
+        // An adopted SERVICES from a build without VIPS, or VIPS from one that kept it apart.
+        dataplane.sync_vips()?;
         Ok(dataplane)
     }
 
@@ -712,7 +717,7 @@ impl Dataplane {
             .insert(&key, &service, 0)
             .map_err(in_map("SERVICES"))?;
         self.live_table.insert(id, staging);
-        Ok(())
+        self.sync_vips()
     }
 
     /// Removes every service but `keep` from SERVICES (an adopted table may hold services the
@@ -727,6 +732,7 @@ impl Dataplane {
         for key in &stale {
             self.services.remove(key).map_err(in_map("SERVICES"))?;
         }
+        self.sync_vips()?;
         Ok(stale.len())
     }
 
@@ -754,9 +760,32 @@ impl Dataplane {
     pub fn remove_service(&mut self, id: u32, key: ServiceKey) -> Result<(), DataplaneError> {
         self.live_table.remove(&id);
         match self.services.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(in_map("SERVICES")(source)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(in_map("SERVICES")(source)),
         }
+        self.sync_vips()
+    }
+
+    /// Makes VIPS hold the addresses of SERVICES' keys, and no other: the data path answers
+    /// pings to these (at most MAX_SERVICES, so reading both maps whole is cheap).
+    fn sync_vips(&mut self) -> Result<(), DataplaneError> {
+        let want: std::collections::BTreeSet<Be32> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| k.vip)
+            .collect();
+        let have: Vec<Be32> = self.vips.keys().filter_map(Result::ok).collect();
+        for vip in have.iter().filter(|v| !want.contains(v)) {
+            match self.vips.remove(vip) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(in_map("VIPS")(source)),
+            }
+        }
+        for vip in want.iter().filter(|v| !have.contains(v)) {
+            self.vips.insert(vip, &1, 0).map_err(in_map("VIPS"))?;
+        }
+        Ok(())
     }
 
     /// A backend's counters, summed over CPUs.

@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 17] = [
+pub const MAP_NAMES: [&str; 19] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -25,6 +25,8 @@ pub const MAP_NAMES: [&str; 17] = [
     // The highest TCP timestamp sent: a new daemon's SYNs must not go back behind it.
     "TS_HIGH",
     "RESET_BUDGET",
+    "ICMP_BUDGET",
+    "VIPS",
     // The expiry timer lives in it: pinned, it keeps expiring flows while no daemon runs.
     "EXPIRY",
     "IFACES",

@@ -80,8 +80,20 @@ pub struct PacketBuilder {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum L4 {
     None,
-    Tcp { sport: u16, dport: u16 },
-    Udp { sport: u16, dport: u16 },
+    Tcp {
+        sport: u16,
+        dport: u16,
+    },
+    Udp {
+        sport: u16,
+        dport: u16,
+    },
+    /// ICMP: type, code and the header's second word (an echo's id and sequence number).
+    Icmp {
+        kind: u8,
+        code: u8,
+        rest: [u8; 4],
+    },
     Raw(u8),
 }
 
@@ -244,6 +256,12 @@ impl PacketBuilder {
         self
     }
 
+    /// ICMP of `kind` and `code`, the header's second word `rest`, with its checksum.
+    pub fn icmp(mut self, kind: u8, code: u8, rest: [u8; 4]) -> Self {
+        self.l4 = L4::Icmp { kind, code, rest };
+        self
+    }
+
     pub fn payload(mut self, bytes: &[u8]) -> Self {
         self.payload = bytes.to_vec();
         self
@@ -298,6 +316,14 @@ impl PacketBuilder {
             // Protocol 0 is reserved in IPv4: a frame nothing will mistake for TCP or UDP.
             L4::None => (0, self.payload.clone()),
             L4::Raw(proto) => (proto, self.payload.clone()),
+            L4::Icmp { kind, code, rest } => {
+                let mut message = vec![kind, code, 0, 0];
+                message.extend(rest);
+                message.extend(&self.payload);
+                let csum = checksum(&message);
+                put_u16(&mut message, 2, csum);
+                (IPPROTO_ICMP, message)
+            }
             L4::Tcp { sport, dport } => {
                 let hlen = TCP_HLEN_MIN + self.tcp_options.len();
                 let mut seg = Vec::with_capacity(hlen + self.payload.len());

@@ -1608,3 +1608,32 @@ fn a_snat_pool_of_two_addresses_holds_more_connections_than_one_address_has_port
     }
     assert_eq!(counter(&balancer, "drop_snat_ports_exhausted"), 0);
 }
+
+/// `ping` of the VIP from the client: the balancer answers while a service holds the address,
+/// and the kernel (which does not hold it) leaves pings unanswered once none does.
+#[test]
+fn a_vip_answers_ping_while_a_service_holds_it() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1]);
+    let ping = || {
+        topo.client
+            .try_sh(&format!("ping -n -c 3 -i 0.2 -W 1 {VIP}"))
+    };
+    let out = ping();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(out.status.success(), "no echo reply from the VIP:\n{text}");
+    assert!(text.contains("3 received"), "{text}");
+    assert!(text.contains("ttl=64"), "{text}");
+    assert_eq!(counter(&balancer, "event_icmp_echo_replied"), 3);
+    for service in ["web", "dns"] {
+        cli_ok(&balancer, &["service", "remove", service]);
+    }
+    let out = ping();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        !out.status.success(),
+        "the VIP answered with no service on it:\n{text}"
+    );
+    assert_eq!(counter(&balancer, "event_icmp_echo_replied"), 3);
+}

@@ -1390,17 +1390,76 @@ fn fixtures() -> Vec<Fixture> {
             vec![(Counter::Pass(PassReason::NotIpv4), 1)],
         ),
         fixture(
-            "parse_icmp_to_vip_passed_untouched",
+            "icmp_unreachable_to_vip_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
             pkt()
                 .eth(CLIENT_MAC, LB0_MAC)
                 .ipv4(CLIENT, VIP)
-                .ip_proto(1)
-                .payload(&[8, 0, 0xf7, 0xff, 0, 0, 0, 0])
+                .icmp(3, 4, [0, 0, 0x05, 0x78])
+                .payload(&client_syn(40016).build()[14..54])
                 .build(),
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::NotTcpUdp), 1)],
+        ),
+        // A ping of a VIP: answered from the VIP, back out of the ingress device, with a TTL of
+        // 64; id, sequence number and data as they came.
+        fixture(
+            "icmp_echo_request_to_vip_answered",
+            with(backends(), &[web(&[(1, 1)])]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .ttl(61)
+                .ip_id(0x4242)
+                .icmp(8, 0, [0x12, 0x34, 0, 7])
+                .payload(b"abcdefghijklmnopqrstuvwxyz012345")
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB0_MAC, CLIENT_MAC)
+                    .ipv4(VIP, CLIENT)
+                    .ttl(64)
+                    .ip_id(0x4242)
+                    .icmp(0, 0, [0x12, 0x34, 0, 7])
+                    .payload(b"abcdefghijklmnopqrstuvwxyz012345")
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_echo_replied"), 1),
+            ],
+        ),
+        fixture(
+            "icmp_echo_request_to_another_address_passed",
+            with(backends(), &[web(&[(1, 1)])]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, OTHER)
+                .icmp(8, 0, [0x12, 0x34, 0, 8])
+                .build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::NotTcpUdp), 1),
+                (Counter::Event("icmp_echo_replied"), 0),
+            ],
+        ),
+        fixture(
+            "icmp_echo_reply_to_vip_passed",
+            with(backends(), &[web(&[(1, 1)])]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .icmp(0, 0, [0x12, 0x34, 0, 9])
+                .build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::NotTcpUdp), 1),
+                (Counter::Event("icmp_echo_replied"), 0),
+            ],
         ),
         fixture(
             "parse_first_fragment_to_vip_passed_untouched",
