@@ -6,6 +6,7 @@
 pub mod conntrack;
 pub mod consts;
 pub mod hash;
+pub mod icmp;
 pub mod reason;
 pub mod reset;
 pub mod snat_ports;

@@ -13,7 +13,7 @@ pub enum PassReason {
     MalformedIpv4 = 3,
     /// A fragment: ports are only in the first one, so the kernel reassembles.
     Fragment = 4,
-    /// Neither TCP nor UDP (ICMP, ...).
+    /// Neither TCP nor UDP, nor ICMP the balancer answers or translates.
     NotTcpUdp = 5,
     /// Shorter than its TCP or UDP header.
     ShortL4 = 6,
@@ -29,6 +29,10 @@ pub enum PassReason {
     EgressNotManaged = 10,
     /// The rewritten destination is an address of this host: the kernel delivers it.
     LocalDestination = 11,
+    /// An ICMP error whose quoted packet is no flow's (or too short to tell): the kernel's.
+    IcmpNoFlow = 12,
+    /// Larger than the egress MTU without DF: the kernel fragments the rewritten packet.
+    NeedsFragmenting = 13,
 }
 
 /// A packet the balancer consumed without forwarding.
@@ -48,7 +52,8 @@ pub enum DropReason {
     FibForwardingDisabled = 5,
     /// No route to the rewritten destination (unreachable, blackhole, prohibit).
     FibNoRoute = 6,
-    /// The packet is larger than the egress MTU.
+    /// Larger than the egress MTU with DF set, and no "fragmentation needed" could be sent
+    /// (the packet has IP options, or it is a forwarded ICMP error itself).
     FibFragNeeded = 7,
     /// Any other bpf_fib_lookup failure.
     FibOther = 8,
@@ -65,6 +70,9 @@ pub enum DropReason {
     /// An echo request to a VIP past the CPU's budget of answers (ECHO_REPLIES_PER_SEC_PER_CPU):
     /// the balancer must not be a ping flood's amplifier.
     IcmpEchoLimited = 13,
+    /// An ICMP error to forward for a flow, or a "fragmentation needed" to send, past the CPU's
+    /// budget (ICMP_ERRORS_PER_SEC_PER_CPU).
+    IcmpErrorLimited = 14,
 }
 
 /// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
@@ -101,8 +109,16 @@ pub const STAT_EXPIRY_PASS_NS: u32 = 138;
 pub const STAT_TS_CLAMPED: u32 = 139;
 /// Echo requests to a VIP answered by the balancer (`icmp.rs`).
 pub const STAT_ICMP_ECHO_REPLIED: u32 = 140;
+/// ICMP errors about a balanced flow, translated and forwarded (`icmp_error.rs`): to its
+/// backend (addressed to the VIP, quoting a reply) ...
+pub const STAT_ICMP_ERROR_TO_BACKEND: u32 = 141;
+/// ... and to its client (addressed to the SNAT address, quoting a forwarded packet).
+pub const STAT_ICMP_ERROR_TO_CLIENT: u32 = 142;
+/// "Fragmentation needed" sent by the balancer for a packet too big for its next hop
+/// (`too_big.rs`).
+pub const STAT_FRAG_NEEDED_SENT: u32 = 143;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 11] = [
+pub const EVENTS: [(u32, &str); 14] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -114,10 +130,13 @@ pub const EVENTS: [(u32, &str); 11] = [
     (STAT_EXPIRY_PASS_NS, "expiry_pass_ns"),
     (STAT_TS_CLAMPED, "ts_clamped"),
     (STAT_ICMP_ECHO_REPLIED, "icmp_echo_replied"),
+    (STAT_ICMP_ERROR_TO_BACKEND, "icmp_error_to_backend"),
+    (STAT_ICMP_ERROR_TO_CLIENT, "icmp_error_to_client"),
+    (STAT_FRAG_NEEDED_SENT, "frag_needed_sent"),
 ];
 
 impl PassReason {
-    pub const ALL: [PassReason; 11] = [
+    pub const ALL: [PassReason; 13] = [
         Self::NotIpv4,
         Self::ShortEthernet,
         Self::MalformedIpv4,
@@ -129,6 +148,8 @@ impl PassReason {
         Self::NeighbourUnresolved,
         Self::EgressNotManaged,
         Self::LocalDestination,
+        Self::IcmpNoFlow,
+        Self::NeedsFragmenting,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -148,12 +169,14 @@ impl PassReason {
             Self::NeighbourUnresolved => "neighbour_unresolved",
             Self::EgressNotManaged => "egress_not_managed",
             Self::LocalDestination => "local_destination",
+            Self::IcmpNoFlow => "icmp_no_flow",
+            Self::NeedsFragmenting => "needs_fragmenting",
         }
     }
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         Self::NoBackend,
         Self::TcpNoFlow,
         Self::SnatPortsExhausted,
@@ -167,6 +190,7 @@ impl DropReason {
         Self::BackendRefused,
         Self::TcpInvalidFlags,
         Self::IcmpEchoLimited,
+        Self::IcmpErrorLimited,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -188,6 +212,7 @@ impl DropReason {
             Self::BackendRefused => "backend_refused",
             Self::TcpInvalidFlags => "tcp_invalid_flags",
             Self::IcmpEchoLimited => "icmp_echo_limited",
+            Self::IcmpErrorLimited => "icmp_error_limited",
         }
     }
 }

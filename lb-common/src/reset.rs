@@ -16,8 +16,6 @@ pub const RESET_FRAME_LEN: usize = 14 + RESET_PACKET_LEN;
 /// RSTs each CPU sends per second at most: enough for every client of an expired table to
 /// learn within seconds, too few for a spoofed flood to turn the balancer into a reflector.
 pub const RESETS_PER_SEC_PER_CPU: u32 = 1000;
-/// Echo replies to pings of a VIP a CPU sends per second at most (`ResetBudget::take_within`).
-pub const ECHO_REPLIES_PER_SEC_PER_CPU: u32 = 1000;
 const TTL: u8 = 64;
 const IPPROTO_TCP: u8 = 6;
 
@@ -187,7 +185,7 @@ impl ResetBudget {
 /// The one's-complement sum of `bytes` as big-endian 16-bit words, added to `sum` (not folded).
 /// `bytes` has an even length here.
 #[inline(always)]
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+pub(crate) fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
     let mut i = 0;
     while i + 1 < bytes.len() {
         sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
@@ -197,7 +195,7 @@ fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
 }
 
 #[inline(always)]
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

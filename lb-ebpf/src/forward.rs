@@ -13,57 +13,83 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{DropReason, FlowValue, IFACE_XDP_TX, PassReason};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     Verdict,
     csum::Delta,
-    flow::Flow,
     maps::{IFACES, TX_PORTS},
-    parse::Packet,
 };
 
 const AF_INET: u8 = 2;
+/// Don't-fragment in IPv4's `frags` field (host order).
+const IP_DF: u16 = 0x4000;
 
 /// Where a packet goes: the egress device, its `Iface::flags`, and the MACs to write.
-struct NextHop {
+pub struct NextHop {
     ifindex: u32,
     flags: u32,
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
 }
 
+/// Why a packet has no next hop.
+pub enum NoHop {
+    /// Larger than the egress MTU, with DF set: its sender must be told (`too_big.rs`).
+    TooBig { mtu: u16 },
+    /// Passed to the kernel or dropped, with its reason.
+    Verdict(Verdict),
+}
+
+/// The next hop of a packet of the flow `entry` (whose rewrite gives the addresses the FIB
+/// sees), from the flow's cache or the FIB; `ip` is the packet's header, `proto` its protocol.
+/// Chosen before the rewrite, so that a packet too big can be quoted as its sender sent it.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verdict> {
-    let ingress = ctx.ingress_ifindex() as u32;
-    // SAFETY: parse::packet bounds-checked the IP header.
-    let tot_len = unsafe { u16::from_be_bytes((*pkt.ip).tot_len) };
-    let nat = flow.nat();
-    let hop = if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
-        NextHop {
+pub fn next_hop(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    proto: u8,
+    entry: *mut FlowValue,
+) -> Result<NextHop, NoHop> {
+    // SAFETY: the caller bounds-checked the IP header; a value pointer from a map lookup is
+    // valid for this program run.
+    let (tot_len, nat) = unsafe { (u16::from_be_bytes((*ip).tot_len), &*entry) };
+    if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
+        return Ok(NextHop {
             ifindex: nat.egress_ifindex,
             flags: u32::from(nat.egress_flags),
             src_mac: nat.src_mac,
             dst_mac: nat.dst_mac,
-        }
-    } else {
-        let hop = lookup(ctx, pkt, nat, ingress, tot_len)?;
-        remember(flow.entry(), &hop, tot_len);
-        hop
-    };
-    // SAFETY: parse::packet bounds-checked the Ethernet and IP headers.
+        });
+    }
+    let hop = lookup(ctx, ip, proto, nat, tot_len)?;
+    remember(entry, &hop, tot_len);
+    Ok(hop)
+}
+
+/// Sends the packet (`eth` and `ip` its headers, bounds-checked by the caller) to `hop`, with
+/// its TTL decremented.
+#[inline(always)]
+pub fn send(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut Ipv4Hdr,
+    hop: &NextHop,
+) -> Result<Verdict, Verdict> {
+    // SAFETY: the caller bounds-checked the Ethernet and IP headers.
     unsafe {
-        let ip = &mut *pkt.ip;
+        let ip = &mut *ip;
         // TTL shares a 16-bit checksum word with the protocol byte.
         let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
         ip.ttl -= 1;
         let mut delta = Delta::default();
         delta.replace16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
         ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
-        let eth = &mut *pkt.eth;
+        let eth = &mut *eth;
         eth.dst_addr = hop.dst_mac;
         eth.src_addr = hop.src_mac;
     }
-    transmit(hop.ifindex, hop.flags, ingress)
+    transmit(hop.ifindex, hop.flags, ctx.ingress_ifindex() as u32)
 }
 
 /// Sends the packet out of `ifindex` (its `Iface::flags` given): by XDP_TX if that is the
@@ -100,19 +126,21 @@ fn remember(entry: *mut FlowValue, hop: &NextHop, tot_len: u16) {
 #[inline(always)]
 fn lookup(
     ctx: &XdpContext,
-    pkt: &Packet,
+    ip: *mut Ipv4Hdr,
+    proto: u8,
     nat: &FlowValue,
-    ingress: u32,
     tot_len: u16,
-) -> Result<NextHop, Verdict> {
+) -> Result<NextHop, NoHop> {
+    let verdict = |v| NoHop::Verdict(v);
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;
-    fib.l4_protocol = pkt.key.proto;
-    fib.ifindex = ingress;
+    fib.l4_protocol = proto;
+    fib.ifindex = ctx.ingress_ifindex() as u32;
     fib.__bindgen_anon_1.tot_len = tot_len;
-    // SAFETY: parse::packet bounds-checked the IP header.
-    fib.__bindgen_anon_2.tos = unsafe { (*pkt.ip).tos };
+    // SAFETY: the caller bounds-checked the IP header.
+    let (tos, frags) = unsafe { ((*ip).tos, u16::from_be_bytes((*ip).frags)) };
+    fib.__bindgen_anon_2.tos = tos;
     fib.__bindgen_anon_3.ipv4_src = nat.nat_src_addr.0;
     fib.__bindgen_anon_4.ipv4_dst = nat.nat_dst_addr.0;
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
@@ -128,20 +156,34 @@ fn lookup(
         BPF_FIB_LKUP_RET_SUCCESS => {}
         // The kernel forwards the rewritten packet itself and resolves the neighbour; its TTL
         // is still untouched, so the kernel's decrement is the only one.
-        BPF_FIB_LKUP_RET_NO_NEIGH => return Err(Verdict::Pass(PassReason::NeighbourUnresolved)),
-        BPF_FIB_LKUP_RET_NOT_FWDED => return Err(Verdict::Pass(PassReason::LocalDestination)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            return Err(verdict(Verdict::Pass(PassReason::NeighbourUnresolved)));
+        }
+        BPF_FIB_LKUP_RET_NOT_FWDED => {
+            return Err(verdict(Verdict::Pass(PassReason::LocalDestination)));
+        }
         BPF_FIB_LKUP_RET_FWD_DISABLED => {
-            return Err(Verdict::Drop(DropReason::FibForwardingDisabled));
+            return Err(verdict(Verdict::Drop(DropReason::FibForwardingDisabled)));
         }
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Err(Verdict::Drop(DropReason::FibNoRoute));
+            return Err(verdict(Verdict::Drop(DropReason::FibNoRoute)));
         }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::Drop(DropReason::FibFragNeeded)),
-        _ => return Err(Verdict::Drop(DropReason::FibOther)),
+        // With DF the sender must learn the path's MTU; without, the kernel fragments the
+        // rewritten packet as it forwards it (XDP has no fragmenting of its own).
+        BPF_FIB_LKUP_RET_FRAG_NEEDED if frags & IP_DF != 0 => {
+            // SAFETY: the helper filled the union's MTU on this return code.
+            return Err(NoHop::TooBig {
+                mtu: unsafe { fib.__bindgen_anon_1.mtu_result },
+            });
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => {
+            return Err(verdict(Verdict::Pass(PassReason::NeedsFragmenting)));
+        }
+        _ => return Err(verdict(Verdict::Drop(DropReason::FibOther))),
     }
     let ifindex = fib.ifindex;
     let Some(iface) = IFACES.get_ptr(&ifindex) else {
-        return Err(Verdict::Pass(PassReason::EgressNotManaged));
+        return Err(verdict(Verdict::Pass(PassReason::EgressNotManaged)));
     };
     // SAFETY: a value pointer from a map lookup is valid for this program run; the MACs are
     // plain bytes of the union the helper filled on success.

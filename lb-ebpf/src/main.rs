@@ -14,6 +14,7 @@ mod flow;
 mod flow_count;
 mod forward;
 mod icmp;
+mod icmp_error;
 mod maps;
 mod nat;
 mod parse;
@@ -24,11 +25,12 @@ mod snat;
 mod stats;
 mod suspect;
 mod timestamps;
+mod too_big;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 use lb_common::{DropReason, PassReason, conntrack::tcp_flags_valid};
 
-use crate::{flow::Flow, parse::Packet};
+use crate::{flow::Flow, forward::NoHop, parse::Packet};
 
 /// What happens to a packet, and why.
 #[derive(Clone, Copy)]
@@ -39,6 +41,9 @@ pub enum Verdict {
     Tx,
     /// `bpf_redirect_map` accepted the packet; carries the action it returned.
     Redirect(u32),
+    /// Larger than its next hop's MTU (carried), with DF set: the entry point has
+    /// `too_big.rs` answer it, which counts its own verdict.
+    TooBig(u16),
 }
 
 impl Verdict {
@@ -46,29 +51,53 @@ impl Verdict {
         use aya_ebpf::bindings::xdp_action;
         match self {
             Verdict::Pass(_) => xdp_action::XDP_PASS,
-            Verdict::Drop(_) => xdp_action::XDP_DROP,
+            Verdict::Drop(_) | Verdict::TooBig(_) => xdp_action::XDP_DROP,
             Verdict::Tx => xdp_action::XDP_TX,
             Verdict::Redirect(action) => *action,
         }
     }
+
+    /// Counts the verdict and gives its XDP action.
+    #[inline(always)]
+    fn counted(self) -> u32 {
+        stats::count_verdict(&self);
+        self.action()
+    }
 }
 
+/// `balance_apart`'s answer for a packet too big for its next hop: this bit, with the MTU.
+const TOO_BIG: u32 = 1 << 31;
+
+/// The entry point sends each packet down one of three paths, each a BPF function with a stack
+/// frame of its own: the verifier limits a chain of calls to 512 bytes of stack, and the
+/// balancing path (with the SNAT allocator it calls) takes all of it. The entry point itself
+/// keeps nothing on the stack.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let verdict = match process(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
-    stats::count_verdict(&verdict);
-    verdict.action()
+    if parse::is_icmp(&ctx) {
+        return icmp::handle_apart(ctx.ctx);
+    }
+    let action = balance_apart(ctx.ctx);
+    if action & TOO_BIG != 0 {
+        return too_big::answer_apart(ctx.ctx, action as u16);
+    }
+    action
+}
+
+/// Parse, look up, choose, rewrite and forward: the XDP action, counted, or TOO_BIG and the
+/// MTU for a packet too big for its next hop (uncounted, rewritten).
+#[inline(never)]
+fn balance_apart(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    match process(&ctx) {
+        Ok(Verdict::TooBig(mtu)) | Err(Verdict::TooBig(mtu)) => TOO_BIG | u32::from(mtu),
+        Ok(verdict) | Err(verdict) => verdict.counted(),
+    }
 }
 
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = match parse::packet(ctx) {
-        Ok(pkt) => pkt,
-        Err(Verdict::Pass(PassReason::NotTcpUdp)) => return icmp::handle(ctx),
-        Err(verdict) => return Err(verdict),
-    };
+    let pkt = parse::packet(ctx)?;
     let result = balance(ctx, &pkt);
     if let Err(Verdict::Drop(reason)) = result {
         debug_log::drop(ctx, &pkt, reason);
@@ -94,7 +123,12 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     };
     nat::rewrite(pkt, flow.nat(), timestamps);
     stats::count_backend(flow.nat().backend_id, pkt.len);
-    forward::send(ctx, pkt, &flow)
+    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, flow.entry()) {
+        Ok(hop) => hop,
+        Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
+        Err(NoHop::Verdict(verdict)) => return Err(verdict),
+    };
+    forward::send(ctx, pkt.eth, pkt.ip, &hop)
 }
 
 /// A packet with no flow: find its service, choose a backend, record the flow both ways. A

@@ -12,7 +12,7 @@ use lb_common::{
     Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
     FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS,
     SNAT_SUMMARY_WORDS, STATS_SLOTS, Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS,
-    reset::ResetBudget,
+    icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
@@ -91,9 +91,11 @@ pub static TS_HIGH: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static RESET_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
 
-/// [0] -> this CPU's allowance of echo replies to pings of a VIP (`icmp.rs`). Data path only.
+/// [ICMP_BUDGET_ECHO] and [ICMP_BUDGET_ERRORS] -> this CPU's allowance of echo replies to
+/// pings of a VIP, and of ICMP errors forwarded or sent (`icmp.rs`). Data path only.
 #[map]
-pub static ICMP_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entries(1, 0);
+pub static ICMP_BUDGET: PerCpuArray<ResetBudget> =
+    PerCpuArray::with_max_entries(ICMP_BUDGET_SLOTS, 0);
 
 /// VIP -> 1: the addresses of SERVICES' keys, for traffic that has no port (`icmp.rs`). Daemon
 /// writes; data path reads.

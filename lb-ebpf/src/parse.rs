@@ -19,7 +19,8 @@ const TCP_ACK_OFFSET: usize = 8;
 const TCP_DOFF_OFFSET: usize = 12;
 const TCP_FLAGS_OFFSET: usize = 13;
 /// More-fragments flag and fragment offset in IPv4's `frags` field (host order).
-const IP_MF_AND_OFFSET: u16 = 0x3fff;
+pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
+const IPPROTO_ICMP: u8 = 1;
 
 /// A parsed IPv4 TCP or UDP packet. The pointers were bounds-checked against the frame.
 pub struct Packet {
@@ -78,6 +79,19 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
         return None;
     }
     Some((start + offset) as *mut T)
+}
+
+/// Whether the frame is IPv4 carrying ICMP, for the entry point to send it to `icmp.rs`.
+#[inline(always)]
+pub fn is_icmp(ctx: &XdpContext) -> bool {
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { (*eth).ether_type == ETH_P_IP.to_be() && (*ip).proto == IPPROTO_ICMP }
 }
 
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! Per-CPU counters: one per verdict reason (STATS) and per backend (BACKEND_STATS).
 
-use lb_common::{STAT_REDIRECT, STAT_TX};
+use lb_common::{DropReason, STAT_REDIRECT, STAT_TX};
 
 use crate::{
     Verdict,
@@ -9,13 +9,20 @@ use crate::{
 
 #[inline(always)]
 pub fn count_verdict(verdict: &Verdict) {
-    let slot = match verdict {
+    count_slot(slot_of(verdict));
+}
+
+/// The STATS slot that counts `verdict`.
+#[inline(always)]
+pub fn slot_of(verdict: &Verdict) -> u32 {
+    match verdict {
         Verdict::Pass(reason) => reason.stat_slot(),
         Verdict::Drop(reason) => reason.stat_slot(),
         Verdict::Tx => STAT_TX,
         Verdict::Redirect(_) => STAT_REDIRECT,
-    };
-    count_slot(slot);
+        // Never counted here: too_big.rs answers the packet and counts that.
+        Verdict::TooBig(_) => DropReason::FibFragNeeded.stat_slot(),
+    }
 }
 
 #[inline(always)]

@@ -7,8 +7,8 @@
 //!   which routes for them (198.18.16.0/20)
 //!
 //! veth rules from ENGINEERING.md: GRO on every veth end (redirected frames need NAPI on the
-//! peer), and checksum offload off on the client and backends (native XDP cannot finish partial
-//! checksums).
+//! peer), and checksum offload off on the client, the backends and the switch's port to the
+//! balancer (native XDP cannot finish partial checksums).
 
 use std::{
     net::Ipv4Addr,
@@ -90,6 +90,10 @@ impl Topology {
             lb.sh("ip addr add 198.18.0.1/24 dev lb0");
         }
         switch.run(&["ip", "link", "set", "s-lb", "master", "br0"]);
+        // The switch re-segments what GRO merged on its ports (a backend's burst, such as its
+        // retransmissions after a path MTU change), and with checksum offload the segments it
+        // sends the balancer would carry partial checksums, which native XDP cannot finish.
+        switch.sh("ethtool -K s-lb tx off >/dev/null");
         client.sh(&format!(
             "ip addr add {CLIENT}/24 dev eth0
              ip route add {VIP}/32 via 198.18.0.1

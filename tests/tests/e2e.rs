@@ -1637,3 +1637,78 @@ fn a_vip_answers_ping_while_a_service_holds_it() {
     );
     assert_eq!(counter(&balancer, "event_icmp_echo_replied"), 3);
 }
+
+/// `curl` in `ns` against the VIP, at most 10 s: its output (the body, or what `-w` asks) and
+/// whether it succeeded.
+fn curl_in(ns: &Netns, args: &str) -> (String, bool) {
+    let out = ns.try_sh(&format!("curl -sS -m 10 {args}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (format!("{text}{err}"), out.status.success())
+}
+
+/// A POST of `len` bytes from `ns` to the VIP: the backend's answer, and whether it succeeded.
+fn upload_in(ns: &Netns, len: usize) -> (String, bool) {
+    let out = ns.try_sh(&format!(
+        "head -c {len} /dev/zero | curl -sS -m 10 -H 'Expect:' --data-binary @- http://{VIP}/upload"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (format!("{text}{err}"), out.status.success())
+}
+
+/// The issue's bottleneck: client host -(1400)- router -(1500)- balancer -(1500)- backend,
+/// with the client announcing MSS 1460 (as a host behind a tunnel does). The backend's
+/// full-size segments do not fit the router's last link, so the router's "fragmentation
+/// needed" goes to the VIP; the balancer must hand it to the backend, translated, or the
+/// download stalls for good (before: 0 bytes in 10 s). The upload must complete too.
+#[test]
+fn a_download_through_a_narrower_link_completes_by_path_mtu_discovery() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1]);
+    let hosts = topo.add_clients(1);
+    let host = &hosts[0];
+    // The client namespace routes for the host (see Topology::add_clients): the host's link
+    // is c0 there and eth0 on the host.
+    topo.client.sh("ip link set c0 mtu 1400");
+    host.sh("ip link set eth0 mtu 1400
+             ip route change default via 198.18.16.1 dev eth0 advmss 1460");
+    let (out, ok) = curl_in(
+        host,
+        &format!("-o /dev/null -w '%{{size_download}}' http://{VIP}/bytes/300000"),
+    );
+    assert!(ok && out == "300000", "download: {out}");
+    let translated = counter(&balancer, "event_icmp_error_to_backend");
+    println!("download: 300000 bytes; fragmentation-needed forwarded to the backend: {translated}");
+    assert!(
+        translated >= 1,
+        "no ICMP error reached the backend through the balancer"
+    );
+    let pmtu = topo.backends[0].sh("ip route get 198.18.1.1");
+    assert!(
+        pmtu.contains("mtu 1400"),
+        "the backend's route cache: {pmtu}"
+    );
+    let (out, ok) = upload_in(host, 300_000);
+    assert!(ok && out.trim() == "b1 received 300000", "upload: {out}");
+}
+
+/// The balancer's own link to the backends is narrower (1400) than the client's, while the
+/// backend announces MSS 1460 (its link is 1500): the client's full-size segments do not fit
+/// the balancer's next hop. The balancer answers each with "fragmentation needed" (MTU 1400,
+/// from the VIP, quoting the segment as the client sent it), so a 300 KB upload completes.
+#[test]
+fn an_upload_too_big_for_the_backend_link_gets_frag_needed_from_the_balancer() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1]);
+    topo.lb.sh("ip link set lb1 mtu 1400");
+    topo.switch.sh("ip link set s-lb mtu 1400");
+    let (out, ok) = upload_in(&topo.client, 300_000);
+    let sent = counter(&balancer, "event_frag_needed_sent");
+    println!("upload: {out}; fragmentation-needed sent by the balancer: {sent}");
+    assert!(ok && out.trim() == "b1 received 300000", "upload: {out}");
+    assert!(sent >= 1, "the balancer sent no fragmentation-needed");
+    let pmtu = topo.client.sh(&format!("ip route get {VIP}"));
+    assert!(
+        pmtu.contains("mtu 1400"),
+        "the client's route cache: {pmtu}"
+    );
+}

@@ -1389,19 +1389,6 @@ fn fixtures() -> Vec<Fixture> {
             None,
             vec![(Counter::Pass(PassReason::NotIpv4), 1)],
         ),
-        fixture(
-            "icmp_unreachable_to_vip_passed_untouched",
-            with(backends(), &[web(&[(1, 1)])]),
-            pkt()
-                .eth(CLIENT_MAC, LB0_MAC)
-                .ipv4(CLIENT, VIP)
-                .icmp(3, 4, [0, 0, 0x05, 0x78])
-                .payload(&client_syn(40016).build()[14..54])
-                .build(),
-            XDP_PASS,
-            None,
-            vec![(Counter::Pass(PassReason::NotTcpUdp), 1)],
-        ),
         // A ping of a VIP: answered from the VIP, back out of the ingress device, with a TTL of
         // 64; id, sequence number and data as they came.
         fixture(
@@ -1533,6 +1520,7 @@ fn fixtures() -> Vec<Fixture> {
     list.extend(timestamp_fixtures());
     list.extend(snat_port_fixtures());
     list.extend(snat_pool_fixtures());
+    list.extend(icmp_fixtures());
     count_connections(&mut list);
     list
 }
@@ -1567,6 +1555,425 @@ const SACK_BLOCK: [u8; 10] = [5, 10, 0, 0, 0x10, 0, 0, 0, 0x20, 0];
 /// balancer's timestamp clock read now, far from the limit at which the data path holds a
 /// runaway TSval, so that every output is exact: a SYN's TSval comes from a TS_HIGH set ahead
 /// of the clock, and a flow's from its `ts_add`.
+/// A router on the client's side of the balancer, which sends ICMP errors about replies.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// A router on the backends' side.
+const BACKEND_ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
+/// "Fragmentation needed" with a next-hop MTU of 1400, and of 1500 (the fixtures' links).
+const FRAG_NEEDED_1400: [u8; 4] = [0, 0, 0x05, 0x78];
+const FRAG_NEEDED_1500: [u8; 4] = [0, 0, 0x05, 0xdc];
+
+/// The IP packet in `frame` (its Ethernet header cut), its first `len` bytes: what an ICMP
+/// error quotes.
+fn quote(frame: &[u8], len: usize) -> Vec<u8> {
+    frame[14..14 + len].to_vec()
+}
+
+/// A segment of `len` payload bytes, each its offset's low byte.
+fn bulk(len: usize) -> Vec<u8> {
+    (0..len).map(|i| i as u8).collect()
+}
+
+/// ICMP errors about balanced flows, translated both ways with the quote compared whole;
+/// errors about no flow passed; "fragmentation needed" built for packets too big.
+fn icmp_fixtures() -> Vec<Fixture> {
+    // A reply on its way to the client, as it left the balancer, and as the backend sent it.
+    let reply_out = |cport| to_client(cport).ack().seq(5000).build();
+    let reply_in = |snat_port| from_backend(1, snat_port).ttl(63).ack().seq(5000).build();
+    // A forwarded segment on its way to the backend, and as the client sent it.
+    let forward_out = |snat_port| to_backend(1, snat_port).ack().build();
+    let forward_in = |cport| {
+        pkt()
+            .eth(CLIENT_MAC, LB0_MAC)
+            .ipv4(CLIENT, VIP)
+            .ttl(63)
+            .tcp(cport, WEB_PORT)
+            .ack()
+            .build()
+    };
+    let dns_out = |snat_port| {
+        pkt()
+            .ipv4(SNAT, B1)
+            .ttl(63)
+            .udp(snat_port, BACKEND_PORT)
+            .payload(b"query")
+            .build()
+    };
+    let dns_in = |cport| {
+        pkt()
+            .ipv4(CLIENT, VIP)
+            .ttl(63)
+            .udp(cport, DNS_PORT)
+            .payload(b"query")
+            .build()
+    };
+    vec![
+        // A router between the balancer and the client cannot forward a 1500-byte reply: its
+        // "fragmentation needed" to the VIP goes to the backend, from the SNAT address,
+        // quoting the reply as the backend sent it.
+        fixture(
+            "icmp_frag_needed_to_vip_goes_to_the_backend_translated",
+            with(backends(), &[web(&[(1, 1)]), flow(40101, 1, 20101, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40101), 40))
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B1_MAC)
+                    .ipv4(SNAT, B1)
+                    .ttl(63)
+                    .icmp(3, 4, FRAG_NEEDED_1400)
+                    .payload(&quote(&reply_in(20101), 40))
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_error_to_backend"), 1),
+                (Counter::Event("icmp_error_to_client"), 0),
+            ],
+        ),
+        // The same with the reply's data quoted too (as Linux quotes up to 576 bytes).
+        fixture(
+            "icmp_frag_needed_quoting_data_goes_to_the_backend_translated",
+            with(backends(), &[web(&[(1, 1)]), flow(40102, 1, 20102, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&to_client(40102).ack().payload(&bulk(100)).build()[14..])
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B1_MAC)
+                    .ipv4(SNAT, B1)
+                    .ttl(63)
+                    .icmp(3, 4, FRAG_NEEDED_1400)
+                    .payload(
+                        &from_backend(1, 20102)
+                            .ttl(63)
+                            .ack()
+                            .payload(&bulk(100))
+                            .build()[14..],
+                    )
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_error_to_backend"), 1),
+            ],
+        ),
+        // A parameter problem about a reply with IP options: the quote's variable header
+        // length is followed.
+        fixture(
+            "icmp_parameter_problem_quoting_ip_options_goes_to_the_backend",
+            with(backends(), &[web(&[(1, 1)]), flow(40103, 1, 20103, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(12, 0, [20, 0, 0, 0])
+                .payload(&quote(
+                    &to_client(40103).ip_options(&[1, 1, 1, 0]).ack().build(),
+                    44,
+                ))
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B1_MAC)
+                    .ipv4(SNAT, B1)
+                    .ttl(63)
+                    .icmp(12, 0, [20, 0, 0, 0])
+                    .payload(&quote(
+                        &from_backend(1, 20103)
+                            .ttl(63)
+                            .ip_options(&[1, 1, 1, 0])
+                            .ack()
+                            .build(),
+                        44,
+                    ))
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_error_to_backend"), 1),
+            ],
+        ),
+        // A router behind the balancer found a forwarded segment's TTL spent: its time
+        // exceeded, quoting 8 bytes of TCP only (no checksum to fix), goes to the client.
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "icmp_time_exceeded_to_snat_goes_to_the_client_translated",
+                with(backends(), &[web(&[(1, 1)]), flow(40104, 1, 20104, None)]),
+                pkt()
+                    .eth(B2_MAC, LB1_MAC)
+                    .ipv4(BACKEND_ROUTER, SNAT)
+                    .icmp(11, 0, [0; 4])
+                    .payload(&quote(&forward_out(20104), 28))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ttl(63)
+                        .icmp(11, 0, [0; 4])
+                        .payload(&quote(&forward_in(40104), 28))
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("icmp_error_to_client"), 1),
+                    (Counter::Event("icmp_error_to_backend"), 0),
+                ],
+            )
+        },
+        // A backend with nothing listening on a UDP port: its port unreachable reaches the
+        // client as the VIP's, quoting the client's own datagram (checksum included).
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "icmp_port_unreachable_from_a_backend_goes_to_the_client",
+                with(
+                    backends(),
+                    &[dns(&[(1, 1)]), udp_flow(UDP_UNREPLIED, 40105, 1, 20105, 0)],
+                ),
+                pkt()
+                    .eth(B1_MAC, LB1_MAC)
+                    .ipv4(B1, SNAT)
+                    .icmp(3, 3, [0; 4])
+                    .payload(&dns_out(20105)[14..])
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ttl(63)
+                        .icmp(3, 3, [0; 4])
+                        .payload(&dns_in(40105)[14..])
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("icmp_error_to_client"), 1),
+                ],
+            )
+        },
+        // Errors that are no flow's go to the kernel: a quote of a packet the balancer never
+        // sent, an error not addressed to the quoted packet's sender, a quote cut before the
+        // ports, and a quoted fragment that is not the first.
+        fixture(
+            "icmp_error_quoting_no_flow_passed",
+            with(backends(), &[web(&[(1, 1)]), flow(40106, 1, 20106, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(&to_client(40107).ack().build(), 40))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::IcmpNoFlow), 1),
+                (Counter::Event("icmp_error_to_backend"), 0),
+            ],
+        ),
+        fixture(
+            "icmp_error_not_to_the_quoted_sender_passed",
+            with(backends(), &[web(&[(1, 1)]), flow(40108, 1, 20108, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, OTHER)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40108), 40))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
+        ),
+        fixture(
+            "icmp_error_quote_cut_before_the_ports_passed",
+            with(backends(), &[web(&[(1, 1)]), flow(40109, 1, 20109, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40109), 22))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
+        ),
+        fixture(
+            "icmp_error_quoting_a_later_fragment_passed",
+            with(backends(), &[web(&[(1, 1)]), flow(40110, 1, 20110, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(
+                    &to_client(40110).ack().fragment(false, 100).build(),
+                    40,
+                ))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
+        ),
+        // An error whose TTL would expire here is the kernel's to answer.
+        fixture(
+            "icmp_error_with_ttl_1_passed",
+            with(backends(), &[web(&[(1, 1)]), flow(40111, 1, 20111, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .ttl(1)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40111), 40))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::TtlExpired), 1)],
+        ),
+        // A client's 1600-byte segment with DF does not fit the backends' 1500-byte link: the
+        // client gets "fragmentation needed" with that MTU, from the VIP, quoting its segment
+        // as it sent it, back out of the device it came in by.
+        {
+            let big = pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .tcp(40112, WEB_PORT)
+                .ack()
+                .payload(&bulk(1560))
+                .build();
+            fixture(
+                "too_big_for_the_backend_link_answered_with_frag_needed",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1)]),
+                        flow(40112, 1, 20112, Some(hop(B1_MAC, 1500))),
+                    ],
+                ),
+                big.clone(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .tos(0xc0)
+                        .ip_id(0)
+                        .df(false)
+                        .icmp(3, 4, FRAG_NEEDED_1500)
+                        .payload(&quote(&big, 28))
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("frag_needed_sent"), 1),
+                ],
+            )
+        },
+        // The same without DF: rewritten, and passed for the kernel to fragment.
+        fixture(
+            "too_big_without_df_passed_rewritten_for_the_kernel_to_fragment",
+            with(backends(), &[web(&[(1, 1)]), flow(40113, 1, 20113, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .df(false)
+                .tcp(40113, WEB_PORT)
+                .ack()
+                .payload(&bulk(1560))
+                .build(),
+            XDP_PASS,
+            Some(
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv4(SNAT, B1)
+                    .df(false)
+                    .tcp(20113, BACKEND_PORT)
+                    .ack()
+                    .payload(&bulk(1560))
+                    .build(),
+            ),
+            vec![(Counter::Pass(PassReason::NeedsFragmenting), 1)],
+        ),
+        // A backend's 1600-byte UDP answer with DF does not fit the client's link: the backend
+        // gets "fragmentation needed" from the SNAT address, quoting its datagram.
+        {
+            let big = pkt()
+                .eth(B1_MAC, LB1_MAC)
+                .ipv4(B1, SNAT)
+                .udp(BACKEND_PORT, 20114)
+                .payload(&bulk(1572))
+                .build();
+            Fixture {
+                ingress: "lb1",
+                ..fixture(
+                    "too_big_reply_answered_with_frag_needed_to_the_backend",
+                    with(
+                        backends(),
+                        &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 40114, 1, 20114, 0)],
+                    ),
+                    big.clone(),
+                    XDP_REDIRECT,
+                    Some(
+                        pkt()
+                            .eth(LB1_MAC, B1_MAC)
+                            .ipv4(SNAT, B1)
+                            .tos(0xc0)
+                            .ip_id(0)
+                            .df(false)
+                            .icmp(3, 4, FRAG_NEEDED_1500)
+                            .payload(&quote(&big, 28))
+                            .build(),
+                    ),
+                    vec![
+                        (Counter::Redirect, 1),
+                        (Counter::Event("frag_needed_sent"), 1),
+                    ],
+                )
+            }
+        },
+        // A segment too big with IP options gets no answer (the quote is a fixed 28 bytes);
+        // it was rewritten before its next hop was known.
+        fixture(
+            "too_big_with_ip_options_dropped",
+            with(backends(), &[web(&[(1, 1)]), flow(40115, 1, 20115, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .ip_options(&[1, 1, 1, 0])
+                .tcp(40115, WEB_PORT)
+                .ack()
+                .payload(&bulk(1560))
+                .build(),
+            XDP_DROP,
+            Some(
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv4(SNAT, B1)
+                    .ip_options(&[1, 1, 1, 0])
+                    .tcp(20115, BACKEND_PORT)
+                    .ack()
+                    .payload(&bulk(1560))
+                    .build(),
+            ),
+            vec![
+                (Counter::Drop(DropReason::FibFragNeeded), 1),
+                (Counter::Event("frag_needed_sent"), 0),
+            ],
+        ),
+    ]
+}
+
 fn timestamp_fixtures() -> Vec<Fixture> {
     let clock = ts_clock_ms();
     let highest = clock.wrapping_add(10_000_000);

@@ -3,6 +3,8 @@
 //! sees which backend served it. A datagram that starts with `delay=MS ` is answered after MS
 //! milliseconds, as a recursive resolver answers late. `GET /stream/N/MS` is answered with N
 //! lines `chunk I`, MS milliseconds apart, then the connection closes: a download with pauses.
+//! `GET /bytes/N` is answered with N bytes (at most 16 MiB), for downloads; a request with a
+//! body (`Content-Length`) is answered with `NAME received N`, for uploads.
 //! Usage: lb-testsrv NAME PORT
 
 use std::{
@@ -75,6 +77,8 @@ fn serve(stream: TcpStream, name: &str) {
     loop {
         let mut close = false;
         let mut stream_asked = None;
+        let mut bytes_asked = None;
+        let mut body_len: u64 = 0;
         loop {
             let mut line = String::new();
             match reader.read_line(&mut line) {
@@ -82,7 +86,11 @@ fn serve(stream: TcpStream, name: &str) {
                 Ok(_) => {}
             }
             stream_asked = stream_asked.or_else(|| stream_request(&line));
-            if line.to_ascii_lowercase().starts_with("connection: close") {
+            bytes_asked = bytes_asked.or_else(|| bytes_request(&line));
+            if let Some(len) = header_value(&line, "content-length") {
+                body_len = len.parse().unwrap_or(0);
+            }
+            if header_value(&line, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close")) {
                 close = true;
             }
             if line == "\r\n" || line == "\n" {
@@ -93,16 +101,45 @@ fn serve(stream: TcpStream, name: &str) {
             let _ = stream_chunks(&mut writer, chunks, pause);
             return;
         }
-        let body = format!("{name}\n");
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n{}\r\n{body}",
+        let body = if body_len > 0 {
+            let Ok(received) = std::io::copy(
+                &mut std::io::Read::take(&mut reader, body_len),
+                &mut std::io::sink(),
+            ) else {
+                return;
+            };
+            format!("{name} received {received}\n").into_bytes()
+        } else if let Some(n) = bytes_asked {
+            vec![b'x'; n]
+        } else {
+            format!("{name}\n").into_bytes()
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n{}\r\n",
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         );
-        if writer.write_all(response.as_bytes()).is_err() || close {
+        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(&body).is_err() || close {
             return;
         }
     }
+}
+
+/// `GET /bytes/N`: N bytes, at most 16 MiB.
+fn bytes_request(line: &str) -> Option<usize> {
+    let n: usize = line
+        .strip_prefix("GET /bytes/")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    Some(n.min(16 << 20))
+}
+
+/// The value of the header `name` (lower case) if `line` is that header.
+fn header_value<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let (key, value) = line.split_once(':')?;
+    key.eq_ignore_ascii_case(name).then(|| value.trim())
 }
 
 /// `GET /stream/N/MS`: N chunks (at most 100), MS milliseconds apart (at most 10 s).
