@@ -90,3 +90,10 @@ pub const SUSPECT_HOLD_NS: u64 = 10_000_000_000;
 /// Maglev slots after a suspect backend's tried for a new flow: each is another backend with
 /// the probability of its weight share.
 pub const SUSPECT_PROBES: u32 = 8;
+
+/// Datagrams whose fragments FRAGMENTS follows at once (least recently used go first).
+pub const FRAGMENTS_CAPACITY: u32 = 16384;
+/// How long after its first fragment a datagram's later fragments are followed: fragments of
+/// one datagram arrive within milliseconds; a reused IP identification must not inherit the
+/// rewrite long after.
+pub const FRAGMENT_FOLLOW_NS: u64 = 2_000_000_000;

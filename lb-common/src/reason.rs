@@ -11,7 +11,9 @@ pub enum PassReason {
     ShortEthernet = 2,
     /// Shorter than its IPv4 header, a header length below 20 bytes, or a version other than 4.
     MalformedIpv4 = 3,
-    /// A fragment: ports are only in the first one, so the kernel reassembles.
+    /// A fragment the balancer does not forward: a later fragment of no datagram whose first
+    /// fragment it balanced (or after FRAGMENT_FOLLOW_NS), or a fragment of TCP or another
+    /// protocol. The kernel reassembles what is its own.
     Fragment = 4,
     /// Neither TCP nor UDP, nor ICMP the balancer answers or translates.
     NotTcpUdp = 5,
@@ -117,8 +119,13 @@ pub const STAT_ICMP_ERROR_TO_CLIENT: u32 = 142;
 /// "Fragmentation needed" sent by the balancer for a packet too big for its next hop
 /// (`too_big.rs`).
 pub const STAT_FRAG_NEEDED_SENT: u32 = 143;
+/// UDP first fragments of a balanced flow, recorded so that the later ones follow
+/// (`fragments.rs`) ...
+pub const STAT_FIRST_FRAGMENTS: u32 = 144;
+/// ... and later fragments forwarded with their first fragment's rewrite.
+pub const STAT_FRAGMENTS_FOLLOWED: u32 = 145;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 14] = [
+pub const EVENTS: [(u32, &str); 16] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -133,6 +140,8 @@ pub const EVENTS: [(u32, &str); 14] = [
     (STAT_ICMP_ERROR_TO_BACKEND, "icmp_error_to_backend"),
     (STAT_ICMP_ERROR_TO_CLIENT, "icmp_error_to_client"),
     (STAT_FRAG_NEEDED_SENT, "frag_needed_sent"),
+    (STAT_FIRST_FRAGMENTS, "first_fragments"),
+    (STAT_FRAGMENTS_FOLLOWED, "fragments_followed"),
 ];
 
 impl PassReason {

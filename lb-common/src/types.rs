@@ -43,6 +43,28 @@ impl Be16 {
     }
 }
 
+/// Key of FRAGMENTS: a fragmented datagram, as its fragments arrive (RFC 791's reassembly
+/// key: addresses, protocol and IP identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src_addr: Be32,
+    pub dst_addr: Be32,
+    pub id: Be16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+
+/// Value of FRAGMENTS: the flow whose rewrite the datagram's first fragment got, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    pub flow: FlowKey,
+    pub first_seen_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<FragmentValue>() == 24);
+
 /// Key of FLOWS: one direction of a balanced connection, as the packet arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -223,6 +245,10 @@ mod pod {
     unsafe impl aya::Pod for Be32 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragmentKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragmentValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowValue {}
     // SAFETY: as above.

@@ -13,6 +13,7 @@ mod expiry;
 mod flow;
 mod flow_count;
 mod forward;
+mod fragments;
 mod icmp;
 mod icmp_error;
 mod maps;
@@ -68,7 +69,7 @@ impl Verdict {
 /// `balance_apart`'s answer for a packet too big for its next hop: this bit, with the MTU.
 const TOO_BIG: u32 = 1 << 31;
 
-/// The entry point sends each packet down one of three paths, each a BPF function with a stack
+/// The entry point sends each packet down one of four paths, each a BPF function with a stack
 /// frame of its own: the verifier limits a chain of calls to 512 bytes of stack, and the
 /// balancing path (with the SNAT allocator it calls) takes all of it. The entry point itself
 /// keeps nothing on the stack.
@@ -76,6 +77,9 @@ const TOO_BIG: u32 = 1 << 31;
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     if parse::is_icmp(&ctx) {
         return icmp::handle_apart(ctx.ctx);
+    }
+    if parse::is_later_fragment(&ctx) {
+        return fragments::follow_apart(ctx.ctx);
     }
     let action = balance_apart(ctx.ctx);
     if action & TOO_BIG != 0 {
@@ -128,6 +132,9 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
         Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
+    if let Some(id) = pkt.first_fragment_id() {
+        fragments::remember_apart(&pkt.key, id);
+    }
     forward::send(ctx, pkt.eth, pkt.ip, &hop)
 }
 

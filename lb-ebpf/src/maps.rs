@@ -1,18 +1,19 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
-//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, SUSPECT marks and the
+//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, SUSPECT marks and the
 //! counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by
 //! the daemon.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FlowCounts, FlowKey,
-    FlowValue, Iface, MAX_BACKENDS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS,
-    SNAT_SUMMARY_WORDS, STATS_SLOTS, Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS,
-    icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
+    Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FRAGMENTS_CAPACITY,
+    FlowCounts, FlowKey, FlowValue, FragmentKey, FragmentValue, Iface, MAX_BACKENDS,
+    MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STATS_SLOTS,
+    Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS,
+    reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
@@ -96,6 +97,12 @@ pub static RESET_BUDGET: PerCpuArray<ResetBudget> = PerCpuArray::with_max_entrie
 #[map]
 pub static ICMP_BUDGET: PerCpuArray<ResetBudget> =
     PerCpuArray::with_max_entries(ICMP_BUDGET_SLOTS, 0);
+
+/// A fragmented datagram -> the flow its first fragment was balanced by (`fragments.rs`). Data
+/// path only; not pinned (a datagram in flight across a restart is retransmitted).
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
+    LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
 
 /// VIP -> 1: the addresses of SERVICES' keys, for traffic that has no port (`icmp.rs`). Daemon
 /// writes; data path reads.

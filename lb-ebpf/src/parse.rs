@@ -20,6 +20,7 @@ const TCP_DOFF_OFFSET: usize = 12;
 const TCP_FLAGS_OFFSET: usize = 13;
 /// More-fragments flag and fragment offset in IPv4's `frags` field (host order).
 pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
+const IP_OFFSET: u16 = 0x1fff;
 const IPPROTO_ICMP: u8 = 1;
 
 /// A parsed IPv4 TCP or UDP packet. The pointers were bounds-checked against the frame.
@@ -64,6 +65,14 @@ impl Packet {
     pub fn moves_state(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
     }
+    /// The IP identification (as on the wire) if this is a datagram's first fragment, whose
+    /// later fragments `fragments.rs` must follow.
+    pub fn first_fragment_id(&self) -> Option<u16> {
+        // SAFETY: `ip` was bounds-checked in `packet`.
+        let (frags, id) = unsafe { (u16::from_be_bytes((*self.ip).frags), (*self.ip).id) };
+        (frags & IP_MF_AND_OFFSET != 0).then_some(u16::from_ne_bytes(id))
+    }
+
     pub fn ttl(&self) -> u8 {
         // SAFETY: `ip` was bounds-checked in `packet`.
         unsafe { (*self.ip).ttl }
@@ -94,6 +103,22 @@ pub fn is_icmp(ctx: &XdpContext) -> bool {
     unsafe { (*eth).ether_type == ETH_P_IP.to_be() && (*ip).proto == IPPROTO_ICMP }
 }
 
+/// Whether the frame is an IPv4 fragment other than the first, for the entry point to send it
+/// to `fragments.rs`.
+#[inline(always)]
+pub fn is_later_fragment(ctx: &XdpContext) -> bool {
+    let (Some(eth), Some(ip)) = (
+        ptr_at::<EthHdr>(ctx, 0),
+        ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*eth).ether_type == ETH_P_IP.to_be() && u16::from_be_bytes((*ip).frags) & IP_OFFSET != 0
+    }
+}
+
 #[inline(always)]
 pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
     let pass = |reason| Verdict::Pass(reason);
@@ -120,7 +145,9 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Err(pass(PassReason::MalformedIpv4));
     }
-    if frags & IP_MF_AND_OFFSET != 0 {
+    // A UDP datagram's first fragment carries its ports and is balanced (`fragments.rs` has
+    // the later ones follow it); the entry point sent later fragments elsewhere.
+    if frags & IP_OFFSET != 0 || (frags & IP_MF_AND_OFFSET != 0 && proto != IPPROTO_UDP) {
         return Err(pass(PassReason::Fragment));
     }
     let l4 = EthHdr::LEN + ihl;

@@ -1712,3 +1712,49 @@ fn an_upload_too_big_for_the_backend_link_gets_frag_needed_from_the_balancer() {
         "the client's route cache: {pmtu}"
     );
 }
+
+/// A 4,000-byte UDP request and its answer cross the balancer in fragments (MTU 1500 both
+/// ways, three fragments each): the first fragment is balanced, the later ones follow it, and
+/// each side reassembles the whole datagram. Before, the fragments went to the balancer's
+/// kernel unbalanced and the request was lost.
+#[test]
+fn a_fragmented_udp_request_and_answer_cross_the_balancer_whole() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    let request: Vec<u8> = (0..4000).map(|i| b'a' + (i % 26) as u8).collect();
+    let sent = request.clone();
+    let answer = topo
+        .client
+        .spawn_inside(move || -> std::io::Result<Vec<u8>> {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(&sent, (VIP, 53))?;
+            let mut buf = vec![0u8; 65536];
+            let n = socket.recv(&mut buf)?;
+            buf.truncate(n);
+            Ok(buf)
+        })
+        .join()
+        .expect("client thread")
+        .expect("an answer within 2 s");
+    let text = String::from_utf8_lossy(&answer);
+    let (server, echoed) = text.split_once(": ").expect("NAME: request");
+    assert!(["b1", "b2"].contains(&server), "answered by {server}");
+    assert!(
+        echoed.as_bytes() == request.as_slice(),
+        "the answer is {} bytes, not the request echoed whole",
+        answer.len()
+    );
+    let (first, followed) = (
+        counter(&balancer, "event_first_fragments"),
+        counter(&balancer, "event_fragments_followed"),
+    );
+    println!(
+        "{} bytes answered by {server}; first fragments {first}, later ones followed {followed}",
+        answer.len()
+    );
+    assert_eq!(
+        (first, followed),
+        (2, 4),
+        "one datagram of three fragments each way"
+    );
+}

@@ -20,6 +20,7 @@ use lb_common::{
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
     },
     flow_hash,
+    icmp::{ECHO_REPLIES_PER_SEC_PER_CPU, ICMP_ERRORS_PER_SEC_PER_CPU},
     reset::RESETS_PER_SEC_PER_CPU,
 };
 use lb_tests::{
@@ -120,6 +121,9 @@ struct Fixture {
     name: &'static str,
     setup: Vec<Setup>,
     settings: Option<LoadSettings>,
+    /// Frames run through the program first, each with its ingress device (a fragment train's
+    /// first fragments); their outcome is not checked and the counters count from after them.
+    before: Vec<(&'static str, Vec<u8>)>,
     ingress: &'static str,
     input: Vec<u8>,
     action: u32,
@@ -457,6 +461,7 @@ fn fixture(
         name,
         setup,
         settings: None,
+        before: vec![],
         ingress: "lb0",
         input,
         action,
@@ -1449,7 +1454,7 @@ fn fixtures() -> Vec<Fixture> {
             ],
         ),
         fixture(
-            "parse_first_fragment_to_vip_passed_untouched",
+            "parse_tcp_first_fragment_to_vip_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
             client_syn(40017).fragment(true, 0).build(),
             XDP_PASS,
@@ -1521,6 +1526,7 @@ fn fixtures() -> Vec<Fixture> {
     list.extend(snat_port_fixtures());
     list.extend(snat_pool_fixtures());
     list.extend(icmp_fixtures());
+    list.extend(fragment_fixtures());
     count_connections(&mut list);
     list
 }
@@ -1765,6 +1771,59 @@ fn icmp_fixtures() -> Vec<Fixture> {
                 ],
             )
         },
+        // Each type both ways: a time exceeded about a reply goes to the backend ...
+        fixture(
+            "icmp_time_exceeded_to_vip_goes_to_the_backend_translated",
+            with(backends(), &[web(&[(1, 1)]), flow(40116, 1, 20116, None)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(11, 0, [0; 4])
+                .payload(&quote(&reply_out(40116), 40))
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B1_MAC)
+                    .ipv4(SNAT, B1)
+                    .ttl(63)
+                    .icmp(11, 0, [0; 4])
+                    .payload(&quote(&reply_in(20116), 40))
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_error_to_backend"), 1),
+            ],
+        ),
+        // ... and a parameter problem about a forwarded segment goes to the client.
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "icmp_parameter_problem_to_snat_goes_to_the_client_translated",
+                with(backends(), &[web(&[(1, 1)]), flow(40117, 1, 20117, None)]),
+                pkt()
+                    .eth(B2_MAC, LB1_MAC)
+                    .ipv4(BACKEND_ROUTER, SNAT)
+                    .icmp(12, 0, [33, 0, 0, 0])
+                    .payload(&quote(&forward_out(20117), 40))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ttl(63)
+                        .icmp(12, 0, [33, 0, 0, 0])
+                        .payload(&quote(&forward_in(40117), 40))
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("icmp_error_to_client"), 1),
+                ],
+            )
+        },
         // Errors that are no flow's go to the kernel: a quote of a packet the balancer never
         // sent, an error not addressed to the quoted packet's sender, a quote cut before the
         // ports, and a quoted fragment that is not the first.
@@ -1971,6 +2030,121 @@ fn icmp_fixtures() -> Vec<Fixture> {
                 (Counter::Event("frag_needed_sent"), 0),
             ],
         ),
+    ]
+}
+
+/// A UDP datagram of 2000 bytes from CLIENT:cport to VIP:53 with IP identification `id`, in
+/// two fragments: the first (the UDP header and 1000 bytes, MF set) and the second (the
+/// remaining 1000 bytes at offset 1008), as the client sends them.
+fn client_fragments(cport: u16, id: u16) -> (PacketBuilder, PacketBuilder) {
+    let ip = pkt().eth(CLIENT_MAC, LB0_MAC).ipv4(CLIENT, VIP).ip_id(id);
+    (
+        ip.clone()
+            .udp(cport, DNS_PORT)
+            .payload(&bulk(1000))
+            .fragment(true, 0),
+        ip.ip_proto(UDP).payload(&bulk(1000)).fragment(false, 126),
+    )
+}
+
+/// A UDP datagram's fragments: the first balanced and recorded, the later ones following it
+/// with its rewrite, both ways; later fragments of no recorded datagram passed.
+fn fragment_fixtures() -> Vec<Fixture> {
+    let (first, later) = client_fragments(40201, 0x4201);
+    let forwarded = |b: PacketBuilder| b.eth(LB1_MAC, B1_MAC).ipv4(SNAT, B1).ttl(63);
+    let (reply_first, reply_later) = {
+        let ip = pkt().eth(B1_MAC, LB1_MAC).ipv4(B1, SNAT).ip_id(0x4205);
+        (
+            ip.clone()
+                .udp(BACKEND_PORT, 20205)
+                .payload(&bulk(1000))
+                .fragment(true, 0),
+            ip.ip_proto(UDP).payload(&bulk(600)).fragment(false, 126),
+        )
+    };
+    vec![
+        // The first fragment carries the ports: balanced as a datagram, and recorded.
+        Fixture {
+            flows_after: flow_pair_in(UDP_UNREPLIED, UDP, 40201, DNS_PORT, 1, PORT_MIN),
+            ..fixture(
+                "udp_first_fragment_balanced_and_recorded",
+                with(backends(), &[dns(&[(1, 1)])]),
+                first.build(),
+                XDP_REDIRECT,
+                Some(forwarded(first.clone()).udp(PORT_MIN, BACKEND_PORT).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Event("first_fragments"), 1),
+                ],
+            )
+        },
+        // The second fragment, with no ports, goes the same way with the same addresses.
+        Fixture {
+            before: vec![("lb0", first.build())],
+            ..fixture(
+                "udp_later_fragment_follows_its_first",
+                with(backends(), &[dns(&[(1, 1)])]),
+                later.build(),
+                XDP_REDIRECT,
+                Some(forwarded(later.clone()).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("fragments_followed"), 1),
+                    (Counter::Packets(1), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            )
+        },
+        // A backend's fragmented answer: its fragments reach the client from the VIP.
+        Fixture {
+            before: vec![("lb1", reply_first.build())],
+            ingress: "lb1",
+            ..fixture(
+                "udp_reply_later_fragment_follows_its_first_to_the_client",
+                with(
+                    backends(),
+                    &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 40205, 1, 20205, 0)],
+                ),
+                reply_later.build(),
+                XDP_REDIRECT,
+                Some(
+                    reply_later
+                        .clone()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ttl(63)
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("fragments_followed"), 1),
+                ],
+            )
+        },
+        // Before its first fragment, or of another datagram: the kernel's.
+        fixture(
+            "udp_later_fragment_before_its_first_passed",
+            with(backends(), &[dns(&[(1, 1)])]),
+            later.build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::Fragment), 1),
+                (Counter::Event("fragments_followed"), 0),
+            ],
+        ),
+        Fixture {
+            before: vec![("lb0", first.build())],
+            ..fixture(
+                "udp_later_fragment_of_another_datagram_passed",
+                with(backends(), &[dns(&[(1, 1)])]),
+                later.clone().ip_id(0x9999).build(),
+                XDP_PASS,
+                None,
+                vec![(Counter::Pass(PassReason::Fragment), 1)],
+            )
+        },
     ]
 }
 
@@ -3166,6 +3340,11 @@ fn run(f: &Fixture) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
     }
     apply(&mut dp, &f.setup);
+    for (device, frame) in &f.before {
+        let ingress = ifindex(device).map_err(|e| e.to_string())?;
+        dp.test_run(frame, ingress, 1)
+            .map_err(|e| format!("test run of a frame before: {e}"))?;
+    }
     let before: Vec<u64> = f.counters.iter().map(|(c, _)| read(&dp, *c)).collect();
     let ingress = ifindex(f.ingress).map_err(|e| e.to_string())?;
     let run = dp
@@ -3267,6 +3446,63 @@ fn packet_fixtures() {
         failures.join("\n")
     );
     println!("{total} packet fixtures passed");
+}
+
+/// The echo replies and the ICMP errors a CPU sends in a second stop at their budgets, each
+/// its own: a flood of either is cut to 1,000 a second, and one does not spend the other's.
+#[test]
+fn icmp_answers_stop_at_the_cpu_budget() {
+    require_root();
+    sweep_stale();
+    let ns = topology();
+    let counts = ns
+        .spawn_inside(|| {
+            pin_current_thread_to_cpu0();
+            let mut dp = Dataplane::load(settings()).expect("load");
+            for dev in ["lb0", "lb1"] {
+                dp.add_interface(ifindex(dev).expect(dev), false)
+                    .expect("add interface");
+            }
+            apply(
+                &mut dp,
+                &with(backends(), &[web(&[(1, 1)]), flow(40501, 1, 20501, None)]),
+            );
+            let ping = pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .icmp(8, 0, [0, 1, 0, 1])
+                .build();
+            let error = pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(ROUTER, VIP)
+                .icmp(3, 4, FRAG_NEEDED_1400)
+                .payload(&quote(&to_client(40501).ack().build(), 40))
+                .build();
+            let lb0 = ifindex("lb0").expect("lb0");
+            // Well inside one second: a test run takes microseconds.
+            for frame in [&ping, &error] {
+                for _ in 0..ICMP_ERRORS_PER_SEC_PER_CPU + 200 {
+                    dp.test_run(frame, lb0, 1).expect("test run");
+                }
+            }
+            [
+                read(&dp, Counter::Event("icmp_echo_replied")),
+                read(&dp, Counter::Drop(DropReason::IcmpEchoLimited)),
+                read(&dp, Counter::Event("icmp_error_to_backend")),
+                read(&dp, Counter::Drop(DropReason::IcmpErrorLimited)),
+            ]
+        })
+        .join()
+        .expect("budget thread panicked");
+    assert_eq!(
+        counts,
+        [
+            u64::from(ECHO_REPLIES_PER_SEC_PER_CPU),
+            200,
+            u64::from(ICMP_ERRORS_PER_SEC_PER_CPU),
+            200
+        ]
+    );
 }
 
 /// The RSTs a CPU sends in a second stop at its budget; the segments past it are dropped and

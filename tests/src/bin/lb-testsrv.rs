@@ -25,7 +25,7 @@ fn main() {
     let udp = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind udp {port}: {e}"));
     let udp_name = name.clone();
     thread::spawn(move || {
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; 65536];
         loop {
             let Ok((n, peer)) = udp.recv_from(&mut buf) else {
                 continue;
