@@ -92,6 +92,19 @@ pub fn send(
     transmit(hop.ifindex, hop.flags, ctx.ingress_ifindex() as u32)
 }
 
+/// Sends an answer the balancer wrote over the packet back out of its ingress device.
+#[inline(always)]
+pub fn back_out(ctx: &XdpContext) -> Verdict {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let flags = IFACES.get_ptr(&ingress).map_or(0, |iface| {
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        unsafe { (*iface).flags }
+    });
+    match transmit(ingress, flags, ingress) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
 /// Sends the packet out of `ifindex` (its `Iface::flags` given): by XDP_TX if that is the
 /// ingress device and a real NIC, by DEVMAP redirect otherwise.
 #[inline(always)]

@@ -17,7 +17,7 @@ use crate::{
     Verdict,
     csum::Delta,
     forward, icmp_error,
-    maps::{ICMP_BUDGET, IFACES, VIPS},
+    maps::{ICMP_BUDGET, VIPS},
     parse::{IP_MF_AND_OFFSET, ptr_at},
     stats,
 };
@@ -68,6 +68,21 @@ fn handle(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
 }
 
+/// One of this CPU's ICMP answers of `slot` (at most `per_sec` a second); `limited` once they
+/// are spent.
+#[inline(always)]
+pub fn spend(slot: u32, per_sec: u32, limited: DropReason) -> Result<(), Verdict> {
+    let budget = ICMP_BUDGET
+        .get_ptr_mut(slot)
+        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
+    if unsafe { (*budget).take_within(bpf_ktime_get_coarse_ns(), per_sec) } {
+        Ok(())
+    } else {
+        Err(Verdict::Drop(limited))
+    }
+}
+
 /// The echo reply to a ping of a VIP, in place, back out of the ingress device.
 #[inline(always)]
 fn echo(
@@ -81,13 +96,11 @@ fn echo(
     if VIPS.get_ptr(&Be32::from_bytes(dst)).is_none() {
         return Err(Verdict::Pass(PassReason::NotTcpUdp));
     }
-    let budget = ICMP_BUDGET
-        .get_ptr_mut(ICMP_BUDGET_ECHO)
-        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
-    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
-    if !unsafe { (*budget).take_within(bpf_ktime_get_coarse_ns(), ECHO_REPLIES_PER_SEC_PER_CPU) } {
-        return Err(Verdict::Drop(DropReason::IcmpEchoLimited));
-    }
+    spend(
+        ICMP_BUDGET_ECHO,
+        ECHO_REPLIES_PER_SEC_PER_CPU,
+        DropReason::IcmpEchoLimited,
+    )?;
     // SAFETY: the caller bounds-checked the headers.
     unsafe {
         let eth = &mut *eth;
@@ -114,10 +127,5 @@ fn echo(
         *icmp = [ICMP_ECHO_REPLY, 0, check[0], check[1]];
     }
     stats::count_slot(STAT_ICMP_ECHO_REPLIED);
-    let ingress = ctx.ingress_ifindex() as u32;
-    let flags = IFACES.get_ptr(&ingress).map_or(0, |iface| {
-        // SAFETY: a value pointer from a map lookup is valid for this program run.
-        unsafe { (*iface).flags }
-    });
-    forward::transmit(ingress, flags, ingress)
+    Ok(forward::back_out(ctx))
 }

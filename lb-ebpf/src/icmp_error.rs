@@ -12,7 +12,7 @@
 //! header goes from the flow's rewritten source to its rewritten destination, as the
 //! connection's packets do.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Be16, Be32, DropReason, FLOW_REVERSE, FlowKey, PassReason, STAT_ICMP_ERROR_TO_BACKEND,
     STAT_ICMP_ERROR_TO_CLIENT,
@@ -24,7 +24,8 @@ use crate::{
     Verdict,
     csum::Delta,
     forward::{self, NoHop},
-    maps::{FLOWS, ICMP_BUDGET},
+    icmp,
+    maps::FLOWS,
     parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at},
     stats,
 };
@@ -94,13 +95,11 @@ pub fn translate(
     if ttl <= 1 {
         return Err(Verdict::Pass(PassReason::TtlExpired));
     }
-    let budget = ICMP_BUDGET
-        .get_ptr_mut(ICMP_BUDGET_ERRORS)
-        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
-    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
-    if !unsafe { (*budget).take_within(bpf_ktime_get_coarse_ns(), ICMP_ERRORS_PER_SEC_PER_CPU) } {
-        return Err(Verdict::Drop(DropReason::IcmpErrorLimited));
-    }
+    icmp::spend(
+        ICMP_BUDGET_ERRORS,
+        ICMP_ERRORS_PER_SEC_PER_CPU,
+        DropReason::IcmpErrorLimited,
+    )?;
     // The quoted packet as its sender sent it: from the flow's destination to its source.
     let (new_src, new_dst) = (nat.nat_dst_addr, nat.nat_src_addr);
     let mut addrs = Delta::default();

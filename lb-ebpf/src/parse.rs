@@ -90,33 +90,30 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
+/// The frame's IPv4 header, if it is an IPv4 frame long enough to hold one.
+#[inline(always)]
+fn ipv4_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
+        return None;
+    }
+    ptr_at(ctx, EthHdr::LEN)
+}
+
 /// Whether the frame is IPv4 carrying ICMP, for the entry point to send it to `icmp.rs`.
 #[inline(always)]
 pub fn is_icmp(ctx: &XdpContext) -> bool {
-    let (Some(eth), Some(ip)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN),
-    ) else {
-        return false;
-    };
     // SAFETY: bounds-checked by ptr_at.
-    unsafe { (*eth).ether_type == ETH_P_IP.to_be() && (*ip).proto == IPPROTO_ICMP }
+    ipv4_header(ctx).is_some_and(|ip| unsafe { (*ip).proto } == IPPROTO_ICMP)
 }
 
 /// Whether the frame is an IPv4 fragment other than the first, for the entry point to send it
 /// to `fragments.rs`.
 #[inline(always)]
 pub fn is_later_fragment(ctx: &XdpContext) -> bool {
-    let (Some(eth), Some(ip)) = (
-        ptr_at::<EthHdr>(ctx, 0),
-        ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN),
-    ) else {
-        return false;
-    };
     // SAFETY: bounds-checked by ptr_at.
-    unsafe {
-        (*eth).ether_type == ETH_P_IP.to_be() && u16::from_be_bytes((*ip).frags) & IP_OFFSET != 0
-    }
+    ipv4_header(ctx).is_some_and(|ip| u16::from_be_bytes(unsafe { (*ip).frags }) & IP_OFFSET != 0)
 }
 
 #[inline(always)]

@@ -15,7 +15,7 @@ use lb_common::{
 
 use crate::{
     Verdict, forward,
-    maps::{IFACES, RESET_BUDGET},
+    maps::RESET_BUDGET,
     parse::{Packet, ptr_at},
     stats,
 };
@@ -64,12 +64,5 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *out = frame };
     stats::count_slot(STAT_RESET_NO_FLOW);
-    let ingress = ctx.ingress_ifindex() as u32;
-    let flags = IFACES.get_ptr(&ingress).map_or(0, |iface| {
-        // SAFETY: a value pointer from a map lookup is valid for this program run.
-        unsafe { (*iface).flags }
-    });
-    match forward::transmit(ingress, flags, ingress) {
-        Ok(v) | Err(v) => v,
-    }
+    forward::back_out(ctx)
 }

@@ -8,7 +8,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::xdp_md,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{
@@ -21,12 +21,7 @@ use lb_common::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{
-    Verdict, forward,
-    maps::{FLOWS, ICMP_BUDGET, IFACES},
-    parse::ptr_at,
-    stats,
-};
+use crate::{Verdict, forward, icmp, maps::FLOWS, parse::ptr_at, stats};
 
 /// The bytes the quote moves back by: the new IPv4 and ICMP headers.
 const PREPENDED: i32 = (FRAG_NEEDED_HEADERS_LEN - EthHdr::LEN) as i32;
@@ -85,12 +80,12 @@ fn answer(ctx: &XdpContext, mtu: u16) -> Verdict {
             _pad: [0; 3],
         }
     };
-    let Some(budget) = ICMP_BUDGET.get_ptr_mut(ICMP_BUDGET_ERRORS) else {
-        return Verdict::Drop(DropReason::Inconsistent);
-    };
-    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
-    if !unsafe { (*budget).take_within(bpf_ktime_get_coarse_ns(), ICMP_ERRORS_PER_SEC_PER_CPU) } {
-        return Verdict::Drop(DropReason::IcmpErrorLimited);
+    if let Err(spent) = icmp::spend(
+        ICMP_BUDGET_ERRORS,
+        ICMP_ERRORS_PER_SEC_PER_CPU,
+        DropReason::IcmpErrorLimited,
+    ) {
+        return spent;
     }
     // SAFETY: bounds-checked by ptr_at. The quote is the IP header's memory: once restored,
     // the header names the sender again.
@@ -126,14 +121,7 @@ fn answer(ctx: &XdpContext, mtu: u16) -> Verdict {
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *out = headers };
     stats::count_slot(STAT_FRAG_NEEDED_SENT);
-    let ingress = ctx.ingress_ifindex() as u32;
-    let flags = IFACES.get_ptr(&ingress).map_or(0, |iface| {
-        // SAFETY: a value pointer from a map lookup is valid for this program run.
-        unsafe { (*iface).flags }
-    });
-    match forward::transmit(ingress, flags, ingress) {
-        Ok(v) | Err(v) => v,
-    }
+    forward::back_out(ctx)
 }
 
 const _: () = assert!(FRAG_NEEDED_HEADERS_LEN == EthHdr::LEN + Ipv4Hdr::LEN + 8);
