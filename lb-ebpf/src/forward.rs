@@ -43,7 +43,6 @@ pub enum NoHop {
 
 /// The next hop of a packet of the flow `entry` (whose rewrite gives the addresses the FIB
 /// sees), from the flow's cache or the FIB; `ip` is the packet's header, `proto` its protocol.
-/// Chosen before the rewrite, so that a packet too big can be quoted as its sender sent it.
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,

@@ -21,9 +21,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     Verdict,
-    csum::Delta,
     forward::{self, NoHop},
     maps::{FLOWS, FRAGMENTS},
+    nat,
     parse::{IPPROTO_UDP, ptr_at},
     stats,
 };
@@ -106,13 +106,7 @@ fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // bounds-checked by ptr_at.
     let backend_id = unsafe {
         let nat = &*entry;
-        let ip = &mut *ip;
-        let mut delta = Delta::default();
-        delta.replace32(Be32::from_bytes(ip.src_addr).0, nat.nat_src_addr.0);
-        delta.replace32(Be32::from_bytes(ip.dst_addr).0, nat.nat_dst_addr.0);
-        ip.src_addr = nat.nat_src_addr.to_bytes();
-        ip.dst_addr = nat.nat_dst_addr.to_bytes();
-        ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        nat::readdress(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
         nat.backend_id
     };
     let hop = match forward::next_hop(ctx, ip, proto, entry) {
@@ -122,7 +116,6 @@ fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
     stats::count_slot(STAT_FRAGMENTS_FOLLOWED);
-    // SAFETY: as above.
     stats::count_backend(backend_id, (ctx.data_end() - ctx.data()) as u64);
     forward::send(ctx, eth, ip, &hop)
 }

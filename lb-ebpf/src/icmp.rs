@@ -8,7 +8,7 @@ use lb_common::{
     Be32, DropReason, PassReason, STAT_ICMP_ECHO_REPLIED,
     icmp::{
         ECHO_REPLIES_PER_SEC_PER_CPU, ICMP_BUDGET_ECHO, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY,
-        ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, IPPROTO_ICMP,
+        ICMP_ECHO_REQUEST, ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED,
     },
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -41,11 +41,7 @@ fn handle(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, proto, frags) =
-        unsafe { ((*ip).vihl, (*ip).proto, u16::from_be_bytes((*ip).frags)) };
-    if proto != IPPROTO_ICMP {
-        return Err(not_ours);
-    }
+    let (vihl, frags) = unsafe { ((*ip).vihl, u16::from_be_bytes((*ip).frags)) };
     // The header length comes from the packet; the mask bounds it (60) for the verifier.
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {

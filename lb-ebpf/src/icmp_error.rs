@@ -26,6 +26,7 @@ use crate::{
     forward::{self, NoHop},
     icmp,
     maps::FLOWS,
+    nat,
     parse::{IPPROTO_TCP, IPPROTO_UDP, ptr_at},
     stats,
 };
@@ -148,13 +149,7 @@ pub fn translate(
             .apply(u16::from_ne_bytes([head[2], head[3]]))
             .to_ne_bytes();
         (head[2], head[3]) = (check[0], check[1]);
-        let outer = &mut *ip;
-        let mut delta = Delta::default();
-        delta.replace32(Be32::from_bytes(outer.src_addr).0, out_src.0);
-        delta.replace32(Be32::from_bytes(outer.dst_addr).0, out_dst.0);
-        outer.src_addr = out_src.to_bytes();
-        outer.dst_addr = out_dst.to_bytes();
-        outer.check = delta.apply(u16::from_ne_bytes(outer.check)).to_ne_bytes();
+        nat::readdress(&mut *ip, out_src, out_dst);
     }
     let hop = match forward::next_hop(ctx, ip, IPPROTO_ICMP, entry) {
         Ok(hop) => hop,

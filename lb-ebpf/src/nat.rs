@@ -1,9 +1,22 @@
 //! Stage 4, rewrite: addresses and ports as the flow says, with the IPv4 and TCP/UDP checksums
 //! updated incrementally (the L4 one for `l4_changes` made earlier too). Touches no map.
 
-use lb_common::FlowValue;
+use lb_common::{Be32, FlowValue};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{csum::Delta, parse::Packet};
+
+/// Rewrites the addresses of `ip` to `src` and `dst`, with its header checksum: for packets
+/// with no ports of the flow to rewrite (an ICMP error's outer header, a later fragment).
+#[inline(always)]
+pub fn readdress(ip: &mut Ipv4Hdr, src: Be32, dst: Be32) {
+    let mut delta = Delta::default();
+    delta.replace32(Be32::from_bytes(ip.src_addr).0, src.0);
+    delta.replace32(Be32::from_bytes(ip.dst_addr).0, dst.0);
+    ip.src_addr = src.to_bytes();
+    ip.dst_addr = dst.to_bytes();
+    ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+}
 
 #[inline(always)]
 pub fn rewrite(pkt: &Packet, nat: &FlowValue, l4_changes: Delta) {

@@ -5,6 +5,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Be16, Be32, FlowKey, PassReason,
     conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    icmp::IPPROTO_ICMP,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
@@ -21,7 +22,6 @@ const TCP_FLAGS_OFFSET: usize = 13;
 /// More-fragments flag and fragment offset in IPv4's `frags` field (host order).
 pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
 const IP_OFFSET: u16 = 0x1fff;
-const IPPROTO_ICMP: u8 = 1;
 
 /// A parsed IPv4 TCP or UDP packet. The pointers were bounds-checked against the frame.
 pub struct Packet {

@@ -9,20 +9,15 @@ use crate::{
 
 #[inline(always)]
 pub fn count_verdict(verdict: &Verdict) {
-    count_slot(slot_of(verdict));
-}
-
-/// The STATS slot that counts `verdict`.
-#[inline(always)]
-pub fn slot_of(verdict: &Verdict) -> u32 {
-    match verdict {
+    let slot = match verdict {
         Verdict::Pass(reason) => reason.stat_slot(),
         Verdict::Drop(reason) => reason.stat_slot(),
         Verdict::Tx => STAT_TX,
         Verdict::Redirect(_) => STAT_REDIRECT,
         // Never counted here: too_big.rs answers the packet and counts that.
         Verdict::TooBig(_) => DropReason::FibFragNeeded.stat_slot(),
-    }
+    };
+    count_slot(slot);
 }
 
 #[inline(always)]
