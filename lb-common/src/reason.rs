@@ -124,8 +124,10 @@ pub const STAT_FRAG_NEEDED_SENT: u32 = 143;
 pub const STAT_FIRST_FRAGMENTS: u32 = 144;
 /// ... and later fragments forwarded with their first fragment's rewrite.
 pub const STAT_FRAGMENTS_FOLLOWED: u32 = 145;
+/// SYNs and SYN-ACKs whose announced MSS was lowered to their service's `mss` (`mss.rs`).
+pub const STAT_MSS_CLAMPED: u32 = 146;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 16] = [
+pub const EVENTS: [(u32, &str); 17] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -142,6 +144,7 @@ pub const EVENTS: [(u32, &str); 16] = [
     (STAT_FRAG_NEEDED_SENT, "frag_needed_sent"),
     (STAT_FIRST_FRAGMENTS, "first_fragments"),
     (STAT_FRAGMENTS_FOLLOWED, "fragments_followed"),
+    (STAT_MSS_CLAMPED, "mss_clamped"),
 ];
 
 impl PassReason {

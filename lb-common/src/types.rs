@@ -121,7 +121,9 @@ pub struct FlowValue {
     pub ts_add: u32,
     /// Which address of the service's SNAT pool the flow took (`Service::snat_addrs`): with
     /// `backend_id`, the port bitmap its port is marked in (`snat_ports::PortMap`).
-    pub snat_index: u32,
+    pub snat_index: u16,
+    /// The service's `Service::mss` when the flow began: both directions' SYNs are clamped to it.
+    pub mss: u16,
 }
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 // lb-ebpf sets `flags` bits with a 64-bit atomic over `flags` and `egress_ifindex`.
@@ -164,7 +166,10 @@ pub struct Service {
     /// map update) switches the service to a fully written new table.
     pub maglev_base: u32,
     /// How many of `snat_addrs` are the service's SNAT pool: at least 1.
-    pub snat_count: u32,
+    pub snat_count: u16,
+    /// TCP: the largest MSS its connections' SYN and SYN-ACK may announce, lowered to it on the
+    /// way through (for paths that drop ICMP, so path MTU discovery cannot work); 0: untouched.
+    pub mss: u16,
     /// Source addresses of the flows this service sends to its backends. Each backend's
     /// connections may take every port of the range on each.
     pub snat_addrs: [Be32; SNAT_POOL_MAX as usize],

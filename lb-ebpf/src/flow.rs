@@ -445,7 +445,7 @@ pub fn create(
     let (port_min, port_count, cpus) = (snat_port_min(), snat_port_count(), cpu_count());
     // The pool's addresses are tried from one the client's address and port choose: a client
     // reusing its tuple comes back to the same address (below: and port).
-    let snat_count = svc.snat_count.clamp(1, SNAT_POOL_MAX);
+    let snat_count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
     let snat_start = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, snat_count);
     let snat_addr = |index: u32| svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
     let mut reverse_key = FlowKey {
@@ -480,7 +480,8 @@ pub fn create(
         last_seen_ns: 0,
         state,
         ts_add: ts_add.wrapping_neg(),
-        snat_index: snat_start,
+        snat_index: snat_start as u16,
+        mss: svc.mss,
         ..FlowValue::default()
     };
     // The client's own port first, when the range holds it (as conntrack's masquerade does):
@@ -512,7 +513,7 @@ pub fn create(
         }
     }
     if !found && let Some((index, port)) = snat::claim(backend_id, snat_count, snat_start, cpu) {
-        reverse.snat_index = index;
+        reverse.snat_index = index as u16;
         reverse_key.dst_addr = snat_addr(index);
         found = try_port(Be16::from_host(port), &mut reverse_key, &reverse)?;
         if !found {

@@ -17,6 +17,7 @@ mod fragments;
 mod icmp;
 mod icmp_error;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod reset;
@@ -25,6 +26,7 @@ mod service;
 mod snat;
 mod stats;
 mod suspect;
+mod tcp_options;
 mod timestamps;
 mod too_big;
 
@@ -121,6 +123,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     };
     check_ttl(pkt)?;
     let timestamps = if pkt.is_tcp() {
+        mss::clamp(ctx, pkt, flow.nat());
         timestamps::translate(ctx, pkt, flow.nat())
     } else {
         Default::default()

@@ -78,7 +78,7 @@ pub static SNAT_FULL: Array<u64> = Array::with_max_entries(SNAT_BITMAPS * SNAT_S
 #[map]
 pub static SNAT_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(SNAT_BITMAPS, 0);
 
-/// [0] -> a copy of the TCP options being walked for the timestamp option (`timestamps.rs`).
+/// [0] -> a copy of the TCP options being walked for one of them (`tcp_options.rs`).
 /// Data path only: scratch space off the stack.
 #[map]
 pub static TCP_OPTIONS: PerCpuArray<[u8; TCP_OPTIONS_MAX]> = PerCpuArray::with_max_entries(1, 0);

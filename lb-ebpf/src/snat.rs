@@ -26,7 +26,7 @@ use crate::maps::{SNAT_FULL, SNAT_NEXT, SNAT_PORTS, cpu_count, snat_port_count, 
 /// The bitmap the port of `flow` (either entry) is marked in.
 #[inline(always)]
 pub fn ports_of(flow: &FlowValue) -> PortMap {
-    PortMap::of(flow.backend_id, flow.snat_index)
+    PortMap::of(flow.backend_id, u32::from(flow.snat_index))
 }
 
 /// Claims a free port of the range for `backend_id` on one of the first `count` addresses of

@@ -6,10 +6,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
-    programs::XdpContext,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use lb_common::{
     FLOW_REVERSE, FLOW_TS, FlowValue, STAT_TS_CLAMPED,
     timestamps::{after, forward_add, forward_tsval, syn_tsval},
@@ -17,20 +14,15 @@ use lb_common::{
 
 use crate::{
     csum::Delta,
-    maps::{TCP_OPTIONS, TS_HIGH, ts_clock_offset_ms},
+    maps::{TS_HIGH, ts_clock_offset_ms},
     parse::Packet,
     stats,
+    tcp_options::{
+        self, TCP_HEADER_MIN, TCPOPT_MSS, TCPOPT_NOP, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP,
+    },
 };
 
-const TCPOPT_EOL: u8 = 0;
-const TCPOPT_NOP: u8 = 1;
-const TCPOPT_MSS: u8 = 2;
-const TCPOPT_SACK_PERM: u8 = 4;
-const TCPOPT_TIMESTAMP: u8 = 8;
 const TIMESTAMP_LEN: u8 = 10;
-/// The fixed TCP header; options follow it.
-const TCP_HEADER_MIN: usize = 20;
-use lb_common::TCP_OPTIONS_MAX as OPTIONS_MAX;
 /// Offsets of TSval and TSecr in the option.
 const TSVAL_AT: usize = 2;
 const TSECR_AT: usize = 6;
@@ -147,55 +139,8 @@ fn find(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
             return Some(TCP_HEADER_MIN + 6);
         }
     }
-    walk(ctx, pkt, header_len)
-}
-
-/// Walks the options for the timestamp option, on a copy: reads at offsets taken from the
-/// packet would give the verifier a state per path through the options, each to follow through
-/// the rest of the program. Positions are visited in order, each checked against where the next
-/// option starts, so every path through the walk stays within a handful of states.
-#[inline(always)]
-fn walk(ctx: &XdpContext, pkt: &Packet, header_len: usize) -> Option<usize> {
-    let len = header_len - TCP_HEADER_MIN;
-    if len > OPTIONS_MAX {
-        return None;
-    }
-    // Off the stack, which the rest of the program fills.
-    let options = TCP_OPTIONS.get_ptr_mut(0)?;
-    let offset = pkt.ports as usize - ctx.data() + TCP_HEADER_MIN;
-    // SAFETY: the buffer holds OPTIONS_MAX >= len bytes; the helper checks the frame's bounds.
-    let copied = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, options.cast(), len as u32) };
-    if copied != 0 {
-        return None;
-    }
-    // SAFETY: a per-CPU array slot, valid for this program run and only this CPU's.
-    let options = unsafe { &*options };
-    let mut next = 0;
-    for at in 0..OPTIONS_MAX {
-        if at >= len {
-            return None;
-        }
-        if at != next {
-            continue;
-        }
-        let kind = options[at];
-        if kind == TCPOPT_EOL {
-            return None;
-        }
-        if kind == TCPOPT_NOP {
-            next = at + 1;
-            continue;
-        }
-        let option_len = *options.get(at + 1)? as usize;
-        if kind == TCPOPT_TIMESTAMP && option_len == TIMESTAMP_LEN as usize {
-            return (at + option_len <= len).then_some(TCP_HEADER_MIN + at);
-        }
-        if option_len < 2 || at + option_len > len {
-            return None;
-        }
-        next = at + option_len;
-    }
-    None
+    let tcp_offset = pkt.ports as usize - ctx.data();
+    tcp_options::find(ctx, tcp_offset, header_len, TCPOPT_TIMESTAMP, TIMESTAMP_LEN)
 }
 
 /// `N` bytes at `offset` from the TCP header's start, if the frame holds them.

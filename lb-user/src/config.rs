@@ -136,6 +136,9 @@ pub struct ServiceConfig {
     /// SNAT_POOL_MAX); empty: the one the kernel uses towards the first backend.
     #[serde(default, deserialize_with = "snat_pool")]
     pub snat: Vec<Ipv4Addr>,
+    /// TCP: clamp the MSS its connections' SYN and SYN-ACK announce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mss: Option<Mss>,
     pub health: HealthConfig,
     /// What a backend marked down does to its established connections.
     #[serde(default)]
@@ -145,6 +148,123 @@ pub struct ServiceConfig {
     #[serde(default = "default_removal_grace")]
     pub removal_grace: Duration,
     pub backends: Vec<BackendConfig>,
+}
+
+/// `mss`: the largest MSS a TCP service's handshakes may announce, for networks that drop the
+/// ICMP path MTU discovery needs: a value, or "auto", the smallest MTU of the attached
+/// interfaces less 40 (IPv4 and TCP headers), read when the service is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "MssText", into = "MssText")]
+pub enum Mss {
+    Auto,
+    Fixed(u16),
+}
+
+/// From 536, the MSS every IPv4 host must accept (RFC 9293), to what a 64 KiB packet holds.
+pub const MSS_RANGE: RangeInclusive<u16> = 536..=65_495;
+/// IPv4 and TCP headers without options: an MTU less this is the MSS that fits it.
+pub const MSS_HEADROOM: u32 = 40;
+
+impl Mss {
+    /// The value to clamp to: `mtus` are the attached interfaces' (for "auto").
+    pub fn resolve(self, mtus: impl IntoIterator<Item = u32>) -> Option<u16> {
+        match self {
+            Self::Fixed(mss) => Some(mss),
+            Self::Auto => {
+                let mtu = mtus.into_iter().min()?;
+                let mss = mtu.saturating_sub(MSS_HEADROOM);
+                let mss = u16::try_from(mss).unwrap_or(*MSS_RANGE.end());
+                Some(mss.clamp(*MSS_RANGE.start(), *MSS_RANGE.end()))
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Mss {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(Self::Auto);
+        }
+        let (min, max) = (MSS_RANGE.start(), MSS_RANGE.end());
+        match text.parse::<u16>() {
+            Ok(mss) if MSS_RANGE.contains(&mss) => Ok(Self::Fixed(mss)),
+            _ => Err(format!(
+                "\"{text}\" is not \"auto\" or an MSS in {min}..={max}"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Mss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(mss) => write!(f, "{mss}"),
+        }
+    }
+}
+
+/// `Mss` as the config file, the state file and the control socket write it: a number or "auto".
+#[derive(Clone, Serialize)]
+#[serde(untagged)]
+enum MssText {
+    Value(i64),
+    Word(String),
+}
+
+impl<'de> Deserialize<'de> for MssText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MssText;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an MSS (a number) or \"auto\"")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MssText, E> {
+                Ok(MssText::Value(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MssText, E> {
+                Ok(MssText::Value(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MssText, E> {
+                Ok(MssText::Word(v.to_owned()))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl TryFrom<MssText> for Mss {
+    type Error = String;
+
+    fn try_from(text: MssText) -> Result<Self, String> {
+        let (min, max) = (MSS_RANGE.start(), MSS_RANGE.end());
+        match text {
+            MssText::Value(n) => match u16::try_from(n) {
+                Ok(mss) if MSS_RANGE.contains(&mss) => Ok(Mss::Fixed(mss)),
+                _ => Err(format!("{n} is out of range {min}..={max}")),
+            },
+            MssText::Word(w) if w == "auto" => Ok(Mss::Auto),
+            MssText::Word(w) => Err(format!(
+                "\"{w}\" is not \"auto\" or an MSS (a number, {min}..={max})"
+            )),
+        }
+    }
+}
+
+impl From<Mss> for MssText {
+    fn from(mss: Mss) -> Self {
+        match mss {
+            Mss::Auto => MssText::Word("auto".into()),
+            Mss::Fixed(n) => MssText::Value(i64::from(n)),
+        }
+    }
 }
 
 /// `on_backend_down`: a health check can fail while the service still serves (a slow check
@@ -341,6 +461,7 @@ struct RawService {
     vip: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
     snat: Option<Spanned<RawSnat>>,
+    mss: Option<Spanned<MssText>>,
     on_backend_down: Option<Spanned<String>>,
     removal_grace: Option<Spanned<String>>,
     health: Option<RawHealth>,
@@ -824,6 +945,10 @@ impl Checker<'_> {
             None => Vec::new(),
             Some(value) => self.snat(value, &ctx)?,
         };
+        let mss = match &raw.mss {
+            None => None,
+            Some(value) => Some(self.mss(value, protocol, &ctx)?),
+        };
         let choices = [
             ("keep", OnBackendDown::Keep),
             ("reset", OnBackendDown::Reset),
@@ -890,11 +1015,28 @@ impl Checker<'_> {
             vip,
             protocol,
             snat,
+            mss,
             health,
             on_backend_down,
             removal_grace,
             backends,
         })
+    }
+
+    fn mss(
+        &self,
+        value: &Spanned<MssText>,
+        protocol: Protocol,
+        ctx: &str,
+    ) -> Result<Mss, ConfigError> {
+        if protocol != Protocol::Tcp {
+            let message = format!("{ctx}mss applies to TCP services only");
+            return self.fail(value.span(), "mss", message);
+        }
+        match Mss::try_from(value.get_ref().clone()) {
+            Ok(mss) => Ok(mss),
+            Err(e) => self.fail(value.span(), "mss", format!("{ctx}mss {e}")),
+        }
     }
 
     fn health(
@@ -1000,6 +1142,7 @@ name = "web"
 vip = "198.18.100.1:80"
 protocol = "tcp"
 snat = "198.18.2.1"
+mss = 1360
 on_backend_down = "reset"
 removal_grace = "30s"
 [service.health]
@@ -1087,6 +1230,7 @@ weight = 4
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
                 snat: vec![Ipv4Addr::new(198, 18, 2, 1)],
+                mss: Some(Mss::Fixed(1360)),
                 health: HealthConfig {
                     kind: HealthKind::Http {
                         path: "/healthz".to_owned(),
@@ -1222,6 +1366,52 @@ weight = 70000
             &web("removal_grace = \"25h\" # <- removal_grace\n"),
             "out of range 0s..=24h",
         );
+    }
+
+    #[test]
+    fn mss_is_a_value_or_auto_for_tcp_services() {
+        let mss = |text: &str| {
+            Config::parse(&web(text), "lb.toml")
+                .unwrap_or_else(|e| panic!("{text}: {e}"))
+                .services[0]
+                .mss
+        };
+        assert_eq!(mss(""), None);
+        assert_eq!(mss("mss = 1360\n"), Some(Mss::Fixed(1360)));
+        assert_eq!(mss("mss = \"auto\"\n"), Some(Mss::Auto));
+        for value in ["535", "65496", "-1", "\"1360\"", "\"max\"", "1360.5"] {
+            let err = assert_error(&web(&format!("mss = {value} # <- mss\n")), "mss");
+            assert!(err.to_string().contains("mss"), "{value}: {err}");
+        }
+        assert_error(
+            &web("protocol = \"udp\"\nmss = 1360 # <- mss\n"),
+            "TCP services only",
+        );
+    }
+
+    #[test]
+    fn mss_auto_takes_the_smallest_mtu() {
+        assert_eq!(Mss::Auto.resolve([1500, 1400, 9000]), Some(1360));
+        assert_eq!(Mss::Auto.resolve([]), None);
+        // A tiny MTU still leaves the floor every host accepts.
+        assert_eq!(Mss::Auto.resolve([68]), Some(536));
+        assert_eq!(Mss::Fixed(1200).resolve([1500]), Some(1200));
+    }
+
+    #[test]
+    fn mss_round_trips_as_saved() {
+        for mss in [Mss::Auto, Mss::Fixed(1360)] {
+            let text = serde_json::to_string(&mss).expect("serializes");
+            assert_eq!(
+                serde_json::from_str::<Mss>(&text).expect("parses back"),
+                mss
+            );
+        }
+        assert_eq!(
+            serde_json::to_string(&Mss::Fixed(1360)).expect("serializes"),
+            "1360"
+        );
+        assert!(serde_json::from_str::<Mss>("100").is_err());
     }
 
     #[test]

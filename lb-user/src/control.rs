@@ -169,6 +169,9 @@ pub struct ServiceStatus {
     pub protocol: String,
     /// The service's SNAT pool.
     pub snat: Vec<String>,
+    /// The MSS its TCP handshakes are clamped to, if they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mss: Option<u16>,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -382,6 +385,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
             vip: "198.18.100.1:80".into(),
             protocol: "tcp".into(),
             snat: vec!["198.18.1.1".into()],
+            mss: Some(1360),
             backends: vec![BackendStatus {
                 address: "198.18.1.11:8000".into(),
                 weight: 4,

@@ -368,7 +368,11 @@ impl Dataplane {
     fn seed_snat_ports(&mut self) -> Result<(), DataplaneError> {
         for (key, value) in self.flow_entries()? {
             if value.flags & (FLOW_REVERSE | FLOW_PORT_RELEASED) == FLOW_REVERSE {
-                self.mark_snat_port(value.backend_id, value.snat_index, key.dst_port.to_host())?;
+                self.mark_snat_port(
+                    value.backend_id,
+                    u32::from(value.snat_index),
+                    key.dst_port.to_host(),
+                )?;
             }
         }
         Ok(())
@@ -668,6 +672,7 @@ impl Dataplane {
         id: u32,
         key: ServiceKey,
         snat: &[Ipv4Addr],
+        mss: Option<u16>,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
         if snat.is_empty() || snat.len() > SNAT_POOL_MAX as usize {
@@ -710,7 +715,8 @@ impl Dataplane {
         }
         let service = Service {
             maglev_base: base,
-            snat_count: snat.len() as u32,
+            snat_count: snat.len() as u16,
+            mss: mss.unwrap_or(0),
             snat_addrs,
         };
         self.services

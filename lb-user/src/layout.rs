@@ -113,6 +113,11 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
             ));
         }
         check_health(name, &s.health)?;
+        if s.mss.is_some() && s.protocol != Protocol::Tcp {
+            return Err(format!(
+                "service \"{name}\": mss applies to TCP services only"
+            ));
+        }
         crate::config::check_snat_pool(&s.snat)
             .map_err(|e| format!("service \"{name}\": snat {e}"))?;
         let mut seen = HashSet::new();
@@ -301,6 +306,7 @@ mod tests {
             vip: SocketAddrV4::new([198, 18, 100, 1].into(), port),
             protocol: Protocol::Tcp,
             snat: Vec::new(),
+            mss: None,
             health: HealthConfig::default_for(Protocol::Tcp),
             on_backend_down: OnBackendDown::Keep,
             removal_grace: DEFAULT_REMOVAL_GRACE,

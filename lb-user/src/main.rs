@@ -8,7 +8,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_user::{
     config::{
-        BackendConfig, Config, HealthConfig, HealthKind, OnBackendDown, Protocol, ServiceConfig,
+        BackendConfig, Config, HealthConfig, HealthKind, Mss, OnBackendDown, Protocol,
+        ServiceConfig,
     },
     control::{self, Request, Response, Status},
     daemon, metrics, pins, ports, stats,
@@ -140,6 +141,10 @@ enum ServiceAction {
         /// again for a pool (at most 4), whose every address has the whole port range.
         #[arg(long)]
         snat: Vec<std::net::Ipv4Addr>,
+        /// TCP: the largest MSS its handshakes may announce (536 to 65495), or "auto" (the
+        /// attached interfaces' smallest MTU less 40), for networks that drop ICMP.
+        #[arg(long)]
+        mss: Option<Mss>,
         /// Health check: tcp, none, or http:/PATH (default: tcp for TCP, none for UDP).
         #[arg(long, value_parser = parse_health)]
         health: Option<HealthKind>,
@@ -389,6 +394,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     vip,
                     protocol,
                     snat,
+                    mss,
                     health,
                     on_backend_down,
                     removal_grace,
@@ -403,6 +409,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                         vip,
                         protocol,
                         snat,
+                        mss,
                         health: check,
                         on_backend_down,
                         removal_grace,
@@ -603,9 +610,10 @@ fn render(status: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     for s in &status.services {
+        let mss = s.mss.map(|m| format!(" mss {m}")).unwrap_or_default();
         let _ = writeln!(
             out,
-            "service {} {}/{} snat {}",
+            "service {} {}/{} snat {}{mss}",
             s.name,
             s.vip,
             s.protocol,

@@ -15,7 +15,8 @@ use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
     config::{
-        BackendConfig, Config, HealthConfig, HealthKind, MAX_WEIGHT, OnBackendDown, ServiceConfig,
+        BackendConfig, Config, HealthConfig, HealthKind, MAX_WEIGHT, Mss, OnBackendDown,
+        ServiceConfig,
     },
     control::{
         BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus, Status,
@@ -63,6 +64,15 @@ pub enum ApplyError {
     },
     #[error("service \"{service}\" has no backends and no `snat` address; set `snat`")]
     NoSnatNoBackends { service: String },
+    #[error("service \"{service}\": mss auto: cannot read the MTU of {interface}: {source}")]
+    MssMtu {
+        service: String,
+        interface: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service \"{service}\": mss auto needs an interface in `interfaces`")]
+    MssNoInterfaces { service: String },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -104,12 +114,20 @@ struct Terminating {
     counted: bool,
 }
 
+/// What a service's settings resolve to on this host, before any map is written.
+struct Resolved {
+    snat: Vec<Ipv4Addr>,
+    mss: Option<u16>,
+}
+
 struct ServiceState {
     id: u32,
     /// Its settings; the backends are in `backends` only (`placed` puts them back).
     config: ServiceConfig,
     /// `config.snat`, or the address the kernel uses towards the first backend.
     snat: Vec<Ipv4Addr>,
+    /// `config.mss`, resolved.
+    mss: Option<u16>,
     /// In `config.backends` order.
     backends: Vec<BackendState>,
     /// Suspect backends left out of the table (`steering`).
@@ -163,7 +181,13 @@ impl ServiceState {
 /// Writes `service`'s Maglev table and entry to the data path.
 fn publish(dataplane: &mut Dataplane, service: &ServiceState) -> Result<(), DataplaneError> {
     let table = service.table(dataplane.settings().maglev_size);
-    dataplane.set_service(service.id, service.key(), &service.snat, &table)
+    dataplane.set_service(
+        service.id,
+        service.key(),
+        &service.snat,
+        service.mss,
+        &table,
+    )
 }
 
 fn service_key(config: &ServiceConfig) -> ServiceKey {
@@ -271,12 +295,16 @@ impl State {
         grace: Option<std::time::Duration>,
     ) -> Result<(), ApplyError> {
         // Everything that can be refused is checked before the first map write.
-        let mut snat = HashMap::new();
+        let mut resolved = HashMap::new();
         for p in placed
             .iter()
             .filter(|p| changes.changed.contains(&p.config.name))
         {
-            snat.insert(p.config.name.clone(), resolve_snat(&p.config)?);
+            let resolved_one = Resolved {
+                snat: resolve_snat(&p.config)?,
+                mss: self.resolve_mss(&p.config)?,
+            };
+            resolved.insert(p.config.name.clone(), resolved_one);
         }
         let leaving: HashMap<u32, Terminating> = self
             .services
@@ -316,11 +344,11 @@ impl State {
         let mut written = Ok(());
         for p in placed {
             let previous = old.remove(&p.config.name);
-            let Some(pool) = snat.remove(&p.config.name) else {
+            let Some(settings) = resolved.remove(&p.config.name) else {
                 next.extend(previous);
                 continue;
             };
-            match self.build(p, pool, previous, probes, fresh_counters, &keep) {
+            match self.build(p, settings, previous, probes, fresh_counters, &keep) {
                 Ok(service) => next.push(service),
                 Err(e) => {
                     written = Err(e);
@@ -461,12 +489,36 @@ impl State {
         Ok(())
     }
 
+    /// The MSS `config`'s handshakes are clamped to: "auto" reads the MTUs of the configured
+    /// interfaces now.
+    fn resolve_mss(&self, config: &ServiceConfig) -> Result<Option<u16>, ApplyError> {
+        let Some(mss) = config.mss else {
+            return Ok(None);
+        };
+        let mut mtus = Vec::new();
+        if mss == Mss::Auto {
+            for name in &self.config.interfaces {
+                mtus.push(interface_mtu(name).map_err(|source| ApplyError::MssMtu {
+                    service: config.name.clone(),
+                    interface: name.clone(),
+                    source,
+                })?);
+            }
+        }
+        match mss.resolve(mtus) {
+            Some(mss) => Ok(Some(mss)),
+            None => Err(ApplyError::MssNoInterfaces {
+                service: config.name.clone(),
+            }),
+        }
+    }
+
     /// A changed or new service, written to the maps: its backends (new ones as their first
     /// probe found them), then its table, then the removal of what it no longer has.
     fn build(
         &mut self,
         p: PlacedService,
-        snat: Vec<Ipv4Addr>,
+        resolved: Resolved,
         previous: Option<ServiceState>,
         probes: &Probes,
         fresh_counters: bool,
@@ -550,7 +602,8 @@ impl State {
                 backends: Vec::new(),
                 ..p.config
             },
-            snat,
+            snat: resolved.snat,
+            mss: resolved.mss,
             backends,
             avoided: BTreeSet::new(),
         };
@@ -938,6 +991,7 @@ impl State {
                     vip: s.config.vip.to_string(),
                     protocol: s.config.protocol.to_string(),
                     snat: s.snat.iter().map(Ipv4Addr::to_string).collect(),
+                    mss: s.mss,
                     backends: s
                         .backends
                         .iter()
@@ -997,6 +1051,14 @@ fn exhaustion_drops(dataplane: &Dataplane) -> Option<(u64, u64)> {
 
 /// The SNAT pool of a service: its own, or the address the kernel uses towards its first
 /// backend.
+/// An interface's MTU, as the kernel reports it.
+fn interface_mtu(name: &str) -> std::io::Result<u32> {
+    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/mtu"))?;
+    text.trim()
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 fn resolve_snat(config: &ServiceConfig) -> Result<Vec<Ipv4Addr>, ApplyError> {
     if !config.snat.is_empty() {
         return Ok(config.snat.clone());

@@ -53,6 +53,8 @@ enum Setup {
         proto: u8,
         backends: Vec<(u32, u32)>,
         snat: Vec<Ipv4Addr>,
+        /// The MSS its handshakes are clamped to.
+        mss: Option<u16>,
     },
     /// Both directions of a flow client:cport -> VIP via SNAT:snat_port to backend.
     Flow(FlowSetup),
@@ -87,6 +89,8 @@ struct FlowSetup {
     ts_add: Option<u32>,
     /// The address of the service's SNAT pool the flow took: `SNAT_POOL[snat_index]`.
     snat_index: u32,
+    /// Its service's `mss` when it began.
+    mss: u16,
 }
 
 /// A SNAT pool of two addresses, the first the one every other fixture uses.
@@ -167,6 +171,7 @@ fn web(backends: &[(u32, u32)]) -> Setup {
         proto: TCP,
         backends: backends.to_vec(),
         snat: vec![SNAT],
+        mss: None,
     }
 }
 
@@ -178,6 +183,7 @@ fn web_pool(backends: &[(u32, u32)]) -> Setup {
         proto: TCP,
         backends: backends.to_vec(),
         snat: SNAT_POOL.to_vec(),
+        mss: None,
     }
 }
 
@@ -188,6 +194,7 @@ fn dns(backends: &[(u32, u32)]) -> Setup {
         proto: UDP,
         backends: backends.to_vec(),
         snat: vec![SNAT],
+        mss: None,
     }
 }
 
@@ -206,6 +213,7 @@ fn flow(cport: u16, backend: u32, snat_port: u16, cached: Option<CachedHop>) -> 
         syn_well_formed: true,
         ts_add: None,
         snat_index: 0,
+        mss: 0,
     })
 }
 
@@ -326,14 +334,14 @@ fn flow_pair_via(
         (
             key(CLIENT, cport, VIP, vport, proto),
             FlowValue {
-                snat_index: index,
+                snat_index: index as u16,
                 ..value(snat, snat_port, b, BACKEND_PORT, backend, forward_flags)
             },
         ),
         (
             key(b, BACKEND_PORT, snat, snat_port, proto),
             FlowValue {
-                snat_index: index,
+                snat_index: index as u16,
                 ..value(VIP, vport, CLIENT, cport, backend, FLOW_REVERSE)
             },
         ),
@@ -1527,6 +1535,7 @@ fn fixtures() -> Vec<Fixture> {
     list.extend(snat_pool_fixtures());
     list.extend(icmp_fixtures());
     list.extend(fragment_fixtures());
+    list.extend(mss_fixtures());
     count_connections(&mut list);
     list
 }
@@ -1557,10 +1566,6 @@ fn options(parts: &[&[u8]]) -> Vec<u8> {
 /// A SACK option with one block.
 const SACK_BLOCK: [u8; 10] = [5, 10, 0, 0, 0x10, 0, 0, 0, 0x20, 0];
 
-/// Timestamp translation (lb-ebpf's `timestamps.rs`). Values are placed relative to the
-/// balancer's timestamp clock read now, far from the limit at which the data path holds a
-/// runaway TSval, so that every output is exact: a SYN's TSval comes from a TS_HIGH set ahead
-/// of the clock, and a flow's from its `ts_add`.
 /// A router on the client's side of the balancer, which sends ICMP errors about replies.
 const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 /// A router on the backends' side.
@@ -2148,6 +2153,157 @@ fn fragment_fixtures() -> Vec<Fixture> {
     ]
 }
 
+/// MSS clamping (lb-ebpf's `mss.rs`): a service with `mss` lowers the MSS its handshakes
+/// announce, both ways, wherever the option sits; a smaller MSS and other segments pass as
+/// they are.
+fn mss_fixtures() -> Vec<Fixture> {
+    const MSS_1460: [u8; 4] = [2, 4, 0x05, 0xb4];
+    const MSS_1360: [u8; 4] = [2, 4, 0x05, 0x50];
+    const MSS_1200: [u8; 4] = [2, 4, 0x04, 0xb0];
+    const REST: [u8; 6] = [4, 2, 1, 3, 3, 7];
+    let clamping = |more: &[Setup]| {
+        let service = Setup::Service {
+            id: 0,
+            port: WEB_PORT,
+            proto: TCP,
+            backends: vec![(1, 1)],
+            snat: vec![SNAT],
+            mss: Some(1360),
+        };
+        with(with(backends(), &[service]), more)
+    };
+    let clamping_flow = |state: u32, cport: u16, snat_port: u16| {
+        Setup::Flow(FlowSetup {
+            mss: 1360,
+            ..flow_in(state, cport, 1, snat_port, Some(0))
+        })
+    };
+    let clamped = Counter::Event("mss_clamped");
+    // A SYN through a clamping service, with `options`, and what the backend must get.
+    let syn = |cport: u16, options: &[u8], out: &[u8]| {
+        (
+            client_syn(cport).tcp_options(options).build(),
+            to_backend(1, PORT_MIN).syn().tcp_options(out).build(),
+        )
+    };
+    let clock = ts_clock_ms();
+    let highest = clock.wrapping_add(10_000_000);
+    let client_ts = 7_000_000u32;
+    let mut linux_clamped = linux_syn_options(highest, 0);
+    linux_clamped[..4].copy_from_slice(&MSS_1360);
+
+    let (input, output) = syn(
+        41300,
+        &options(&[&MSS_1460, &REST]),
+        &options(&[&MSS_1360, &REST]),
+    );
+    let mut list = vec![Fixture {
+        flows_after: flow_pair_in(TCP_SYN_SENT, TCP, 41300, WEB_PORT, 1, PORT_MIN)
+            .into_iter()
+            .map(|(k, v)| (k, v.map(|v| FlowValue { mss: 1360, ..v })))
+            .collect(),
+        ..fixture(
+            "mss_syn_clamped_to_the_service",
+            clamping(&[]),
+            input,
+            XDP_REDIRECT,
+            Some(output),
+            vec![(Counter::Redirect, 1), (clamped, 1)],
+        )
+    }];
+    let (input, output) = syn(41302, &linux_syn_options(client_ts, 0), &linux_clamped);
+    list.push(fixture(
+        "mss_syn_with_timestamps_gets_both_rewrites",
+        clamping(&[Setup::TsHighest(highest)]),
+        input,
+        XDP_REDIRECT,
+        Some(output),
+        vec![(Counter::Redirect, 1), (clamped, 1)],
+    ));
+    // The value at an odd offset from the header's start: its change counts byte-swapped.
+    let (input, output) = syn(
+        41303,
+        &options(&[&[1], &MSS_1460, &[1, 1, 1]]),
+        &options(&[&[1], &MSS_1360, &[1, 1, 1]]),
+    );
+    list.push(fixture(
+        "mss_after_other_options_found_and_clamped",
+        clamping(&[]),
+        input,
+        XDP_REDIRECT,
+        Some(output),
+        vec![(Counter::Redirect, 1), (clamped, 1)],
+    ));
+    let (input, output) = syn(
+        41304,
+        &options(&[&MSS_1200, &REST]),
+        &options(&[&MSS_1200, &REST]),
+    );
+    list.push(fixture(
+        "mss_smaller_than_the_service_kept",
+        clamping(&[]),
+        input,
+        XDP_REDIRECT,
+        Some(output),
+        vec![(Counter::Redirect, 1), (clamped, 0)],
+    ));
+    let (input, output) = syn(41305, &REST, &REST);
+    list.push(fixture(
+        "mss_syn_without_the_option_kept",
+        clamping(&[]),
+        input,
+        XDP_REDIRECT,
+        Some(output),
+        vec![(Counter::Redirect, 1), (clamped, 0)],
+    ));
+    list.push(Fixture {
+        ingress: "lb1",
+        ..fixture(
+            "mss_syn_ack_clamped_on_the_way_back",
+            clamping(&[clamping_flow(TCP_SYN_SENT, 41306, 31306)]),
+            from_backend(1, 31306)
+                .syn()
+                .ack()
+                .tcp_options(&options(&[&MSS_1460, &REST]))
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                to_client(41306)
+                    .syn()
+                    .ack()
+                    .tcp_options(&options(&[&MSS_1360, &REST]))
+                    .build(),
+            ),
+            vec![(Counter::Redirect, 1), (clamped, 1)],
+        )
+    });
+    // Only handshakes announce an MSS: anything else is not read for one.
+    let data = b"GET / HTTP/1.0\r\n\r\n";
+    list.push(fixture(
+        "mss_other_segments_untouched",
+        clamping(&[clamping_flow(TCP_ESTABLISHED, 41307, 31307)]),
+        client_syn(41307)
+            .tcp_flags(TCP_ACK)
+            .tcp_options(&options(&[&MSS_1460, &[1, 1, 1, 1]]))
+            .payload(data)
+            .build(),
+        XDP_REDIRECT,
+        Some(
+            to_backend(1, 31307)
+                .ack()
+                .tcp_options(&options(&[&MSS_1460, &[1, 1, 1, 1]]))
+                .payload(data)
+                .build(),
+        ),
+        vec![(Counter::Redirect, 1), (clamped, 0)],
+    ));
+    list
+}
+
+/// Timestamp translation (lb-ebpf's `timestamps.rs`). Values are placed relative to the
+/// balancer's timestamp clock read now, far from the limit at which the data path holds a
+/// runaway TSval, so that every output is exact: a SYN's TSval comes from a TS_HIGH set ahead
+/// of the clock, and a flow's from its `ts_add`.
 fn timestamp_fixtures() -> Vec<Fixture> {
     let clock = ts_clock_ms();
     let highest = clock.wrapping_add(10_000_000);
@@ -3216,13 +3372,15 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 proto,
                 backends,
                 snat,
+                mss,
             } => {
                 let key = service_key(*port, *proto);
                 let table = table_for(backends);
                 assert!(
                     backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND)
                 );
-                dp.set_service(*id, key, snat, &table).expect("set service");
+                dp.set_service(*id, key, snat, *mss, &table)
+                    .expect("set service");
             }
             Setup::Flow(f) => {
                 let vport = if f.proto == TCP { WEB_PORT } else { DNS_PORT };
@@ -3252,6 +3410,7 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                         v.flags |= FLOW_TS;
                         v.ts_add = if reply { add.wrapping_neg() } else { add };
                     }
+                    v.mss = f.mss;
                     let mut v = with_end_counted(v);
                     if let Some(hop) = f.cached
                         && !reply

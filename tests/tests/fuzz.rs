@@ -165,6 +165,7 @@ fn service(dp: &mut Dataplane, id: u32, port: u16, proto: u8) {
         id,
         service_key(port, proto),
         &[SNAT],
+        None,
         &build_table(&backends, MAGLEV_SIZE),
     )
     .expect("set service");

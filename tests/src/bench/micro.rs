@@ -531,6 +531,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         0,
         key,
         &[SNAT],
+        None,
         &build_table(&eligible, DEFAULT_MAGLEV_SIZE),
     )
     .map_err(|e| e.to_string())?;
