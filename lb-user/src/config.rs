@@ -147,6 +147,10 @@ pub struct ServiceConfig {
     /// removal's `--grace` or `--now` overrides it).
     #[serde(default = "default_removal_grace")]
     pub removal_grace: Duration,
+    /// How long a backend that comes up while the service runs takes to reach its full share of
+    /// new connections (`slow_start`); zero: at once.
+    #[serde(default, skip_serializing_if = "Duration::is_zero")]
+    pub slow_start: Duration,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -292,6 +296,9 @@ impl fmt::Display for OnBackendDown {
 pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(60);
 pub const REMOVAL_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(24 * 3600);
+
+pub const SLOW_START_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(3600);
 
 fn default_removal_grace() -> Duration {
     DEFAULT_REMOVAL_GRACE
@@ -464,6 +471,7 @@ struct RawService {
     mss: Option<Spanned<MssText>>,
     on_backend_down: Option<Spanned<String>>,
     removal_grace: Option<Spanned<String>>,
+    slow_start: Option<Spanned<String>>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
@@ -969,6 +977,14 @@ impl Checker<'_> {
                 REMOVAL_GRACE_RANGE,
             )?
             .unwrap_or(DEFAULT_REMOVAL_GRACE);
+        let slow_start = self
+            .duration(
+                raw.slow_start.as_ref(),
+                "slow_start",
+                &ctx,
+                SLOW_START_RANGE,
+            )?
+            .unwrap_or_default();
         let health = match &raw.health {
             None => HealthConfig::default_for(protocol),
             Some(health) => {
@@ -1019,6 +1035,7 @@ impl Checker<'_> {
             health,
             on_backend_down,
             removal_grace,
+            slow_start,
             backends,
         })
     }
@@ -1145,6 +1162,7 @@ snat = "198.18.2.1"
 mss = 1360
 on_backend_down = "reset"
 removal_grace = "30s"
+slow_start = "10s"
 [service.health]
 kind = "http"
 path = "/healthz"
@@ -1243,6 +1261,7 @@ weight = 4
                 },
                 on_backend_down: OnBackendDown::Reset,
                 removal_grace: Duration::from_secs(30),
+                slow_start: Duration::from_secs(10),
                 backends: vec![BackendConfig {
                     address: addr("198.18.2.11:8000"),
                     weight: 4,
@@ -1280,6 +1299,7 @@ protocol = "udp"
         assert!(web.snat.is_empty());
         assert_eq!(web.on_backend_down, OnBackendDown::Keep);
         assert_eq!(web.removal_grace, DEFAULT_REMOVAL_GRACE);
+        assert_eq!(web.slow_start, Duration::ZERO);
         assert_eq!(
             web.backends,
             [BackendConfig {
@@ -1366,6 +1386,11 @@ weight = 70000
             &web("removal_grace = \"25h\" # <- removal_grace\n"),
             "out of range 0s..=24h",
         );
+        assert_error(
+            &web("slow_start = \"2h\" # <- slow_start\n"),
+            "out of range 0s..=1h",
+        );
+        assert_error(&web("slow_start = 10 # <- slow_start\n"), "slow_start");
     }
 
     #[test]

@@ -172,6 +172,9 @@ pub struct ServiceStatus {
     /// The MSS its TCP handshakes are clamped to, if they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mss: Option<u16>,
+    /// How long a backend coming up takes to reach its full share, if it ramps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_ms: Option<u64>,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -184,6 +187,9 @@ pub struct BackendStatus {
     /// off it until a health check passes.
     #[serde(default)]
     pub suspect: bool,
+    /// Slow start: the share of its weight it takes while it ramps up, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start_percent: Option<u32>,
     pub active_flows: u64,
     /// SNAT ports its flows hold (at the last sweep).
     #[serde(default)]
@@ -386,11 +392,13 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
             protocol: "tcp".into(),
             snat: vec!["198.18.1.1".into()],
             mss: Some(1360),
+            slow_start_ms: Some(10_000),
             backends: vec![BackendStatus {
                 address: "198.18.1.11:8000".into(),
                 weight: 4,
                 healthy: true,
                 suspect: false,
+                slow_start_percent: Some(30),
                 active_flows: 7,
                 snat_ports_in_use: 7,
                 new_flows,

@@ -289,6 +289,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
         }
     });
     tasks.spawn(count_flows(Arc::clone(&state)));
+    tasks.spawn(advance_ramps(Arc::clone(&state)));
     if let Some(listener) = metrics {
         log::info!("serving metrics on http://{}/metrics", opts.metrics);
         let metrics_state = Arc::clone(&state);
@@ -366,6 +367,17 @@ async fn count_flows(state: Arc<Mutex<State>>) {
             Ok(sweep) => state.record_sweep(&sweep),
             Err(e) => log::error!("reading the flow counts: {e}"),
         }
+    }
+}
+
+/// Steps slow starts on: a step is at least `slow_start::STEP_MIN` long, and this keeps each
+/// within a tenth of that of its time.
+async fn advance_ramps(state: Arc<Mutex<State>>) {
+    let mut tick = tokio::time::interval(crate::slow_start::STEP_MIN / 10);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        lock(&state).advance_ramps();
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE, HealthConfig, HealthKind, MAX_WEIGHT, Protocol,
-    ServiceConfig,
+    SLOW_START_RANGE, ServiceConfig,
 };
 
 const SERVICE_NAME_MAX_LEN: usize = 64;
@@ -113,6 +113,12 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
             ));
         }
         check_health(name, &s.health)?;
+        if !SLOW_START_RANGE.contains(&s.slow_start) {
+            return Err(format!(
+                "service \"{name}\": slow_start {:?} is out of range 0s..=1h",
+                s.slow_start
+            ));
+        }
         if s.mss.is_some() && s.protocol != Protocol::Tcp {
             return Err(format!(
                 "service \"{name}\": mss applies to TCP services only"
@@ -310,6 +316,7 @@ mod tests {
             health: HealthConfig::default_for(Protocol::Tcp),
             on_backend_down: OnBackendDown::Keep,
             removal_grace: DEFAULT_REMOVAL_GRACE,
+            slow_start: std::time::Duration::ZERO,
             backends: backends
                 .iter()
                 .map(|&(host, weight)| BackendConfig {

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod persist;
 pub mod pins;
 pub mod ports;
+pub mod slow_start;
 pub mod state;
 pub mod stats;
 pub mod steering;

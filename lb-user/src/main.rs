@@ -154,6 +154,10 @@ enum ServiceAction {
         /// How long a removed backend's connections may go on (like 30s, 5m).
         #[arg(long, default_value = "60s", value_parser = parse_grace)]
         removal_grace: std::time::Duration,
+        /// How long a backend that comes up (recovered, or added later) takes to reach its
+        /// full share of new connections, in steps (like 10s; at most 1h; default: at once).
+        #[arg(long, default_value = "0s", value_parser = parse_slow_start)]
+        slow_start: std::time::Duration,
         /// A backend, IP:PORT or IP:PORT=WEIGHT (weight 1 if not given); repeat for more.
         #[arg(long = "backend", value_parser = parse_backend)]
         backends: Vec<BackendConfig>,
@@ -398,6 +402,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     health,
                     on_backend_down,
                     removal_grace,
+                    slow_start,
                     backends,
                 } => {
                     let mut check = HealthConfig::default_for(protocol);
@@ -413,6 +418,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                         health: check,
                         on_backend_down,
                         removal_grace,
+                        slow_start,
                         backends,
                     };
                     (socket, Request::ServiceAdd { service })
@@ -592,6 +598,14 @@ fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_slow_start(text: &str) -> Result<std::time::Duration, String> {
+    let d = lb_user::config::parse_duration(text)?;
+    if !lb_user::config::SLOW_START_RANGE.contains(&d) {
+        return Err(format!("{text} is out of range 0s..=1h"));
+    }
+    Ok(d)
+}
+
 async fn call(socket: &std::path::Path, request: Request) -> Result<Response, Failure> {
     let response = control::call(socket, &request).await?;
     if response.ok {
@@ -611,9 +625,13 @@ fn render(status: &Status) -> String {
     let mut out = String::new();
     for s in &status.services {
         let mss = s.mss.map(|m| format!(" mss {m}")).unwrap_or_default();
+        let slow_start = s
+            .slow_start_ms
+            .map(|ms| format!(" slow_start {:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "service {} {}/{} snat {}{mss}",
+            "service {} {}/{} snat {}{mss}{slow_start}",
             s.name,
             s.vip,
             s.protocol,
@@ -621,15 +639,19 @@ fn render(status: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<7} {:>8} {:>10} {:>12} {:>14}",
+            "  {:<22} {:>11} {:<7} {:>8} {:>10} {:>12} {:>14}",
             "backend", "weight", "health", "active", "new_flows", "packets", "bytes"
         );
         for b in &s.backends {
+            let weight = match b.slow_start_percent {
+                Some(p) => format!("{} ({p}%)", b.weight),
+                None => b.weight.to_string(),
+            };
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:<7} {:>8} {:>10} {:>12} {:>14}",
+                "  {:<22} {:>11} {:<7} {:>8} {:>10} {:>12} {:>14}",
                 b.address,
-                b.weight,
+                weight,
                 match (b.healthy, b.suspect) {
                     (false, _) => "down",
                     (true, true) => "suspect",

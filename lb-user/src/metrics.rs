@@ -56,7 +56,7 @@ impl<'a> Family<'a> {
 pub fn render(status: &Status) -> String {
     let mut out = String::new();
     type Field = fn(&crate::control::BackendStatus) -> u64;
-    let per_backend: [(&str, &str, &str, Field); 8] = [
+    let per_backend: [(&str, &str, &str, Field); 9] = [
         (
             "lb_backend_packets_total",
             "counter",
@@ -98,6 +98,12 @@ pub fn render(status: &Status) -> String {
             "gauge",
             "The backend's weight (0: drained).",
             |b| u64::from(b.weight),
+        ),
+        (
+            "lb_backend_slow_start_percent",
+            "gauge",
+            "The share of its weight the backend takes: below 100 while it ramps up (slow_start).",
+            |b| u64::from(b.slow_start_percent.unwrap_or(100)),
         ),
         (
             "lb_backend_snat_ports_in_use",
@@ -293,7 +299,7 @@ mod tests {
             value.parse::<u64>().expect("an integer value");
             assert!(series.starts_with("lb_"), "{line}");
         }
-        assert_eq!(families, 14);
+        assert_eq!(families, 15);
         assert!(text.contains(
             "lb_backend_packets_total{service=\"we\\\"b\",vip=\"198.18.100.1:80\",protocol=\"tcp\",backend=\"198.18.1.11:8000\"} 100"
         ));
@@ -301,6 +307,9 @@ mod tests {
         assert!(text.contains("lb_packets_total{verdict=\"pass\",reason=\"not_service\"} 5"));
         assert!(text.contains("lb_packets_total{verdict=\"redirect\",reason=\"forwarded\"} 90"));
         assert!(text.contains("lb_events_total{event=\"suspect_refused\"} 2"));
+        assert!(text.contains(
+            "lb_backend_slow_start_percent{service=\"we\\\"b\",vip=\"198.18.100.1:80\",protocol=\"tcp\",backend=\"198.18.1.11:8000\"} 30"
+        ));
         assert!(text.contains("lb_flow_table_capacity 1024"));
         assert!(text.contains("lb_backend_healthy{"));
     }

@@ -28,6 +28,7 @@ use crate::{
     layout::{Changes, PlacedService},
     maglev::{MaglevBackend, build_table},
     persist::{self, Persisted},
+    slow_start::Ramp,
     steering::{self, Candidate},
 };
 
@@ -87,7 +88,26 @@ struct BackendState {
     snat_ports_in_use: u64,
     /// When the data path marked it suspect (read at each sweep).
     suspect_since: Option<u64>,
+    /// Slow start: it came up while its service ran and takes a rising share of its weight.
+    ramp: Option<Ramping>,
     probe_task: Option<AbortHandle>,
+}
+
+/// A backend's slow start: since when it ramps (CLOCK_MONOTONIC ns), and the step its
+/// service's published table gives it.
+#[derive(Debug, Clone, Copy)]
+struct Ramping {
+    since_ns: u64,
+    published: Ramp,
+}
+
+impl Ramping {
+    fn start(now_ns: u64, duration: std::time::Duration) -> Option<Ramping> {
+        (!duration.is_zero()).then(|| Ramping {
+            since_ns: now_ns,
+            published: Ramp::at(std::time::Duration::ZERO, duration),
+        })
+    }
 }
 
 impl Drop for BackendState {
@@ -146,7 +166,8 @@ impl ServiceState {
             .filter(|b| b.tracker.healthy && b.weight > 0)
     }
 
-    /// The Maglev table: eligible backends not avoided for a suspect mark.
+    /// The Maglev table: eligible backends not avoided for a suspect mark, each with its weight
+    /// as far as its slow start has gone.
     fn table(&self, size: u32) -> Vec<u32> {
         let eligible: Vec<MaglevBackend> = self
             .eligible()
@@ -154,7 +175,10 @@ impl ServiceState {
             .map(|b| MaglevBackend {
                 id: b.id,
                 addr: b.address,
-                weight: b.weight,
+                weight: b
+                    .ramp
+                    .map_or(Ramp::Done, |r| r.published)
+                    .table_weight(b.weight),
             })
             .collect();
         build_table(&eligible, size)
@@ -584,6 +608,13 @@ impl State {
                 }
             }
             self.dataplane.set_backend(id, b.address, healthy)?;
+            // Added to a running service: it ramps up. A new service's backends all start
+            // together, and a ramp shared by all of them would change no share.
+            let ramp = if healthy && !was_up && old_key.is_some() {
+                Ramping::start(monotonic_ns(), p.config.slow_start)
+            } else {
+                None
+            };
             backends.push(BackendState {
                 id,
                 address: b.address,
@@ -593,6 +624,7 @@ impl State {
                 last_error: first.err(),
                 snat_ports_in_use: 0,
                 suspect_since: None,
+                ramp,
                 probe_task: Some(self.spawn_probe(id, b.address, &p.config)),
             });
         }
@@ -778,9 +810,15 @@ impl State {
                 Err(e) => log::warn!("reading SUSPECT: {e}"),
             }
         }
+        let slow_start = self.services[s].config.slow_start;
         let backend = &mut self.services[s].backends[b];
         let Some(healthy) = backend.tracker.record(ok) else {
             return;
+        };
+        backend.ramp = if healthy {
+            Ramping::start(monotonic_ns(), slow_start)
+        } else {
+            None
         };
         let (id, address) = (backend.id, backend.address);
         let why = backend.last_error.clone().unwrap_or_default();
@@ -805,6 +843,53 @@ impl State {
                     cut.resets
                 ),
                 Err(e) => log::error!("cutting backend {address}'s connections: {e}"),
+            }
+        }
+    }
+
+    /// Moves every slow start to the step its time has come to, publishing the tables that
+    /// change, and ends the ramps that are done.
+    pub fn advance_ramps(&mut self) {
+        let now = monotonic_ns();
+        for s in 0..self.services.len() {
+            let svc = &mut self.services[s];
+            let duration = svc.config.slow_start;
+            let mut changed = false;
+            for b in &mut svc.backends {
+                let Some(ramp) = &mut b.ramp else { continue };
+                let at = Ramp::at(
+                    std::time::Duration::from_nanos(now.saturating_sub(ramp.since_ns)),
+                    duration,
+                );
+                if at == ramp.published {
+                    continue;
+                }
+                ramp.published = at;
+                changed = true;
+            }
+            if !changed {
+                continue;
+            }
+            let name = svc.config.name.clone();
+            if let Err(e) = publish(&mut self.dataplane, &self.services[s]) {
+                log::error!("service \"{name}\": publishing a slow-start step: {e}");
+                continue;
+            }
+            for b in &mut self.services[s].backends {
+                let Some(ramp) = b.ramp else { continue };
+                if ramp.published == Ramp::Done {
+                    log::info!(
+                        "service \"{name}\": backend {} has its full weight",
+                        b.address
+                    );
+                    b.ramp = None;
+                } else {
+                    log::debug!(
+                        "service \"{name}\": backend {} at {}% of its weight",
+                        b.address,
+                        ramp.published.percent()
+                    );
+                }
             }
         }
     }
@@ -992,6 +1077,8 @@ impl State {
                     protocol: s.config.protocol.to_string(),
                     snat: s.snat.iter().map(Ipv4Addr::to_string).collect(),
                     mss: s.mss,
+                    slow_start_ms: (!s.config.slow_start.is_zero())
+                        .then_some(s.config.slow_start.as_millis() as u64),
                     backends: s
                         .backends
                         .iter()
@@ -1002,6 +1089,7 @@ impl State {
                                 weight: b.weight,
                                 healthy: b.tracker.healthy,
                                 suspect: b.suspect_since.is_some(),
+                                slow_start_percent: b.ramp.map(|r| r.published.percent()),
                                 active_flows: b.active_flows,
                                 snat_ports_in_use: b.snat_ports_in_use,
                                 new_flows: stats.new_flows,

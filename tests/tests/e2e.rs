@@ -110,6 +110,77 @@ fn two_arm_tcp_splits_4_6_and_fails_over_to_the_survivor() {
     );
 }
 
+/// Slow start: a backend that comes back up takes a rising share of new connections over the
+/// service's `slow_start` (6 s here: ten steps of 600 ms), not its full share at once. At 1:1,
+/// its share of each 1.5-s window must rise from about a tenth towards a half.
+#[test]
+fn a_recovered_backend_ramps_up_over_slow_start() {
+    let Setup {
+        topo,
+        balancer,
+        mut servers,
+    } = setup_with(Arms::Two, &[1, 1], |config| {
+        config.replacen(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nslow_start = \"6s\"\n",
+            1,
+        )
+    });
+    let b2 = backend(&topo, 1);
+    servers[1].kill().expect("stop backend 2's server");
+    servers[1].wait().expect("reap backend 2's server");
+    balancer.wait_health("web", &b2, false, Duration::from_secs(5));
+    servers[1] = start_server(&topo, 1);
+    balancer.wait_health("web", &b2, true, Duration::from_secs(5));
+    let ramping = balancer.backend("web", &b2)["slow_start_percent"].as_u64();
+    assert!(
+        ramping.is_some_and(|p| p < 50),
+        "just up, backend 2 takes {ramping:?}% of its weight"
+    );
+    // Timestamped requests for 7.5 s: the ramp and the 1.5 s after it.
+    let out = topo.client.sh(&format!(
+        "end=$(( $(date +%s%N) + 7500000000 ))
+         while [ $(date +%s%N) -lt $end ]; do
+             echo \"$(date +%s%N) $(curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL)\"
+         done"
+    ));
+    let samples: Vec<(u64, String)> = out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(t, body)| Some((t.parse().ok()?, body.trim().to_owned())))
+        .collect();
+    let start = samples.first().expect("requests were made").0;
+    let mut windows = vec![(0usize, 0usize); 5];
+    for (t, body) in &samples {
+        let window = (((t - start) / 1_500_000_000) as usize).min(4);
+        match body.as_str() {
+            "b1" => windows[window].0 += 1,
+            "b2" => windows[window].1 += 1,
+            other => panic!(
+                "a request failed during the ramp: {other:?}\n{}",
+                balancer.log()
+            ),
+        }
+    }
+    let shares: Vec<f64> = windows
+        .iter()
+        .map(|&(b1, b2)| 100.0 * b2 as f64 / (b1 + b2).max(1) as f64)
+        .collect();
+    println!("backend 2's share per 1.5 s after it came back up: {shares:.1?} of {windows:?}");
+    assert!(shares[0] < 25.0, "the first 1.5 s: {shares:.1?}");
+    assert!(
+        shares[0] < shares[2] && shares[2] < shares[4],
+        "no ramp: {shares:.1?}"
+    );
+    assert!(shares[4] > 38.0, "after the ramp: {shares:.1?}");
+    assert_eq!(
+        balancer.backend("web", &b2)["slow_start_percent"],
+        serde_json::Value::Null
+    );
+    let shown = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
+    assert!(shown.contains("slow_start 6.0s"), "{shown}");
+}
+
 #[test]
 fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);
