@@ -151,6 +151,13 @@ pub struct ServiceConfig {
     /// new connections (`slow_start`); zero: at once.
     #[serde(default, skip_serializing_if = "Duration::is_zero")]
     pub slow_start: Duration,
+    /// Backends from DNS, besides `backends` listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryConfig>,
+    /// Which of `backends` DNS gave (runtime state, which the config file cannot set): they
+    /// go when DNS no longer gives them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub discovered: Vec<SocketAddrV4>,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -296,6 +303,41 @@ impl fmt::Display for OnBackendDown {
 pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(60);
 pub const REMOVAL_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(24 * 3600);
+
+/// `[service.discovery]`: every A record of a name is a backend, as compose registers a
+/// service's replicas; resolved with the host's resolver configuration (getaddrinfo).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DiscoveryConfig {
+    pub host: String,
+    /// The backends' port.
+    pub port: u16,
+    pub interval: Duration,
+    /// The weight a discovered backend starts with (`lb set-weight` changes it per address).
+    pub weight: u32,
+}
+
+impl fmt::Display for DiscoveryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+pub const DISCOVERY_INTERVAL_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+const HOST_NAME_MAX_LEN: usize = 253;
+
+/// What makes a name to resolve valid: DNS's letters, digits, '-', '_' and dots, within its
+/// length.
+pub fn check_host_name(name: &str) -> Result<(), String> {
+    let valid = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+    if name.is_empty() || name.len() > HOST_NAME_MAX_LEN || !name.bytes().all(valid) {
+        return Err(format!(
+            "\"{name}\" is not a host name (1 to {HOST_NAME_MAX_LEN} of a-z, A-Z, 0-9, '-', '_', '.')"
+        ));
+    }
+    Ok(())
+}
 
 pub const SLOW_START_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(3600);
@@ -473,6 +515,7 @@ struct RawService {
     removal_grace: Option<Spanned<String>>,
     slow_start: Option<Spanned<String>>,
     health: Option<RawHealth>,
+    discovery: Option<Spanned<RawDiscovery>>,
     #[serde(default)]
     backend: Vec<Spanned<RawBackend>>,
 }
@@ -530,6 +573,14 @@ fn snat_item(text: &str) -> Result<Vec<Ipv4Addr>, String> {
     Ok((0..size as u32)
         .map(|i| Ipv4Addr::from(first + i))
         .collect())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    dns: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -985,6 +1036,10 @@ impl Checker<'_> {
                 SLOW_START_RANGE,
             )?
             .unwrap_or_default();
+        let discovery = match &raw.discovery {
+            None => None,
+            Some(d) => Some(self.discovery(d, &format!("service \"{name}\" discovery: "))?),
+        };
         let health = match &raw.health {
             None => HealthConfig::default_for(protocol),
             Some(health) => {
@@ -1036,7 +1091,50 @@ impl Checker<'_> {
             on_backend_down,
             removal_grace,
             slow_start,
+            discovery,
+            discovered: Vec::new(),
             backends,
+        })
+    }
+
+    fn discovery(
+        &self,
+        raw: &Spanned<RawDiscovery>,
+        ctx: &str,
+    ) -> Result<DiscoveryConfig, ConfigError> {
+        let (span, raw) = (raw.span(), raw.get_ref());
+        let Some(dns) = &raw.dns else {
+            let message = format!("{ctx}dns = \"NAME:PORT\" is required");
+            return self.fail(span, "dns", message);
+        };
+        let text = dns.get_ref();
+        let parsed = text
+            .rsplit_once(':')
+            .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)));
+        let (host, port) = match parsed {
+            Some((host, port)) if port != 0 => (host, port),
+            _ => {
+                let message = format!("{ctx}dns \"{text}\" is not NAME:PORT (like \"api:8001\")");
+                return self.fail(dns.span(), "dns", message);
+            }
+        };
+        if let Err(e) = check_host_name(host) {
+            return self.fail(dns.span(), "dns", format!("{ctx}dns {e}"));
+        }
+        let interval = self
+            .duration(
+                raw.interval.as_ref(),
+                "interval",
+                ctx,
+                DISCOVERY_INTERVAL_RANGE,
+            )?
+            .unwrap_or(DEFAULT_DISCOVERY_INTERVAL);
+        let weight = self.int(raw.weight.as_ref(), "weight", ctx, WEIGHT_RANGE)?;
+        Ok(DiscoveryConfig {
+            host: host.to_owned(),
+            port,
+            interval,
+            weight: weight.unwrap_or(1),
         })
     }
 
@@ -1171,6 +1269,10 @@ interval = "500ms"
 timeout = "300ms"
 rise = 2
 fall = 2
+[service.discovery]
+dns = "api:8001"
+interval = "500ms"
+weight = 3
 [[service.backend]]
 address = "198.18.2.11:8000"
 weight = 4
@@ -1262,6 +1364,13 @@ weight = 4
                 on_backend_down: OnBackendDown::Reset,
                 removal_grace: Duration::from_secs(30),
                 slow_start: Duration::from_secs(10),
+                discovery: Some(DiscoveryConfig {
+                    host: "api".to_owned(),
+                    port: 8001,
+                    interval: Duration::from_millis(500),
+                    weight: 3,
+                }),
+                discovered: Vec::new(),
                 backends: vec![BackendConfig {
                     address: addr("198.18.2.11:8000"),
                     weight: 4,
@@ -1412,6 +1521,39 @@ weight = 70000
             &web("protocol = \"udp\"\nmss = 1360 # <- mss\n"),
             "TCP services only",
         );
+    }
+
+    #[test]
+    fn discovery_is_checked() {
+        let text = |d: &str| web(&format!("[service.discovery]\n{d}"));
+        let parsed = Config::parse(&text("dns = \"api.internal:8001\"\n"), "lb.toml")
+            .expect("valid discovery");
+        let d = parsed.services[0].discovery.clone().expect("discovery");
+        assert_eq!((d.host.as_str(), d.port), ("api.internal", 8001));
+        assert_eq!((d.interval, d.weight), (DEFAULT_DISCOVERY_INTERVAL, 1));
+        assert_error(
+            &web("[service.discovery] # <- dns\ninterval = \"1s\"\n"),
+            "is required",
+        );
+        for (lines, fragment) in [
+            ("dns = \"api\" # <- dns\n", "is not NAME:PORT"),
+            ("dns = \"api:0\" # <- dns\n", "is not NAME:PORT"),
+            ("dns = \"api:70000\" # <- dns\n", "is not NAME:PORT"),
+            ("dns = \"a pi:80\" # <- dns\n", "is not a host name"),
+            ("dns = \":80\" # <- dns\n", "is not a host name"),
+            (
+                "dns = \"api:80\"\ninterval = \"10ms\" # <- interval\n",
+                "out of range",
+            ),
+            (
+                "dns = \"api:80\"\nweight = 10001 # <- weight\n",
+                "out of range",
+            ),
+            ("dns = \"api:80\"\nttl = 5 # <- ttl\n", "unknown field"),
+        ] {
+            let err = assert_error(&text(lines), fragment);
+            assert!(err.to_string().contains(fragment), "{lines}: {err}");
+        }
     }
 
     #[test]

@@ -172,10 +172,24 @@ pub struct ServiceStatus {
     /// The MSS its TCP handshakes are clamped to, if they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mss: Option<u16>,
+    /// The name whose A records are backends (NAME:PORT), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<String>,
+    /// Why its last resolution failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery_error: Option<String>,
     /// How long a backend coming up takes to reach its full share, if it ramps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start_ms: Option<u64>,
     pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendSource {
+    #[default]
+    Config,
+    Dns,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +201,9 @@ pub struct BackendStatus {
     /// off it until a health check passes.
     #[serde(default)]
     pub suspect: bool,
+    /// Where it came from: the config (or the CLI), or DNS.
+    #[serde(default)]
+    pub source: BackendSource,
     /// Slow start: the share of its weight it takes while it ramps up, in percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start_percent: Option<u32>,
@@ -393,12 +410,15 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
             snat: vec!["198.18.1.1".into()],
             mss: Some(1360),
             slow_start_ms: Some(10_000),
+            discovery: Some("api:8001".into()),
+            discovery_error: None,
             backends: vec![BackendStatus {
                 address: "198.18.1.11:8000".into(),
                 weight: 4,
                 healthy: true,
                 suspect: false,
                 slow_start_percent: Some(30),
+                source: BackendSource::Dns,
                 active_flows: 7,
                 snat_ports_in_use: 7,
                 new_flows,

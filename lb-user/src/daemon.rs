@@ -12,10 +12,10 @@ use std::{
 use tokio::{io::BufReader, net::UnixStream, signal::unix::SignalKind};
 
 use crate::{
-    config::{BackendConfig, Config, HealthConfig, ServiceConfig},
+    config::{BackendConfig, Config, DiscoveryConfig, HealthConfig, ServiceConfig},
     control::{self, InterfaceStatus, Request, Response},
     dataplane::{Dataplane, DataplaneError, LoadSettings},
-    health,
+    discovery, health,
     layout::{self, PlacedService},
     metrics, persist,
     state::{ApplyError, HealthReport, Probes, State},
@@ -163,6 +163,8 @@ async fn start(
     }
     let text = std::fs::read_to_string(&opts.config).unwrap_or_default();
     let digest = persist::digest(&text);
+    let mut config = config;
+    discover_at_start(&mut config.services).await;
     let placed = initial_services(&config, &digest, &opts.state_dir)?;
     let interfaces = config.interfaces.clone();
     let mut state = State::new(
@@ -300,6 +302,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
     }
     // One change of the service set at a time: each is computed from the one before.
     let changing = Arc::new(tokio::sync::Mutex::new(()));
+    tasks.spawn(discover(Arc::clone(&state), Arc::clone(&changing)));
     let server = Arc::clone(&state);
     tasks.spawn(control::serve_clients(listener, move |stream| {
         serve(stream, Arc::clone(&server), Arc::clone(&changing))
@@ -381,6 +384,93 @@ async fn advance_ramps(state: Arc<Mutex<State>>) {
     }
 }
 
+/// The first answer for each service's discovery, before anything is published: a service
+/// whose backends all come from DNS starts with them.
+async fn discover_at_start(services: &mut [ServiceConfig]) {
+    for service in services.iter_mut() {
+        let Some(d) = service.discovery.clone() else {
+            continue;
+        };
+        match discovery::resolve(&d).await {
+            Ok(found) => {
+                if let Some(next) = discovery::reconcile(service, &found) {
+                    log::info!(
+                        "service \"{}\": {d} gives {} backends",
+                        service.name,
+                        next.discovered.len()
+                    );
+                    *service = next;
+                }
+            }
+            Err(e) => log::warn!(
+                "service \"{}\": {e}; trying again every {:?}",
+                service.name,
+                d.interval
+            ),
+        }
+    }
+}
+
+/// Resolves each service's discovery name every `interval`, and changes the service when the
+/// answer differs (`discovery`). One change of the service set at a time, as the control
+/// socket's.
+async fn discover(state: Arc<Mutex<State>>, changing: Arc<tokio::sync::Mutex<()>>) {
+    let mut due: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = tokio::time::Instant::now();
+        let wanted: Vec<(String, DiscoveryConfig)> = lock(&state)
+            .service_configs()
+            .into_iter()
+            .filter_map(|s| Some((s.name, s.discovery?)))
+            .collect();
+        due.retain(|name, _| wanted.iter().any(|(n, _)| n == name));
+        for (name, d) in wanted {
+            if due.get(&name).is_some_and(|&at| now < at) {
+                continue;
+            }
+            due.insert(name.clone(), now + d.interval);
+            let found = discovery::resolve(&d).await;
+            let _one_at_a_time = changing.lock().await;
+            let desired = {
+                let mut guard = lock(&state);
+                guard.record_discovery(&name, found.as_ref().err().cloned());
+                let Ok(found) = &found else { continue };
+                let mut services = guard.service_configs();
+                let Some(i) = services.iter().position(|s| s.name == name) else {
+                    continue;
+                };
+                // The service may have changed while the name was resolved.
+                if services[i].discovery.as_ref() != Some(&d) {
+                    continue;
+                }
+                let Some(next) = discovery::reconcile(&services[i], found) else {
+                    continue;
+                };
+                services[i] = next;
+                if let Err(e) = layout::check(&services) {
+                    log::error!("service \"{name}\": {d} answered backends lb cannot take: {e}");
+                    continue;
+                }
+                Desired {
+                    services,
+                    note: Some(format!("{d} answered {} addresses", found.len())),
+                    digest: None,
+                }
+            };
+            let response = apply_desired(&state, desired, None).await;
+            if !response.ok {
+                log::error!(
+                    "service \"{name}\": applying {d}'s answer: {}",
+                    response.error.unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
 fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     // A panic while holding the lock would be a bug; the state itself stays consistent because
     // every change is applied to the maps before it is recorded.
@@ -449,14 +539,25 @@ async fn change(state: &Arc<Mutex<State>>, request: Request) -> Response {
     {
         return cut;
     }
+    let desired = desired_services(&lock(state), request);
+    match desired {
+        Ok(desired) => apply_desired(state, desired, grace).await,
+        Err(refusal) => *refusal,
+    }
+}
+
+/// Probes what `desired` adds, then applies and saves it: the common end of a request's change
+/// and of a DNS answer's.
+async fn apply_desired(
+    state: &Arc<Mutex<State>>,
+    desired: Desired,
+    grace: Option<std::time::Duration>,
+) -> Response {
     let Desired {
         services: desired,
         note,
         digest,
-    } = match desired_services(&lock(state), request) {
-        Ok(d) => d,
-        Err(refusal) => return *refusal,
-    };
+    } = desired;
     let targets = lock(state).to_probe(&desired);
     let probes = probe_all(targets).await;
     let mut guard = lock(state);
@@ -565,8 +666,13 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
                 ))
             })?;
             let origin = state.config_path.display().to_string();
-            let config = Config::parse(&text, &origin).map_err(|e| refuse(e.to_string()))?;
+            let mut config = Config::parse(&text, &origin).map_err(|e| refuse(e.to_string()))?;
             let note = restart_needed(&state.config, &config);
+            for new in &mut config.services {
+                if let Some(running) = services.iter().find(|s| s.name == new.name) {
+                    discovery::carry_over(new, running);
+                }
+            }
             return Ok(Desired {
                 services: config.services,
                 note,

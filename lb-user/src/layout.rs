@@ -13,8 +13,8 @@ use lb_common::{MAX_BACKENDS, MAX_SERVICES};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE, HealthConfig, HealthKind, MAX_WEIGHT, Protocol,
-    SLOW_START_RANGE, ServiceConfig,
+    DISCOVERY_INTERVAL_RANGE, HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE, HealthConfig, HealthKind,
+    MAX_WEIGHT, Protocol, SLOW_START_RANGE, ServiceConfig, check_host_name,
 };
 
 const SERVICE_NAME_MAX_LEN: usize = 64;
@@ -117,6 +117,26 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
             return Err(format!(
                 "service \"{name}\": slow_start {:?} is out of range 0s..=1h",
                 s.slow_start
+            ));
+        }
+        if let Some(d) = &s.discovery {
+            check_host_name(&d.host).map_err(|e| format!("service \"{name}\": dns {e}"))?;
+            if d.port == 0
+                || !DISCOVERY_INTERVAL_RANGE.contains(&d.interval)
+                || d.weight > MAX_WEIGHT
+            {
+                return Err(format!(
+                    "service \"{name}\": discovery {d}: port, interval or weight out of range"
+                ));
+            }
+        }
+        if let Some(a) = s
+            .discovered
+            .iter()
+            .find(|a| !s.backends.iter().any(|b| b.address == **a))
+        {
+            return Err(format!(
+                "service \"{name}\": discovered backend {a} is not among its backends"
             ));
         }
         if s.mss.is_some() && s.protocol != Protocol::Tcp {
@@ -317,6 +337,8 @@ mod tests {
             on_backend_down: OnBackendDown::Keep,
             removal_grace: DEFAULT_REMOVAL_GRACE,
             slow_start: std::time::Duration::ZERO,
+            discovery: None,
+            discovered: Vec::new(),
             backends: backends
                 .iter()
                 .map(|&(host, weight)| BackendConfig {

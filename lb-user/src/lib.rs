@@ -5,6 +5,7 @@ pub mod control;
 pub mod cut;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod layout;
 pub mod maglev;

@@ -8,10 +8,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_user::{
     config::{
-        BackendConfig, Config, HealthConfig, HealthKind, Mss, OnBackendDown, Protocol,
-        ServiceConfig,
+        BackendConfig, Config, DiscoveryConfig, HealthConfig, HealthKind, Mss, OnBackendDown,
+        Protocol, ServiceConfig,
     },
-    control::{self, Request, Response, Status},
+    control::{self, BackendSource, Request, Response, Status},
     daemon, metrics, pins, ports, stats,
 };
 
@@ -158,6 +158,10 @@ enum ServiceAction {
         /// full share of new connections, in steps (like 10s; at most 1h; default: at once).
         #[arg(long, default_value = "0s", value_parser = parse_slow_start)]
         slow_start: std::time::Duration,
+        /// Backends from DNS: every A record of NAME is a backend on PORT, re-resolved each
+        /// second (the config file's [service.discovery] sets the interval and weight).
+        #[arg(long, value_name = "NAME:PORT", value_parser = parse_discovery)]
+        discover: Option<DiscoveryConfig>,
         /// A backend, IP:PORT or IP:PORT=WEIGHT (weight 1 if not given); repeat for more.
         #[arg(long = "backend", value_parser = parse_backend)]
         backends: Vec<BackendConfig>,
@@ -403,6 +407,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     on_backend_down,
                     removal_grace,
                     slow_start,
+                    discover,
                     backends,
                 } => {
                     let mut check = HealthConfig::default_for(protocol);
@@ -419,6 +424,8 @@ async fn execute(command: Command) -> Result<(), Failure> {
                         on_backend_down,
                         removal_grace,
                         slow_start,
+                        discovery: discover,
+                        discovered: Vec::new(),
                         backends,
                     };
                     (socket, Request::ServiceAdd { service })
@@ -598,6 +605,22 @@ fn parse_grace(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_discovery(text: &str) -> Result<DiscoveryConfig, String> {
+    let Some((host, port)) = text
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|&p| p != 0)?)))
+    else {
+        return Err(format!("{text:?} is not NAME:PORT (like api:8001)"));
+    };
+    lb_user::config::check_host_name(host)?;
+    Ok(DiscoveryConfig {
+        host: host.to_owned(),
+        port,
+        interval: lb_user::config::DEFAULT_DISCOVERY_INTERVAL,
+        weight: 1,
+    })
+}
+
 fn parse_slow_start(text: &str) -> Result<std::time::Duration, String> {
     let d = lb_user::config::parse_duration(text)?;
     if !lb_user::config::SLOW_START_RANGE.contains(&d) {
@@ -625,13 +648,18 @@ fn render(status: &Status) -> String {
     let mut out = String::new();
     for s in &status.services {
         let mss = s.mss.map(|m| format!(" mss {m}")).unwrap_or_default();
+        let discovery = match (&s.discovery, &s.discovery_error) {
+            (Some(d), None) => format!(" discovery {d}"),
+            (Some(d), Some(e)) => format!(" discovery {d} (failing: {e})"),
+            _ => String::new(),
+        };
         let slow_start = s
             .slow_start_ms
             .map(|ms| format!(" slow_start {:.1}s", ms as f64 / 1000.0))
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "service {} {}/{} snat {}{mss}{slow_start}",
+            "service {} {}/{} snat {}{mss}{slow_start}{discovery}",
             s.name,
             s.vip,
             s.protocol,
@@ -639,8 +667,8 @@ fn render(status: &Status) -> String {
         );
         let _ = writeln!(
             out,
-            "  {:<22} {:>11} {:<7} {:>8} {:>10} {:>12} {:>14}",
-            "backend", "weight", "health", "active", "new_flows", "packets", "bytes"
+            "  {:<22} {:>11} {:<7} {:<6} {:>8} {:>10} {:>12} {:>14}",
+            "backend", "weight", "health", "from", "active", "new_flows", "packets", "bytes"
         );
         for b in &s.backends {
             let weight = match b.slow_start_percent {
@@ -649,13 +677,17 @@ fn render(status: &Status) -> String {
             };
             let _ = writeln!(
                 out,
-                "  {:<22} {:>11} {:<7} {:>8} {:>10} {:>12} {:>14}",
+                "  {:<22} {:>11} {:<7} {:<6} {:>8} {:>10} {:>12} {:>14}",
                 b.address,
                 weight,
                 match (b.healthy, b.suspect) {
                     (false, _) => "down",
                     (true, true) => "suspect",
                     (true, false) => "up",
+                },
+                match b.source {
+                    BackendSource::Config => "config",
+                    BackendSource::Dns => "dns",
                 },
                 b.active_flows,
                 b.new_flows,

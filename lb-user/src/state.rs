@@ -19,8 +19,8 @@ use crate::{
         ServiceConfig,
     },
     control::{
-        BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus, Status,
-        TerminatingStatus,
+        BackendSource, BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus,
+        Status, TerminatingStatus,
     },
     cut,
     dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, monotonic_ns},
@@ -152,6 +152,8 @@ struct ServiceState {
     backends: Vec<BackendState>,
     /// Suspect backends left out of the table (`steering`).
     avoided: BTreeSet<u32>,
+    /// Why its discovery's last resolution failed, if it did.
+    discovery_error: Option<String>,
 }
 
 impl ServiceState {
@@ -552,6 +554,7 @@ impl State {
         let health_same = previous
             .as_ref()
             .is_some_and(|prev| prev.config.health == p.config.health);
+        let previous_discovery_error = previous.as_ref().and_then(|p| p.discovery_error.clone());
         let (old_key, mut old_backends) = match previous {
             Some(mut prev) => (
                 Some((prev.id, prev.key())),
@@ -638,6 +641,7 @@ impl State {
             mss: resolved.mss,
             backends,
             avoided: BTreeSet::new(),
+            discovery_error: previous_discovery_error,
         };
         publish(&mut self.dataplane, &service)?;
         // Backends the service no longer has stop taking flows: their flows move.
@@ -894,6 +898,21 @@ impl State {
         }
     }
 
+    /// Records how the last resolution of `service`'s discovery went (`None`: it answered).
+    pub fn record_discovery(&mut self, service: &str, error: Option<String>) {
+        let Some(svc) = self.services.iter_mut().find(|s| s.config.name == service) else {
+            return;
+        };
+        match (&svc.discovery_error, &error) {
+            (None, Some(e)) => {
+                log::warn!("service \"{service}\": {e}; its backends stay as they are")
+            }
+            (Some(_), None) => log::info!("service \"{service}\": its discovery answers again"),
+            _ => {}
+        }
+        svc.discovery_error = error;
+    }
+
     /// The data path's counts for every backend the daemon knows, terminating ones included.
     pub fn count_flows(&self) -> Result<FlowSweep, DataplaneError> {
         let ids = self
@@ -1077,6 +1096,8 @@ impl State {
                     protocol: s.config.protocol.to_string(),
                     snat: s.snat.iter().map(Ipv4Addr::to_string).collect(),
                     mss: s.mss,
+                    discovery: s.config.discovery.as_ref().map(ToString::to_string),
+                    discovery_error: s.discovery_error.clone(),
                     slow_start_ms: (!s.config.slow_start.is_zero())
                         .then_some(s.config.slow_start.as_millis() as u64),
                     backends: s
@@ -1090,6 +1111,11 @@ impl State {
                                 healthy: b.tracker.healthy,
                                 suspect: b.suspect_since.is_some(),
                                 slow_start_percent: b.ramp.map(|r| r.published.percent()),
+                                source: if s.config.discovered.contains(&b.address) {
+                                    BackendSource::Dns
+                                } else {
+                                    BackendSource::Config
+                                },
                                 active_flows: b.active_flows,
                                 snat_ports_in_use: b.snat_ports_in_use,
                                 new_flows: stats.new_flows,

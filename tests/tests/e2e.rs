@@ -181,6 +181,147 @@ fn a_recovered_backend_ramps_up_over_slow_start() {
     assert!(shown.contains("slow_start 6.0s"), "{shown}");
 }
 
+/// The balancer namespace's own resolver files: `ip netns exec` mounts /etc/netns/NAME/* over
+/// /etc, so the daemon resolves with them as it would with the host's. The resolver points at
+/// a port nobody serves, so no query leaves the namespace; removed with the test.
+struct NetnsResolver {
+    dir: std::path::PathBuf,
+}
+
+impl NetnsResolver {
+    fn new(netns: &str) -> NetnsResolver {
+        let dir = std::path::PathBuf::from("/etc/netns").join(netns);
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        )
+        .expect("write resolv.conf");
+        let resolver = NetnsResolver { dir };
+        resolver.hosts(&[]);
+        resolver
+    }
+
+    /// Writes the hosts file in place (the mount follows the file, not its name): `api` has
+    /// `addrs`.
+    fn hosts(&self, addrs: &[std::net::Ipv4Addr]) {
+        let mut text = String::from("127.0.0.1 localhost\n");
+        for a in addrs {
+            text += &format!("{a} api\n");
+        }
+        std::fs::write(self.dir.join("hosts"), text).expect("write hosts");
+    }
+}
+
+impl Drop for NetnsResolver {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Backends from DNS, as compose registers replicas: the service lists none and takes every
+/// A record of `api`. Two replicas at start share the load; `lb set-weight` on one outlives
+/// re-resolution; a third is picked up once probed; one removed from DNS takes no new flows
+/// and terminates; a failing resolution keeps the backends there are.
+#[test]
+fn backends_from_dns_follow_the_name() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 3);
+    let _servers: Vec<Child> = (0..3).map(|i| start_server(&topo, i)).collect();
+    let resolver = NetnsResolver::new(&topo.lb.name);
+    let [a1, a2, a3] = [0, 1, 2].map(|i| topo.backend_addrs[i]);
+    resolver.hosts(&[a1, a2]);
+    let interfaces: Vec<String> = topo
+        .lb_interfaces
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect();
+    let config = format!(
+        "interfaces = [{}]\n[flows]\ncapacity = 65536\n[[service]]\nname = \"api\"\nvip = \"{VIP}:80\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n\
+         [service.discovery]\ndns = \"api:{BACKEND_PORT}\"\ninterval = \"300ms\"\n",
+        interfaces.join(", ")
+    );
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    let b = |a: std::net::Ipv4Addr| format!("{a}:{BACKEND_PORT}");
+    let backends = |balancer: &Balancer| -> Vec<(String, String, bool)> {
+        let status = balancer.status();
+        status["services"][0]["backends"]
+            .as_array()
+            .expect("backends")
+            .iter()
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap_or_default().to_owned(),
+                    b["source"].as_str().unwrap_or_default().to_owned(),
+                    b["healthy"] == true,
+                )
+            })
+            .collect()
+    };
+    let shown = backends(&balancer);
+    assert_eq!(
+        shown,
+        [(b(a1), "dns".into(), true), (b(a2), "dns".into(), true)],
+        "at start"
+    );
+    let (counts, failed) = tally(&http_requests(&topo, 100), 3);
+    println!("two replicas from DNS: {counts:?}, {failed} failed");
+    assert!(
+        failed == 0 && counts[0] > 0 && counts[1] > 0 && counts[2] == 0,
+        "{counts:?}"
+    );
+
+    cli_ok(&balancer, &["set-weight", "api", &b(a2), "3"]);
+    resolver.hosts(&[a1, a2, a3]);
+    balancer.wait_until(Duration::from_secs(5), "the third replica up", |bal| {
+        backends(bal).contains(&(b(a3), "dns".into(), true))
+    });
+    assert_eq!(
+        balancer.backend("api", &b(a2))["weight"],
+        3,
+        "set-weight outlived re-resolution"
+    );
+    let (counts, failed) = tally(&http_requests(&topo, 150), 3);
+    println!("three replicas, the second at weight 3: {counts:?}, {failed} failed");
+    assert!(failed == 0 && counts.iter().all(|&c| c > 0), "{counts:?}");
+    assert!(counts[1] > counts[0] && counts[1] > counts[2], "{counts:?}");
+
+    resolver.hosts(&[a2, a3]);
+    balancer.wait_until(Duration::from_secs(5), "the first replica gone", |bal| {
+        !backends(bal).iter().any(|(a, _, _)| *a == b(a1))
+    });
+    let leaving = balancer.status()["terminating"].clone();
+    assert!(
+        leaving.to_string().contains(&b(a1)),
+        "terminating: {leaving}"
+    );
+    let (counts, failed) = tally(&http_requests(&topo, 100), 3);
+    println!("the first replica removed from DNS: {counts:?}, {failed} failed");
+    assert_eq!((counts[0], failed), (0, 0), "{counts:?}");
+
+    // The name stops resolving: the service keeps its backends and says why.
+    resolver.hosts(&[]);
+    balancer.wait_until(Duration::from_secs(5), "the failure shown", |bal| {
+        bal.status()["services"][0]["discovery_error"].is_string()
+    });
+    assert_eq!(backends(&balancer).len(), 2);
+    let (_, failed) = tally(&http_requests(&topo, 50), 3);
+    assert_eq!(failed, 0);
+    let shown = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
+    assert!(
+        shown.contains(&format!("discovery api:{BACKEND_PORT} (failing")),
+        "{shown}"
+    );
+    resolver.hosts(&[a2, a3]);
+    balancer.wait_until(
+        Duration::from_secs(5),
+        "the discovery answering again",
+        |bal| bal.status()["services"][0]["discovery_error"].is_null(),
+    );
+}
+
 #[test]
 fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);
