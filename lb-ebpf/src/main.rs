@@ -1,6 +1,7 @@
-//! The XDP load balancer: parse, look up, choose, rewrite, forward. Each stage is a module and
-//! returns `Result<T, Verdict>`: `Ok` carries the packet on, `Err` ends it with a counted verdict.
-//! Traffic that is not a service's passes to the kernel untouched.
+//! The load balancer's data path: parse, look up, choose, rewrite, forward. Each stage is a
+//! module and returns `Result<T, Verdict>`: `Ok` carries the packet on, `Err` ends it with a
+//! counted verdict. Traffic that is not a service's passes to the kernel untouched. Each hook
+//! has an entry module of its own (`xdp.rs`), over the shared stages and maps.
 #![no_std]
 #![no_main]
 // The target's core has no atomic read-modify-write types; the intrinsic lowers to BPF_ATOMIC.
@@ -29,11 +30,9 @@ mod suspect;
 mod tcp_options;
 mod timestamps;
 mod too_big;
+mod xdp;
 
-use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
-use lb_common::{DropReason, PassReason, conntrack::tcp_flags_valid};
-
-use crate::{flow::Flow, forward::NoHop, parse::Packet};
+use lb_common::{DropReason, PassReason};
 
 /// What happens to a packet, and why.
 #[derive(Clone, Copy)]
@@ -50,7 +49,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn action(&self) -> u32 {
+    pub fn action(&self) -> u32 {
         use aya_ebpf::bindings::xdp_action;
         match self {
             Verdict::Pass(_) => xdp_action::XDP_PASS,
@@ -62,111 +61,10 @@ impl Verdict {
 
     /// Counts the verdict and gives its XDP action.
     #[inline(always)]
-    fn counted(self) -> u32 {
+    pub fn counted(self) -> u32 {
         stats::count_verdict(&self);
         self.action()
     }
-}
-
-/// `balance_apart`'s answer for a packet too big for its next hop: this bit, with the MTU.
-const TOO_BIG: u32 = 1 << 31;
-
-/// The entry point sends each packet down one of four paths, each a BPF function with a stack
-/// frame of its own: the verifier limits a chain of calls to 512 bytes of stack, and the
-/// balancing path (with the SNAT allocator it calls) takes all of it. The entry point itself
-/// keeps nothing on the stack.
-#[xdp]
-pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    if parse::is_icmp(&ctx) {
-        return icmp::handle_apart(ctx.ctx);
-    }
-    if parse::is_later_fragment(&ctx) {
-        return fragments::follow_apart(ctx.ctx);
-    }
-    let action = balance_apart(ctx.ctx);
-    if action & TOO_BIG != 0 {
-        return too_big::answer_apart(ctx.ctx, action as u16);
-    }
-    action
-}
-
-/// Parse, look up, choose, rewrite and forward: the XDP action, counted, or TOO_BIG and the
-/// MTU for a packet too big for its next hop (uncounted, rewritten).
-#[inline(never)]
-fn balance_apart(ctx: *mut xdp_md) -> u32 {
-    let ctx = XdpContext::new(ctx);
-    match process(&ctx) {
-        Ok(Verdict::TooBig(mtu)) | Err(Verdict::TooBig(mtu)) => TOO_BIG | u32::from(mtu),
-        Ok(verdict) | Err(verdict) => verdict.counted(),
-    }
-}
-
-#[inline(always)]
-fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = parse::packet(ctx)?;
-    let result = balance(ctx, &pkt);
-    if let Err(Verdict::Drop(reason)) = result {
-        debug_log::drop(ctx, &pkt, reason);
-    }
-    result
-}
-
-#[inline(always)]
-fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
-    let flow = match flow::lookup(pkt)? {
-        Some(flow) => flow,
-        None => {
-            let flow = new_flow(ctx, pkt)?;
-            debug_log::new_flow(ctx, pkt, flow.nat());
-            flow
-        }
-    };
-    check_ttl(pkt)?;
-    let timestamps = if pkt.is_tcp() {
-        mss::clamp(ctx, pkt, flow.nat());
-        timestamps::translate(ctx, pkt, flow.nat())
-    } else {
-        Default::default()
-    };
-    nat::rewrite(pkt, flow.nat(), timestamps);
-    stats::count_backend(flow.nat().backend_id, pkt.len);
-    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, flow.entry()) {
-        Ok(hop) => hop,
-        Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
-        Err(NoHop::Verdict(verdict)) => return Err(verdict),
-    };
-    if let Some(id) = pkt.first_fragment_id() {
-        fragments::remember_apart(&pkt.key, id);
-    }
-    forward::send(ctx, pkt.eth, pkt.ip, &hop)
-}
-
-/// A packet with no flow: find its service, choose a backend, record the flow both ways. A
-/// TCP segment that cannot open one is answered with an RST.
-#[inline(always)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
-    let svc = service::lookup(pkt)?;
-    if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
-        return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
-    }
-    if pkt.is_tcp() && !pkt.is_syn() {
-        return Err(reset::answer(ctx, pkt));
-    }
-    check_ttl(pkt)?;
-    let (backend_id, backend) = select::backend(&svc, pkt)?;
-    let flow = flow::create(ctx, pkt, &svc, backend_id, &backend)?;
-    stats::count_new_flow(backend_id);
-    Ok(flow)
-}
-
-/// A packet whose TTL would expire here goes to the kernel unchanged, which sends the ICMP error
-/// to the client (after a rewrite it would go to our own SNAT address).
-#[inline(always)]
-fn check_ttl(pkt: &Packet) -> Result<(), Verdict> {
-    if pkt.ttl() <= 1 {
-        return Err(Verdict::Pass(PassReason::TtlExpired));
-    }
-    Ok(())
 }
 
 #[cfg(not(test))]
