@@ -93,6 +93,8 @@ pub const SUSPECT_PROBES: u32 = 8;
 
 /// Datagrams whose fragments FRAGMENTS follows at once (least recently used go first).
 pub const FRAGMENTS_CAPACITY: u32 = 16384;
+/// Host sockets the socket hooks remember the VIP of (LRU: the oldest go first).
+pub const SOCK_REVERSE_CAPACITY: u32 = 65536;
 /// How long after its first fragment a datagram's later fragments are followed: fragments of
 /// one datagram arrive within milliseconds; a reused IP identification must not inherit the
 /// rewrite long after.

@@ -126,8 +126,13 @@ pub const STAT_FIRST_FRAGMENTS: u32 = 144;
 pub const STAT_FRAGMENTS_FOLLOWED: u32 = 145;
 /// SYNs and SYN-ACKs whose announced MSS was lowered to their service's `mss` (`mss.rs`).
 pub const STAT_MSS_CLAMPED: u32 = 146;
+/// Connects and datagrams of host clients to a VIP sent to a backend by the socket hooks
+/// (`sock.rs`) ...
+pub const STAT_HOST_BALANCED: u32 = 147;
+/// ... and those left to the VIP for want of a backend.
+pub const STAT_HOST_NO_BACKEND: u32 = 148;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 17] = [
+pub const EVENTS: [(u32, &str); 19] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -145,6 +150,8 @@ pub const EVENTS: [(u32, &str); 17] = [
     (STAT_FIRST_FRAGMENTS, "first_fragments"),
     (STAT_FRAGMENTS_FOLLOWED, "fragments_followed"),
     (STAT_MSS_CLAMPED, "mss_clamped"),
+    (STAT_HOST_BALANCED, "host_balanced"),
+    (STAT_HOST_NO_BACKEND, "host_no_backend"),
 ];
 
 impl PassReason {

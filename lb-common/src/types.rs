@@ -43,6 +43,40 @@ impl Be16 {
     }
 }
 
+/// Key of SOCK_REVERSE: a socket on the host that a socket hook balanced (its cookie) and the
+/// backend it was sent to, as the kernel then reports the peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub addr: Be32,
+    pub port: Be16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+
+/// Value of SOCK_REVERSE: the address the application asked for (a VIP, or a loopback address
+/// for a VIP on a host address), shown to it in place of the backend's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockVip {
+    pub addr: Be32,
+    pub port: Be16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockVip>() == 8);
+
+/// Key of HOST_PORTS: a port and protocol that a service has on a host address, which host
+/// clients may also reach at a loopback address (as a published port answers on localhost).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostPortKey {
+    pub port: Be16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<HostPortKey>() == 4);
+
 /// Key of FRAGMENTS: a fragmented datagram, as its fragments arrive (RFC 791's reassembly
 /// key: addresses, protocol and IP identification).
 #[repr(C)]
@@ -252,6 +286,12 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragmentKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SockVip {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HostPortKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragmentValue {}
     // SAFETY: as above.

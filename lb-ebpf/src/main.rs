@@ -25,6 +25,7 @@ mod reset;
 mod select;
 mod service;
 mod snat;
+mod sock;
 mod stats;
 mod suspect;
 mod tcp_options;

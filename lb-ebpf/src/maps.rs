@@ -1,7 +1,7 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
 //! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, SUSPECT marks and the
-//! counters (EXPIRY, the timer, is in `expiry.rs`). Sizes marked "set at load" are overridden by
+//! counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks SOCK_REVERSE. Sizes marked "set at load" are overridden by
 //! the daemon.
 
 use aya_ebpf::{
@@ -10,10 +10,10 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FRAGMENTS_CAPACITY,
-    FlowCounts, FlowKey, FlowValue, FragmentKey, FragmentValue, Iface, MAX_BACKENDS,
-    MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STATS_SLOTS,
-    Service, ServiceKey, TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS,
-    reset::ResetBudget,
+    FlowCounts, FlowKey, FlowValue, FragmentKey, FragmentValue, HostPortKey, Iface, MAX_BACKENDS,
+    MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
+    SOCK_REVERSE_CAPACITY, STATS_SLOTS, Service, ServiceKey, SockKey, SockVip, TCP_OPTIONS_MAX,
+    conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
@@ -118,6 +118,23 @@ pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_INTERFACE
 #[map]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
 
+/// A host socket the socket hooks balanced and its backend -> the address the application
+/// asked for (`sock.rs`): getpeername and recvmsg show it that. Hooks only; pinned, so that a
+/// connection made before a restart still shows its VIP.
+#[map]
+pub static SOCK_REVERSE: LruHashMap<SockKey, SockVip> =
+    LruHashMap::with_max_entries(SOCK_REVERSE_CAPACITY, 0);
+
+/// A service's port and protocol on a host address -> that address: the socket hooks balance
+/// host clients reaching it at a loopback address too. Daemon writes.
+#[map]
+pub static HOST_PORTS: HashMap<HostPortKey, Be32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// The network namespace (its cookie) of the daemon, the only one the socket hooks act in:
+/// cgroup hooks run in every namespace. 0: they act nowhere. Set at load.
+#[unsafe(no_mangle)]
+static HOST_NETNS_COOKIE: u64 = 0;
+
 /// First SNAT source port. Set at load.
 #[unsafe(no_mangle)]
 static SNAT_PORT_MIN: u32 = 10000;
@@ -137,6 +154,12 @@ static TS_CLOCK_OFFSET_MS: u32 = 0;
 /// conntrack state -> how long a connection in it lives without traffic. Set at load.
 #[unsafe(no_mangle)]
 static STATE_TIMEOUT_NS: [u64; STATE_SLOTS] = [0; STATE_SLOTS];
+
+#[inline(always)]
+pub fn host_netns_cookie() -> u64 {
+    // SAFETY: as `setting`'s.
+    unsafe { core::ptr::read_volatile(&HOST_NETNS_COOKIE) }
+}
 
 /// Reads a load-time setting. Volatile, or the compiler folds in the default above.
 #[inline(always)]

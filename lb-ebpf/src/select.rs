@@ -15,7 +15,6 @@ use crate::{
 
 #[inline(always)]
 pub fn backend(svc: &Service, pkt: &Packet) -> Result<(u32, Backend), Verdict> {
-    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let k = &pkt.key;
     let hash = flow_hash(
         k.src_addr.0,
@@ -24,6 +23,13 @@ pub fn backend(svc: &Service, pkt: &Packet) -> Result<(u32, Backend), Verdict> {
         k.dst_port.0,
         k.proto,
     );
+    for_hash(svc, hash)
+}
+
+/// The backend of the table slot `hash` picks.
+#[inline(always)]
+pub fn for_hash(svc: &Service, hash: u32) -> Result<(u32, Backend), Verdict> {
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let size = maglev_size();
     let slot = hash.checked_rem(size).ok_or(inconsistent)?;
     let mut id = *MAGLEV

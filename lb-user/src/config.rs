@@ -76,7 +76,21 @@ pub struct Config {
     /// Slots of each service's Maglev table (prime).
     pub maglev_table_size: u32,
     pub flows: FlowSettings,
+    /// Which host processes the socket hooks balance.
+    pub host: HostCgroup,
     pub services: Vec<ServiceConfig>,
+}
+
+/// `[host] cgroup`: the cgroup v2 directory whose processes' connections to a VIP are balanced
+/// by the socket hooks (its descendants' too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HostCgroup {
+    /// The root of the cgroup v2 mount: every process on the host.
+    #[default]
+    Root,
+    Dir(PathBuf),
+    /// `cgroup = "off"`: host clients are not balanced.
+    Off,
 }
 
 /// `[flows]`: the flow table and SNAT.
@@ -486,8 +500,15 @@ struct RawConfig {
     interfaces: Option<Spanned<Vec<Spanned<String>>>>,
     maglev_table_size: Option<Spanned<i64>>,
     flows: Option<RawFlows>,
+    host: Option<RawHost>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    cgroup: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -819,10 +840,25 @@ impl Checker<'_> {
         let services = (raw.service.into_iter().enumerate())
             .map(|(index, service)| self.service(index, service, &mut seen))
             .collect::<Result<Vec<_>, _>>()?;
+        let host = match raw.host.and_then(|h| h.cgroup) {
+            None => HostCgroup::Root,
+            Some(dir) if dir.get_ref() == "off" => HostCgroup::Off,
+            Some(dir) if dir.get_ref().starts_with('/') => {
+                HostCgroup::Dir(PathBuf::from(dir.get_ref()))
+            }
+            Some(dir) => {
+                let message = format!(
+                    "[host] cgroup \"{}\" is not an absolute path (a cgroup v2 directory) or \"off\"",
+                    dir.get_ref()
+                );
+                return self.fail(dir.span(), "cgroup", message);
+            }
+        };
         Ok(Config {
             interfaces,
             maglev_table_size: size,
             flows,
+            host,
             services,
         })
     }
@@ -1252,6 +1288,8 @@ tcp_half_closed_timeout = "90s"
 tcp_closing_timeout = "10s"
 udp_unreplied_timeout = "20s"
 udp_idle_timeout = "30s"
+[host]
+cgroup = "/sys/fs/cgroup/lb-clients"
 [[service]]
 name = "web"
 vip = "198.18.100.1:80"
@@ -1345,6 +1383,7 @@ weight = 4
                     udp_replied: Duration::from_secs(30),
                 },
             },
+            host: HostCgroup::Dir(PathBuf::from("/sys/fs/cgroup/lb-clients")),
             services: vec![ServiceConfig {
                 name: "web".to_owned(),
                 vip: addr("198.18.100.1:80"),
@@ -1554,6 +1593,25 @@ weight = 70000
             let err = assert_error(&text(lines), fragment);
             assert!(err.to_string().contains(fragment), "{lines}: {err}");
         }
+    }
+
+    #[test]
+    fn host_cgroup_is_a_path_or_off() {
+        let host = |text: &str| {
+            Config::parse(&format!("interfaces = [\"eth0\"]\n{text}"), "lb.toml")
+                .map(|c| c.host)
+                .ok()
+        };
+        assert_eq!(host(""), Some(HostCgroup::Root));
+        assert_eq!(host("[host]\ncgroup = \"off\"\n"), Some(HostCgroup::Off));
+        assert_error(
+            "interfaces = [\"eth0\"]\n[host]\ncgroup = \"lb\" # <- cgroup\n",
+            "not an absolute path",
+        );
+        assert_error(
+            "interfaces = [\"eth0\"]\n[host]\nbalance = true # <- balance\n",
+            "unknown field",
+        );
     }
 
     #[test]

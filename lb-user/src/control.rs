@@ -134,6 +134,9 @@ impl Response {
 pub struct Status {
     pub services: Vec<ServiceStatus>,
     pub interfaces: Vec<InterfaceStatus>,
+    /// The socket hooks for clients on the host.
+    #[serde(default)]
+    pub host: HostStatus,
     pub flows: FlowTableStatus,
     /// Packets per pass/drop reason and forwarding action, and events.
     pub counters: std::collections::BTreeMap<String, u64>,
@@ -217,6 +220,26 @@ pub struct BackendStatus {
     /// Why the last health check failed, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// The socket hooks for clients on the host: where they are attached, or why not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why_not: Option<String>,
+}
+
+impl HostStatus {
+    pub fn off(why: &str) -> HostStatus {
+        HostStatus {
+            why_not: Some(why.to_owned()),
+            ..HostStatus::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -428,6 +451,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
             }],
         }],
         interfaces: vec![],
+        host: HostStatus::off("[host] cgroup = \"off\""),
         flows: FlowTableStatus {
             entries: 14,
             capacity: 1024,

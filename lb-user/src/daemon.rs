@@ -12,8 +12,8 @@ use std::{
 use tokio::{io::BufReader, net::UnixStream, signal::unix::SignalKind};
 
 use crate::{
-    config::{BackendConfig, Config, DiscoveryConfig, HealthConfig, ServiceConfig},
-    control::{self, InterfaceStatus, Request, Response},
+    config::{BackendConfig, Config, DiscoveryConfig, HealthConfig, HostCgroup, ServiceConfig},
+    control::{self, HostStatus, InterfaceStatus, Request, Response},
     dataplane::{Dataplane, DataplaneError, LoadSettings},
     discovery, health,
     layout::{self, PlacedService},
@@ -167,6 +167,7 @@ async fn start(
     discover_at_start(&mut config.services).await;
     let placed = initial_services(&config, &digest, &opts.state_dir)?;
     let interfaces = config.interfaces.clone();
+    let config_host = config.host.clone();
     let mut state = State::new(
         dataplane,
         config,
@@ -197,6 +198,7 @@ async fn start(
             mode: "native".into(),
         });
     }
+    state.host = attach_host(&mut state.dataplane, &config_host, &opts.bpffs)?;
     let attached: Vec<u32> = state.interfaces.iter().map(|i| i.ifindex).collect();
     state.dataplane.retain_interfaces(&attached)?;
     for name in state.dataplane.detach_others(&interfaces)? {
@@ -206,6 +208,50 @@ async fn start(
         log::warn!("{warning}");
     }
     Ok(state)
+}
+
+/// Attaches the socket hooks for clients on the host as `[host]` says; says what it did.
+fn attach_host(
+    dataplane: &mut Dataplane,
+    host: &HostCgroup,
+    bpffs: &std::path::Path,
+) -> Result<HostStatus, DaemonError> {
+    let cgroup = match host {
+        HostCgroup::Off => {
+            let _ = crate::pins::remove_host_links(bpffs);
+            return Ok(HostStatus::off("[host] cgroup = \"off\""));
+        }
+        HostCgroup::Dir(dir) => dir.clone(),
+        HostCgroup::Root => match crate::host::default_cgroup() {
+            Some(dir) => dir,
+            None => {
+                let _ = crate::pins::remove_host_links(bpffs);
+                log::warn!(
+                    "clients on this host are not balanced: no cgroup v2 mount at /sys/fs/cgroup; set [host] cgroup"
+                );
+                return Ok(HostStatus::off("no cgroup v2 mount found"));
+            }
+        },
+    };
+    if !crate::host::is_cgroup2(&cgroup) {
+        return Err(DaemonError::Dataplane(DataplaneError::Cgroup {
+            path: cgroup.display().to_string(),
+            message: "not a cgroup v2 directory ([host] cgroup)".into(),
+        }));
+    }
+    dataplane.attach_host(&cgroup)?;
+    log::info!(
+        "clients on this host in cgroup {} are balanced at connect time (socket hooks)",
+        cgroup.display()
+    );
+    Ok(HostStatus {
+        cgroup: Some(cgroup.display().to_string()),
+        hooks: crate::dataplane::HOST_PROGRAMS
+            .iter()
+            .map(|p| p.trim_start_matches("lb_").to_owned())
+            .collect(),
+        why_not: None,
+    })
 }
 
 /// Probes backends at once; results by address.
@@ -704,6 +750,9 @@ fn restart_needed(running: &Config, new: &Config) -> Option<String> {
     }
     if running.flows != new.flows {
         differ.push("[flows]");
+    }
+    if running.host != new.host {
+        differ.push("[host]");
     }
     (!differ.is_empty()).then(|| {
         format!(

@@ -11,15 +11,16 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
 use lb_common::{
     Backend, BackendStats, Be16, Be32, DropReason, FLOW_PORT_RELEASED, FLOW_REVERSE, FlowCounts,
-    FlowKey, FlowValue, IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_POOL_MAX,
-    SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service, ServiceKey,
+    FlowKey, FlowValue, HostPortKey, IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason,
+    SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service,
+    ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED,
@@ -32,6 +33,13 @@ use crate::{map_batch, pins};
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 const PROGRAM: &str = "lb_xdp";
+/// The socket hooks for clients on the host itself (lb-ebpf's `sock.rs`).
+pub const HOST_PROGRAMS: [&str; 4] = [
+    "lb_connect4",
+    "lb_sendmsg4",
+    "lb_recvmsg4",
+    "lb_getpeername4",
+];
 /// Arms the in-kernel expiry timer (lb-ebpf's expiry.rs); run once, never attached.
 const EXPIRY_ARM_PROGRAM: &str = "lb_expiry_arm";
 
@@ -111,12 +119,14 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya::EbpfError>,
     },
-    #[error("interface {name}: pinning its XDP link in {dir}: {message}")]
+    #[error("{name}: pinning its link in {dir}: {message}")]
     PinLink {
         name: String,
         dir: String,
         message: String,
     },
+    #[error("cgroup {path}: {message}")]
+    Cgroup { path: String, message: String },
 }
 
 /// Settings fixed when the program is loaded.
@@ -212,6 +222,8 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey, Service>,
     /// SERVICES' addresses (`sync_vips`).
     vips: HashMap<MapData, Be32, u32>,
+    /// SERVICES' ports on host addresses (`sync_vips`).
+    host_ports: HashMap<MapData, HostPortKey, Be32>,
     backends: Array<MapData, Backend>,
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
@@ -282,6 +294,8 @@ impl Dataplane {
         let port_count = u32::from(settings.snat_port_max) - port_min + 1;
         let state_timeouts = settings.timeouts.by_state();
         let ts_clock_offset = ts_clock_offset_ms();
+        // Without it (a kernel before 5.14) the socket hooks act nowhere.
+        let netns_cookie = crate::host::netns_cookie().unwrap_or(0);
         let mut loader = EbpfLoader::new();
         loader
             .override_global("SNAT_PORT_MIN", &port_min, true)
@@ -290,6 +304,7 @@ impl Dataplane {
             .override_global("CPU_COUNT", &cpus, true)
             .override_global("STATE_TIMEOUT_NS", &state_timeouts, true)
             .override_global("TS_CLOCK_OFFSET_MS", &ts_clock_offset, true)
+            .override_global("HOST_NETNS_COOKIE", &netns_cookie, true)
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
             .map_max_entries("FLOWS", settings.flow_capacity);
         let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
@@ -324,9 +339,18 @@ impl Dataplane {
             })?;
         arm.load()
             .map_err(|source| DataplaneError::Program { source })?;
+        for name in HOST_PROGRAMS {
+            let hook: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DataplaneError::MissingProgram { name })?;
+            hook.load()
+                .map_err(|source| DataplaneError::Program { source })?;
+        }
         let mut dataplane = Self {
             services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             vips: map(&mut ebpf, "VIPS", HashMap::try_from)?,
+            host_ports: map(&mut ebpf, "HOST_PORTS", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
             maglev: map(&mut ebpf, "MAGLEV", Array::try_from)?,
             flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
@@ -790,6 +814,88 @@ impl Dataplane {
         }
         for vip in want.iter().filter(|v| !have.contains(v)) {
             self.vips.insert(vip, &1, 0).map_err(in_map("VIPS"))?;
+        }
+        self.sync_host_ports()
+    }
+
+    /// Makes HOST_PORTS hold the ports of services whose VIP is a host address.
+    fn sync_host_ports(&mut self) -> Result<(), DataplaneError> {
+        let want: StdHashMap<HostPortKey, Be32> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| crate::host::is_host_address(Ipv4Addr::from(k.vip.to_bytes())))
+            .map(|k| {
+                let key = HostPortKey {
+                    port: k.port,
+                    proto: k.proto,
+                    _pad: 0,
+                };
+                (key, k.vip)
+            })
+            .collect();
+        let have: Vec<HostPortKey> = self.host_ports.keys().filter_map(Result::ok).collect();
+        for key in have.iter().filter(|k| !want.contains_key(k)) {
+            match self.host_ports.remove(key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(in_map("HOST_PORTS")(source)),
+            }
+        }
+        for (key, vip) in &want {
+            self.host_ports
+                .insert(key, vip, 0)
+                .map_err(in_map("HOST_PORTS"))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the socket hooks to the cgroup v2 directory `cgroup`, so that its processes'
+    /// connections to a VIP are balanced. Pinned like the XDP links: the new links are pinned
+    /// in place of an earlier daemon's, which then detach (for a moment both run; the second
+    /// finds no VIP left to balance).
+    pub fn attach_host(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        let attach_error = |e: ProgramError| DataplaneError::Cgroup {
+            path: cgroup.display().to_string(),
+            message: format!("attaching the socket hooks: {e}"),
+        };
+        let dir = std::fs::File::open(cgroup).map_err(|e| DataplaneError::Cgroup {
+            path: cgroup.display().to_string(),
+            message: e.to_string(),
+        })?;
+        for name in HOST_PROGRAMS {
+            let hook: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DataplaneError::MissingProgram { name })?;
+            let id = hook
+                // A cgroup link runs beside others whatever the mode; the kernel wants none.
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            let link = hook.take_link(id).map_err(attach_error)?;
+            let link = FdLink::try_from(link).map_err(|e| DataplaneError::Cgroup {
+                path: cgroup.display().to_string(),
+                message: format!("not a BPF link ({e}); socket hooks need Linux 5.7 or later"),
+            })?;
+            let Some(pins) = self.pin_dir.clone() else {
+                self.pinned_links.push((name.to_owned(), link));
+                continue;
+            };
+            let pin_error = |message: String| DataplaneError::PinLink {
+                name: name.to_owned(),
+                dir: pins.display().to_string(),
+                message,
+            };
+            let path = pins::host_link_path(&pins, name);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(pin_error(e.to_string()));
+                }
+                _ => {}
+            }
+            let pinned = link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
+            self.pinned_links
+                .push((name.to_owned(), FdLink::from(pinned)));
         }
         Ok(())
     }

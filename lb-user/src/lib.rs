@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
 pub mod health;
+pub mod host;
 pub mod layout;
 pub mod maglev;
 pub mod map_batch;

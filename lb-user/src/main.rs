@@ -712,6 +712,15 @@ fn render(status: &Status) -> String {
         .map(|i| format!("{} ({})", i.name, i.mode))
         .collect();
     let _ = writeln!(out, "interfaces: {}", ifaces.join(", "));
+    let _ = match (&status.host.cgroup, &status.host.why_not) {
+        (Some(cgroup), _) => writeln!(
+            out,
+            "host clients: balanced in cgroup {cgroup} ({})",
+            status.host.hooks.join(", ")
+        ),
+        (None, Some(why)) => writeln!(out, "host clients: not balanced ({why})"),
+        (None, None) => Ok(()),
+    };
     let _ = writeln!(
         out,
         "flow table: {} of {} entries",

@@ -1,5 +1,5 @@
-//! The daemon's pins on a bpf filesystem: one file per map (by its name) and one XDP link per
-//! interface (`link_<name>`). Pinned, the maps and the attachment outlive the daemon: stopping
+//! The daemon's pins on a bpf filesystem: one file per map (by its name), one XDP link per
+//! interface (`link_<name>`) and one link per socket hook (`host_<hook>`). Pinned, the maps and the attachment outlive the daemon: stopping
 //! it leaves forwarding running, and the next daemon adopts them. `remove` ends all of it.
 
 use std::{
@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 19] = [
+pub const MAP_NAMES: [&str; 21] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -31,8 +31,12 @@ pub const MAP_NAMES: [&str; 19] = [
     "EXPIRY",
     "IFACES",
     "TX_PORTS",
+    // A host connection made before a restart still shows its VIP.
+    "SOCK_REVERSE",
+    "HOST_PORTS",
 ];
 const LINK_PREFIX: &str = "link_";
+const HOST_LINK_PREFIX: &str = "host_";
 /// statfs(2)'s f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -91,6 +95,34 @@ pub fn link_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("{LINK_PREFIX}{interface}"))
 }
 
+/// The pin of socket hook `program`'s link.
+pub fn host_link_path(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("{HOST_LINK_PREFIX}{program}"))
+}
+
+/// Unpins the socket hooks' links (detaching them once no process holds them). Returns how
+/// many there were.
+pub fn remove_host_links(dir: &Path) -> Result<usize, PinError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_error(dir)(e)),
+    };
+    let mut removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(HOST_LINK_PREFIX))
+        {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Interfaces with a pinned link in `dir`.
 pub fn pinned_interfaces(dir: &Path) -> Result<Vec<String>, PinError> {
     let entries = match std::fs::read_dir(dir) {
@@ -130,6 +162,7 @@ pub fn remove_links_except(dir: &Path, keep: &[String]) -> Result<Vec<String>, P
 /// interfaces detached.
 pub fn remove(dir: &Path) -> Result<Vec<String>, PinError> {
     let detached = remove_links_except(dir, &[])?;
+    remove_host_links(dir)?;
     for name in MAP_NAMES {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
@@ -159,14 +192,20 @@ mod tests {
     fn links_are_found_by_interface_and_others_removed() {
         let dir = std::env::temp_dir().join(format!("lb-pins-links-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        for f in ["link_eth0", "link_eth1", "FLOWS", "STATS"] {
+        for f in [
+            "link_eth0",
+            "link_eth1",
+            "host_lb_connect4",
+            "FLOWS",
+            "STATS",
+        ] {
             std::fs::write(dir.join(f), b"").expect("file");
         }
         assert_eq!(pinned_interfaces(&dir).expect("list"), ["eth0", "eth1"]);
         let gone = remove_links_except(&dir, &["eth0".into()]).expect("remove");
         assert_eq!(gone, ["eth1"]);
         assert_eq!(remove(&dir).expect("remove all"), ["eth0"]);
-        assert!(!dir.exists());
+        assert!(!dir.exists(), "host links and maps went too");
         // Files lb did not pin stay, and so does their directory.
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("progs.debug"), b"").expect("file");

@@ -19,8 +19,8 @@ use crate::{
         ServiceConfig,
     },
     control::{
-        BackendSource, BackendStatus, FlowTableStatus, InterfaceStatus, Response, ServiceStatus,
-        Status, TerminatingStatus,
+        BackendSource, BackendStatus, FlowTableStatus, HostStatus, InterfaceStatus, Response,
+        ServiceStatus, Status, TerminatingStatus,
     },
     cut,
     dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, monotonic_ns},
@@ -230,6 +230,7 @@ pub struct State {
     services: Vec<ServiceState>,
     terminating: Vec<Terminating>,
     pub interfaces: Vec<InterfaceStatus>,
+    pub host: HostStatus,
     flow_entries: u64,
     /// When the count behind `flow_entries` and the active flows began.
     counted_ns: u64,
@@ -262,6 +263,7 @@ impl State {
             services: Vec::new(),
             terminating: Vec::new(),
             interfaces: Vec::new(),
+            host: HostStatus::default(),
             flow_entries: 0,
             counted_ns: 0,
             exhaustion_drops,
@@ -1128,6 +1130,7 @@ impl State {
                 })
                 .collect(),
             interfaces: self.interfaces.clone(),
+            host: self.host.clone(),
             flows: FlowTableStatus {
                 entries: self.flow_entries,
                 capacity: u64::from(self.dataplane.settings().flow_capacity),

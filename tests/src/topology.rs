@@ -170,7 +170,8 @@ impl Topology {
     /// all backends with these weights, with fast health checks.
     pub fn config(&self, weights: &[u32]) -> String {
         let mut text = format!(
-            "interfaces = [{}]\n[flows]\ncapacity = 65536\n",
+            // Socket hooks only where a test asks for them, on a cgroup of its own.
+            "interfaces = [{}]\n[host]\ncgroup = \"off\"\n[flows]\ncapacity = 65536\n",
             self.lb_interfaces
                 .iter()
                 .map(|i| format!("\"{i}\""))

@@ -322,6 +322,151 @@ fn backends_from_dns_follow_the_name() {
     );
 }
 
+/// A cgroup v2 of the test's own: a cgroup2 mount in a temporary directory (`ip netns exec`
+/// hides /sys/fs/cgroup) and a child in it that only the test's client processes join. Socket
+/// hooks attach to the child, never to the machine's root. Unmounted with the test.
+struct ClientCgroup {
+    mount: std::path::PathBuf,
+    child: std::path::PathBuf,
+}
+
+impl ClientCgroup {
+    fn new(name: &str) -> ClientCgroup {
+        let mount = std::env::temp_dir().join(format!("{name}-cgroup2"));
+        std::fs::create_dir_all(&mount).expect("create the cgroup2 mount point");
+        lb_tests::netns::run(&[
+            "mount",
+            "-t",
+            "cgroup2",
+            "none",
+            &mount.display().to_string(),
+        ]);
+        let child = mount.join(format!("{name}-clients"));
+        std::fs::create_dir_all(&child).expect("create the child cgroup");
+        ClientCgroup { mount, child }
+    }
+
+    /// `command` run in namespace `ns` by a process in the child cgroup: its output.
+    fn run_in(&self, ns: &Netns, command: &str) -> String {
+        let procs = self.child.join("cgroup.procs");
+        let script = format!(
+            "echo $$ > {} && exec ip netns exec {} sh -c '{}'",
+            procs.display(),
+            ns.name,
+            command.replace('\'', "'\\''")
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .expect("run a client in the cgroup");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for ClientCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.child);
+        let _ = std::process::Command::new("umount")
+            .arg(&self.mount)
+            .status();
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
+/// Clients on the balancer's host are balanced at connect time by the socket hooks, attached to
+/// a child cgroup the test made: the 4:6 split for curl at the VIP, the application seeing the
+/// VIP as its peer (getpeername), a UDP answer coming from the VIP (recvmsg), a VIP on a host
+/// address reached at 127.0.0.1 and its port, and nothing done to a process of the same cgroup
+/// in another network namespace.
+#[test]
+fn clients_on_the_host_are_balanced_at_connect_time() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 2);
+    let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    let cgroup = ClientCgroup::new(&topo.lb.name);
+    let config = topo.config(&[4, 6]).replace(
+        "cgroup = \"off\"",
+        &format!("cgroup = \"{}\"", cgroup.child.display()),
+    );
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    let shown = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
+    assert!(
+        shown.contains(&format!(
+            "host clients: balanced in cgroup {}",
+            cgroup.child.display()
+        )),
+        "{shown}"
+    );
+
+    let out = cgroup.run_in(
+        &topo.lb,
+        &format!(
+            "for i in $(seq 400); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
+        ),
+    );
+    let bodies: Vec<String> = out.lines().map(str::to_owned).collect();
+    let (counts, failed) = tally(&bodies, 2);
+    println!("400 connections from the balancer's host at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "{out}");
+    assert_share(&counts, 40.0, 7.0, "host clients' 4:6 split");
+    assert_eq!(counter(&balancer, "event_host_balanced"), 400);
+
+    let peer = cgroup.run_in(
+        &topo.lb,
+        &format!(
+            "python3 -c \"import socket; s = socket.create_connection(('{VIP}', 80), 2); print(s.getpeername())\""
+        ),
+    );
+    assert_eq!(peer.trim(), format!("('{VIP}', 80)"), "getpeername");
+    let answer = cgroup.run_in(
+        &topo.lb,
+        &format!(
+            "python3 -c \"import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'ping', ('{VIP}', 53)); d, a = s.recvfrom(100); print(d.decode(), a)\""
+        ),
+    );
+    let answer = answer.trim();
+    assert!(
+        (answer.starts_with("b1: ping") || answer.starts_with("b2: ping"))
+            && answer.ends_with(&format!("('{VIP}', 53)")),
+        "UDP answer: {answer:?}"
+    );
+
+    // A VIP on a host address answers on localhost too, as a published port does.
+    let (b1, b2) = (backend(&topo, 0), backend(&topo, 1));
+    cli_ok(
+        &balancer,
+        &[
+            "service",
+            "add",
+            "local",
+            "198.18.0.1:8080",
+            "--backend",
+            &b1,
+            "--backend",
+            &b2,
+        ],
+    );
+    balancer.wait_health("local", &b2, true, Duration::from_secs(5));
+    let out = cgroup.run_in(
+        &topo.lb,
+        "for i in $(seq 20); do curl -s --max-time 2 http://127.0.0.1:8080/ || echo FAIL; done",
+    );
+    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!("20 connections to 127.0.0.1:8080: {counts:?}, {failed} failed");
+    assert!(failed == 0 && counts[0] > 0 && counts[1] > 0, "{out}");
+
+    // The cgroup's processes in another namespace are the data path's, not the hooks'.
+    let before = counter(&balancer, "event_host_balanced");
+    let out = cgroup.run_in(&topo.client, &format!("curl -s --max-time 2 http://{VIP}/"));
+    let out = out.trim();
+    assert!(
+        out == "b1" || out == "b2",
+        "from the client namespace: {out:?}"
+    );
+    assert_eq!(counter(&balancer, "event_host_balanced"), before);
+}
+
 #[test]
 fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);
