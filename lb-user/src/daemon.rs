@@ -467,11 +467,7 @@ async fn discover(state: Arc<Mutex<State>>, changing: Arc<tokio::sync::Mutex<()>
     loop {
         tick.tick().await;
         let now = tokio::time::Instant::now();
-        let wanted: Vec<(String, DiscoveryConfig)> = lock(&state)
-            .service_configs()
-            .into_iter()
-            .filter_map(|s| Some((s.name, s.discovery?)))
-            .collect();
+        let wanted: Vec<(String, DiscoveryConfig)> = lock(&state).discoveries();
         due.retain(|name, _| wanted.iter().any(|(n, _)| n == name));
         for (name, d) in wanted {
             if due.get(&name).is_some_and(|&at| now < at) {

@@ -15,8 +15,8 @@ use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
     config::{
-        BackendConfig, Config, HealthConfig, HealthKind, MAX_WEIGHT, Mss, OnBackendDown,
-        ServiceConfig,
+        BackendConfig, Config, DiscoveryConfig, HealthConfig, HealthKind, MAX_WEIGHT, Mss,
+        OnBackendDown, ServiceConfig,
     },
     control::{
         BackendSource, BackendStatus, FlowTableStatus, HostStatus, InterfaceStatus, Response,
@@ -898,6 +898,14 @@ impl State {
                 }
             }
         }
+    }
+
+    /// The services that take backends from DNS, and how.
+    pub fn discoveries(&self) -> Vec<(String, DiscoveryConfig)> {
+        self.services
+            .iter()
+            .filter_map(|s| Some((s.config.name.clone(), s.config.discovery.clone()?)))
+            .collect()
     }
 
     /// Records how the last resolution of `service`'s discovery went (`None`: it answered).

@@ -389,7 +389,7 @@ fn clients_on_the_host_are_balanced_at_connect_time() {
         "cgroup = \"off\"",
         &format!("cgroup = \"{}\"", cgroup.child.display()),
     );
-    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    let mut balancer = Balancer::start(&lb_binary(), &topo, &config);
     let shown = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
     assert!(
         shown.contains(&format!(
@@ -465,6 +465,42 @@ fn clients_on_the_host_are_balanced_at_connect_time() {
         "from the client namespace: {out:?}"
     );
     assert_eq!(counter(&balancer, "event_host_balanced"), before);
+
+    // The hooks are pinned: they balance while no daemon runs, a restart takes them over
+    // without a second set, and `lb remove` ends them.
+    let twenty = format!(
+        "for i in $(seq 20); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
+    );
+    let served = |out: String| tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    let (_, failed) = served(cgroup.run_in(&topo.lb, &twenty));
+    assert_eq!(failed, 0, "host clients while no daemon runs");
+    balancer.restart();
+    let pins = balancer.bpffs.clone();
+    // `lb remove` takes the directory too, once it is empty.
+    let host_links = || {
+        std::fs::read_dir(&pins).map_or(0, |dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("host_"))
+                .count()
+        })
+    };
+    assert_eq!(host_links(), 4, "one pinned link per hook after a restart");
+    let (counts, failed) = served(cgroup.run_in(&topo.lb, &twenty));
+    assert!(
+        failed == 0 && counts.iter().sum::<usize>() == 20,
+        "after a restart: {counts:?}"
+    );
+    assert_eq!(counter(&balancer, "event_host_balanced"), before + 40);
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    let removed = balancer.remove();
+    assert!(removed.status.success(), "lb remove: {removed:?}");
+    assert_eq!(host_links(), 0);
+    let out = cgroup.run_in(
+        &topo.lb,
+        &format!("curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL"),
+    );
+    assert_eq!(out.trim(), "FAIL", "a host client after lb remove");
 }
 
 #[test]
