@@ -15,6 +15,7 @@ mod flow;
 mod flow_count;
 mod forward;
 mod fragments;
+mod frame;
 mod icmp;
 mod icmp_error;
 mod maps;

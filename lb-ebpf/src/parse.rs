@@ -1,7 +1,6 @@
 //! Stage 1, parse: Ethernet -> IPv4 (options allowed) -> TCP or UDP, into a `Packet`.
 //! Anything else passes to the kernel with its reason. Reads no maps.
 
-use aya_ebpf::programs::XdpContext;
 use lb_common::{
     Be16, Be32, FlowKey, PassReason,
     conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -9,7 +8,7 @@ use lb_common::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
-use crate::Verdict;
+use crate::{Verdict, frame::Frame};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
@@ -81,7 +80,7 @@ impl Packet {
 
 /// A pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+pub fn ptr_at<T>(ctx: &impl Frame, offset: usize) -> Option<*mut T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() > end {
@@ -92,7 +91,7 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
 
 /// The frame's IPv4 header, if it is an IPv4 frame long enough to hold one.
 #[inline(always)]
-fn ipv4_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
+fn ipv4_header(ctx: &impl Frame) -> Option<*mut Ipv4Hdr> {
     let eth: *mut EthHdr = ptr_at(ctx, 0)?;
     // SAFETY: bounds-checked by ptr_at.
     if unsafe { (*eth).ether_type } != ETH_P_IP.to_be() {
@@ -103,7 +102,7 @@ fn ipv4_header(ctx: &XdpContext) -> Option<*mut Ipv4Hdr> {
 
 /// Whether the frame is IPv4 carrying ICMP, for the entry point to send it to `icmp.rs`.
 #[inline(always)]
-pub fn is_icmp(ctx: &XdpContext) -> bool {
+pub fn is_icmp(ctx: &impl Frame) -> bool {
     // SAFETY: bounds-checked by ptr_at.
     ipv4_header(ctx).is_some_and(|ip| unsafe { (*ip).proto } == IPPROTO_ICMP)
 }
@@ -111,13 +110,13 @@ pub fn is_icmp(ctx: &XdpContext) -> bool {
 /// Whether the frame is an IPv4 fragment other than the first, for the entry point to send it
 /// to `fragments.rs`.
 #[inline(always)]
-pub fn is_later_fragment(ctx: &XdpContext) -> bool {
+pub fn is_later_fragment(ctx: &impl Frame) -> bool {
     // SAFETY: bounds-checked by ptr_at.
     ipv4_header(ctx).is_some_and(|ip| u16::from_be_bytes(unsafe { (*ip).frags }) & IP_OFFSET != 0)
 }
 
 #[inline(always)]
-pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
+pub fn packet(ctx: &impl Frame) -> Result<Packet, Verdict> {
     let pass = |reason| Verdict::Pass(reason);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(pass(PassReason::ShortEthernet))?;
     // SAFETY: bounds-checked by ptr_at. Raw field, compared with a network-order constant.
@@ -202,7 +201,7 @@ pub fn packet(ctx: &XdpContext) -> Result<Packet, Verdict> {
         tcp_header_len,
         tcp_payload_len,
         // SAFETY: a field of the context the kernel hands every XDP program.
-        ingress_ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        ingress_ifindex: ctx.ingress_ifindex(),
         data_end: ctx.data_end(),
     })
 }

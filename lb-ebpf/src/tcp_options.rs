@@ -1,10 +1,9 @@
 //! TCP options, for the stages that rewrite one (`timestamps.rs`, `mss.rs`): where an option
 //! sits in a segment whose layout is not one the caller recognises at once.
 
-use aya_ebpf::{helpers::bpf_xdp_load_bytes, programs::XdpContext};
 use lb_common::TCP_OPTIONS_MAX as OPTIONS_MAX;
 
-use crate::maps::TCP_OPTIONS;
+use crate::{frame::Frame, maps::TCP_OPTIONS};
 
 pub const TCPOPT_EOL: u8 = 0;
 pub const TCPOPT_NOP: u8 = 1;
@@ -23,7 +22,7 @@ pub const TCP_HEADER_MIN: usize = 20;
 /// path through the walk stays within a handful of states.
 #[inline(always)]
 pub fn find(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     tcp_offset: usize,
     header_len: usize,
     kind: u8,
@@ -39,8 +38,8 @@ pub fn find(
     // Off the stack, which the rest of the program fills.
     let options = TCP_OPTIONS.get_ptr_mut(0)?;
     let offset = tcp_offset + TCP_HEADER_MIN;
-    // SAFETY: the buffer holds OPTIONS_MAX >= len bytes; the helper checks the frame's bounds.
-    let copied = unsafe { bpf_xdp_load_bytes(ctx.ctx, offset as u32, options.cast(), len as u32) };
+    // The buffer holds OPTIONS_MAX >= len bytes.
+    let copied = ctx.load_bytes(offset as u32, options.cast(), len as u32);
     if copied != 0 {
         return None;
     }

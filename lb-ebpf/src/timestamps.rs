@@ -6,7 +6,7 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     FLOW_REVERSE, FLOW_TS, FlowValue, STAT_TS_CLAMPED,
     timestamps::{after, forward_add, forward_tsval, syn_tsval},
@@ -14,6 +14,7 @@ use lb_common::{
 
 use crate::{
     csum::Delta,
+    frame::Frame,
     maps::{TS_HIGH, ts_clock_offset_ms},
     parse::Packet,
     stats,
@@ -30,7 +31,7 @@ const TSECR_AT: usize = 6;
 /// The translation a new connection's flow entries carry, from its SYN: what the forward
 /// entry adds to TSval, if the SYN offers timestamps.
 #[inline(always)]
-pub fn syn_add(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
+pub fn syn_add(ctx: &impl Frame, pkt: &Packet) -> Option<u32> {
     let option = find(ctx, pkt)?;
     let client_tsval = read_u32(pkt, option + TSVAL_AT)?;
     let highest = TS_HIGH.get(0).map_or(0, |h| *h as u32);
@@ -40,7 +41,7 @@ pub fn syn_add(ctx: &XdpContext, pkt: &Packet) -> Option<u32> {
 /// Translates the segment's timestamp if its flow translates them, returning the change to
 /// fold into the L4 checksum.
 #[inline(always)]
-pub fn translate(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) -> Delta {
+pub fn translate(ctx: &impl Frame, pkt: &Packet, nat: &FlowValue) -> Delta {
     let mut delta = Delta::default();
     if nat.flags & FLOW_TS == 0 {
         return delta;
@@ -117,7 +118,7 @@ fn raise_highest(sent: u32) {
 /// The offset of the timestamp option from the TCP header's start, if the segment has one.
 /// Linux's layouts are recognised at once; any other is walked option by option.
 #[inline(always)]
-fn find(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
+fn find(ctx: &impl Frame, pkt: &Packet) -> Option<usize> {
     let header_len = pkt.tcp_header_len as usize;
     if header_len <= TCP_HEADER_MIN {
         return None;
