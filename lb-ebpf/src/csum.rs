@@ -35,6 +35,13 @@ impl Delta {
         Delta(self.0 + other.0)
     }
 
+    /// The changes as a checksum difference (a 32-bit one's-complement sum), as the kernel's
+    /// checksum helpers take it.
+    #[inline(always)]
+    pub fn sum(self) -> u32 {
+        self.0
+    }
+
     /// The checksum `check` becomes after the changes.
     #[inline(always)]
     pub fn apply(self, check: u16) -> u16 {

@@ -58,8 +58,10 @@ impl Frame for TcContext {
     #[inline(always)]
     fn ingress_ifindex(&self) -> u32 {
         let skb = self.as_ptr().cast::<__sk_buff>();
+        // At tc ingress the skb's device is the one it arrived on (and a test run sets only
+        // this one).
         // SAFETY: the context the kernel passed, valid for this run.
-        unsafe { (*skb).ingress_ifindex }
+        unsafe { (*skb).ifindex }
     }
 
     #[inline(always)]

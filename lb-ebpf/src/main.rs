@@ -29,6 +29,7 @@ mod snat;
 mod sock;
 mod stats;
 mod suspect;
+mod tc;
 mod tcp_options;
 mod timestamps;
 mod too_big;

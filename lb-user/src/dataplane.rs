@@ -11,7 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TestRun, TestRunOptions,
+        Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -33,6 +34,8 @@ use crate::{map_batch, pins};
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
 const PROGRAM: &str = "lb_xdp";
+/// The tc hook for backends in containers on a bridge (lb-ebpf's `tc.rs`).
+pub const TC_PROGRAM: &str = "lb_tc";
 /// The socket hooks for clients on the host itself (lb-ebpf's `sock.rs`).
 pub const HOST_PROGRAMS: [&str; 4] = [
     "lb_connect4",
@@ -338,6 +341,12 @@ impl Dataplane {
                 name: EXPIRY_ARM_PROGRAM,
             })?;
         arm.load()
+            .map_err(|source| DataplaneError::Program { source })?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram { name: TC_PROGRAM })?;
+        tc.load()
             .map_err(|source| DataplaneError::Program { source })?;
         for name in HOST_PROGRAMS {
             let hook: &mut CgroupSockAddr = ebpf
@@ -1083,12 +1092,46 @@ impl Dataplane {
             duration: result.duration,
         })
     }
+
+    /// Runs the tc program on `frame` through BPF_PROG_TEST_RUN, as an skb on `ifindex`'s
+    /// ingress. The action is the tc one (TC_ACT_UNSPEC as u32::MAX).
+    pub fn tc_test_run(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<TestRunOutcome, DataplaneError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        // struct __sk_buff (192 bytes): a test run may set `ifindex` (offset 40), the
+        // device the skb is on.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram { name: TC_PROGRAM })?;
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DataplaneError::TestRun { source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            frame: out,
+            duration: result.duration,
+        })
+    }
 }
 
 /// What one BPF_PROG_TEST_RUN call gave back.
 #[derive(Clone, Debug)]
 pub struct TestRunOutcome {
-    /// The XDP action of the last run.
+    /// The XDP action (or tc action) of the last run.
     pub action: u32,
     /// The frame as the last run left it.
     pub frame: Vec<u8>,

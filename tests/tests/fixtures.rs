@@ -121,8 +121,20 @@ enum Counter {
     Released(u32),
 }
 
+/// Which program a fixture runs: XDP's, or the tc one for container backends.
+#[derive(Clone, Copy, PartialEq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// tc's actions as a test run returns them.
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+
 struct Fixture {
     name: &'static str,
+    hook: Hook,
     setup: Vec<Setup>,
     settings: Option<LoadSettings>,
     /// Frames run through the program first, each with its ingress device (a fragment train's
@@ -467,6 +479,7 @@ fn fixture(
 ) -> Fixture {
     Fixture {
         name,
+        hook: Hook::Xdp,
         setup,
         settings: None,
         before: vec![],
@@ -1536,6 +1549,7 @@ fn fixtures() -> Vec<Fixture> {
     list.extend(icmp_fixtures());
     list.extend(fragment_fixtures());
     list.extend(mss_fixtures());
+    list.extend(tc_fixtures());
     count_connections(&mut list);
     list
 }
@@ -2150,6 +2164,121 @@ fn fragment_fixtures() -> Vec<Fixture> {
                 vec![(Counter::Pass(PassReason::Fragment), 1)],
             )
         },
+    ]
+}
+
+/// The tc program (lb-ebpf's `tc.rs`) on a container backend's port: a balanced flow's
+/// replies translated as XDP translates them (the same output, whole), with the checksum
+/// helpers; anything else left to the stack untouched.
+fn tc_fixtures() -> Vec<Fixture> {
+    let tc = |f: Fixture| Fixture {
+        hook: Hook::Tc,
+        ingress: "lb1",
+        ..f
+    };
+    let data = b"HTTP/1.0 200 OK\r\n\r\n";
+    let (udp_in, udp_out) = udp_reply(1, 31402, 41402);
+    let udp_none = |b: PacketBuilder| b.udp_no_checksum();
+    let clock = ts_clock_ms();
+    let (client_ts, backend_side) = (7_000_000u32, clock.wrapping_add(5_000));
+    vec![
+        tc(fixture(
+            "tc_tcp_reply_translated_and_redirected",
+            with(backends(), &[web(&[(1, 1)]), flow(41400, 1, 31400, None)]),
+            from_backend(1, 31400).ack().payload(data).build(),
+            TC_ACT_REDIRECT,
+            Some(to_client(41400).ack().payload(data).build()),
+            vec![(Counter::Redirect, 1), (Counter::Packets(1), 1)],
+        )),
+        tc(fixture(
+            "tc_tcp_reply_timestamp_translated_back",
+            with(
+                backends(),
+                &[
+                    web(&[(1, 1)]),
+                    Setup::Flow(FlowSetup {
+                        ts_add: Some(backend_side.wrapping_sub(client_ts)),
+                        ..flow_in(TCP_ESTABLISHED, 41401, 1, 31401, Some(0))
+                    }),
+                ],
+            ),
+            from_backend(1, 31401)
+                .ack()
+                .tcp_options(&options(&[&[1, 1], &ts_option(123_456, backend_side)]))
+                .payload(data)
+                .build(),
+            TC_ACT_REDIRECT,
+            Some(
+                to_client(41401)
+                    .ack()
+                    .tcp_options(&options(&[&[1, 1], &ts_option(123_456, client_ts)]))
+                    .payload(data)
+                    .build(),
+            ),
+            vec![(Counter::Redirect, 1)],
+        )),
+        tc(fixture(
+            "tc_udp_reply_translated",
+            with(
+                backends(),
+                &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 41402, 1, 31402, 0)],
+            ),
+            udp_in,
+            TC_ACT_REDIRECT,
+            Some(udp_out),
+            vec![(Counter::Redirect, 1)],
+        )),
+        tc(fixture(
+            "tc_udp_reply_without_checksum_keeps_none",
+            with(
+                backends(),
+                &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 41403, 1, 31403, 0)],
+            ),
+            udp_none(
+                pkt()
+                    .eth(B1_MAC, LB1_MAC)
+                    .ipv4(B1, SNAT)
+                    .udp(BACKEND_PORT, 31403)
+                    .payload(b"answer"),
+            )
+            .build(),
+            TC_ACT_REDIRECT,
+            Some(
+                udp_none(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ttl(63)
+                        .udp(DNS_PORT, 41403)
+                        .payload(b"answer"),
+                )
+                .build(),
+            ),
+            vec![(Counter::Redirect, 1)],
+        )),
+        tc(fixture(
+            "tc_traffic_of_no_flow_left_to_the_stack",
+            with(backends(), &[web(&[(1, 1)])]),
+            from_backend(1, 31404).ack().payload(data).build(),
+            TC_ACT_UNSPEC,
+            None,
+            vec![
+                (Counter::Pass(PassReason::NotService), 1),
+                (Counter::Redirect, 0),
+            ],
+        )),
+        tc(fixture(
+            "tc_arp_left_to_the_stack",
+            with(backends(), &[web(&[(1, 1)])]),
+            pkt()
+                .eth(B1_MAC, [0xff; 6])
+                .ethertype(0x0806)
+                .payload(&[0, 1, 8, 0, 6, 4, 0, 1])
+                .build(),
+            TC_ACT_UNSPEC,
+            None,
+            vec![(Counter::Pass(PassReason::NotIpv4), 1)],
+        )),
     ]
 }
 
@@ -3506,9 +3635,11 @@ fn run(f: &Fixture) -> Result<(), String> {
     }
     let before: Vec<u64> = f.counters.iter().map(|(c, _)| read(&dp, *c)).collect();
     let ingress = ifindex(f.ingress).map_err(|e| e.to_string())?;
-    let run = dp
-        .test_run(&f.input, ingress, 1)
-        .map_err(|e| format!("test run: {e}"))?;
+    let run = match f.hook {
+        Hook::Xdp => dp.test_run(&f.input, ingress, 1),
+        Hook::Tc => dp.tc_test_run(&f.input, ingress),
+    }
+    .map_err(|e| format!("test run: {e}"))?;
     let (action, out) = (run.action, run.frame);
     let mut errors = Vec::new();
     if action != f.action {

@@ -1,0 +1,177 @@
+//! The tc hook's entry: backends in containers on a bridge of this host. Their veths hand the
+//! host skbs with partial checksums (CHECKSUM_PARTIAL) and GSO, which native XDP cannot finish
+//! (ENGINEERING.md). At tc ingress on the bridge's ports, a balanced flow's packets (a
+//! backend's replies) are translated with the kernel's checksum helpers, which update a
+//! partial checksum by its pseudo-header alone and a full one by everything, and redirected
+//! to their egress device. Everything else goes on untouched (`TC_ACT_UNSPEC`: the next tc
+//! program, then the stack). Shares the flow table and every stage but the rewrite and the
+//! forwarding, which are the skb's own here.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_BLACKHOLE,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
+        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh},
+    macros::classifier,
+    programs::TcContext,
+};
+use lb_common::{DropReason, FlowValue, PassReason};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+
+use crate::{
+    Verdict,
+    csum::Delta,
+    flow,
+    parse::{self, IPPROTO_UDP, Packet, ptr_at},
+    stats, timestamps,
+};
+
+/// The most of a frame the stages read directly: Ethernet, the longest IPv4 and TCP headers.
+const HEADERS_MAX: u32 = 14 + 60 + 60;
+const AF_INET: u8 = 2;
+
+#[classifier]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    let verdict = match process(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count_verdict(&verdict);
+    match verdict {
+        Verdict::Pass(_) => TC_ACT_UNSPEC,
+        Verdict::Redirect(action) => action as i32,
+        Verdict::Drop(_) | Verdict::Tx | Verdict::TooBig(_) => TC_ACT_SHOT,
+    }
+}
+
+#[inline(always)]
+fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
+    // The headers may sit in the skb's fragments: the stages read them in place.
+    if ctx.pull_data(ctx.len().min(HEADERS_MAX)).is_err() {
+        return Err(Verdict::Pass(PassReason::ShortEthernet));
+    }
+    let pkt = parse::packet(ctx)?;
+    let Some(flow) = flow::lookup(&pkt)? else {
+        return Err(Verdict::Pass(PassReason::NotService));
+    };
+    if pkt.ttl() <= 1 {
+        return Err(Verdict::Pass(PassReason::TtlExpired));
+    }
+    let nat = flow.nat();
+    let options = if pkt.is_tcp() {
+        timestamps::translate(ctx, &pkt, nat)
+    } else {
+        Delta::default()
+    };
+    rewrite(ctx, &pkt, nat, options)?;
+    stats::count_backend(nat.backend_id, pkt.len);
+    forward(ctx, nat, pkt.key.proto)
+}
+
+/// Addresses and ports as the flow says. The IPv4 checksum is always whole and is updated in
+/// place; the L4 one goes through the helper, twice: for the addresses as part of the
+/// pseudo-header (they count in a partial checksum too), and for the ports and options
+/// (`options`, changed earlier) only where the checksum covers them already.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, pkt: &Packet, nat: &FlowValue, options: Delta) -> Result<(), Verdict> {
+    let k = &pkt.key;
+    let mut addrs = Delta::default();
+    addrs.replace32(k.src_addr.0, nat.nat_src_addr.0);
+    addrs.replace32(k.dst_addr.0, nat.nat_dst_addr.0);
+    let mut ports = options;
+    ports.replace16(k.src_port.0, nat.nat_src_port.0);
+    ports.replace16(k.dst_port.0, nat.nat_dst_port.0);
+    // SAFETY: parse::packet bounds-checked the IP header, the ports and the L4 checksum field.
+    let check_at = unsafe {
+        let ip = &mut *pkt.ip;
+        ip.src_addr = nat.nat_src_addr.to_bytes();
+        ip.dst_addr = nat.nat_dst_addr.to_bytes();
+        ip.check = addrs.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        let s = nat.nat_src_port.to_bytes();
+        let d = nat.nat_dst_port.to_bytes();
+        *pkt.ports = [s[0], s[1], d[0], d[1]];
+        pkt.l4_check as usize - ctx.data()
+    };
+    // A UDP checksum of 0 means "none" and stays so; a computed 0 is sent as 0xffff.
+    let udp = if k.proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    };
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    // SAFETY: the helper checks the offset against the skb; size 0 makes `to` a difference.
+    unsafe {
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR) | udp;
+        if bpf_l4_csum_replace(skb, check_at as u32, 0, u64::from(addrs.sum()), pseudo) != 0 {
+            return Err(inconsistent);
+        }
+        if bpf_l4_csum_replace(skb, check_at as u32, 0, u64::from(ports.sum()), udp) != 0 {
+            return Err(inconsistent);
+        }
+    }
+    Ok(())
+}
+
+/// The FIB's egress device and MACs for the rewritten packet, and a redirect there; an
+/// unresolved neighbour is resolved by the kernel on the way (`bpf_redirect_neigh`). The FIB
+/// checks the skb's own length against the MTU (`tot_len` 0), GSO included. The checksum
+/// helpers above moved the packet: its headers are found again.
+#[inline(always)]
+fn forward(ctx: &TcContext, nat: &FlowValue, proto: u8) -> Result<Verdict, Verdict> {
+    let malformed = Verdict::Drop(DropReason::Inconsistent);
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(malformed)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(malformed)?;
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = proto;
+    fib.ifindex = crate::frame::Frame::ingress_ifindex(ctx);
+    // SAFETY: bounds-checked by ptr_at.
+    fib.__bindgen_anon_2.tos = unsafe { (*ip).tos };
+    fib.__bindgen_anon_3.ipv4_src = nat.nat_src_addr.0;
+    fib.__bindgen_anon_4.ipv4_dst = nat.nat_dst_addr.0;
+    // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.as_ptr(),
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    let neighbour_known = match rc as u32 {
+        BPF_FIB_LKUP_RET_SUCCESS => true,
+        BPF_FIB_LKUP_RET_NO_NEIGH => false,
+        BPF_FIB_LKUP_RET_NOT_FWDED => return Err(Verdict::Pass(PassReason::LocalDestination)),
+        BPF_FIB_LKUP_RET_FWD_DISABLED => {
+            return Err(Verdict::Drop(DropReason::FibForwardingDisabled));
+        }
+        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
+            return Err(Verdict::Drop(DropReason::FibNoRoute));
+        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::Drop(DropReason::FibFragNeeded)),
+        _ => return Err(Verdict::Drop(DropReason::FibOther)),
+    };
+    // SAFETY: bounds-checked by ptr_at; the MACs are plain bytes of the union the helper
+    // filled on success.
+    unsafe {
+        let ip = &mut *ip;
+        // TTL shares a 16-bit checksum word with the protocol byte.
+        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl -= 1;
+        let mut delta = Delta::default();
+        delta.replace16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
+        ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        if !neighbour_known {
+            let action = bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
+            return Ok(Verdict::Redirect(action as u32));
+        }
+        (*eth).src_addr = fib.__bindgen_anon_6.__bindgen_anon_2.smac;
+        (*eth).dst_addr = fib.__bindgen_anon_6.__bindgen_anon_2.dmac;
+        Ok(Verdict::Redirect(bpf_redirect(fib.ifindex, 0) as u32))
+    }
+}
