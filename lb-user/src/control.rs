@@ -246,8 +246,12 @@ impl HostStatus {
 pub struct InterfaceStatus {
     pub name: String,
     pub ifindex: u32,
-    /// "native": XDP in the driver.
+    /// "native": XDP in the driver; "tc": the tc program at ingress (a bridge's port);
+    /// "bridge": its ports have tc.
     pub mode: String,
+    /// Why this hook here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

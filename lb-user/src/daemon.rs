@@ -77,7 +77,7 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), DaemonError> {
 
 /// bpf_fib_lookup needs forwarding on the ingress device; accept_local lets the kernel forward
 /// packets passed up for neighbour resolution, whose source is now our own SNAT address.
-fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
+pub(crate) fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
     for knob in ["forwarding", "accept_local"] {
         let path = format!("/proc/sys/net/ipv4/conf/{iface}/{knob}");
         if std::fs::read_to_string(&path)
@@ -190,16 +190,34 @@ async fn start(
     state.dataplane.arm_expiry()?;
     for name in &interfaces {
         enable_forwarding(name)?;
+        if crate::host::is_bridge(name) {
+            // Balanced packets reach its containers through the kernel's routing; their
+            // replies meet the tc program on its ports (`State::follow_bridges`).
+            state.interfaces.push(InterfaceStatus {
+                name: name.clone(),
+                ifindex: crate::dataplane::ifindex(name)?,
+                mode: "bridge".into(),
+                why: Some("XDP cannot attach to a bridge: tc runs on its ports".into()),
+            });
+            continue;
+        }
         let ifindex = state.dataplane.attach(name)?;
         log::info!("attached to {name} (ifindex {ifindex}) in native mode");
         state.interfaces.push(InterfaceStatus {
             name: name.clone(),
             ifindex,
             mode: "native".into(),
+            why: None,
         });
     }
+    state.follow_bridges();
     state.host = attach_host(&mut state.dataplane, &config_host, &opts.bpffs)?;
-    let attached: Vec<u32> = state.interfaces.iter().map(|i| i.ifindex).collect();
+    let attached: Vec<u32> = state
+        .interfaces
+        .iter()
+        .filter(|i| i.mode == "native")
+        .map(|i| i.ifindex)
+        .collect();
     state.dataplane.retain_interfaces(&attached)?;
     for name in state.dataplane.detach_others(&interfaces)? {
         log::info!("detached from {name}: no longer in the config");
@@ -412,6 +430,7 @@ async fn count_flows(state: Arc<Mutex<State>>) {
     loop {
         tick.tick().await;
         let mut state = lock(&state);
+        state.follow_bridges();
         match state.count_flows() {
             Ok(sweep) => state.record_sweep(&sweep),
             Err(e) => log::error!("reading the flow counts: {e}"),

@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap, IterableMap as _, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TestRun, TestRunOptions,
-        Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, TestRun,
+        TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -130,6 +130,8 @@ pub enum DataplaneError {
     },
     #[error("cgroup {path}: {message}")]
     Cgroup { path: String, message: String },
+    #[error("bridge port {port}: attaching the tc program: {message}")]
+    Tc { port: String, message: String },
 }
 
 /// Settings fixed when the program is loaded.
@@ -856,6 +858,57 @@ impl Dataplane {
                 .map_err(in_map("HOST_PORTS"))?;
         }
         Ok(())
+    }
+
+    /// Attaches the tc program at the ingress of `port` (a bridge's port: a container's veth),
+    /// pinned as `tc_<port>` in place of an earlier daemon's link (which then detaches).
+    pub fn attach_tc(&mut self, port: &str) -> Result<u32, DataplaneError> {
+        let index = ifindex(port)?;
+        let attach_error = |e: ProgramError| DataplaneError::Tc {
+            port: port.to_owned(),
+            message: e.to_string(),
+        };
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(TC_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DataplaneError::MissingProgram { name: TC_PROGRAM })?;
+        let id = program
+            .attach(index, TcAttachType::Ingress)
+            .map_err(attach_error)?;
+        let link = program.take_link(id).map_err(attach_error)?;
+        let link = FdLink::try_from(link).map_err(|e| DataplaneError::Tc {
+            port: port.to_owned(),
+            message: format!("not a tcx link ({e}); container ports need Linux 6.6 or later"),
+        })?;
+        let Some(pins) = self.pin_dir.clone() else {
+            self.pinned_links.push((port.to_owned(), link));
+            return Ok(index);
+        };
+        let path = pins::tc_link_path(&pins, port);
+        let pin_error = |message: String| DataplaneError::PinLink {
+            name: port.to_owned(),
+            dir: pins.display().to_string(),
+            message,
+        };
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(pin_error(e.to_string()));
+            }
+            _ => {}
+        }
+        let pinned = link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
+        self.pinned_links
+            .push((port.to_owned(), FdLink::from(pinned)));
+        Ok(index)
+    }
+
+    /// Forgets the tc link of `port` (gone with its device, or no longer a port).
+    pub fn forget_tc(&mut self, port: &str) {
+        self.pinned_links.retain(|(name, _)| name != port);
+        if let Some(pins) = &self.pin_dir {
+            let _ = std::fs::remove_file(pins::tc_link_path(pins, port));
+        }
     }
 
     /// Attaches the socket hooks to the cgroup v2 directory `cgroup`, so that its processes'

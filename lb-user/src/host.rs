@@ -55,6 +55,29 @@ pub fn is_cgroup2(dir: &Path) -> bool {
     }
 }
 
+/// Whether `name` is a Linux bridge.
+pub fn is_bridge(name: &str) -> bool {
+    Path::new("/sys/class/net")
+        .join(name)
+        .join("bridge")
+        .is_dir()
+}
+
+/// The ports of bridge `name`, sorted.
+pub fn bridge_ports(name: &str) -> Vec<String> {
+    let dir = Path::new("/sys/class/net").join(name).join("brif");
+    let mut ports: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ports.sort();
+    ports
+}
+
 /// Whether `addr` is an address of this host (in this namespace): only those can be bound.
 pub fn is_host_address(addr: Ipv4Addr) -> bool {
     !addr.is_unspecified() && UdpSocket::bind((addr, 0)).is_ok()
@@ -75,6 +98,13 @@ mod tests {
         // TEST-NET-3: never an address of a test machine.
         assert!(!is_host_address(Ipv4Addr::new(203, 0, 113, 77)));
         assert!(!is_host_address(Ipv4Addr::UNSPECIFIED));
+    }
+
+    #[test]
+    fn loopback_is_no_bridge() {
+        assert!(!is_bridge("lo"));
+        assert!(bridge_ports("lo").is_empty());
+        assert!(bridge_ports("no-such-device").is_empty());
     }
 
     #[test]

@@ -709,7 +709,10 @@ fn render(status: &Status) -> String {
     let ifaces: Vec<String> = status
         .interfaces
         .iter()
-        .map(|i| format!("{} ({})", i.name, i.mode))
+        .map(|i| match &i.why {
+            Some(why) => format!("{} ({}: {why})", i.name, i.mode),
+            None => format!("{} ({})", i.name, i.mode),
+        })
         .collect();
     let _ = writeln!(out, "interfaces: {}", ifaces.join(", "));
     let _ = match (&status.host.cgroup, &status.host.why_not) {

@@ -37,6 +37,7 @@ pub const MAP_NAMES: [&str; 21] = [
 ];
 const LINK_PREFIX: &str = "link_";
 const HOST_LINK_PREFIX: &str = "host_";
+const TC_LINK_PREFIX: &str = "tc_";
 /// statfs(2)'s f_type of a bpf filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -95,6 +96,11 @@ pub fn link_path(dir: &Path, interface: &str) -> PathBuf {
     dir.join(format!("{LINK_PREFIX}{interface}"))
 }
 
+/// The pin of the tc link on bridge port `port`.
+pub fn tc_link_path(dir: &Path, port: &str) -> PathBuf {
+    dir.join(format!("{TC_LINK_PREFIX}{port}"))
+}
+
 /// The pin of socket hook `program`'s link.
 pub fn host_link_path(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("{HOST_LINK_PREFIX}{program}"))
@@ -103,6 +109,15 @@ pub fn host_link_path(dir: &Path, program: &str) -> PathBuf {
 /// Unpins the socket hooks' links (detaching them once no process holds them). Returns how
 /// many there were.
 pub fn remove_host_links(dir: &Path) -> Result<usize, PinError> {
+    remove_prefixed(dir, HOST_LINK_PREFIX)
+}
+
+/// Unpins the tc links of bridge ports. Returns how many there were.
+pub fn remove_tc_links(dir: &Path) -> Result<usize, PinError> {
+    remove_prefixed(dir, TC_LINK_PREFIX)
+}
+
+fn remove_prefixed(dir: &Path, prefix: &str) -> Result<usize, PinError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
@@ -113,7 +128,7 @@ pub fn remove_host_links(dir: &Path) -> Result<usize, PinError> {
         if entry
             .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with(HOST_LINK_PREFIX))
+            .is_some_and(|n| n.starts_with(prefix))
         {
             let path = entry.path();
             std::fs::remove_file(&path).map_err(io_error(&path))?;
@@ -163,6 +178,7 @@ pub fn remove_links_except(dir: &Path, keep: &[String]) -> Result<Vec<String>, P
 pub fn remove(dir: &Path) -> Result<Vec<String>, PinError> {
     let detached = remove_links_except(dir, &[])?;
     remove_host_links(dir)?;
+    remove_tc_links(dir)?;
     for name in MAP_NAMES {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {

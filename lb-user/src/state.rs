@@ -25,6 +25,7 @@ use crate::{
     cut,
     dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, monotonic_ns},
     health::{self, Tracker},
+    host,
     layout::{Changes, PlacedService},
     maglev::{MaglevBackend, build_table},
     persist::{self, Persisted},
@@ -896,6 +897,55 @@ impl State {
                         ramp.published.percent()
                     );
                 }
+            }
+        }
+    }
+
+    /// Keeps the tc program on every port of the configured bridges: containers come and go,
+    /// and a restarted one brings a new veth.
+    pub fn follow_bridges(&mut self) {
+        let mut now: Vec<(String, String, u32)> = Vec::new();
+        for bridge in self.config.interfaces.iter().filter(|n| host::is_bridge(n)) {
+            for port in host::bridge_ports(bridge) {
+                if let Ok(index) = crate::dataplane::ifindex(&port) {
+                    now.push((bridge.clone(), port, index));
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .interfaces
+            .iter()
+            .filter(|i| {
+                i.mode == "tc" && !now.iter().any(|(_, p, x)| *p == i.name && *x == i.ifindex)
+            })
+            .map(|i| i.name.clone())
+            .collect();
+        for port in gone {
+            self.dataplane.forget_tc(&port);
+            self.interfaces.retain(|i| i.name != port);
+            log::info!("bridge port {port} went away");
+        }
+        for (bridge, port, _) in now {
+            if self.interfaces.iter().any(|i| i.name == port) {
+                continue;
+            }
+            // The FIB lookup of a reply needs forwarding on the device it arrived on.
+            let attached = crate::daemon::enable_forwarding(&port)
+                .map_err(|e| e.to_string())
+                .and_then(|()| self.dataplane.attach_tc(&port).map_err(|e| e.to_string()));
+            match attached {
+                Ok(ifindex) => {
+                    log::info!("attached the tc program to {port} (a port of {bridge})");
+                    self.interfaces.push(InterfaceStatus {
+                        name: port,
+                        ifindex,
+                        mode: "tc".into(),
+                        why: Some(format!(
+                            "a port of bridge {bridge}: containers' veths send partial checksums, which XDP cannot finish"
+                        )),
+                    });
+                }
+                Err(e) => log::warn!("bridge {bridge} port {port}: {e}"),
             }
         }
     }

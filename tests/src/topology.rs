@@ -126,6 +126,65 @@ impl Topology {
         }
     }
 
+    /// The single-host deployment: the balancer's namespace is the host, with `lb0` towards the
+    /// client (198.18.0.1) and a bridge `br-api` (198.18.4.1/24) whose ports `vcN` are veths to
+    /// `count` containers (198.18.4.1N, their default route the bridge's address). The
+    /// containers keep their default offloads (partial checksums, TSO); the client sends full
+    /// checksums, as a real NIC hands XDP. `switch` is unused.
+    pub fn containers(count: usize) -> Topology {
+        let client = Netns::new("client");
+        let lb = Netns::new("lb");
+        let switch = Netns::new("switch");
+        wire(&client, "eth0", &lb, "lb0");
+        lb.sh("ip addr add 198.18.0.1/24 dev lb0
+             ip link add br-api type bridge
+             ip link set br-api up
+             ip addr add 198.18.4.1/24 dev br-api
+             sysctl -qw net.ipv4.ip_forward=1");
+        client.sh(&format!(
+            "ip addr add {CLIENT}/24 dev eth0
+             ip route add {VIP}/32 via 198.18.0.1
+             ethtool -K eth0 tx off >/dev/null"
+        ));
+        let backends: Vec<Netns> = (1..=count).map(|i| Netns::new(&format!("c{i}"))).collect();
+        let backend_addrs: Vec<Ipv4Addr> = (1..=count)
+            .map(|i| Ipv4Addr::new(198, 18, 4, 10 + i as u8))
+            .collect();
+        let topo = Topology {
+            arms: Arms::Two,
+            client,
+            lb,
+            switch,
+            backends,
+            backend_addrs,
+            lb_interfaces: vec!["lb0".into(), "br-api".into()],
+            more_clients: AtomicUsize::new(0),
+        };
+        for i in 0..count {
+            topo.plug_container(i);
+        }
+        topo
+    }
+
+    /// (Re)creates container `i`'s veth and its port on `br-api`, as a container restart
+    /// does: a new device each time, with the same MAC.
+    pub fn plug_container(&self, i: usize) {
+        let port = format!("vc{}", i + 1);
+        let _ = self.lb.try_sh(&format!("ip link del {port}"));
+        wire(&self.backends[i], "eth0", &self.lb, &port);
+        self.lb
+            .run(&["ip", "link", "set", &port, "master", "br-api"]);
+        // Docker derives a container's MAC from its address: a restarted one keeps it, and
+        // the host's neighbour entry stays right.
+        let [_, _, c, d] = self.backend_addrs[i].octets();
+        self.backends[i].sh(&format!(
+            "ip link set eth0 address 02:42:c6:12:{c:02x}:{d:02x}
+             ip addr add {}/24 dev eth0
+             ip route add default via 198.18.4.1",
+            self.backend_addrs[i]
+        ));
+    }
+
     /// Adds `n` client hosts (two-arm only), each in its own namespace and wired by a veth pair
     /// to the client namespace, which forwards for them: client i (counted across calls from 0)
     /// is 198.18.(16+i).2/24 on its `eth0`, the client namespace's side 198.18.(16+i).1/24 on

@@ -503,6 +503,92 @@ fn clients_on_the_host_are_balanced_at_connect_time() {
     assert_eq!(out.trim(), "FAIL", "a host client after lb remove");
 }
 
+/// The classic single-host deployment: the backends are containers on a bridge of the
+/// balancer's host, with their default offloads (partial checksums, TSO). XDP runs on the
+/// client-side NIC, the tc program on the bridge's ports (and `lb status` says why); new
+/// connections split 4:6, a 1 MB download (the containers' GSO replies) arrives whole, UDP
+/// answers, and a restarted container (a new veth) is picked up.
+#[test]
+fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::containers(2);
+    let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    let balancer = Balancer::start(&lb_binary(), &topo, &topo.config(&[4, 6]));
+    let hooks = |balancer: &Balancer| -> Vec<(String, String)> {
+        balancer.status()["interfaces"]
+            .as_array()
+            .expect("interfaces")
+            .iter()
+            .map(|i| {
+                (
+                    i["name"].as_str().unwrap_or_default().to_owned(),
+                    i["mode"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let mut shown = hooks(&balancer);
+    shown.sort();
+    assert_eq!(
+        shown,
+        [
+            ("br-api".into(), "bridge".into()),
+            ("lb0".into(), "native".into()),
+            ("vc1".into(), "tc".into()),
+            ("vc2".into(), "tc".into())
+        ],
+        "hooks"
+    );
+    let text = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("vc1 (tc: a port of bridge br-api"), "{text}");
+
+    let (counts, failed) = tally(&http_requests(&topo, 400), 2);
+    println!("400 connections to containers at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&counts, 40.0, 7.0, "containers' 4:6 split");
+    let (out, ok) = curl_in(
+        &topo.client,
+        &format!("-o /dev/null -w '%{{size_download}}' http://{VIP}/bytes/1000000"),
+    );
+    assert!(
+        ok && out == "1000000",
+        "a 1 MB download from a container: {out}"
+    );
+    let answer = udp_request(&topo, "hello", 41999);
+    assert!(
+        answer == "b1: hello" || answer == "b2: hello",
+        "UDP answer: {answer:?}"
+    );
+
+    // A container restarts: its veth is a new device, and the tc program follows it.
+    let before = balancer.backend("web", &backend(&topo, 1))["new_flows"]
+        .as_u64()
+        .expect("new flows");
+    topo.plug_container(1);
+    balancer.wait_until(Duration::from_secs(5), "the new port attached", |b| {
+        let status = b.status();
+        let new_index: u64 = topo
+            .lb
+            .sh("cat /sys/class/net/vc2/ifindex")
+            .trim()
+            .parse()
+            .expect("an ifindex");
+        status["interfaces"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|i| i["name"] == "vc2" && i["ifindex"] == new_index)
+        })
+    });
+    balancer.wait_health("web", &backend(&topo, 1), true, Duration::from_secs(5));
+    let (counts, failed) = tally(&http_requests(&topo, 100), 2);
+    println!("after container 2 restarted: {counts:?}, {failed} failed");
+    assert!(failed == 0 && counts[1] > 0, "{counts:?}");
+    let after = balancer.backend("web", &backend(&topo, 1))["new_flows"]
+        .as_u64()
+        .expect("new flows");
+    assert!(after > before);
+}
+
 #[test]
 fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);
