@@ -881,16 +881,28 @@ impl Dataplane {
             port: port.to_owned(),
             message: format!("not a tcx link ({e}); container ports need Linux 6.6 or later"),
         })?;
+        self.keep_link(port, link, pins::tc_link_path)?;
+        Ok(index)
+    }
+
+    /// Keeps `link` for as long as lb runs: pinned (by `path_of` the pin directory) in place
+    /// of an earlier daemon's, whose link then detaches, or held by this process.
+    fn keep_link(
+        &mut self,
+        name: &str,
+        link: FdLink,
+        path_of: fn(&Path, &str) -> std::path::PathBuf,
+    ) -> Result<(), DataplaneError> {
         let Some(pins) = self.pin_dir.clone() else {
-            self.pinned_links.push((port.to_owned(), link));
-            return Ok(index);
+            self.pinned_links.push((name.to_owned(), link));
+            return Ok(());
         };
-        let path = pins::tc_link_path(&pins, port);
         let pin_error = |message: String| DataplaneError::PinLink {
-            name: port.to_owned(),
+            name: name.to_owned(),
             dir: pins.display().to_string(),
             message,
         };
+        let path = path_of(&pins, name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(pin_error(e.to_string()));
@@ -899,8 +911,8 @@ impl Dataplane {
         }
         let pinned = link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
         self.pinned_links
-            .push((port.to_owned(), FdLink::from(pinned)));
-        Ok(index)
+            .push((name.to_owned(), FdLink::from(pinned)));
+        Ok(())
     }
 
     /// Forgets the tc link of `port` (gone with its device, or no longer a port).
@@ -939,25 +951,7 @@ impl Dataplane {
                 path: cgroup.display().to_string(),
                 message: format!("not a BPF link ({e}); socket hooks need Linux 5.7 or later"),
             })?;
-            let Some(pins) = self.pin_dir.clone() else {
-                self.pinned_links.push((name.to_owned(), link));
-                continue;
-            };
-            let pin_error = |message: String| DataplaneError::PinLink {
-                name: name.to_owned(),
-                dir: pins.display().to_string(),
-                message,
-            };
-            let path = pins::host_link_path(&pins, name);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(pin_error(e.to_string()));
-                }
-                _ => {}
-            }
-            let pinned = link.pin(&path).map_err(|e| pin_error(e.to_string()))?;
-            self.pinned_links
-                .push((name.to_owned(), FdLink::from(pinned)));
+            self.keep_link(name, link, pins::host_link_path)?;
         }
         Ok(())
     }
