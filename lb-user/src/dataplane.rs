@@ -1118,26 +1118,11 @@ impl Dataplane {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<TestRunOutcome, DataplaneError> {
-        let mut out = vec![0u8; frame.len() + 256];
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
         let ctx: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
         let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        let result = self
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx_bytes),
-                repeat,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DataplaneError::TestRun { source })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutcome {
-            action: result.return_value,
-            frame: out,
-            duration: result.duration,
-        })
+        let program = self.program();
+        test_run_of(frame, &ctx_bytes, repeat, |opts| program.test_run(opts))
     }
 
     /// Runs the tc program on `frame` through BPF_PROG_TEST_RUN, as an skb on `ifindex`'s
@@ -1147,7 +1132,6 @@ impl Dataplane {
         frame: &[u8],
         ifindex: u32,
     ) -> Result<TestRunOutcome, DataplaneError> {
-        let mut out = vec![0u8; frame.len() + 256];
         // struct __sk_buff (192 bytes): a test run may set `ifindex` (offset 40), the
         // device the skb is on.
         let mut ctx = [0u8; 192];
@@ -1157,22 +1141,32 @@ impl Dataplane {
             .program(TC_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(DataplaneError::MissingProgram { name: TC_PROGRAM })?;
-        let result = program
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                repeat: 1,
-                ..TestRunOptions::default()
-            })
-            .map_err(|source| DataplaneError::TestRun { source })?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutcome {
-            action: result.return_value,
-            frame: out,
-            duration: result.duration,
-        })
+        test_run_of(frame, &ctx, 1, |opts| program.test_run(opts))
     }
+}
+
+/// One BPF_PROG_TEST_RUN of `frame` with context `ctx`, by `run` (the program's own).
+fn test_run_of(
+    frame: &[u8],
+    ctx: &[u8],
+    repeat: u32,
+    run: impl FnOnce(TestRunOptions<'_>) -> Result<aya::programs::TestRunResult, ProgramError>,
+) -> Result<TestRunOutcome, DataplaneError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(ctx),
+        repeat,
+        ..TestRunOptions::default()
+    })
+    .map_err(|source| DataplaneError::TestRun { source })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutcome {
+        action: result.return_value,
+        frame: out,
+        duration: result.duration,
+    })
 }
 
 /// What one BPF_PROG_TEST_RUN call gave back.
