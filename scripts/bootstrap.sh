@@ -11,7 +11,7 @@ BPF_LINKER_VERSION=0.13.0
 # bpf-linker keeps an rpath to its LLVM folder, so both live in one stable place.
 TOOLS=${LB_TOOLS_DIR:-/opt/lb-tools}
 APT_PACKAGES=(iproute2 ethtool curl netcat-openbsd iputils-ping iperf3 wrk tcpdump procps
-  nftables haproxy nginx libnginx-mod-stream)
+  nftables haproxy nginx libnginx-mod-stream python3)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
