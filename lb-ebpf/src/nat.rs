@@ -18,16 +18,19 @@ pub fn readdress(ip: &mut Ipv4Hdr, src: Be32, dst: Be32) {
     ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
 }
 
+/// Writes the flow's addresses and ports into the packet, with its IPv4 checksum. Returns the
+/// changes the L4 checksum must take: the addresses' (part of its pseudo-header) and the
+/// ports'. Each hook applies them its own way.
 #[inline(always)]
-pub fn rewrite(pkt: &Packet, nat: &FlowValue, l4_changes: Delta) {
+pub fn write_headers(pkt: &Packet, nat: &FlowValue) -> (Delta, Delta) {
     let k = &pkt.key;
     let mut addrs = Delta::default();
     addrs.replace32(k.src_addr.0, nat.nat_src_addr.0);
     addrs.replace32(k.dst_addr.0, nat.nat_dst_addr.0);
-    let mut l4 = addrs.and(l4_changes);
-    l4.replace16(k.src_port.0, nat.nat_src_port.0);
-    l4.replace16(k.dst_port.0, nat.nat_dst_port.0);
-    // SAFETY: parse::packet bounds-checked the IP header, the ports and the L4 checksum field.
+    let mut ports = Delta::default();
+    ports.replace16(k.src_port.0, nat.nat_src_port.0);
+    ports.replace16(k.dst_port.0, nat.nat_dst_port.0);
+    // SAFETY: parse::packet bounds-checked the IP header and the ports.
     unsafe {
         let ip = &mut *pkt.ip;
         ip.src_addr = nat.nat_src_addr.to_bytes();
@@ -36,6 +39,18 @@ pub fn rewrite(pkt: &Packet, nat: &FlowValue, l4_changes: Delta) {
         let s = nat.nat_src_port.to_bytes();
         let d = nat.nat_dst_port.to_bytes();
         *pkt.ports = [s[0], s[1], d[0], d[1]];
+    }
+    (addrs, ports)
+}
+
+/// XDP's rewrite: the headers, and the L4 checksum in place (XDP's packets carry full
+/// checksums), for `l4_changes` made earlier too.
+#[inline(always)]
+pub fn rewrite(pkt: &Packet, nat: &FlowValue, l4_changes: Delta) {
+    let (addrs, ports) = write_headers(pkt, nat);
+    let l4 = addrs.and(ports).and(l4_changes);
+    // SAFETY: parse::packet bounds-checked the L4 checksum field.
+    unsafe {
         let check = u16::from_ne_bytes(*pkt.l4_check);
         // A UDP checksum of 0 means "none" and stays so; a computed 0 is sent as 0xffff.
         if pkt.is_tcp() {

@@ -25,7 +25,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use crate::{
     Verdict,
     csum::Delta,
-    flow,
+    flow, nat,
     parse::{self, IPPROTO_UDP, Packet, ptr_at},
     stats, timestamps,
 };
@@ -77,26 +77,11 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
 /// (`options`, changed earlier) only where the checksum covers them already.
 #[inline(always)]
 fn rewrite(ctx: &TcContext, pkt: &Packet, nat: &FlowValue, options: Delta) -> Result<(), Verdict> {
-    let k = &pkt.key;
-    let mut addrs = Delta::default();
-    addrs.replace32(k.src_addr.0, nat.nat_src_addr.0);
-    addrs.replace32(k.dst_addr.0, nat.nat_dst_addr.0);
-    let mut ports = options;
-    ports.replace16(k.src_port.0, nat.nat_src_port.0);
-    ports.replace16(k.dst_port.0, nat.nat_dst_port.0);
-    // SAFETY: parse::packet bounds-checked the IP header, the ports and the L4 checksum field.
-    let check_at = unsafe {
-        let ip = &mut *pkt.ip;
-        ip.src_addr = nat.nat_src_addr.to_bytes();
-        ip.dst_addr = nat.nat_dst_addr.to_bytes();
-        ip.check = addrs.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
-        let s = nat.nat_src_port.to_bytes();
-        let d = nat.nat_dst_port.to_bytes();
-        *pkt.ports = [s[0], s[1], d[0], d[1]];
-        pkt.l4_check as usize - ctx.data()
-    };
+    let (addrs, ports) = nat::write_headers(pkt, nat);
+    let ports = ports.and(options);
+    let check_at = pkt.l4_check as usize - ctx.data();
     // A UDP checksum of 0 means "none" and stays so; a computed 0 is sent as 0xffff.
-    let udp = if k.proto == IPPROTO_UDP {
+    let udp = if pkt.key.proto == IPPROTO_UDP {
         u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
