@@ -62,7 +62,7 @@ pub fn follow_apart(ctx: *mut xdp_md) -> u32 {
     }
 }
 
-/// A later fragment (`parse::is_later_fragment` said so): forwarded as its datagram's first
+/// A later fragment (`parse::path` said so): forwarded as its datagram's first
 /// fragment was, if that was balanced a moment ago; passed to the kernel otherwise.
 #[inline(always)]
 fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {

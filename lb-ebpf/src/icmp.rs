@@ -33,7 +33,7 @@ pub fn handle_apart(ctx: *mut xdp_md) -> u32 {
     }
 }
 
-/// An IPv4 ICMP frame (`parse::is_icmp` said so): the echo reply if it pings a VIP, within the
+/// An IPv4 ICMP frame (`parse::path` said so): the echo reply if it pings a VIP, within the
 /// CPU's budget; an error about a flow translated; passed to the kernel otherwise.
 #[inline(always)]
 fn handle(ctx: &XdpContext) -> Result<Verdict, Verdict> {

@@ -100,19 +100,30 @@ fn ipv4_header(ctx: &impl Frame) -> Option<*mut Ipv4Hdr> {
     ptr_at(ctx, EthHdr::LEN)
 }
 
-/// Whether the frame is IPv4 carrying ICMP, for the entry point to send it to `icmp.rs`.
-#[inline(always)]
-pub fn is_icmp(ctx: &impl Frame) -> bool {
-    // SAFETY: bounds-checked by ptr_at.
-    ipv4_header(ctx).is_some_and(|ip| unsafe { (*ip).proto } == IPPROTO_ICMP)
+/// Which path of the entry point's a frame takes, from one read of its IPv4 header.
+pub enum Path {
+    /// IPv4 carrying ICMP (`icmp.rs`).
+    Icmp,
+    /// An IPv4 fragment other than the first (`fragments.rs`).
+    LaterFragment,
+    /// Anything else: balanced, or passed with its reason (`packet`).
+    Balance,
 }
 
-/// Whether the frame is an IPv4 fragment other than the first, for the entry point to send it
-/// to `fragments.rs`.
 #[inline(always)]
-pub fn is_later_fragment(ctx: &impl Frame) -> bool {
+pub fn path(ctx: &impl Frame) -> Path {
+    let Some(ip) = ipv4_header(ctx) else {
+        return Path::Balance;
+    };
     // SAFETY: bounds-checked by ptr_at.
-    ipv4_header(ctx).is_some_and(|ip| u16::from_be_bytes(unsafe { (*ip).frags }) & IP_OFFSET != 0)
+    let (proto, frags) = unsafe { ((*ip).proto, u16::from_be_bytes((*ip).frags)) };
+    if proto == IPPROTO_ICMP {
+        Path::Icmp
+    } else if frags & IP_OFFSET != 0 {
+        Path::LaterFragment
+    } else {
+        Path::Balance
+    }
 }
 
 #[inline(always)]

@@ -4,8 +4,13 @@ use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 use lb_common::{DropReason, PassReason, conntrack::tcp_flags_valid};
 
 use crate::{
-    Verdict, debug_log, flow, flow::Flow, forward, forward::NoHop, fragments, icmp, mss, nat,
-    parse, parse::Packet, reset, select, service, stats, timestamps, too_big,
+    Verdict, debug_log, flow,
+    flow::Flow,
+    forward,
+    forward::NoHop,
+    fragments, icmp, mss, nat, parse,
+    parse::{Packet, Path},
+    reset, select, service, stats, timestamps, too_big,
 };
 
 /// `balance_apart`'s answer for a packet too big for its next hop: this bit, with the MTU.
@@ -17,11 +22,10 @@ const TOO_BIG: u32 = 1 << 31;
 /// keeps nothing on the stack.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    if parse::is_icmp(&ctx) {
-        return icmp::handle_apart(ctx.ctx);
-    }
-    if parse::is_later_fragment(&ctx) {
-        return fragments::follow_apart(ctx.ctx);
+    match parse::path(&ctx) {
+        Path::Icmp => return icmp::handle_apart(ctx.ctx),
+        Path::LaterFragment => return fragments::follow_apart(ctx.ctx),
+        Path::Balance => {}
     }
     let action = balance_apart(ctx.ctx);
     if action & TOO_BIG != 0 {
