@@ -50,6 +50,12 @@ pub const EXPIRY_INTERVAL_MAX_NS: u64 = 5_000_000_000;
 /// `Iface::flags`: the device is a real NIC, where XDP_TX back out of the ingress device is the
 /// fastest action. Virtual devices (veth) need a redirect instead (see ENGINEERING.md).
 pub const IFACE_XDP_TX: u32 = 1;
+/// `Iface::flags`: a bridge of containers. The kernel forwards through it (XDP cannot send into
+/// a bridge), but its next hop is cached in the flow all the same: a container's refusal,
+/// seen by the tc program on the bridge's port, is recognised by it (`BRIDGE_PORTS`).
+pub const IFACE_VIA_STACK: u32 = 2;
+/// How many bridge ports (container veths) the tc program can tell the bridge of.
+pub const MAX_BRIDGE_PORTS: u32 = 1024;
 
 /// How often the data path refreshes `FlowValue::last_seen_ns`: writing the shared entry on every
 /// packet would bounce its cache line between CPUs for no gain in expiry precision.

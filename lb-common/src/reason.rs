@@ -35,6 +35,8 @@ pub enum PassReason {
     IcmpNoFlow = 12,
     /// Larger than the egress MTU without DF: the kernel fragments the rewritten packet.
     NeedsFragmenting = 13,
+    /// The egress is a bridge of containers: the kernel forwards the rewritten packet into it.
+    EgressBridge = 14,
 }
 
 /// A packet the balancer consumed without forwarding.
@@ -155,7 +157,7 @@ pub const EVENTS: [(u32, &str); 19] = [
 ];
 
 impl PassReason {
-    pub const ALL: [PassReason; 13] = [
+    pub const ALL: [PassReason; 14] = [
         Self::NotIpv4,
         Self::ShortEthernet,
         Self::MalformedIpv4,
@@ -169,6 +171,7 @@ impl PassReason {
         Self::LocalDestination,
         Self::IcmpNoFlow,
         Self::NeedsFragmenting,
+        Self::EgressBridge,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -190,6 +193,7 @@ impl PassReason {
             Self::LocalDestination => "local_destination",
             Self::IcmpNoFlow => "icmp_no_flow",
             Self::NeedsFragmenting => "needs_fragmenting",
+            Self::EgressBridge => "egress_bridge",
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Stage 2b and 3b, the connection table: find a packet's flow and move its connection
 //! through the `conntrack` states, or record a new one in both directions with a fresh SNAT
-//! port (`snat.rs`). Reads BACKENDS; reads and writes FLOWS and SNAT_CURSOR.
+//! port (`snat.rs`). Reads BACKENDS and BRIDGE_PORTS; reads and writes FLOWS and SNAT_CURSOR.
 //!
 //! The data path expires flows itself, lazily: a flow found past its state's timeout is removed
 //! (both directions) and the packet treated as flowless, and a SNAT port whose holder expired
@@ -29,7 +29,8 @@ use lb_common::{
 use crate::{
     Verdict, csum, flow_count,
     maps::{
-        BACKENDS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min, state_timeout,
+        BACKENDS, BRIDGE_PORTS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min,
+        state_timeout,
     },
     parse::Packet,
     snat, stats, suspect, timestamps,
@@ -241,15 +242,18 @@ fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
 }
 
 /// Whether `pkt`, a reply, arrived the way the backend's packets do: on the device the flow's
-/// packets to the backend leave by, from the MAC they are sent to. A client on another segment
-/// cannot forge that; one on the backend's segment has to spoof the MAC as well.
+/// packets to the backend leave by (or a port of that bridge), from the MAC they are sent to.
+/// A client on another segment cannot forge that; one on the backend's segment has to spoof
+/// the MAC as well.
 #[inline(always)]
 fn came_from_backend(pkt: &Packet, forward: &FlowValue) -> bool {
     // SAFETY: `eth` was bounds-checked in `parse::packet`.
     let src_mac = unsafe { (*pkt.eth).src_addr };
-    forward.egress_ifindex != 0
-        && pkt.ingress_ifindex == forward.egress_ifindex
-        && src_mac == forward.dst_mac
+    let egress = forward.egress_ifindex;
+    let ingress = pkt.ingress_ifindex;
+    // SAFETY: a value read from a map lookup, valid for this program run.
+    let via_bridge = || unsafe { BRIDGE_PORTS.get(&ingress) }.is_some_and(|b| *b == egress);
+    egress != 0 && src_mac == forward.dst_mac && (ingress == egress || via_bridge())
 }
 
 /// Whether a forward entry still carries its connection to its backend. Not if the backend's

@@ -1,6 +1,7 @@
 //! Stage 5, forward: the kernel's FIB gives the egress device and MACs, cached in the flow's
 //! entry so that established flows skip it; the packet leaves by XDP_TX (same real NIC) or a
-//! DEVMAP redirect. Reads IFACES and TX_PORTS; writes the next-hop cache of FLOWS entries.
+//! DEVMAP redirect; into a bridge of containers, the kernel forwards it. Reads IFACES and
+//! TX_PORTS; writes the next-hop cache of FLOWS entries.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -12,7 +13,7 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{DropReason, FlowValue, IFACE_XDP_TX, PassReason};
+use lb_common::{DropReason, FlowValue, IFACE_VIA_STACK, IFACE_XDP_TX, PassReason};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -67,7 +68,7 @@ pub fn next_hop(
 }
 
 /// Sends the packet (`eth` and `ip` its headers, bounds-checked by the caller) to `hop`, with
-/// its TTL decremented.
+/// its TTL decremented; a packet for a bridge goes up to the kernel as it is.
 #[inline(always)]
 pub fn send(
     ctx: &XdpContext,
@@ -75,6 +76,9 @@ pub fn send(
     ip: *mut Ipv4Hdr,
     hop: &NextHop,
 ) -> Result<Verdict, Verdict> {
+    if hop.flags & IFACE_VIA_STACK != 0 {
+        return Ok(Verdict::Pass(PassReason::EgressBridge));
+    }
     // SAFETY: the caller bounds-checked the Ethernet and IP headers.
     unsafe {
         let ip = &mut *ip;

@@ -11,9 +11,9 @@ use aya_ebpf::{
 use lb_common::{
     Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FRAGMENTS_CAPACITY,
     FlowCounts, FlowKey, FlowValue, FragmentKey, FragmentValue, HostPortKey, Iface, MAX_BACKENDS,
-    MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
-    SOCK_REVERSE_CAPACITY, STATS_SLOTS, Service, ServiceKey, SockKey, SockVip, TCP_OPTIONS_MAX,
-    conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
+    MAX_BRIDGE_PORTS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS,
+    SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY, STATS_SLOTS, Service, ServiceKey, SockKey, SockVip,
+    TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
@@ -112,6 +112,11 @@ pub static VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0)
 /// ifindex -> how to send out of it. Daemon writes; data path reads.
 #[map]
 pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// A bridge port's ifindex -> its bridge's: a container's packets meet the tc program on the
+/// port, while the flow's next hop is the bridge. Daemon writes; data path reads.
+#[map]
+pub static BRIDGE_PORTS: HashMap<u32, u32> = HashMap::with_max_entries(MAX_BRIDGE_PORTS, 0);
 
 /// ifindex -> the same device, for bpf_redirect_map. Daemon writes (from the balancer's
 /// network namespace: the kernel resolves ifindexes in the writer's namespace).

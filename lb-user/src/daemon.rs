@@ -193,9 +193,11 @@ async fn start(
         if crate::host::is_bridge(name) {
             // Balanced packets reach its containers through the kernel's routing; their
             // replies meet the tc program on its ports (`State::follow_bridges`).
+            let ifindex = crate::dataplane::ifindex(name)?;
+            state.dataplane.add_bridge(ifindex)?;
             state.interfaces.push(InterfaceStatus {
                 name: name.clone(),
-                ifindex: crate::dataplane::ifindex(name)?,
+                ifindex,
                 mode: "bridge".into(),
                 why: Some("XDP cannot attach to a bridge: tc runs on its ports".into()),
             });
@@ -215,7 +217,7 @@ async fn start(
     let attached: Vec<u32> = state
         .interfaces
         .iter()
-        .filter(|i| i.mode == "native")
+        .filter(|i| i.mode == "native" || i.mode == "bridge")
         .map(|i| i.ifindex)
         .collect();
     state.dataplane.retain_interfaces(&attached)?;

@@ -19,9 +19,9 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendStats, Be16, Be32, DropReason, FLOW_PORT_RELEASED, FLOW_REVERSE, FlowCounts,
-    FlowKey, FlowValue, HostPortKey, IFACE_XDP_TX, Iface, MAX_BACKENDS, MAX_SERVICES, PassReason,
-    SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT, STAT_TX, Service,
-    ServiceKey,
+    FlowKey, FlowValue, HostPortKey, IFACE_VIA_STACK, IFACE_XDP_TX, Iface, MAX_BACKENDS,
+    MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT,
+    STAT_TX, Service, ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED,
@@ -244,6 +244,7 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, u64>,
     ifaces: HashMap<MapData, u32, Iface>,
     tx_ports: DevMapHash<MapData>,
+    bridge_ports: HashMap<MapData, u32, u32>,
     /// service id -> which of its two tables (0 or 1) is live.
     live_table: StdHashMap<u32, u32>,
     links: Vec<(String, XdpLinkId)>,
@@ -379,6 +380,7 @@ impl Dataplane {
             stats: map(&mut ebpf, "STATS", PerCpuArray::try_from)?,
             ifaces: map(&mut ebpf, "IFACES", HashMap::try_from)?,
             tx_ports: map(&mut ebpf, "TX_PORTS", DevMapHash::try_from)?,
+            bridge_ports: map(&mut ebpf, "BRIDGE_PORTS", HashMap::try_from)?,
             ebpf,
             settings,
             live_table: StdHashMap::new(),
@@ -655,6 +657,43 @@ impl Dataplane {
         self.ifaces
             .insert(&ifindex, &Iface { flags }, 0)
             .map_err(in_map("IFACES"))
+    }
+
+    /// Makes `ifindex`, a bridge of containers, a next hop the program caches in flows while
+    /// the kernel forwards into it.
+    pub fn add_bridge(&mut self, ifindex: u32) -> Result<(), DataplaneError> {
+        self.ifaces
+            .insert(
+                &ifindex,
+                &Iface {
+                    flags: IFACE_VIA_STACK,
+                },
+                0,
+            )
+            .map_err(in_map("IFACES"))
+    }
+
+    /// Makes BRIDGE_PORTS say exactly `ports`: (a port's ifindex, its bridge's).
+    pub fn set_bridge_ports(&mut self, ports: &[(u32, u32)]) -> Result<(), DataplaneError> {
+        let stale: Vec<u32> = self
+            .bridge_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !ports.iter().any(|(port, _)| port == p))
+            .collect();
+        for port in stale {
+            self.bridge_ports
+                .remove(&port)
+                .map_err(in_map("BRIDGE_PORTS"))?;
+        }
+        for (port, bridge) in ports {
+            if self.bridge_ports.get(port, 0).ok() != Some(*bridge) {
+                self.bridge_ports
+                    .insert(port, bridge, 0)
+                    .map_err(in_map("BRIDGE_PORTS"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Detaches from every interface (also done on drop).

@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 21] = [
+pub const MAP_NAMES: [&str; 22] = [
     "SERVICES",
     "BACKENDS",
     "MAGLEV",
@@ -31,6 +31,7 @@ pub const MAP_NAMES: [&str; 21] = [
     "EXPIRY",
     "IFACES",
     "TX_PORTS",
+    "BRIDGE_PORTS",
     // A host connection made before a restart still shows its VIP.
     "SOCK_REVERSE",
     "HOST_PORTS",

@@ -925,6 +925,7 @@ impl State {
             self.interfaces.retain(|i| i.name != port);
             log::info!("bridge port {port} went away");
         }
+        let followed = now.clone();
         for (bridge, port, _) in now {
             if self.interfaces.iter().any(|i| i.name == port) {
                 continue;
@@ -947,6 +948,19 @@ impl State {
                 }
                 Err(e) => log::warn!("bridge {bridge} port {port}: {e}"),
             }
+        }
+        let ports: Vec<(u32, u32)> = self
+            .interfaces
+            .iter()
+            .filter(|i| i.mode == "tc")
+            .filter_map(|port| {
+                let (bridge, _, _) = followed.iter().find(|(_, p, _)| *p == port.name)?;
+                let bridge = self.interfaces.iter().find(|b| b.name == *bridge)?;
+                Some((port.ifindex, bridge.ifindex))
+            })
+            .collect();
+        if let Err(e) = self.dataplane.set_bridge_ports(&ports) {
+            log::warn!("telling the data path the bridges' ports: {e}");
         }
     }
 

@@ -55,14 +55,16 @@ pub fn topology() -> Netns {
 }
 
 /// A namespace `lbt-..-ROLE`: lb0 (client side) and lb1 (backend side), each a veth whose peer
-/// stays in the same namespace, with permanent neighbours for the client, B1 and B2.
+/// stays in the same namespace, with permanent neighbours for the client, B1 and B2; and br0,
+/// an empty bridge that fixtures name as a flow's next hop.
 pub fn network(role: &str) -> Netns {
     let ns = Netns::new(role);
     let mac = mac_text;
     ns.sh(&format!(
         "ip link add lb0 address {lb0} type veth peer name peer0
          ip link add lb1 address {lb1} type veth peer name peer1
-         for d in lb0 peer0 lb1 peer1; do ip link set $d up; done
+         ip link add br0 type bridge
+         for d in lb0 peer0 lb1 peer1 br0; do ip link set $d up; done
          ip addr add {LB0}/24 dev lb0
          ip addr add {SNAT}/24 dev lb1
          ip neigh replace {CLIENT} lladdr {client} dev lb0 nud permanent

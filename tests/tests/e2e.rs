@@ -589,6 +589,69 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
     assert!(after > before);
 }
 
+/// A container's server stops (its kernel refuses new connections with RST), and later the
+/// container itself goes (its veth deleted, SYNs unanswered): with health checks at the
+/// default pace, the data path carries the clients through the seconds before they notice,
+/// whichever hook sees the container's answer.
+#[test]
+fn a_stopped_or_removed_container_fails_no_connection() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::containers(2);
+    let mut servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    let config = topo
+        .config(&[4, 6])
+        .replace("interval = \"200ms\"", "interval = \"1s\"")
+        .replace("timeout = \"150ms\"", "timeout = \"500ms\"");
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    let c1 = backend(&topo, 0);
+
+    let (refused, in_flight) = connections_across(
+        &topo,
+        || lb_tests::netns::stop_child(&mut servers[0]),
+        Duration::from_secs(3),
+    );
+    println!(
+        "container's server stopped: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
+        refused.ok,
+        refused.failures.len(),
+        refused.median(),
+        refused.worst()
+    );
+    assert!(refused.failures.is_empty(), "{:?}", refused.failures);
+    assert!(refused.ok >= 100, "too few connections: {}", refused.ok);
+    assert!(counter(&balancer, "event_suspect_refused") >= 1);
+    assert!(counter(&balancer, "drop_backend_refused") >= 1);
+    balancer.wait_health("web", &c1, false, Duration::from_secs(5));
+
+    servers[0] = start_server(&topo, 0);
+    balancer.wait_health("web", &c1, true, Duration::from_secs(10));
+    balancer.wait_until(Duration::from_secs(3), "c1 cleared of suspicion", |b| {
+        b.backend("web", &c1)["suspect"] == false
+    });
+    let (counts, failed) = tally(&http_requests(&topo, 50), 2);
+    assert!(failed == 0 && counts[0] > 0, "c1 back: {counts:?}");
+
+    let (removed, in_flight) = connections_across(
+        &topo,
+        || {
+            topo.lb.sh("ip link del vc1");
+        },
+        Duration::from_secs(3),
+    );
+    println!(
+        "container removed: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
+        removed.ok,
+        removed.failures.len(),
+        removed.median(),
+        removed.worst()
+    );
+    assert!(removed.failures.is_empty(), "{:?}", removed.failures);
+    assert!(removed.ok >= 100, "too few connections: {}", removed.ok);
+    assert!(counter(&balancer, "event_suspect_unanswered") >= 1);
+    balancer.wait_health("web", &c1, false, Duration::from_secs(5));
+}
+
 #[test]
 fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);

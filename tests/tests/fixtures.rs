@@ -64,6 +64,13 @@ enum Setup {
     Suspect { backend: u32, ago_ns: u64 },
     /// The highest TCP timestamp sent to a backend so far (TS_HIGH).
     TsHighest(u32),
+    /// The device is a bridge of containers: the kernel forwards into it.
+    Bridge(&'static str),
+    /// `port` is a port of the bridge `bridge` (BRIDGE_PORTS).
+    BridgePort {
+        port: &'static str,
+        bridge: &'static str,
+    },
 }
 
 /// A flow's two entries as a fixture starts from them. Both directions' sequence tracking
@@ -131,6 +138,7 @@ enum Hook {
 /// tc's actions as a test run returns them.
 const TC_ACT_REDIRECT: u32 = 7;
 const TC_ACT_UNSPEC: u32 = u32::MAX;
+const TC_ACT_SHOT: u32 = 2;
 
 struct Fixture {
     name: &'static str,
@@ -271,6 +279,17 @@ fn half_open_via_lb1(cport: u16, backend: u32, snat_port: u16, ago_ns: u64) -> S
     Setup::Flow(FlowSetup {
         cached: Some(hop(mac, 1500)),
         ..flow_in(TCP_SYN_SENT, cport, backend, snat_port, Some(ago_ns))
+    })
+}
+
+/// A half-open flow to backend 1 whose next hop is the bridge br0, its SYN sent just now.
+fn half_open_via_bridge(cport: u16, snat_port: u16) -> Setup {
+    Setup::Flow(FlowSetup {
+        cached: Some(CachedHop {
+            iface: "br0",
+            ..hop(B1_MAC, 1500)
+        }),
+        ..flow_in(TCP_SYN_SENT, cport, 1, snat_port, Some(0))
     })
 }
 
@@ -1341,6 +1360,64 @@ fn fixtures() -> Vec<Fixture> {
             ),
             vec![(Counter::Pass(PassReason::NeighbourUnresolved), 1)],
         ),
+        // Into a bridge of containers the kernel forwards (XDP cannot send into one), but the
+        // hop is cached: the container's refusal is recognised by it on the bridge's port.
+        Fixture {
+            next_hop_after: vec![(
+                key(CLIENT, 40014, VIP, WEB_PORT, TCP),
+                Some(hop(B1_MAC, 40)),
+            )],
+            ..fixture(
+                "forward_into_a_bridge_passed_rewritten_with_its_hop_cached",
+                with(backends(), &[web(&[(1, 1)]), Setup::Bridge("lb1")]),
+                client_syn(40014).build(),
+                XDP_PASS,
+                Some(
+                    pkt()
+                        .eth(CLIENT_MAC, LB0_MAC)
+                        .ipv4(SNAT, B1)
+                        .tcp(PORT_MIN, BACKEND_PORT)
+                        .syn()
+                        .build(),
+                ),
+                vec![
+                    (Counter::Pass(PassReason::EgressBridge), 1),
+                    (Counter::Redirect, 0),
+                    (Counter::NewFlows(1), 1),
+                ],
+            )
+        },
+        {
+            let datagram = |payload: &[u8]| {
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv4(CLIENT, VIP)
+                    .udp(40015, DNS_PORT)
+                    .payload(payload)
+            };
+            Fixture {
+                before: vec![("lb0", datagram(b"first").build())],
+                ..fixture(
+                    "forward_into_a_bridge_by_the_cached_hop_passed_too",
+                    with(backends(), &[dns(&[(1, 1)]), Setup::Bridge("lb1")]),
+                    datagram(b"second").build(),
+                    XDP_PASS,
+                    Some(
+                        pkt()
+                            .eth(CLIENT_MAC, LB0_MAC)
+                            .ipv4(SNAT, B1)
+                            .udp(PORT_MIN, BACKEND_PORT)
+                            .payload(b"second")
+                            .build(),
+                    ),
+                    vec![
+                        (Counter::Pass(PassReason::EgressBridge), 1),
+                        (Counter::Redirect, 0),
+                        (Counter::NewFlows(1), 0),
+                    ],
+                )
+            }
+        },
         Fixture {
             ingress: "lb1",
             ..fixture(
@@ -2279,6 +2356,55 @@ fn tc_fixtures() -> Vec<Fixture> {
             None,
             vec![(Counter::Pass(PassReason::NotIpv4), 1)],
         )),
+        // A container refuses a SYN it never answered: its RST meets the tc program on the
+        // bridge's port, while the flow's next hop is the bridge. Kept from the client, the
+        // backend suspect, as on XDP's devices.
+        Fixture {
+            flows_after: flow_pair(TCP, 41410, WEB_PORT, 1, 31410)
+                .map(|(k, _)| (k, None))
+                .to_vec(),
+            suspect_after: vec![(1, true), (2, false)],
+            ..tc(fixture(
+                "tc_container_refusal_on_a_bridge_port_dropped_and_marks_suspect",
+                with(
+                    backends(),
+                    &[
+                        web(&[(1, 1), (2, 1)]),
+                        half_open_via_bridge(41410, 31410),
+                        Setup::BridgePort {
+                            port: "lb1",
+                            bridge: "br0",
+                        },
+                    ],
+                ),
+                from_backend(1, 31410).tcp_flags(0x14).ack_seq(1001).build(),
+                TC_ACT_SHOT,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::BackendRefused), 1),
+                    (Counter::Event("suspect_refused"), 1),
+                ],
+            ))
+        },
+        // The same RST on a device that is no port of the flow's bridge is no evidence.
+        Fixture {
+            flows_after: flow_pair_in(TCP_CLOSED, TCP, 41411, WEB_PORT, 1, 31411),
+            suspect_after: vec![(1, false)],
+            ..tc(fixture(
+                "tc_refusal_on_no_port_of_the_flows_bridge_marks_nothing",
+                with(
+                    backends(),
+                    &[web(&[(1, 1), (2, 1)]), half_open_via_bridge(41411, 31411)],
+                ),
+                from_backend(1, 31411).tcp_flags(0x14).ack_seq(1001).build(),
+                TC_ACT_REDIRECT,
+                Some(to_client(41411).tcp_flags(0x14).ack_seq(1001).build()),
+                vec![
+                    (Counter::Drop(DropReason::BackendRefused), 0),
+                    (Counter::Event("suspect_refused"), 0),
+                ],
+            ))
+        },
     ]
 }
 
@@ -3564,6 +3690,15 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
             Setup::TsHighest(value) => {
                 dp.set_ts_highest(*value).expect("set TS_HIGH");
             }
+            Setup::Bridge(dev) => {
+                dp.add_bridge(ifindex(dev).expect(dev))
+                    .expect("bridge iface");
+            }
+            Setup::BridgePort { port, bridge } => {
+                let port = ifindex(port).expect("port");
+                let bridge = ifindex(bridge).expect("bridge");
+                dp.set_bridge_ports(&[(port, bridge)]).expect("bridge port");
+            }
             Setup::HairpinTx => {
                 dp.add_interface(ifindex("lb1").expect("lb1"), true)
                     .expect("hairpin iface");
@@ -3577,7 +3712,7 @@ fn cached_hop(v: &FlowValue) -> Option<CachedHop> {
     if v.egress_ifindex == 0 {
         return None;
     }
-    let iface = ["lb0", "lb1"]
+    let iface = ["lb0", "lb1", "br0"]
         .into_iter()
         .find(|d| ifindex(d).ok() == Some(v.egress_ifindex))
         .unwrap_or("unknown device");
