@@ -5,6 +5,7 @@ pub mod bench;
 pub mod fixture_net;
 pub mod flows;
 pub mod harness;
+pub mod host;
 pub mod netns;
 pub mod packet;
 pub mod topology;
