@@ -418,15 +418,28 @@ fn clients_on_the_host_are_balanced_at_connect_time() {
 /// The classic single-host deployment: the backends are containers on a bridge of the
 /// balancer's host, with their default offloads (partial checksums, TSO). XDP runs on the
 /// client-side NIC, the tc program on the bridge's ports (and `lb status` says why); new
-/// connections split 4:6, a 1 MB download (the containers' GSO replies) arrives whole, UDP
-/// answers, and a restarted container (a new veth) is picked up.
+/// connections split 4:6, from outside and from the host itself (at a service on the host's
+/// address and at localhost, as a published port), a 1 MB download (the containers' GSO
+/// replies) arrives whole, UDP answers, and a restarted container (a new veth) is picked up.
 #[test]
 fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
     require_root();
     sweep_stale();
     let topo = Topology::containers(2);
     let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
-    let balancer = Balancer::start(&lb_binary(), &topo, &topo.config(&[4, 6]));
+    let cgroup = ClientCgroup::new(&topo.lb.name);
+    // As a published port: a service on the host's own address, port 8080.
+    let mut config = topo.config(&[4, 6]).replace(
+        "cgroup = \"off\"",
+        &format!("cgroup = \"{}\"", cgroup.child.display()),
+    );
+    config += "[[service]]\nname = \"site\"\nvip = \"198.18.0.1:8080\"\n";
+    for (addr, weight) in topo.backend_addrs.iter().zip([4, 6]) {
+        config += &format!(
+            "[[service.backend]]\naddress = \"{addr}:{BACKEND_PORT}\"\nweight = {weight}\n"
+        );
+    }
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
     let hooks = |balancer: &Balancer| -> Vec<(String, String)> {
         balancer.status()["interfaces"]
             .as_array()
@@ -459,6 +472,26 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
     println!("400 connections to containers at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&counts, 40.0, 7.0, "containers' 4:6 split");
+    // Clients on the host: at the published address, and at localhost as a published port.
+    balancer.wait_health("site", &backend(&topo, 1), true, Duration::from_secs(5));
+    for url in ["http://198.18.0.1:8080/", "http://127.0.0.1:8080/"] {
+        let out = cgroup.run_in(
+            &topo.lb,
+            &format!(
+                "for i in $(seq 400); do curl -s --connect-timeout 1 --max-time 2 {url} || echo FAIL; done"
+            ),
+        );
+        let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+        println!("400 host connections to {url} at 4:6: {counts:?}, {failed} failed");
+        assert_eq!(failed, 0, "{url}: {out}");
+        assert_share(&counts, 40.0, 7.0, url);
+    }
+    let out = topo.client.sh(
+        "for i in $(seq 100); do curl -s --connect-timeout 1 --max-time 2 http://198.18.0.1:8080/ || echo FAIL; done",
+    );
+    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!("100 external connections to 198.18.0.1:8080: {counts:?}, {failed} failed");
+    assert!(failed == 0 && counts[0] > 0 && counts[1] > 0, "{counts:?}");
     let (out, ok) = curl_in(
         &topo.client,
         &format!("-o /dev/null -w '%{{size_download}}' http://{VIP}/bytes/1000000"),
