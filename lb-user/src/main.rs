@@ -706,15 +706,23 @@ fn render(status: &Status) -> String {
             t.grace_left_ms as f64 / 1000.0
         );
     }
-    let ifaces: Vec<String> = status
+    // One device a line: a bridge of many containers lists them all.
+    let _ = writeln!(out, "interfaces:");
+    let width = status
         .interfaces
         .iter()
-        .map(|i| match &i.why {
-            Some(why) => format!("{} ({}: {why})", i.name, i.mode),
-            None => format!("{} ({})", i.name, i.mode),
-        })
-        .collect();
-    let _ = writeln!(out, "interfaces: {}", ifaces.join(", "));
+        .map(|i| i.name.len())
+        .max()
+        .unwrap_or(0);
+    for i in &status.interfaces {
+        let line = format!(
+            "  {:width$}  {:6}  {}",
+            i.name,
+            i.mode,
+            i.why.as_deref().unwrap_or("")
+        );
+        let _ = writeln!(out, "{}", line.trim_end());
+    }
     let _ = match (&status.host.cgroup, &status.host.why_not) {
         (Some(cgroup), _) => writeln!(
             out,

@@ -466,7 +466,11 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         "hooks"
     );
     let text = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
-    assert!(text.contains("vc1 (tc: a port of bridge br-api"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  vc1 ") && l.contains(" tc      a port of bridge br-api")),
+        "{text}"
+    );
 
     let (counts, failed) = tally(&http_requests(&topo, 400), 2);
     println!("400 connections to containers at 4:6: {counts:?}, {failed} failed");
