@@ -347,9 +347,9 @@ impl StreamReport {
     }
 }
 
-/// A steady, bounded stream of new connections from the client namespace to VIP:80, one at a
-/// time every `every`: each connects, sends a request, and must read a backend's answer within
-/// `limit` (a client's patience; SYN retransmits are included).
+/// A steady, bounded stream of new connections from the client namespace to VIP:80 (or a
+/// target of its own), one at a time every `every`: each connects, sends a request, and must
+/// read a backend's answer within `limit` (a client's patience; SYN retransmits are included).
 pub struct ConnectionStream {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     thread: thread::JoinHandle<StreamReport>,
@@ -357,6 +357,16 @@ pub struct ConnectionStream {
 
 impl ConnectionStream {
     pub fn start(topo: &Topology, every: Duration, limit: Duration) -> ConnectionStream {
+        ConnectionStream::start_to(topo, (VIP, 80).into(), every, limit)
+    }
+
+    /// As `start`, to `target`.
+    pub fn start_to(
+        topo: &Topology,
+        target: std::net::SocketAddr,
+        every: Duration,
+        limit: Duration,
+    ) -> ConnectionStream {
         use std::sync::{Arc, atomic::AtomicBool};
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
@@ -364,7 +374,7 @@ impl ConnectionStream {
             let mut report = StreamReport::default();
             while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                 let started = Instant::now();
-                match one_request(limit) {
+                match one_request(target, limit) {
                     Ok(()) => {
                         report.ok += 1;
                         report.latencies.push(started.elapsed());
@@ -384,10 +394,9 @@ impl ConnectionStream {
     }
 }
 
-fn one_request(limit: Duration) -> Result<(), String> {
+fn one_request(target: std::net::SocketAddr, limit: Duration) -> Result<(), String> {
     use std::io::{Read as _, Write as _};
     let deadline = Instant::now() + limit;
-    let target = std::net::SocketAddr::from((VIP, 80));
     let mut stream = std::net::TcpStream::connect_timeout(&target, limit)
         .map_err(|e| format!("connect: {e}"))?;
     let left = || {
