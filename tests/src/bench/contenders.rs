@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     harness::Balancer,
+    host::ClientCgroup,
     topology::{BACKEND_PORT, Topology, VIP},
 };
 
@@ -101,8 +102,19 @@ fn backends(topo: &Topology) -> impl Iterator<Item = (String, u32)> + '_ {
 
 /// lb's configuration: the interfaces and the services only, so that every other setting (the
 /// flow table, SNAT ports, timeouts) is lb's default, as a user who just installed it runs it.
-pub fn daemon_config(topo: &Topology) -> String {
-    let mut text = String::from("interfaces = [\"lb0\", \"lb1\"]\n");
+/// The one exception is where the socket hooks attach: to the benchmark's own cgroup for its
+/// host clients, or nowhere (never the machine's root).
+pub fn daemon_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> String {
+    let interfaces: Vec<String> = topo
+        .lb_interfaces
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect();
+    let cgroup = host_clients.map_or("off".into(), |c| c.child.display().to_string());
+    let mut text = format!(
+        "interfaces = [{}]\n[host]\ncgroup = \"{cgroup}\"\n",
+        interfaces.join(", ")
+    );
     for (name, port, proto) in [("web", WEB_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
         text += &format!(
             "[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{proto}\"\n\
@@ -115,7 +127,8 @@ pub fn daemon_config(topo: &Topology) -> String {
     text
 }
 
-/// One chain per backend and protocol, picked by a weighted `numgen` vmap (kube-proxy's shape).
+/// One chain per backend and protocol, picked by a weighted `numgen` vmap (kube-proxy's shape),
+/// for forwarded connections and for the host's own (the output hook).
 fn nftables_rules(topo: &Topology) -> String {
     let mut chains = String::new();
     let (mut tcp, mut udp) = (Vec::new(), Vec::new());
@@ -133,6 +146,8 @@ fn nftables_rules(topo: &Topology) -> String {
         "table ip lbbench {{\n{chains}  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
          ip daddr {VIP} tcp dport {WEB_PORT} numgen random mod {start} vmap {{ {tcp} }}\n    \
          ip daddr {VIP} udp dport {UDP_PORT} numgen random mod {start} vmap {{ {udp} }}\n  }}\n  \
+         chain output {{\n    type nat hook output priority -100; policy accept;\n    \
+         ip daddr {VIP} tcp dport {WEB_PORT} numgen random mod {start} vmap {{ {tcp} }}\n  }}\n  \
          chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
          ip daddr {{ {backends} }} ct status dnat masquerade\n  }}\n}}\n",
         tcp = tcp.join(", "),
@@ -195,18 +210,24 @@ fn wait_for_vip(topo: &Topology, what: &str) -> Result<(), String> {
 pub fn start<'a>(
     contender: Contender,
     topo: &'a Topology,
+    host_clients: Option<&ClientCgroup>,
     dir: &Path,
     lb: &Path,
 ) -> Result<Running<'a>, String> {
     match contender {
         Contender::Direct => Ok(Running::Nothing),
         Contender::Xdp => {
-            let balancer = Balancer::start(lb, topo, &daemon_config(topo));
+            let balancer = Balancer::start(lb, topo, &daemon_config(topo, host_clients));
             let running = Running::Daemon(Box::new(balancer));
             wait_for_vip(topo, "lb")?;
             Ok(running)
         }
         Contender::Nftables => {
+            if host_clients.is_some() {
+                // A host's connect() needs a route to the VIP before the output hook's DNAT
+                // sees the packet (a real host has its default route; this one has none).
+                topo.lb.sh(&format!("ip route add {VIP}/32 dev lb0"));
+            }
             let path = dir.join("nftables.conf");
             fs::write(&path, nftables_rules(topo)).map_err(|e| e.to_string())?;
             let out = topo.lb.try_sh(&format!("nft -f {}", path.display()));

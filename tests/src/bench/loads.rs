@@ -13,6 +13,7 @@ use super::{
     udp::UdpLoadResult,
 };
 use crate::{
+    host::ClientCgroup,
     netns::Netns,
     topology::{BACKEND_PORT, Topology, VIP},
 };
@@ -47,15 +48,38 @@ pub enum Load {
     Bulk,
     /// Small UDP requests and their echoes.
     Udp,
+    /// The single-host deployment (`Topology::containers`: the backends in containers on a
+    /// bridge of the balancer's host, with their default offloads): a new connection per
+    /// request from the outside client ...
+    ContainersNewConnections,
+    /// ... and from a process on the balancer's host itself ...
+    ContainersHostNewConnections,
+    /// ... the bulk download (the containers' GSO replies) ...
+    ContainersBulk,
+    /// ... and UDP.
+    ContainersUdp,
+}
+
+/// The network a load runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scene {
+    /// Client, balancer and backends on three segments (`Topology::new(Arms::Two, 2)`).
+    TwoArm,
+    /// Containers on a bridge of the balancer's host (`Topology::containers(2)`).
+    Containers,
 }
 
 impl Load {
-    pub const ALL: [Load; 5] = [
+    pub const ALL: [Load; 9] = [
         Load::NewConnections,
         Load::NewConnectionsFourClients,
         Load::KeepAlive,
         Load::Bulk,
         Load::Udp,
+        Load::ContainersNewConnections,
+        Load::ContainersHostNewConnections,
+        Load::ContainersBulk,
+        Load::ContainersUdp,
     ];
 
     pub fn label(self) -> &'static str {
@@ -65,29 +89,61 @@ impl Load {
             Load::KeepAlive => "keep-alive requests",
             Load::Bulk => "bulk TCP download",
             Load::Udp => "UDP request/response",
+            Load::ContainersNewConnections => "containers: new connection per request",
+            Load::ContainersHostNewConnections => "containers: new connections from the host",
+            Load::ContainersBulk => "containers: bulk TCP download",
+            Load::ContainersUdp => "containers: UDP request/response",
         }
     }
 
     pub fn unit(self) -> &'static str {
-        match self {
-            Load::NewConnections | Load::NewConnectionsFourClients | Load::KeepAlive => {
-                "requests/s"
-            }
-            Load::Bulk => "Gbit/s",
-            Load::Udp => "replies/s",
+        if self.is_bulk() {
+            "Gbit/s"
+        } else if self.is_udp() {
+            "replies/s"
+        } else {
+            "requests/s"
         }
+    }
+
+    pub fn scene(self) -> Scene {
+        match self {
+            Load::NewConnections
+            | Load::NewConnectionsFourClients
+            | Load::KeepAlive
+            | Load::Bulk
+            | Load::Udp => Scene::TwoArm,
+            Load::ContainersNewConnections
+            | Load::ContainersHostNewConnections
+            | Load::ContainersBulk
+            | Load::ContainersUdp => Scene::Containers,
+        }
+    }
+
+    pub fn is_bulk(self) -> bool {
+        matches!(self, Load::Bulk | Load::ContainersBulk)
+    }
+
+    pub fn is_udp(self) -> bool {
+        matches!(self, Load::Udp | Load::ContainersUdp)
     }
 
     /// Loads that open a TCP connection per request: their runs count the backends' PAWS
     /// rejections and the clients' SYN retransmits.
     pub fn new_connections(self) -> bool {
-        matches!(self, Load::NewConnections | Load::NewConnectionsFourClients)
+        matches!(
+            self,
+            Load::NewConnections
+                | Load::NewConnectionsFourClients
+                | Load::ContainersNewConnections
+                | Load::ContainersHostNewConnections
+        )
     }
 
-    /// Seconds per run: `seconds`, or at least NEW_CONNECTION_SECONDS for new-connection loads
-    /// unless `quick`.
+    /// Seconds per run: `seconds`, or at least NEW_CONNECTION_SECONDS for the two-arm
+    /// new-connection loads unless `quick` (the containers' loads compare paths, not PAWS).
     pub fn seconds(self, seconds: f64, quick: bool) -> f64 {
-        if self.new_connections() && !quick {
+        if self.new_connections() && self.scene() == Scene::TwoArm && !quick {
             seconds.max(NEW_CONNECTION_SECONDS)
         } else {
             seconds
@@ -144,15 +200,30 @@ impl Drop for Servers {
 
 /// Writes the backend servers' files and starts them: nginx (HTTP on BACKEND_PORT, `/` answers
 /// with the backend's name, `/bulk` the bulk object) and `lb-bench udp-echo` on BACKEND_PORT.
-pub fn start_backends(topo: &Topology, dir: &Path, bench: &Path) -> Result<Servers, String> {
+pub fn start_backends(
+    topo: &Topology,
+    scene: Scene,
+    dir: &Path,
+    bench: &Path,
+) -> Result<Servers, String> {
     let mut servers = Servers(Vec::new());
-    // The direct path: the client reaches the backends through the balancer namespace's routing.
-    topo.client.sh("ip route add 198.18.1.0/24 via 198.18.0.1");
-    // Frames reach the balancer at wire size, as from a real switch: GRO on the switch ports
-    // facing the backends would hand the bridge 64 KB aggregates, which a single-buffer XDP
-    // program cannot take (veth drops them) and which the kernel path would get for free.
-    for i in 1..=topo.backends.len() {
-        topo.switch.sh(&format!("ethtool -K s-b{i} gro off"));
+    match scene {
+        Scene::TwoArm => {
+            // The direct path: the client reaches the backends through the balancer
+            // namespace's routing.
+            topo.client.sh("ip route add 198.18.1.0/24 via 198.18.0.1");
+            // Frames reach the balancer at wire size, as from a real switch: GRO on the switch
+            // ports facing the backends would hand the bridge 64 KB aggregates, which a
+            // single-buffer XDP program cannot take (veth drops them) and which the kernel
+            // path would get for free.
+            for i in 1..=topo.backends.len() {
+                topo.switch.sh(&format!("ethtool -K s-b{i} gro off"));
+            }
+        }
+        // The containers keep their offloads: GSO replies are what the tc program gets.
+        Scene::Containers => {
+            topo.client.sh("ip route add 198.18.4.0/24 via 198.18.0.1");
+        }
     }
     let www = dir.join("www");
     fs::create_dir_all(&www).map_err(|e| e.to_string())?;
@@ -269,9 +340,10 @@ pub fn parse_wrk(stdout: &str, load: Load) -> Result<Outcome, String> {
     if seconds <= 0.0 {
         return Err(format!("wrk ran for no time: {line}"));
     }
-    let value = match load {
-        Load::Bulk => bytes * 8.0 / seconds / 1e9,
-        _ => requests / seconds,
+    let value = if load.is_bulk() {
+        bytes * 8.0 / seconds / 1e9
+    } else {
+        requests / seconds
     };
     Ok(Outcome {
         value,
@@ -343,13 +415,16 @@ fn udp_load(
     })
 }
 
-/// Runs one load for `seconds` from the client namespace, or from `more_clients` (the hosts of
-/// `Topology::add_clients`) for the four-client load, without its cost.
+/// Runs one load for `seconds` from the client namespace, from `more_clients` (the hosts of
+/// `Topology::add_clients`) for the four-client load, or from the balancer's namespace by a
+/// process of `host_clients` for the host's load, without its cost.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     load: Load,
     contender: Contender,
     topo: &Topology,
     more_clients: &[Netns],
+    host_clients: Option<&ClientCgroup>,
     dir: &Path,
     bench: &Path,
     seconds: f64,
@@ -365,12 +440,17 @@ pub fn run(
     let wrk = |host: &Netns, name: &str, backends: &[usize], connections: usize, options: &str| {
         let script = dir.join(format!("wrk-{contender:?}-{name}.lua"));
         fs::write(&script, wrk_script(contender, topo, backends)).map_err(|e| e.to_string())?;
-        let path = if load == Load::Bulk { "/bulk" } else { "/" };
-        let out = host.try_sh(&format!(
+        let path = if load.is_bulk() { "/bulk" } else { "/" };
+        let command = format!(
             "timeout {limit} wrk -t{} -c{connections} -d{seconds}s --timeout 2s {options} -s {} http://{target}{path}",
             backends.len(),
             script.display()
-        ));
+        );
+        if let Some(cgroup) = host_clients.filter(|_| load == Load::ContainersHostNewConnections) {
+            // Only stdout comes back: a failed wrk shows as a missing report line.
+            return parse_wrk(&cgroup.run_in(host, &command), load);
+        }
+        let out = host.try_sh(&command);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             return Err(format!(
@@ -383,7 +463,19 @@ pub fn run(
     };
     let close = "-H 'Connection: close'";
     match load {
-        Load::NewConnections => wrk(
+        Load::ContainersHostNewConnections => {
+            if host_clients.is_none() {
+                return Err("the host's load needs a cgroup for its clients".into());
+            }
+            wrk(
+                &topo.lb,
+                "host",
+                &direct_split(WRK_THREADS),
+                WRK_CONNECTIONS,
+                close,
+            )
+        }
+        Load::NewConnections | Load::ContainersNewConnections => wrk(
             &topo.client,
             "client",
             &direct_split(WRK_THREADS),
@@ -435,14 +527,14 @@ pub fn run(
             WRK_CONNECTIONS,
             "",
         ),
-        Load::Bulk => wrk(
+        Load::Bulk | Load::ContainersBulk => wrk(
             &topo.client,
             "client",
             &direct_split(WRK_THREADS),
             WRK_THREADS,
             "",
         ),
-        Load::Udp => udp_load(contender, topo, bench, seconds, limit),
+        Load::Udp | Load::ContainersUdp => udp_load(contender, topo, bench, seconds, limit),
     }
 }
 

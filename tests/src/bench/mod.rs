@@ -23,19 +23,31 @@ use self::{
     cost::{
         BpfStats, MachineCpu, device_drops, kernel_counter, namespace_cpu_seconds, program_runtime,
     },
-    loads::{Cost, Load, MORE_CLIENTS, Outcome},
+    loads::{Cost, Load, MORE_CLIENTS, Outcome, Scene},
     micro::{MicroOptions, MicroResults},
     summary::Summary,
 };
 use crate::{
+    host::ClientCgroup,
     netns::{Netns, sweep_stale},
     topology::{Arms, Topology},
 };
 
 const RUNS: usize = 3;
-const XDP_PROGRAM: &str = "lb_xdp";
-/// The balancer namespace's devices, whose drops each run counts.
-const LB_DEVICES: [&str; 2] = ["lb0", "lb1"];
+/// lb's packet programs: XDP on the NICs, tc on the containers' bridge ports. Their run time
+/// together is lb's cost per packet.
+const LB_PROGRAMS: [&str; 2] = ["lb_xdp", "lb_tc"];
+/// The balancer namespace's devices, whose drops each run counts, per scene.
+const TWO_ARM_DEVICES: [&str; 2] = ["lb0", "lb1"];
+const CONTAINER_DEVICES: [&str; 3] = ["lb0", "vc1", "vc2"];
+
+/// (run time ns, run count) of lb's programs together.
+fn lb_runtime() -> (u64, u64) {
+    LB_PROGRAMS
+        .iter()
+        .map(|p| program_runtime(p))
+        .fold((0, 0), |(t, c), (pt, pc)| (t + pt, c + pc))
+}
 
 pub struct Options {
     pub quick: bool,
@@ -218,116 +230,151 @@ pub fn run(opts: &Options) -> Results {
 
 fn end_to_end(opts: &Options, seconds: f64, results: &mut Results) {
     let stats = BpfStats::enable();
-    for contender in Contender::ALL {
-        if !opts.only.is_empty() && !opts.only.contains(&contender) {
-            continue;
-        }
-        eprintln!("bench: {}", contender.label());
-        // A fresh network per contender: TIME_WAIT sockets on the backends, conntrack entries
-        // and sysctls left by one contender would otherwise tax the next (a backend's TIME_WAIT
-        // refuses a SYN that reuses its addresses and ports with an older timestamp, and
-        // another connection's timestamps are unrelated). Every host keeps the kernel's TCP
-        // defaults, and lb its default configuration. (`tcp_timestamps=1` offsets timestamps
-        // by a secret hash of the connection's addresses and ports, measured on 6.18: the same
-        // four values get the same offset again, another source port an unrelated one.)
-        let topo = Topology::new(Arms::Two, 2);
-        let more_clients = topo.add_clients(MORE_CLIENTS);
-        // The client hosts reuse their own TIME_WAIT ports, as load generators are tuned: wrk
-        // closes each `Connection: close` connection as soon as it has read the answer, while
-        // the server closes its end, so both ends keep TIME_WAIT (2 s of wrk -c10 straight
-        // to nginx left about 5,000 on the client and 9,000 on the server), and without reuse
-        // wrk's connect() soon spends the CPU searching for a free port among 28,232.
-        for host in std::iter::once(&topo.client).chain(&more_clients) {
-            host.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
-        }
-        let dir = std::env::temp_dir().join(format!("{}-bench", topo.lb.name));
-        let _cleanup = RemoveDir(dir.clone());
-        let running = std::fs::create_dir_all(&dir)
-            .map_err(|e| e.to_string())
-            .and_then(|()| loads::start_backends(&topo, &dir, &opts.bench))
-            .and_then(|servers| {
-                Ok((
-                    servers,
-                    contenders::start(contender, &topo, &dir, &opts.lb)?,
-                ))
-            });
-        let (_servers, running) = match running {
-            Ok(r) => r,
-            Err(e) => {
-                for load in Load::ALL {
-                    results.entries.push(Entry {
-                        contender,
-                        load,
-                        cell: Cell::Failed(format!("setting up: {e}")),
-                        runs: vec![],
-                    });
-                }
+    for scene in [Scene::TwoArm, Scene::Containers] {
+        for contender in Contender::ALL {
+            if !opts.only.is_empty() && !opts.only.contains(&contender) {
                 continue;
             }
-        };
-        // Warm-up: neighbours resolved, caches and pools filled; not recorded.
-        let _ = loads::run(
-            Load::KeepAlive,
-            contender,
-            &topo,
-            &more_clients,
-            &dir,
-            &opts.bench,
-            1.0,
-        );
-        for load in Load::ALL {
-            if load == Load::Udp
-                && let Some(why) = contender.udp_unsupported()
-            {
-                results.entries.push(Entry {
-                    contender,
-                    load,
-                    cell: Cell::NotApplicable(why.into()),
-                    runs: vec![],
-                });
-                continue;
-            }
-            let hosts = Hosts {
-                topo: &topo,
-                more_clients: &more_clients,
-                dir: &dir,
-            };
-            let entry = measure(
-                opts,
-                contender,
-                load,
-                &hosts,
-                load.seconds(seconds, opts.quick),
-                &running,
-                &stats,
-            );
-            if let Cell::Measured(m) = &entry.cell {
-                let tcp = match (m.paws_timewait, m.syn_retrans) {
-                    (Some(paws), Some(syn)) => {
-                        format!("; PAWS rejections {paws}, SYN retransmits {syn}")
-                    }
-                    _ => String::new(),
-                };
-                eprintln!(
-                    "bench:   {:<32} {:>12.2} {} (min {:.2}, max {:.2}; errors {}){tcp}",
-                    load.label(),
-                    m.value.median,
-                    load.unit(),
-                    m.value.min,
-                    m.value.max,
-                    m.errors
-                );
-            }
-            results.entries.push(entry);
+            eprintln!("bench: {} ({scene:?})", contender.label());
+            one_contender(opts, scene, contender, seconds, &stats, results);
         }
-        drop(running);
     }
 }
 
-/// Where the loads run: the network, the four-client load's client hosts, the run's folder.
+/// Every load of `scene` through `contender`, on a network of their own.
+fn one_contender(
+    opts: &Options,
+    scene: Scene,
+    contender: Contender,
+    seconds: f64,
+    stats: &Result<BpfStats, String>,
+    results: &mut Results,
+) {
+    let loads: Vec<Load> = Load::ALL
+        .into_iter()
+        .filter(|l| l.scene() == scene)
+        .collect();
+    // A fresh network per contender: TIME_WAIT sockets on the backends, conntrack entries
+    // and sysctls left by one contender would otherwise tax the next (a backend's TIME_WAIT
+    // refuses a SYN that reuses its addresses and ports with an older timestamp, and
+    // another connection's timestamps are unrelated). Every host keeps the kernel's TCP
+    // defaults, and lb its default configuration. (`tcp_timestamps=1` offsets timestamps
+    // by a secret hash of the connection's addresses and ports, measured on 6.18: the same
+    // four values get the same offset again, another source port an unrelated one.)
+    let (topo, more_clients, host_clients) = match scene {
+        Scene::TwoArm => {
+            let topo = Topology::new(Arms::Two, 2);
+            let more = topo.add_clients(MORE_CLIENTS);
+            (topo, more, None)
+        }
+        Scene::Containers => {
+            let topo = Topology::containers(2);
+            let cgroup = ClientCgroup::new(&topo.lb.name);
+            (topo, Vec::new(), Some(cgroup))
+        }
+    };
+    // The client hosts reuse their own TIME_WAIT ports, as load generators are tuned: wrk
+    // closes each `Connection: close` connection as soon as it has read the answer, while
+    // the server closes its end, so both ends keep TIME_WAIT (2 s of wrk -c10 straight
+    // to nginx left about 5,000 on the client and 9,000 on the server), and without reuse
+    // wrk's connect() soon spends the CPU searching for a free port among 28,232.
+    for host in std::iter::once(&topo.client).chain(&more_clients) {
+        host.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
+    }
+    if scene == Scene::Containers {
+        topo.lb.sh("sysctl -qw net.ipv4.tcp_tw_reuse=1");
+    }
+    let dir = std::env::temp_dir().join(format!("{}-bench", topo.lb.name));
+    let _cleanup = RemoveDir(dir.clone());
+    let running = std::fs::create_dir_all(&dir)
+        .map_err(|e| e.to_string())
+        .and_then(|()| loads::start_backends(&topo, scene, &dir, &opts.bench))
+        .and_then(|servers| {
+            Ok((
+                servers,
+                contenders::start(contender, &topo, host_clients.as_ref(), &dir, &opts.lb)?,
+            ))
+        });
+    let (_servers, running) = match running {
+        Ok(r) => r,
+        Err(e) => {
+            for load in loads {
+                results.entries.push(Entry {
+                    contender,
+                    load,
+                    cell: Cell::Failed(format!("setting up: {e}")),
+                    runs: vec![],
+                });
+            }
+            return;
+        }
+    };
+    // Warm-up: neighbours resolved, caches and pools filled; not recorded.
+    let _ = loads::run(
+        Load::KeepAlive,
+        contender,
+        &topo,
+        &more_clients,
+        None,
+        &dir,
+        &opts.bench,
+        1.0,
+    );
+    let hosts = Hosts {
+        topo: &topo,
+        more_clients: &more_clients,
+        host_clients: host_clients.as_ref(),
+        dir: &dir,
+    };
+    for load in loads {
+        if load.is_udp()
+            && let Some(why) = contender.udp_unsupported()
+        {
+            results.entries.push(Entry {
+                contender,
+                load,
+                cell: Cell::NotApplicable(why.into()),
+                runs: vec![],
+            });
+            continue;
+        }
+        let entry = measure(
+            opts,
+            contender,
+            load,
+            &hosts,
+            load.seconds(seconds, opts.quick),
+            &running,
+            stats,
+        );
+        if let Cell::Measured(m) = &entry.cell {
+            let tcp = match (m.paws_timewait, m.syn_retrans) {
+                (Some(paws), Some(syn)) => {
+                    format!("; PAWS rejections {paws}, SYN retransmits {syn}")
+                }
+                _ => String::new(),
+            };
+            eprintln!(
+                "bench:   {:<42} {:>12.2} {} (min {:.2}, max {:.2}; errors {}){tcp}",
+                load.label(),
+                m.value.median,
+                load.unit(),
+                m.value.min,
+                m.value.max,
+                m.errors
+            );
+        }
+        results.entries.push(entry);
+    }
+    drop(running);
+}
+
+/// Where the loads run: the network, the four-client load's client hosts, the cgroup of the
+/// host's clients, the run's folder.
 struct Hosts<'a> {
     topo: &'a Topology,
     more_clients: &'a [Netns],
+    host_clients: Option<&'a ClientCgroup>,
     dir: &'a Path,
 }
 
@@ -336,6 +383,7 @@ impl Hosts<'_> {
     fn clients(&self, load: Load) -> Vec<&Netns> {
         match load {
             Load::NewConnectionsFourClients => self.more_clients.iter().collect(),
+            Load::ContainersHostNewConnections => vec![&self.topo.lb],
             _ => vec![&self.topo.client],
         }
     }
@@ -371,8 +419,12 @@ fn measure(
     for _ in 0..RUNS {
         let cpu_before = MachineCpu::read();
         let lb_before = namespace_cpu_seconds(&topo.lb);
-        let drops_before = device_drops(&topo.lb, &LB_DEVICES);
-        let xdp_before = program_runtime(XDP_PROGRAM);
+        let devices: &[&str] = match load.scene() {
+            Scene::TwoArm => &TWO_ARM_DEVICES,
+            Scene::Containers => &CONTAINER_DEVICES,
+        };
+        let drops_before = device_drops(&topo.lb, devices);
+        let xdp_before = lb_runtime();
         let tcp_before = hosts.tcp_counters(load);
         let started = Instant::now();
         let outcome = loads::run(
@@ -380,15 +432,16 @@ fn measure(
             contender,
             topo,
             hosts.more_clients,
+            hosts.host_clients,
             hosts.dir,
             &opts.bench,
             seconds,
         );
         let wall = started.elapsed().as_secs_f64();
         let tcp_after = hosts.tcp_counters(load);
-        let xdp_after = program_runtime(XDP_PROGRAM);
+        let xdp_after = lb_runtime();
         let lb_after = namespace_cpu_seconds(&topo.lb);
-        let drops_after = device_drops(&topo.lb, &LB_DEVICES);
+        let drops_after = device_drops(&topo.lb, devices);
         let cpu_after = MachineCpu::read();
         let mut outcome = match outcome {
             Ok(o) if o.value > 0.0 => o,
@@ -439,6 +492,23 @@ fn measure(
             .flat_map(|s| s["backends"].as_array().into_iter().flatten())
             .filter_map(|b| b["new_flows"].as_u64())
             .sum();
+        // The host's clients are balanced by the socket hooks, which make no flows.
+        let host_balanced = |counters: &[(String, u64)]| {
+            counters
+                .iter()
+                .find(|(n, _)| n == "event_host_balanced")
+                .map_or(0, |c| c.1)
+        };
+        let host_moved =
+            host_balanced(&lb_counters(&status)).saturating_sub(host_balanced(&counters_before));
+        if load == Load::ContainersHostNewConnections && host_moved == 0 {
+            return failed(
+                contender,
+                load,
+                runs,
+                "the socket hooks balanced no connection".into(),
+            );
+        }
         if new_flows == 0 {
             return failed(
                 contender,

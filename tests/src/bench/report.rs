@@ -136,7 +136,7 @@ fn share(n: u64, of: u64) -> String {
 fn detail_table(results: &Results, load: Load) -> String {
     let direct = median_of(results, Contender::Direct, load);
     let ours = median_of(results, Contender::Xdp, load);
-    let latency = !matches!(load, Load::Bulk | Load::Udp);
+    let latency = !load.is_bulk() && !load.is_udp();
     let tcp = load.new_connections();
     let mut t = format!(
         "| contender | {} median [min–max] | ÷ direct | ÷ lb |{} failed / sent |{} veth drops | balancer CPU (CPU-s/s) | XDP ns/packet | machine busy (softirq) |\n|---|---:|---:|---:|{}---:|{}---:|---:|---:|---:|\n",
