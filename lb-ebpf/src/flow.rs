@@ -11,7 +11,6 @@
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
-    programs::XdpContext,
 };
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
@@ -28,9 +27,10 @@ use lb_common::{
 
 use crate::{
     Verdict, csum, flow_count,
+    frame::Frame,
     maps::{
-        BACKENDS, BRIDGE_PORTS, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count, snat_port_min,
-        state_timeout,
+        BACKENDS, BRIDGE_PORTS, FLOW_SCRATCH, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count,
+        snat_port_min, state_timeout,
     },
     parse::Packet,
     snat, stats, suspect, timestamps,
@@ -435,7 +435,7 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
 /// forward direction.
 #[inline(always)]
 pub fn create(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     pkt: &Packet,
     svc: &Service,
     backend_id: u32,
@@ -472,9 +472,13 @@ pub fn create(
     };
     let ts_flag = if ts_add.is_some() { FLOW_TS } else { 0 };
     let ts_add = ts_add.unwrap_or(0);
-    // The reply entry, and after the port search the forward entry: one value on the stack,
+    // The reply entry, and after the port search the forward entry: one value, off the stack,
     // which the rest of the program fills.
-    let mut reverse = FlowValue {
+    let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
+    // SAFETY: a per-CPU array slot, this CPU's alone for this program run (the hooks that
+    // create flows run in softirq, which does not nest on a CPU).
+    let reverse = unsafe { &mut *scratch };
+    *reverse = FlowValue {
         nat_src_addr: pkt.key.dst_addr,
         nat_dst_addr: pkt.key.src_addr,
         nat_src_port: pkt.key.dst_port,
@@ -509,19 +513,19 @@ pub fn create(
             })
         };
     if client_port.wrapping_sub(port_min) < port_count
-        && snat::claim_port(snat::ports_of(&reverse), pkt.key.src_port.to_host())
+        && snat::claim_port(snat::ports_of(reverse), pkt.key.src_port.to_host())
     {
-        found = try_port(pkt.key.src_port, &mut reverse_key, &reverse)?;
+        found = try_port(pkt.key.src_port, &mut reverse_key, reverse)?;
         if !found {
-            keep_claim_if_held(&reverse_key, &reverse);
+            keep_claim_if_held(&reverse_key, reverse);
         }
     }
     if !found && let Some((index, port)) = snat::claim(backend_id, snat_count, snat_start, cpu) {
         reverse.snat_index = index as u16;
         reverse_key.dst_addr = snat_addr(index);
-        found = try_port(Be16::from_host(port), &mut reverse_key, &reverse)?;
+        found = try_port(Be16::from_host(port), &mut reverse_key, reverse)?;
         if !found {
-            keep_claim_if_held(&reverse_key, &reverse);
+            keep_claim_if_held(&reverse_key, reverse);
         }
     }
     // The bitmaps had no free port: ports may still be held by connections gone since (ended,
@@ -546,22 +550,22 @@ pub fn create(
         found = try_port(
             Be16::from_host((port_min + index) as u16),
             &mut reverse_key,
-            &reverse,
+            reverse,
         )?;
     }
     if !found {
         // A half-open connection gives its port up, and its two entries with it: under a
         // flood, that makes room whether the ports or the table ran out.
         let Some(port) = half_open_port else {
-            return Err(exhausted(&reverse_key, &reverse));
+            return Err(exhausted(&reverse_key, reverse));
         };
         reverse_key.dst_port = port;
-        if !evict_half_open(&reverse_key, &reverse) {
-            return Err(exhausted(&reverse_key, &reverse));
+        if !evict_half_open(&reverse_key, reverse) {
+            return Err(exhausted(&reverse_key, reverse));
         }
     }
-    snat::mark(snat::ports_of(&reverse), reverse_key.dst_port.to_host());
-    let forward = &mut reverse;
+    snat::mark(snat::ports_of(reverse), reverse_key.dst_port.to_host());
+    let forward = reverse;
     forward.nat_src_addr = reverse_key.dst_addr;
     forward.nat_dst_addr = backend.addr;
     forward.nat_src_port = reverse_key.dst_port;

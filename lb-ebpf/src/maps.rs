@@ -113,6 +113,10 @@ pub static VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0)
 #[map]
 pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
+/// The flow value `flow::create` builds, off the stack (per CPU; data path only, not pinned).
+#[map]
+pub static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
+
 /// A bridge port's ifindex -> its bridge's: a container's packets meet the tc program on the
 /// port, while the flow's next hop is the bridge. Daemon writes; data path reads.
 #[map]

@@ -4,8 +4,11 @@ use lb_common::{PassReason, Service, ServiceKey};
 
 use crate::{Verdict, maps::SERVICES, parse::Packet};
 
+/// The service in place in its map: a copy would take a fifth of the balancing path's stack.
+/// The daemon replaces an entry whole; a packet that meets one mid-update still meets a
+/// service's values, each as written.
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Result<Service, Verdict> {
+pub fn lookup(pkt: &Packet) -> Result<&'static Service, Verdict> {
     let key = ServiceKey {
         vip: pkt.key.dst_addr,
         port: pkt.key.dst_port,
@@ -14,7 +17,7 @@ pub fn lookup(pkt: &Packet) -> Result<Service, Verdict> {
     };
     match SERVICES.get_ptr(&key) {
         // SAFETY: a value pointer from a map lookup is valid for this program run.
-        Some(svc) => Ok(unsafe { *svc }),
+        Some(svc) => Ok(unsafe { &*svc }),
         None => Err(Verdict::Pass(PassReason::NotService)),
     }
 }

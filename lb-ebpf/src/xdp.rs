@@ -97,8 +97,8 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
         return Err(reset::answer(ctx, pkt));
     }
     check_ttl(pkt)?;
-    let (backend_id, backend) = select::backend(&svc, pkt)?;
-    let flow = flow::create(ctx, pkt, &svc, backend_id, &backend)?;
+    let (backend_id, backend) = select::backend(svc, pkt)?;
+    let flow = flow::create(ctx, pkt, svc, backend_id, &backend)?;
     stats::count_new_flow(backend_id);
     Ok(flow)
 }
