@@ -35,6 +35,12 @@ impl Delta {
         Delta(self.0 + other.0)
     }
 
+    /// Changes given as a checksum difference (`sum`'s own form).
+    #[inline(always)]
+    pub fn from_sum(sum: u32) -> Delta {
+        Delta(sum)
+    }
+
     /// The changes as a checksum difference (a 32-bit one's-complement sum), as the kernel's
     /// checksum helpers take it.
     #[inline(always)]

@@ -3,9 +3,12 @@
 //! (ENGINEERING.md). At tc ingress on the bridge's ports, a balanced flow's packets (a
 //! backend's replies) are translated with the kernel's checksum helpers, which update a
 //! partial checksum by its pseudo-header alone and a full one by everything, and redirected
-//! to their egress device. Everything else goes on untouched (`TC_ACT_UNSPEC`: the next tc
+//! to their egress device. A container's new connection to a service (a VIP) is balanced here
+//! as XDP balances a client's. Everything else goes on untouched (`TC_ACT_UNSPEC`: the next tc
 //! program, then the stack). Shares the flow table and every stage but the rewrite and the
 //! forwarding, which are the skb's own here.
+
+use core::ptr::NonNull;
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -19,31 +22,82 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{DropReason, FlowValue, PassReason};
+use lb_common::{DropReason, FlowValue, PassReason, conntrack::tcp_flags_valid};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     Verdict,
     csum::Delta,
-    flow, nat,
+    flow, mss, nat,
     parse::{self, IPPROTO_UDP, Packet, ptr_at},
-    stats, timestamps,
+    select, service, stats, timestamps,
 };
 
 /// The most of a frame the stages read directly: Ethernet, the longest IPv4 and TCP headers.
 const HEADERS_MAX: u32 = 14 + 60 + 60;
 const AF_INET: u8 = 2;
 
+/// `carry_apart`'s answer for a packet with no flow, uncounted: `new_flow_apart` may record
+/// one.
+const NO_FLOW: i32 = i32::MIN;
+/// `new_flow_apart`'s answer when it recorded the packet's flow.
+const RECORDED: i32 = i32::MIN + 1;
+
+/// A packet of a flow is carried; one without is given one if it opens a connection to a
+/// service (a container's client of a VIP), then carried. Each step is a BPF function with a
+/// stack frame of its own, as XDP's balancing path is (`xdp.rs`).
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
-    let verdict = match process(&ctx) {
-        Ok(v) | Err(v) => v,
-    };
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    let action = carry_apart(skb);
+    if action != NO_FLOW {
+        return action;
+    }
+    let made = new_flow_apart(skb);
+    if made != RECORDED {
+        return made;
+    }
+    match carry_apart(skb) {
+        // Another CPU ended the flow in between: the packet is the kernel's.
+        NO_FLOW => counted(Verdict::Pass(PassReason::NotService)),
+        action => action,
+    }
+}
+
+/// Counts `verdict` and gives its tc action.
+#[inline(always)]
+fn counted(verdict: Verdict) -> i32 {
     stats::count_verdict(&verdict);
     match verdict {
         Verdict::Pass(_) => TC_ACT_UNSPEC,
         Verdict::Redirect(action) => action as i32,
         Verdict::Drop(_) | Verdict::Tx | Verdict::TooBig(_) => TC_ACT_SHOT,
+    }
+}
+
+/// Look up, rewrite and forward: the tc action, counted, or NO_FLOW.
+#[inline(never)]
+fn carry_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(skb) = NonNull::new(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    let ctx = TcContext::new(skb);
+    match process(&ctx) {
+        Err(Verdict::Pass(PassReason::NotService)) => NO_FLOW,
+        Ok(verdict) | Err(verdict) => counted(verdict),
+    }
+}
+
+/// Choose and record: RECORDED, or the tc action of a packet that gets no flow, counted.
+#[inline(never)]
+fn new_flow_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(skb) = NonNull::new(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    let ctx = TcContext::new(skb);
+    match new_flow(&ctx) {
+        Ok(()) => RECORDED,
+        Err(verdict) => counted(verdict),
     }
 }
 
@@ -62,13 +116,35 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
     }
     let nat = flow.nat();
     let options = if pkt.is_tcp() {
-        timestamps::translate(ctx, &pkt, nat)
+        timestamps::translate(ctx, &pkt, nat).and(mss::clamp_skb(ctx, &pkt, nat))
     } else {
         Delta::default()
     };
     rewrite(ctx, &pkt, nat, options)?;
     stats::count_backend(nat.backend_id, pkt.len);
     forward(ctx, nat, pkt.key.proto)
+}
+
+/// A packet with no flow (its headers pulled by `process`): find its service, choose a
+/// backend, record the flow both ways. A TCP segment that cannot open one is dropped, counted
+/// (XDP answers it with an RST; here the container's stack times out).
+#[inline(always)]
+fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
+    let pkt = parse::packet(ctx)?;
+    let svc = service::lookup(&pkt)?;
+    if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
+        return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
+    }
+    if pkt.is_tcp() && !pkt.is_syn() {
+        return Err(Verdict::Drop(DropReason::TcpNoFlow));
+    }
+    if pkt.ttl() <= 1 {
+        return Err(Verdict::Pass(PassReason::TtlExpired));
+    }
+    let (backend_id, backend) = select::backend(svc, &pkt)?;
+    flow::create(ctx, &pkt, svc, backend_id, &backend)?;
+    stats::count_new_flow(backend_id);
+    Ok(())
 }
 
 /// Addresses and ports as the flow says. The IPv4 checksum is always whole and is updated in

@@ -420,7 +420,9 @@ fn clients_on_the_host_are_balanced_at_connect_time() {
 /// client-side NIC, the tc program on the bridge's ports (and `lb status` says why); new
 /// connections split 4:6, from outside and from the host itself (at a service on the host's
 /// address and at localhost, as a published port), a 1 MB download (the containers' GSO
-/// replies) arrives whole, UDP answers, and a restarted container (a new veth) is picked up.
+/// replies) arrives whole, with its handshake's MSS clamped both ways, UDP answers, a
+/// container's own connections to the VIP are balanced, and a restarted container (a new
+/// veth) is picked up.
 #[test]
 fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
     require_root();
@@ -433,7 +435,8 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         "cgroup = \"off\"",
         &format!("cgroup = \"{}\"", cgroup.child.display()),
     );
-    config += "[[service]]\nname = \"site\"\nvip = \"198.18.0.1:8080\"\n";
+    // Its handshakes clamped: the client's SYN at XDP, the container's SYN-ACK at tc.
+    config += "[[service]]\nname = \"site\"\nvip = \"198.18.0.1:8080\"\nmss = 1200\n";
     for (addr, weight) in topo.backend_addrs.iter().zip([4, 6]) {
         config += &format!(
             "[[service.backend]]\naddress = \"{addr}:{BACKEND_PORT}\"\nweight = {weight}\n"
@@ -496,6 +499,13 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
     let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
     println!("100 external connections to 198.18.0.1:8080: {counts:?}, {failed} failed");
     assert!(failed == 0 && counts[0] > 0 && counts[1] > 0, "{counts:?}");
+    let clamped = counter(&balancer, "event_mss_clamped");
+    assert!(clamped >= 200, "SYNs and SYN-ACKs clamped: {clamped}");
+    let (out, ok) = curl_in(
+        &topo.client,
+        "-o /dev/null -w '%{size_download}' http://198.18.0.1:8080/bytes/1000000",
+    );
+    assert!(ok && out == "1000000", "a clamped 1 MB download: {out}");
     let (out, ok) = curl_in(
         &topo.client,
         &format!("-o /dev/null -w '%{{size_download}}' http://{VIP}/bytes/1000000"),
@@ -509,6 +519,13 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         answer == "b1: hello" || answer == "b2: hello",
         "UDP answer: {answer:?}"
     );
+    // A container is a client of the service too (its own replica included).
+    let out = topo.backends[0].sh(&format!(
+        "for i in $(seq 100); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
+    ));
+    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!("100 connections from container 1 to the VIP: {counts:?}, {failed} failed");
+    assert!(failed == 0 && counts[0] > 0 && counts[1] > 0, "{out}");
 
     // A container restarts: its veth is a new device, and the tc program follows it.
     let before = balancer.backend("web", &backend(&topo, 1))["new_flows"]

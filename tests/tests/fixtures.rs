@@ -2405,6 +2405,44 @@ fn tc_fixtures() -> Vec<Fixture> {
                 ],
             ))
         },
+        // A container's new connection to a VIP: balanced at tc as a client's is at XDP.
+        Fixture {
+            flows_after: flow_pair_in(TCP_SYN_SENT, TCP, 41420, WEB_PORT, 1, PORT_MIN),
+            ingress: "lb0",
+            ..tc(fixture(
+                "tc_container_syn_to_a_vip_opens_a_flow",
+                with(backends(), &[web(&[(1, 1)])]),
+                client_syn(41420).build(),
+                TC_ACT_REDIRECT,
+                Some(to_backend(1, PORT_MIN).syn().build()),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            ))
+        },
+        Fixture {
+            ingress: "lb0",
+            ..tc(fixture(
+                "tc_container_segment_without_a_flow_dropped",
+                with(backends(), &[web(&[(1, 1)])]),
+                client_syn(41421).tcp_flags(TCP_ACK).build(),
+                TC_ACT_SHOT,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::TcpNoFlow), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            ))
+        },
+        Fixture {
+            ingress: "lb0",
+            ..tc(fixture(
+                "tc_container_syn_with_no_backend_dropped",
+                with(backends(), &[web(&[(1, 0)])]),
+                client_syn(41422).build(),
+                TC_ACT_SHOT,
+                None,
+                vec![(Counter::Drop(DropReason::NoBackend), 1)],
+            ))
+        },
     ]
 }
 
@@ -2532,6 +2570,42 @@ fn mss_fixtures() -> Vec<Fixture> {
             vec![(Counter::Redirect, 1), (clamped, 1)],
         )
     });
+    // The same at tc, a container's SYN-ACK: the helper carries the change to the checksum
+    // (the odd offset too).
+    for (cport, before, after) in [
+        (
+            41308,
+            options(&[&MSS_1460, &REST]),
+            options(&[&MSS_1360, &REST]),
+        ),
+        (
+            41309,
+            options(&[&[1], &MSS_1460, &[1, 1, 1]]),
+            options(&[&[1], &MSS_1360, &[1, 1, 1]]),
+        ),
+    ] {
+        let snat_port = cport - 10000;
+        list.push(Fixture {
+            hook: Hook::Tc,
+            ingress: "lb1",
+            ..fixture(
+                if cport == 41308 {
+                    "tc_mss_syn_ack_clamped_through_the_checksum_helper"
+                } else {
+                    "tc_mss_syn_ack_at_an_odd_offset_clamped"
+                },
+                clamping(&[clamping_flow(TCP_SYN_SENT, cport, snat_port)]),
+                from_backend(1, snat_port)
+                    .syn()
+                    .ack()
+                    .tcp_options(&before)
+                    .build(),
+                TC_ACT_REDIRECT,
+                Some(to_client(cport).syn().ack().tcp_options(&after).build()),
+                vec![(Counter::Redirect, 1), (clamped, 1)],
+            )
+        });
+    }
     // Only handshakes announce an MSS: anything else is not read for one.
     let data = b"GET / HTTP/1.0\r\n\r\n";
     list.push(fixture(
