@@ -357,6 +357,7 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
         }
     });
     tasks.spawn(count_flows(Arc::clone(&state)));
+    tasks.spawn(follow_links(Arc::clone(&state)));
     tasks.spawn(advance_ramps(Arc::clone(&state)));
     if let Some(listener) = metrics {
         log::info!("serving metrics on http://{}/metrics", opts.metrics);
@@ -432,11 +433,32 @@ async fn count_flows(state: Arc<Mutex<State>>) {
     loop {
         tick.tick().await;
         let mut state = lock(&state);
-        state.follow_bridges();
         match state.count_flows() {
             Ok(sweep) => state.record_sweep(&sweep),
             Err(e) => log::error!("reading the flow counts: {e}"),
         }
+    }
+}
+
+/// Follows the configured bridges' ports as links change (`links.rs`); without a netlink
+/// socket, once a second.
+async fn follow_links(state: Arc<Mutex<State>>) {
+    match crate::links::LinkEvents::open() {
+        Ok(mut events) => loop {
+            if let Err(e) = events.changed().await {
+                log::warn!("link changes: {e}; looking at the bridges once a second instead");
+                break;
+            }
+            lock(&state).follow_bridges();
+        },
+        Err(e) => log::warn!(
+            "cannot listen for link changes ({e}); looking at the bridges once a second instead"
+        ),
+    }
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        lock(&state).follow_bridges();
     }
 }
 

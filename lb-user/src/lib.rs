@@ -9,6 +9,7 @@ pub mod discovery;
 pub mod health;
 pub mod host;
 pub mod layout;
+pub mod links;
 pub mod maglev;
 pub mod map_batch;
 pub mod metrics;
