@@ -353,6 +353,12 @@ pub fn markdown(results: &Results, command: &str) -> String {
          a balancer that maps another client port onto that source port sends one about half \
          of the time), and the client sends that SYN again (the clients' SYN retransmits). The client hosts alone reuse their own \
          TIME_WAIT ports (`net.ipv4.tcp_tw_reuse=1`), as load generators are tuned.\n\n\
+         The loads named \"containers\" run on another network, the single-host deployment: \
+         the two backends are containers (namespaces on veths) on a bridge of the balancer's \
+         host, with their default offloads (partial checksums, TSO; lb's tc program on the \
+         bridge's ports), the client outside; \"from the host\" is wrk in the balancer's own \
+         namespace (for lb, balanced by its socket hooks; for nftables, an output-hook DNAT; \
+         the proxies listen there). Their new-connection runs last as long as the others.\n\n\
          ## Summary\n\n{}\n\
          ## Goals\n\n{}\n",
         m.date,
