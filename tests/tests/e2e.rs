@@ -34,7 +34,17 @@ fn setup(arms: Arms, weights: &[u32]) -> Setup {
 fn setup_with(arms: Arms, weights: &[u32], edit: impl FnOnce(String) -> String) -> Setup {
     require_root();
     sweep_stale();
-    let topo = Topology::new(arms, weights.len());
+    setup_on(Topology::new(arms, weights.len()), weights, edit)
+}
+
+/// The single-host deployment's setup: `Topology::containers`, one container per weight.
+fn setup_containers_with(weights: &[u32], edit: impl FnOnce(String) -> String) -> Setup {
+    require_root();
+    sweep_stale();
+    setup_on(Topology::containers(weights.len()), weights, edit)
+}
+
+fn setup_on(topo: Topology, weights: &[u32], edit: impl FnOnce(String) -> String) -> Setup {
     let servers = (0..weights.len()).map(|i| start_server(&topo, i)).collect();
     let balancer = Balancer::start(&lb_binary(), &topo, &edit(topo.config(weights)));
     Setup {
@@ -113,14 +123,15 @@ fn two_arm_tcp_splits_4_6_and_fails_over_to_the_survivor() {
 
 /// Slow start: a backend that comes back up takes a rising share of new connections over the
 /// service's `slow_start` (6 s here: ten steps of 600 ms), not its full share at once. At 1:1,
-/// its share of each 1.5-s window must rise from about a tenth towards a half.
+/// its share of each 1.5-s window must rise from about a tenth towards a half. The backends
+/// are containers on a bridge (the single-host deployment).
 #[test]
 fn a_recovered_backend_ramps_up_over_slow_start() {
     let Setup {
         topo,
         balancer,
         mut servers,
-    } = setup_with(Arms::Two, &[1, 1], |config| {
+    } = setup_containers_with(&[1, 1], |config| {
         config.replacen(
             "protocol = \"tcp\"\n",
             "protocol = \"tcp\"\nslow_start = \"6s\"\n",
@@ -190,7 +201,8 @@ fn a_recovered_backend_ramps_up_over_slow_start() {
 fn backends_from_dns_follow_the_name() {
     require_root();
     sweep_stale();
-    let topo = Topology::new(Arms::Two, 3);
+    // Compose's replicas: containers on a bridge of the balancer's host.
+    let topo = Topology::containers(3);
     let _servers: Vec<Child> = (0..3).map(|i| start_server(&topo, i)).collect();
     let resolver = NetnsResolver::new(&topo.lb.name);
     let [a1, a2, a3] = [0, 1, 2].map(|i| topo.backend_addrs[i]);
@@ -201,7 +213,7 @@ fn backends_from_dns_follow_the_name() {
         .map(|i| format!("\"{i}\""))
         .collect();
     let config = format!(
-        "interfaces = [{}]\n[flows]\ncapacity = 65536\n[[service]]\nname = \"api\"\nvip = \"{VIP}:80\"\n\
+        "interfaces = [{}]\n[host]\ncgroup = \"off\"\n[flows]\ncapacity = 65536\n[[service]]\nname = \"api\"\nvip = \"{VIP}:80\"\n\
          [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n\
          [service.discovery]\ndns = \"api:{BACKEND_PORT}\"\ninterval = \"300ms\"\n",
         interfaces.join(", ")
