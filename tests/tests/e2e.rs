@@ -503,7 +503,9 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
         println!("400 host connections to {url} at 4:6: {counts:?}, {failed} failed");
         assert_eq!(failed, 0, "{url}: {out}");
-        assert_share(&counts, 40.0, 7.0, url);
+        // 3.3 standard deviations of a 400-connection share: two such checks here, several
+        // in the suite.
+        assert_share(&counts, 40.0, 8.0, url);
     }
     let out = topo.client.sh(
         "for i in $(seq 100); do curl -s --connect-timeout 1 --max-time 2 http://198.18.0.1:8080/ || echo FAIL; done",
