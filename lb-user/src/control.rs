@@ -264,6 +264,16 @@ pub struct FlowTableStatus {
     pub counted_ns: u64,
 }
 
+/// A backend's health as the CLI shows it: down, or up and suspect (new flows steered off
+/// it), or up.
+pub fn health_word(healthy: bool, suspect: bool) -> &'static str {
+    match (healthy, suspect) {
+        (false, _) => "down",
+        (true, true) => "suspect",
+        (true, false) => "up",
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("cannot reach the daemon at {path}: {source}; is \"lb run\" running?")]

@@ -258,10 +258,27 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure { code, error }) => {
-            eprintln!("lb: error: {error:#}");
+            eprintln!("lb: error: {}", error_text(&error));
             ExitCode::from(code)
         }
     }
+}
+
+/// `error` and its causes, each once: most messages already say their cause, and the chain
+/// would repeat it.
+fn error_text(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text += ": ";
+        }
+        text += &cause;
+    }
+    text
 }
 
 async fn execute(command: Command) -> Result<(), Failure> {
@@ -680,11 +697,7 @@ fn render(status: &Status) -> String {
                 "  {:<22} {:>11} {:<7} {:<6} {:>8} {:>10} {:>12} {:>14}",
                 b.address,
                 weight,
-                match (b.healthy, b.suspect) {
-                    (false, _) => "down",
-                    (true, true) => "suspect",
-                    (true, false) => "up",
-                },
+                control::health_word(b.healthy, b.suspect),
                 match b.source {
                     BackendSource::Config => "config",
                     BackendSource::Dns => "dns",
@@ -756,4 +769,35 @@ fn render(status: &Status) -> String {
         }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_given_once() {
+        let missing = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let unreachable = anyhow::Error::from(control::ControlError::Connect {
+            path: "/run/lb/control.sock".into(),
+            source: missing(),
+        });
+        let text = error_text(&unreachable);
+        assert_eq!(text.matches("entity not found").count(), 1, "{text}");
+        assert!(
+            text.starts_with("cannot reach the daemon at /run/lb/control.sock"),
+            "{text}"
+        );
+        let unread = anyhow::Error::from(lb_user::config::ConfigError::Read {
+            path: "/nonexistent".into(),
+            source: missing(),
+        });
+        assert_eq!(
+            error_text(&unread),
+            "cannot read config /nonexistent: entity not found"
+        );
+        // A context that does not say its cause still gets it.
+        let wrapped = anyhow::Error::from(missing()).context("lb run");
+        assert_eq!(error_text(&wrapped), "lb run: entity not found");
+    }
 }

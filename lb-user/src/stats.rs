@@ -30,6 +30,8 @@ pub struct BackendRates {
     pub address: String,
     pub weight: u32,
     pub healthy: bool,
+    /// Up, with new flows steered off it (`lb status` says so too).
+    pub suspect: bool,
     pub active_flows: u64,
     pub new_flows_per_s: f64,
     pub packets_per_s: f64,
@@ -63,6 +65,7 @@ pub fn rates(before: &Status, after: &Status, seconds: f64) -> Rates {
                             address: b.address.clone(),
                             weight: b.weight,
                             healthy: b.healthy,
+                            suspect: b.suspect,
                             active_flows: b.active_flows,
                             new_flows_per_s: per_s(b.new_flows, new_flows),
                             packets_per_s: per_s(b.packets, packets),
@@ -95,16 +98,16 @@ pub fn render(r: &Rates) -> String {
         let _ = writeln!(out, "service {} {}/{}", s.name, s.vip, s.protocol);
         let _ = writeln!(
             out,
-            "  {:<22} {:>6} {:<6} {:>8} {:>12} {:>12} {:>12}",
+            "  {:<22} {:>6} {:<7} {:>8} {:>12} {:>12} {:>12}",
             "backend", "weight", "health", "active", "new flows/s", "packets/s", "Mbit/s"
         );
         for b in &s.backends {
             let _ = writeln!(
                 out,
-                "  {:<22} {:>6} {:<6} {:>8} {:>12.1} {:>12.1} {:>12.3}",
+                "  {:<22} {:>6} {:<7} {:>8} {:>12.1} {:>12.1} {:>12.3}",
                 b.address,
                 b.weight,
-                if b.healthy { "up" } else { "down" },
+                crate::control::health_word(b.healthy, b.suspect),
                 b.active_flows,
                 b.new_flows_per_s,
                 b.packets_per_s,
@@ -156,6 +159,24 @@ mod tests {
         let text = render(&r);
         assert!(text.contains("drop_tcp_no_flow=2.0/s"), "{text}");
         assert!(text.contains("198.18.1.11:8000"), "{text}");
+    }
+
+    /// As `lb status` says: a suspect backend is not shown `up`.
+    #[test]
+    fn a_suspect_backend_is_shown_suspect() {
+        let mut after = status(30, 300, 3000, 5);
+        after.services[0].backends[0].suspect = true;
+        let r = rates(&status(10, 100, 1000, 1), &after, 1.0);
+        assert!(r.services[0].backends[0].suspect);
+        let text = render(&r);
+        let row = text
+            .lines()
+            .find(|l| l.contains("198.18.1.11:8000"))
+            .expect("the backend's row");
+        assert!(row.contains(" suspect "), "{text}");
+        after.services[0].backends[0].healthy = false;
+        let text = render(&rates(&status(10, 100, 1000, 1), &after, 1.0));
+        assert!(text.contains(" down "), "{text}");
     }
 
     #[test]
