@@ -604,15 +604,20 @@ impl State {
                 // A reused id must not inherit its last holder's suspect mark.
                 self.dataplane.clear_suspect(id)?;
             }
-            let healthy = first.is_ok() || was_up;
-            let mut tracker = Tracker::new(healthy, p.config.health.rise, p.config.health.fall);
+            let mut tracker = Tracker::new(
+                first.is_ok() || was_up,
+                p.config.health.rise,
+                p.config.health.fall,
+            );
             if let Err(e) = &first {
-                if healthy {
-                    tracker.record(false);
-                } else {
+                // With `fall = 1` this one failure takes an adopted "up" backend down.
+                tracker.record(false);
+                if !tracker.healthy {
                     log::warn!("service \"{name}\": backend {} starts down: {e}", b.address);
                 }
             }
+            // The data path's state is the tracker's, whatever the first probe said.
+            let healthy = tracker.healthy;
             self.dataplane.set_backend(id, b.address, healthy)?;
             // Added to a running service: it ramps up. A new service's backends all start
             // together, and a ramp shared by all of them would change no share.

@@ -216,6 +216,24 @@ impl Balancer {
             .len()
     }
 
+    /// Whether the pinned BACKENDS (what the data path reads) holds `address` healthy; `None`
+    /// if it holds no such backend. Read directly: works while no daemon runs.
+    pub fn pinned_backend_healthy(&self, address: std::net::SocketAddrV4) -> Option<bool> {
+        let map =
+            aya::maps::MapData::from_pin(self.bpffs.join("BACKENDS")).expect("pinned BACKENDS");
+        let backends: aya::maps::Array<_, lb_common::Backend> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("BACKENDS is an array");
+        let (addr, port) = (
+            lb_common::Be32::from_bytes(address.ip().octets()),
+            lb_common::Be16::from_host(address.port()),
+        );
+        backends
+            .iter()
+            .filter_map(Result::ok)
+            .find(|b| b.addr == addr && b.port == port)
+            .map(|b| b.flags & lb_common::BACKEND_HEALTHY != 0)
+    }
+
     /// Stops the daemon with SIGTERM and returns whether it exited cleanly within 10 s. The
     /// pinned data path keeps forwarding.
     pub fn stop(&mut self) -> bool {

@@ -1347,6 +1347,34 @@ fn restart_keeps_flows_and_serves_new_connections_and_remove_ends_forwarding() {
 
 /// An upgrade from a build without the per-backend connection counts adopts connections it
 /// never saw open: it counts them once, before its program is attached, and their ends after.
+/// An adopted backend that was up fails its first probe with `fall = 1`: the new daemon takes
+/// it down, and so must the data path (the daemon wrote the adopted state "up" and its
+/// tracker said "down", and nothing ever changed either again).
+#[test]
+fn an_adopted_backend_failing_its_first_probe_with_fall_1_is_down_in_the_data_path() {
+    let Setup {
+        topo,
+        mut balancer,
+        mut servers,
+    } = setup_with(Arms::Two, &[1, 1], |c| c.replace("fall = 2", "fall = 1"));
+    let b1: std::net::SocketAddrV4 = backend(&topo, 0).parse().expect("an address");
+    assert_eq!(balancer.pinned_backend_healthy(b1), Some(true));
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    stop_child(&mut servers[0]);
+    balancer.restart();
+    balancer.wait_health("web", &b1.to_string(), false, Duration::from_secs(5));
+    // A few probe intervals: a later probe must not be what mends it.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        balancer.pinned_backend_healthy(b1),
+        Some(false),
+        "the data path still sends new flows to a backend the daemon has down:\n{}",
+        balancer.log()
+    );
+    let (counts, failed) = tally(&http_requests(&topo, 40), 2);
+    assert_eq!((counts[0], failed), (0, 0), "{counts:?}");
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
