@@ -316,6 +316,15 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
     let socket = opts.socket.clone();
     // Before anything is loaded: a second daemon must not touch the first one's maps.
     let listener = control::bind(&socket).await?;
+    // Another daemon may serve another socket: the pins are held for this one's whole life.
+    let _pins_held =
+        match crate::pins::prepare(&opts.bpffs).and_then(|()| crate::pins::lock(&opts.bpffs)) {
+            Ok(held) => held,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(DataplaneError::from(e).into());
+            }
+        };
     let metrics = match metrics::bind(&opts.metrics).await {
         Ok(m) => m,
         Err(source) => {

@@ -48,6 +48,10 @@ pub enum PinError {
         "{dir} is not on a bpf filesystem, so nothing pinned there would outlive the daemon; mount one (mount -t bpf bpf {dir}) or give --bpffs a directory on one"
     )]
     NotBpffs { dir: String },
+    #[error(
+        "{dir} is held by another lb process (a daemon, perhaps one that hangs, or lb remove): stop it first"
+    )]
+    Locked { dir: String },
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -60,6 +64,26 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> PinError + '_ {
     move |source| PinError::Io {
         path: path.display().to_string(),
         source,
+    }
+}
+
+/// The pin directory, held by one lb process at a time: a daemon for its whole life, `lb
+/// remove` while it removes. Two daemons given different sockets would otherwise write the
+/// same maps. An advisory lock (flock) on the directory itself, released when the process
+/// ends however it ends.
+pub struct PinLock {
+    _dir: std::fs::File,
+}
+
+/// Takes the lock on `dir`, or says who may hold it.
+pub fn lock(dir: &Path) -> Result<PinLock, PinError> {
+    let file = std::fs::File::open(dir).map_err(io_error(dir))?;
+    match file.try_lock() {
+        Ok(()) => Ok(PinLock { _dir: file }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(PinError::Locked {
+            dir: dir.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_error(dir)(e)),
     }
 }
 
@@ -177,6 +201,10 @@ pub fn remove_links_except(dir: &Path, keep: &[String]) -> Result<Vec<String>, P
 /// go (the program detaches once no daemon holds it) and the maps with them. Returns the
 /// interfaces detached.
 pub fn remove(dir: &Path) -> Result<Vec<String>, PinError> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let _held = lock(dir)?;
     let detached = remove_links_except(dir, &[])?;
     remove_host_links(dir)?;
     remove_tc_links(dir)?;

@@ -216,6 +216,31 @@ impl Balancer {
             .len()
     }
 
+    /// The daemon's process id (`ip netns exec` execs it), while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `lb run` on this balancer's config and pins, with another socket and state directory
+    /// and no metrics listener, as a second daemon would be started by mistake; waited for
+    /// (at most 20 s: one that runs is stopped then).
+    pub fn second_daemon(&self) -> Output {
+        let mut cmd = Command::new("timeout");
+        cmd.args(["20", "ip", "netns", "exec", &self.netns])
+            .arg(&self.lb)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--socket")
+            .arg(self.dir.join("second.sock"))
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.dir.join("second-state"))
+            .args(["--metrics", "off"]);
+        cmd.output().expect("run a second lb run")
+    }
+
     /// Whether the pinned BACKENDS (what the data path reads) holds `address` healthy; `None`
     /// if it holds no such backend. Read directly: works while no daemon runs.
     pub fn pinned_backend_healthy(&self, address: std::net::SocketAddrV4) -> Option<bool> {

@@ -1375,6 +1375,47 @@ fn an_adopted_backend_failing_its_first_probe_with_fall_1_is_down_in_the_data_pa
     assert_eq!((counts[0], failed), (0, 0), "{counts:?}");
 }
 
+/// One lb process at a time on a pin directory: a second daemon given another socket is
+/// refused before it touches anything, and so is `lb remove` while a daemon holds the pins,
+/// even one that no longer answers (stopped with SIGSTOP here).
+#[test]
+fn a_second_daemon_or_lb_remove_is_refused_while_a_daemon_holds_the_pins() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    let second = balancer.second_daemon();
+    let said = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(
+        !second.status.success() && said.contains("is held by another lb process"),
+        "a second daemon on the same pins: {:?} {said}",
+        second.status
+    );
+    assert!(
+        !balancer.dir.join("second.sock").exists(),
+        "the refused daemon left its socket"
+    );
+    let (counts, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!(
+        failed, 0,
+        "the first daemon's service after the refusal: {counts:?}"
+    );
+
+    let pid = balancer.pid().expect("the daemon runs").to_string();
+    lb_tests::netns::run(&["kill", "-STOP", &pid]);
+    let removed = balancer.remove();
+    lb_tests::netns::run(&["kill", "-CONT", &pid]);
+    let said = String::from_utf8_lossy(&removed.stderr).into_owned();
+    assert!(
+        !removed.status.success() && said.contains("is held by another lb process"),
+        "lb remove beside a hung daemon: {:?} {said}",
+        removed.status
+    );
+    assert!(
+        balancer.bpffs.join("FLOWS").exists(),
+        "lb remove took the pins of a daemon that holds them"
+    );
+    let (_, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!(failed, 0, "the daemon's service after the refused remove");
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
