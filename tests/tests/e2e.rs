@@ -1416,6 +1416,47 @@ fn a_second_daemon_or_lb_remove_is_refused_while_a_daemon_holds_the_pins() {
     assert_eq!(failed, 0, "the daemon's service after the refused remove");
 }
 
+/// The SNAT ports lb reserves from the kernel: only what it added is its own. A range the
+/// admin had reserved stays reserved through `lb remove`, and a changed `snat_ports` gives
+/// back what the old range reserved beyond the new one.
+#[test]
+fn snat_port_reservations_give_back_only_what_lb_added() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup_with(Arms::Two, &[1, 1], |config| {
+        config.replace(
+            "capacity = 65536\n",
+            "capacity = 65536\nsnat_ports = \"20000-29999\"\n",
+        )
+    });
+    let reserved = || {
+        topo.lb
+            .sh("cat /proc/sys/net/ipv4/ip_local_reserved_ports")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(reserved(), "20000-29999");
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    // The admin reserves ports of their own beside lb's while no daemon runs, and lb's next
+    // range takes in some of them and drops most of its own.
+    topo.lb
+        .sh("sysctl -qw net.ipv4.ip_local_reserved_ports=20000-29999,30000-30999");
+    let config = std::fs::read_to_string(balancer.dir.join("lb.toml")).expect("the config");
+    balancer.write_config(&config.replace("20000-29999", "26000-30999"));
+    balancer.restart();
+    assert_eq!(reserved(), "26000-30999", "after snat_ports changed");
+    let (_, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!(failed, 0);
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    let removed = balancer.remove();
+    assert!(removed.status.success(), "lb remove: {removed:?}");
+    assert_eq!(
+        reserved(),
+        "30000-30999",
+        "after lb remove: the admin's ports only"
+    );
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
