@@ -36,12 +36,8 @@ pub enum DaemonError {
     Apply(#[from] ApplyError),
     #[error("the services cannot be placed in the maps: {0}")]
     Layout(String),
-    #[error("cannot write {path}: {source}")]
-    Sysctl {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Sysctl(#[from] crate::sysctls::SysctlError),
     #[error(transparent)]
     Ports(#[from] crate::ports::PortsError),
     #[error("cannot serve metrics on {listen} (give --metrics another IP:PORT, or off)")]
@@ -68,26 +64,15 @@ fn privileged() -> bool {
     (has(39) || has(21)) && has(12)
 }
 
-fn write_sysctl(path: &str, value: &str) -> Result<(), DaemonError> {
-    std::fs::write(path, value).map_err(|source| DaemonError::Sysctl {
-        path: path.into(),
-        source,
-    })
-}
-
-/// bpf_fib_lookup needs forwarding on the ingress device; accept_local lets the kernel forward
-/// packets passed up for neighbour resolution, whose source is now our own SNAT address.
-pub(crate) fn enable_forwarding(iface: &str) -> Result<(), DaemonError> {
-    for knob in ["forwarding", "accept_local"] {
-        let path = format!("/proc/sys/net/ipv4/conf/{iface}/{knob}");
-        if std::fs::read_to_string(&path)
-            .map(|v| v.trim() == "1")
-            .unwrap_or(false)
-        {
-            continue;
-        }
-        write_sysctl(&path, "1")?;
-        log::info!("set net.ipv4.conf.{iface}.{knob}=1 (needed to forward balanced traffic)");
+/// Forwarding and accept_local on for `iface` (`sysctls.rs`), recorded for `lb remove`.
+pub(crate) fn enable_forwarding(
+    iface: &str,
+    state_dir: &std::path::Path,
+) -> Result<(), DaemonError> {
+    for knob in crate::sysctls::enable(iface, state_dir)? {
+        log::info!(
+            "set net.ipv4.conf.{iface}.{knob}=1 (needed to forward balanced traffic; the host now routes for {iface}: see the README's \"Firewall\"; lb remove puts it back)"
+        );
     }
     Ok(())
 }
@@ -189,7 +174,7 @@ async fn start(
     state.dataplane.clear_backends_except(&ids)?;
     state.dataplane.arm_expiry()?;
     for name in &interfaces {
-        enable_forwarding(name)?;
+        enable_forwarding(name, &opts.state_dir)?;
         if crate::host::is_bridge(name) {
             // Balanced packets reach its containers through the kernel's routing; their
             // replies meet the tc program on its ports (`State::follow_bridges`).

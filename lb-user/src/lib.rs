@@ -20,3 +20,4 @@ pub mod slow_start;
 pub mod state;
 pub mod stats;
 pub mod steering;
+pub mod sysctls;

@@ -324,6 +324,11 @@ async fn execute(command: Command) -> Result<(), Failure> {
             if let Some(range) = ports::release(&state_dir).context("releasing SNAT ports")? {
                 println!("gave SNAT ports {range} back to the kernel");
             }
+            for setting in lb_user::sysctls::restore(&state_dir)
+                .context("putting back the interface settings lb changed")?
+            {
+                println!("put back {setting}");
+            }
             Ok(())
         }
         Command::Status { json, socket } => {

@@ -936,7 +936,7 @@ impl State {
                 continue;
             }
             // The FIB lookup of a reply needs forwarding on the device it arrived on.
-            let attached = crate::daemon::enable_forwarding(&port)
+            let attached = crate::daemon::enable_forwarding(&port, &self.state_dir)
                 .map_err(|e| e.to_string())
                 .and_then(|()| self.dataplane.attach_tc(&port).map_err(|e| e.to_string()));
             match attached {

@@ -1457,6 +1457,61 @@ fn snat_port_reservations_give_back_only_what_lb_added() {
     );
 }
 
+/// The interface settings lb turns on (forwarding, accept_local) are put back by `lb remove`:
+/// a host that did not route before lb does not route after it.
+#[test]
+fn lb_remove_puts_back_the_interface_settings_lb_changed() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup(Arms::Two, &[1, 1]);
+    let read = |knob: &str| {
+        topo.lb
+            .sh(&format!("cat /proc/sys/net/ipv4/conf/{knob}"))
+            .trim()
+            .to_owned()
+    };
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    // As on a host that does not route: lb must turn these on, and remember they were off.
+    topo.lb.sh(
+        "sysctl -qw net.ipv4.conf.lb0.forwarding=0 net.ipv4.conf.lb1.forwarding=0 net.ipv4.conf.lb1.accept_local=0",
+    );
+    balancer.restart();
+    assert_eq!(
+        (
+            read("lb0/forwarding"),
+            read("lb1/forwarding"),
+            read("lb1/accept_local")
+        ),
+        ("1".into(), "1".into(), "1".into())
+    );
+    assert!(
+        balancer.log().contains("the host now routes for lb0"),
+        "{}",
+        balancer.log()
+    );
+    let (_, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!(failed, 0);
+    // A restart finds them on, and must not forget they were off.
+    balancer.restart();
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    let removed = balancer.remove();
+    let said = String::from_utf8_lossy(&removed.stdout).into_owned();
+    assert!(removed.status.success(), "lb remove: {removed:?}");
+    assert!(
+        said.contains("put back net.ipv4.conf.lb0.forwarding=0"),
+        "{said}"
+    );
+    assert_eq!(
+        (
+            read("lb0/forwarding"),
+            read("lb1/forwarding"),
+            read("lb1/accept_local")
+        ),
+        ("0".into(), "0".into(), "0".into()),
+        "after lb remove"
+    );
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
