@@ -1512,6 +1512,53 @@ fn lb_remove_puts_back_the_interface_settings_lb_changed() {
     );
 }
 
+/// The README's firewall: with forwarding on, the host routes a client straight to a
+/// container's address; its forward filter stops that and leaves balanced traffic alone.
+#[test]
+fn the_readmes_forward_filter_stops_routing_and_keeps_balancing() {
+    let Setup { topo, balancer, .. } = setup_containers_with(&[1, 1], |c| c);
+    let snat = balancer.status()["services"][0]["snat"][0]
+        .as_str()
+        .expect("the SNAT address")
+        .to_owned();
+    topo.client.sh("ip route add 198.18.4.0/24 via 198.18.0.1");
+    let direct = format!(
+        "curl -s --connect-timeout 1 --max-time 2 http://{}/ || echo FAIL",
+        backend(&topo, 0)
+    );
+    assert_eq!(
+        topo.client.sh(&direct).trim(),
+        "b1",
+        "routed before the filter"
+    );
+    topo.lb.sh(&format!(
+        "nft -f - <<'EOF'
+table inet lb_guard {{
+  chain forward {{
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    ip saddr {snat} accept
+  }}
+}}
+EOF"
+    ));
+    assert_eq!(
+        topo.client.sh(&direct).trim(),
+        "FAIL",
+        "routed through the filter"
+    );
+    let (counts, failed) = tally(&http_requests(&topo, 40), 2);
+    assert!(
+        failed == 0 && counts.iter().all(|&c| c > 0),
+        "balanced: {counts:?}"
+    );
+    let answer = udp_request(&topo, "hello", 41998);
+    assert!(
+        answer.ends_with(": hello"),
+        "UDP through the filter: {answer:?}"
+    );
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
