@@ -105,3 +105,9 @@ pub const SOCK_REVERSE_CAPACITY: u32 = 65536;
 /// one datagram arrive within milliseconds; a reused IP identification must not inherit the
 /// rewrite long after.
 pub const FRAGMENT_FOLLOW_NS: u64 = 2_000_000_000;
+
+/// The layout of the pinned maps (keys, values, flags and what they mean), pinned in LAYOUT. A
+/// daemon adopts pinned maps only of its own layout: bump this with any change to a pinned
+/// map's key or value, or to a flag's meaning, even one that keeps the sizes. 1: the layout
+/// of the builds before it was pinned.
+pub const LAYOUT_VERSION: u32 = 1;

@@ -113,6 +113,11 @@ pub static VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0)
 #[map]
 pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_INTERFACES, 0);
 
+/// The pinned maps' layout version (lb_common::LAYOUT_VERSION), for the daemon that adopts
+/// them. Daemon only; no program reads it.
+#[map]
+pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
+
 /// The flow value `flow::create` builds, off the stack (per CPU; data path only, not pinned).
 #[map]
 pub static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);

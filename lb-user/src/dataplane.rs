@@ -19,9 +19,9 @@ use aya::{
 };
 use lb_common::{
     Backend, BackendStats, Be16, Be32, DropReason, FLOW_PORT_RELEASED, FLOW_REVERSE, FlowCounts,
-    FlowKey, FlowValue, HostPortKey, IFACE_VIA_STACK, IFACE_XDP_TX, Iface, MAX_BACKENDS,
-    MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT,
-    STAT_TX, Service, ServiceKey,
+    FlowKey, FlowValue, HostPortKey, IFACE_VIA_STACK, IFACE_XDP_TX, Iface, LAYOUT_VERSION,
+    MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
+    STAT_REDIRECT, STAT_TX, Service, ServiceKey,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED,
@@ -121,6 +121,14 @@ pub enum DataplaneError {
         dir: String,
         #[source]
         source: Box<aya::EbpfError>,
+    },
+    #[error(
+        "cannot adopt the state pinned in {dir}: its maps have layout {found}, this lb's is {expected} (an upgrade changed a map's layout). `lb remove --bpffs {dir}` removes it, which stops forwarding and drops every flow"
+    )]
+    Layout {
+        dir: String,
+        found: u32,
+        expected: u32,
     },
     #[error("{name}: pinning its link in {dir}: {message}")]
     PinLink {
@@ -272,6 +280,19 @@ fn map<T>(
     convert(raw).map_err(in_map(name))
 }
 
+/// The layout version of the maps pinned in `dir`: LAYOUT's, or 1 for a build from before it
+/// was pinned.
+fn pinned_layout(dir: &Path) -> Result<u32, DataplaneError> {
+    let path = dir.join("LAYOUT");
+    if !path.exists() {
+        return Ok(1);
+    }
+    let data = aya::maps::MapData::from_pin(&path).map_err(in_map("LAYOUT"))?;
+    let layout: Array<_, u32> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(in_map("LAYOUT"))?;
+    layout.get(&0, 0).map_err(in_map("LAYOUT"))
+}
+
 impl Dataplane {
     /// Loads the program and creates its maps; attaches nothing. Everything goes on drop.
     pub fn load(settings: LoadSettings) -> Result<Self, DataplaneError> {
@@ -319,6 +340,16 @@ impl Dataplane {
         let counts_fresh = !pin_dir.is_some_and(|dir| dir.join("FLOW_COUNTS").exists());
         let ports_fresh = !pin_dir.is_some_and(|dir| dir.join("SNAT_PORTS").exists());
         if let Some(dir) = pin_dir {
+            if adopted {
+                let found = pinned_layout(dir)?;
+                if found != LAYOUT_VERSION {
+                    return Err(DataplaneError::Layout {
+                        dir: dir.display().to_string(),
+                        found,
+                        expected: LAYOUT_VERSION,
+                    });
+                }
+            }
             for name in pins::MAP_NAMES {
                 loader.map_pin_path(name, dir.join(name));
             }
@@ -398,6 +429,10 @@ impl Dataplane {
         }
         // An adopted SERVICES from a build without VIPS, or VIPS from one that kept it apart.
         dataplane.sync_vips()?;
+        let mut layout: Array<_, u32> = map(&mut dataplane.ebpf, "LAYOUT", Array::try_from)?;
+        layout
+            .set(0, &LAYOUT_VERSION, 0)
+            .map_err(in_map("LAYOUT"))?;
         Ok(dataplane)
     }
 

@@ -9,7 +9,9 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 22] = [
+pub const MAP_NAMES: [&str; 23] = [
+    // The layout version of the maps pinned beside it: checked before any is adopted.
+    "LAYOUT",
     "SERVICES",
     "BACKENDS",
     "MAGLEV",

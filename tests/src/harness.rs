@@ -225,6 +225,19 @@ impl Balancer {
     /// and no metrics listener, as a second daemon would be started by mistake; waited for
     /// (at most 20 s: one that runs is stopped then).
     pub fn second_daemon(&self) -> Output {
+        self.run_once(
+            &self.dir.join("second.sock"),
+            &self.dir.join("second-state"),
+        )
+    }
+
+    /// `lb run` on this balancer's config, pins, socket and state, expected to stop at once
+    /// (a refusal); waited for, at most 20 s.
+    pub fn run_refused(&self) -> Output {
+        self.run_once(&self.socket, &self.dir.join("state"))
+    }
+
+    fn run_once(&self, socket: &Path, state: &Path) -> Output {
         let mut cmd = Command::new("timeout");
         cmd.args(["20", "ip", "netns", "exec", &self.netns])
             .arg(&self.lb)
@@ -232,13 +245,22 @@ impl Balancer {
             .arg("--config")
             .arg(&self.config)
             .arg("--socket")
-            .arg(self.dir.join("second.sock"))
+            .arg(socket)
             .arg("--bpffs")
             .arg(&self.bpffs)
             .arg("--state-dir")
-            .arg(self.dir.join("second-state"))
+            .arg(state)
             .args(["--metrics", "off"]);
-        cmd.output().expect("run a second lb run")
+        cmd.output().expect("run lb run")
+    }
+
+    /// Writes `version` as the pinned maps' layout (LAYOUT), as a build of another layout
+    /// would have left it.
+    pub fn set_pinned_layout(&self, version: u32) {
+        let map = aya::maps::MapData::from_pin(self.bpffs.join("LAYOUT")).expect("pinned LAYOUT");
+        let mut layout: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).expect("LAYOUT is an array");
+        layout.set(0, &version, 0).expect("write LAYOUT");
     }
 
     /// Whether the pinned BACKENDS (what the data path reads) holds `address` healthy; `None`

@@ -1559,6 +1559,26 @@ EOF"
     );
 }
 
+/// Pinned maps of another layout are refused even when every size matches (a daemon that
+/// read a flow's fields in another order would corrupt every flow), and forwarding goes on.
+#[test]
+fn pinned_maps_of_another_layout_are_refused() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup(Arms::Two, &[1, 1]);
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    balancer.set_pinned_layout(999);
+    let refused = balancer.run_refused();
+    let said = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && said.contains("its maps have layout 999, this lb's is 1"),
+        "lb run on maps of another layout: {:?} {said}",
+        refused.status
+    );
+    let (_, failed) = tally(&http_requests(&topo, 20), 2);
+    assert_eq!(failed, 0, "the pinned data path stopped forwarding");
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
