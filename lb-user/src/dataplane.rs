@@ -255,6 +255,9 @@ pub struct Dataplane {
     bridge_ports: HashMap<MapData, u32, u32>,
     /// service id -> which of its two tables (0 or 1) is live.
     live_table: StdHashMap<u32, u32>,
+    /// What this daemon last wrote to each table half, by its first slot: the next table
+    /// written there is written as a difference.
+    staged_tables: StdHashMap<u32, Vec<u32>>,
     links: Vec<(String, XdpLinkId)>,
     /// Where maps and links are pinned: they outlive this process, and the next daemon adopts
     /// them. `None`: everything goes when this is dropped.
@@ -415,6 +418,7 @@ impl Dataplane {
             ebpf,
             settings,
             live_table: StdHashMap::new(),
+            staged_tables: StdHashMap::new(),
             links: Vec::new(),
             pin_dir: pin_dir.map(Path::to_path_buf),
             pinned_links: Vec::new(),
@@ -813,11 +817,19 @@ impl Dataplane {
             None => 0,
         };
         let base = base_of(staging);
-        for (slot, backend) in (base..).zip(table) {
-            self.maglev
-                .set(slot, backend, 0)
-                .map_err(in_map("MAGLEV"))?;
-        }
+        // One batched write of the slots that differ from what the half holds: a weight
+        // change moves few slots, and a table is up to 131k of them.
+        let changed =
+            crate::maglev::changed_slots(self.staged_tables.remove(&base).as_deref(), table);
+        let slots: Vec<u32> = changed.iter().map(|&i| base + i).collect();
+        let ids: Vec<u32> = changed.iter().map(|&i| table[i as usize]).collect();
+        map_batch::update(self.maglev.map().fd().as_fd(), &slots, &ids, 0).map_err(|source| {
+            DataplaneError::Batch {
+                name: "MAGLEV",
+                source,
+            }
+        })?;
+        self.staged_tables.insert(base, table.to_vec());
         let mut snat_addrs = [Be32::default(); SNAT_POOL_MAX as usize];
         for (slot, addr) in snat_addrs.iter_mut().zip(snat) {
             *slot = Be32::from_bytes(addr.octets());

@@ -177,6 +177,18 @@ fn mix64(mut h: u64) -> u64 {
     h ^ (h >> 31)
 }
 
+/// The slots of `new` to write over a table half that holds `old` (its content when this
+/// daemon last wrote it): those that differ, or every one when the half's content is unknown
+/// (adopted, or a write that failed half-way).
+pub fn changed_slots(old: Option<&[u32]>, new: &[u32]) -> Vec<u32> {
+    match old {
+        Some(old) if old.len() == new.len() => (0..new.len() as u32)
+            .filter(|&i| old[i as usize] != new[i as usize])
+            .collect(),
+        _ => (0..new.len() as u32).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -398,5 +410,21 @@ mod tests {
         ] {
             assert!(!is_prime(c), "{c} is not prime");
         }
+    }
+
+    #[test]
+    fn only_changed_slots_are_written_over_a_known_half() {
+        let old = build_table(&backends(&[40, 60, 50]), SIZE);
+        let new = build_table(&backends(&[41, 60, 50]), SIZE);
+        let changed = changed_slots(Some(&old), &new);
+        assert!(
+            !changed.is_empty() && changed.len() < new.len() / 4,
+            "{}",
+            changed.len()
+        );
+        assert!(changed.iter().all(|&i| old[i as usize] != new[i as usize]));
+        assert!(changed_slots(Some(&new), &new).is_empty());
+        assert_eq!(changed_slots(None, &new).len(), new.len());
+        assert_eq!(changed_slots(Some(&old[..10]), &new).len(), new.len());
     }
 }
