@@ -34,6 +34,9 @@ pub struct Changes {
     pub changed: Vec<String>,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Services that kept their VIP, port and protocol under a new name: (old name, new name).
+    /// They keep their ids, and their backends theirs, so their connections go on.
+    pub renamed: Vec<(String, String)>,
     /// Backend ids no longer in use.
     pub freed_backends: Vec<u32>,
 }
@@ -71,6 +74,9 @@ impl Changes {
         }
         if !self.removed.is_empty() {
             parts.push(format!("removed {}", list(&self.removed)));
+        }
+        for (from, to) in &self.renamed {
+            parts.push(format!("renamed {from} to {to}"));
         }
         parts.join("; ")
     }
@@ -207,8 +213,8 @@ fn check_health(name: &str, h: &HealthConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives `desired` its ids: what `previous` had for the same service name and backend address,
-/// fresh ones for the rest (ids freed by this change are not reused by it, so a new backend
+/// Gives `desired` its ids: what `previous` had for the same service (by name, or by VIP, port
+/// and protocol for a renamed one) and backend address, fresh ones for the rest (ids freed by this change are not reused by it, so a new backend
 /// never inherits flows of a removed one; `terminating` ids, of removed backends whose
 /// connections go on, are not reused at all). Fails only when the maps are full.
 pub fn place(
@@ -217,10 +223,31 @@ pub fn place(
     terminating: &[u32],
 ) -> Result<(Vec<PlacedService>, Changes), String> {
     check(desired)?;
-    let old: HashMap<&str, &PlacedService> = previous
+    let mut old: HashMap<&str, &PlacedService> = previous
         .iter()
         .map(|p| (p.config.name.as_str(), p))
         .collect();
+    // A service whose name is gone, and whose VIP, port and protocol a new name serves, was
+    // renamed: the new name takes its place (its ids, its backends' ids).
+    let mut renamed = Vec::new();
+    for s in desired {
+        if old.contains_key(s.name.as_str()) {
+            continue;
+        }
+        let same_key = previous.iter().find(|p| {
+            p.config.vip == s.vip
+                && p.config.protocol == s.protocol
+                && !desired.iter().any(|d| d.name == p.config.name)
+        });
+        if let Some(p) = same_key
+            && !renamed
+                .iter()
+                .any(|(from, _): &(String, String)| *from == p.config.name)
+        {
+            renamed.push((p.config.name.clone(), s.name.clone()));
+            old.insert(s.name.as_str(), p);
+        }
+    }
     let old_backend = |service: &str, addr: SocketAddrV4| {
         let p = old.get(service)?;
         let i = p.config.backends.iter().position(|b| b.address == addr)?;
@@ -270,7 +297,11 @@ pub fn place(
             config: s.clone(),
         });
     }
-    let kept: HashSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
+    let kept: HashSet<&str> = desired
+        .iter()
+        .map(|s| s.name.as_str())
+        .chain(renamed.iter().map(|(from, _)| from.as_str()))
+        .collect();
     let in_use: HashSet<u32> = placed
         .iter()
         .flat_map(|p| p.backend_ids.iter().copied())
@@ -286,6 +317,7 @@ pub fn place(
                 .filter(|id| !in_use.contains(id)),
         );
     }
+    changes.renamed = renamed;
     Ok((placed, changes))
 }
 
@@ -486,5 +518,42 @@ mod tests {
             [1, 2, 3],
             "id 0 stays with its connections"
         );
+    }
+
+    /// A service renamed (same VIP, port and protocol) keeps its id and its backends' ids:
+    /// its connections, counted under those ids, go on.
+    #[test]
+    fn a_renamed_service_keeps_its_ids() {
+        let (before, _) = place(
+            &[svc("web", 80, &[(1, 1), (2, 1)]), svc("dns", 53, &[(3, 1)])],
+            &[],
+            &[],
+        )
+        .expect("place");
+        let (after, changes) = place(
+            &[
+                svc("site", 80, &[(1, 1), (2, 1), (4, 1)]),
+                svc("dns", 53, &[(3, 1)]),
+            ],
+            &before,
+            &[],
+        )
+        .expect("place");
+        assert_eq!(after[0].id, before[0].id);
+        assert_eq!(after[0].backend_ids[..2], before[0].backend_ids[..]);
+        assert!(
+            !before
+                .iter()
+                .any(|p| p.backend_ids.contains(&after[0].backend_ids[2]))
+        );
+        assert_eq!(changes.renamed, [("web".to_owned(), "site".to_owned())]);
+        assert!(changes.removed.is_empty(), "{:?}", changes.removed);
+        assert!(changes.freed_backends.is_empty());
+        assert_eq!(changes.changed, ["site"]);
+        assert_eq!(changes.describe(), "updated site; renamed web to site");
+        // Another port is another service: not a rename.
+        let (_, changes) = place(&[svc("site", 8080, &[(1, 1)])], &before, &[]).expect("place");
+        assert!(changes.renamed.is_empty());
+        assert_eq!(changes.removed, ["web", "dns"]);
     }
 }

@@ -108,7 +108,12 @@ pub fn save(dir: &Path, state: &Persisted) -> Result<(), PersistError> {
     let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     file.write_all(text.as_bytes()).map_err(io(&tmp))?;
     file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    // The rename is the directory's change: until the directory is synced, a crash may leave
+    // the old file, or none.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 /// Moves an unusable state file aside (kept for inspection) so the daemon can start from the

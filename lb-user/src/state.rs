@@ -372,7 +372,14 @@ impl State {
         let mut next = Vec::with_capacity(placed.len());
         let mut written = Ok(());
         for p in placed {
-            let previous = old.remove(&p.config.name);
+            let renamed_from = changes
+                .renamed
+                .iter()
+                .find(|(_, to)| *to == p.config.name)
+                .map(|(from, _)| from.as_str());
+            let previous = old
+                .remove(&p.config.name)
+                .or_else(|| old.remove(renamed_from?));
             let Some(settings) = resolved.remove(&p.config.name) else {
                 next.extend(previous);
                 continue;

@@ -1752,16 +1752,30 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
     );
     let said = cli_ok(&balancer, &["status"]);
     assert!(said.contains("service web"), "{said}");
-    // A rename keeps the VIP: the new name's entry must survive the old name's removal.
+    // A rename keeps the VIP, the ids and so the connections: the long-lived one stays on its
+    // backend, counted there, and no backend terminates.
     balancer.write_config(
         &topo
             .config(&[4, 6])
-            .replace("name = \"dns\"", "name = \"names\""),
+            .replace("name = \"dns\"", "name = \"names\"")
+            .replace("name = \"web\"", "name = \"site\""),
     );
     let said = cli_ok(&balancer, &["reload"]);
     assert!(
-        said.contains("added names") && said.contains("removed dns"),
+        said.contains("renamed web to site") && said.contains("renamed dns to names"),
         "{said}"
+    );
+    assert_eq!(
+        balancer.status()["terminating"],
+        serde_json::json!([]),
+        "a rename must not end the old name's backends"
+    );
+    assert_eq!(request_on(&mut long_lived), holder);
+    let holder_address = backend(&topo, if holder == "b1" { 0 } else { 1 });
+    balancer.wait_until(
+        Duration::from_secs(3),
+        "the long-lived connection counted under the new name",
+        |b| b.backend("site", &holder_address)["active_flows"].as_u64() >= Some(1),
     );
     let answer = udp_request(&topo, "renamed", 42100);
     assert!(
