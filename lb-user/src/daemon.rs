@@ -83,6 +83,7 @@ fn initial_services(
     config: &Config,
     digest: &str,
     state_dir: &std::path::Path,
+    adopted: &[layout::AdoptedService],
 ) -> Result<Vec<PlacedService>, DaemonError> {
     let previous = match persist::load(state_dir) {
         Ok(p) => p,
@@ -112,6 +113,11 @@ fn initial_services(
             );
             // Ids still follow the old state, so adopted flows keep their backends.
             p.services
+        }
+        // No saved state: the adopted maps still say which ids the running flows use.
+        None if !adopted.is_empty() => {
+            log::info!("no saved runtime state: ids read back from the adopted maps");
+            layout::previous_from_adopted(&config.services, adopted)
         }
         None => Vec::new(),
     };
@@ -150,7 +156,12 @@ async fn start(
     let digest = persist::digest(&text);
     let mut config = config;
     discover_at_start(&mut config.services).await;
-    let placed = initial_services(&config, &digest, &opts.state_dir)?;
+    let adopted_services = if adopted {
+        dataplane.adopted_services()?
+    } else {
+        Vec::new()
+    };
+    let placed = initial_services(&config, &digest, &opts.state_dir, &adopted_services)?;
     let interfaces = config.interfaces.clone();
     let config_host = config.host.clone();
     let mut state = State::new(

@@ -870,6 +870,43 @@ impl Dataplane {
         Some((addr, b.flags & lb_common::BACKEND_HEALTHY != 0))
     }
 
+    /// The services the (adopted) maps serve, each with the backends its live table holds:
+    /// what the ids were when no saved state says (`layout::previous_from_adopted`). Reads
+    /// every slot of every live table: paid only at a start without the saved state.
+    pub fn adopted_services(&self) -> Result<Vec<crate::layout::AdoptedService>, DataplaneError> {
+        let size = self.settings.maglev_size;
+        let mut found = Vec::new();
+        for entry in self.services.iter() {
+            let (key, svc) = entry.map_err(in_map("SERVICES"))?;
+            let protocol = match key.proto {
+                6 => crate::config::Protocol::Tcp,
+                17 => crate::config::Protocol::Udp,
+                _ => continue,
+            };
+            let mut ids: Vec<u32> = Vec::new();
+            for slot in svc.maglev_base..svc.maglev_base.saturating_add(size) {
+                let id = self.maglev.get(&slot, 0).map_err(in_map("MAGLEV"))?;
+                if id != lb_common::NO_BACKEND && !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            let backends = ids
+                .into_iter()
+                .filter_map(|id| Some((id, self.backend_entry(id)?.0)))
+                .collect();
+            found.push(crate::layout::AdoptedService {
+                vip: std::net::SocketAddrV4::new(
+                    Ipv4Addr::from(key.vip.to_bytes()),
+                    key.port.to_host(),
+                ),
+                protocol,
+                id: svc.maglev_base / (2 * size),
+                backends,
+            });
+        }
+        Ok(found)
+    }
+
     /// Marks every backend id but `keep` as not taking traffic: flows an earlier daemon left to
     /// a backend that is gone now move on their next packet.
     pub fn clear_backends_except(&mut self, keep: &[u32]) -> Result<(), DataplaneError> {

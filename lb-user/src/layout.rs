@@ -27,6 +27,44 @@ pub struct PlacedService {
     pub config: ServiceConfig,
 }
 
+/// A service as an adopted data path holds it: its key, its id (where its table lies in
+/// MAGLEV) and the backends its live table holds (id, address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedService {
+    pub vip: SocketAddrV4,
+    pub protocol: Protocol,
+    pub id: u32,
+    pub backends: Vec<(u32, SocketAddrV4)>,
+}
+
+/// The previous set `place` needs when the saved state is lost but the maps were adopted: the
+/// services of `desired` found in `adopted` (by VIP, port and protocol) with the ids the data
+/// path uses, so adopted flows keep their backends' ids.
+pub fn previous_from_adopted(
+    desired: &[ServiceConfig],
+    adopted: &[AdoptedService],
+) -> Vec<PlacedService> {
+    desired
+        .iter()
+        .filter_map(|s| {
+            let a = adopted
+                .iter()
+                .find(|a| a.vip == s.vip && a.protocol == s.protocol)?;
+            let mut config = s.clone();
+            config.backends = a
+                .backends
+                .iter()
+                .map(|&(_, address)| crate::config::BackendConfig { address, weight: 1 })
+                .collect();
+            Some(PlacedService {
+                id: a.id,
+                backend_ids: a.backends.iter().map(|&(id, _)| id).collect(),
+                config,
+            })
+        })
+        .collect()
+}
+
 /// How a new set differs from the running one.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -555,5 +593,37 @@ mod tests {
         let (_, changes) = place(&[svc("site", 8080, &[(1, 1)])], &before, &[]).expect("place");
         assert!(changes.renamed.is_empty());
         assert_eq!(changes.removed, ["web", "dns"]);
+    }
+
+    /// The saved state lost, the adopted maps still say which ids serve which service: a
+    /// config whose order would number them otherwise gets the data path's ids back.
+    #[test]
+    fn ids_come_back_from_the_adopted_maps() {
+        let desired = [
+            svc("dns", 53, &[(1, 1), (2, 1)]),
+            svc("web", 80, &[(1, 4), (2, 6)]),
+        ];
+        let b = |host: u8| SocketAddrV4::new([198, 18, 1, host].into(), 8000);
+        let adopted = [
+            AdoptedService {
+                vip: desired[1].vip,
+                protocol: Protocol::Tcp,
+                id: 0,
+                backends: vec![(1, b(2)), (0, b(1))],
+            },
+            AdoptedService {
+                vip: desired[0].vip,
+                protocol: Protocol::Tcp,
+                id: 1,
+                backends: vec![(2, b(1))],
+            },
+        ];
+        let previous = previous_from_adopted(&desired, &adopted);
+        let (placed, _) = place(&desired, &previous, &[]).expect("place");
+        assert_eq!((placed[1].id, &placed[1].backend_ids[..]), (0, &[0, 1][..]));
+        // dns's second backend held no slot (drained): a fresh id, none of the adopted ones.
+        assert_eq!(placed[0].id, 1);
+        assert_eq!(placed[0].backend_ids[0], 2);
+        assert!(placed[0].backend_ids[1] > 2, "{:?}", placed[0].backend_ids);
     }
 }

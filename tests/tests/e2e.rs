@@ -1579,6 +1579,48 @@ fn pinned_maps_of_another_layout_are_refused() {
     assert_eq!(failed, 0, "the pinned data path stopped forwarding");
 }
 
+/// The saved state lost, a restart reads the backends' ids back from the adopted maps: a
+/// config whose order would number them otherwise must not move a running connection's
+/// count (or its backend) to another service's backend.
+#[test]
+fn a_lost_state_file_keeps_the_adopted_ids() {
+    let Setup {
+        topo, mut balancer, ..
+    } = setup(Arms::Two, &[4, 6]);
+    let mut long_lived = connect_in(&topo.client);
+    let holder = request_on(&mut long_lived);
+    let holder_address = backend(&topo, if holder == "b1" { 0 } else { 1 });
+    let counted =
+        |b: &Balancer| b.backend("web", &holder_address)["active_flows"].as_u64() >= Some(1);
+    balancer.wait_until(Duration::from_secs(3), "the connection counted", counted);
+    // The same services, dns first: ids stay by name on reload...
+    let config = topo.config(&[4, 6]);
+    let parts: Vec<&str> = config.split("[[service]]\n").collect();
+    assert_eq!(parts.len(), 3, "{config}");
+    balancer.write_config(&format!(
+        "{}[[service]]\n{}[[service]]\n{}",
+        parts[0], parts[2], parts[1]
+    ));
+    cli_ok(&balancer, &["reload"]);
+    // ... and with the saved state gone, the file alone would number dns's first.
+    assert!(balancer.stop(), "lb run did not exit cleanly");
+    std::fs::remove_file(balancer.dir.join("state").join("state.json")).expect("the state file");
+    balancer.restart();
+    assert!(
+        balancer
+            .log()
+            .contains("ids read back from the adopted maps"),
+        "{}",
+        balancer.log()
+    );
+    balancer.wait_until(
+        Duration::from_secs(3),
+        "the connection counted under web, its service",
+        counted,
+    );
+    assert_eq!(request_on(&mut long_lived), holder);
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
