@@ -367,9 +367,20 @@ pub enum HealthKind {
     Tcp,
     /// `GET path` answers 2xx or 3xx.
     Http { path: String },
+    /// A datagram `send` gets an answer (holding `expect`, if given) within the timeout; an
+    /// ICMP port unreachable says down at once. For UDP services.
+    Udp {
+        send: String,
+        expect: Option<String>,
+    },
     /// No probes: backends are always up.
     None,
 }
+
+/// What a `kind = "udp"` check sends when the config says nothing.
+pub const DEFAULT_UDP_PROBE: &str = "lb-health";
+/// The largest datagram a UDP check sends.
+pub const UDP_PROBE_MAX: usize = 1024;
 
 /// `[service.health]`: how backends are probed and when their state flips.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -609,6 +620,8 @@ struct RawDiscovery {
 struct RawHealth {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
+    send: Option<Spanned<String>>,
+    expect: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
     interval: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
@@ -1203,6 +1216,13 @@ impl Checker<'_> {
         let kinds = [
             ("tcp", HealthKind::Tcp),
             ("http", http),
+            (
+                "udp",
+                HealthKind::Udp {
+                    send: String::new(),
+                    expect: None,
+                },
+            ),
             ("none", HealthKind::None),
         ];
         let kind = self
@@ -1232,6 +1252,35 @@ impl Checker<'_> {
                 );
             }
             (kind, None) => kind,
+        };
+        let kind = match kind {
+            HealthKind::Udp { .. } => {
+                if protocol != Protocol::Udp {
+                    let message = format!("{ctx}kind \"udp\" is for UDP services");
+                    let span = raw.kind.as_ref().map(Spanned::span).unwrap_or_default();
+                    return self.fail(span, "kind", message);
+                }
+                let text = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.get_ref().clone());
+                if let Some(send) = &raw.send
+                    && (send.get_ref().is_empty() || send.get_ref().len() > UDP_PROBE_MAX)
+                {
+                    let message = format!("{ctx}send must hold 1 to {UDP_PROBE_MAX} bytes");
+                    return self.fail(send.span(), "send", message);
+                }
+                HealthKind::Udp {
+                    send: text(&raw.send).unwrap_or_else(|| DEFAULT_UDP_PROBE.to_owned()),
+                    expect: text(&raw.expect).filter(|e| !e.is_empty()),
+                }
+            }
+            kind => {
+                for (value, key) in [(&raw.send, "send"), (&raw.expect, "expect")] {
+                    if let Some(value) = value {
+                        let message = format!("{ctx}{key} is only used with kind = \"udp\"");
+                        return self.fail(value.span(), key, message);
+                    }
+                }
+                kind
+            }
         };
         let interval = self.duration(
             raw.interval.as_ref(),
@@ -1473,6 +1522,42 @@ protocol = "udp"
             }
         );
         assert!(dns.backends.is_empty());
+    }
+
+    #[test]
+    fn a_udp_service_checks_with_a_datagram() {
+        let text = web(
+            "protocol = \"udp\"\n[service.health]\nkind = \"udp\"\nsend = \"ping\"\nexpect = \"pong\"\n",
+        );
+        let config = Config::parse(&text, "lb.toml").expect("config is valid");
+        assert_eq!(
+            config.services[0].health.kind,
+            HealthKind::Udp {
+                send: "ping".into(),
+                expect: Some("pong".into())
+            }
+        );
+        let text = web("protocol = \"udp\"\n[service.health]\nkind = \"udp\"\n");
+        let config = Config::parse(&text, "lb.toml").expect("config is valid");
+        assert_eq!(
+            config.services[0].health.kind,
+            HealthKind::Udp {
+                send: DEFAULT_UDP_PROBE.into(),
+                expect: None
+            }
+        );
+        assert_error(
+            &web("[service.health]\nkind = \"udp\" # <- kind\n"),
+            "kind \"udp\" is for UDP services",
+        );
+        assert_error(
+            &web("[service.health]\nkind = \"tcp\"\nexpect = \"ok\" # <- expect\n"),
+            "expect is only used with kind = \"udp\"",
+        );
+        assert_error(
+            &web("protocol = \"udp\"\n[service.health]\nkind = \"udp\"\nsend = \"\" # <- send\n"),
+            "send must hold 1 to 1024 bytes",
+        );
     }
 
     #[test]

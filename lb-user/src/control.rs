@@ -32,7 +32,8 @@ pub enum Request {
     },
     /// Adds a service (checked as the config file's are).
     ServiceAdd {
-        service: ServiceConfig,
+        // Boxed: a service's config is most of the size of every request otherwise.
+        service: Box<ServiceConfig>,
     },
     /// `grace_ms`: how long its backends' connections may go on (None: the service's
     /// `removal_grace`; 0: cut now).

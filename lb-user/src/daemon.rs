@@ -710,7 +710,7 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
                     service.name
                 )));
             }
-            services.push(service);
+            services.push(*service);
         }
         Request::ServiceRemove { service, .. } => {
             let i = find(&services, &service)?;

@@ -22,6 +22,12 @@ pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String>
             .map_err(|_| format!("connect to {target} timed out after {:?}", cfg.timeout))?
             .map(drop)
             .map_err(|e| format!("connect to {target}: {e}")),
+        HealthKind::Udp { send, expect } => timeout(
+            cfg.timeout,
+            udp_exchange(target, send.as_bytes(), expect.as_deref()),
+        )
+        .await
+        .map_err(|_| format!("no answer from {target} within {:?}", cfg.timeout))?,
         HealthKind::Http { path } => {
             timeout(cfg.timeout, http_get(target, path))
                 .await
@@ -32,6 +38,37 @@ pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String>
                     )
                 })?
         }
+    }
+}
+
+/// One datagram to `target` and its answer. On a connected socket the ICMP port unreachable
+/// of a closed port comes back as a refused receive: down at once, no need to wait.
+async fn udp_exchange(
+    target: SocketAddrV4,
+    send: &[u8],
+    expect: Option<&str>,
+) -> Result<(), String> {
+    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0))
+        .await
+        .map_err(|e| format!("a UDP socket for {target}: {e}"))?;
+    socket
+        .connect(target)
+        .await
+        .map_err(|e| format!("connect to {target}: {e}"))?;
+    socket
+        .send(send)
+        .await
+        .map_err(|e| format!("send to {target}: {e}"))?;
+    let mut answer = vec![0u8; 2048];
+    let n = socket
+        .recv(&mut answer)
+        .await
+        .map_err(|e| format!("answer from {target}: {e}"))?;
+    match expect {
+        Some(want) if !String::from_utf8_lossy(&answer[..n]).contains(want) => {
+            Err(format!("the answer from {target} does not hold {want:?}"))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{
     DISCOVERY_INTERVAL_RANGE, HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE, HealthConfig, HealthKind,
-    MAX_WEIGHT, Protocol, SLOW_START_RANGE, ServiceConfig, check_host_name,
+    MAX_WEIGHT, Protocol, SLOW_START_RANGE, ServiceConfig, UDP_PROBE_MAX, check_host_name,
 };
 
 const SERVICE_NAME_MAX_LEN: usize = 64;
@@ -156,7 +156,7 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
                 s.vip, s.protocol
             ));
         }
-        check_health(name, &s.health)?;
+        check_health(name, s.protocol, &s.health)?;
         if !SLOW_START_RANGE.contains(&s.slow_start) {
             return Err(format!(
                 "service \"{name}\": slow_start {:?} is out of range 0s..=1h",
@@ -218,8 +218,15 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
 /// The config file's health rules: a probe task with a zero interval would panic, an endless
 /// timeout would hold every later change, a path with control characters would break the
 /// request.
-fn check_health(name: &str, h: &HealthConfig) -> Result<(), String> {
+fn check_health(name: &str, protocol: Protocol, h: &HealthConfig) -> Result<(), String> {
     let ctx = format!("service \"{name}\" health");
+    if let HealthKind::Udp { send, .. } = &h.kind
+        && (protocol != Protocol::Udp || send.is_empty() || send.len() > UDP_PROBE_MAX)
+    {
+        return Err(format!(
+            "{ctx}: a udp check is for UDP services, with 1 to {UDP_PROBE_MAX} bytes to send"
+        ));
+    }
     if !HEALTH_INTERVAL_RANGE.contains(&h.interval) {
         return Err(format!(
             "{ctx}: interval {:?} is out of range 10ms..=1h",

@@ -145,7 +145,8 @@ enum ServiceAction {
         /// attached interfaces' smallest MTU less 40), for networks that drop ICMP.
         #[arg(long)]
         mss: Option<Mss>,
-        /// Health check: tcp, none, or http:/PATH (default: tcp for TCP, none for UDP).
+        /// Health check: tcp, none, http:/PATH, or udp[:PAYLOAD] for a UDP service (a datagram
+        /// answered; default: tcp for TCP, none for UDP).
         #[arg(long, value_parser = parse_health)]
         health: Option<HealthKind>,
         /// What a backend marked down does to its established connections: keep, or reset.
@@ -450,7 +451,12 @@ async fn execute(command: Command) -> Result<(), Failure> {
                         discovered: Vec::new(),
                         backends,
                     };
-                    (socket, Request::ServiceAdd { service })
+                    (
+                        socket,
+                        Request::ServiceAdd {
+                            service: Box::new(service),
+                        },
+                    )
                 }
                 ServiceAction::Remove {
                     socket,
@@ -542,14 +548,24 @@ fn parse_protocol(text: &str) -> Result<Protocol, String> {
 }
 
 fn parse_health(text: &str) -> Result<HealthKind, String> {
+    let udp = |send: &str| HealthKind::Udp {
+        send: send.into(),
+        expect: None,
+    };
     match text {
         "tcp" => Ok(HealthKind::Tcp),
         "none" => Ok(HealthKind::None),
-        _ => match text.strip_prefix("http:") {
-            Some(path) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+        "udp" => Ok(udp(lb_user::config::DEFAULT_UDP_PROBE)),
+        _ => match (text.strip_prefix("http:"), text.strip_prefix("udp:")) {
+            (Some(path), _) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
                 Ok(HealthKind::Http { path: path.into() })
             }
-            _ => Err(format!("{text:?} is not tcp, none or http:/PATH")),
+            (_, Some(send)) if !send.is_empty() && send.len() <= lb_user::config::UDP_PROBE_MAX => {
+                Ok(udp(send))
+            }
+            _ => Err(format!(
+                "{text:?} is not tcp, none, http:/PATH, udp or udp:PAYLOAD"
+            )),
         },
     }
 }

@@ -1621,6 +1621,35 @@ fn a_lost_state_file_keeps_the_adopted_ids() {
     assert_eq!(request_on(&mut long_lived), holder);
 }
 
+/// A UDP service checked with a datagram (`kind = "udp"`): a backend whose server stops is
+/// taken down by the check (the ICMP port unreachable), and its datagrams go to the other.
+#[test]
+fn a_udp_health_check_takes_a_silent_backend_down() {
+    let Setup {
+        topo,
+        balancer,
+        mut servers,
+    } = setup_with(Arms::Two, &[1, 1], |config| {
+        let parts: Vec<&str> = config.split("[[service]]\n").collect();
+        let dns = parts[2].replace(
+            &format!("kind = \"tcp\"\nport = {BACKEND_PORT}\n"),
+            "kind = \"udp\"\nsend = \"probe\"\nexpect = \": probe\"\n",
+        );
+        format!("{}[[service]]\n{}[[service]]\n{dns}", parts[0], parts[1])
+    });
+    let b1 = backend(&topo, 0);
+    assert_eq!(balancer.backend("dns", &b1)["healthy"], true);
+    stop_child(&mut servers[0]);
+    balancer.wait_health("dns", &b1, false, Duration::from_secs(3));
+    let why = balancer.backend("dns", &b1)["last_error"].clone();
+    println!("dns backend 1 down: {why}");
+    assert!(why.to_string().contains("refused"), "{why}");
+    for port in 42200..42205 {
+        let answer = udp_request(&topo, "hello", port);
+        assert_eq!(answer, "b2: hello", "from port {port}");
+    }
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
