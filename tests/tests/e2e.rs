@@ -575,61 +575,10 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
 /// whichever hook sees the container's answer.
 #[test]
 fn a_stopped_or_removed_container_fails_no_connection() {
-    require_root();
-    sweep_stale();
-    let topo = Topology::containers(2);
-    let mut servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
-    let config = topo
-        .config(&[4, 6])
-        .replace("interval = \"200ms\"", "interval = \"1s\"")
-        .replace("timeout = \"150ms\"", "timeout = \"500ms\"");
-    let balancer = Balancer::start(&lb_binary(), &topo, &config);
-    let c1 = backend(&topo, 0);
-
-    let (refused, in_flight) = connections_across(
-        &topo,
-        || lb_tests::netns::stop_child(&mut servers[0]),
-        Duration::from_secs(3),
-    );
-    println!(
-        "container's server stopped: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
-        refused.ok,
-        refused.failures.len(),
-        refused.median(),
-        refused.worst()
-    );
-    assert!(refused.failures.is_empty(), "{:?}", refused.failures);
-    assert!(refused.ok >= 100, "too few connections: {}", refused.ok);
-    assert!(counter(&balancer, "event_suspect_refused") >= 1);
-    assert!(counter(&balancer, "drop_backend_refused") >= 1);
-    balancer.wait_health("web", &c1, false, Duration::from_secs(5));
-
-    servers[0] = start_server(&topo, 0);
-    balancer.wait_health("web", &c1, true, Duration::from_secs(10));
-    balancer.wait_until(Duration::from_secs(3), "c1 cleared of suspicion", |b| {
-        b.backend("web", &c1)["suspect"] == false
+    let setup = setup_containers_with(&[4, 6], default_health_pace);
+    no_connection_fails_across_backend_faults(setup, |topo| {
+        topo.lb.sh("ip link del vc1");
     });
-    let (counts, failed) = tally(&http_requests(&topo, 50), 2);
-    assert!(failed == 0 && counts[0] > 0, "c1 back: {counts:?}");
-
-    let (removed, in_flight) = connections_across(
-        &topo,
-        || {
-            topo.lb.sh("ip link del vc1");
-        },
-        Duration::from_secs(3),
-    );
-    println!(
-        "container removed: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
-        removed.ok,
-        removed.failures.len(),
-        removed.median(),
-        removed.worst()
-    );
-    assert!(removed.failures.is_empty(), "{:?}", removed.failures);
-    assert!(removed.ok >= 100, "too few connections: {}", removed.ok);
-    assert!(counter(&balancer, "event_suspect_unanswered") >= 1);
-    balancer.wait_health("web", &c1, false, Duration::from_secs(5));
 }
 
 #[test]
@@ -1889,26 +1838,38 @@ fn counter(balancer: &Balancer, name: &str) -> u64 {
 
 #[test]
 fn a_killed_or_unreachable_backend_fails_no_connection() {
-    // Health checks at the default pace (1 s, down after 2 failures): the data path must carry
-    // the clients through the seconds before they notice.
+    let setup = setup_with(Arms::Two, &[4, 6], default_health_pace);
+    no_connection_fails_across_backend_faults(setup, |topo| {
+        topo.backends[0].sh("ip link set eth0 down");
+    });
+}
+
+/// Health checks at the default pace (1 s, down after 2 failures): the data path must carry
+/// the clients through the seconds before they notice.
+fn default_health_pace(config: String) -> String {
+    config
+        .replace("interval = \"200ms\"", "interval = \"1s\"")
+        .replace("timeout = \"150ms\"", "timeout = \"500ms\"")
+}
+
+/// Backend 1's server dies (its host answers new SYNs with RST until health checks notice),
+/// comes back, and then backend 1 becomes unreachable by `unplug` (SYNs go unanswered, the
+/// clients' retransmissions move to the other backend): under a steady stream of new
+/// connections, none may fail.
+fn no_connection_fails_across_backend_faults(setup: Setup, unplug: impl FnOnce(&Topology)) {
     let Setup {
         topo,
         balancer,
         mut servers,
-    } = setup_with(Arms::Two, &[4, 6], |c| {
-        c.replace("interval = \"200ms\"", "interval = \"1s\"")
-            .replace("timeout = \"150ms\"", "timeout = \"500ms\"")
-    });
+    } = setup;
     let b1 = backend(&topo, 0);
-
-    // The server process dies: its host answers new SYNs with RST until health checks notice.
     let (refused, in_flight) = connections_across(
         &topo,
         || lb_tests::netns::stop_child(&mut servers[0]),
         Duration::from_secs(3),
     );
     println!(
-        "backend killed: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
+        "backend's server stopped: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
         refused.ok,
         refused.failures.len(),
         refused.median(),
@@ -1930,15 +1891,8 @@ fn a_killed_or_unreachable_backend_fails_no_connection() {
     assert_eq!(failed, 0);
     assert!(counts[0] > 0, "b1 takes flows again: {counts:?}");
 
-    // The backend becomes unreachable: SYNs go unanswered, and the clients' retransmissions
-    // move to the other backend.
-    let (unanswered, in_flight) = connections_across(
-        &topo,
-        || {
-            topo.backends[0].sh("ip link set eth0 down");
-        },
-        Duration::from_secs(3),
-    );
+    let (unanswered, in_flight) =
+        connections_across(&topo, || unplug(&topo), Duration::from_secs(3));
     println!(
         "backend unreachable: {} new connections, {} failed, median {:?}, worst {:?} ({in_flight} established ones broken)",
         unanswered.ok,
