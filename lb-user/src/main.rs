@@ -26,6 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print shell completions for lb (`./dev.sh install` installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print lb's man page, roff (`./dev.sh install` installs it as lb(1)).
+    Manpage,
     /// Run the daemon in the foreground: attach XDP, health-check, serve the control socket.
     /// The data path is pinned: it keeps forwarding after the daemon stops, and the next
     /// `lb run` adopts it with its flows.
@@ -265,6 +272,23 @@ fn main() -> ExitCode {
     }
 }
 
+fn completions(shell: clap_complete::Shell) -> String {
+    let mut out = Vec::new();
+    clap_complete::generate(
+        shell,
+        &mut <Cli as clap::CommandFactory>::command(),
+        "lb",
+        &mut out,
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn manpage() -> std::io::Result<String> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
 /// `error` and its causes, each once: most messages already say their cause, and the chain
 /// would repeat it.
 fn error_text(error: &anyhow::Error) -> String {
@@ -284,6 +308,14 @@ fn error_text(error: &anyhow::Error) -> String {
 
 async fn execute(command: Command) -> Result<(), Failure> {
     match command {
+        Command::Completions { shell } => {
+            print!("{}", completions(shell));
+            Ok(())
+        }
+        Command::Manpage => {
+            print!("{}", manpage().context("rendering the man page")?);
+            Ok(())
+        }
         Command::Run {
             config,
             socket,
@@ -795,6 +827,28 @@ fn render(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completions_and_the_man_page_know_every_command() {
+        let page = manpage().expect("a man page");
+        assert!(page.starts_with(".ie") || page.contains(".TH lb"), "{page}");
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let text = completions(shell);
+            for command in ["set-weight", "drain", "reload", "remove"] {
+                assert!(text.contains(command), "{shell}: no {command}");
+            }
+        }
+        for command in ["set\\-weight", "drain", "reload"] {
+            assert!(
+                page.contains(command),
+                "the man page lacks {command}:\n{page}"
+            );
+        }
+    }
 
     #[test]
     fn each_cause_is_given_once() {

@@ -1,5 +1,6 @@
 //! `cargo xtask install`: the release binary into PREFIX/bin, the README into
-//! PREFIX/share/doc/lb, the systemd unit into /etc/systemd/system (with those paths filled in),
+//! PREFIX/share/doc/lb, its man page and bash/zsh/fish completions under PREFIX/share, the
+//! systemd unit into /etc/systemd/system (with those paths filled in),
 //! and the example config into /etc/lb/lb.toml unless one is there. Starts nothing: the README's
 //! operations section says what to run.
 
@@ -27,6 +28,34 @@ pub fn install(prefix: &Path) -> anyhow::Result<()> {
     fs::copy(&lb, &staging).with_context(|| format!("copying {}", lb.display()))?;
     fs::rename(&staging, &target).with_context(|| format!("installing {}", target.display()))?;
     fs::copy(root.join("README.md"), doc.join("README.md")).context("installing the README")?;
+    // The man page and completions come from the installed binary's own CLI definitions.
+    let generated = [
+        (vec!["manpage"], prefix.join("share/man/man1/lb.1")),
+        (
+            vec!["completions", "bash"],
+            prefix.join("share/bash-completion/completions/lb"),
+        ),
+        (
+            vec!["completions", "zsh"],
+            prefix.join("share/zsh/site-functions/_lb"),
+        ),
+        (
+            vec!["completions", "fish"],
+            prefix.join("share/fish/vendor_completions.d/lb.fish"),
+        ),
+    ];
+    for (args, path) in generated {
+        let out = std::process::Command::new(&target)
+            .args(&args)
+            .output()
+            .with_context(|| format!("running lb {}", args.join(" ")))?;
+        anyhow::ensure!(out.status.success(), "lb {} failed", args.join(" "));
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))?;
+        println!("installed {}", path.display());
+    }
     let unit = fs::read_to_string(root.join("packaging/lb.service"))
         .context("reading packaging/lb.service")?
         .replace("@BINDIR@", &bin.display().to_string())
