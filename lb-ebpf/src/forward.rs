@@ -6,9 +6,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, bpf_fib_lookup as FibParams,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams,
     },
     helpers::bpf_fib_lookup,
     programs::XdpContext,
@@ -18,11 +17,9 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     Verdict,
-    csum::Delta,
     maps::{IFACES, TX_PORTS},
 };
 
-const AF_INET: u8 = 2;
 /// Don't-fragment in IPv4's `frags` field (host order).
 const IP_DF: u16 = 0x4000;
 
@@ -81,13 +78,7 @@ pub fn send(
     }
     // SAFETY: the caller bounds-checked the Ethernet and IP headers.
     unsafe {
-        let ip = &mut *ip;
-        // TTL shares a 16-bit checksum word with the protocol byte.
-        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
-        let mut delta = Delta::default();
-        delta.replace16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
-        ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        crate::fib::decrement_ttl(&mut *ip);
         let eth = &mut *eth;
         eth.dst_addr = hop.dst_mac;
         eth.src_addr = hop.src_mac;
@@ -148,17 +139,10 @@ fn lookup(
     tot_len: u16,
 ) -> Result<NextHop, NoHop> {
     let verdict = |v| NoHop::Verdict(v);
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = proto;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_1.tot_len = tot_len;
     // SAFETY: the caller bounds-checked the IP header.
     let (tos, frags) = unsafe { ((*ip).tos, u16::from_be_bytes((*ip).frags)) };
-    fib.__bindgen_anon_2.tos = tos;
-    fib.__bindgen_anon_3.ipv4_src = nat.nat_src_addr.0;
-    fib.__bindgen_anon_4.ipv4_dst = nat.nat_dst_addr.0;
+    let mut fib = crate::fib::params(proto, ctx.ingress_ifindex() as u32, tos, nat);
+    fib.__bindgen_anon_1.tot_len = tot_len;
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -175,15 +159,6 @@ fn lookup(
         BPF_FIB_LKUP_RET_NO_NEIGH => {
             return Err(verdict(Verdict::Pass(PassReason::NeighbourUnresolved)));
         }
-        BPF_FIB_LKUP_RET_NOT_FWDED => {
-            return Err(verdict(Verdict::Pass(PassReason::LocalDestination)));
-        }
-        BPF_FIB_LKUP_RET_FWD_DISABLED => {
-            return Err(verdict(Verdict::Drop(DropReason::FibForwardingDisabled)));
-        }
-        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Err(verdict(Verdict::Drop(DropReason::FibNoRoute)));
-        }
         // With DF the sender must learn the path's MTU; without, the kernel fragments the
         // rewritten packet as it forwards it (XDP has no fragmenting of its own).
         BPF_FIB_LKUP_RET_FRAG_NEEDED if frags & IP_DF != 0 => {
@@ -195,7 +170,7 @@ fn lookup(
         BPF_FIB_LKUP_RET_FRAG_NEEDED => {
             return Err(verdict(Verdict::Pass(PassReason::NeedsFragmenting)));
         }
-        _ => return Err(verdict(Verdict::Drop(DropReason::FibOther))),
+        rc => return Err(verdict(crate::fib::refused(rc))),
     }
     let ifindex = fib.ifindex;
     let Some(iface) = IFACES.get_ptr(&ifindex) else {

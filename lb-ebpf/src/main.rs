@@ -11,6 +11,7 @@
 mod csum;
 mod debug_log;
 mod expiry;
+mod fib;
 mod flow;
 mod flow_count;
 mod forward;

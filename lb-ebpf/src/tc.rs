@@ -13,10 +13,9 @@ use core::ptr::NonNull;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_BLACKHOLE,
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup as FibParams,
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        bpf_fib_lookup as FibParams,
     },
     helpers::{bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh},
     macros::classifier,
@@ -35,7 +34,6 @@ use crate::{
 
 /// The most of a frame the stages read directly: Ethernet, the longest IPv4 and TCP headers.
 const HEADERS_MAX: u32 = 14 + 60 + 60;
-const AF_INET: u8 = 2;
 
 /// `carry_apart`'s answer for a packet with no flow, uncounted: `new_flow_apart` may record
 /// one.
@@ -78,10 +76,9 @@ fn counted(verdict: Verdict) -> i32 {
 /// Look up, rewrite and forward: the tc action, counted, or NO_FLOW.
 #[inline(never)]
 fn carry_apart(skb: *mut __sk_buff) -> i32 {
-    let Some(skb) = NonNull::new(skb) else {
+    let Some(ctx) = context(skb) else {
         return TC_ACT_UNSPEC;
     };
-    let ctx = TcContext::new(skb);
     match process(&ctx) {
         Err(Verdict::Pass(PassReason::NotService)) => NO_FLOW,
         Ok(verdict) | Err(verdict) => counted(verdict),
@@ -91,14 +88,19 @@ fn carry_apart(skb: *mut __sk_buff) -> i32 {
 /// Choose and record: RECORDED, or the tc action of a packet that gets no flow, counted.
 #[inline(never)]
 fn new_flow_apart(skb: *mut __sk_buff) -> i32 {
-    let Some(skb) = NonNull::new(skb) else {
+    let Some(ctx) = context(skb) else {
         return TC_ACT_UNSPEC;
     };
-    let ctx = TcContext::new(skb);
     match new_flow(&ctx) {
         Ok(()) => RECORDED,
         Err(verdict) => counted(verdict),
     }
+}
+
+/// The skb an `_apart` function was handed, as the stages take it.
+#[inline(always)]
+fn context(skb: *mut __sk_buff) -> Option<TcContext> {
+    NonNull::new(skb).map(TcContext::new)
 }
 
 #[inline(always)]
@@ -186,15 +188,9 @@ fn forward(ctx: &TcContext, nat: &FlowValue, proto: u8) -> Result<Verdict, Verdi
     let malformed = Verdict::Drop(DropReason::Inconsistent);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(malformed)?;
     let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(malformed)?;
-    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = proto;
-    fib.ifindex = crate::frame::Frame::ingress_ifindex(ctx);
+    let ingress = crate::frame::Frame::ingress_ifindex(ctx);
     // SAFETY: bounds-checked by ptr_at.
-    fib.__bindgen_anon_2.tos = unsafe { (*ip).tos };
-    fib.__bindgen_anon_3.ipv4_src = nat.nat_src_addr.0;
-    fib.__bindgen_anon_4.ipv4_dst = nat.nat_dst_addr.0;
+    let mut fib = crate::fib::params(proto, ingress, unsafe { (*ip).tos }, nat);
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -207,26 +203,13 @@ fn forward(ctx: &TcContext, nat: &FlowValue, proto: u8) -> Result<Verdict, Verdi
     let neighbour_known = match rc as u32 {
         BPF_FIB_LKUP_RET_SUCCESS => true,
         BPF_FIB_LKUP_RET_NO_NEIGH => false,
-        BPF_FIB_LKUP_RET_NOT_FWDED => return Err(Verdict::Pass(PassReason::LocalDestination)),
-        BPF_FIB_LKUP_RET_FWD_DISABLED => {
-            return Err(Verdict::Drop(DropReason::FibForwardingDisabled));
-        }
-        BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            return Err(Verdict::Drop(DropReason::FibNoRoute));
-        }
         BPF_FIB_LKUP_RET_FRAG_NEEDED => return Err(Verdict::Drop(DropReason::FibFragNeeded)),
-        _ => return Err(Verdict::Drop(DropReason::FibOther)),
+        rc => return Err(crate::fib::refused(rc)),
     };
     // SAFETY: bounds-checked by ptr_at; the MACs are plain bytes of the union the helper
     // filled on success.
     unsafe {
-        let ip = &mut *ip;
-        // TTL shares a 16-bit checksum word with the protocol byte.
-        let old = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
-        let mut delta = Delta::default();
-        delta.replace16(old, u16::from_ne_bytes([ip.ttl, ip.proto]));
-        ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        crate::fib::decrement_ttl(&mut *ip);
         if !neighbour_known {
             let action = bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
             return Ok(Verdict::Redirect(action as u32));
