@@ -154,6 +154,22 @@ impl Balancer {
         serde_json::from_slice(&out.stdout).expect("lb status --json prints JSON")
     }
 
+    /// The data path's counters that are not zero, one `name value` per line: what a failed
+    /// assertion shows of the packets' fate.
+    pub fn nonzero_counters(&self) -> String {
+        let status = self.status();
+        status["counters"]
+            .as_object()
+            .map(|counters| {
+                counters
+                    .iter()
+                    .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+                    .map(|(name, v)| format!("{name} {v}\n"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The status entry of `backend` (IP:PORT) in service `service`.
     pub fn backend(&self, service: &str, backend: &str) -> serde_json::Value {
         let status = self.status();
