@@ -62,6 +62,13 @@ pub enum Request {
     DebugLog {
         on: bool,
     },
+    /// Which backend a flow from `client` gets, and why (`lb explain`).
+    Explain {
+        service: String,
+        client: std::net::SocketAddrV4,
+        #[serde(default)]
+        protocol: Option<crate::config::Protocol>,
+    },
 }
 
 impl Request {
@@ -90,6 +97,8 @@ pub struct Response {
     /// What a change did, or a warning about it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Box<crate::explain::Explanation>>,
 }
 
 impl Response {
@@ -100,6 +109,7 @@ impl Response {
             bad_input: false,
             status: None,
             message: None,
+            explanation: None,
         }
     }
     pub fn with_message(self, message: Option<String>) -> Self {
@@ -111,6 +121,12 @@ impl Response {
             ..Self::done()
         }
     }
+    pub fn explanation(explanation: crate::explain::Explanation) -> Self {
+        Self {
+            explanation: Some(Box::new(explanation)),
+            ..Self::done()
+        }
+    }
     pub fn bad_input(message: String) -> Self {
         Self {
             ok: false,
@@ -118,6 +134,7 @@ impl Response {
             bad_input: true,
             status: None,
             message: None,
+            explanation: None,
         }
     }
     pub fn failed(message: String) -> Self {
@@ -127,6 +144,7 @@ impl Response {
             bad_input: false,
             status: None,
             message: None,
+            explanation: None,
         }
     }
 }

@@ -588,6 +588,11 @@ async fn serve(
             change(&state, request).await
         }
         Ok(Request::Status) => Response::status(lock(&state).status()),
+        Ok(Request::Explain {
+            service,
+            client,
+            protocol,
+        }) => lock(&state).explain(&service, client, protocol),
         Ok(Request::DebugLog { on }) => {
             let result = lock(&state).dataplane.set_debug_log(on);
             match result {
@@ -769,7 +774,10 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
                 digest: Some(persist::digest(&text)),
             });
         }
-        Request::Status | Request::SetWeight { .. } | Request::DebugLog { .. } => {
+        Request::Status
+        | Request::SetWeight { .. }
+        | Request::DebugLog { .. }
+        | Request::Explain { .. } => {
             return Err(Box::new(Response::failed(
                 "not a change of services".into(),
             )));

@@ -1132,6 +1132,26 @@ impl Dataplane {
         self.flows.get(key, 0).ok()
     }
 
+    /// `count` slots of the live Maglev table of the service at `key`, from `slot` on (wrapping
+    /// around): what the data path reads for a new flow. Empty if no service is at `key`.
+    pub fn live_slots(
+        &self,
+        key: &ServiceKey,
+        slot: u32,
+        count: u32,
+    ) -> Result<Vec<u32>, DataplaneError> {
+        let Ok(service) = self.services.get(key, 0) else {
+            return Ok(Vec::new());
+        };
+        let size = self.settings.maglev_size;
+        (0..count)
+            .map(|step| {
+                let index = service.maglev_base + (slot + step) % size;
+                self.maglev.get(&index, 0).map_err(in_map("MAGLEV"))
+            })
+            .collect()
+    }
+
     /// The data path's log reader, for a task that waits on its descriptor (once).
     pub fn take_logger(&mut self) -> Option<DataPathLogger> {
         self.logger.take()

@@ -6,6 +6,7 @@ pub mod cut;
 pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
+pub mod explain;
 pub mod health;
 pub mod host;
 pub mod layout;

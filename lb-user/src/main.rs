@@ -1,5 +1,6 @@
 //! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb stats`,
-//! `lb set-weight`, `lb drain`, `lb service`, `lb backend`, `lb reload`, `lb remove`).
+//! `lb set-weight`, `lb drain`, `lb service`, `lb backend`, `lb reload`, `lb explain`,
+//! `lb remove`).
 //! Exit codes: 0 success, 2 bad input, 1 any other failure.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -121,6 +122,22 @@ enum Command {
         socket: PathBuf,
         #[arg(value_parser = ["on", "off"])]
         state: String,
+    },
+    /// Which backend a flow from CLIENT gets, and why: its existing flow in the table, and what
+    /// a new one would get (flow hash, Maglev slot, suspect steering), with the service's
+    /// weights, health, suspect marks, slow start and table shares.
+    Explain {
+        #[arg(long)]
+        json: bool,
+        /// The service's protocol; picks between a TCP and a UDP service on one VIP:PORT.
+        #[arg(long, value_parser = parse_protocol)]
+        protocol: Option<Protocol>,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Service name, or its VIP:PORT.
+        service: String,
+        /// The client's address and source port, IP:PORT.
+        client: std::net::SocketAddrV4,
     },
     /// Set a backend's weight (0 drains it: no new flows); takes effect for new flows at once.
     SetWeight {
@@ -541,6 +558,29 @@ async fn execute(command: Command) -> Result<(), Failure> {
             let on = state == "on";
             call(&socket, Request::DebugLog { on }).await?;
             println!("data-path debug logs {state}");
+            Ok(())
+        }
+        Command::Explain {
+            json,
+            protocol,
+            socket,
+            service,
+            client,
+        } => {
+            let request = Request::Explain {
+                service,
+                client,
+                protocol,
+            };
+            let explanation = call(&socket, request)
+                .await?
+                .explanation
+                .context("the daemon sent no explanation")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&explanation)?);
+            } else {
+                print!("{}", lb_user::explain::render(&explanation));
+            }
             Ok(())
         }
         Command::Reload { socket, grace } => {

@@ -745,6 +745,136 @@ impl State {
         }
     }
 
+    /// Which backend a flow from `client` to the service gets, and why (`explain`). With a
+    /// `protocol`, a VIP:PORT names that protocol's service.
+    pub fn explain(
+        &self,
+        service: &str,
+        client: SocketAddrV4,
+        protocol: Option<crate::config::Protocol>,
+    ) -> Response {
+        let found = match protocol {
+            Some(p) => self
+                .services
+                .iter()
+                .position(|s| {
+                    s.config.protocol == p
+                        && (s.config.name == service || s.config.vip.to_string() == service)
+                })
+                .ok_or_else(|| match self.find_service(service) {
+                    Ok(i) => format!(
+                        "service \"{}\" is {}, not {p}",
+                        self.services[i].config.name, self.services[i].config.protocol
+                    ),
+                    Err(e) => e,
+                }),
+            None => self.find_service(service),
+        };
+        let svc = match found {
+            Ok(i) => &self.services[i],
+            Err(e) => return Response::bad_input(e),
+        };
+        match self.explanation(svc, client) {
+            Ok(e) => Response::explanation(e),
+            Err(e) => Response::failed(format!("reading the data path: {e}")),
+        }
+    }
+
+    fn explanation(
+        &self,
+        svc: &ServiceState,
+        client: SocketAddrV4,
+    ) -> Result<crate::explain::Explanation, DataplaneError> {
+        use crate::explain::{self, BackendView, ExistingFlow, Explanation, NewFlow};
+        let vip = svc.config.vip;
+        let proto = svc.config.protocol.number();
+        let describe = |id: u32| -> String {
+            svc.backends
+                .iter()
+                .find(|b| b.id == id)
+                .map(|b| b.address.to_string())
+                .or_else(|| {
+                    self.dataplane
+                        .backend_entry(id)
+                        .map(|(addr, _)| format!("{addr} (removed, terminating)"))
+                })
+                .unwrap_or_else(|| format!("backend id {id} (unknown)"))
+        };
+        let key = lb_common::FlowKey {
+            src_addr: Be32::from_bytes(client.ip().octets()),
+            dst_addr: Be32::from_bytes(vip.ip().octets()),
+            src_port: Be16::from_host(client.port()),
+            dst_port: Be16::from_host(vip.port()),
+            proto,
+            _pad: [0; 3],
+        };
+        let now = monotonic_ns();
+        let existing = self.dataplane.flow(&key).map(|flow| ExistingFlow {
+            backend: describe(flow.backend_id),
+            state: lb_common::conntrack::STATES
+                .iter()
+                .find(|(state, _)| *state == flow.state)
+                .map_or_else(
+                    || format!("state {}", flow.state),
+                    |(_, name)| (*name).to_owned(),
+                ),
+            snat: SocketAddrV4::new(
+                Ipv4Addr::from(flow.nat_src_addr.to_bytes()),
+                flow.nat_src_port.to_host(),
+            )
+            .to_string(),
+            idle_ms: now.saturating_sub(flow.last_seen_ns) / 1_000_000,
+        });
+        let hash = lb_common::flow_hash(
+            key.src_addr.0,
+            key.dst_addr.0,
+            key.src_port.0,
+            key.dst_port.0,
+            proto,
+        );
+        let size = self.dataplane.settings().maglev_size;
+        let slot = hash % size;
+        let slots = self
+            .dataplane
+            .live_slots(&svc.key(), slot, 1 + lb_common::SUSPECT_PROBES)?;
+        let is_suspect = |id: u32| {
+            self.dataplane
+                .suspect_since(id)
+                .ok()
+                .flatten()
+                .is_some_and(|since| now.saturating_sub(since) < SUSPECT_HOLD_NS)
+        };
+        let (chosen, slots_walked, steered_off) = explain::choose(&slots, is_suspect);
+        let table = svc.table(size);
+        Ok(Explanation {
+            service: svc.config.name.clone(),
+            vip: vip.to_string(),
+            protocol: svc.config.protocol.to_string(),
+            client: client.to_string(),
+            existing,
+            new_flow: NewFlow {
+                backend: chosen.map(describe),
+                hash,
+                slot,
+                table_size: size,
+                steered_off: steered_off.map(describe),
+                slots_walked,
+            },
+            backends: svc
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    address: b.address.to_string(),
+                    weight: b.weight,
+                    healthy: b.tracker.healthy,
+                    suspect: is_suspect(b.id),
+                    slow_start_percent: b.ramp.map(|r| r.published.percent()),
+                    table_percent: explain::table_percent(&table, b.id),
+                })
+                .collect(),
+        })
+    }
+
     /// The name of the service `name_or_vip` names.
     pub fn service_name(&self, name_or_vip: &str) -> Result<String, String> {
         self.find_service(name_or_vip)

@@ -17,7 +17,7 @@ use lb_tests::{
     },
     host::{ClientCgroup, NetnsResolver},
     netns::{Netns, require_root, stop_child, sweep_stale},
-    topology::{Arms, BACKEND_PORT, Topology, VIP},
+    topology::{Arms, BACKEND_PORT, CLIENT, Topology, VIP},
 };
 
 struct Setup {
@@ -624,6 +624,120 @@ fn one_arm_tcp_splits_by_weight_and_udp_answers() {
         .iter()
         .sum();
     assert_eq!(udp_flows, 20);
+}
+
+/// `lb explain --json` for a client port of the client namespace.
+fn explain(balancer: &Balancer, service: &str, port: u16) -> serde_json::Value {
+    let out = balancer.cli(&["explain", "--json", service, &format!("{CLIENT}:{port}")]);
+    assert!(
+        out.status.success(),
+        "lb explain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("lb explain --json prints JSON")
+}
+
+#[test]
+fn explain_agrees_with_the_backends_that_served_1000_flows() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[4, 6]);
+    let addrs: Vec<String> = (0..2).map(|i| backend(&topo, i)).collect();
+    // Ports the client's kernel would not pick itself, spread out, each used once.
+    let ports: Vec<u16> = (0..1000u16).map(|i| 20_000 + i * 7).collect();
+    let predicted: Vec<String> = ports
+        .iter()
+        .map(|&port| {
+            let e = explain(&balancer, "web", port);
+            assert!(e["existing"].is_null(), "a flow before any traffic: {e}");
+            e["new_flow"]["backend"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no backend for a new flow: {e}"))
+                .to_owned()
+        })
+        .collect();
+    let list = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = topo.client.sh(&format!(
+        "for p in {list}; do curl -s --local-port $p --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
+    ));
+    let bodies: Vec<&str> = out.lines().collect();
+    assert_eq!(bodies.len(), ports.len(), "{out}");
+    let mut disagreements = Vec::new();
+    for ((port, want), body) in ports.iter().zip(&predicted).zip(&bodies) {
+        let served = match *body {
+            "b1" => &addrs[0],
+            "b2" => &addrs[1],
+            other => panic!("port {port}: {other:?}\n{}", balancer.log()),
+        };
+        if served != want {
+            disagreements.push(format!("port {port}: explained {want}, served by {served}"));
+        }
+    }
+    let (counts, _) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!(
+        "explain: 1000 flows predicted, {} disagreements; served {counts:?}",
+        disagreements.len()
+    );
+    assert!(disagreements.is_empty(), "{disagreements:#?}");
+
+    // The flows just made are in the table, with the backend that served them.
+    for (port, body) in ports.iter().zip(&bodies).rev().take(20) {
+        let e = explain(&balancer, "web", *port);
+        let served = if *body == "b1" { &addrs[0] } else { &addrs[1] };
+        assert_eq!(
+            e["existing"]["backend"],
+            served.as_str(),
+            "port {port}: {e}"
+        );
+    }
+    // A drained backend takes no new flow: the explanation follows at once.
+    let drained = ports
+        .iter()
+        .zip(&predicted)
+        .find(|(_, b)| **b == addrs[0])
+        .map(|(p, _)| *p)
+        .expect("backend 1 had flows");
+    assert!(
+        balancer
+            .cli(&["set-weight", "web", &addrs[0], "0"])
+            .status
+            .success()
+    );
+    let e = explain(&balancer, "web", drained);
+    assert_eq!(e["new_flow"]["backend"], addrs[1].as_str(), "{e}");
+    let row = e["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["address"] == addrs[0].as_str()))
+        .cloned()
+        .expect("backend 1 in the explanation");
+    assert_eq!(row["weight"], 0);
+    assert_eq!(row["table_percent"], 0.0);
+
+    // The text names the choice; bad input is refused with exit 2.
+    let out = balancer.cli(&["explain", "web", &format!("{CLIENT}:{drained}")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("new flow: backend {}", addrs[1])),
+        "{text}"
+    );
+    for (args, message) in [
+        (
+            vec!["explain", "nosuch", "198.18.0.2:1"],
+            "no service named \"nosuch\"",
+        ),
+        (
+            vec!["explain", "--protocol", "udp", "web", "198.18.0.2:1"],
+            "service \"web\" is tcp, not udp",
+        ),
+        (vec!["explain", "web", "198.18.0.2"], "invalid value"),
+    ] {
+        let out = balancer.cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
 }
 
 /// A client connection in the client namespace, for a connection kept open across changes.
