@@ -13,7 +13,7 @@ use tokio::{io::BufReader, net::UnixStream, signal::unix::SignalKind};
 
 use crate::{
     config::{BackendConfig, Config, DiscoveryConfig, HealthConfig, HostCgroup, ServiceConfig},
-    control::{self, HostStatus, InterfaceStatus, Request, Response},
+    control::{self, HostStatus, InterfaceStatus, Request, Response, Status},
     dataplane::{Dataplane, DataplaneError, LoadSettings},
     discovery, health,
     layout::{self, PlacedService},
@@ -361,15 +361,15 @@ pub async fn run(config: Config, opts: RunOptions) -> Result<(), DaemonError> {
             lock(&health_state).record_health(report);
         }
     });
-    tasks.spawn(count_flows(Arc::clone(&state)));
+    // The status as of the last sweep, for scrapes: they never wait for the lock.
+    let (status_cache, cached_status) = tokio::sync::watch::channel(lock(&state).status());
+    tasks.spawn(count_flows(Arc::clone(&state), status_cache));
     tasks.spawn(follow_links(Arc::clone(&state)));
     tasks.spawn(advance_ramps(Arc::clone(&state)));
     if let Some(listener) = metrics {
         log::info!("serving metrics on http://{}/metrics", opts.metrics);
-        let metrics_state = Arc::clone(&state);
         tasks.spawn(metrics::serve(listener, move || {
-            let state = Arc::clone(&metrics_state);
-            async move { metrics::render(&lock(&state).status()) }
+            metrics::render(&cached_status.borrow())
         }));
     }
     // One change of the service set at a time: each is computed from the one before.
@@ -431,8 +431,9 @@ async fn forward_data_path_logs(logger: crate::dataplane::DataPathLogger) {
 
 /// Every SWEEP_INTERVAL, reads the data path's per-backend connection counts (a read per
 /// backend, whatever the size of the flow table) and records them: active flows and ports per
-/// backend, terminating backends done, suspect backends avoided. Expiry is the kernel's.
-async fn count_flows(state: Arc<Mutex<State>>) {
+/// backend, terminating backends done, suspect backends avoided. Expiry is the kernel's. Then
+/// caches the status for the metrics endpoint.
+async fn count_flows(state: Arc<Mutex<State>>, status_cache: tokio::sync::watch::Sender<Status>) {
     let mut tick = tokio::time::interval(SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -442,6 +443,7 @@ async fn count_flows(state: Arc<Mutex<State>>) {
             Ok(sweep) => state.record_sweep(&sweep),
             Err(e) => log::error!("reading the flow counts: {e}"),
         }
+        status_cache.send_replace(state.status());
     }
 }
 

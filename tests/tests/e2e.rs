@@ -6,7 +6,7 @@ use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
     process::Child,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use lb_tests::{
@@ -960,7 +960,7 @@ fn a_request_on_an_expired_connection_is_reset_at_once() {
     let resets_before = counter(&balancer, "event_reset_no_flow");
     // Without the RST the client would retransmit into silence for minutes; with it the next
     // request fails within a round trip, and the client is free to reconnect.
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     idle.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     let outcome = keep_alive_request(&mut idle);
@@ -1338,7 +1338,7 @@ fn drain_takes_no_new_flows_and_waits_for_the_active_ones() {
         "the drained connection continues"
     );
     drop(long_lived);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let out = balancer.cli(&["drain", &format!("{VIP}:80"), &drained, "--wait", "10s"]);
     assert!(
         out.status.success(),
@@ -2149,7 +2149,7 @@ fn spoofed_syn_flood(topo: &Topology, count: u32, per_second: u32) -> std::threa
             state ^= state << 5;
             state
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut sent = 0;
         for i in 0..count {
             let r = next();
@@ -2326,22 +2326,34 @@ fn exhaustion(case: Exhaustion) {
         "{text}"
     );
 
-    let metrics = topo
-        .lb
-        .sh("curl -s --max-time 2 http://127.0.0.1:9640/metrics");
-    let sample = |series: &str| {
+    // Scrapes read the status the daemon caches at each one-second sweep.
+    let series = format!(
+        "lb_packets_total{{verdict=\"drop\",reason=\"{}\"}}",
+        case.reason
+    );
+    let scrape = || {
+        topo.lb
+            .sh("curl -s --max-time 2 http://127.0.0.1:9640/metrics")
+    };
+    let value = |metrics: &str, series: &str| {
         metrics
             .lines()
             .find(|l| l.starts_with(series))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
     };
-    let series = format!(
-        "lb_packets_total{{verdict=\"drop\",reason=\"{}\"}}",
-        case.reason
-    );
-    assert!(sample(&series) >= dropped);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let metrics = loop {
+        let metrics = scrape();
+        if value(&metrics, &series).is_some_and(|n| n >= dropped) || Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let sample = |series: &str| {
+        value(&metrics, series).unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert!(sample(&series) >= dropped, "{metrics}");
     assert!(sample("lb_warnings") >= 1);
     assert!(sample("lb_backend_snat_ports_in_use{service=\"dns\"") > 0);
     assert!(sample("lb_backend_healthy{service=\"web\"") == 1);
