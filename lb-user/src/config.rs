@@ -365,8 +365,8 @@ fn default_removal_grace() -> Duration {
 pub enum HealthKind {
     /// A TCP connect succeeds.
     Tcp,
-    /// `GET path` answers 2xx or 3xx.
-    Http { path: String },
+    /// An HTTP/1.1 GET answers with an accepted status (and body).
+    Http(HttpCheck),
     /// A datagram `send` gets an answer (holding `expect`, if given) within the timeout; an
     /// ICMP port unreachable says down at once. For UDP services.
     Udp {
@@ -375,6 +375,110 @@ pub enum HealthKind {
     },
     /// No probes: backends are always up.
     None,
+}
+
+/// `kind = "http"`: `GET path` with `Host: host` (the backend's IP:PORT by default), one
+/// request per connection, answered with a status in `status` and, if `expect` is given, a body
+/// holding it (as HAProxy's `http-check expect status` and `string`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HttpCheck {
+    pub path: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Accepted statuses, as inclusive ranges.
+    #[serde(default = "default_http_status")]
+    pub status: Vec<(u16, u16)>,
+    #[serde(default)]
+    pub expect: Option<String>,
+}
+
+/// 2xx and 3xx.
+fn default_http_status() -> Vec<(u16, u16)> {
+    vec![(200, 399)]
+}
+
+/// The longest `expect` of an HTTP or UDP check, and how much of a body an HTTP check reads for it.
+pub const EXPECT_MAX: usize = 1024;
+pub const HTTP_BODY_READ_MAX: usize = 64 * 1024;
+
+impl HttpCheck {
+    pub fn new(path: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            host: None,
+            status: default_http_status(),
+            expect: None,
+        }
+    }
+
+    /// Whether `code` is an accepted status.
+    pub fn accepts(&self, code: u16) -> bool {
+        self.status
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&code))
+    }
+
+    /// What is wrong with it, if anything: each value goes into the request or is compared with
+    /// the answer as is, so each is checked wherever a check comes from (file or socket).
+    pub fn problem(&self) -> Option<String> {
+        let unsafe_text = |t: &str| {
+            t.bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        };
+        if !self.path.starts_with('/') || unsafe_text(&self.path) {
+            return Some(format!(
+                "path {:?} must start with '/' and have no spaces",
+                self.path
+            ));
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty() || host.len() > HOST_NAME_MAX_LEN || unsafe_text(host))
+        {
+            return Some(format!(
+                "host {host:?} must be 1 to {HOST_NAME_MAX_LEN} characters without spaces"
+            ));
+        }
+        if self.status.is_empty()
+            || self
+                .status
+                .iter()
+                .any(|&(lo, hi)| lo < 100 || hi > 599 || lo > hi)
+        {
+            return Some("status must be ranges within 100-599, like \"200-399\"".into());
+        }
+        if let Some(expect) = &self.expect
+            && (expect.is_empty() || expect.len() > EXPECT_MAX)
+        {
+            return Some(format!("expect must hold 1 to {EXPECT_MAX} bytes"));
+        }
+        None
+    }
+}
+
+/// `"200-399"`, `"200"`, `"200,204,300-399"`: accepted HTTP statuses.
+pub fn parse_http_status(text: &str) -> Result<Vec<(u16, u16)>, String> {
+    let bad = || {
+        format!(
+            "status {text:?} is not a list of statuses or ranges, like \"200-399\" or \"200,204\""
+        )
+    };
+    let ranges = text
+        .split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+            let number = |t: &str| t.trim().parse::<u16>().map_err(|_| bad());
+            Ok((number(lo)?, number(hi)?))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let check = HttpCheck {
+        status: ranges,
+        ..HttpCheck::new("/")
+    };
+    match check.problem() {
+        Some(problem) => Err(problem),
+        None => Ok(check.status),
+    }
 }
 
 /// What a `kind = "udp"` check sends when the config says nothing.
@@ -620,6 +724,8 @@ struct RawDiscovery {
 struct RawHealth {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    status: Option<Spanned<String>>,
     send: Option<Spanned<String>>,
     expect: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
@@ -1210,9 +1316,7 @@ impl Checker<'_> {
         ctx: &str,
     ) -> Result<HealthConfig, ConfigError> {
         let defaults = HealthConfig::default_for(protocol);
-        let http = HealthKind::Http {
-            path: String::new(),
-        };
+        let http = HealthKind::Http(HttpCheck::new("/"));
         let kinds = [
             ("tcp", HealthKind::Tcp),
             ("http", http),
@@ -1228,59 +1332,80 @@ impl Checker<'_> {
         let kind = self
             .choice(raw.kind.as_ref(), "kind", ctx, &kinds)?
             .unwrap_or(defaults.kind);
-        let kind = match (kind, &raw.path) {
-            (HealthKind::Http { .. }, None) => HealthKind::Http {
-                path: "/".to_owned(),
-            },
-            (HealthKind::Http { .. }, Some(path)) => {
-                let text = path.get_ref();
-                // It goes into the request line as is.
-                if !text.starts_with('/')
-                    || text.contains(|c: char| c.is_whitespace() || c.is_control())
-                {
-                    let message =
-                        format!("{ctx}path \"{text}\" must start with '/' and have no spaces");
-                    return self.fail(path.span(), "path", message);
-                }
-                HealthKind::Http { path: text.clone() }
-            }
-            (_, Some(path)) => {
-                return self.fail(
-                    path.span(),
-                    "path",
-                    format!("{ctx}path is only used with kind = \"http\""),
-                );
-            }
-            (kind, None) => kind,
+        let text = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.get_ref().clone());
+        // Keys that belong to other kinds than `kind`.
+        let (name, own): (&str, &[&str]) = match kind {
+            HealthKind::Http(_) => ("http", &["path", "host", "status", "expect"]),
+            HealthKind::Udp { .. } => ("udp", &["send", "expect"]),
+            HealthKind::Tcp => ("tcp", &[]),
+            HealthKind::None => ("none", &[]),
         };
+        for (value, key, owner) in [
+            (&raw.path, "path", "http"),
+            (&raw.host, "host", "http"),
+            (&raw.status, "status", "http"),
+            (&raw.send, "send", "udp"),
+            (&raw.expect, "expect", "http\" or \"udp"),
+        ] {
+            if let Some(value) = value
+                && !own.contains(&key)
+            {
+                let message =
+                    format!("{ctx}{key} is only used with kind = \"{owner}\", not \"{name}\"");
+                return self.fail(value.span(), key, message);
+            }
+        }
         let kind = match kind {
+            HealthKind::Http(_) => {
+                let mut check = HttpCheck::new(&text(&raw.path).unwrap_or_else(|| "/".into()));
+                check.host = text(&raw.host);
+                check.expect = text(&raw.expect);
+                if let Some(status) = &raw.status {
+                    check.status = match parse_http_status(status.get_ref()) {
+                        Ok(ranges) => ranges,
+                        Err(message) => {
+                            return self.fail(status.span(), "status", format!("{ctx}{message}"));
+                        }
+                    };
+                }
+                if let Some(problem) = check.problem() {
+                    let (key, value) = [
+                        ("path", &raw.path),
+                        ("host", &raw.host),
+                        ("expect", &raw.expect),
+                    ]
+                    .into_iter()
+                    .find(|(key, _)| problem.starts_with(key))
+                    .unwrap_or(("path", &raw.path));
+                    let span = value.as_ref().map(Spanned::span).unwrap_or_default();
+                    return self.fail(span, key, format!("{ctx}{problem}"));
+                }
+                HealthKind::Http(check)
+            }
             HealthKind::Udp { .. } => {
                 if protocol != Protocol::Udp {
                     let message = format!("{ctx}kind \"udp\" is for UDP services");
                     let span = raw.kind.as_ref().map(Spanned::span).unwrap_or_default();
                     return self.fail(span, "kind", message);
                 }
-                let text = |v: &Option<Spanned<String>>| v.as_ref().map(|t| t.get_ref().clone());
                 if let Some(send) = &raw.send
                     && (send.get_ref().is_empty() || send.get_ref().len() > UDP_PROBE_MAX)
                 {
                     let message = format!("{ctx}send must hold 1 to {UDP_PROBE_MAX} bytes");
                     return self.fail(send.span(), "send", message);
                 }
+                if let Some(expect) = &raw.expect
+                    && expect.get_ref().len() > EXPECT_MAX
+                {
+                    let message = format!("{ctx}expect must hold 1 to {EXPECT_MAX} bytes");
+                    return self.fail(expect.span(), "expect", message);
+                }
                 HealthKind::Udp {
                     send: text(&raw.send).unwrap_or_else(|| DEFAULT_UDP_PROBE.to_owned()),
                     expect: text(&raw.expect).filter(|e| !e.is_empty()),
                 }
             }
-            kind => {
-                for (value, key) in [(&raw.send, "send"), (&raw.expect, "expect")] {
-                    if let Some(value) = value {
-                        let message = format!("{ctx}{key} is only used with kind = \"udp\"");
-                        return self.fail(value.span(), key, message);
-                    }
-                }
-                kind
-            }
+            kind => kind,
         };
         let interval = self.duration(
             raw.interval.as_ref(),
@@ -1440,9 +1565,7 @@ weight = 4
                 snat: vec![Ipv4Addr::new(198, 18, 2, 1)],
                 mss: Some(Mss::Fixed(1360)),
                 health: HealthConfig {
-                    kind: HealthKind::Http {
-                        path: "/healthz".to_owned(),
-                    },
+                    kind: HealthKind::Http(HttpCheck::new("/healthz")),
                     port: Some(8080),
                     interval: Duration::from_millis(500),
                     timeout: Duration::from_millis(300),
@@ -1525,6 +1648,64 @@ protocol = "udp"
     }
 
     #[test]
+    fn an_http_check_takes_host_status_ranges_and_an_expected_body() {
+        let text = web(
+            "[service.health]\nkind = \"http\"\npath = \"/healthz\"\nhost = \"api.example\"\n\
+             status = \"200-299, 503\"\nexpect = \"ok\"\n",
+        );
+        let config = Config::parse(&text, "lb.toml").expect("config is valid");
+        assert_eq!(
+            config.services[0].health.kind,
+            HealthKind::Http(HttpCheck {
+                path: "/healthz".into(),
+                host: Some("api.example".into()),
+                status: vec![(200, 299), (503, 503)],
+                expect: Some("ok".into()),
+            })
+        );
+        let HealthKind::Http(check) = &config.services[0].health.kind else {
+            unreachable!()
+        };
+        assert!(check.accepts(204) && check.accepts(503));
+        assert!(!check.accepts(302) && !check.accepts(500));
+        for (line, key, message) in [
+            (
+                "status = \"2xx\"",
+                "status",
+                "is not a list of statuses or ranges",
+            ),
+            ("status = \"399-200\"", "status", "within 100-599"),
+            ("status = \"200-700\"", "status", "within 100-599"),
+            ("host = \"a b\"", "host", "without spaces"),
+            ("host = \"\"", "host", "without spaces"),
+            (
+                "expect = \"\"",
+                "expect",
+                "expect must hold 1 to 1024 bytes",
+            ),
+            (
+                "send = \"x\"",
+                "send",
+                "send is only used with kind = \"udp\", not \"http\"",
+            ),
+        ] {
+            assert_error(
+                &web(&format!(
+                    "[service.health]\nkind = \"http\"\n{line} # <- {key}\n"
+                )),
+                message,
+            );
+        }
+        assert_error(
+            &web("[service.health]\nkind = \"tcp\"\nhost = \"x\" # <- host\n"),
+            "host is only used with kind = \"http\", not \"tcp\"",
+        );
+        // Checks saved before these keys existed still load, with 2xx and 3xx accepted.
+        let saved: HealthKind = serde_json::from_str(r#"{"http":{"path":"/"}}"#).expect("old form");
+        assert_eq!(saved, HealthKind::Http(HttpCheck::new("/")));
+    }
+
+    #[test]
     fn a_udp_service_checks_with_a_datagram() {
         let text = web(
             "protocol = \"udp\"\n[service.health]\nkind = \"udp\"\nsend = \"ping\"\nexpect = \"pong\"\n",
@@ -1552,7 +1733,7 @@ protocol = "udp"
         );
         assert_error(
             &web("[service.health]\nkind = \"tcp\"\nexpect = \"ok\" # <- expect\n"),
-            "expect is only used with kind = \"udp\"",
+            "expect is only used with kind = \"http\" or \"udp\", not \"tcp\"",
         );
         assert_error(
             &web("protocol = \"udp\"\n[service.health]\nkind = \"udp\"\nsend = \"\" # <- send\n"),
@@ -1565,12 +1746,7 @@ protocol = "udp"
         let text = web("[service.health]\nkind = \"http\"\ninterval = \"100ms\"\n");
         let config = Config::parse(&text, "lb.toml").expect("config is valid");
         let health = &config.services[0].health;
-        assert_eq!(
-            health.kind,
-            HealthKind::Http {
-                path: "/".to_owned()
-            }
-        );
+        assert_eq!(health.kind, HealthKind::Http(HttpCheck::new("/")));
         // The default timeout (500ms) shrinks to the interval.
         assert_eq!(health.timeout, Duration::from_millis(100));
         // A UDP service can still ask for probes, e.g. of a TCP port next to it.

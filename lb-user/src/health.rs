@@ -1,16 +1,17 @@
-//! Health checks: one tokio task per backend probes it every `interval` (TCP connect, or an
-//! HTTP GET whose status must be 2xx/3xx) and reports each result; `Tracker` turns results into
+//! Health checks: one tokio task per backend probes it every `interval` (TCP connect, an HTTP
+//! GET by hyper's client whose status and body must be as expected, or a UDP exchange) and
+//! reports each result; `Tracker` turns results into
 //! up/down with rise/fall hysteresis. Writes no map: the daemon applies state changes.
 
 use std::{net::SocketAddrV4, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    time::timeout,
-};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, time::timeout};
 
-use crate::config::{HealthConfig, HealthKind};
+use crate::config::{HTTP_BODY_READ_MAX, HealthConfig, HealthKind, HttpCheck};
 
 /// Probes `addr` once; `Err` says why it is down.
 pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String> {
@@ -28,16 +29,14 @@ pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String>
         )
         .await
         .map_err(|_| format!("no answer from {target} within {:?}", cfg.timeout))?,
-        HealthKind::Http { path } => {
-            timeout(cfg.timeout, http_get(target, path))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "GET http://{target}{path} timed out after {:?}",
-                        cfg.timeout
-                    )
-                })?
-        }
+        HealthKind::Http(check) => timeout(cfg.timeout, http_get(target, check))
+            .await
+            .map_err(|_| {
+                format!(
+                    "GET http://{target}{} timed out after {:?}",
+                    check.path, cfg.timeout
+                )
+            })?,
     }
 }
 
@@ -72,40 +71,66 @@ async fn udp_exchange(
     }
 }
 
-async fn http_get(target: SocketAddrV4, path: &str) -> Result<(), String> {
-    let mut stream = TcpStream::connect(target)
+/// Aborts a task when dropped: a probe that times out takes its connection's task with it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One HTTP/1.1 exchange by hyper's client: the status must be accepted, and the body, if the
+/// check expects something, must hold it within its first HTTP_BODY_READ_MAX bytes.
+async fn http_get(target: SocketAddrV4, check: &HttpCheck) -> Result<(), String> {
+    let url = format!("http://{target}{}", check.path);
+    let stream = TcpStream::connect(target)
         .await
         .map_err(|e| format!("connect to {target}: {e}"))?;
-    let request = format!(
-        "GET {path} HTTP/1.0\r\nHost: {target}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
-    );
-    stream
-        .write_all(request.as_bytes())
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("send to {target}: {e}"))?;
-    // The status line is all we need: "HTTP/1.x NNN".
-    let mut head = [0u8; 12];
-    let mut got = 0;
-    while got < head.len() {
-        let n = stream
-            .read(&mut head[got..])
-            .await
-            .map_err(|e| format!("read from {target}: {e}"))?;
-        if n == 0 {
-            break;
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let _connection = AbortOnDrop(tokio::spawn(async move {
+        let _ = connection.await;
+    }));
+    let request = hyper::Request::get(check.path.as_str())
+        .header(
+            HOST,
+            check.host.clone().unwrap_or_else(|| target.to_string()),
+        )
+        .header(CONNECTION, "close")
+        .header(USER_AGENT, "lb-health")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let code = response.status().as_u16();
+    if !check.accepts(code) {
+        return Err(format!("GET {url} answered {code}"));
+    }
+    let Some(want) = &check.expect else {
+        return Ok(());
+    };
+    let mut body = response.into_body();
+    let mut seen: Vec<u8> = Vec::new();
+    while seen.len() < HTTP_BODY_READ_MAX
+        && let Some(frame) = body.frame().await
+    {
+        let frame = frame.map_err(|e| format!("GET {url}: reading the body: {e}"))?;
+        if let Some(data) = frame.data_ref() {
+            let room = HTTP_BODY_READ_MAX - seen.len();
+            seen.extend_from_slice(&data[..data.len().min(room)]);
+            if seen.windows(want.len()).any(|w| w == want.as_bytes()) {
+                return Ok(());
+            }
         }
-        got += n;
     }
-    let line = String::from_utf8_lossy(&head[..got]);
-    let status = line
-        .strip_prefix("HTTP/1.")
-        .and_then(|rest| rest.get(2..5))
-        .and_then(|s| s.parse::<u16>().ok());
-    match status {
-        Some(200..400) => Ok(()),
-        Some(code) => Err(format!("GET http://{target}{path} answered {code}")),
-        None => Err(format!("GET http://{target}{path}: not an HTTP response")),
-    }
+    Err(format!(
+        "GET {url} answered {code}, but its body does not hold {want:?} (read {} bytes)",
+        seen.len()
+    ))
 }
 
 /// Consecutive results -> state, with `rise` successes to come up and `fall` failures to go
@@ -200,6 +225,38 @@ mod tests {
         assert!(probe(addr, &cfg).await.is_err());
     }
 
+    /// A one-shot HTTP server answering `answer`; gives its address and the request head it read.
+    async fn one_answer(answer: String) -> (SocketAddrV4, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("v4")
+        };
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 512];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(answer.as_bytes()).await;
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (addr, server)
+    }
+
+    fn http_config(check: HttpCheck) -> HealthConfig {
+        HealthConfig {
+            kind: HealthKind::Http(check),
+            ..HealthConfig::default_for(crate::config::Protocol::Tcp)
+        }
+    }
+
     #[tokio::test]
     async fn http_probe_reads_the_status() {
         for (status, up) in [
@@ -207,26 +264,105 @@ mod tests {
             ("302 Found", true),
             ("503 Unavailable", false),
         ] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-                panic!("v4")
-            };
-            let server = tokio::spawn(async move {
-                let (mut s, _) = listener.accept().await.expect("accept");
-                let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(format!("HTTP/1.1 {status}\r\n\r\n").as_bytes())
-                    .await;
-            });
-            let cfg = HealthConfig {
-                kind: HealthKind::Http { path: "/".into() },
-                ..HealthConfig::default_for(crate::config::Protocol::Tcp)
-            };
+            let (addr, server) =
+                one_answer(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n")).await;
+            let cfg = http_config(HttpCheck::new("/"));
             assert_eq!(probe(addr, &cfg).await.is_ok(), up, "status {status}");
             server.await.expect("server");
         }
+    }
+
+    #[tokio::test]
+    async fn http_probe_sends_host_and_close_and_takes_status_ranges() {
+        let (addr, server) =
+            one_answer("HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n".into()).await;
+        let check = HttpCheck {
+            host: Some("api.example".into()),
+            status: vec![(200, 299), (503, 503)],
+            ..HttpCheck::new("/healthz?deep=1")
+        };
+        assert_eq!(probe(addr, &http_config(check)).await, Ok(()));
+        let head = server.await.expect("server");
+        assert!(
+            head.starts_with("GET /healthz?deep=1 HTTP/1.1\r\n"),
+            "{head}"
+        );
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("host: api.example\r\n"), "{head}");
+        assert!(head.contains("connection: close\r\n"), "{head}");
+
+        let (addr, server) =
+            one_answer("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".into()).await;
+        let check = HttpCheck {
+            status: vec![(204, 204)],
+            ..HttpCheck::new("/")
+        };
+        let why = probe(addr, &http_config(check))
+            .await
+            .expect_err("200 is not 204");
+        assert!(why.contains("answered 200"), "{why}");
+        let head = server.await.expect("server");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("host: {addr}\r\n")),
+            "{head}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_probe_looks_for_the_expected_body() {
+        for (body, up) in [("status: ok\n", true), ("status: degraded\n", false)] {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let (addr, server) = one_answer(answer).await;
+            let check = HttpCheck {
+                expect: Some("ok".into()),
+                ..HttpCheck::new("/")
+            };
+            let result = probe(addr, &http_config(check)).await;
+            assert_eq!(result.is_ok(), up, "{body:?}: {result:?}");
+            server.await.expect("server");
+        }
+        // A chunked body, the word past the first chunk.
+        let answer =
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nok\r\n0\r\n\r\n";
+        let (addr, server) = one_answer(answer.into()).await;
+        let check = HttpCheck {
+            expect: Some("cok".into()),
+            ..HttpCheck::new("/")
+        };
+        assert_eq!(probe(addr, &http_config(check)).await, Ok(()));
+        server.await.expect("server");
+    }
+
+    #[tokio::test]
+    async fn http_probe_fails_on_garbage_and_on_a_server_that_never_answers() {
+        let (addr, server) = one_answer("SSH-2.0-OpenSSH\r\n\r\n".into()).await;
+        assert!(
+            probe(addr, &http_config(HttpCheck::new("/")))
+                .await
+                .is_err()
+        );
+        server.await.expect("server");
+        // Accepts and reads, never answers: the timeout says so.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
+            panic!("v4")
+        };
+        let _server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(s);
+        });
+        let cfg = HealthConfig {
+            timeout: Duration::from_millis(200),
+            ..http_config(HttpCheck::new("/"))
+        };
+        let why = probe(addr, &cfg).await.expect_err("no answer");
+        assert!(why.contains("timed out"), "{why}");
     }
 }

@@ -245,15 +245,10 @@ fn check_health(name: &str, protocol: Protocol, h: &HealthConfig) -> Result<(), 
     if h.port == Some(0) {
         return Err(format!("{ctx}: port 0"));
     }
-    if let HealthKind::Http { path } = &h.kind
-        && (!path.starts_with('/')
-            || path
-                .bytes()
-                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control()))
+    if let HealthKind::Http(check) = &h.kind
+        && let Some(problem) = check.problem()
     {
-        return Err(format!(
-            "{ctx}: path {path:?} must start with '/' and have no spaces"
-        ));
+        return Err(format!("{ctx}: {problem}"));
     }
     Ok(())
 }
@@ -523,9 +518,7 @@ mod tests {
         endless.health.timeout = std::time::Duration::from_secs(86_400);
         assert!(check(&[endless]).expect_err("timeout").contains("timeout"));
         let mut crlf = svc("web", 80, &[]);
-        crlf.health.kind = HealthKind::Http {
-            path: "/x\r\nHost: evil".into(),
-        };
+        crlf.health.kind = HealthKind::Http(crate::config::HttpCheck::new("/x\r\nHost: evil"));
         assert!(check(&[crlf]).expect_err("path").contains("path"));
         let mut rise = svc("web", 80, &[]);
         rise.health.rise = 0;

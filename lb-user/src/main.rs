@@ -151,6 +151,8 @@ enum Command {
     },
 }
 
+// Parsed once per command: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum ServiceAction {
     Add {
@@ -630,7 +632,7 @@ fn parse_health(text: &str) -> Result<HealthKind, String> {
         "udp" => Ok(udp(lb_user::config::DEFAULT_UDP_PROBE)),
         _ => match (text.strip_prefix("http:"), text.strip_prefix("udp:")) {
             (Some(path), _) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
-                Ok(HealthKind::Http { path: path.into() })
+                Ok(HealthKind::Http(lb_user::config::HttpCheck::new(path)))
             }
             (_, Some(send)) if !send.is_empty() && send.len() <= lb_user::config::UDP_PROBE_MAX => {
                 Ok(udp(send))

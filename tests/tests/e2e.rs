@@ -1739,6 +1739,45 @@ fn a_udp_health_check_takes_a_silent_backend_down() {
     }
 }
 
+/// An HTTP check (hyper's client) with a Host, a status range and an expected body: the
+/// backends answer every GET with their name, so expecting "b1" keeps backend 2 down, and all
+/// new connections go to backend 1; accepting only 204 takes both down.
+#[test]
+fn an_http_health_check_wants_its_status_and_body() {
+    let http_check = |status: &'static str| {
+        move |config: String| {
+            config.replacen(
+                &format!("kind = \"tcp\"\nport = {BACKEND_PORT}\n"),
+                &format!(
+                    "kind = \"http\"\npath = \"/healthz\"\nhost = \"web.internal\"\n\
+                     status = \"{status}\"\nexpect = \"b1\"\nport = {BACKEND_PORT}\n"
+                ),
+                1,
+            )
+        }
+    };
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], http_check("200-299"));
+    let (b1, b2) = (backend(&topo, 0), backend(&topo, 1));
+    assert_eq!(balancer.backend("web", &b1)["healthy"], true);
+    let b2_status = balancer.backend("web", &b2);
+    assert_eq!(b2_status["healthy"], false, "{b2_status}");
+    let why = b2_status["last_error"].to_string();
+    assert!(why.contains("does not hold \\\"b1\\\""), "{why}");
+    let (counts, failed) = tally(&http_requests(&topo, 50), 2);
+    assert_eq!((counts, failed), (vec![50, 0], 0));
+
+    balancer.write_config(&http_check("204")(topo.config(&[1, 1])));
+    let out = balancer.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    balancer.wait_health("web", &b1, false, Duration::from_secs(3));
+    let why = balancer.backend("web", &b1)["last_error"].to_string();
+    assert!(why.contains("answered 200"), "{why}");
+}
+
 #[test]
 fn an_upgrade_counts_the_connections_it_adopts() {
     let Setup {
