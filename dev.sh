@@ -5,6 +5,7 @@
 #   ./dev.sh test    every test: unit, packet fixtures, end-to-end (root)
 #   ./dev.sh build   the XDP program and the lb binary
 #   ./dev.sh install the lb binary, its systemd unit and an example config (root)
+#   ./dev.sh package a Debian package of all that, in target/debian
 set -euo pipefail
 cd "$(dirname "$0")"
 ./scripts/bootstrap.sh

@@ -29,38 +29,16 @@ pub fn install(prefix: &Path) -> anyhow::Result<()> {
     fs::rename(&staging, &target).with_context(|| format!("installing {}", target.display()))?;
     fs::copy(root.join("README.md"), doc.join("README.md")).context("installing the README")?;
     // The man page and completions come from the installed binary's own CLI definitions.
-    let generated = [
-        (vec!["manpage"], prefix.join("share/man/man1/lb.1")),
-        (
-            vec!["completions", "bash"],
-            prefix.join("share/bash-completion/completions/lb"),
-        ),
-        (
-            vec!["completions", "zsh"],
-            prefix.join("share/zsh/site-functions/_lb"),
-        ),
-        (
-            vec!["completions", "fish"],
-            prefix.join("share/fish/vendor_completions.d/lb.fish"),
-        ),
-    ];
-    for (args, path) in generated {
-        let out = std::process::Command::new(&target)
-            .args(&args)
-            .output()
-            .with_context(|| format!("running lb {}", args.join(" ")))?;
-        anyhow::ensure!(out.status.success(), "lb {} failed", args.join(" "));
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        fs::write(&path, &out.stdout).with_context(|| format!("writing {}", path.display()))?;
+    for (args, path) in [
+        (MANPAGE, prefix.join("share/man/man1/lb.1")),
+        (BASH, prefix.join("share/bash-completion/completions/lb")),
+        (ZSH, prefix.join("share/zsh/site-functions/_lb")),
+        (FISH, prefix.join("share/fish/vendor_completions.d/lb.fish")),
+    ] {
+        generate(&target, args, &path)?;
         println!("installed {}", path.display());
     }
-    let unit = fs::read_to_string(root.join("packaging/lb.service"))
-        .context("reading packaging/lb.service")?
-        .replace("@BINDIR@", &bin.display().to_string())
-        .replace("@DOCDIR@", &doc.display().to_string());
-    fs::write(UNIT, unit).with_context(|| format!("writing {UNIT}"))?;
+    fs::write(UNIT, unit(&bin, &doc)?).with_context(|| format!("writing {UNIT}"))?;
     println!("installed {}, {UNIT}", target.display());
     if Path::new(CONFIG).exists() {
         println!("kept {CONFIG}");
@@ -72,4 +50,32 @@ pub fn install(prefix: &Path) -> anyhow::Result<()> {
     }
     println!("then: systemctl daemon-reload && systemctl enable --now lb");
     Ok(())
+}
+
+pub const MANPAGE: &[&str] = &["manpage"];
+pub const BASH: &[&str] = &["completions", "bash"];
+pub const ZSH: &[&str] = &["completions", "zsh"];
+pub const FISH: &[&str] = &["completions", "fish"];
+
+/// Writes what `lb ARGS` prints (its man page, a shell's completions) to `path`.
+pub fn generate(lb: &Path, args: &[&str], path: &Path) -> anyhow::Result<()> {
+    let out = std::process::Command::new(lb)
+        .args(args)
+        .output()
+        .with_context(|| format!("running lb {}", args.join(" ")))?;
+    anyhow::ensure!(out.status.success(), "lb {} failed", args.join(" "));
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    fs::write(path, &out.stdout).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The systemd unit, for a binary in `bin` and the README in `doc`.
+pub fn unit(bin: &Path, doc: &Path) -> anyhow::Result<String> {
+    Ok(
+        fs::read_to_string(workspace_root().join("packaging/lb.service"))
+            .context("reading packaging/lb.service")?
+            .replace("@BINDIR@", &bin.display().to_string())
+            .replace("@DOCDIR@", &doc.display().to_string()),
+    )
 }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build|test|bench|demo|install|lint`. Run `./dev.sh TASK` on a fresh machine:
+//! Project tasks: `cargo xtask build|test|bench|demo|install|package|lint`. Run `./dev.sh TASK` on a fresh machine:
 //! it installs the toolchains and tools first (scripts/bootstrap.sh), then runs the task.
 
 mod bench;
@@ -6,6 +6,7 @@ mod build;
 mod demo;
 mod install;
 mod lint;
+mod package;
 mod test;
 
 use std::{
@@ -52,6 +53,9 @@ enum Task {
         #[arg(long, default_value = "/usr/local")]
         prefix: std::path::PathBuf,
     },
+    /// A Debian package of lb in target/debian (cargo-deb, installed on first use): binary,
+    /// man page, completions, systemd unit, example config.
+    Package,
     /// rustfmt check and clippy over user space and the eBPF crate.
     Lint,
 }
@@ -68,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         } => bench::bench(quick, out, &contenders),
         Task::Demo => demo::demo(),
         Task::Install { prefix } => install::install(&prefix),
+        Task::Package => package::package().map(|_| ()),
         Task::Lint => lint::lint(),
     }
 }
@@ -79,10 +84,20 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A cargo command in the workspace, with bpf-linker (installed by scripts/bootstrap.sh) on PATH.
+/// Where scripts/bootstrap.sh puts bpf-linker (and `package` cargo-deb).
+pub fn tools_dir() -> PathBuf {
+    env::var("LB_TOOLS_DIR")
+        .unwrap_or_else(|_| "/opt/lb-tools".into())
+        .into()
+}
+
+/// A cargo command in the workspace, with the tools directory's programs on PATH.
 pub fn cargo() -> Command {
-    let tools = env::var("LB_TOOLS_DIR").unwrap_or_else(|_| "/opt/lb-tools".into());
-    let path = format!("{tools}/bin:{}", env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}/bin:{}",
+        tools_dir().display(),
+        env::var("PATH").unwrap_or_default()
+    );
     let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(workspace_root()).env("PATH", path);
     cmd
