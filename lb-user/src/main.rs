@@ -1,6 +1,6 @@
 //! `lb`: the XDP load balancer's daemon (`lb run`) and its CLI (`lb status`, `lb stats`,
-//! `lb set-weight`, `lb drain`, `lb service`, `lb backend`, `lb reload`, `lb explain`,
-//! `lb remove`).
+//! `lb top`, `lb set-weight`, `lb drain`, `lb service`, `lb backend`, `lb reload`,
+//! `lb explain`, `lb remove`).
 //! Exit codes: 0 success, 2 bad input, 1 any other failure.
 
 use std::{path::PathBuf, process::ExitCode};
@@ -79,6 +79,18 @@ enum Command {
         /// Time between the two readings a rate comes from (like 500ms, 2s).
         #[arg(long, default_value = "1s", value_parser = parse_interval)]
         interval: std::time::Duration,
+        #[arg(long, default_value = control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// A live view, refreshed in place every interval: per backend its health, its weight's
+    /// share beside its share of the new flows, active flows and throughput; the flow table,
+    /// warnings and the busiest drop reasons. Ctrl-C ends it.
+    Top {
+        #[arg(long, default_value = "1s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// Stop after this many refreshes (as top -n).
+        #[arg(long)]
+        count: Option<u64>,
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
@@ -425,6 +437,39 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 (before, taken) = (after, now);
             }
         }
+        Command::Top {
+            interval,
+            count,
+            socket,
+        } => {
+            use std::io::IsTerminal as _;
+            // In place on a terminal; piped, one frame after another.
+            let terminal = std::io::stdout().is_terminal();
+            let mut before = fetch_status(&socket).await?;
+            let mut taken = std::time::Instant::now();
+            let mut shown = 0;
+            while count.is_none_or(|n| shown < n) {
+                tokio::time::sleep(interval).await;
+                let after = fetch_status(&socket).await?;
+                let now = std::time::Instant::now();
+                let rates = stats::rates(&before, &after, (now - taken).as_secs_f64());
+                let title = format!(
+                    "lb top: every {}, Ctrl-C to quit",
+                    humantime_interval(interval)
+                );
+                let screen = stats::top_screen(&rates, &after.warnings, &title);
+                if terminal {
+                    print!("\x1b[H\x1b[2J{screen}");
+                } else {
+                    println!("{screen}");
+                }
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                shown += 1;
+                (before, taken) = (after, now);
+            }
+            Ok(())
+        }
         Command::Drain {
             socket,
             wait,
@@ -693,6 +738,15 @@ fn active_flows(status: &Status, service: &str, backend: &str) -> Option<u64> {
 }
 
 /// `--interval`, `--wait`: a duration from 100ms to 1h.
+/// `500ms`, `2s`: an interval as the options take it.
+fn humantime_interval(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     let d = lb_user::config::parse_duration(text)?;
     if d < std::time::Duration::from_millis(100) || d > std::time::Duration::from_secs(3600) {

@@ -1,5 +1,5 @@
-//! `lb stats`: per-second rates between two status readings of the daemon. Pure: the CLI
-//! fetches the readings and prints what this computes.
+//! `lb stats` and `lb top`: per-second rates between two status readings of the daemon. Pure:
+//! the CLI fetches the readings and prints what this computes.
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
@@ -138,6 +138,96 @@ pub fn render(r: &Rates) -> String {
     out
 }
 
+/// Width of `lb top`'s share bars, in characters.
+const BAR_WIDTH: usize = 20;
+
+/// One frame of `lb top`: per backend its weight's share of the service and its share of the
+/// new flows of the last interval side by side (a bar each), health, active flows and rates;
+/// then the flow table, the warnings, and the drop reasons that moved, busiest first.
+pub fn top_screen(r: &Rates, warnings: &[String], title: &str) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{title}");
+    let bar = |percent: f64| {
+        let filled = ((percent / 100.0) * BAR_WIDTH as f64).round() as usize;
+        let filled = filled.min(BAR_WIDTH);
+        format!("{}{}", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled))
+    };
+    for s in &r.services {
+        let weights: u64 = s
+            .backends
+            .iter()
+            .filter(|b| b.healthy)
+            .map(|b| u64::from(b.weight))
+            .sum();
+        let new_flows: f64 = s.backends.iter().map(|b| b.new_flows_per_s).sum();
+        let _ = writeln!(
+            out,
+            "\n{} {}/{}  {:.1} new flows/s",
+            s.name, s.vip, s.protocol, new_flows
+        );
+        let _ = writeln!(
+            out,
+            "  {:<22} {:<8} {:>6} {:<27} {:<27} {:>8} {:>9}",
+            "BACKEND", "HEALTH", "WEIGHT", "WEIGHT SHARE", "NEW-FLOW SHARE", "ACTIVE", "Mbit/s"
+        );
+        for b in &s.backends {
+            let weight_share = if b.healthy && weights > 0 {
+                100.0 * f64::from(b.weight) / weights as f64
+            } else {
+                0.0
+            };
+            let flow_share = if new_flows > 0.0 {
+                100.0 * b.new_flows_per_s / new_flows
+            } else {
+                0.0
+            };
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<8} {:>6} {} {:>5.1}% {} {:>5.1}% {:>8} {:>9.3}",
+                b.address,
+                crate::control::health_word(b.healthy, b.suspect),
+                b.weight,
+                bar(weight_share),
+                weight_share,
+                bar(flow_share),
+                flow_share,
+                b.active_flows,
+                b.bits_per_s / 1e6
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nflow table: {} of {} entries",
+        r.flows.entries, r.flows.capacity
+    );
+    for warning in warnings {
+        let _ = writeln!(out, "warning: {warning}");
+    }
+    let mut drops: Vec<(&String, f64)> = r
+        .counters
+        .iter()
+        .filter(|(name, v)| name.starts_with("drop_") && **v > 0.0)
+        .map(|(name, v)| (name, *v))
+        .collect();
+    drops.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let drops: Vec<String> = drops
+        .iter()
+        .take(5)
+        .map(|(name, v)| format!("{}={v:.1}/s", &name["drop_".len()..]))
+        .collect();
+    let _ = writeln!(
+        out,
+        "drops: {}",
+        if drops.is_empty() {
+            "none".to_owned()
+        } else {
+            drops.join(" ")
+        }
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +267,51 @@ mod tests {
         after.services[0].backends[0].healthy = false;
         let text = render(&rates(&status(10, 100, 1000, 1), &after, 1.0));
         assert!(text.contains(" down "), "{text}");
+    }
+
+    #[test]
+    fn top_sets_the_new_flow_share_beside_the_weight_share() {
+        let mut before = status(0, 0, 0, 0);
+        let mut second = before.services[0].backends[0].clone();
+        second.address = "198.18.1.12:8000".into();
+        second.weight = 3;
+        before.services[0].backends[0].weight = 1;
+        before.services[0].backends.push(second);
+        before.counters.insert("drop_no_backend".into(), 0);
+        let mut after = before.clone();
+        after.services[0].backends[0].new_flows = 25;
+        after.services[0].backends[1].new_flows = 75;
+        after.counters.insert("drop_tcp_no_flow".into(), 4);
+        after.counters.insert("drop_no_backend".into(), 10);
+        let r = rates(&before, &after, 1.0);
+        let text = top_screen(&r, &["flow table full".into()], "lb top");
+        let row = |addr: &str| {
+            text.lines()
+                .find(|l| l.contains(addr))
+                .unwrap_or_else(|| panic!("{addr} in\n{text}"))
+                .to_owned()
+        };
+        // Weight 1 of 4, and a quarter of the new flows: five of twenty characters each.
+        let first = row("198.18.1.11:8000");
+        assert!(
+            first.contains("#####...............  25.0% #####...............  25.0%"),
+            "{text}"
+        );
+        assert!(row("198.18.1.12:8000").contains("75.0%"), "{text}");
+        assert!(text.contains("100.0 new flows/s"), "{text}");
+        assert!(text.contains("warning: flow table full"), "{text}");
+        assert!(
+            text.contains("drops: no_backend=10.0/s tcp_no_flow=4.0/s"),
+            "{text}"
+        );
+        // A down backend has no share of the weights.
+        after.services[0].backends[1].healthy = false;
+        let text = top_screen(&rates(&before, &after, 1.0), &[], "lb top");
+        assert!(
+            text.contains(".................... 100.0%")
+                || text.contains("#################### 100.0%"),
+            "{text}"
+        );
     }
 
     #[test]

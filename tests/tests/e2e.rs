@@ -1294,6 +1294,30 @@ fn stats_reports_per_second_rates_while_traffic_flows() {
             > new_flows,
         "every connection forwards several packets: {rates}"
     );
+    // lb top, piped: its frames one after another, each with both backends' shares.
+    let out = balancer.cli(&["top", "--interval", "500ms", "--count", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lb top: {text}");
+    assert_eq!(text.matches("lb top: every 500ms").count(), 2, "{text}");
+    for i in 0..2 {
+        let row = text
+            .lines()
+            .find(|l| l.contains(&backend(&topo, i)))
+            .unwrap_or_else(|| panic!("backend {i} in\n{text}"));
+        // Weights 1:1: half the weights, and some share of the new flows.
+        assert!(
+            row.contains(" up ") && row.contains("##########..........  50.0%"),
+            "{text}"
+        );
+        let flow_share: f64 = row
+            .split('%')
+            .nth(1)
+            .and_then(|part| part.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("a new-flow share in {row:?}"));
+        assert!(flow_share > 0.0, "{text}");
+    }
+    println!("{text}");
     let _ = traffic.kill();
     let _ = traffic.wait();
     let out = balancer.cli(&["stats", "--interval", "5ms"]);
