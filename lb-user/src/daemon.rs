@@ -657,17 +657,46 @@ async fn apply_desired(
     } = desired;
     let targets = lock(state).to_probe(&desired);
     let probes = probe_all(targets).await;
-    let mut guard = lock(state);
-    let (placed, changes) = match layout::place(&desired, &guard.placed(), &guard.terminating_ids())
-    {
-        Ok(p) => p,
-        Err(e) => return Response::bad_input(e),
+    let planned = {
+        let mut guard = lock(state);
+        layout::place(&desired, &guard.placed(), &guard.terminating_ids())
+            .map_err(Response::bad_input)
+            .and_then(|(placed, changes)| {
+                let plan = guard
+                    .plan(placed, &changes, true, grace)
+                    .map_err(|e| Response::bad_input(e.to_string()))?;
+                Ok((plan, changes))
+            })
     };
-    if let Err(e) = guard.apply(placed, &changes, &probes, true, grace) {
-        return match e {
-            ApplyError::Dataplane(e) => Response::failed(format!("updating the data path: {e}")),
-            refused => Response::bad_input(refused.to_string()),
+    let (mut plan, changes) = match planned {
+        Ok(p) => p,
+        Err(refusal) => return refusal,
+    };
+    // One service per turn of the lock: status requests, health reports and sweeps go on
+    // between them while a large change is written.
+    let written = loop {
+        let step = lock(state).apply_step(&mut plan, &probes);
+        match step {
+            Ok(true) => tokio::task::yield_now().await,
+            Ok(false) => break lock(state).finish(plan),
+            Err(e) => break Err(e),
+        }
+    };
+    let mut guard = lock(state);
+    if let Err(e) = written {
+        // What was written is what runs now: saved, so that a restart starts from it.
+        let message = match e {
+            ApplyError::Dataplane(e) => format!("updating the data path: {e}"),
+            other => other.to_string(),
         };
+        let message = match guard.persist() {
+            None => format!("{message}; the services written before it run, and are saved"),
+            Some(not_saved) => {
+                format!("{message}; the services written before it run ({not_saved})")
+            }
+        };
+        log::error!("{message}");
+        return Response::failed(message);
     }
     if let Some(digest) = digest {
         guard.config_digest = digest;

@@ -141,6 +141,28 @@ struct Resolved {
     mss: Option<u16>,
 }
 
+/// A change of the service set, worked out and checked (`State::plan`), written a service at a
+/// time (`State::apply_step`), then finished (`State::finish`).
+pub struct Plan {
+    /// The changed services, in the new set's order.
+    steps: std::collections::VecDeque<Step>,
+    /// Every service of the new set, in its order.
+    order: Vec<String>,
+    /// Services of the old set that the new one does not have (renamed ones excepted).
+    gone: Vec<String>,
+    keep: InUse,
+    /// Every old backend as it would terminate, for those the change frees.
+    leaving: HashMap<u32, Terminating>,
+    freed: Vec<u32>,
+    fresh_counters: bool,
+}
+
+struct Step {
+    placed: PlacedService,
+    renamed_from: Option<String>,
+    resolved: Resolved,
+}
+
 struct ServiceState {
     id: u32,
     /// Its settings; the backends are in `backends` only (`placed` puts them back).
@@ -315,6 +337,7 @@ impl State {
     /// their counters from zero (not when adopting a pinned data path, whose counters carry on).
     /// Backends the change removes become terminating for `grace`, or their service's
     /// `removal_grace`.
+    /// Applies a change of the service set at once (at start, before anything else runs).
     pub fn apply(
         &mut self,
         placed: Vec<PlacedService>,
@@ -323,24 +346,28 @@ impl State {
         fresh_counters: bool,
         grace: Option<std::time::Duration>,
     ) -> Result<(), ApplyError> {
-        // Everything that can be refused is checked before the first map write.
-        let mut resolved = HashMap::new();
-        for p in placed
-            .iter()
-            .filter(|p| changes.changed.contains(&p.config.name))
-        {
-            let resolved_one = Resolved {
-                snat: resolve_snat(&p.config)?,
-                mss: self.resolve_mss(&p.config)?,
-            };
-            resolved.insert(p.config.name.clone(), resolved_one);
-        }
+        let mut plan = self.plan(placed, changes, fresh_counters, grace)?;
+        while self.apply_step(&mut plan, probes)? {}
+        self.finish(plan)
+    }
+
+    /// Works out a change of the service set without writing anything: everything that can be
+    /// refused is refused here. `apply_step` then writes one changed service at a time, so that
+    /// the daemon's lock is free between services (a service's table is up to 131k slots), and
+    /// `finish` removes what the new set no longer has.
+    pub fn plan(
+        &mut self,
+        placed: Vec<PlacedService>,
+        changes: &Changes,
+        fresh_counters: bool,
+        grace: Option<std::time::Duration>,
+    ) -> Result<Plan, ApplyError> {
+        let now = monotonic_ns();
         let leaving: HashMap<u32, Terminating> = self
             .services
             .iter()
             .flat_map(|s| {
                 let grace = grace.unwrap_or(s.config.removal_grace);
-                let now = monotonic_ns();
                 s.backends.iter().map(move |b| {
                     let terminating = Terminating {
                         id: b.id,
@@ -355,11 +382,6 @@ impl State {
                 })
             })
             .collect();
-        let mut old: HashMap<String, ServiceState> = self
-            .services
-            .drain(..)
-            .map(|s| (s.config.name.clone(), s))
-            .collect();
         // What the new set uses: cleaning up after the old set must not touch these (a renamed
         // service keeps its VIP, a freed backend id may already be someone else's).
         let keep = InUse {
@@ -369,44 +391,106 @@ impl State {
                 .flat_map(|p| p.backend_ids.iter().copied())
                 .collect(),
         };
-        let mut next = Vec::with_capacity(placed.len());
-        let mut written = Ok(());
-        for p in placed {
+        let order: Vec<String> = placed.iter().map(|p| p.config.name.clone()).collect();
+        let mut steps = std::collections::VecDeque::new();
+        for p in placed
+            .into_iter()
+            .filter(|p| changes.changed.contains(&p.config.name))
+        {
+            let resolved = Resolved {
+                snat: resolve_snat(&p.config)?,
+                mss: self.resolve_mss(&p.config)?,
+            };
             let renamed_from = changes
                 .renamed
                 .iter()
                 .find(|(_, to)| *to == p.config.name)
-                .map(|(from, _)| from.as_str());
-            let previous = old
-                .remove(&p.config.name)
-                .or_else(|| old.remove(renamed_from?));
-            let Some(settings) = resolved.remove(&p.config.name) else {
-                next.extend(previous);
+                .map(|(from, _)| from.clone());
+            steps.push_back(Step {
+                placed: p,
+                renamed_from,
+                resolved,
+            });
+        }
+        let gone = self
+            .services
+            .iter()
+            .map(|s| s.config.name.clone())
+            .filter(|name| {
+                !order.contains(name)
+                    && !steps.iter().any(|s| s.renamed_from.as_ref() == Some(name))
+            })
+            .collect();
+        Ok(Plan {
+            steps,
+            order,
+            gone,
+            keep,
+            leaving,
+            freed: changes.freed_backends.clone(),
+            fresh_counters,
+        })
+    }
+
+    /// Writes the next changed service of `plan`, in place of its previous version: whatever
+    /// reads the state between two steps sees each service whole, old or new. False when
+    /// nothing is left to write.
+    pub fn apply_step(&mut self, plan: &mut Plan, probes: &Probes) -> Result<bool, ApplyError> {
+        let Some(step) = plan.steps.pop_front() else {
+            return Ok(false);
+        };
+        let name = &step.placed.config.name;
+        let at = self
+            .services
+            .iter()
+            .position(|s| &s.config.name == name)
+            .or_else(|| {
+                let from = step.renamed_from.as_ref()?;
+                self.services.iter().position(|s| &s.config.name == from)
+            });
+        let previous = at.map(|i| self.services.remove(i));
+        let service = self.build(
+            step.placed,
+            step.resolved,
+            previous,
+            probes,
+            plan.fresh_counters,
+            &plan.keep,
+        )?;
+        self.services
+            .insert(at.unwrap_or(self.services.len()), service);
+        Ok(!plan.steps.is_empty())
+    }
+
+    /// Ends a change whose steps are all written: the services the new set no longer has are
+    /// taken out, their backends terminate (or are freed), and the services take the new
+    /// set's order.
+    pub fn finish(&mut self, plan: Plan) -> Result<(), ApplyError> {
+        let Plan {
+            order,
+            gone,
+            keep,
+            mut leaving,
+            freed,
+            ..
+        } = plan;
+        for name in &gone {
+            let Some(i) = self.services.iter().position(|s| &s.config.name == name) else {
                 continue;
             };
-            match self.build(p, settings, previous, probes, fresh_counters, &keep) {
-                Ok(service) => next.push(service),
-                Err(e) => {
-                    written = Err(e);
-                    break;
-                }
+            let service = self.services.remove(i);
+            if let Err(e) = self.unpublish(&service, &keep) {
+                self.services.insert(i, service);
+                return Err(e);
             }
         }
-        if written.is_ok() {
-            for gone in old.values() {
-                written = self.unpublish(gone, &keep);
-                if written.is_err() {
-                    break;
-                }
-            }
-        } else {
-            // A map write failed (a bug or an exhausted kernel): keep tracking what is left.
-            next.extend(old.into_values());
-        }
-        self.services = next;
-        written?;
-        let mut leaving = leaving;
-        for &id in &changes.freed_backends {
+        self.services.sort_by_key(|s| {
+            order
+                .iter()
+                .position(|name| *name == s.config.name)
+                .unwrap_or(usize::MAX)
+        });
+        for &id in &freed {
             if keep.backend_ids.contains(&id) {
                 continue;
             }

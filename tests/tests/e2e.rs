@@ -1841,6 +1841,77 @@ fn cli_ok(balancer: &Balancer, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A reload that adds 62 services writes one service per turn of the daemon's lock: `lb
+/// status` goes on answering meanwhile, and what it shows mid-change is each service whole,
+/// some of the new ones already there.
+#[test]
+fn a_large_reload_lets_status_requests_through_between_services() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    let base = topo.config(&[1, 1]);
+    let web = base.split("[[service]]\n").nth(1).expect("the web service");
+    let mut big = base.clone();
+    for i in 0..62u16 {
+        big += "[[service]]\n";
+        big += &web
+            .replace("name = \"web\"", &format!("name = \"s{i}\""))
+            .replace(":80\"", &format!(":{}\"", 1000 + i));
+    }
+    balancer.write_config(&big);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let done = std::sync::Arc::clone(&done);
+        let (lb, socket) = (lb_binary(), balancer.socket.clone());
+        std::thread::spawn(move || {
+            // (services shown, how long the answer took) per request until the reload ends.
+            let mut seen = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let asked = Instant::now();
+                let out = std::process::Command::new(&lb)
+                    .args(["status", "--json", "--socket"])
+                    .arg(&socket)
+                    .output()
+                    .expect("lb status");
+                let status: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).expect("lb status --json");
+                let services = status["services"].as_array().map_or(0, Vec::len);
+                seen.push((services, asked.elapsed()));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let out = balancer.cli(&["reload"]);
+    let took = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = poller.join().expect("the status poller");
+    let mid_change: Vec<usize> = seen
+        .iter()
+        .map(|&(n, _)| n)
+        .filter(|&n| n > 2 && n < 64)
+        .collect();
+    let worst = seen.iter().map(|&(_, t)| t).max().unwrap_or_default();
+    println!(
+        "reload of 62 services: {took:?}; {} status answers, {} of them mid-change, the slowest {worst:?}",
+        seen.len(),
+        mid_change.len()
+    );
+    assert!(
+        !mid_change.is_empty(),
+        "no status answered mid-change: {seen:?}"
+    );
+    assert_eq!(
+        balancer.status()["services"].as_array().map(Vec::len),
+        Some(64)
+    );
+}
+
 #[test]
 fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
     let Setup {
