@@ -333,11 +333,11 @@ impl State {
         out
     }
 
-    /// Makes the maps and the state hold `placed`. `fresh_counters`: new backend ids start
-    /// their counters from zero (not when adopting a pinned data path, whose counters carry on).
-    /// Backends the change removes become terminating for `grace`, or their service's
-    /// `removal_grace`.
-    /// Applies a change of the service set at once (at start, before anything else runs).
+    /// Makes the maps and the state hold `placed`, in one go (at start, before anything else
+    /// runs; the daemon's changes go through `plan`, `apply_step` and `finish`).
+    /// `fresh_counters`: new backend ids start their counters from zero (not when adopting a
+    /// pinned data path, whose counters carry on). Backends the change removes become
+    /// terminating for `grace`, or their service's `removal_grace`.
     pub fn apply(
         &mut self,
         placed: Vec<PlacedService>,
