@@ -1,6 +1,6 @@
 //! Stage 2b and 3b, the connection table: find a packet's flow and move its connection
 //! through the `conntrack` states, or record a new one in both directions with a fresh SNAT
-//! port (`snat.rs`). Reads BACKENDS and BRIDGE_PORTS; reads and writes FLOWS and SNAT_CURSOR.
+//! port (`snat.rs`). Reads BACKENDS and BRIDGE_PORTS; reads and writes FLOWS.
 //!
 //! The data path expires flows itself, lazily: a flow found past its state's timeout is removed
 //! (both directions) and the packet treated as flowless, and a SNAT port whose holder expired
@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
     BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
@@ -29,8 +29,7 @@ use crate::{
     Verdict, csum, flow_count,
     frame::Frame,
     maps::{
-        BACKENDS, BRIDGE_PORTS, FLOW_SCRATCH, FLOWS, SNAT_CURSOR, cpu_count, snat_port_count,
-        snat_port_min, state_timeout,
+        BACKENDS, BRIDGE_PORTS, FLOW_SCRATCH, FLOWS, snat_port_count, snat_port_min, state_timeout,
     },
     parse::Packet,
     snat, stats, suspect, timestamps,
@@ -376,7 +375,7 @@ fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValu
     }
 }
 
-/// Why no port could be had: the last port tried is held (the backend's ports ran out), or
+/// Why no port could be had: the port judged by is held (the backend's ports ran out), or
 /// free with no room in the table for it (the table ran out). Outside the port search, so the
 /// search carries no flag for it (each one doubles the paths the verifier walks).
 #[inline(always)]
@@ -443,10 +442,9 @@ pub fn create(
 ) -> Result<Flow, Verdict> {
     let now = now_ns();
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
-    let cursor = SNAT_CURSOR.get_ptr_mut(0).ok_or(inconsistent)?;
     // SAFETY: a helper without arguments or side effects.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let (port_min, port_count, cpus) = (snat_port_min(), snat_port_count(), cpu_count());
+    let (port_min, port_count) = (snat_port_min(), snat_port_count());
     // The pool's addresses are tried from one the client's address and port choose: a client
     // reusing its tuple comes back to the same address (below: and port).
     let snat_count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
@@ -520,31 +518,27 @@ pub fn create(
             keep_claim_if_held(&reverse_key, reverse);
         }
     }
+    let mut bitmap_port = None;
     if !found && let Some((index, port)) = snat::claim(backend_id, snat_count, snat_start, cpu) {
         reverse.snat_index = index as u16;
         reverse_key.dst_addr = snat_addr(index);
         found = try_port(Be16::from_host(port), &mut reverse_key, reverse)?;
         if !found {
             keep_claim_if_held(&reverse_key, reverse);
+            bitmap_port = Some(reverse_key.dst_port);
         }
     }
-    // The bitmaps had no free port: ports may still be held by connections gone since (ended,
-    // or past their timeout, and not removed yet). A few tries in FLOWS find those.
+    // The bitmaps had no free port, or the one they gave was taken: ports may still be held by
+    // connections gone since (ended, or past their timeout, and not removed yet), and another
+    // service with this backend's address and SNAT address marks its ports in bitmaps of its
+    // own. A few tries in FLOWS at random ports find a free one: the ports the bitmaps handed
+    // out last lie side by side and are the likeliest taken, so no try follows another's port.
     for _ in 0..SNAT_PORT_TRIES {
         if found {
             break;
         }
-        // SAFETY: a per-CPU array slot, only this CPU writes it.
-        let turn = unsafe {
-            let turn = *cursor;
-            *cursor = turn.wrapping_add(1);
-            turn
-        };
-        // Each CPU walks its own interleaved sequence through the range, so ports are reused
-        // as late as possible: a backend may still hold the previous user in TIME_WAIT.
-        let index = turn
-            .wrapping_mul(cpus)
-            .wrapping_add(cpu)
+        // SAFETY: a helper without arguments.
+        let index = unsafe { bpf_get_prandom_u32() }
             .checked_rem(port_count)
             .ok_or(inconsistent)?;
         found = try_port(
@@ -557,6 +551,12 @@ pub fn create(
         // A half-open connection gives its port up, and its two entries with it: under a
         // flood, that makes room whether the ports or the table ran out.
         let Some(port) = half_open_port else {
+            // Judged at the port the bitmaps gave, if they gave one: free there, it was taken
+            // by another service's connection or had no room in the table; else at the last
+            // random port.
+            if let Some(port) = bitmap_port {
+                reverse_key.dst_port = port;
+            }
             return Err(exhausted(&reverse_key, reverse));
         };
         reverse_key.dst_port = port;

@@ -1,5 +1,5 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
-//! the only writer of configuration maps; the data path writes only FLOWS, SNAT_CURSOR,
+//! the only writer of configuration maps; the data path writes only FLOWS,
 //! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, SUSPECT marks and the
 //! counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks SOCK_REVERSE. Sizes marked "set at load" are overridden by
 //! the daemon.
@@ -57,10 +57,6 @@ pub static SUSPECT: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// (`lb debug-log on|off`); off at every start.
 #[map]
 pub static DEBUG_LOG: Array<u32> = Array::with_max_entries(1, 0);
-
-/// [0] -> next SNAT port index to try on this CPU. Data path only.
-#[map]
-pub static SNAT_CURSOR: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// (SNAT pool address, backend id) x port word -> the ports held by reply entries
 /// (`snat.rs`). Data path writes; the daemon zeroes a backend's when none of its entries is

@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 23] = [
+pub const MAP_NAMES: [&str; 22] = [
     // The layout version of the maps pinned beside it: checked before any is adopted.
     "LAYOUT",
     "SERVICES",
@@ -20,7 +20,6 @@ pub const MAP_NAMES: [&str; 23] = [
     "FLOW_COUNTS",
     "SUSPECT",
     "STATS",
-    "SNAT_CURSOR",
     "SNAT_PORTS",
     "SNAT_FULL",
     "SNAT_NEXT",
@@ -38,6 +37,9 @@ pub const MAP_NAMES: [&str; 23] = [
     "SOCK_REVERSE",
     "HOST_PORTS",
 ];
+/// Maps earlier builds pinned and this one no longer has: `remove` takes them too.
+const RETIRED_MAP_NAMES: [&str; 1] = ["SNAT_CURSOR"];
+
 const LINK_PREFIX: &str = "link_";
 const HOST_LINK_PREFIX: &str = "host_";
 const TC_LINK_PREFIX: &str = "tc_";
@@ -210,7 +212,7 @@ pub fn remove(dir: &Path) -> Result<Vec<String>, PinError> {
     let detached = remove_links_except(dir, &[])?;
     remove_host_links(dir)?;
     remove_tc_links(dir)?;
-    for name in MAP_NAMES {
+    for name in MAP_NAMES.iter().chain(&RETIRED_MAP_NAMES) {
         let path = dir.join(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_error(&path)(e)),

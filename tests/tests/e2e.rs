@@ -2582,6 +2582,39 @@ fn wrk_requests(stdout: &str) -> u64 {
 /// compares a reused tuple's SYN with its TIME_WAIT's last TCP timestamp (PAWS): the clients'
 /// timestamps are offset per address pair, so without the balancer's translation about half of
 /// those SYNs would be refused, each costing its client a second. The goal: below 0.1%.
+/// Two services with the same backends and SNAT address share each backend's ports in FLOWS,
+/// but each has its own bitmaps: the second service's bitmap hands out the ports the first one
+/// used a moment ago. The probes in FLOWS that follow must find a free port: no connection is
+/// dropped as exhausted in a range that is almost all free.
+#[test]
+fn two_services_on_the_same_backends_take_ports_the_other_holds_in_stride() {
+    let Setup { topo, balancer, .. } = setup_with(Arms::Two, &[1, 1], |config| {
+        let web = config
+            .split("[[service]]\n")
+            .nth(1)
+            .expect("the web service")
+            .replace("name = \"web\"", "name = \"web2\"")
+            .replace(":80\"", ":81\"");
+        format!("{config}[[service]]\n{web}")
+    });
+    let mut failed = 0;
+    for round in 0..4 {
+        // Alternately, each service's bitmaps meet the ports the other's connections hold.
+        for port in [81, 80] {
+            let (counts, f) = tally(&http_requests_to(&topo, port, 60), 2);
+            failed += f;
+            println!("round {round}, port {port}: {counts:?}, {f} failed");
+        }
+    }
+    let exhausted = counter(&balancer, "drop_snat_ports_exhausted");
+    assert_eq!(
+        (failed, exhausted),
+        (0, 0),
+        "{}",
+        balancer.nonzero_counters()
+    );
+}
+
 #[test]
 fn four_client_hosts_reusing_snat_ports_meet_no_paws_refusal() {
     let s = setup_with(Arms::Two, &[1], |config| {
