@@ -225,15 +225,21 @@ mod tests {
         assert!(probe(addr, &cfg).await.is_err());
     }
 
-    /// A one-shot HTTP server answering `answer`; gives its address and the request head it read.
-    async fn one_answer(answer: String) -> (SocketAddrV4, tokio::task::JoinHandle<String>) {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// A listener on a free loopback port, and its address.
+    async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddrV4) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
             panic!("v4")
         };
+        (listener, addr)
+    }
+
+    /// A one-shot HTTP server answering `answer`; gives its address and the request head it read.
+    async fn one_answer(answer: String) -> (SocketAddrV4, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (listener, addr) = loopback_listener().await;
         let server = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
             let mut head = Vec::new();
@@ -347,12 +353,7 @@ mod tests {
         );
         server.await.expect("server");
         // Accepts and reads, never answers: the timeout says so.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-            panic!("v4")
-        };
+        let (listener, addr) = loopback_listener().await;
         let _server = tokio::spawn(async move {
             let (s, _) = listener.accept().await.expect("accept");
             tokio::time::sleep(Duration::from_secs(5)).await;

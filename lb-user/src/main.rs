@@ -908,15 +908,7 @@ fn render(status: &Status) -> String {
     for w in &status.warnings {
         let _ = writeln!(out, "warning: {w}");
     }
-    let _ = writeln!(
-        out,
-        "packets: {}",
-        if nonzero.is_empty() {
-            "none yet".into()
-        } else {
-            nonzero.join(" ")
-        }
-    );
+    let _ = writeln!(out, "packets: {}", stats::words_or(&nonzero, "none yet"));
     out
 }
 

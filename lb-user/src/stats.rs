@@ -126,16 +126,17 @@ pub fn render(r: &Rates) -> String {
         .filter(|(_, v)| **v > 0.0)
         .map(|(k, v)| format!("{k}={v:.1}/s"))
         .collect();
-    let _ = writeln!(
-        out,
-        "packets: {}",
-        if moving.is_empty() {
-            "none".to_owned()
-        } else {
-            moving.join(" ")
-        }
-    );
+    let _ = writeln!(out, "packets: {}", words_or(&moving, "none"));
     out
+}
+
+/// `items` joined by spaces, or `empty` when there are none.
+pub fn words_or(items: &[String], empty: &str) -> String {
+    if items.is_empty() {
+        empty.to_owned()
+    } else {
+        items.join(" ")
+    }
 }
 
 /// Width of `lb top`'s share bars, in characters.
@@ -216,15 +217,7 @@ pub fn top_screen(r: &Rates, warnings: &[String], title: &str) -> String {
         .take(5)
         .map(|(name, v)| format!("{}={v:.1}/s", &name["drop_".len()..]))
         .collect();
-    let _ = writeln!(
-        out,
-        "drops: {}",
-        if drops.is_empty() {
-            "none".to_owned()
-        } else {
-            drops.join(" ")
-        }
-    );
+    let _ = writeln!(out, "drops: {}", words_or(&drops, "none"));
     out
 }
 
