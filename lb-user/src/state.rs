@@ -148,7 +148,8 @@ pub struct Plan {
     steps: std::collections::VecDeque<Step>,
     /// Every service of the new set, in its order.
     order: Vec<String>,
-    /// Services of the old set that the new one does not have (renamed ones excepted).
+    /// Services of the old set that the new one does not have (renamed ones excepted), until
+    /// the first step takes them out.
     gone: Vec<String>,
     keep: InUse,
     /// Every old backend as it would terminate, for those the change frees.
@@ -352,9 +353,9 @@ impl State {
     }
 
     /// Works out a change of the service set without writing anything: everything that can be
-    /// refused is refused here. `apply_step` then writes one changed service at a time, so that
-    /// the daemon's lock is free between services (a service's table is up to 131k slots), and
-    /// `finish` removes what the new set no longer has.
+    /// refused is refused here. `apply_step` then takes out the services the new set no longer
+    /// has and writes one changed service at a time, so that the daemon's lock is free between
+    /// services (a service's table is up to 131k slots), and `finish` ends it.
     pub fn plan(
         &mut self,
         placed: Vec<PlacedService>,
@@ -432,10 +433,22 @@ impl State {
         })
     }
 
-    /// Writes the next changed service of `plan`, in place of its previous version: whatever
-    /// reads the state between two steps sees each service whole, old or new. False when
-    /// nothing is left to write.
+    /// Takes out the services `plan` removes (at the first step), then writes its next changed
+    /// service, in place of its previous version: whatever reads the state between two steps
+    /// sees each service whole, old or new. False when nothing is left to write.
     pub fn apply_step(&mut self, plan: &mut Plan, probes: &Probes) -> Result<bool, ApplyError> {
+        // The services that go, first: SERVICES holds as many as the maps serve, and a set
+        // replaced by another would fill it half-way if the new came before the old went.
+        while let Some(name) = plan.gone.pop() {
+            let Some(i) = self.services.iter().position(|s| s.config.name == name) else {
+                continue;
+            };
+            let service = self.services.remove(i);
+            if let Err(e) = self.unpublish(&service, &plan.keep) {
+                self.services.insert(i, service);
+                return Err(e);
+            }
+        }
         let Some(step) = plan.steps.pop_front() else {
             return Ok(false);
         };
@@ -462,28 +475,16 @@ impl State {
         Ok(!plan.steps.is_empty())
     }
 
-    /// Ends a change whose steps are all written: the services the new set no longer has are
-    /// taken out, their backends terminate (or are freed), and the services take the new
-    /// set's order.
+    /// Ends a change whose steps are all written: the backends the change frees terminate (or
+    /// are freed), and the services take the new set's order.
     pub fn finish(&mut self, plan: Plan) -> Result<(), ApplyError> {
         let Plan {
             order,
-            gone,
             keep,
             mut leaving,
             freed,
             ..
         } = plan;
-        for name in &gone {
-            let Some(i) = self.services.iter().position(|s| &s.config.name == name) else {
-                continue;
-            };
-            let service = self.services.remove(i);
-            if let Err(e) = self.unpublish(&service, &keep) {
-                self.services.insert(i, service);
-                return Err(e);
-            }
-        }
         self.services.sort_by_key(|s| {
             order
                 .iter()

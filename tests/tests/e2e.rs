@@ -1912,6 +1912,65 @@ fn a_large_reload_lets_status_requests_through_between_services() {
     );
 }
 
+/// A reload that replaces 40 services by 40 others (new names, new VIP ports): SERVICES holds
+/// 64 entries, so the old ones must go before the new ones come, or the map fills half-way
+/// and the change stops there. It applies whole, and the old VIPs no longer balance.
+#[test]
+fn a_reload_replacing_40_services_by_40_others_applies_whole() {
+    let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
+    let base = topo.config(&[1, 1]);
+    let (head, web) = {
+        let mut parts = base.split("[[service]]\n");
+        (
+            parts.next().expect("the settings"),
+            parts.next().expect("the web service"),
+        )
+    };
+    let set = |prefix: &str, first_port: u16| {
+        let mut config = head.to_owned();
+        for i in 0..40u16 {
+            config += "[[service]]\n";
+            config += &web
+                .replace("name = \"web\"", &format!("name = \"{prefix}{i}\""))
+                .replace(":80\"", &format!(":{}\"", first_port + i));
+        }
+        config
+    };
+    balancer.write_config(&set("old", 1000));
+    let out = balancer.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    balancer.write_config(&set("new", 2000));
+    let out = balancer.cli(&["reload"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = balancer.status();
+    let names: Vec<&str> = status["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 40, "{names:?}");
+    assert!(names.iter().all(|n| n.starts_with("new")), "{names:?}");
+    // The last new service balances, and an old VIP no longer does.
+    let (counts, failed) = tally(&http_requests_to(&topo, 2039, 10), 2);
+    assert_eq!(
+        (counts.iter().sum::<usize>(), failed),
+        (10, 0),
+        "{counts:?}"
+    );
+    let (_, failed) = tally(&http_requests_to(&topo, 1000, 3), 2);
+    assert_eq!(failed, 3, "an old VIP still balances");
+}
+
 #[test]
 fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
     let Setup {
