@@ -1174,6 +1174,15 @@ impl Dataplane {
         Ok((since != 0).then_some(since))
     }
 
+    /// When the data path marked backend `id` suspect, if the mark is still live at `now_ns`
+    /// (CLOCK_MONOTONIC): the data path steers off it for SUSPECT_HOLD_NS.
+    pub fn live_suspect_mark(&self, id: u32, now_ns: u64) -> Option<u64> {
+        self.suspect_since(id)
+            .ok()
+            .flatten()
+            .filter(|&since| now_ns.saturating_sub(since) < lb_common::SUSPECT_HOLD_NS)
+    }
+
     /// Clears backend `id`'s suspect mark: new flows may go to it again.
     pub fn clear_suspect(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.set_suspect(id, 0)

@@ -10,7 +10,7 @@ use std::{
     path::PathBuf,
 };
 
-use lb_common::{Be16, Be32, DropReason, SUSPECT_HOLD_NS, ServiceKey};
+use lb_common::{Be16, Be32, DropReason, ServiceKey};
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
@@ -922,13 +922,7 @@ impl State {
         let slots = self
             .dataplane
             .live_slots(&svc.key(), slot, 1 + lb_common::SUSPECT_PROBES)?;
-        let is_suspect = |id: u32| {
-            self.dataplane
-                .suspect_since(id)
-                .ok()
-                .flatten()
-                .is_some_and(|since| now.saturating_sub(since) < SUSPECT_HOLD_NS)
-        };
+        let is_suspect = |id: u32| self.dataplane.live_suspect_mark(id, now).is_some();
         let (chosen, slots_walked, steered_off) = explain::choose(&slots, is_suspect);
         let table = svc.table(size);
         Ok(Explanation {
@@ -1238,11 +1232,7 @@ impl State {
             for b in &mut svc.backends {
                 b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
                 b.snat_ports_in_use = sweep.ports.get(&b.id).copied().unwrap_or(0);
-                let since = self
-                    .dataplane
-                    .suspect_since(b.id)
-                    .unwrap_or(None)
-                    .filter(|&since| sweep.started_ns.saturating_sub(since) < SUSPECT_HOLD_NS);
+                let since = self.dataplane.live_suspect_mark(b.id, sweep.started_ns);
                 if since.is_some() && b.suspect_since.is_none() {
                     log::warn!(
                         "service \"{}\": backend {} refused or left unanswered a new connection; new connections avoid it until a health check passes",
