@@ -4,7 +4,9 @@
 //! milliseconds, as a recursive resolver answers late. `GET /stream/N/MS` is answered with N
 //! lines `chunk I`, MS milliseconds apart, then the connection closes: a download with pauses.
 //! `GET /bytes/N` is answered with N bytes (at most 16 MiB), for downloads; a request with a
-//! body (`Content-Length`) is answered with `NAME received N`, for uploads.
+//! body (`Content-Length`) is answered with `NAME received N`, for uploads. `GET /peer` is
+//! answered with `NAME ADDRESS:PORT`, the peer as the server sees it (the client's address, or
+//! the balancer's SNAT address).
 //! Usage: lb-testsrv NAME PORT
 
 use std::{
@@ -73,11 +75,15 @@ fn serve(stream: TcpStream, name: &str) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let mut reader = BufReader::new(stream);
     loop {
         let mut close = false;
         let mut stream_asked = None;
         let mut bytes_asked = None;
+        let mut peer_asked = false;
         let mut body_len: u64 = 0;
         loop {
             let mut line = String::new();
@@ -87,6 +93,7 @@ fn serve(stream: TcpStream, name: &str) {
             }
             stream_asked = stream_asked.or_else(|| stream_request(&line));
             bytes_asked = bytes_asked.or_else(|| bytes_request(&line));
+            peer_asked |= line.starts_with("GET /peer ");
             if let Some(len) = header_value(&line, "content-length") {
                 body_len = len.parse().unwrap_or(0);
             }
@@ -111,6 +118,8 @@ fn serve(stream: TcpStream, name: &str) {
             format!("{name} received {received}\n").into_bytes()
         } else if let Some(n) = bytes_asked {
             vec![b'x'; n]
+        } else if peer_asked {
+            format!("{name} {peer}\n").into_bytes()
         } else {
             format!("{name}\n").into_bytes()
         };
