@@ -41,6 +41,15 @@ pub const FLOW_TS: u32 = 64;
 /// (and takes it over in FLOWS) long before the entries time out. Removing the entries then
 /// leaves the bit alone: it is the next holder's.
 pub const FLOW_PORT_RELEASED: u32 = 128;
+/// `FlowValue::flags`, both entries: a `SERVICE_MODE_DNAT` flow. The reply entry is keyed by
+/// the client's own address and port, which the flow keeps: it holds no SNAT port.
+pub const FLOW_DNAT: u32 = 256;
+
+/// `Service::mode`: full NAT, source and destination rewritten (the default).
+pub const SERVICE_MODE_NAT: u8 = 0;
+/// `Service::mode`: the destination alone is rewritten, so the backend sees the client's
+/// address; its replies must come back through the balancer (its gateway).
+pub const SERVICE_MODE_DNAT: u8 = 1;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
 /// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.

@@ -77,6 +77,10 @@ pub enum DropReason {
     /// An ICMP error to forward for a flow, or a "fragmentation needed" to send, past the CPU's
     /// budget (ICMP_ERRORS_PER_SEC_PER_CPU).
     IcmpErrorLimited = 14,
+    /// A DNAT service's new flow whose tuple towards its backend (the client's address and
+    /// port) a live connection already holds: the same client tuple, sent to another VIP
+    /// whose flow went to the same backend.
+    DnatTupleTaken = 15,
 }
 
 /// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
@@ -199,7 +203,7 @@ impl PassReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         Self::NoBackend,
         Self::TcpNoFlow,
         Self::SnatPortsExhausted,
@@ -214,6 +218,7 @@ impl DropReason {
         Self::TcpInvalidFlags,
         Self::IcmpEchoLimited,
         Self::IcmpErrorLimited,
+        Self::DnatTupleTaken,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -236,6 +241,7 @@ impl DropReason {
             Self::TcpInvalidFlags => "tcp_invalid_flags",
             Self::IcmpEchoLimited => "icmp_echo_limited",
             Self::IcmpErrorLimited => "icmp_error_limited",
+            Self::DnatTupleTaken => "dnat_tuple_taken",
         }
     }
 }

@@ -199,8 +199,11 @@ pub struct Service {
     /// Index of the live Maglev table's first slot in MAGLEV. Flipping this one field (a single
     /// map update) switches the service to a fully written new table.
     pub maglev_base: u32,
-    /// How many of `snat_addrs` are the service's SNAT pool: at least 1.
-    pub snat_count: u16,
+    /// How many of `snat_addrs` are the service's SNAT pool: at least 1 in NAT mode.
+    pub snat_count: u8,
+    /// `SERVICE_MODE_*`. Builds before modes had a u16 `snat_count` here, whose high byte (0,
+    /// little-endian) reads as SERVICE_MODE_NAT: their pinned services load unchanged.
+    pub mode: u8,
     /// TCP: the largest MSS its connections' SYN and SYN-ACK may announce, lowered to it on the
     /// way through (for paths that drop ICMP, so path MTU discovery cannot work); 0: untouched.
     pub mss: u16,

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_ORPHAN_SEEN, FLOW_PORT_RELEASED,
+    EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_DNAT, FLOW_ORPHAN_SEEN, FLOW_PORT_RELEASED,
     FLOW_RECLAIM_NS, FLOW_REVERSE, FlowKey, FlowValue, STAT_EXPIRED_IN_KERNEL, STAT_EXPIRY_PASS_NS,
     STAT_EXPIRY_PASSES,
     conntrack::{ended, expired},
@@ -122,7 +122,7 @@ extern "C" fn expire_entry(
     // Most entries are judged by themselves alone: the other direction's lookup (a cache miss
     // in a large table) only for an entry silent for its state's timeout. A reply entry whose
     // forward entry went (rare: both go together) is then found once it is that silent.
-    if value.flags & (FLOW_REVERSE | FLOW_PORT_RELEASED) == FLOW_REVERSE
+    if value.flags & (FLOW_REVERSE | FLOW_PORT_RELEASED | FLOW_DNAT) == FLOW_REVERSE
         && ended(value.state)
         && expired(FLOW_RECLAIM_NS, value.last_seen_ns, now)
     {

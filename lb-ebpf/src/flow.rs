@@ -13,10 +13,11 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_FIN_SENT, FLOW_RECLAIM_NS, FLOW_REVERSE,
-    FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS,
-    SNAT_POOL_MAX, SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED,
-    STAT_SUSPECT_REFUSED, STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_FIN_SENT, FLOW_RECLAIM_NS,
+    FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey, FlowValue,
+    HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SNAT_POOL_MAX, SNAT_PORT_TRIES,
+    STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
+    STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
     conntrack::{
         Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after, seq_in_window,
@@ -232,7 +233,7 @@ fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &Fl
 }
 
 /// Removes the reply entry `reply_key` of `flow` (either entry), and with it the hold on its
-/// SNAT port.
+/// SNAT port (a DNAT flow holds none).
 #[inline(always)]
 fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
     if FLOWS.remove(reply_key).is_ok() {
@@ -317,21 +318,21 @@ enum Holder {
 /// Inserts the reply entry under `reverse_key` if its SNAT port is free for this backend, or
 /// held by a connection that is gone. Otherwise says who holds it.
 #[inline(always)]
-fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<Holder, Verdict> {
+fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Holder {
     match FLOWS.insert(reverse_key, reverse, BPF_NOEXIST as u64) {
-        Ok(()) => Ok(Holder::Gone),
+        Ok(()) => Holder::Gone,
         Err(e) if e == -EEXIST => match holder(reverse_key, now) {
             Holder::Gone => {
                 let taken = FLOWS
                     .insert(reverse_key, reverse, BPF_NOEXIST as u64)
                     .is_ok();
-                Ok(if taken { Holder::Gone } else { Holder::Live })
+                if taken { Holder::Gone } else { Holder::Live }
             }
-            other => Ok(other),
+            other => other,
         },
         // The port is free, but the table is full: a half-open flow holding another port may
         // still make room.
-        Err(_) => Ok(Holder::TableFull),
+        Err(_) => Holder::TableFull,
     }
 }
 
@@ -429,9 +430,10 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
     taken
 }
 
-/// Records a new flow to `backend`: the reply direction first, under a SNAT port nobody holds
-/// for this backend (inserted with BPF_NOEXIST, so two CPUs can't take the same one), then the
-/// forward direction.
+/// Records a new flow to `backend`: the reply direction first, under a tuple nobody holds for
+/// this backend (inserted with BPF_NOEXIST, so two CPUs can't take the same one), then the
+/// forward direction. In NAT mode the tuple has a fresh SNAT port; in DNAT mode it is the
+/// client's own address and port.
 #[inline(always)]
 pub fn create(
     ctx: &impl Frame,
@@ -442,19 +444,12 @@ pub fn create(
 ) -> Result<Flow, Verdict> {
     let now = now_ns();
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
-    // SAFETY: a helper without arguments or side effects.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let (port_min, port_count) = (snat_port_min(), snat_port_count());
-    // The pool's addresses are tried from one the client's address and port choose: a client
-    // reusing its tuple comes back to the same address (below: and port).
-    let snat_count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
-    let snat_start = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, snat_count);
-    let snat_addr = |index: u32| svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
+    let dnat = svc.mode == SERVICE_MODE_DNAT;
     let mut reverse_key = FlowKey {
         src_addr: backend.addr,
-        dst_addr: snat_addr(snat_start),
+        dst_addr: pkt.key.src_addr,
         src_port: backend.port,
-        dst_port: Be16(0),
+        dst_port: pkt.key.src_port,
         proto: pkt.key.proto,
         _pad: [0; 3],
     };
@@ -463,15 +458,16 @@ pub fn create(
     } else {
         UDP_UNREPLIED
     };
-    let ts_add = if pkt.is_tcp() {
+    // The backend sees the client's own timestamps in DNAT mode: its tuple is the client's.
+    let ts_add = if pkt.is_tcp() && !dnat {
         timestamps::syn_add(ctx, pkt)
     } else {
         None
     };
-    let ts_flag = if ts_add.is_some() { FLOW_TS } else { 0 };
+    let mode_flags = if ts_add.is_some() { FLOW_TS } else { 0 } | if dnat { FLOW_DNAT } else { 0 };
     let ts_add = ts_add.unwrap_or(0);
-    // The reply entry, and after the port search the forward entry: one value, off the stack,
-    // which the rest of the program fills.
+    // The reply entry, and after the tuple is taken the forward entry: one value, off the
+    // stack, which the rest of the program fills.
     let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
     // SAFETY: a per-CPU array slot, this CPU's alone for this program run (the hooks that
     // create flows run in softirq, which does not nest on a CPU).
@@ -482,95 +478,24 @@ pub fn create(
         nat_src_port: pkt.key.dst_port,
         nat_dst_port: pkt.key.src_port,
         backend_id,
-        flags: FLOW_REVERSE | ts_flag,
+        flags: FLOW_REVERSE | mode_flags,
         last_seen_ns: 0,
         state,
         ts_add: ts_add.wrapping_neg(),
-        snat_index: snat_start as u16,
         mss: svc.mss,
         ..FlowValue::default()
     };
-    // The client's own port first, when the range holds it (as conntrack's masquerade does):
-    // a client reusing its tuple then meets its own previous connection in the backend's
-    // TIME_WAIT, under the same TCP timestamp offset, and the backend accepts the SYN. Another
-    // client's connection there may carry an older timestamp, and about half are refused.
-    let client_port = u32::from(pkt.key.src_port.to_host());
-    let mut found = false;
-    // A port held by a half-open connection, to take if none of the tries is free.
-    let mut half_open_port = None;
-    let mut try_port =
-        |port: Be16, key: &mut FlowKey, reverse: &FlowValue| -> Result<bool, Verdict> {
-            key.dst_port = port;
-            Ok(match take_port(key, reverse, now)? {
-                Holder::Gone => true,
-                Holder::HalfOpen => {
-                    half_open_port.get_or_insert(port);
-                    false
-                }
-                Holder::Live | Holder::TableFull => false,
-            })
-        };
-    if client_port.wrapping_sub(port_min) < port_count
-        && snat::claim_port(snat::ports_of(reverse), pkt.key.src_port.to_host())
-    {
-        found = try_port(pkt.key.src_port, &mut reverse_key, reverse)?;
-        if !found {
-            keep_claim_if_held(&reverse_key, reverse);
-        }
+    if dnat {
+        take_client_tuple(&reverse_key, reverse, now)?;
+    } else {
+        take_snat_port(pkt, svc, &mut reverse_key, reverse, now)?;
     }
-    let mut bitmap_port = None;
-    if !found && let Some((index, port)) = snat::claim(backend_id, snat_count, snat_start, cpu) {
-        reverse.snat_index = index as u16;
-        reverse_key.dst_addr = snat_addr(index);
-        found = try_port(Be16::from_host(port), &mut reverse_key, reverse)?;
-        if !found {
-            keep_claim_if_held(&reverse_key, reverse);
-            bitmap_port = Some(reverse_key.dst_port);
-        }
-    }
-    // The bitmaps had no free port, or the one they gave was taken: ports may still be held by
-    // connections gone since (ended, or past their timeout, and not removed yet), and another
-    // service with this backend's address and SNAT address marks its ports in bitmaps of its
-    // own. A few tries in FLOWS at random ports find a free one: the ports the bitmaps handed
-    // out last lie side by side and are the likeliest taken, so no try follows another's port.
-    for _ in 0..SNAT_PORT_TRIES {
-        if found {
-            break;
-        }
-        // SAFETY: a helper without arguments.
-        let index = unsafe { bpf_get_prandom_u32() }
-            .checked_rem(port_count)
-            .ok_or(inconsistent)?;
-        found = try_port(
-            Be16::from_host((port_min + index) as u16),
-            &mut reverse_key,
-            reverse,
-        )?;
-    }
-    if !found {
-        // A half-open connection gives its port up, and its two entries with it: under a
-        // flood, that makes room whether the ports or the table ran out.
-        let Some(port) = half_open_port else {
-            // Judged at the port the bitmaps gave, if they gave one: free there, it was taken
-            // by another service's connection or had no room in the table; else at the last
-            // random port.
-            if let Some(port) = bitmap_port {
-                reverse_key.dst_port = port;
-            }
-            return Err(exhausted(&reverse_key, reverse));
-        };
-        reverse_key.dst_port = port;
-        if !evict_half_open(&reverse_key, reverse) {
-            return Err(exhausted(&reverse_key, reverse));
-        }
-    }
-    snat::mark(snat::ports_of(reverse), reverse_key.dst_port.to_host());
     let forward = reverse;
     forward.nat_src_addr = reverse_key.dst_addr;
     forward.nat_dst_addr = backend.addr;
     forward.nat_src_port = reverse_key.dst_port;
     forward.nat_dst_port = backend.port;
-    forward.flags = ts_flag
+    forward.flags = mode_flags
         | if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
             FLOW_SYN_WELL_FORMED
         } else {
@@ -594,4 +519,147 @@ pub fn create(
     // flow's next packets then skip the FIB.
     let entry = FLOWS.get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
     Ok(Flow { entry })
+}
+
+/// DNAT: inserts the reply entry under the client's own tuple towards the backend. Only a
+/// connection gone from that tuple gives it up: the same client tuple to another VIP, whose
+/// flow went to the same backend, keeps it while it lives.
+#[inline(always)]
+fn take_client_tuple(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<(), Verdict> {
+    match take_port(reverse_key, reverse, now) {
+        Holder::Gone => Ok(()),
+        Holder::TableFull => Err(Verdict::Drop(DropReason::FlowTableFull)),
+        Holder::HalfOpen | Holder::Live => Err(Verdict::Drop(DropReason::DnatTupleTaken)),
+    }
+}
+
+/// Tries `port` for the reply entry `reverse` under `key`: true if it took it. A port a
+/// half-open connection holds is remembered in `half_open_port` (the first such).
+#[inline(always)]
+fn try_port(
+    port: Be16,
+    key: &mut FlowKey,
+    reverse: &FlowValue,
+    now: u64,
+    half_open_port: &mut Option<Be16>,
+) -> bool {
+    key.dst_port = port;
+    match take_port_apart(key, reverse, now) {
+        Holder::Gone => true,
+        Holder::HalfOpen => {
+            half_open_port.get_or_insert(port);
+            false
+        }
+        Holder::Live | Holder::TableFull => false,
+    }
+}
+
+/// `take_port` in a BPF function of its own: the port search inlined whole into the balancing
+/// path would take the stack its callees need (the verifier's limit is 512 bytes per chain).
+#[inline(never)]
+fn take_port_apart(key: &FlowKey, reverse: &FlowValue, now: u64) -> Holder {
+    take_port(key, reverse, now)
+}
+
+/// NAT: inserts the reply entry under a SNAT address of the service's pool and a port nobody
+/// holds towards the backend, and marks the port in its bitmap; `reverse_key` comes with the
+/// client's tuple and leaves with the one taken.
+#[inline(always)]
+fn take_snat_port(
+    pkt: &Packet,
+    svc: &Service,
+    reverse_key: &mut FlowKey,
+    reverse: &mut FlowValue,
+    now: u64,
+) -> Result<(), Verdict> {
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    let backend_id = reverse.backend_id;
+    // SAFETY: a helper without arguments or side effects.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let (port_min, port_count) = (snat_port_min(), snat_port_count());
+    // The pool's addresses are tried from one the client's address and port choose: a client
+    // reusing its tuple comes back to the same address (below: and port).
+    let snat_count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
+    let snat_start = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, snat_count);
+    let snat_addr = |index: u32| svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
+    reverse_key.dst_addr = snat_addr(snat_start);
+    reverse.snat_index = snat_start as u16;
+    // The client's own port first, when the range holds it (as conntrack's masquerade does):
+    // a client reusing its tuple then meets its own previous connection in the backend's
+    // TIME_WAIT, under the same TCP timestamp offset, and the backend accepts the SYN. Another
+    // client's connection there may carry an older timestamp, and about half are refused.
+    let client_port = u32::from(pkt.key.src_port.to_host());
+    let mut found = false;
+    // A port held by a half-open connection, to take if none of the tries is free.
+    let mut half_open_port = None;
+    if client_port.wrapping_sub(port_min) < port_count
+        && snat::claim_port(snat::ports_of(reverse), pkt.key.src_port.to_host())
+    {
+        found = try_port(
+            pkt.key.src_port,
+            reverse_key,
+            reverse,
+            now,
+            &mut half_open_port,
+        );
+        if !found {
+            keep_claim_if_held(reverse_key, reverse);
+        }
+    }
+    let mut bitmap_port = None;
+    if !found && let Some((index, port)) = snat::claim(backend_id, snat_count, snat_start, cpu) {
+        reverse.snat_index = index as u16;
+        reverse_key.dst_addr = snat_addr(index);
+        found = try_port(
+            Be16::from_host(port),
+            reverse_key,
+            reverse,
+            now,
+            &mut half_open_port,
+        );
+        if !found {
+            keep_claim_if_held(reverse_key, reverse);
+            bitmap_port = Some(reverse_key.dst_port);
+        }
+    }
+    // The bitmaps had no free port, or the one they gave was taken: ports may still be held by
+    // connections gone since (ended, or past their timeout, and not removed yet), and another
+    // service with this backend's address and SNAT address marks its ports in bitmaps of its
+    // own. A few tries in FLOWS at random ports find a free one: the ports the bitmaps handed
+    // out last lie side by side and are the likeliest taken, so no try follows another's port.
+    for _ in 0..SNAT_PORT_TRIES {
+        if found {
+            break;
+        }
+        // SAFETY: a helper without arguments.
+        let index = unsafe { bpf_get_prandom_u32() }
+            .checked_rem(port_count)
+            .ok_or(inconsistent)?;
+        found = try_port(
+            Be16::from_host((port_min + index) as u16),
+            reverse_key,
+            reverse,
+            now,
+            &mut half_open_port,
+        );
+    }
+    if !found {
+        // A half-open connection gives its port up, and its two entries with it: under a
+        // flood, that makes room whether the ports or the table ran out.
+        let Some(port) = half_open_port else {
+            // Judged at the port the bitmaps gave, if they gave one: free there, it was taken
+            // by another service's connection or had no room in the table; else at the last
+            // random port.
+            if let Some(port) = bitmap_port {
+                reverse_key.dst_port = port;
+            }
+            return Err(exhausted(reverse_key, reverse));
+        };
+        reverse_key.dst_port = port;
+        if !evict_half_open(reverse_key, reverse) {
+            return Err(exhausted(reverse_key, reverse));
+        }
+    }
+    snat::mark(snat::ports_of(reverse), reverse_key.dst_port.to_host());
+    Ok(())
 }

@@ -17,7 +17,8 @@
 use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use lb_common::{
-    FLOW_PORT_RELEASED, FlowKey, FlowValue, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
+    FLOW_DNAT, FLOW_PORT_RELEASED, FlowKey, FlowValue, SNAT_POOL_MAX, SNAT_PORT_WORDS,
+    SNAT_SUMMARY_WORDS,
     snat_ports::{PortMap, in_range, port_bit},
 };
 
@@ -122,10 +123,11 @@ pub fn mark(ports: PortMap, port: u16) {
 }
 
 /// Clears the bit of the port the removed reply entry `reply_key` of `flow` (either entry)
-/// held, unless the expiry gave it back already (FLOW_PORT_RELEASED: the bit is another's now).
+/// held, unless the expiry gave it back already (FLOW_PORT_RELEASED: the bit is another's now)
+/// or it held none (FLOW_DNAT).
 #[inline(always)]
 pub fn release_held(reply_key: &FlowKey, flow: &FlowValue) {
-    if flow.flags & FLOW_PORT_RELEASED == 0 {
+    if flow.flags & (FLOW_PORT_RELEASED | FLOW_DNAT) == 0 {
         release(reply_key, ports_of(flow));
     }
 }

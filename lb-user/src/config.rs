@@ -146,8 +146,11 @@ pub struct ServiceConfig {
     pub name: String,
     pub vip: SocketAddrV4,
     pub protocol: Protocol,
+    /// What the balancer rewrites, and so whose address the backends see.
+    #[serde(default, skip_serializing_if = "ForwardingMode::is_nat")]
+    pub mode: ForwardingMode,
     /// Source addresses of balanced flows towards the backends (a pool of up to
-    /// SNAT_POOL_MAX); empty: the one the kernel uses towards the first backend.
+    /// SNAT_POOL_MAX); empty: the one the kernel uses towards the first backend. NAT mode only.
     #[serde(default, deserialize_with = "snat_pool")]
     pub snat: Vec<Ipv4Addr>,
     /// TCP: clamp the MSS its connections' SYN and SYN-ACK announce.
@@ -289,6 +292,40 @@ impl From<Mss> for MssText {
             Mss::Auto => MssText::Word("auto".into()),
             Mss::Fixed(n) => MssText::Value(i64::from(n)),
         }
+    }
+}
+
+/// `mode`: what the balancer rewrites. `nat` (full NAT) works whatever the backends' routes,
+/// and they see the balancer's SNAT address; `dnat` keeps the client's address (as IPVS NAT
+/// does), and the backends' replies must come back through the balancer, their gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    #[default]
+    Nat,
+    Dnat,
+}
+
+impl ForwardingMode {
+    pub fn is_nat(&self) -> bool {
+        *self == Self::Nat
+    }
+
+    /// `Service::mode`.
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Nat => lb_common::SERVICE_MODE_NAT,
+            Self::Dnat => lb_common::SERVICE_MODE_DNAT,
+        }
+    }
+}
+
+impl fmt::Display for ForwardingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Nat => "nat",
+            Self::Dnat => "dnat",
+        })
     }
 }
 
@@ -645,6 +682,7 @@ struct RawService {
     name: Option<Spanned<String>>,
     vip: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
     snat: Option<Spanned<RawSnat>>,
     mss: Option<Spanned<MssText>>,
     on_backend_down: Option<Spanned<String>>,
@@ -1155,8 +1193,17 @@ impl Checker<'_> {
                 format!("{ctx}vip {vip} ({protocol}) is already used by service \"{other}\"");
             return self.fail(vip_value.span(), "vip", message);
         }
+        let modes = [("nat", ForwardingMode::Nat), ("dnat", ForwardingMode::Dnat)];
+        let mode = self.choice(raw.mode.as_ref(), "mode", &ctx, &modes)?;
+        let mode = mode.unwrap_or_default();
         let snat = match &raw.snat {
             None => Vec::new(),
+            Some(value) if mode == ForwardingMode::Dnat => {
+                let message = format!(
+                    "{ctx}snat has no use in mode \"dnat\": the backends see the client's address"
+                );
+                return self.fail(value.span(), "snat", message);
+            }
             Some(value) => self.snat(value, &ctx)?,
         };
         let mss = match &raw.mss {
@@ -1240,6 +1287,7 @@ impl Checker<'_> {
             name,
             vip,
             protocol,
+            mode,
             snat,
             mss,
             health,
@@ -1562,6 +1610,7 @@ weight = 4
                 name: "web".to_owned(),
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
+                mode: ForwardingMode::Nat,
                 snat: vec![Ipv4Addr::new(198, 18, 2, 1)],
                 mss: Some(Mss::Fixed(1360)),
                 health: HealthConfig {
@@ -1821,6 +1870,38 @@ weight = 70000
             &web("protocol = \"udp\"\nmss = 1360 # <- mss\n"),
             "TCP services only",
         );
+    }
+
+    #[test]
+    fn mode_is_nat_by_default_and_dnat_takes_no_snat() {
+        let mode = |text: &str| {
+            Config::parse(&web(text), "lb.toml")
+                .unwrap_or_else(|e| panic!("{text}: {e}"))
+                .services[0]
+                .mode
+        };
+        assert_eq!(mode(""), ForwardingMode::Nat);
+        assert_eq!(mode("mode = \"nat\"\n"), ForwardingMode::Nat);
+        assert_eq!(mode("mode = \"dnat\"\n"), ForwardingMode::Dnat);
+        assert_error(
+            &web("mode = \"dsr\" # <- mode\n"),
+            "mode \"dsr\" is not one of \"nat\", \"dnat\"",
+        );
+        assert_error(
+            &web("mode = \"dnat\"\nsnat = \"198.18.1.1\" # <- snat\n"),
+            "snat has no use in mode \"dnat\"",
+        );
+        // Saved services of builds before modes load as NAT; a NAT service saves no mode.
+        let service = &Config::parse(&web(""), "lb.toml").expect("valid").services[0];
+        let saved = serde_json::to_value(service).expect("serialize");
+        assert!(saved.get("mode").is_none(), "{saved}");
+        let dnat = ServiceConfig {
+            mode: ForwardingMode::Dnat,
+            ..service.clone()
+        };
+        let saved = serde_json::to_string(&dnat).expect("serialize");
+        let loaded: ServiceConfig = serde_json::from_str(&saved).expect("load");
+        assert_eq!(loaded.mode, ForwardingMode::Dnat);
     }
 
     #[test]

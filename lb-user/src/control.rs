@@ -189,7 +189,10 @@ pub struct ServiceStatus {
     pub name: String,
     pub vip: String,
     pub protocol: String,
-    /// The service's SNAT pool.
+    /// `ForwardingMode`: "nat" or "dnat".
+    #[serde(default)]
+    pub mode: String,
+    /// The service's SNAT pool (none in DNAT mode).
     pub snat: Vec<String>,
     /// The MSS its TCP handshakes are clamped to, if they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -463,6 +466,7 @@ pub(crate) fn sample_status(new_flows: u64, packets: u64, bytes: u64, drops: u64
             name: "web".into(),
             vip: "198.18.100.1:80".into(),
             protocol: "tcp".into(),
+            mode: "nat".into(),
             snat: vec!["198.18.1.1".into()],
             mss: Some(1360),
             slow_start_ms: Some(10_000),

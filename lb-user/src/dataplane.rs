@@ -784,11 +784,13 @@ impl Dataplane {
         &mut self,
         id: u32,
         key: ServiceKey,
+        mode: u8,
         snat: &[Ipv4Addr],
         mss: Option<u16>,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        if snat.is_empty() || snat.len() > SNAT_POOL_MAX as usize {
+        let snat_needed = mode == lb_common::SERVICE_MODE_NAT;
+        if (snat_needed && snat.is_empty()) || snat.len() > SNAT_POOL_MAX as usize {
             return Err(DataplaneError::SnatPool { count: snat.len() });
         }
         if id >= MAX_SERVICES {
@@ -836,7 +838,8 @@ impl Dataplane {
         }
         let service = Service {
             maglev_base: base,
-            snat_count: snat.len() as u16,
+            snat_count: snat.len() as u8,
+            mode,
             mss: mss.unwrap_or(0),
             snat_addrs,
         };

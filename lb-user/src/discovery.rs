@@ -109,6 +109,7 @@ mod tests {
             name: "api".into(),
             vip: "198.18.4.1:8080".parse().expect("vip"),
             protocol: Protocol::Tcp,
+            mode: Default::default(),
             snat: Vec::new(),
             mss: None,
             health: HealthConfig::default_for(Protocol::Tcp),

@@ -190,6 +190,12 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
         }
         crate::config::check_snat_pool(&s.snat)
             .map_err(|e| format!("service \"{name}\": snat {e}"))?;
+        if !s.mode.is_nat() && !s.snat.is_empty() {
+            return Err(format!(
+                "service \"{name}\": snat has no use in mode \"{}\": the backends see the client's address",
+                s.mode
+            ));
+        }
         let mut seen = HashSet::new();
         for b in &s.backends {
             if b.address.port() == 0 {
@@ -403,6 +409,7 @@ mod tests {
             name: name.into(),
             vip: SocketAddrV4::new([198, 18, 100, 1].into(), port),
             protocol: Protocol::Tcp,
+            mode: Default::default(),
             snat: Vec::new(),
             mss: None,
             health: HealthConfig::default_for(Protocol::Tcp),

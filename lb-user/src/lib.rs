@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod persist;
 pub mod pins;
 pub mod ports;
+pub mod return_path;
 pub mod slow_start;
 pub mod state;
 pub mod stats;

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use lb_user::{
     config::{
-        BackendConfig, Config, DiscoveryConfig, HealthConfig, HealthKind, Mss, OnBackendDown,
-        Protocol, ServiceConfig,
+        BackendConfig, Config, DiscoveryConfig, ForwardingMode, HealthConfig, HealthKind, Mss,
+        OnBackendDown, Protocol, ServiceConfig,
     },
     control::{self, BackendSource, Request, Response, Status},
     daemon, metrics, pins, ports, stats,
@@ -175,6 +175,11 @@ enum ServiceAction {
         vip: std::net::SocketAddrV4,
         #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
         protocol: Protocol,
+        /// What the balancer rewrites: nat (source and destination: backends see lb's SNAT
+        /// address), or dnat (destination only: backends see the client, and lb must be their
+        /// gateway).
+        #[arg(long, default_value = "nat", value_parser = parse_mode)]
+        mode: ForwardingMode,
         /// Source address towards the backends (default: the one the kernel picks); give it
         /// again for a pool (at most 4), whose every address has the whole port range.
         #[arg(long)]
@@ -520,6 +525,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     name,
                     vip,
                     protocol,
+                    mode,
                     snat,
                     mss,
                     health,
@@ -537,6 +543,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                         name,
                         vip,
                         protocol,
+                        mode,
                         snat,
                         mss,
                         health: check,
@@ -755,6 +762,14 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
     Ok(d)
 }
 
+fn parse_mode(text: &str) -> Result<ForwardingMode, String> {
+    match text {
+        "nat" => Ok(ForwardingMode::Nat),
+        "dnat" => Ok(ForwardingMode::Dnat),
+        _ => Err(format!("{text:?} is not nat or dnat")),
+    }
+}
+
 fn parse_on_backend_down(text: &str) -> Result<OnBackendDown, String> {
     match text {
         "keep" => Ok(OnBackendDown::Keep),
@@ -823,13 +838,14 @@ fn render(status: &Status) -> String {
             .slow_start_ms
             .map(|ms| format!(" slow_start {:.1}s", ms as f64 / 1000.0))
             .unwrap_or_default();
+        let rewrite = match s.mode.as_str() {
+            "nat" | "" => format!("snat {}", s.snat.join(",")),
+            mode => format!("mode {mode}"),
+        };
         let _ = writeln!(
             out,
-            "service {} {}/{} snat {}{mss}{slow_start}{discovery}",
-            s.name,
-            s.vip,
-            s.protocol,
-            s.snat.join(",")
+            "service {} {}/{} {rewrite}{mss}{slow_start}{discovery}",
+            s.name, s.vip, s.protocol,
         );
         let _ = writeln!(
             out,

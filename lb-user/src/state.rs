@@ -15,8 +15,8 @@ use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
     config::{
-        BackendConfig, Config, DiscoveryConfig, HealthConfig, HealthKind, MAX_WEIGHT, Mss,
-        OnBackendDown, ServiceConfig,
+        BackendConfig, Config, DiscoveryConfig, ForwardingMode, HealthConfig, HealthKind,
+        MAX_WEIGHT, Mss, OnBackendDown, ServiceConfig,
     },
     control::{
         BackendSource, BackendStatus, FlowTableStatus, HostStatus, InterfaceStatus, Response,
@@ -29,6 +29,7 @@ use crate::{
     layout::{Changes, PlacedService},
     maglev::{MaglevBackend, build_table},
     persist::{self, Persisted},
+    return_path,
     slow_start::Ramp,
     steering::{self, Candidate},
 };
@@ -234,6 +235,7 @@ fn publish(dataplane: &mut Dataplane, service: &ServiceState) -> Result<(), Data
     dataplane.set_service(
         service.id,
         service.key(),
+        service.config.mode.number(),
         &service.snat,
         service.mss,
         &table,
@@ -262,6 +264,8 @@ pub struct State {
     /// found: the warnings status and metrics show.
     exhaustion_drops: (u64, u64),
     warnings: Vec<String>,
+    /// Why DNAT services' backends cannot reply through lb, as the last sweep found.
+    return_path: Vec<String>,
     /// The config the daemon started with (settings other than services apply at start only).
     pub config: Config,
     pub config_path: PathBuf,
@@ -292,6 +296,7 @@ impl State {
             counted_ns: 0,
             exhaustion_drops,
             warnings: Vec::new(),
+            return_path: Vec::new(),
             config,
             config_path,
             config_digest,
@@ -751,11 +756,14 @@ impl State {
         {
             self.dataplane.set_backend(gone.id, gone.address, false)?;
         }
+        let rewrite = match service.config.mode {
+            ForwardingMode::Nat => format!("snat {}", pool_text(&service.snat)),
+            mode => format!("mode {mode}"),
+        };
         log::info!(
-            "service \"{name}\" {} {} snat {}: {} backends",
+            "service \"{name}\" {} {} {rewrite}: {} backends",
             service.config.vip,
             service.config.protocol,
-            pool_text(&service.snat),
             service.backends.len()
         );
         Ok(service)
@@ -1228,10 +1236,20 @@ impl State {
         for w in &self.warnings {
             log::warn!("{w}");
         }
+        let return_path = self.return_path_problems();
+        for problem in return_path.iter().filter(|p| !self.return_path.contains(p)) {
+            log::warn!("{problem}");
+        }
+        self.return_path = return_path;
+        self.warnings.extend(self.return_path.iter().cloned());
         for svc in &mut self.services {
             for b in &mut svc.backends {
                 b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
-                b.snat_ports_in_use = sweep.ports.get(&b.id).copied().unwrap_or(0);
+                b.snat_ports_in_use = if svc.config.mode.is_nat() {
+                    sweep.ports.get(&b.id).copied().unwrap_or(0)
+                } else {
+                    0
+                };
                 let since = self.dataplane.live_suspect_mark(b.id, sweep.started_ns);
                 if since.is_some() && b.suspect_since.is_none() {
                     log::warn!(
@@ -1328,7 +1346,8 @@ impl State {
                 "SNAT ports exhausted: {no_port} new flows dropped since the last sweep (existing flows are unaffected); widen [flows] snat_ports or add backends"
             ));
         }
-        for svc in &self.services {
+        // A DNAT service's flows hold no SNAT port.
+        for svc in self.services.iter().filter(|s| s.config.mode.is_nat()) {
             let range = self.snat_ports_per_backend() * svc.snat.len() as u64;
             for b in &svc.backends {
                 let used = sweep.ports.get(&b.id).copied().unwrap_or(0);
@@ -1341,6 +1360,41 @@ impl State {
             }
         }
         warnings
+    }
+
+    /// DNAT services' backends whose replies cannot come back through lb (`return_path`).
+    fn return_path_problems(&self) -> Vec<String> {
+        let dnat = || {
+            self.services
+                .iter()
+                .filter(|s| s.config.mode == ForwardingMode::Dnat)
+        };
+        if dnat().next().is_none() {
+            return Vec::new();
+        }
+        let routes = match std::fs::read_to_string("/proc/net/route") {
+            Ok(text) => return_path::parse_routes(&text),
+            Err(e) => {
+                return vec![format!(
+                    "cannot check DNAT return paths: /proc/net/route: {e}"
+                )];
+            }
+        };
+        let managed: Vec<String> = self.config.interfaces.clone();
+        dnat()
+            .flat_map(|svc| {
+                let routes = &routes;
+                let managed = &managed;
+                svc.backends.iter().filter_map(move |b| {
+                    return_path::problem(routes, *b.address.ip(), managed).map(|why| {
+                        format!(
+                            "service \"{}\" (mode dnat): {why}; its replies would bypass lb and the connections fail (use mode \"nat\", or make lb the backend's gateway)",
+                            svc.config.name
+                        )
+                    })
+                })
+            })
+            .collect()
     }
 
     fn snat_ports_per_backend(&self) -> u64 {
@@ -1385,6 +1439,7 @@ impl State {
                     name: s.config.name.clone(),
                     vip: s.config.vip.to_string(),
                     protocol: s.config.protocol.to_string(),
+                    mode: s.config.mode.to_string(),
                     snat: s.snat.iter().map(Ipv4Addr::to_string).collect(),
                     mss: s.mss,
                     discovery: s.config.discovery.as_ref().map(ToString::to_string),
@@ -1466,6 +1521,9 @@ fn interface_mtu(name: &str) -> std::io::Result<u32> {
 }
 
 fn resolve_snat(config: &ServiceConfig) -> Result<Vec<Ipv4Addr>, ApplyError> {
+    if !config.mode.is_nat() {
+        return Ok(Vec::new());
+    }
     if !config.snat.is_empty() {
         return Ok(config.snat.clone());
     }

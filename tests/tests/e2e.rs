@@ -2061,6 +2061,17 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
         &["service", "remove", "nosuch"][..],
         &["backend", "add", "web", "198.18.9.9:1", "--weight", "70000"][..],
         &["service", "add", "y", &format!("{VIP}:84"), "--mss", "100"][..],
+        &["service", "add", "y", &format!("{VIP}:84"), "--mode", "dsr"][..],
+        &[
+            "service",
+            "add",
+            "y",
+            &format!("{VIP}:84"),
+            "--mode",
+            "dnat",
+            "--snat",
+            "198.18.1.1",
+        ][..],
         &[
             "service",
             "add",
@@ -3044,4 +3055,117 @@ fn a_fragmented_udp_request_and_answer_cross_the_balancer_whole() {
         (2, 4),
         "one datagram of three fragments each way"
     );
+}
+
+/// The topology's config with every service in `mode = "dnat"`.
+fn dnat_config(config: String) -> String {
+    config
+        .replace(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nmode = \"dnat\"\n",
+        )
+        .replace(
+            "protocol = \"udp\"\n",
+            "protocol = \"udp\"\nmode = \"dnat\"\n",
+        )
+}
+
+/// `mode = "dnat"` (two-arm: the balancer is the backends' gateway): each backend sees the
+/// client's own address and port, new connections split 4:6, a weight change moves new
+/// connections while a long-lived one stays, and UDP answers come back from the VIP. A DNAT
+/// service whose backend lb reaches through a gateway is reported, as its replies would bypass
+/// lb.
+#[test]
+fn dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
+    let far = "[[service]]\nname = \"far\"\nvip = \"198.18.100.1:81\"\nmode = \"dnat\"\n\
+               [service.health]\nkind = \"none\"\n\
+               [[service.backend]]\naddress = \"198.18.50.10:8000\"\n";
+    let Setup { topo, balancer, .. } =
+        setup_with(Arms::Two, &[4, 6], |config| dnat_config(config) + far);
+    let status = balancer.status();
+    let modes: Vec<&str> = status["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .map(|s| s["mode"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(modes, ["dnat", "dnat", "dnat"]);
+
+    // Each backend names the peer it saw: the client, on the port curl bound.
+    let peers = topo.client.sh(&format!(
+        "for p in $(seq 45000 45019); do curl -s --max-time 2 --local-port $p http://{VIP}/peer || echo FAIL; done"
+    ));
+    let peers: Vec<&str> = peers.lines().collect();
+    assert_eq!(peers.len(), 20, "{peers:?}");
+    for (i, line) in peers.iter().enumerate() {
+        let seen = line.split(' ').nth(1).unwrap_or("");
+        assert_eq!(
+            seen,
+            format!("{CLIENT}:{}", 45000 + i),
+            "backend's view of connection {i}: {line}"
+        );
+    }
+
+    let (counts, failed) = tally(&http_requests(&topo, 1000), 2);
+    println!("dnat, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&balancer, &counts, 40.0, 5.0, "dnat 4:6 split");
+
+    let mut long_lived = connect_in(&topo.client);
+    let first = request_on(&mut long_lived);
+    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0)] {
+        for (i, w) in weights.iter().enumerate() {
+            cli_ok(
+                &balancer,
+                &["set-weight", "web", &backend(&topo, i), &w.to_string()],
+            );
+        }
+        let (counts, failed) = tally(&http_requests(&topo, 100), 2);
+        assert_eq!(failed, 0, "weights {weights:?}");
+        assert_share(
+            &balancer,
+            &counts,
+            want_b1,
+            0.0,
+            &format!("weights {weights:?}"),
+        );
+        assert_eq!(
+            request_on(&mut long_lived),
+            first,
+            "the long-lived connection moved after weights {weights:?}"
+        );
+    }
+
+    // nc only takes an answer from the address it sent to: the VIP.
+    let answer = udp_request(&topo, "hello", 45100);
+    assert!(
+        answer.ends_with(": hello") && answer.starts_with('b'),
+        "UDP answer through DNAT: {answer:?}"
+    );
+
+    // lb reaches "far"'s backend through a gateway: reported, naming the service and why.
+    topo.lb
+        .sh("ip route add 198.18.50.0/24 via 198.18.1.11 dev lb1");
+    balancer.wait_until(Duration::from_secs(5), "far's return path reported", |b| {
+        b.status()["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str())
+            .any(|w| w.contains("\"far\"") && w.contains("gateway 198.18.1.11"))
+    });
+    let warnings = balancer.status()["warnings"].to_string();
+    assert!(
+        !warnings.contains("\"web\"") && !warnings.contains("\\\"web\\\""),
+        "web's backends are on lb1, lb is their gateway: {warnings}"
+    );
+    assert!(
+        !warnings.contains("SNAT ports"),
+        "DNAT flows hold no SNAT port: {warnings}"
+    );
+    assert_eq!(
+        balancer.backend("web", &backend(&topo, 0))["snat_ports_in_use"],
+        0
+    );
+    assert_eq!(counter(&balancer, "drop_dnat_tuple_taken"), 0);
 }

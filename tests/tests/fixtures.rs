@@ -13,8 +13,8 @@ use std::{
 };
 
 use lb_common::{
-    DropReason, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TS,
-    FlowKey, FlowValue, NO_BACKEND, PassReason,
+    DropReason, FLOW_DNAT, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_REVERSE, FLOW_SYN_WELL_FORMED,
+    FLOW_TS, FlowKey, FlowValue, NO_BACKEND, PassReason, SERVICE_MODE_DNAT, SERVICE_MODE_NAT,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
@@ -55,9 +55,17 @@ enum Setup {
         snat: Vec<Ipv4Addr>,
         /// The MSS its handshakes are clamped to.
         mss: Option<u16>,
+        /// `SERVICE_MODE_*`.
+        mode: u8,
     },
     /// Both directions of a flow client:cport -> VIP via SNAT:snat_port to backend.
     Flow(FlowSetup),
+    /// Both directions of an established DNAT flow client:cport -> VIP:vport to `backend`.
+    DnatFlow {
+        cport: u16,
+        vport: u16,
+        backend: u32,
+    },
     /// Marks lb1 as a NIC where XDP_TX is used for hairpin traffic.
     HairpinTx,
     /// The data path marked `backend` suspect `ago_ns` before the run.
@@ -192,6 +200,7 @@ fn web(backends: &[(u32, u32)]) -> Setup {
         backends: backends.to_vec(),
         snat: vec![SNAT],
         mss: None,
+        mode: SERVICE_MODE_NAT,
     }
 }
 
@@ -204,6 +213,7 @@ fn web_pool(backends: &[(u32, u32)]) -> Setup {
         backends: backends.to_vec(),
         snat: SNAT_POOL.to_vec(),
         mss: None,
+        mode: SERVICE_MODE_NAT,
     }
 }
 
@@ -215,6 +225,7 @@ fn dns(backends: &[(u32, u32)]) -> Setup {
         backends: backends.to_vec(),
         snat: vec![SNAT],
         mss: None,
+        mode: SERVICE_MODE_NAT,
     }
 }
 
@@ -1627,6 +1638,7 @@ fn fixtures() -> Vec<Fixture> {
     list.extend(fragment_fixtures());
     list.extend(mss_fixtures());
     list.extend(tc_fixtures());
+    list.extend(dnat_fixtures());
     count_connections(&mut list);
     list
 }
@@ -2462,6 +2474,7 @@ fn mss_fixtures() -> Vec<Fixture> {
             backends: vec![(1, 1)],
             snat: vec![SNAT],
             mss: Some(1360),
+            mode: SERVICE_MODE_NAT,
         };
         with(with(backends(), &[service]), more)
     };
@@ -3091,6 +3104,167 @@ fn snat_pool_fixtures() -> Vec<Fixture> {
     ]
 }
 
+/// A DNAT service on VIP:`port` with backends `(id, weight)`: no SNAT pool.
+fn dnat_service(id: u32, port: u16, backends: &[(u32, u32)]) -> Setup {
+    Setup::Service {
+        id,
+        port,
+        proto: TCP,
+        backends: backends.to_vec(),
+        snat: Vec::new(),
+        mss: None,
+        mode: SERVICE_MODE_DNAT,
+    }
+}
+
+/// The entries of an established DNAT flow client:cport -> VIP:vport on `backend`: the forward
+/// one keeps the client's tuple, the reply one is keyed by it.
+fn dnat_pair(cport: u16, vport: u16, backend: u32) -> [(FlowKey, FlowValue); 2] {
+    let b = addr_of(backend);
+    [
+        (
+            key(CLIENT, cport, VIP, vport, TCP),
+            value(
+                CLIENT,
+                cport,
+                b,
+                BACKEND_PORT,
+                backend,
+                FLOW_DNAT | FLOW_SYN_WELL_FORMED,
+            ),
+        ),
+        (
+            key(b, BACKEND_PORT, CLIENT, cport, TCP),
+            value(VIP, vport, CLIENT, cport, backend, FLOW_DNAT | FLOW_REVERSE),
+        ),
+    ]
+}
+
+/// `mode = "dnat"`: the destination alone is rewritten, and the backend's replies (which come
+/// back through the balancer, its gateway) get the VIP back as their source.
+fn dnat_fixtures() -> Vec<Fixture> {
+    let setup = |more: &[Setup]| {
+        with(
+            with(backends(), &[dnat_service(0, WEB_PORT, &[(1, 1)])]),
+            more,
+        )
+    };
+    let syn_options = linux_syn_options(7_000_000, 0);
+    let to_backend_keeping_client = |cport: u16| {
+        pkt()
+            .eth(LB1_MAC, B1_MAC)
+            .ipv4(CLIENT, B1)
+            .ttl(63)
+            .tcp(cport, BACKEND_PORT)
+    };
+    let reply = |cport: u16| {
+        pkt()
+            .eth(B1_MAC, LB1_MAC)
+            .ipv4(B1, CLIENT)
+            .tcp(BACKEND_PORT, cport)
+    };
+    let pair_in = |state: u32, cport: u16| {
+        dnat_pair(cport, WEB_PORT, 1)
+            .map(|(k, v)| (k, in_state(state, v)))
+            .to_vec()
+    };
+    vec![
+        Fixture {
+            flows_after: pair_in(TCP_SYN_SENT, 42000),
+            // No timestamp translation: the backend sees the client's own tuple and clock.
+            ts_highest_after: Some(5),
+            ..fixture(
+                "dnat_syn_rewrites_the_destination_alone",
+                setup(&[Setup::TsHighest(5)]),
+                client_syn(42000).tcp_options(&syn_options).build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend_keeping_client(42000)
+                        .syn()
+                        .tcp_options(&syn_options)
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Packets(1), 1),
+                ],
+            )
+        },
+        Fixture {
+            flows_after: pair_in(TCP_ESTABLISHED, 42001),
+            ..fixture(
+                "dnat_reply_leaves_from_the_vip",
+                setup(&[Setup::DnatFlow {
+                    cport: 42001,
+                    vport: WEB_PORT,
+                    backend: 1,
+                }]),
+                reply(42001).ack().payload(b"HTTP/1.0 200 OK\r\n").build(),
+                XDP_REDIRECT,
+                Some(
+                    to_client(42001)
+                        .ack()
+                        .payload(b"HTTP/1.0 200 OK\r\n")
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::Packets(1), 1)],
+            )
+        },
+        Fixture {
+            flows_after: pair_in(TCP_ESTABLISHED, 42002),
+            ..fixture(
+                "dnat_established_segment_keeps_the_client_address",
+                setup(&[Setup::DnatFlow {
+                    cport: 42002,
+                    vport: WEB_PORT,
+                    backend: 1,
+                }]),
+                client_syn(42002)
+                    .tcp_flags(TCP_ACK)
+                    .payload(b"GET /")
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend_keeping_client(42002)
+                        .ack()
+                        .payload(b"GET /")
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 0)],
+            )
+        },
+        Fixture {
+            // The connection to VIP:81 keeps its entries; the new one gets none.
+            flows_after: [
+                dnat_pair(42003, 81, 1)
+                    .map(|(k, v)| (k, in_state(TCP_ESTABLISHED, v)))
+                    .to_vec(),
+                vec![(key(CLIENT, 42003, VIP, WEB_PORT, TCP), None)],
+            ]
+            .concat(),
+            ..fixture(
+                "dnat_syn_whose_tuple_a_live_connection_holds_is_dropped",
+                setup(&[
+                    dnat_service(1, 81, &[(1, 1)]),
+                    Setup::DnatFlow {
+                        cport: 42003,
+                        vport: 81,
+                        backend: 1,
+                    },
+                ]),
+                client_syn(42003).build(),
+                XDP_DROP,
+                None,
+                vec![
+                    (Counter::Drop(DropReason::DnatTupleTaken), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            )
+        },
+    ]
+}
+
 /// What fixtures do to their backends' connection counts (FLOW_COUNTS, `flow_count.rs`):
 /// connections opened, ended (once each) and released (entries removed). The daemon's active
 /// flows and SNAT ports in use come from these alone.
@@ -3100,6 +3274,14 @@ fn count_connections(list: &mut [Fixture]) {
         (
             "select_tcp_syn_to_vip_snats_to_backend",
             &[(Opened(1), 1), (Ended(1), 0), (Released(1), 0)],
+        ),
+        (
+            "dnat_syn_rewrites_the_destination_alone",
+            &[(Opened(1), 1), (Ended(1), 0), (Released(1), 0)],
+        ),
+        (
+            "dnat_syn_whose_tuple_a_live_connection_holds_is_dropped",
+            &[(Opened(1), 0), (Ended(1), 0), (Released(1), 0)],
         ),
         (
             "snat_pool_second_address_takes_new_flows_when_the_first_is_full",
@@ -3702,13 +3884,14 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 backends,
                 snat,
                 mss,
+                mode,
             } => {
                 let key = service_key(*port, *proto);
                 let table = table_for(backends);
                 assert!(
                     backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND)
                 );
-                dp.set_service(*id, key, snat, *mss, &table)
+                dp.set_service(*id, key, *mode, snat, *mss, &table)
                     .expect("set service");
             }
             Setup::Flow(f) => {
@@ -3755,6 +3938,17 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                         dp.mark_snat_port(f.backend, f.snat_index, f.snat_port)
                             .expect("mark SNAT port");
                     }
+                }
+            }
+            Setup::DnatFlow {
+                cport,
+                vport,
+                backend,
+            } => {
+                for (k, mut v) in dnat_pair(*cport, *vport, *backend) {
+                    v.seq_next = 1000;
+                    v.last_seen_ns = monotonic_ns();
+                    dp.insert_flow(k, v).expect("insert flow");
                 }
             }
             Setup::Suspect { backend, ago_ns } => {

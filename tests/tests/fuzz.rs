@@ -164,6 +164,7 @@ fn service(dp: &mut Dataplane, id: u32, port: u16, proto: u8) {
     dp.set_service(
         id,
         service_key(port, proto),
+        lb_common::SERVICE_MODE_NAT,
         &[SNAT],
         None,
         &build_table(&backends, MAGLEV_SIZE),

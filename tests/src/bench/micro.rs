@@ -530,6 +530,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
     dp.set_service(
         0,
         key,
+        lb_common::SERVICE_MODE_NAT,
         &[SNAT],
         None,
         &build_table(&eligible, DEFAULT_MAGLEV_SIZE),
