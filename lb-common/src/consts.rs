@@ -44,12 +44,20 @@ pub const FLOW_PORT_RELEASED: u32 = 128;
 /// `FlowValue::flags`, both entries: a `SERVICE_MODE_DNAT` flow. The reply entry is keyed by
 /// the client's own address and port, which the flow keeps: it holds no SNAT port.
 pub const FLOW_DNAT: u32 = 256;
+/// `FlowValue::flags`: a `SERVICE_MODE_DSR_L2` flow. It has a forward entry alone (the backend
+/// answers the client directly), whose `nat_dst_*` name the backend: the FIB's destination.
+/// The packet keeps its addresses and ports; only its MACs change.
+pub const FLOW_DSR: u32 = 512;
 
 /// `Service::mode`: full NAT, source and destination rewritten (the default).
 pub const SERVICE_MODE_NAT: u8 = 0;
 /// `Service::mode`: the destination alone is rewritten, so the backend sees the client's
 /// address; its replies must come back through the balancer (its gateway).
 pub const SERVICE_MODE_DNAT: u8 = 1;
+/// `Service::mode`: direct server return on a shared segment. The frame goes to the backend's
+/// MAC unchanged otherwise (the VIP sits on the backend's loopback), and the backend answers
+/// the client itself. Its backends listen on the VIP's port.
+pub const SERVICE_MODE_DSR_L2: u8 = 2;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
 /// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.

@@ -81,6 +81,10 @@ pub enum DropReason {
     /// port) a live connection already holds: the same client tuple, sent to another VIP
     /// whose flow went to the same backend.
     DnatTupleTaken = 15,
+    /// A DSR flow's packet that a MAC rewrite cannot deliver: the backend's neighbour entry is
+    /// not resolved (health checks keep it resolved), or the way to it is a bridge of
+    /// containers or another hook than XDP. Passed up, the VIP would be the kernel's.
+    DsrCannotForward = 16,
 }
 
 /// Slots of STATS: pass reasons, then drop reasons, then forwarding actions.
@@ -203,7 +207,7 @@ impl PassReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         Self::NoBackend,
         Self::TcpNoFlow,
         Self::SnatPortsExhausted,
@@ -219,6 +223,7 @@ impl DropReason {
         Self::IcmpEchoLimited,
         Self::IcmpErrorLimited,
         Self::DnatTupleTaken,
+        Self::DsrCannotForward,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -242,6 +247,7 @@ impl DropReason {
             Self::IcmpEchoLimited => "icmp_echo_limited",
             Self::IcmpErrorLimited => "icmp_error_limited",
             Self::DnatTupleTaken => "dnat_tuple_taken",
+            Self::DsrCannotForward => "dsr_cannot_forward",
         }
     }
 }

@@ -13,15 +13,15 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_FIN_SENT, FLOW_RECLAIM_NS,
-    FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey, FlowValue,
-    HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SNAT_POOL_MAX, SNAT_PORT_TRIES,
-    STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT,
+    FLOW_RECLAIM_NS, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey,
+    FlowValue, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_L2, SNAT_POOL_MAX,
+    SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
     STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
     conntrack::{
-        Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_SYN_RECV, TCP_SYN_SENT,
-        UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after, seq_in_window,
-        tcp_flags_valid, tcp_step,
+        Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_SYN_RECV,
+        TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after,
+        seq_in_window, tcp_flags_valid, tcp_step,
     },
     snat_ports::pool_start,
 };
@@ -87,7 +87,12 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
         forget(&pkt.key, value);
         return Ok(None);
     }
-    if pkt.is_tcp() {
+    if value.flags & FLOW_DSR != 0 {
+        if pkt.is_tcp() && !track_dsr(pkt, value) {
+            forget(&pkt.key, value);
+            return Ok(None);
+        }
+    } else if pkt.is_tcp() {
         if !track_tcp(pkt, value, reply, now)? {
             forget(&pkt.key, value);
             return Ok(None);
@@ -214,6 +219,37 @@ fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Resu
     Ok(true)
 }
 
+/// A DSR connection's step, from the client's segments alone (the backend's go straight to
+/// the client): the segment after the SYN establishes it, an in-window FIN half-closes it, an
+/// in-window RST ends it. False for a SYN reopening a connection past its handshake.
+#[inline(always)]
+fn track_dsr(pkt: &Packet, value: &mut FlowValue) -> bool {
+    let sent = value.seq_next;
+    if !pkt.is_rst() && seq_after(pkt.seq_end, sent) && seq_in_window(pkt.seq_end, sent) {
+        value.seq_next = pkt.seq_end;
+    }
+    if pkt.is_syn() {
+        return value.state == TCP_SYN_SENT;
+    }
+    let in_window = seq_in_window(pkt.seq, sent);
+    let state = match value.state {
+        TCP_CLOSED => return true,
+        _ if pkt.is_rst() && in_window => TCP_CLOSED,
+        TCP_FIN_WAIT => return true,
+        _ if pkt.tcp_flags & TCP_FIN != 0 && in_window => {
+            flow_count::fetch_or_flags(value, FLOW_FIN_SENT);
+            TCP_FIN_WAIT
+        }
+        TCP_SYN_SENT if !pkt.is_rst() => TCP_ESTABLISHED,
+        _ => return true,
+    };
+    if ended(state) {
+        flow_count::ended(&raw mut *value);
+    }
+    value.state = state;
+    true
+}
+
 /// Removes a connection: the entry under `key` and its other direction (the reply entry
 /// first: a packet meeting the forward entry alone is forgotten too).
 #[inline(always)]
@@ -236,7 +272,8 @@ fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &Fl
 /// SNAT port (a DNAT flow holds none).
 #[inline(always)]
 fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
-    if FLOWS.remove(reply_key).is_ok() {
+    // A DSR flow has no reply entry: the key may be another flow's.
+    if flow.flags & FLOW_DSR == 0 && FLOWS.remove(reply_key).is_ok() {
         snat::release_held(reply_key, flow);
     }
 }
@@ -433,7 +470,7 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
 /// Records a new flow to `backend`: the reply direction first, under a tuple nobody holds for
 /// this backend (inserted with BPF_NOEXIST, so two CPUs can't take the same one), then the
 /// forward direction. In NAT mode the tuple has a fresh SNAT port; in DNAT mode it is the
-/// client's own address and port.
+/// client's own address and port; in DSR mode there is no reply direction.
 #[inline(always)]
 pub fn create(
     ctx: &impl Frame,
@@ -444,6 +481,9 @@ pub fn create(
 ) -> Result<Flow, Verdict> {
     let now = now_ns();
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    if svc.mode == SERVICE_MODE_DSR_L2 {
+        return create_dsr(pkt, svc, backend_id, backend, now);
+    }
     let dnat = svc.mode == SERVICE_MODE_DNAT;
     let mut reverse_key = FlowKey {
         src_addr: backend.addr,
@@ -517,6 +557,53 @@ pub fn create(
     }
     // The entry as stored, so that forwarding caches this packet's next hop in it: the
     // flow's next packets then skip the FIB.
+    let entry = FLOWS.get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
+    Ok(Flow { entry })
+}
+
+/// DSR: the forward entry alone, naming the backend as the FIB's destination. A TCP segment
+/// other than a SYN opens it established: a connection whose flow expired while idle (its
+/// backend's answers never pass here) goes on where consistent hashing sends it.
+#[inline(always)]
+fn create_dsr(
+    pkt: &Packet,
+    svc: &Service,
+    backend_id: u32,
+    backend: &Backend,
+    now: u64,
+) -> Result<Flow, Verdict> {
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    let state = match (pkt.is_tcp(), pkt.is_syn()) {
+        (true, true) => TCP_SYN_SENT,
+        (true, false) => TCP_ESTABLISHED,
+        (false, _) => UDP_REPLIED,
+    };
+    let well_formed = if pkt.is_syn() && csum::tcp_header_only_ok(pkt) {
+        FLOW_SYN_WELL_FORMED
+    } else {
+        0
+    };
+    let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
+    // SAFETY: as in `create`.
+    let forward = unsafe { &mut *scratch };
+    *forward = FlowValue {
+        nat_src_addr: pkt.key.src_addr,
+        nat_dst_addr: backend.addr,
+        nat_src_port: pkt.key.src_port,
+        nat_dst_port: backend.port,
+        backend_id,
+        flags: FLOW_DSR | well_formed,
+        last_seen_ns: now,
+        seq_next: pkt.seq_end,
+        state,
+        mss: svc.mss,
+        ..FlowValue::default()
+    };
+    match FLOWS.insert(&pkt.key, forward, BPF_NOEXIST as u64) {
+        Ok(()) => flow_count::opened(backend_id),
+        Err(e) if e == -EEXIST => {}
+        Err(_) => return Err(Verdict::Drop(DropReason::FlowTableFull)),
+    }
     let entry = FLOWS.get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
     Ok(Flow { entry })
 }

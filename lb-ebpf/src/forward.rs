@@ -76,9 +76,21 @@ pub fn send(
     if hop.flags & IFACE_VIA_STACK != 0 {
         return Ok(Verdict::Pass(PassReason::EgressBridge));
     }
-    // SAFETY: the caller bounds-checked the Ethernet and IP headers.
+    // SAFETY: the caller bounds-checked the IP header.
+    unsafe { crate::fib::decrement_ttl(&mut *ip) };
+    send_frame(ctx, eth, hop)
+}
+
+/// Sends the frame (`eth` its header, bounds-checked by the caller) to `hop` with its MACs
+/// rewritten and nothing else: DSR's forwarding, where the kernel must not see the packet (its
+/// destination is the VIP), so a bridge of containers cannot be its way out.
+#[inline(always)]
+pub fn send_frame(ctx: &XdpContext, eth: *mut EthHdr, hop: &NextHop) -> Result<Verdict, Verdict> {
+    if hop.flags & IFACE_VIA_STACK != 0 {
+        return Err(Verdict::Drop(DropReason::DsrCannotForward));
+    }
+    // SAFETY: the caller bounds-checked the Ethernet header.
     unsafe {
-        crate::fib::decrement_ttl(&mut *ip);
         let eth = &mut *eth;
         eth.dst_addr = hop.dst_mac;
         eth.src_addr = hop.src_mac;

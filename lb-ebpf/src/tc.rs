@@ -21,7 +21,9 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use lb_common::{DropReason, FlowValue, PassReason, conntrack::tcp_flags_valid};
+use lb_common::{
+    DropReason, FLOW_DSR, FlowValue, PassReason, SERVICE_MODE_DSR_L2, conntrack::tcp_flags_valid,
+};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
@@ -113,6 +115,10 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
     let Some(flow) = flow::lookup(&pkt)? else {
         return Err(Verdict::Pass(PassReason::NotService));
     };
+    // DSR forwards by MAC from XDP alone (`xdp.rs`).
+    if flow.nat().flags & FLOW_DSR != 0 {
+        return Err(Verdict::Drop(DropReason::DsrCannotForward));
+    }
     if pkt.ttl() <= 1 {
         return Err(Verdict::Pass(PassReason::TtlExpired));
     }
@@ -134,6 +140,9 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
 fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
     let pkt = parse::packet(ctx)?;
     let svc = service::lookup(&pkt)?;
+    if svc.mode == SERVICE_MODE_DSR_L2 {
+        return Err(Verdict::Drop(DropReason::DsrCannotForward));
+    }
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
         return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
     }

@@ -1,7 +1,9 @@
 //! The XDP hook's entry: every frame a native-mode device receives.
 
 use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
-use lb_common::{DropReason, PassReason, conntrack::tcp_flags_valid};
+use lb_common::{
+    DropReason, FLOW_DSR, PassReason, SERVICE_MODE_DSR_L2, conntrack::tcp_flags_valid,
+};
 
 use crate::{
     Verdict, debug_log, flow,
@@ -66,6 +68,9 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
         }
     };
     check_ttl(pkt)?;
+    if flow.nat().flags & FLOW_DSR != 0 {
+        return send_direct(ctx, pkt, &flow);
+    }
     let timestamps = if pkt.is_tcp() {
         mss::clamp(ctx, pkt, flow.nat());
         timestamps::translate(ctx, pkt, flow.nat())
@@ -85,6 +90,24 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     forward::send(ctx, pkt.eth, pkt.ip, &hop)
 }
 
+/// DSR: the frame goes to the backend's MAC, the packet untouched (the VIP is on the backend's
+/// loopback, and it answers the client itself). The FIB is asked the way to the backend. A
+/// packet the kernel would have to forward (an unresolved neighbour) cannot go up: its
+/// destination, the VIP, may be the kernel's own. Later fragments are not followed: they pass.
+#[inline(always)]
+fn send_direct(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verdict> {
+    stats::count_backend(flow.nat().backend_id, pkt.len);
+    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, flow.entry()) {
+        Ok(hop) => hop,
+        Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
+        Err(NoHop::Verdict(Verdict::Pass(_))) => {
+            return Err(Verdict::Drop(DropReason::DsrCannotForward));
+        }
+        Err(NoHop::Verdict(verdict)) => return Err(verdict),
+    };
+    forward::send_frame(ctx, pkt.eth, &hop)
+}
+
 /// A packet with no flow: find its service, choose a backend, record the flow both ways. A
 /// TCP segment that cannot open one is answered with an RST.
 #[inline(always)]
@@ -93,7 +116,10 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
         return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
     }
-    if pkt.is_tcp() && !pkt.is_syn() {
+    // A DSR flow's backend answers the client directly: its flow may expire while the
+    // connection lives, and the next segment goes on where consistent hashing sends it.
+    let reopens = svc.mode == SERVICE_MODE_DSR_L2 && !pkt.is_rst();
+    if pkt.is_tcp() && !pkt.is_syn() && !reopens {
         return Err(reset::answer(ctx, pkt));
     }
     check_ttl(pkt)?;

@@ -297,13 +297,17 @@ impl From<Mss> for MssText {
 
 /// `mode`: what the balancer rewrites. `nat` (full NAT) works whatever the backends' routes,
 /// and they see the balancer's SNAT address; `dnat` keeps the client's address (as IPVS NAT
-/// does), and the backends' replies must come back through the balancer, their gateway.
+/// does), and the backends' replies must come back through the balancer, their gateway;
+/// `dsr` with `dsr = "l2"` (direct server return, as IPVS DR does) sends the frame to the
+/// backend's MAC unchanged otherwise, and the backend, with the VIP on its loopback, answers
+/// the client directly.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum ForwardingMode {
     #[default]
     Nat,
     Dnat,
+    DsrL2,
 }
 
 impl ForwardingMode {
@@ -316,7 +320,31 @@ impl ForwardingMode {
         match self {
             Self::Nat => lb_common::SERVICE_MODE_NAT,
             Self::Dnat => lb_common::SERVICE_MODE_DNAT,
+            Self::DsrL2 => lb_common::SERVICE_MODE_DSR_L2,
         }
+    }
+
+    /// The mode of the config's `mode` and `dsr` (`None`: not given).
+    pub fn from_names(mode: &str, dsr: Option<&str>) -> Result<Self, String> {
+        match (mode, dsr) {
+            ("nat", None) => Ok(Self::Nat),
+            ("dnat", None) => Ok(Self::Dnat),
+            ("dsr", None | Some("l2")) => Ok(Self::DsrL2),
+            ("dsr", Some(other)) => Err(format!(
+                "dsr \"{other}\" is not \"l2\" (encapsulated DSR is not built yet)"
+            )),
+            ("nat" | "dnat", Some(_)) => {
+                Err(format!("dsr applies to mode \"dsr\" only, not \"{mode}\""))
+            }
+            (other, _) => Err(format!(
+                "mode \"{other}\" is not one of \"nat\", \"dnat\", \"dsr\""
+            )),
+        }
+    }
+
+    /// Whether its backends must be on a segment of a device lb forwards through.
+    pub fn needs_backends_on_link(self) -> bool {
+        self != Self::Nat
     }
 }
 
@@ -325,6 +353,7 @@ impl fmt::Display for ForwardingMode {
         f.write_str(match self {
             Self::Nat => "nat",
             Self::Dnat => "dnat",
+            Self::DsrL2 => "dsr-l2",
         })
     }
 }
@@ -683,6 +712,7 @@ struct RawService {
     vip: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
+    dsr: Option<Spanned<String>>,
     snat: Option<Spanned<RawSnat>>,
     mss: Option<Spanned<MssText>>,
     on_backend_down: Option<Spanned<String>>,
@@ -1193,14 +1223,30 @@ impl Checker<'_> {
                 format!("{ctx}vip {vip} ({protocol}) is already used by service \"{other}\"");
             return self.fail(vip_value.span(), "vip", message);
         }
-        let modes = [("nat", ForwardingMode::Nat), ("dnat", ForwardingMode::Dnat)];
-        let mode = self.choice(raw.mode.as_ref(), "mode", &ctx, &modes)?;
-        let mode = mode.unwrap_or_default();
+        let names = (
+            raw.mode.as_ref().map_or("nat", |m| m.get_ref().as_str()),
+            raw.dsr.as_ref().map(|d| d.get_ref().as_str()),
+        );
+        let mode = match ForwardingMode::from_names(names.0, names.1) {
+            Ok(mode) => mode,
+            Err(e) => {
+                let unknown_mode = raw
+                    .mode
+                    .as_ref()
+                    .filter(|m| !["nat", "dnat", "dsr"].contains(&m.get_ref().as_str()));
+                let (key, span) = match (unknown_mode, &raw.dsr) {
+                    (Some(m), _) => ("mode", m.span()),
+                    (None, Some(d)) => ("dsr", d.span()),
+                    (None, None) => ("mode", raw.mode.as_ref().map_or(anchor, Spanned::span)),
+                };
+                return self.fail(span, key, format!("{ctx}{e}"));
+            }
+        };
         let snat = match &raw.snat {
             None => Vec::new(),
-            Some(value) if mode == ForwardingMode::Dnat => {
+            Some(value) if !mode.is_nat() => {
                 let message = format!(
-                    "{ctx}snat has no use in mode \"dnat\": the backends see the client's address"
+                    "{ctx}snat has no use in mode \"{mode}\": the backends see the client's address"
                 );
                 return self.fail(value.span(), "snat", message);
             }
@@ -1274,6 +1320,13 @@ impl Checker<'_> {
             if let Some(first) = lines.insert(addr, self.line(address.span().start)) {
                 let message =
                     format!("{ctx}backend {addr} is listed twice (first at line {first})");
+                return self.fail(address.span(), "address", message);
+            }
+            if mode == ForwardingMode::DsrL2 && addr.port() != vip.port() {
+                let message = format!(
+                    "{ctx}backend {addr}: in mode \"dsr\" the backend answers from the VIP, so it listens on the VIP's port {}",
+                    vip.port()
+                );
                 return self.fail(address.span(), "address", message);
             }
             let ctx = format!("service \"{name}\" backend {addr}: ");
@@ -1883,10 +1936,35 @@ weight = 70000
         assert_eq!(mode(""), ForwardingMode::Nat);
         assert_eq!(mode("mode = \"nat\"\n"), ForwardingMode::Nat);
         assert_eq!(mode("mode = \"dnat\"\n"), ForwardingMode::Dnat);
-        assert_error(
-            &web("mode = \"dsr\" # <- mode\n"),
-            "mode \"dsr\" is not one of \"nat\", \"dnat\"",
+        assert_eq!(mode("mode = \"dsr\"\n"), ForwardingMode::DsrL2);
+        assert_eq!(
+            mode("mode = \"dsr\"\ndsr = \"l2\"\n"),
+            ForwardingMode::DsrL2
         );
+        assert_error(
+            &web("mode = \"tunnel\" # <- mode\n"),
+            "mode \"tunnel\" is not one of \"nat\", \"dnat\", \"dsr\"",
+        );
+        assert_error(
+            &web("mode = \"dsr\"\ndsr = \"gre\" # <- dsr\n"),
+            "dsr \"gre\" is not \"l2\"",
+        );
+        assert_error(
+            &web("dsr = \"l2\" # <- dsr\n"),
+            "dsr applies to mode \"dsr\" only",
+        );
+        assert_error(
+            &web(
+                "mode = \"dsr\"\n[[service.backend]]\naddress = \"198.18.1.11:8080\" # <- address\n",
+            ),
+            "listens on the VIP's port 80",
+        );
+        let dsr = Config::parse(
+            &web("mode = \"dsr\"\n[[service.backend]]\naddress = \"198.18.1.11:80\"\n"),
+            "lb.toml",
+        )
+        .expect("a DSR backend on the VIP's port");
+        assert_eq!(dsr.services[0].mode.to_string(), "dsr-l2");
         assert_error(
             &web("mode = \"dnat\"\nsnat = \"198.18.1.1\" # <- snat\n"),
             "snat has no use in mode \"dnat\"",

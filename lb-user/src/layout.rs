@@ -190,6 +190,15 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
         }
         crate::config::check_snat_pool(&s.snat)
             .map_err(|e| format!("service \"{name}\": snat {e}"))?;
+        if s.mode == crate::config::ForwardingMode::DsrL2
+            && let Some(b) = s.backends.iter().find(|b| b.address.port() != s.vip.port())
+        {
+            return Err(format!(
+                "service \"{name}\": backend {}: in mode \"dsr\" the backend answers from the VIP, so it listens on the VIP's port {}",
+                b.address,
+                s.vip.port()
+            ));
+        }
         if !s.mode.is_nat() && !s.snat.is_empty() {
             return Err(format!(
                 "service \"{name}\": snat has no use in mode \"{}\": the backends see the client's address",

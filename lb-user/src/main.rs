@@ -25,6 +25,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per command: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Print shell completions for lb (`./dev.sh install` installs them).
@@ -176,10 +178,14 @@ enum ServiceAction {
         #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
         protocol: Protocol,
         /// What the balancer rewrites: nat (source and destination: backends see lb's SNAT
-        /// address), or dnat (destination only: backends see the client, and lb must be their
-        /// gateway).
-        #[arg(long, default_value = "nat", value_parser = parse_mode)]
-        mode: ForwardingMode,
+        /// address), dnat (destination only: backends see the client, and lb must be their
+        /// gateway), or dsr (the MACs only: backends on lb's segment, with the VIP on their
+        /// loopback, answer clients directly).
+        #[arg(long, default_value = "nat")]
+        mode: String,
+        /// With --mode dsr: its form, l2 (the only one so far).
+        #[arg(long)]
+        dsr: Option<String>,
         /// Source address towards the backends (default: the one the kernel picks); give it
         /// again for a pool (at most 4), whose every address has the whole port range.
         #[arg(long)]
@@ -526,6 +532,7 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     vip,
                     protocol,
                     mode,
+                    dsr,
                     snat,
                     mss,
                     health,
@@ -539,6 +546,11 @@ async fn execute(command: Command) -> Result<(), Failure> {
                     if let Some(kind) = health {
                         check.kind = kind;
                     }
+                    let mode =
+                        ForwardingMode::from_names(&mode, dsr.as_deref()).map_err(|e| Failure {
+                            code: 2,
+                            error: anyhow::anyhow!("--mode: {e}"),
+                        })?;
                     let service = ServiceConfig {
                         name,
                         vip,
@@ -760,14 +772,6 @@ fn parse_interval(text: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{text} is out of range 100ms..=1h"));
     }
     Ok(d)
-}
-
-fn parse_mode(text: &str) -> Result<ForwardingMode, String> {
-    match text {
-        "nat" => Ok(ForwardingMode::Nat),
-        "dnat" => Ok(ForwardingMode::Dnat),
-        _ => Err(format!("{text:?} is not nat or dnat")),
-    }
 }
 
 fn parse_on_backend_down(text: &str) -> Result<OnBackendDown, String> {

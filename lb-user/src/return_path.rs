@@ -1,8 +1,8 @@
-//! Whether a DNAT service's backends can send their replies back through the balancer: they
-//! must sit on a segment of a device lb manages, with lb as their gateway. lb cannot see the
-//! backends' routes, but it can see its own: a backend reached through a gateway, or on a device
-//! lb does not manage, answers clients by a path lb is not on. Pure: reads the text of
-//! /proc/net/route.
+//! Whether a service's backends sit on a segment of a device lb manages, as two modes need: in
+//! DNAT their replies must come back through lb, their gateway (lb cannot see the backends'
+//! routes, but it can see its own: a backend reached through a gateway, or on a device lb does
+//! not manage, answers clients by a path lb is not on); in DSR L2 a MAC rewrite must reach
+//! them. Pure: reads the text of /proc/net/route.
 
 use std::net::Ipv4Addr;
 
@@ -60,15 +60,15 @@ pub fn route_to(routes: &[Route], addr: Ipv4Addr) -> Option<&Route> {
     })
 }
 
-/// Why `backend`'s replies cannot come back through lb, if they cannot; `managed` are the
-/// devices lb forwards through.
+/// Why `backend` is not on a segment of a device lb forwards through (`managed`), if it is
+/// not.
 pub fn problem(routes: &[Route], backend: Ipv4Addr, managed: &[String]) -> Option<String> {
     let Some(route) = route_to(routes, backend) else {
         return Some(format!("lb has no route to backend {backend}"));
     };
     if let Some(gateway) = route.gateway {
         return Some(format!(
-            "backend {backend} is reached through gateway {gateway} on {}, so lb cannot be its gateway",
+            "backend {backend} is reached through gateway {gateway} on {}",
             route.device
         ));
     }

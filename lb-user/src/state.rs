@@ -1362,33 +1362,43 @@ impl State {
         warnings
     }
 
-    /// DNAT services' backends whose replies cannot come back through lb (`return_path`).
+    /// Backends of DNAT and DSR services that are not on a segment lb forwards through
+    /// (`return_path`): a DNAT backend's replies would bypass lb, a MAC rewrite cannot reach a
+    /// DSR one.
     fn return_path_problems(&self) -> Vec<String> {
-        let dnat = || {
+        let on_link = || {
             self.services
                 .iter()
-                .filter(|s| s.config.mode == ForwardingMode::Dnat)
+                .filter(|s| s.config.mode.needs_backends_on_link())
         };
-        if dnat().next().is_none() {
+        if on_link().next().is_none() {
             return Vec::new();
         }
         let routes = match std::fs::read_to_string("/proc/net/route") {
             Ok(text) => return_path::parse_routes(&text),
             Err(e) => {
                 return vec![format!(
-                    "cannot check DNAT return paths: /proc/net/route: {e}"
+                    "cannot check backends' routes: /proc/net/route: {e}"
                 )];
             }
         };
-        let managed: Vec<String> = self.config.interfaces.clone();
-        dnat()
+        let managed = &self.config.interfaces;
+        let routes = &routes;
+        on_link()
             .flat_map(|svc| {
-                let routes = &routes;
-                let managed = &managed;
+                let mode = svc.config.mode;
+                let outcome = match mode {
+                    ForwardingMode::DsrL2 => {
+                        "a MAC rewrite cannot reach it, and its new flows are dropped (dsr_cannot_forward)"
+                    }
+                    _ => {
+                        "its replies would bypass lb and the connections fail (use mode \"nat\", or make lb the backend's gateway)"
+                    }
+                };
                 svc.backends.iter().filter_map(move |b| {
                     return_path::problem(routes, *b.address.ip(), managed).map(|why| {
                         format!(
-                            "service \"{}\" (mode dnat): {why}; its replies would bypass lb and the connections fail (use mode \"nat\", or make lb the backend's gateway)",
+                            "service \"{}\" (mode {mode}): {why}; {outcome}",
                             svc.config.name
                         )
                     })

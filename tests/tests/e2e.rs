@@ -2061,7 +2061,34 @@ fn runtime_changes_apply_only_the_difference_and_survive_restart_and_reload() {
         &["service", "remove", "nosuch"][..],
         &["backend", "add", "web", "198.18.9.9:1", "--weight", "70000"][..],
         &["service", "add", "y", &format!("{VIP}:84"), "--mss", "100"][..],
-        &["service", "add", "y", &format!("{VIP}:84"), "--mode", "dsr"][..],
+        &[
+            "service",
+            "add",
+            "y",
+            &format!("{VIP}:84"),
+            "--mode",
+            "tunnel",
+        ][..],
+        &[
+            "service",
+            "add",
+            "y",
+            &format!("{VIP}:84"),
+            "--mode",
+            "dsr",
+            "--dsr",
+            "gre",
+        ][..],
+        &[
+            "service",
+            "add",
+            "y",
+            &format!("{VIP}:84"),
+            "--mode",
+            "dsr",
+            "--backend",
+            "198.18.1.11:8000",
+        ][..],
         &[
             "service",
             "add",
@@ -3168,4 +3195,126 @@ fn dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
         0
     );
     assert_eq!(counter(&balancer, "drop_dnat_tuple_taken"), 0);
+}
+
+/// A DSR service's config for the one-arm topology: VIP:8000 over both backends (which listen
+/// on the VIP's port), with fast health checks.
+fn dsr_config(topo: &Topology, weights: &[u32]) -> String {
+    let mut text = format!(
+        "interfaces = [\"lb0\"]\n[host]\ncgroup = \"off\"\n[flows]\ncapacity = 65536\n\
+         [[service]]\nname = \"web\"\nvip = \"{VIP}:{BACKEND_PORT}\"\nmode = \"dsr\"\ndsr = \"l2\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
+    );
+    for (addr, weight) in topo.backend_addrs.iter().zip(weights) {
+        text += &format!(
+            "[[service.backend]]\naddress = \"{addr}:{BACKEND_PORT}\"\nweight = {weight}\n"
+        );
+    }
+    text
+}
+
+/// `mode = "dsr"`, L2 form (one-arm: the client and the backends share lb0's segment; each
+/// backend has the VIP on its loopback, with arp_ignore/arp_announce set): the backends see the
+/// client's address and answer it directly, so a 4 MB download passes lb in one direction only
+/// (lb counts the client's segments alone); new connections split 4:6, set-weight moves new
+/// connections while a long-lived one stays, and a stopped backend's share moves to the other.
+#[test]
+fn dsr_l2_backends_answer_the_client_directly() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::One, 2);
+    for ns in &topo.backends {
+        ns.sh(&format!(
+            "ip addr add {VIP}/32 dev lo
+             sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
+             sysctl -qw net.ipv4.conf.eth0.arp_ignore=1 net.ipv4.conf.eth0.arp_announce=2"
+        ));
+    }
+    let mut servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    let balancer = Balancer::start(&lb_binary(), &topo, &dsr_config(&topo, &[4, 6]));
+    for i in 0..2 {
+        balancer.wait_health("web", &backend(&topo, i), true, Duration::from_secs(5));
+    }
+    assert_eq!(balancer.status()["services"][0]["mode"], "dsr-l2");
+    let url = format!("http://{VIP}:{BACKEND_PORT}");
+
+    let peers = topo.client.sh(&format!(
+        "for p in $(seq 46000 46009); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
+    ));
+    let peers: Vec<&str> = peers.lines().collect();
+    assert_eq!(peers.len(), 10, "{peers:?}");
+    for (i, line) in peers.iter().enumerate() {
+        assert_eq!(
+            line.split(' ').nth(1).unwrap_or(""),
+            format!("{CLIENT}:{}", 46000 + i),
+            "backend's view of connection {i}: {line}"
+        );
+    }
+
+    let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 1000), 2);
+    println!("dsr l2, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&balancer, &counts, 40.0, 5.0, "dsr 4:6 split");
+
+    // A download: 4 MB reach the client, and lb sees only the client's side of it.
+    let bytes_before: u64 = per_backend(&balancer, &topo, "web", "bytes").iter().sum();
+    let got = topo.client.sh(&format!(
+        "curl -s --max-time 10 {url}/bytes/4000000 | wc -c"
+    ));
+    assert_eq!(got.trim(), "4000000", "the download");
+    // The sweep refreshes the figures each second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let through_lb: u64 = per_backend(&balancer, &topo, "web", "bytes")
+        .iter()
+        .sum::<u64>()
+        - bytes_before;
+    println!("dsr l2: a 4000000-byte download took {through_lb} bytes through lb");
+    assert!(
+        through_lb > 0 && through_lb < 400_000,
+        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
+    );
+
+    let mut long_lived = topo
+        .client
+        .spawn_inside(|| TcpStream::connect((VIP, BACKEND_PORT)).expect("connect to the VIP"))
+        .join()
+        .expect("connect thread");
+    let first = request_on(&mut long_lived);
+    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0)] {
+        for (i, w) in weights.iter().enumerate() {
+            cli_ok(
+                &balancer,
+                &["set-weight", "web", &backend(&topo, i), &w.to_string()],
+            );
+        }
+        let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 100), 2);
+        assert_eq!(failed, 0, "weights {weights:?}");
+        assert_share(
+            &balancer,
+            &counts,
+            want_b1,
+            0.0,
+            &format!("weights {weights:?}"),
+        );
+        assert_eq!(
+            request_on(&mut long_lived),
+            first,
+            "the long-lived connection moved after weights {weights:?}"
+        );
+    }
+    cli_ok(&balancer, &["set-weight", "web", &backend(&topo, 1), "10"]);
+
+    // Stop backend 1: health checks take it out, every new connection lands on backend 2.
+    servers[0].kill().expect("stop backend 1's server");
+    servers[0].wait().expect("reap backend 1's server");
+    balancer.wait_health("web", &backend(&topo, 0), false, Duration::from_secs(5));
+    let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 100), 2);
+    assert_eq!(
+        (counts, failed),
+        (vec![0, 100], 0),
+        "after backend 1 stopped"
+    );
+    let warnings = balancer.status()["warnings"].to_string();
+    assert!(!warnings.contains("\"web\""), "{warnings}");
+    assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
 }
