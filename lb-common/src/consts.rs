@@ -48,6 +48,9 @@ pub const FLOW_DNAT: u32 = 256;
 /// answers the client directly), whose `nat_dst_*` name the backend: the FIB's destination.
 /// The packet keeps its addresses and ports; only its MACs change.
 pub const FLOW_DSR: u32 = 512;
+/// `FlowValue::flags`, with FLOW_DSR: a `SERVICE_MODE_DSR_IPIP` flow. The packet goes inside an
+/// IPv4 header from `nat_src_addr` (an address of the service's pool) to the backend.
+pub const FLOW_IPIP: u32 = 1024;
 
 /// `Service::mode`: full NAT, source and destination rewritten (the default).
 pub const SERVICE_MODE_NAT: u8 = 0;
@@ -58,6 +61,9 @@ pub const SERVICE_MODE_DNAT: u8 = 1;
 /// MAC unchanged otherwise (the VIP sits on the backend's loopback), and the backend answers
 /// the client itself. Its backends listen on the VIP's port.
 pub const SERVICE_MODE_DSR_L2: u8 = 2;
+/// `Service::mode`: direct server return through an IPIP tunnel to backends on any subnet,
+/// whose `lb decap` strips it (`tunnel`). Its backends listen on the VIP's port.
+pub const SERVICE_MODE_DSR_IPIP: u8 = 3;
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
 /// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.

@@ -11,6 +11,7 @@ pub mod reason;
 pub mod reset;
 pub mod snat_ports;
 pub mod timestamps;
+pub mod tunnel;
 pub mod types;
 
 pub use consts::*;

@@ -141,8 +141,12 @@ pub const STAT_MSS_CLAMPED: u32 = 146;
 pub const STAT_HOST_BALANCED: u32 = 147;
 /// ... and those left to the VIP for want of a backend.
 pub const STAT_HOST_NO_BACKEND: u32 = 148;
+/// `lb decap` (`decap.rs`, on a backend): IPIP packets for a VIP it was given, stripped ...
+pub const STAT_DECAPSULATED: u32 = 149;
+/// ... and IPIP packets for another inner destination, left to the kernel.
+pub const STAT_DECAP_UNKNOWN_VIP: u32 = 150;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 19] = [
+pub const EVENTS: [(u32, &str); 21] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -162,6 +166,8 @@ pub const EVENTS: [(u32, &str); 19] = [
     (STAT_MSS_CLAMPED, "mss_clamped"),
     (STAT_HOST_BALANCED, "host_balanced"),
     (STAT_HOST_NO_BACKEND, "host_no_backend"),
+    (STAT_DECAPSULATED, "decapsulated"),
+    (STAT_DECAP_UNKNOWN_VIP, "decap_unknown_vip"),
 ];
 
 impl PassReason {

@@ -13,11 +13,11 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT,
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT, FLOW_IPIP,
     FLOW_RECLAIM_NS, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey,
-    FlowValue, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_L2, SNAT_POOL_MAX,
-    SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED,
-    STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
+    FlowValue, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2,
+    SNAT_POOL_MAX, SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED,
+    STAT_SUSPECT_REFUSED, STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
     conntrack::{
         Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_SYN_RECV,
         TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after,
@@ -481,7 +481,7 @@ pub fn create(
 ) -> Result<Flow, Verdict> {
     let now = now_ns();
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
-    if svc.mode == SERVICE_MODE_DSR_L2 {
+    if svc.mode == SERVICE_MODE_DSR_L2 || svc.mode == SERVICE_MODE_DSR_IPIP {
         return create_dsr(pkt, svc, backend_id, backend, now);
     }
     let dnat = svc.mode == SERVICE_MODE_DNAT;
@@ -561,7 +561,8 @@ pub fn create(
     Ok(Flow { entry })
 }
 
-/// DSR: the forward entry alone, naming the backend as the FIB's destination. A TCP segment
+/// DSR: the forward entry alone, naming the backend as the FIB's destination (and in the IPIP
+/// form, the tunnel's source as the FIB's source). A TCP segment
 /// other than a SYN opens it established: a connection whose flow expired while idle (its
 /// backend's answers never pass here) goes on where consistent hashing sends it.
 #[inline(always)]
@@ -583,16 +584,27 @@ fn create_dsr(
     } else {
         0
     };
+    // The IPIP form's outer source: an address of the service's pool, chosen by the client's
+    // tuple, so that the backend's NIC spreads the tunnel's packets over its queues (it
+    // hashes their outer addresses) as far as the pool allows.
+    let (tunnel, src_addr) = if svc.mode == SERVICE_MODE_DSR_IPIP {
+        let count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
+        let index = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, count);
+        let addr = svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
+        (FLOW_IPIP, addr)
+    } else {
+        (0, pkt.key.src_addr)
+    };
     let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
     // SAFETY: as in `create`.
     let forward = unsafe { &mut *scratch };
     *forward = FlowValue {
-        nat_src_addr: pkt.key.src_addr,
+        nat_src_addr: src_addr,
         nat_dst_addr: backend.addr,
         nat_src_port: pkt.key.src_port,
         nat_dst_port: backend.port,
         backend_id,
-        flags: FLOW_DSR | well_formed,
+        flags: FLOW_DSR | tunnel | well_formed,
         last_seen_ns: now,
         seq_next: pkt.seq_end,
         state,

@@ -25,10 +25,10 @@ const IP_DF: u16 = 0x4000;
 
 /// Where a packet goes: the egress device, its `Iface::flags`, and the MACs to write.
 pub struct NextHop {
-    ifindex: u32,
-    flags: u32,
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
+    pub ifindex: u32,
+    pub flags: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
 }
 
 /// Why a packet has no next hop.
@@ -40,17 +40,20 @@ pub enum NoHop {
 }
 
 /// The next hop of a packet of the flow `entry` (whose rewrite gives the addresses the FIB
-/// sees), from the flow's cache or the FIB; `ip` is the packet's header, `proto` its protocol.
+/// sees), from the flow's cache or the FIB; `ip` is the packet's header, `proto` its protocol,
+/// `grow` what an encapsulation adds to its length (the MTU check counts it).
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
     ip: *mut Ipv4Hdr,
     proto: u8,
     entry: *mut FlowValue,
+    grow: u16,
 ) -> Result<NextHop, NoHop> {
     // SAFETY: the caller bounds-checked the IP header; a value pointer from a map lookup is
     // valid for this program run.
     let (tot_len, nat) = unsafe { (u16::from_be_bytes((*ip).tot_len), &*entry) };
+    let tot_len = tot_len.saturating_add(grow);
     if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
         return Ok(NextHop {
             ifindex: nat.egress_ifindex,

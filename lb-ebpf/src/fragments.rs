@@ -109,7 +109,7 @@ fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         nat::readdress(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
         nat.backend_id
     };
-    let hop = match forward::next_hop(ctx, ip, proto, entry) {
+    let hop = match forward::next_hop(ctx, ip, proto, entry, 0) {
         Ok(hop) => hop,
         // A fragment has no DF: the FIB's "too big" is passed for the kernel to fragment.
         Err(NoHop::TooBig { .. }) => return Err(Verdict::Pass(PassReason::NeedsFragmenting)),

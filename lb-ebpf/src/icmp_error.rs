@@ -151,7 +151,7 @@ pub fn translate(
         (head[2], head[3]) = (check[0], check[1]);
         nat::readdress(&mut *ip, out_src, out_dst);
     }
-    let hop = match forward::next_hop(ctx, ip, IPPROTO_ICMP, entry) {
+    let hop = match forward::next_hop(ctx, ip, IPPROTO_ICMP, entry, 0) {
         Ok(hop) => hop,
         // An error is not answered with another.
         Err(NoHop::TooBig { .. }) => return Err(Verdict::Drop(DropReason::FibFragNeeded)),

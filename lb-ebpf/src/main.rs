@@ -1,7 +1,8 @@
 //! The load balancer's data path: parse, look up, choose, rewrite, forward. Each stage is a
 //! module and returns `Result<T, Verdict>`: `Ok` carries the packet on, `Err` ends it with a
 //! counted verdict. Traffic that is not a service's passes to the kernel untouched. Each hook
-//! has an entry module of its own (`xdp.rs`), over the shared stages and maps.
+//! has an entry module of its own (`xdp.rs`, `tc.rs`, `sock.rs`; `decap.rs` is `lb decap`'s,
+//! on a DSR backend), over the shared stages and maps.
 #![no_std]
 #![no_main]
 // The target's core has no atomic read-modify-write types; the intrinsic lowers to BPF_ATOMIC.
@@ -10,6 +11,8 @@
 
 mod csum;
 mod debug_log;
+mod decap;
+mod encap;
 mod expiry;
 mod fib;
 mod flow;
@@ -50,6 +53,8 @@ pub enum Verdict {
     /// Larger than its next hop's MTU (carried), with DF set: the entry point has
     /// `too_big.rs` answer it, which counts its own verdict.
     TooBig(u16),
+    /// XDP: the action a stage in a BPF function of its own took, and counted there.
+    Sent(u32),
 }
 
 impl Verdict {
@@ -59,7 +64,7 @@ impl Verdict {
             Verdict::Pass(_) => xdp_action::XDP_PASS,
             Verdict::Drop(_) | Verdict::TooBig(_) => xdp_action::XDP_DROP,
             Verdict::Tx => xdp_action::XDP_TX,
-            Verdict::Redirect(action) => *action,
+            Verdict::Redirect(action) | Verdict::Sent(action) => *action,
         }
     }
 

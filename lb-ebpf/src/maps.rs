@@ -213,3 +213,8 @@ pub fn state_timeout(state: u32) -> u64 {
         None => 0,
     }
 }
+
+/// VIP -> 1: the inner destinations `lb decap` strips IPIP for (`decap.rs`, on a DSR backend).
+/// Written by `lb decap`; the balancer's daemon does not use it.
+#[map]
+pub static DECAP_VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);

@@ -12,7 +12,7 @@ use crate::{Verdict, frame::Frame};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
-const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IP: u16 = 0x0800;
 /// Offsets in the TCP header: sequence number, acknowledgement number, data offset and flags.
 const TCP_SEQ_OFFSET: usize = 4;
 const TCP_ACK_OFFSET: usize = 8;

@@ -16,6 +16,8 @@ pub fn count_verdict(verdict: &Verdict) {
         Verdict::Redirect(_) => STAT_REDIRECT,
         // Never counted here: too_big.rs answers the packet and counts that.
         Verdict::TooBig(_) => DropReason::FibFragNeeded.stat_slot(),
+        // Counted where it was taken.
+        Verdict::Sent(_) => return,
     };
     count_slot(slot);
 }

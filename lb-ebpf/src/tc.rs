@@ -22,7 +22,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    DropReason, FLOW_DSR, FlowValue, PassReason, SERVICE_MODE_DSR_L2, conntrack::tcp_flags_valid,
+    DropReason, FLOW_DSR, FlowValue, PassReason, SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2,
+    conntrack::tcp_flags_valid,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -71,7 +72,8 @@ fn counted(verdict: Verdict) -> i32 {
     match verdict {
         Verdict::Pass(_) => TC_ACT_UNSPEC,
         Verdict::Redirect(action) => action as i32,
-        Verdict::Drop(_) | Verdict::Tx | Verdict::TooBig(_) => TC_ACT_SHOT,
+        // `Sent` is XDP's alone.
+        Verdict::Drop(_) | Verdict::Tx | Verdict::TooBig(_) | Verdict::Sent(_) => TC_ACT_SHOT,
     }
 }
 
@@ -140,7 +142,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
 fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
     let pkt = parse::packet(ctx)?;
     let svc = service::lookup(&pkt)?;
-    if svc.mode == SERVICE_MODE_DSR_L2 {
+    if svc.mode == SERVICE_MODE_DSR_L2 || svc.mode == SERVICE_MODE_DSR_IPIP {
         return Err(Verdict::Drop(DropReason::DsrCannotForward));
     }
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {

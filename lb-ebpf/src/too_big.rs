@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Be16, Be32, DropReason, FlowKey, STAT_FRAG_NEEDED_SENT,
+    Be16, Be32, DropReason, FLOW_DSR, FlowKey, STAT_FRAG_NEEDED_SENT,
     icmp::{
         FRAG_NEEDED_FRAME_LEN, FRAG_NEEDED_HEADERS_LEN, ICMP_BUDGET_ERRORS,
         ICMP_ERRORS_PER_SEC_PER_CPU, QUOTED_LEN, TooBig, frag_needed_headers, quote_sum,
@@ -32,8 +32,8 @@ pub fn answer_apart(ctx: *mut xdp_md, mtu: u16) -> u32 {
     answer(&XdpContext::new(ctx), mtu).counted()
 }
 
-/// The "fragmentation needed" for the packet, already rewritten for its flow, whose next hop
-/// takes at most `mtu` bytes; or a counted drop if it gets none. The quote is restored to what
+/// The "fragmentation needed" for the packet, already rewritten for its flow (or, a DSR
+/// flow's, as it came), whose next hop takes at most `mtu` bytes; or a counted drop if it gets none. The quote is restored to what
 /// the sender sent, so that it finds its connection by it.
 #[inline(always)]
 fn answer(ctx: &XdpContext, mtu: u16) -> Verdict {
@@ -65,19 +65,37 @@ fn answer(ctx: &XdpContext, mtu: u16) -> Verdict {
         proto,
         _pad: [0; 3],
     };
-    let Some(entry) = FLOWS.get_ptr(&reverse) else {
-        return untold;
-    };
-    // SAFETY: a value pointer from a map lookup is valid for this program run.
-    let original = unsafe {
-        let nat = &*entry;
-        FlowKey {
-            src_addr: nat.nat_dst_addr,
-            dst_addr: nat.nat_src_addr,
-            src_port: nat.nat_dst_port,
-            dst_port: nat.nat_src_port,
-            proto,
-            _pad: [0; 3],
+    let original = match FLOWS.get_ptr(&reverse) {
+        // SAFETY: a value pointer from a map lookup is valid for this program run.
+        Some(entry) => unsafe {
+            let nat = &*entry;
+            FlowKey {
+                src_addr: nat.nat_dst_addr,
+                dst_addr: nat.nat_src_addr,
+                src_port: nat.nat_dst_port,
+                dst_port: nat.nat_src_port,
+                proto,
+                _pad: [0; 3],
+            }
+        },
+        // A DSR flow's packet is not rewritten: its quote is what its sender sent.
+        None => {
+            let sent = FlowKey {
+                src_addr: reverse.dst_addr,
+                dst_addr: reverse.src_addr,
+                src_port: reverse.dst_port,
+                dst_port: reverse.src_port,
+                proto,
+                _pad: [0; 3],
+            };
+            // SAFETY: as above.
+            let direct = FLOWS
+                .get_ptr(&sent)
+                .is_some_and(|flow| unsafe { (*flow).flags } & FLOW_DSR != 0);
+            if !direct {
+                return untold;
+            }
+            sent
         }
     };
     if let Err(spent) = icmp::spend(

@@ -2,11 +2,12 @@
 
 use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 use lb_common::{
-    DropReason, FLOW_DSR, PassReason, SERVICE_MODE_DSR_L2, conntrack::tcp_flags_valid,
+    DropReason, FLOW_DSR, FLOW_IPIP, FlowValue, PassReason, SERVICE_MODE_DSR_IPIP,
+    SERVICE_MODE_DSR_L2, conntrack::tcp_flags_valid, tunnel::IPIP_OVERHEAD,
 };
 
 use crate::{
-    Verdict, debug_log, flow,
+    Verdict, debug_log, encap, flow,
     flow::Flow,
     forward,
     forward::NoHop,
@@ -69,7 +70,11 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     };
     check_ttl(pkt)?;
     if flow.nat().flags & FLOW_DSR != 0 {
-        return send_direct(ctx, pkt, &flow);
+        let action = send_direct_apart(ctx.ctx, pkt, flow.entry());
+        if action & TOO_BIG != 0 {
+            return Err(Verdict::TooBig(action as u16));
+        }
+        return Ok(Verdict::Sent(action));
     }
     let timestamps = if pkt.is_tcp() {
         mss::clamp(ctx, pkt, flow.nat());
@@ -79,7 +84,7 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     };
     nat::rewrite(pkt, flow.nat(), timestamps);
     stats::count_backend(flow.nat().backend_id, pkt.len);
-    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, flow.entry()) {
+    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, flow.entry(), 0) {
         Ok(hop) => hop,
         Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
@@ -90,21 +95,42 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     forward::send(ctx, pkt.eth, pkt.ip, &hop)
 }
 
-/// DSR: the frame goes to the backend's MAC, the packet untouched (the VIP is on the backend's
-/// loopback, and it answers the client itself). The FIB is asked the way to the backend. A
-/// packet the kernel would have to forward (an unresolved neighbour) cannot go up: its
-/// destination, the VIP, may be the kernel's own. Later fragments are not followed: they pass.
+/// `send_direct` in a BPF function of its own: its FIB lookup and headers would not fit in the
+/// balancing path's stack frame beside the SNAT port search's. The XDP action, counted, or
+/// TOO_BIG and the MTU (uncounted: `too_big.rs` answers).
+#[inline(never)]
+fn send_direct_apart(ctx: *mut xdp_md, pkt: &Packet, entry: *mut FlowValue) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    match send_direct(&ctx, pkt, entry) {
+        Ok(Verdict::TooBig(mtu)) | Err(Verdict::TooBig(mtu)) => TOO_BIG | u32::from(mtu),
+        Ok(verdict) | Err(verdict) => verdict.counted(),
+    }
+}
+
+/// DSR: the packet, untouched, goes to the backend's MAC (L2 form: the VIP is on the backend's
+/// loopback) or inside an IPIP header to the backend (`encap.rs`), and the backend answers the
+/// client itself. The FIB is asked the way to the backend, for the packet's size with the
+/// tunnel's header; a client told the path's MTU is told the inner packet's. A packet the
+/// kernel would have to forward (an unresolved neighbour) cannot go up: its destination, the
+/// VIP, may be the kernel's own. Later fragments are not followed: they pass.
 #[inline(always)]
-fn send_direct(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Result<Verdict, Verdict> {
-    stats::count_backend(flow.nat().backend_id, pkt.len);
-    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, flow.entry()) {
+fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<Verdict, Verdict> {
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let nat = unsafe { &*entry };
+    stats::count_backend(nat.backend_id, pkt.len);
+    let ipip = nat.flags & FLOW_IPIP != 0;
+    let grow = if ipip { IPIP_OVERHEAD } else { 0 };
+    let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, entry, grow) {
         Ok(hop) => hop,
-        Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
+        Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu.saturating_sub(grow))),
         Err(NoHop::Verdict(Verdict::Pass(_))) => {
             return Err(Verdict::Drop(DropReason::DsrCannotForward));
         }
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
+    if ipip {
+        return encap::ipip(ctx, pkt, nat, &hop);
+    }
     forward::send_frame(ctx, pkt.eth, &hop)
 }
 
@@ -118,7 +144,8 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
     }
     // A DSR flow's backend answers the client directly: its flow may expire while the
     // connection lives, and the next segment goes on where consistent hashing sends it.
-    let reopens = svc.mode == SERVICE_MODE_DSR_L2 && !pkt.is_rst();
+    let dsr = svc.mode == SERVICE_MODE_DSR_L2 || svc.mode == SERVICE_MODE_DSR_IPIP;
+    let reopens = dsr && !pkt.is_rst();
     if pkt.is_tcp() && !pkt.is_syn() && !reopens {
         return Err(reset::answer(ctx, pkt));
     }

@@ -300,7 +300,8 @@ impl From<Mss> for MssText {
 /// does), and the backends' replies must come back through the balancer, their gateway;
 /// `dsr` with `dsr = "l2"` (direct server return, as IPVS DR does) sends the frame to the
 /// backend's MAC unchanged otherwise, and the backend, with the VIP on its loopback, answers
-/// the client directly.
+/// the client directly; `dsr = "ipip"` (as IPVS TUN and Katran do) sends the packet inside an
+/// IPIP header to backends on any subnet, whose `lb decap` strips it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ForwardingMode {
@@ -308,6 +309,7 @@ pub enum ForwardingMode {
     Nat,
     Dnat,
     DsrL2,
+    DsrIpip,
 }
 
 impl ForwardingMode {
@@ -321,6 +323,7 @@ impl ForwardingMode {
             Self::Nat => lb_common::SERVICE_MODE_NAT,
             Self::Dnat => lb_common::SERVICE_MODE_DNAT,
             Self::DsrL2 => lb_common::SERVICE_MODE_DSR_L2,
+            Self::DsrIpip => lb_common::SERVICE_MODE_DSR_IPIP,
         }
     }
 
@@ -330,9 +333,8 @@ impl ForwardingMode {
             ("nat", None) => Ok(Self::Nat),
             ("dnat", None) => Ok(Self::Dnat),
             ("dsr", None | Some("l2")) => Ok(Self::DsrL2),
-            ("dsr", Some(other)) => Err(format!(
-                "dsr \"{other}\" is not \"l2\" (encapsulated DSR is not built yet)"
-            )),
+            ("dsr", Some("ipip")) => Ok(Self::DsrIpip),
+            ("dsr", Some(other)) => Err(format!("dsr \"{other}\" is not one of \"l2\", \"ipip\"")),
             ("nat" | "dnat", Some(_)) => {
                 Err(format!("dsr applies to mode \"dsr\" only, not \"{mode}\""))
             }
@@ -344,7 +346,18 @@ impl ForwardingMode {
 
     /// Whether its backends must be on a segment of a device lb forwards through.
     pub fn needs_backends_on_link(self) -> bool {
-        self != Self::Nat
+        matches!(self, Self::Dnat | Self::DsrL2)
+    }
+
+    /// Whether the backends answer clients directly (and so listen on the VIP's port).
+    pub fn is_dsr(self) -> bool {
+        matches!(self, Self::DsrL2 | Self::DsrIpip)
+    }
+
+    /// Whether the service has a pool of source addresses (`snat`): its SNAT pool in NAT
+    /// mode, its tunnels' outer sources in DSR's IPIP form.
+    pub fn has_source_pool(self) -> bool {
+        matches!(self, Self::Nat | Self::DsrIpip)
     }
 }
 
@@ -354,6 +367,7 @@ impl fmt::Display for ForwardingMode {
             Self::Nat => "nat",
             Self::Dnat => "dnat",
             Self::DsrL2 => "dsr-l2",
+            Self::DsrIpip => "dsr-ipip",
         })
     }
 }
@@ -1244,7 +1258,7 @@ impl Checker<'_> {
         };
         let snat = match &raw.snat {
             None => Vec::new(),
-            Some(value) if !mode.is_nat() => {
+            Some(value) if !mode.has_source_pool() => {
                 let message = format!(
                     "{ctx}snat has no use in mode \"{mode}\": the backends see the client's address"
                 );
@@ -1322,7 +1336,7 @@ impl Checker<'_> {
                     format!("{ctx}backend {addr} is listed twice (first at line {first})");
                 return self.fail(address.span(), "address", message);
             }
-            if mode == ForwardingMode::DsrL2 && addr.port() != vip.port() {
+            if mode.is_dsr() && addr.port() != vip.port() {
                 let message = format!(
                     "{ctx}backend {addr}: in mode \"dsr\" the backend answers from the VIP, so it listens on the VIP's port {}",
                     vip.port()
@@ -1947,7 +1961,15 @@ weight = 70000
         );
         assert_error(
             &web("mode = \"dsr\"\ndsr = \"gre\" # <- dsr\n"),
-            "dsr \"gre\" is not \"l2\"",
+            "dsr \"gre\" is not one of \"l2\", \"ipip\"",
+        );
+        assert_eq!(
+            mode("mode = \"dsr\"\ndsr = \"ipip\"\nsnat = \"198.18.1.1\"\n"),
+            ForwardingMode::DsrIpip
+        );
+        assert_error(
+            &web("mode = \"dsr\"\nsnat = \"198.18.1.1\" # <- snat\n"),
+            "snat has no use in mode \"dsr-l2\"",
         );
         assert_error(
             &web("dsr = \"l2\" # <- dsr\n"),

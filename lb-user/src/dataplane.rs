@@ -789,7 +789,8 @@ impl Dataplane {
         mss: Option<u16>,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        let snat_needed = mode == lb_common::SERVICE_MODE_NAT;
+        let snat_needed =
+            mode == lb_common::SERVICE_MODE_NAT || mode == lb_common::SERVICE_MODE_DSR_IPIP;
         if (snat_needed && snat.is_empty()) || snat.len() > SNAT_POOL_MAX as usize {
             return Err(DataplaneError::SnatPool { count: snat.len() });
         }

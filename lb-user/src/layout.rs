@@ -190,7 +190,7 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
         }
         crate::config::check_snat_pool(&s.snat)
             .map_err(|e| format!("service \"{name}\": snat {e}"))?;
-        if s.mode == crate::config::ForwardingMode::DsrL2
+        if s.mode.is_dsr()
             && let Some(b) = s.backends.iter().find(|b| b.address.port() != s.vip.port())
         {
             return Err(format!(
@@ -199,7 +199,7 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
                 s.vip.port()
             ));
         }
-        if !s.mode.is_nat() && !s.snat.is_empty() {
+        if !s.mode.has_source_pool() && !s.snat.is_empty() {
             return Err(format!(
                 "service \"{name}\": snat has no use in mode \"{}\": the backends see the client's address",
                 s.mode

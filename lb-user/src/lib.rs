@@ -5,6 +5,7 @@ pub mod control;
 pub mod cut;
 pub mod daemon;
 pub mod dataplane;
+pub mod decap;
 pub mod discovery;
 pub mod explain;
 pub mod health;

@@ -96,6 +96,17 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// On a backend of a `dsr = "ipip"` service: strip the IPIP header of packets for these
+    /// VIPs at INTERFACE's ingress (a tc program), until interrupted. The VIPs go on the
+    /// backend's loopback, as for any DSR backend.
+    Decap {
+        /// The interface the tunnel's packets arrive on.
+        #[arg(long)]
+        interface: String,
+        /// A VIP whose packets to strip; repeat for more.
+        #[arg(long = "vip", required = true)]
+        vips: Vec<std::net::Ipv4Addr>,
+    },
     /// Stop sending new flows to a backend (weight 0); existing flows continue. With --wait,
     /// return once it has no active flows, or fail (exit 1) when the wait runs out.
     Drain {
@@ -183,7 +194,8 @@ enum ServiceAction {
         /// loopback, answer clients directly).
         #[arg(long, default_value = "nat")]
         mode: String,
-        /// With --mode dsr: its form, l2 (the only one so far).
+        /// With --mode dsr: its form, l2 (backends on lb's segment) or ipip (anywhere, with `lb
+        /// decap` on each; --snat gives the tunnels' outer sources).
         #[arg(long)]
         dsr: Option<String>,
         /// Source address towards the backends (default: the one the kernel picks); give it
@@ -447,6 +459,27 @@ async fn execute(command: Command) -> Result<(), Failure> {
                 }
                 (before, taken) = (after, now);
             }
+        }
+        Command::Decap { interface, vips } => {
+            let decap = lb_user::decap::Decap::attach(&interface, &vips)?;
+            let listed: Vec<String> = vips.iter().map(ToString::to_string).collect();
+            log::info!(
+                "lb decap: stripping IPIP for {} at {interface}'s ingress; Ctrl-C or SIGTERM ends it",
+                listed.join(", ")
+            );
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            let counts = decap.counts()?;
+            log::info!(
+                "lb decap: {} packets stripped, {} for other destinations left alone; detached",
+                counts.decapsulated,
+                counts.unknown_vip
+            );
+            Ok(())
         }
         Command::Top {
             interval,
@@ -844,6 +877,7 @@ fn render(status: &Status) -> String {
             .unwrap_or_default();
         let rewrite = match s.mode.as_str() {
             "nat" | "" => format!("snat {}", s.snat.join(",")),
+            "dsr-ipip" => format!("mode dsr-ipip from {}", s.snat.join(",")),
             mode => format!("mode {mode}"),
         };
         let _ = writeln!(

@@ -758,6 +758,7 @@ impl State {
         }
         let rewrite = match service.config.mode {
             ForwardingMode::Nat => format!("snat {}", pool_text(&service.snat)),
+            ForwardingMode::DsrIpip => format!("mode dsr-ipip from {}", pool_text(&service.snat)),
             mode => format!("mode {mode}"),
         };
         log::info!(
@@ -1531,7 +1532,7 @@ fn interface_mtu(name: &str) -> std::io::Result<u32> {
 }
 
 fn resolve_snat(config: &ServiceConfig) -> Result<Vec<Ipv4Addr>, ApplyError> {
-    if !config.mode.is_nat() {
+    if !config.mode.has_source_pool() {
         return Ok(Vec::new());
     }
     if !config.snat.is_empty() {

@@ -3318,3 +3318,127 @@ fn dsr_l2_backends_answer_the_client_directly() {
     assert!(!warnings.contains("\"web\""), "{warnings}");
     assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
 }
+
+/// `mode = "dsr"` with `dsr = "ipip"`: the packet reaches the backend inside an IPIP header that
+/// `lb decap` (run on each backend) strips; the backends see the client's address and answer it
+/// over a path that skips lb (the client has a second link on their segment). Without `lb
+/// decap` no connection gets through (this kernel has no ipip module).
+#[test]
+fn dsr_ipip_reaches_backends_through_lb_decap() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 2);
+    topo.client.sh(&format!(
+        "ip link add eth1 type veth peer name s-c2 netns {switch}
+         ip link set eth1 up
+         ip addr add 198.18.1.2/24 dev eth1
+         ethtool -K eth1 tx off >/dev/null
+         sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth1.rp_filter=0",
+        switch = topo.switch.name
+    ));
+    topo.switch
+        .sh("ip link set s-c2 up && ip link set s-c2 master br0");
+    for ns in &topo.backends {
+        ns.sh(&format!(
+            "ip addr add {VIP}/32 dev lo
+             ip route add {CLIENT}/32 via 198.18.1.2"
+        ));
+    }
+    let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    let config = dsr_config(&topo, &[4, 6])
+        .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"lb1\"]")
+        .replace("dsr = \"l2\"", "dsr = \"ipip\"");
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    for i in 0..2 {
+        balancer.wait_health("web", &backend(&topo, i), true, Duration::from_secs(5));
+    }
+    assert_eq!(balancer.status()["services"][0]["mode"], "dsr-ipip");
+    let url = format!("http://{VIP}:{BACKEND_PORT}");
+    let curl = |path: &str| {
+        topo.client
+            .sh(&format!("curl -s --max-time 2 {url}{path} || echo FAIL"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(curl("/"), "FAIL", "got through without lb decap");
+
+    let lb = lb_binary();
+    let mut decaps: Vec<Child> = topo
+        .backends
+        .iter()
+        .map(|ns| {
+            ns.spawn(
+                &[
+                    lb.to_str().expect("utf-8 path"),
+                    "decap",
+                    "--interface",
+                    "eth0",
+                    "--vip",
+                    &VIP.to_string(),
+                ],
+                std::process::Stdio::piped(),
+            )
+        })
+        .collect();
+    let start = Instant::now();
+    while curl("/") == "FAIL" {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no connection through lb decap"
+        );
+    }
+
+    let peers = topo.client.sh(&format!(
+        "for p in $(seq 47000 47009); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
+    ));
+    for (i, line) in peers.lines().enumerate() {
+        assert_eq!(
+            line.split(' ').nth(1).unwrap_or(""),
+            format!("{CLIENT}:{}", 47000 + i),
+            "backend's view of connection {i}: {line}"
+        );
+    }
+
+    let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 400), 2);
+    println!("dsr ipip, 400 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&balancer, &counts, 40.0, 7.5, "dsr ipip 4:6 split");
+
+    let bytes_before: u64 = per_backend(&balancer, &topo, "web", "bytes").iter().sum();
+    let got = topo.client.sh(&format!(
+        "curl -s --max-time 10 {url}/bytes/4000000 | wc -c"
+    ));
+    assert_eq!(got.trim(), "4000000", "the download");
+    std::thread::sleep(Duration::from_millis(1500));
+    let through_lb: u64 = per_backend(&balancer, &topo, "web", "bytes")
+        .iter()
+        .sum::<u64>()
+        - bytes_before;
+    println!("dsr ipip: a 4000000-byte download took {through_lb} bytes through lb");
+    assert!(
+        through_lb > 0 && through_lb < 400_000,
+        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
+    );
+    assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
+
+    // Stopped, each decap says what it stripped, and detaches: connections fail again.
+    let mut stripped = 0;
+    for child in &mut decaps {
+        lb_tests::netns::terminate(child, Duration::from_secs(3))
+            .expect("lb decap exits on SIGTERM");
+        let mut log = String::new();
+        if let Some(mut err) = child.stderr.take() {
+            err.read_to_string(&mut log).expect("read lb decap's log");
+        }
+        let count: u64 = log
+            .split(" packets stripped")
+            .next()
+            .and_then(|head| head.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in lb decap's log: {log}"));
+        stripped += count;
+    }
+    println!("lb decap stripped {stripped} packets on both backends");
+    assert!(stripped > 400, "{stripped} packets stripped");
+    assert_eq!(curl("/"), "FAIL", "got through after lb decap stopped");
+}

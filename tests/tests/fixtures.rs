@@ -13,9 +13,9 @@ use std::{
 };
 
 use lb_common::{
-    DropReason, FLOW_DNAT, FLOW_DSR, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_REVERSE,
+    DropReason, FLOW_DNAT, FLOW_DSR, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_IPIP, FLOW_REVERSE,
     FLOW_SYN_WELL_FORMED, FLOW_TS, FlowKey, FlowValue, NO_BACKEND, PassReason, SERVICE_MODE_DNAT,
-    SERVICE_MODE_DSR_L2, SERVICE_MODE_NAT,
+    SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2, SERVICE_MODE_NAT,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
@@ -23,6 +23,7 @@ use lb_common::{
     flow_hash,
     icmp::{ECHO_REPLIES_PER_SEC_PER_CPU, ICMP_ERRORS_PER_SEC_PER_CPU},
     reset::RESETS_PER_SEC_PER_CPU,
+    snat_ports::pool_start,
 };
 use lb_tests::{
     fixture_net::{
@@ -3330,6 +3331,41 @@ fn dsr_entry(proto: u8, cport: u16, backend: u32) -> (FlowKey, FlowValue) {
     )
 }
 
+/// A DSR service in the IPIP form on VIP:BACKEND_PORT, with the two-address pool SNAT_POOL as
+/// its tunnels' sources.
+fn ipip_service(backends: &[(u32, u32)]) -> Setup {
+    Setup::Service {
+        id: 0,
+        port: BACKEND_PORT,
+        proto: TCP,
+        backends: backends.to_vec(),
+        snat: SNAT_POOL.to_vec(),
+        mss: None,
+        mode: SERVICE_MODE_DSR_IPIP,
+    }
+}
+
+/// The outer source the IPIP form takes for CLIENT:`cport`: the pool address its tuple picks.
+fn ipip_source(cport: u16) -> Ipv4Addr {
+    let k = key(CLIENT, cport, VIP, BACKEND_PORT, TCP);
+    SNAT_POOL[pool_start(k.src_addr.0, k.src_port.0, SNAT_POOL.len() as u32) as usize]
+}
+
+/// `inner` (a frame as the client sent it) inside an IPIP header from `source` to B1, as lb
+/// sends it: ID 0, TTL 64, the inner TOS and DF.
+fn ipip_to_b1(source: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let (tos, df) = (inner[15], inner[20] & 0x40 != 0);
+    pkt()
+        .eth(LB1_MAC, B1_MAC)
+        .ipv4(source, B1)
+        .tos(tos)
+        .ip_id(0)
+        .df(df)
+        .ip_proto(4)
+        .payload(&inner[14..])
+        .build()
+}
+
 /// `mode = "dsr"`: the frame goes to the backend's MAC with nothing else changed (TTL, addresses,
 /// ports, checksums as they came), the flow is a forward entry alone, moved by the client's
 /// segments, and a DSR packet that a MAC rewrite cannot deliver is dropped, counted.
@@ -3489,6 +3525,73 @@ fn dsr_fixtures() -> Vec<Fixture> {
                 XDP_DROP,
                 None,
                 vec![(Counter::Drop(DropReason::DsrCannotForward), 1)],
+            )
+        },
+        Fixture {
+            // From the pool address the client's tuple chooses (RSS spread at the backend),
+            // to the backend: the client's packet whole inside, its TOS and DF outside.
+            flows_after: vec![(
+                key(CLIENT, 43010, VIP, BACKEND_PORT, TCP),
+                in_state(
+                    TCP_SYN_SENT,
+                    value(
+                        ipip_source(43010),
+                        43010,
+                        B1,
+                        BACKEND_PORT,
+                        1,
+                        FLOW_DSR | FLOW_IPIP | FLOW_SYN_WELL_FORMED,
+                    ),
+                ),
+            )],
+            ..fixture(
+                "dsr_ipip_syn_goes_inside_an_ipip_header_to_the_backend",
+                with(backends(), &[ipip_service(&[(1, 1)])]),
+                from_client(43010)
+                    .tos(0x10)
+                    .syn()
+                    .tcp_options(&options)
+                    .build(),
+                XDP_REDIRECT,
+                Some(ipip_to_b1(
+                    ipip_source(43010),
+                    &from_client(43010)
+                        .tos(0x10)
+                        .syn()
+                        .tcp_options(&options)
+                        .build(),
+                )),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Packets(1), 1),
+                ],
+            )
+        },
+        {
+            // 1,490 bytes fit the 1,500-byte link, not with the tunnel's 20: the client is told
+            // 1,480, the inner packet's room.
+            let big = from_client(43011).ack().payload(&bulk(1450)).build();
+            fixture(
+                "dsr_ipip_packet_too_big_with_its_header_is_told_the_inner_mtu",
+                with(backends(), &[ipip_service(&[(1, 1)])]),
+                big.clone(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .tos(0xc0)
+                        .ip_id(0)
+                        .df(false)
+                        .icmp(3, 4, [0, 0, 0x05, 0xc8])
+                        .payload(&quote(&big, 28))
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("frag_needed_sent"), 1),
+                ],
             )
         },
         Fixture {

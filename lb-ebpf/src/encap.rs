@@ -1,0 +1,61 @@
+//! Stage 5 of DSR's IPIP form: the packet, untouched, goes inside an IPv4 header from the
+//! flow's pool address to its backend (`lb_common::tunnel`), out to the next hop the FIB gave
+//! for the backend. The backend's `lb decap` strips it. Touches no map.
+
+use aya_ebpf::{EbpfContext as _, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    DropReason, FlowValue, IFACE_VIA_STACK,
+    tunnel::{IPIP_HEADERS_LEN, IPIP_OVERHEAD, Ipip, write_ipip_headers},
+};
+
+use crate::{
+    Verdict,
+    forward::{self, NextHop},
+    parse::{Packet, ptr_at},
+};
+
+/// Don't-fragment in IPv4's `frags` field (host order).
+const IP_DF: u16 = 0x4000;
+
+/// Encapsulates `pkt` of the flow `nat` and sends it to `hop`. Like any DSR packet, one the
+/// kernel would have to forward (into a bridge) cannot go up.
+#[inline(always)]
+pub fn ipip(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    nat: &FlowValue,
+    hop: &NextHop,
+) -> Result<Verdict, Verdict> {
+    let cannot = Verdict::Drop(DropReason::DsrCannotForward);
+    if hop.flags & IFACE_VIA_STACK != 0 {
+        return Err(cannot);
+    }
+    // SAFETY: parse::packet bounds-checked the IP header.
+    let (tos, inner_len, frags) = unsafe {
+        let ip = &*pkt.ip;
+        (
+            ip.tos,
+            u16::from_be_bytes(ip.tot_len),
+            u16::from_be_bytes(ip.frags),
+        )
+    };
+    let tunnel = Ipip {
+        src_mac: hop.src_mac,
+        dst_mac: hop.dst_mac,
+        src_addr: nat.nat_src_addr.to_bytes(),
+        dst_addr: nat.nat_dst_addr.to_bytes(),
+        inner_len,
+        tos,
+        df: frags & IP_DF != 0,
+    };
+    // SAFETY: the context pointer is the program's own; the packet pointers in `pkt` are not
+    // used after this. XDP_PACKET_HEADROOM leaves room for the outer header.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -i32::from(IPIP_OVERHEAD)) } != 0 {
+        return Err(cannot);
+    }
+    // The old Ethernet header now lies under the outer IPv4 one: both are written whole.
+    let out = ptr_at::<[u8; IPIP_HEADERS_LEN]>(ctx, 0).ok_or(cannot)?;
+    // SAFETY: bounds-checked by ptr_at.
+    write_ipip_headers(unsafe { &mut *out }, &tunnel);
+    forward::transmit(hop.ifindex, hop.flags, ctx.ingress_ifindex() as u32)
+}

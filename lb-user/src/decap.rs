@@ -1,0 +1,77 @@
+//! `lb decap`: on a DSR backend, strips the IPIP header that lb's `dsr = "ipip"` services put
+//! on their packets, for the VIPs it is given, and hands the packets to the stack as the
+//! clients sent them (this kernel has no ipip module; Katran ships its decap the same way).
+//! The object's `lb_decap` program, at the interface's tc ingress while the command runs.
+
+use std::net::Ipv4Addr;
+
+use anyhow::Context as _;
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType},
+};
+use lb_common::{Be32, STAT_DECAP_UNKNOWN_VIP, STAT_DECAPSULATED};
+
+use crate::dataplane::EBPF_OBJECT;
+
+const PROGRAM: &str = "lb_decap";
+
+/// The decap program attached to one interface; detached when dropped.
+pub struct Decap {
+    ebpf: Ebpf,
+}
+
+/// What the program did so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapCounts {
+    /// IPIP packets for a given VIP, stripped.
+    pub decapsulated: u64,
+    /// IPIP packets for another destination, left to the kernel.
+    pub unknown_vip: u64,
+}
+
+impl Decap {
+    /// Loads the program, gives it `vips` and attaches it to `interface`'s ingress.
+    pub fn attach(interface: &str, vips: &[Ipv4Addr]) -> anyhow::Result<Self> {
+        // The balancer's large maps are created with the object, and the decap uses none.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("FLOWS", 1)
+            .map_max_entries("MAGLEV", 1)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object")?;
+        let mut table: HashMap<_, Be32, u32> = HashMap::try_from(
+            ebpf.map_mut("DECAP_VIPS")
+                .context("the object has no DECAP_VIPS map")?,
+        )?;
+        for vip in vips {
+            table.insert(&Be32::from_bytes(vip.octets()), &1, 0)?;
+        }
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .context("the object has no lb_decap program")?
+            .try_into()?;
+        program.load().context("loading lb_decap")?;
+        let index = crate::dataplane::ifindex(interface)?;
+        program
+            .attach(index, TcAttachType::Ingress)
+            .with_context(|| format!("attaching lb_decap at {interface}'s ingress"))?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn counts(&self) -> anyhow::Result<DecapCounts> {
+        let stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map("STATS").context("no STATS map")?)?;
+        let sum = |slot: u32| -> anyhow::Result<u64> {
+            Ok(stats
+                .get(&slot, 0)?
+                .iter()
+                .copied()
+                .fold(0, u64::wrapping_add))
+        };
+        Ok(DecapCounts {
+            decapsulated: sum(STAT_DECAPSULATED)?,
+            unknown_vip: sum(STAT_DECAP_UNKNOWN_VIP)?,
+        })
+    }
+}
