@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod decap;
 pub mod discovery;
+pub mod dsr_probe;
 pub mod explain;
 pub mod health;
 pub mod host;

@@ -16,7 +16,7 @@ use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 use crate::{
     config::{
         BackendConfig, Config, DiscoveryConfig, ForwardingMode, HealthConfig, HealthKind,
-        MAX_WEIGHT, Mss, OnBackendDown, ServiceConfig,
+        MAX_WEIGHT, Mss, OnBackendDown, Protocol, ServiceConfig,
     },
     control::{
         BackendSource, BackendStatus, FlowTableStatus, HostStatus, InterfaceStatus, Response,
@@ -24,6 +24,7 @@ use crate::{
     },
     cut,
     dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, monotonic_ns},
+    dsr_probe,
     health::{self, Tracker},
     host,
     layout::{Changes, PlacedService},
@@ -773,6 +774,12 @@ impl State {
     fn spawn_probe(&self, id: u32, address: SocketAddrV4, service: &ServiceConfig) -> AbortHandle {
         let cfg = service.health.clone();
         let reports = self.health.clone();
+        // A DSR backend of a TCP service must also answer at the VIP, reached as clients reach
+        // it (a SYN is the one probe every TCP service answers).
+        let vip_probe = (service.mode.is_dsr()
+            && service.protocol == Protocol::Tcp
+            && cfg.kind != HealthKind::None)
+            .then_some((service.vip, service.mode == ForwardingMode::DsrIpip));
         // Spread probes of many backends over the interval.
         let delay = health::initial_delay(cfg.interval, id as usize % 16, 16);
         tokio::spawn(async move {
@@ -782,7 +789,10 @@ impl State {
             loop {
                 tick.tick().await;
                 let started_ns = crate::dataplane::monotonic_ns();
-                let result = health::probe(address, &cfg).await;
+                let mut result = health::probe(address, &cfg).await;
+                if let (Ok(()), Some((vip, ipip))) = (&result, vip_probe) {
+                    result = dsr_probe::probe(vip, *address.ip(), ipip, cfg.timeout).await;
+                }
                 let report = HealthReport {
                     backend: id,
                     address,
@@ -1561,7 +1571,7 @@ pub fn pool_text(pool: &[Ipv4Addr]) -> String {
 }
 
 /// The source address the kernel would use towards `backend`.
-fn source_address_towards(backend: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
+pub(crate) fn source_address_towards(backend: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(backend)?;
     match socket.local_addr()? {

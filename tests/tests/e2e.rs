@@ -3304,6 +3304,22 @@ fn dsr_l2_backends_answer_the_client_directly() {
     }
     cli_ok(&balancer, &["set-weight", "web", &backend(&topo, 1), "10"]);
 
+    // Health checks reach the service as clients do (a SYN to the VIP, to the backend's MAC):
+    // without the VIP on its loopback, a backend still answering on its own address is down.
+    let b1 = backend(&topo, 0);
+    topo.backends[0].sh(&format!("ip addr del {VIP}/32 dev lo"));
+    balancer.wait_health("web", &b1, false, Duration::from_secs(5));
+    let why = balancer.backend("web", &b1)["last_error"].to_string();
+    assert!(why.contains("is the VIP on its loopback"), "{why}");
+    let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 50), 2);
+    assert_eq!(
+        (counts, failed),
+        (vec![0, 50], 0),
+        "backend 1 without the VIP"
+    );
+    topo.backends[0].sh(&format!("ip addr add {VIP}/32 dev lo"));
+    balancer.wait_health("web", &b1, true, Duration::from_secs(5));
+
     // Stop backend 1: health checks take it out, every new connection lands on backend 2.
     servers[0].kill().expect("stop backend 1's server");
     servers[0].wait().expect("reap backend 1's server");
@@ -3322,7 +3338,8 @@ fn dsr_l2_backends_answer_the_client_directly() {
 /// `mode = "dsr"` with `dsr = "ipip"`: the packet reaches the backend inside an IPIP header that
 /// `lb decap` (run on each backend) strips; the backends see the client's address and answer it
 /// over a path that skips lb (the client has a second link on their segment). Without `lb
-/// decap` no connection gets through (this kernel has no ipip module).
+/// decap` no connection gets through (this kernel has no ipip module), and the health checks,
+/// which take the tunnel as clients do, hold the backends down.
 #[test]
 fn dsr_ipip_reaches_backends_through_lb_decap() {
     require_root();
@@ -3349,8 +3366,14 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
         .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"lb1\"]")
         .replace("dsr = \"l2\"", "dsr = \"ipip\"");
     let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    // The health checks go through the tunnel, as clients do: without lb decap, down.
     for i in 0..2 {
-        balancer.wait_health("web", &backend(&topo, i), true, Duration::from_secs(5));
+        balancer.wait_until(Duration::from_secs(5), "a failed VIP probe", |b| {
+            b.backend("web", &backend(&topo, i))["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("lb decap running"))
+        });
+        balancer.wait_health("web", &backend(&topo, i), false, Duration::from_secs(5));
     }
     assert_eq!(balancer.status()["services"][0]["mode"], "dsr-ipip");
     let url = format!("http://{VIP}:{BACKEND_PORT}");
@@ -3380,13 +3403,10 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
             )
         })
         .collect();
-    let start = Instant::now();
-    while curl("/") == "FAIL" {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no connection through lb decap"
-        );
+    for i in 0..2 {
+        balancer.wait_health("web", &backend(&topo, i), true, Duration::from_secs(10));
     }
+    assert_ne!(curl("/"), "FAIL", "no connection through lb decap");
 
     let peers = topo.client.sh(&format!(
         "for p in $(seq 47000 47009); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
@@ -3440,5 +3460,6 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
     }
     println!("lb decap stripped {stripped} packets on both backends");
     assert!(stripped > 400, "{stripped} packets stripped");
+    balancer.wait_health("web", &backend(&topo, 0), false, Duration::from_secs(5));
     assert_eq!(curl("/"), "FAIL", "got through after lb decap stopped");
 }
