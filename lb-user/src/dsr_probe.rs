@@ -14,9 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use lb_common::tunnel::IPPROTO_IPIP;
+
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
-const IPPROTO_IPIP: u8 = 4;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;

@@ -3119,49 +3119,14 @@ fn dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
     assert_eq!(modes, ["dnat", "dnat", "dnat"]);
 
     // Each backend names the peer it saw: the client, on the port curl bound.
-    let peers = topo.client.sh(&format!(
-        "for p in $(seq 45000 45019); do curl -s --max-time 2 --local-port $p http://{VIP}/peer || echo FAIL; done"
-    ));
-    let peers: Vec<&str> = peers.lines().collect();
-    assert_eq!(peers.len(), 20, "{peers:?}");
-    for (i, line) in peers.iter().enumerate() {
-        let seen = line.split(' ').nth(1).unwrap_or("");
-        assert_eq!(
-            seen,
-            format!("{CLIENT}:{}", 45000 + i),
-            "backend's view of connection {i}: {line}"
-        );
-    }
+    assert_backends_see_the_client(&topo, &format!("http://{VIP}"), 45000, 20);
 
     let (counts, failed) = tally(&http_requests(&topo, 1000), 2);
     println!("dnat, 1000 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&balancer, &counts, 40.0, 5.0, "dnat 4:6 split");
 
-    let mut long_lived = connect_in(&topo.client);
-    let first = request_on(&mut long_lived);
-    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0)] {
-        for (i, w) in weights.iter().enumerate() {
-            cli_ok(
-                &balancer,
-                &["set-weight", "web", &backend(&topo, i), &w.to_string()],
-            );
-        }
-        let (counts, failed) = tally(&http_requests(&topo, 100), 2);
-        assert_eq!(failed, 0, "weights {weights:?}");
-        assert_share(
-            &balancer,
-            &counts,
-            want_b1,
-            0.0,
-            &format!("weights {weights:?}"),
-        );
-        assert_eq!(
-            request_on(&mut long_lived),
-            first,
-            "the long-lived connection moved after weights {weights:?}"
-        );
-    }
+    assert_weights_move_new_connections_only(&balancer, &topo, 80);
 
     // nc only takes an answer from the address it sent to: the VIP.
     let answer = udp_request(&topo, "hello", 45100);
@@ -3195,6 +3160,77 @@ fn dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
         0
     );
     assert_eq!(counter(&balancer, "drop_dnat_tuple_taken"), 0);
+}
+
+/// Weights 0:10, then 10:0 (`lb set-weight`): each time, all of 100 new connections to
+/// VIP:`port` go to the weighted backend, and a long-lived connection stays on its own.
+fn assert_weights_move_new_connections_only(balancer: &Balancer, topo: &Topology, port: u16) {
+    let mut long_lived = topo
+        .client
+        .spawn_inside(move || TcpStream::connect((VIP, port)).expect("connect to the VIP"))
+        .join()
+        .expect("connect thread");
+    let first = request_on(&mut long_lived);
+    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0)] {
+        for (i, w) in weights.iter().enumerate() {
+            cli_ok(
+                balancer,
+                &["set-weight", "web", &backend(topo, i), &w.to_string()],
+            );
+        }
+        let (counts, failed) = tally(&http_requests_to(topo, port, 100), 2);
+        assert_eq!(failed, 0, "weights {weights:?}");
+        assert_share(
+            balancer,
+            &counts,
+            want_b1,
+            0.0,
+            &format!("weights {weights:?}"),
+        );
+        assert_eq!(
+            request_on(&mut long_lived),
+            first,
+            "the long-lived connection moved after weights {weights:?}"
+        );
+    }
+}
+
+/// Each of `count` connections from client ports `first_port`.. to `url` (`GET /peer`) is
+/// answered with the peer its backend saw: the client itself, on that port.
+fn assert_backends_see_the_client(topo: &Topology, url: &str, first_port: u16, count: u16) {
+    let last = first_port + count - 1;
+    let peers = topo.client.sh(&format!(
+        "for p in $(seq {first_port} {last}); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
+    ));
+    let peers: Vec<&str> = peers.lines().collect();
+    assert_eq!(peers.len(), usize::from(count), "{peers:?}");
+    for (i, line) in peers.iter().enumerate() {
+        assert_eq!(
+            line.split(' ').nth(1).unwrap_or(""),
+            format!("{CLIENT}:{}", first_port + i as u16),
+            "backend's view of connection {i}: {line}"
+        );
+    }
+}
+
+/// A 4 MB download from `url` reaches the client while lb carries only the client's side of
+/// it (its per-backend byte counts, which the sweep refreshes each second).
+fn assert_download_skips_lb(balancer: &Balancer, topo: &Topology, url: &str, what: &str) {
+    let bytes_before: u64 = per_backend(balancer, topo, "web", "bytes").iter().sum();
+    let got = topo.client.sh(&format!(
+        "curl -s --max-time 10 {url}/bytes/4000000 | wc -c"
+    ));
+    assert_eq!(got.trim(), "4000000", "the download");
+    std::thread::sleep(Duration::from_millis(1500));
+    let through_lb: u64 = per_backend(balancer, topo, "web", "bytes")
+        .iter()
+        .sum::<u64>()
+        - bytes_before;
+    println!("{what}: a 4000000-byte download took {through_lb} bytes through lb");
+    assert!(
+        through_lb > 0 && through_lb < 400_000,
+        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
+    );
 }
 
 /// A DSR service's config for the one-arm topology: VIP:8000 over both backends (which listen
@@ -3238,70 +3274,16 @@ fn dsr_l2_backends_answer_the_client_directly() {
     assert_eq!(balancer.status()["services"][0]["mode"], "dsr-l2");
     let url = format!("http://{VIP}:{BACKEND_PORT}");
 
-    let peers = topo.client.sh(&format!(
-        "for p in $(seq 46000 46009); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
-    ));
-    let peers: Vec<&str> = peers.lines().collect();
-    assert_eq!(peers.len(), 10, "{peers:?}");
-    for (i, line) in peers.iter().enumerate() {
-        assert_eq!(
-            line.split(' ').nth(1).unwrap_or(""),
-            format!("{CLIENT}:{}", 46000 + i),
-            "backend's view of connection {i}: {line}"
-        );
-    }
+    assert_backends_see_the_client(&topo, &url, 46000, 10);
 
     let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 1000), 2);
     println!("dsr l2, 1000 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&balancer, &counts, 40.0, 5.0, "dsr 4:6 split");
 
-    // A download: 4 MB reach the client, and lb sees only the client's side of it.
-    let bytes_before: u64 = per_backend(&balancer, &topo, "web", "bytes").iter().sum();
-    let got = topo.client.sh(&format!(
-        "curl -s --max-time 10 {url}/bytes/4000000 | wc -c"
-    ));
-    assert_eq!(got.trim(), "4000000", "the download");
-    // The sweep refreshes the figures each second.
-    std::thread::sleep(Duration::from_millis(1500));
-    let through_lb: u64 = per_backend(&balancer, &topo, "web", "bytes")
-        .iter()
-        .sum::<u64>()
-        - bytes_before;
-    println!("dsr l2: a 4000000-byte download took {through_lb} bytes through lb");
-    assert!(
-        through_lb > 0 && through_lb < 400_000,
-        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
-    );
+    assert_download_skips_lb(&balancer, &topo, &url, "dsr l2");
 
-    let mut long_lived = topo
-        .client
-        .spawn_inside(|| TcpStream::connect((VIP, BACKEND_PORT)).expect("connect to the VIP"))
-        .join()
-        .expect("connect thread");
-    let first = request_on(&mut long_lived);
-    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0)] {
-        for (i, w) in weights.iter().enumerate() {
-            cli_ok(
-                &balancer,
-                &["set-weight", "web", &backend(&topo, i), &w.to_string()],
-            );
-        }
-        let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 100), 2);
-        assert_eq!(failed, 0, "weights {weights:?}");
-        assert_share(
-            &balancer,
-            &counts,
-            want_b1,
-            0.0,
-            &format!("weights {weights:?}"),
-        );
-        assert_eq!(
-            request_on(&mut long_lived),
-            first,
-            "the long-lived connection moved after weights {weights:?}"
-        );
-    }
+    assert_weights_move_new_connections_only(&balancer, &topo, BACKEND_PORT);
     cli_ok(&balancer, &["set-weight", "web", &backend(&topo, 1), "10"]);
 
     // Health checks reach the service as clients do (a SYN to the VIP, to the backend's MAC):
@@ -3408,37 +3390,14 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
     }
     assert_ne!(curl("/"), "FAIL", "no connection through lb decap");
 
-    let peers = topo.client.sh(&format!(
-        "for p in $(seq 47000 47009); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
-    ));
-    for (i, line) in peers.lines().enumerate() {
-        assert_eq!(
-            line.split(' ').nth(1).unwrap_or(""),
-            format!("{CLIENT}:{}", 47000 + i),
-            "backend's view of connection {i}: {line}"
-        );
-    }
+    assert_backends_see_the_client(&topo, &url, 47000, 10);
 
     let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 400), 2);
     println!("dsr ipip, 400 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&balancer, &counts, 40.0, 7.5, "dsr ipip 4:6 split");
 
-    let bytes_before: u64 = per_backend(&balancer, &topo, "web", "bytes").iter().sum();
-    let got = topo.client.sh(&format!(
-        "curl -s --max-time 10 {url}/bytes/4000000 | wc -c"
-    ));
-    assert_eq!(got.trim(), "4000000", "the download");
-    std::thread::sleep(Duration::from_millis(1500));
-    let through_lb: u64 = per_backend(&balancer, &topo, "web", "bytes")
-        .iter()
-        .sum::<u64>()
-        - bytes_before;
-    println!("dsr ipip: a 4000000-byte download took {through_lb} bytes through lb");
-    assert!(
-        through_lb > 0 && through_lb < 400_000,
-        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
-    );
+    assert_download_skips_lb(&balancer, &topo, &url, "dsr ipip");
     assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
 
     // Stopped, each decap says what it stripped, and detaches: connections fail again.

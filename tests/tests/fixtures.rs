@@ -3392,6 +3392,26 @@ fn dsr_fixtures() -> Vec<Fixture> {
         (k, in_state(state, v))
     };
     let no_reply_entry = |cport: u16| (key(B1, BACKEND_PORT, CLIENT, cport, TCP), None);
+    // A segment (flags, sequence number) of an established DSR flow from `cport`: forwarded
+    // with its MACs changed alone, the flow left in (state, flags added).
+    let established_step =
+        |name: &'static str, cport: u16, (flags, seq): (u8, u32), (state, added): (u32, u32)| {
+            Fixture {
+                flows_after: vec![entry_in(state, cport, added)],
+                ..fixture(
+                    name,
+                    setup(&[Setup::DsrFlow {
+                        cport,
+                        backend: 1,
+                        state: TCP_ESTABLISHED,
+                    }]),
+                    from_client(cport).tcp_flags(flags).seq(seq).build(),
+                    XDP_REDIRECT,
+                    Some(to_b1(cport).tcp_flags(flags).seq(seq).build()),
+                    vec![(Counter::Redirect, 1)],
+                )
+            }
+        };
     let options = linux_syn_options(7_000_000, 0);
     vec![
         Fixture {
@@ -3462,59 +3482,24 @@ fn dsr_fixtures() -> Vec<Fixture> {
                 ],
             )
         },
-        Fixture {
-            flows_after: vec![entry_in(TCP_FIN_WAIT, 43004, FLOW_FIN_SENT)],
-            ..fixture(
-                "dsr_client_fin_half_closes",
-                setup(&[Setup::DsrFlow {
-                    cport: 43004,
-                    backend: 1,
-                    state: TCP_ESTABLISHED,
-                }]),
-                from_client(43004).tcp_flags(TCP_FIN | TCP_ACK).build(),
-                XDP_REDIRECT,
-                Some(to_b1(43004).tcp_flags(TCP_FIN | TCP_ACK).build()),
-                vec![(Counter::Redirect, 1)],
-            )
-        },
-        Fixture {
-            flows_after: vec![entry_in(TCP_CLOSED, 43005, FLOW_END_COUNTED)],
-            ..fixture(
-                "dsr_rst_in_window_ends_the_connection",
-                setup(&[Setup::DsrFlow {
-                    cport: 43005,
-                    backend: 1,
-                    state: TCP_ESTABLISHED,
-                }]),
-                from_client(43005).tcp_flags(TCP_RST | TCP_ACK).build(),
-                XDP_REDIRECT,
-                Some(to_b1(43005).tcp_flags(TCP_RST | TCP_ACK).build()),
-                vec![(Counter::Redirect, 1)],
-            )
-        },
-        Fixture {
-            flows_after: vec![entry_in(TCP_ESTABLISHED, 43006, 0)],
-            ..fixture(
-                "dsr_blind_rst_is_forwarded_and_ends_nothing",
-                setup(&[Setup::DsrFlow {
-                    cport: 43006,
-                    backend: 1,
-                    state: TCP_ESTABLISHED,
-                }]),
-                from_client(43006)
-                    .tcp_flags(TCP_RST | TCP_ACK)
-                    .seq(1000 + (1 << 24))
-                    .build(),
-                XDP_REDIRECT,
-                Some(
-                    to_b1(43006)
-                        .tcp_flags(TCP_RST | TCP_ACK)
-                        .seq(1000 + (1 << 24))
-                        .build(),
-                ),
-                vec![(Counter::Redirect, 1)],
-            )
-        },
+        established_step(
+            "dsr_client_fin_half_closes",
+            43004,
+            (TCP_FIN | TCP_ACK, 1000),
+            (TCP_FIN_WAIT, FLOW_FIN_SENT),
+        ),
+        established_step(
+            "dsr_rst_in_window_ends_the_connection",
+            43005,
+            (TCP_RST | TCP_ACK, 1000),
+            (TCP_CLOSED, FLOW_END_COUNTED),
+        ),
+        established_step(
+            "dsr_blind_rst_is_forwarded_and_ends_nothing",
+            43006,
+            (TCP_RST | TCP_ACK, 1000 + (1 << 24)),
+            (TCP_ESTABLISHED, 0),
+        ),
         Fixture {
             // B3 has no neighbour entry: the kernel cannot have the packet, addressed to the VIP.
             flows_after: vec![],
