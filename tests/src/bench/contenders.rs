@@ -27,6 +27,10 @@ pub enum Contender {
     Direct,
     /// This balancer: the XDP program in native mode, run by the daemon.
     Xdp,
+    /// This balancer in `mode = "dsr"` (L2): the backends, with the VIP on their loopback,
+    /// answer the clients over a link of their own (the client hosts' second link on the
+    /// backends' segment), not through the balancer.
+    XdpDsr,
     /// nftables DNAT and masquerade with a weighted `numgen` vmap, as kube-proxy's nftables mode.
     Nftables,
     Haproxy,
@@ -34,9 +38,10 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 5] = [
+    pub const ALL: [Contender; 6] = [
         Contender::Direct,
         Contender::Xdp,
+        Contender::XdpDsr,
         Contender::Nftables,
         Contender::Haproxy,
         Contender::Nginx,
@@ -46,6 +51,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct (no balancer)",
             Contender::Xdp => "lb (XDP, native)",
+            Contender::XdpDsr => "lb DSR (XDP, L2)",
             Contender::Nftables => "nftables DNAT+SNAT",
             Contender::Haproxy => "HAProxy (tcp mode)",
             Contender::Nginx => "nginx stream",
@@ -56,8 +62,26 @@ impl Contender {
     pub fn udp_unsupported(self) -> Option<&'static str> {
         match self {
             Contender::Haproxy => Some("HAProxy has no UDP proxying (tcp and http modes only)"),
+            Contender::XdpDsr => Some(
+                "the backends' UDP echo answers from its own address, not the VIP, as a UDP server behind DSR must",
+            ),
             _ => None,
         }
+    }
+
+    /// Why a contender cannot serve `scene`'s deployment, if it cannot.
+    pub fn scene_unsupported(self, containers: bool) -> Option<&'static str> {
+        match self {
+            Contender::XdpDsr if containers => Some(
+                "DSR by MAC needs the backends on a segment XDP sends to; containers sit behind a bridge",
+            ),
+            _ => None,
+        }
+    }
+
+    /// Whether it is this balancer, run by its daemon.
+    pub fn is_lb(self) -> bool {
+        matches!(self, Contender::Xdp | Contender::XdpDsr)
     }
 }
 
@@ -126,6 +150,55 @@ pub fn daemon_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> St
     }
     text
 }
+
+/// lb's configuration for DSR: the TCP service alone (see `udp_unsupported`), with backends
+/// on the VIP's port, defaults otherwise.
+fn dsr_config(topo: &Topology) -> String {
+    let interfaces: Vec<String> = topo
+        .lb_interfaces
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect();
+    let mut text = format!(
+        "interfaces = [{}]\n[host]\ncgroup = \"off\"\n\
+         [[service]]\nname = \"web\"\nvip = \"{VIP}:{WEB_PORT}\"\nmode = \"dsr\"\ndsr = \"l2\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"1s\"\n",
+        interfaces.join(", ")
+    );
+    for (addr, weight) in topo.backend_addrs.iter().zip(WEIGHTS) {
+        text +=
+            &format!("[[service.backend]]\naddress = \"{addr}:{WEB_PORT}\"\nweight = {weight}\n");
+    }
+    text
+}
+
+/// The DSR network: the client namespace gets a second link on the backends' segment, and
+/// the backends send their answers to every client host that way (the client namespace
+/// routes for the others); each holds the VIP on its loopback, unanswered to ARP.
+fn dsr_network(topo: &Topology) {
+    topo.client.sh(&format!(
+        "ip link add eth1 type veth peer name s-c2 netns {switch}
+         ip link set eth1 up
+         ip addr add {CLIENT_SIDE}/24 dev eth1
+         ethtool -K eth1 tx off >/dev/null
+         sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth1.rp_filter=0",
+        switch = topo.switch.name
+    ));
+    topo.switch.sh(
+        "ip link set s-c2 up && ip link set s-c2 master br0 && ethtool -K s-c2 gro on >/dev/null",
+    );
+    for ns in &topo.backends {
+        ns.sh(&format!(
+            "ip addr add {VIP}/32 dev lo
+             sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
+             ip route add 198.18.0.0/24 via {CLIENT_SIDE}
+             ip route add 198.18.16.0/20 via {CLIENT_SIDE}"
+        ));
+    }
+}
+
+/// The client namespace's address on the backends' segment (`dsr_network`).
+const CLIENT_SIDE: &str = "198.18.1.2";
 
 /// One chain per backend and protocol, picked by a weighted `numgen` vmap (kube-proxy's shape),
 /// for forwarded connections and for the host's own (the output hook).
@@ -220,6 +293,13 @@ pub fn start<'a>(
             let balancer = Balancer::start(lb, topo, &daemon_config(topo, host_clients));
             let running = Running::Daemon(Box::new(balancer));
             wait_for_vip(topo, "lb")?;
+            Ok(running)
+        }
+        Contender::XdpDsr => {
+            dsr_network(topo);
+            let balancer = Balancer::start(lb, topo, &dsr_config(topo));
+            let running = Running::Daemon(Box::new(balancer));
+            wait_for_vip(topo, "lb (DSR)")?;
             Ok(running)
         }
         Contender::Nftables => {

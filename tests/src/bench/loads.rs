@@ -240,6 +240,7 @@ pub fn start_backends(
                  events {{ worker_connections 65536; }}\n\
                  http {{\n    access_log off;\n    keepalive_requests 100000000;\n    sendfile on;\n    \
                  server {{\n        listen {BACKEND_PORT} reuseport backlog=65535;\n        \
+                 listen {WEB_PORT} reuseport backlog=65535;\n        \
                  location = / {{ return 200 \"{name}\\n\"; }}\n        \
                  location = /bulk {{ alias {www}/bulk; }}\n    }}\n}}\n",
                 p = prefix.display(),

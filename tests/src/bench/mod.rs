@@ -254,6 +254,17 @@ fn one_contender(
         .into_iter()
         .filter(|l| l.scene() == scene)
         .collect();
+    if let Some(why) = contender.scene_unsupported(scene == Scene::Containers) {
+        for load in loads {
+            results.entries.push(Entry {
+                contender,
+                load,
+                cell: Cell::NotApplicable(why.into()),
+                runs: vec![],
+            });
+        }
+        return;
+    }
     // A fresh network per contender: TIME_WAIT sockets on the backends, conntrack entries
     // and sysctls left by one contender would otherwise tax the next (a backend's TIME_WAIT
     // refuses a SYN that reuses its addresses and ports with an older timestamp, and
@@ -458,11 +469,13 @@ fn measure(
         let process_cpu = (lb_after - lb_before) / wall;
         let (xdp_ns, xdp_runs) = (xdp_after.0 - xdp_before.0, xdp_after.1 - xdp_before.1);
         outcome.cost = Cost {
-            xdp_ns_per_packet: (contender == Contender::Xdp && xdp_runs > 0 && stats.is_ok())
+            xdp_ns_per_packet: (contender.is_lb() && xdp_runs > 0 && stats.is_ok())
                 .then(|| xdp_ns as f64 / xdp_runs as f64),
             balancer_cpu: match contender {
                 // The program's run time plus the daemon's own CPU (health checks, sweeps).
-                Contender::Xdp if stats.is_ok() => Some(xdp_ns as f64 / 1e9 / wall + process_cpu),
+                Contender::Xdp | Contender::XdpDsr if stats.is_ok() => {
+                    Some(xdp_ns as f64 / 1e9 / wall + process_cpu)
+                }
                 Contender::Haproxy | Contender::Nginx => Some(process_cpu),
                 _ => None,
             },

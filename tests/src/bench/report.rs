@@ -359,6 +359,10 @@ pub fn markdown(results: &Results, command: &str) -> String {
          bridge's ports), the client outside; \"from the host\" is wrk in the balancer's own \
          namespace (for lb, balanced by its socket hooks; for nftables, an output-hook DNAT; \
          the proxies listen there). Their new-connection runs last as long as the others.\n\n\
+         \"lb DSR\" is lb in `mode = \"dsr\"` (L2) on the two-arm network: the backends hold the \
+         VIP on their loopback and answer the clients over a second link of the client \
+         namespace on their segment, so a download's data skips the balancer (its UDP and \
+         containers cells do not apply).\n\n\
          ## Summary\n\n{}\n\
          ## Goals\n\n{}\n",
         m.date,
@@ -501,7 +505,9 @@ pub fn chart_svg(results: &Results) -> String {
     const PANEL_H: f64 = 260.0;
     const TOP: f64 = 64.0;
     const BAR_AREA: f64 = 170.0;
-    let colours = ["#888888", "#d62728", "#1f77b4", "#2ca02c", "#9467bd"];
+    let colours = [
+        "#888888", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd",
+    ];
     let width = PANEL_W * Load::ALL.len() as f64 + 20.0;
     let height = TOP + PANEL_H;
     let mut s = format!(
