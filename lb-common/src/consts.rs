@@ -51,6 +51,10 @@ pub const FLOW_DSR: u32 = 512;
 /// `FlowValue::flags`, with FLOW_DSR: a `SERVICE_MODE_DSR_IPIP` flow. The packet goes inside an
 /// IPv4 header from `nat_src_addr` (an address of the service's pool) to the backend.
 pub const FLOW_IPIP: u32 = 1024;
+/// `FlowValue::flags`, with FLOW_DSR: a `SERVICE_MODE_DSR_GUE` flow. The packet goes inside
+/// IPv4 from `nat_src_addr` to the backend and UDP from `nat_src_port` (the flow's hash:
+/// `tunnel::gue_source_port`) to `tunnel::GUE_PORT`.
+pub const FLOW_GUE: u32 = 2048;
 
 /// `Service::mode`: full NAT, source and destination rewritten (the default).
 pub const SERVICE_MODE_NAT: u8 = 0;
@@ -64,6 +68,17 @@ pub const SERVICE_MODE_DSR_L2: u8 = 2;
 /// `Service::mode`: direct server return through an IPIP tunnel to backends on any subnet,
 /// whose `lb decap` strips it (`tunnel`). Its backends listen on the VIP's port.
 pub const SERVICE_MODE_DSR_IPIP: u8 = 3;
+/// `Service::mode`: as SERVICE_MODE_DSR_IPIP, through a GUE tunnel (IPv4 and UDP), which the
+/// backend's NIC spreads over its queues by the UDP source port.
+pub const SERVICE_MODE_DSR_GUE: u8 = 4;
+
+/// Whether a `Service::mode` is direct server return (its backends answer clients directly).
+pub const fn is_dsr_mode(mode: u8) -> bool {
+    matches!(
+        mode,
+        SERVICE_MODE_DSR_L2 | SERVICE_MODE_DSR_IPIP | SERVICE_MODE_DSR_GUE
+    )
+}
 
 /// How often the in-kernel expiry (lb-ebpf's `expiry.rs`) walks the flow table; less often
 /// (up to EXPIRY_INTERVAL_MAX_NS) when a walk takes more than a fifth of that.

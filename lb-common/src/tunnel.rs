@@ -1,6 +1,8 @@
-//! DSR's IPIP form: the client's packet, whole, inside an IPv4 header to the backend, whose
-//! `lb decap` strips it (this kernel has no ipip module). Pure: the headers the data path writes
-//! in front of the packet, unit-tested here.
+//! DSR's encapsulated forms: the client's packet, whole, inside an IPv4 header to the backend
+//! (IPIP), or inside IPv4 and UDP (GUE, variant 1: the UDP payload is the inner packet, as
+//! Katran sends it), whose `lb decap` strips it (this kernel has no ipip or fou module). GUE's
+//! UDP source port carries the flow's hash, so that the backend NIC's RSS spreads the tunnel
+//! by flow. Pure: the headers the data path writes in front of the packet, unit-tested here.
 
 use crate::reset::{fold, sum_words};
 
@@ -10,6 +12,23 @@ pub const IPPROTO_IPIP: u8 = 4;
 pub const IPIP_OVERHEAD: u16 = 20;
 /// The Ethernet and outer IPv4 headers the data path writes.
 pub const IPIP_HEADERS_LEN: usize = 14 + IPIP_OVERHEAD as usize;
+/// GUE's UDP destination port (Katran's default).
+pub const GUE_PORT: u16 = 6080;
+/// What the outer IPv4 and UDP headers add to the packet.
+pub const GUE_OVERHEAD: u16 = 28;
+/// The Ethernet, outer IPv4 and UDP headers the data path writes.
+pub const GUE_HEADERS_LEN: usize = 14 + GUE_OVERHEAD as usize;
+/// IPPROTO_UDP.
+const IPPROTO_UDP: u8 = 17;
+/// GUE's UDP source ports: the ephemeral range's top quarter, the flow's hash below it.
+const GUE_SOURCE_BASE: u16 = 0xc000;
+
+/// The UDP source port of a GUE flow whose hash is `hash`.
+#[inline(always)]
+pub const fn gue_source_port(hash: u32) -> u16 {
+    GUE_SOURCE_BASE | (hash as u16 & !GUE_SOURCE_BASE)
+}
+
 /// TTL of the outer header: it lives from the balancer to the backend's decap.
 const OUTER_TTL: u8 = 64;
 /// IPv4's don't-fragment bit, in the flags-and-offset field.
@@ -35,18 +54,38 @@ pub struct Ipip {
 /// (whatever it held): in place in the packet, as the data path's stack has no room for a copy.
 #[inline(always)]
 pub fn write_ipip_headers(f: &mut [u8; IPIP_HEADERS_LEN], t: &Ipip) {
+    write_outer(&mut f[..34], t, IPPROTO_IPIP, IPIP_OVERHEAD);
+}
+
+/// Writes the Ethernet, outer IPv4 and UDP headers of `t` (UDP from `source_port` to
+/// GUE_PORT, checksum 0, as IPv4 allows) over `f`.
+#[inline(always)]
+pub fn write_gue_headers(f: &mut [u8; GUE_HEADERS_LEN], t: &Ipip, source_port: u16) {
+    write_outer(&mut f[..34], t, IPPROTO_UDP, GUE_OVERHEAD);
+    let udp = &mut f[34..42];
+    udp[0..2].copy_from_slice(&source_port.to_be_bytes());
+    udp[2..4].copy_from_slice(&GUE_PORT.to_be_bytes());
+    let len = t.inner_len.wrapping_add(GUE_OVERHEAD - 20);
+    udp[4..6].copy_from_slice(&len.to_be_bytes());
+    udp[6..8].copy_from_slice(&[0, 0]);
+}
+
+/// The Ethernet and outer IPv4 headers (`f`, 34 bytes) of a tunnel of `proto` whose headers
+/// add `overhead` bytes.
+#[inline(always)]
+fn write_outer(f: &mut [u8], t: &Ipip, proto: u8, overhead: u16) {
     f[0..6].copy_from_slice(&t.dst_mac);
     f[6..12].copy_from_slice(&t.src_mac);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let ip = &mut f[14..34];
     ip[0] = 0x45;
     ip[1] = t.tos;
-    ip[2..4].copy_from_slice(&t.inner_len.wrapping_add(IPIP_OVERHEAD).to_be_bytes());
+    ip[2..4].copy_from_slice(&t.inner_len.wrapping_add(overhead).to_be_bytes());
     ip[4..6].copy_from_slice(&[0, 0]);
     let frags = if t.df { IP_DF } else { 0 };
     ip[6..8].copy_from_slice(&frags.to_be_bytes());
     ip[8] = OUTER_TTL;
-    ip[9] = IPPROTO_IPIP;
+    ip[9] = proto;
     ip[12..16].copy_from_slice(&t.src_addr);
     ip[16..20].copy_from_slice(&t.dst_addr);
     ip[10..12].copy_from_slice(&[0, 0]);
@@ -104,5 +143,40 @@ mod tests {
             // A header with its checksum sums to 0xffff.
             assert_eq!(fold(sum_words(&f[14..34], 0)), 0xffff, "df {df}");
         }
+    }
+
+    #[test]
+    fn gue_puts_a_udp_header_to_its_port_between() {
+        let t = Ipip {
+            src_mac: [2, 0, 0, 0, 1, 1],
+            dst_mac: [2, 0, 0, 0, 0, 0x11],
+            src_addr: [198, 18, 1, 1],
+            dst_addr: [198, 18, 9, 11],
+            inner_len: 60,
+            tos: 0,
+            df: true,
+        };
+        let mut f = [0xa5; GUE_HEADERS_LEN];
+        write_gue_headers(&mut f, &t, gue_source_port(0x1234_5678));
+        let ip = &f[14..34];
+        assert_eq!((ip[9], u16::from_be_bytes([ip[2], ip[3]])), (17, 88));
+        assert_eq!(fold(sum_words(ip, 0)), 0xffff);
+        let udp = &f[34..42];
+        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 0xc000 | 0x1678);
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), GUE_PORT);
+        assert_eq!(
+            u16::from_be_bytes([udp[4], udp[5]]),
+            68,
+            "UDP header and inner packet"
+        );
+        assert_eq!(&udp[6..8], &[0, 0], "no UDP checksum");
+    }
+
+    #[test]
+    fn gue_source_ports_stay_in_the_top_quarter() {
+        for hash in [0, 1, 0x3fff, 0xffff, u32::MAX, 0xdead_beef] {
+            assert!(gue_source_port(hash) >= 0xc000);
+        }
+        assert_ne!(gue_source_port(1), gue_source_port(2), "the hash shows");
     }
 }

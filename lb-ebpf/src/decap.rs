@@ -1,6 +1,6 @@
-//! `lb decap`'s entry, on a DSR backend's interface (tc ingress): an IPIP packet whose inner
-//! destination is a VIP it was given (DECAP_VIPS) loses its outer header and goes on to the
-//! stack as the client sent it, to the VIP on the backend's loopback. Everything else goes on
+//! `lb decap`'s entry, on a DSR backend's interface (tc ingress): an IPIP or GUE packet whose
+//! inner destination is a VIP it was given (DECAP_VIPS) loses its outer headers and goes on to
+//! the stack as the client sent it, to the VIP on the backend's loopback. Everything else goes on
 //! untouched. Shares nothing with the balancer but the object and the counters' layout.
 
 use aya_ebpf::{
@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Be32, STAT_DECAP_UNKNOWN_VIP, STAT_DECAPSULATED,
-    tunnel::{IPIP_OVERHEAD, IPPROTO_IPIP},
+    tunnel::{GUE_OVERHEAD, GUE_PORT, IPIP_OVERHEAD, IPPROTO_IPIP},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -25,40 +25,26 @@ use crate::{
     stats,
 };
 
-/// Ethernet, the outer IPv4 header (no options) and the inner one's fixed part.
-const HEADERS: u32 = (EthHdr::LEN + 2 * Ipv4Hdr::LEN) as u32;
+/// Ethernet, the outer IPv4 and UDP headers (no options) and the inner IPv4 header's fixed part.
+const HEADERS: u32 = (EthHdr::LEN + 2 * Ipv4Hdr::LEN + 8) as u32;
 /// More fragments, and the fragment offset, in IPv4's `frags` field (host order).
 const IP_FRAGMENTED: u16 = 0x3fff;
+const IPPROTO_UDP: u8 = 17;
 
 #[classifier]
 pub fn lb_decap(ctx: TcContext) -> i32 {
-    if ctx.pull_data(HEADERS).is_err() {
+    if ctx.pull_data(ctx.len().min(HEADERS)).is_err() {
         return TC_ACT_UNSPEC;
     }
-    let (Some(eth), Some(outer), Some(inner)) = (
-        ptr_at::<EthHdr>(&ctx, 0),
-        ptr_at::<Ipv4Hdr>(&ctx, EthHdr::LEN),
-        ptr_at::<Ipv4Hdr>(&ctx, EthHdr::LEN + Ipv4Hdr::LEN),
-    ) else {
+    let Some(overhead) = tunnel_overhead(&ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    let Some(inner) = ptr_at::<Ipv4Hdr>(&ctx, EthHdr::LEN + usize::from(overhead)) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: bounds-checked by ptr_at.
-    let (ether_type, vihl, proto, frags, vip) = unsafe {
-        (
-            (*eth).ether_type,
-            (*outer).vihl,
-            (*outer).proto,
-            u16::from_be_bytes((*outer).frags),
-            Be32::from_bytes((*inner).dst_addr),
-        )
-    };
-    // A fragmented outer packet is the kernel's to reassemble (and, with no ipip module, drop):
-    // lb's outer header copies the inner DF, and a path too narrow answers the client.
-    if ether_type != ETH_P_IP.to_be()
-        || vihl != 0x45
-        || proto != IPPROTO_IPIP
-        || frags & IP_FRAGMENTED != 0
-    {
+    let (version, vip) = unsafe { ((*inner).vihl >> 4, Be32::from_bytes((*inner).dst_addr)) };
+    if version != 4 {
         return TC_ACT_UNSPEC;
     }
     // SAFETY: a value read from a map lookup, valid for this program run.
@@ -66,12 +52,14 @@ pub fn lb_decap(ctx: TcContext) -> i32 {
         stats::count_slot(STAT_DECAP_UNKNOWN_VIP);
         return TC_ACT_UNSPEC;
     }
+    // The flag clears the tunnel's GSO types too (IPIP's and UDP tunnels'), GRO-merged
+    // packets included.
     let flags = u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4);
     // SAFETY: the skb is the program's own; the header pointers are not used after this.
     let stripped = unsafe {
         bpf_skb_adjust_room(
             ctx.as_ptr().cast::<__sk_buff>(),
-            -i32::from(IPIP_OVERHEAD),
+            -i32::from(overhead),
             BPF_ADJ_ROOM_MAC,
             flags,
         )
@@ -81,4 +69,36 @@ pub fn lb_decap(ctx: TcContext) -> i32 {
     }
     stats::count_slot(STAT_DECAPSULATED);
     TC_ACT_UNSPEC
+}
+
+/// What lb's tunnel adds to the packet, if it is one: IPIP, or GUE (UDP to GUE_PORT), in an
+/// outer IPv4 header without options. A fragmented outer packet is the kernel's to reassemble
+/// (and, with no ipip or fou module, drop): lb's outer header copies the inner DF, and a path
+/// too narrow answers the client.
+#[inline(always)]
+fn tunnel_overhead(ctx: &TcContext) -> Option<u16> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    let outer = ptr_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (ether_type, vihl, proto, frags) = unsafe {
+        (
+            (*eth).ether_type,
+            (*outer).vihl,
+            (*outer).proto,
+            u16::from_be_bytes((*outer).frags),
+        )
+    };
+    if ether_type != ETH_P_IP.to_be() || vihl != 0x45 || frags & IP_FRAGMENTED != 0 {
+        return None;
+    }
+    match proto {
+        IPPROTO_IPIP => Some(IPIP_OVERHEAD),
+        IPPROTO_UDP => {
+            let ports = ptr_at::<[u8; 4]>(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+            // SAFETY: bounds-checked by ptr_at.
+            let dst = unsafe { u16::from_be_bytes([(*ports)[2], (*ports)[3]]) };
+            (dst == GUE_PORT).then_some(GUE_OVERHEAD)
+        }
+        _ => None,
+    }
 }

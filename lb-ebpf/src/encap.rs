@@ -1,11 +1,15 @@
-//! Stage 5 of DSR's IPIP form: the packet, untouched, goes inside an IPv4 header from the
-//! flow's pool address to its backend (`lb_common::tunnel`), out to the next hop the FIB gave
-//! for the backend. The backend's `lb decap` strips it. Touches no map.
+//! Stage 5 of DSR's encapsulated forms: the packet, untouched, goes inside an IPv4 header
+//! (IPIP), or IPv4 and UDP (GUE), from the flow's pool address to its backend
+//! (`lb_common::tunnel`), out to the next hop the FIB gave for the backend. The backend's `lb
+//! decap` strips it. Touches no map.
 
 use aya_ebpf::{EbpfContext as _, helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    DropReason, FlowValue, IFACE_VIA_STACK,
-    tunnel::{IPIP_HEADERS_LEN, IPIP_OVERHEAD, Ipip, write_ipip_headers},
+    DropReason, FLOW_GUE, FlowValue, IFACE_VIA_STACK,
+    tunnel::{
+        GUE_HEADERS_LEN, GUE_OVERHEAD, IPIP_HEADERS_LEN, IPIP_OVERHEAD, Ipip, write_gue_headers,
+        write_ipip_headers,
+    },
 };
 
 use crate::{
@@ -17,10 +21,11 @@ use crate::{
 /// Don't-fragment in IPv4's `frags` field (host order).
 const IP_DF: u16 = 0x4000;
 
-/// Encapsulates `pkt` of the flow `nat` and sends it to `hop`. Like any DSR packet, one the
-/// kernel would have to forward (into a bridge) cannot go up.
+/// Encapsulates `pkt` of the flow `nat` as its FLOW_IPIP or FLOW_GUE says and sends it to
+/// `hop`. Like any DSR packet, one the kernel would have to forward (into a bridge) cannot go
+/// up.
 #[inline(always)]
-pub fn ipip(
+pub fn tunnel(
     ctx: &XdpContext,
     pkt: &Packet,
     nat: &FlowValue,
@@ -48,14 +53,22 @@ pub fn ipip(
         tos,
         df: frags & IP_DF != 0,
     };
+    let gue = nat.flags & FLOW_GUE != 0;
+    let overhead = if gue { GUE_OVERHEAD } else { IPIP_OVERHEAD };
     // SAFETY: the context pointer is the program's own; the packet pointers in `pkt` are not
-    // used after this. XDP_PACKET_HEADROOM leaves room for the outer header.
-    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -i32::from(IPIP_OVERHEAD)) } != 0 {
+    // used after this. XDP_PACKET_HEADROOM leaves room for the outer headers.
+    if unsafe { bpf_xdp_adjust_head(ctx.as_ptr().cast(), -i32::from(overhead)) } != 0 {
         return Err(cannot);
     }
-    // The old Ethernet header now lies under the outer IPv4 one: both are written whole.
-    let out = ptr_at::<[u8; IPIP_HEADERS_LEN]>(ctx, 0).ok_or(cannot)?;
-    // SAFETY: bounds-checked by ptr_at.
-    write_ipip_headers(unsafe { &mut *out }, &tunnel);
+    // The old Ethernet header now lies under the outer ones: all are written whole.
+    if gue {
+        let out = ptr_at::<[u8; GUE_HEADERS_LEN]>(ctx, 0).ok_or(cannot)?;
+        // SAFETY: bounds-checked by ptr_at.
+        write_gue_headers(unsafe { &mut *out }, &tunnel, nat.nat_src_port.to_host());
+    } else {
+        let out = ptr_at::<[u8; IPIP_HEADERS_LEN]>(ctx, 0).ok_or(cannot)?;
+        // SAFETY: bounds-checked by ptr_at.
+        write_ipip_headers(unsafe { &mut *out }, &tunnel);
+    }
     forward::transmit(hop.ifindex, hop.flags, ctx.ingress_ifindex() as u32)
 }

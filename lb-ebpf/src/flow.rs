@@ -13,17 +13,20 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT, FLOW_IPIP,
-    FLOW_RECLAIM_NS, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS, FLOW_TS, FlowKey,
-    FlowValue, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2,
-    SNAT_POOL_MAX, SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH, STAT_HALF_OPEN_EVICTED,
-    STAT_SUSPECT_REFUSED, STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS, Service,
+    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT, FLOW_GUE,
+    FLOW_IPIP, FLOW_RECLAIM_NS, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS,
+    FLOW_TS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_GUE,
+    SERVICE_MODE_DSR_IPIP, SNAT_POOL_MAX, SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH,
+    STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED, STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS,
+    Service,
     conntrack::{
         Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_SYN_RECV,
         TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after,
         seq_in_window, tcp_flags_valid, tcp_step,
     },
+    flow_hash, is_dsr_mode,
     snat_ports::pool_start,
+    tunnel::gue_source_port,
 };
 
 use crate::{
@@ -481,7 +484,7 @@ pub fn create(
 ) -> Result<Flow, Verdict> {
     let now = now_ns();
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
-    if svc.mode == SERVICE_MODE_DSR_L2 || svc.mode == SERVICE_MODE_DSR_IPIP {
+    if is_dsr_mode(svc.mode) {
         return create_dsr(pkt, svc, backend_id, backend, now);
     }
     let dnat = svc.mode == SERVICE_MODE_DNAT;
@@ -587,13 +590,27 @@ fn create_dsr(
     // The IPIP form's outer source: an address of the service's pool, chosen by the client's
     // tuple, so that the backend's NIC spreads the tunnel's packets over its queues (it
     // hashes their outer addresses) as far as the pool allows.
-    let (tunnel, src_addr) = if svc.mode == SERVICE_MODE_DSR_IPIP {
-        let count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
-        let index = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, count);
-        let addr = svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
-        (FLOW_IPIP, addr)
-    } else {
-        (0, pkt.key.src_addr)
+    // GUE's UDP source port carries the flow's hash, for the same spread by flow.
+    let (tunnel, src_addr, src_port) = match svc.mode {
+        SERVICE_MODE_DSR_IPIP | SERVICE_MODE_DSR_GUE => {
+            let count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
+            let index = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, count);
+            let addr = svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
+            if svc.mode == SERVICE_MODE_DSR_GUE {
+                let k = &pkt.key;
+                let hash = flow_hash(
+                    k.src_addr.0,
+                    k.dst_addr.0,
+                    k.src_port.0,
+                    k.dst_port.0,
+                    k.proto,
+                );
+                (FLOW_GUE, addr, Be16::from_host(gue_source_port(hash)))
+            } else {
+                (FLOW_IPIP, addr, pkt.key.src_port)
+            }
+        }
+        _ => (0, pkt.key.src_addr, pkt.key.src_port),
     };
     let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
     // SAFETY: as in `create`.
@@ -601,7 +618,7 @@ fn create_dsr(
     *forward = FlowValue {
         nat_src_addr: src_addr,
         nat_dst_addr: backend.addr,
-        nat_src_port: pkt.key.src_port,
+        nat_src_port: src_port,
         nat_dst_port: backend.port,
         backend_id,
         flags: FLOW_DSR | tunnel | well_formed,

@@ -22,8 +22,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    DropReason, FLOW_DSR, FlowValue, PassReason, SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2,
-    conntrack::tcp_flags_valid,
+    DropReason, FLOW_DSR, FlowValue, PassReason, conntrack::tcp_flags_valid, is_dsr_mode,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -142,7 +141,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
 fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
     let pkt = parse::packet(ctx)?;
     let svc = service::lookup(&pkt)?;
-    if svc.mode == SERVICE_MODE_DSR_L2 || svc.mode == SERVICE_MODE_DSR_IPIP {
+    if is_dsr_mode(svc.mode) {
         return Err(Verdict::Drop(DropReason::DsrCannotForward));
     }
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {

@@ -2,8 +2,10 @@
 
 use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 use lb_common::{
-    DropReason, FLOW_DSR, FLOW_IPIP, FlowValue, PassReason, SERVICE_MODE_DSR_IPIP,
-    SERVICE_MODE_DSR_L2, conntrack::tcp_flags_valid, tunnel::IPIP_OVERHEAD,
+    DropReason, FLOW_DSR, FLOW_GUE, FLOW_IPIP, FlowValue, PassReason,
+    conntrack::tcp_flags_valid,
+    is_dsr_mode,
+    tunnel::{GUE_OVERHEAD, IPIP_OVERHEAD},
 };
 
 use crate::{
@@ -108,8 +110,8 @@ fn send_direct_apart(ctx: *mut xdp_md, pkt: &Packet, entry: *mut FlowValue) -> u
 }
 
 /// DSR: the packet, untouched, goes to the backend's MAC (L2 form: the VIP is on the backend's
-/// loopback) or inside an IPIP header to the backend (`encap.rs`), and the backend answers the
-/// client itself. The FIB is asked the way to the backend, for the packet's size with the
+/// loopback) or inside an IPIP or GUE tunnel to the backend (`encap.rs`), and the backend
+/// answers the client itself. The FIB is asked the way to the backend, for the packet's size with the
 /// tunnel's header; a client told the path's MTU is told the inner packet's. A packet the
 /// kernel would have to forward (an unresolved neighbour) cannot go up: its destination, the
 /// VIP, may be the kernel's own. Later fragments are not followed: they pass.
@@ -118,8 +120,13 @@ fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let nat = unsafe { &*entry };
     stats::count_backend(nat.backend_id, pkt.len);
-    let ipip = nat.flags & FLOW_IPIP != 0;
-    let grow = if ipip { IPIP_OVERHEAD } else { 0 };
+    let grow = if nat.flags & FLOW_IPIP != 0 {
+        IPIP_OVERHEAD
+    } else if nat.flags & FLOW_GUE != 0 {
+        GUE_OVERHEAD
+    } else {
+        0
+    };
     let hop = match forward::next_hop(ctx, pkt.ip, pkt.key.proto, entry, grow) {
         Ok(hop) => hop,
         Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu.saturating_sub(grow))),
@@ -128,8 +135,8 @@ fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<
         }
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
-    if ipip {
-        return encap::ipip(ctx, pkt, nat, &hop);
+    if grow != 0 {
+        return encap::tunnel(ctx, pkt, nat, &hop);
     }
     forward::send_frame(ctx, pkt.eth, &hop)
 }
@@ -144,8 +151,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
     }
     // A DSR flow's backend answers the client directly: its flow may expire while the
     // connection lives, and the next segment goes on where consistent hashing sends it.
-    let dsr = svc.mode == SERVICE_MODE_DSR_L2 || svc.mode == SERVICE_MODE_DSR_IPIP;
-    let reopens = dsr && !pkt.is_rst();
+    let reopens = is_dsr_mode(svc.mode) && !pkt.is_rst();
     if pkt.is_tcp() && !pkt.is_syn() && !reopens {
         return Err(reset::answer(ctx, pkt));
     }

@@ -301,7 +301,8 @@ impl From<Mss> for MssText {
 /// `dsr` with `dsr = "l2"` (direct server return, as IPVS DR does) sends the frame to the
 /// backend's MAC unchanged otherwise, and the backend, with the VIP on its loopback, answers
 /// the client directly; `dsr = "ipip"` (as IPVS TUN and Katran do) sends the packet inside an
-/// IPIP header to backends on any subnet, whose `lb decap` strips it.
+/// IPIP header to backends on any subnet, whose `lb decap` strips it, and `dsr = "gue"` inside
+/// IPv4 and UDP (GUE, as Katran does), whose source port spreads it over the backends' queues.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ForwardingMode {
@@ -310,6 +311,7 @@ pub enum ForwardingMode {
     Dnat,
     DsrL2,
     DsrIpip,
+    DsrGue,
 }
 
 impl ForwardingMode {
@@ -324,6 +326,7 @@ impl ForwardingMode {
             Self::Dnat => lb_common::SERVICE_MODE_DNAT,
             Self::DsrL2 => lb_common::SERVICE_MODE_DSR_L2,
             Self::DsrIpip => lb_common::SERVICE_MODE_DSR_IPIP,
+            Self::DsrGue => lb_common::SERVICE_MODE_DSR_GUE,
         }
     }
 
@@ -334,7 +337,10 @@ impl ForwardingMode {
             ("dnat", None) => Ok(Self::Dnat),
             ("dsr", None | Some("l2")) => Ok(Self::DsrL2),
             ("dsr", Some("ipip")) => Ok(Self::DsrIpip),
-            ("dsr", Some(other)) => Err(format!("dsr \"{other}\" is not one of \"l2\", \"ipip\"")),
+            ("dsr", Some("gue")) => Ok(Self::DsrGue),
+            ("dsr", Some(other)) => Err(format!(
+                "dsr \"{other}\" is not one of \"l2\", \"ipip\", \"gue\""
+            )),
             ("nat" | "dnat", Some(_)) => {
                 Err(format!("dsr applies to mode \"dsr\" only, not \"{mode}\""))
             }
@@ -351,13 +357,18 @@ impl ForwardingMode {
 
     /// Whether the backends answer clients directly (and so listen on the VIP's port).
     pub fn is_dsr(self) -> bool {
-        matches!(self, Self::DsrL2 | Self::DsrIpip)
+        matches!(self, Self::DsrL2 | Self::DsrIpip | Self::DsrGue)
+    }
+
+    /// Whether its packets reach the backends through a tunnel (`lb decap` strips it).
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Self::DsrIpip | Self::DsrGue)
     }
 
     /// Whether the service has a pool of source addresses (`snat`): its SNAT pool in NAT
-    /// mode, its tunnels' outer sources in DSR's IPIP form.
+    /// mode, its tunnels' outer sources in DSR's encapsulated forms.
     pub fn has_source_pool(self) -> bool {
-        matches!(self, Self::Nat | Self::DsrIpip)
+        self == Self::Nat || self.is_tunnel()
     }
 }
 
@@ -368,6 +379,7 @@ impl fmt::Display for ForwardingMode {
             Self::Dnat => "dnat",
             Self::DsrL2 => "dsr-l2",
             Self::DsrIpip => "dsr-ipip",
+            Self::DsrGue => "dsr-gue",
         })
     }
 }
@@ -1961,11 +1973,15 @@ weight = 70000
         );
         assert_error(
             &web("mode = \"dsr\"\ndsr = \"gre\" # <- dsr\n"),
-            "dsr \"gre\" is not one of \"l2\", \"ipip\"",
+            "dsr \"gre\" is not one of \"l2\", \"ipip\", \"gue\"",
         );
         assert_eq!(
             mode("mode = \"dsr\"\ndsr = \"ipip\"\nsnat = \"198.18.1.1\"\n"),
             ForwardingMode::DsrIpip
+        );
+        assert_eq!(
+            mode("mode = \"dsr\"\ndsr = \"gue\"\n"),
+            ForwardingMode::DsrGue
         );
         assert_error(
             &web("mode = \"dsr\"\nsnat = \"198.18.1.1\" # <- snat\n"),

@@ -1,6 +1,6 @@
 //! Health checks of DSR services that reach the service as clients do: a TCP SYN to the VIP,
-//! sent to the backend's MAC (L2 form) or inside the IPIP header lb's data path would put on it
-//! (as Katran's health-check program does), from lb's own address. The backend answers it
+//! sent to the backend's MAC (L2 form) or inside the IPIP or GUE headers lb's data path would
+//! put on it (as Katran's health-check program does), from lb's own address. The backend answers it
 //! directly, as it answers clients: a SYN-ACK says the VIP is on its loopback and something
 //! listens on the VIP's port; an RST or silence says not. A probe of the backend's own address
 //! cannot tell: the service may listen there and still not own the VIP.
@@ -14,10 +14,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::tunnel::IPPROTO_IPIP;
+use lb_common::tunnel::{GUE_PORT, IPPROTO_IPIP, gue_source_port};
+
+use crate::config::ForwardingMode;
 
 const ETH_P_IP: u16 = 0x0800;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+/// The tunnel a DSR service's packets take, which its probes take too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tunnel {
+    /// L2: none, the frame goes to the backend's MAC.
+    None,
+    Ipip,
+    Gue,
+}
+
+impl Tunnel {
+    pub fn of(mode: ForwardingMode) -> Self {
+        match mode {
+            ForwardingMode::DsrIpip => Self::Ipip,
+            ForwardingMode::DsrGue => Self::Gue,
+            _ => Self::None,
+        }
+    }
+}
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
@@ -32,8 +54,8 @@ pub struct SynProbe {
     pub src_port: u16,
     pub vip: SocketAddrV4,
     pub seq: u32,
-    /// The IPIP form: the backend the tunnel leads to (the outer source is `src`).
-    pub tunnel_to: Option<Ipv4Addr>,
+    /// The tunnel and the backend it leads to (the outer source is `src`).
+    pub tunnel_to: Option<(Tunnel, Ipv4Addr)>,
 }
 
 /// What the backend said.
@@ -96,8 +118,18 @@ pub fn syn_frame(p: &SynProbe) -> Vec<u8> {
     frame.extend_from_slice(&p.dst_mac);
     frame.extend_from_slice(&p.src_mac);
     frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    if let Some(backend) = p.tunnel_to {
-        frame.extend_from_slice(&ipv4_header(p.src, backend, IPPROTO_IPIP, 40));
+    match p.tunnel_to {
+        Some((Tunnel::Ipip, backend)) => {
+            frame.extend_from_slice(&ipv4_header(p.src, backend, IPPROTO_IPIP, 40));
+        }
+        Some((Tunnel::Gue, backend)) => {
+            frame.extend_from_slice(&ipv4_header(p.src, backend, IPPROTO_UDP, 48));
+            frame.extend_from_slice(&gue_source_port(p.seq).to_be_bytes());
+            frame.extend_from_slice(&GUE_PORT.to_be_bytes());
+            frame.extend_from_slice(&48u16.to_be_bytes());
+            frame.extend_from_slice(&[0, 0]);
+        }
+        Some((Tunnel::None, _)) | None => {}
     }
     frame.extend_from_slice(&inner);
     frame.extend_from_slice(&tcp);
@@ -174,14 +206,14 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// Probes `vip` at `backend` as its clients reach it (through the tunnel if `ipip`).
+/// Probes `vip` at `backend` as its clients reach it (through `tunnel`).
 pub async fn probe(
     vip: SocketAddrV4,
     backend: Ipv4Addr,
-    ipip: bool,
+    tunnel: Tunnel,
     timeout: Duration,
 ) -> Result<(), String> {
-    tokio::task::spawn_blocking(move || probe_blocking(vip, backend, ipip, timeout))
+    tokio::task::spawn_blocking(move || probe_blocking(vip, backend, tunnel, timeout))
         .await
         .map_err(|e| format!("the VIP probe's task: {e}"))?
 }
@@ -189,7 +221,7 @@ pub async fn probe(
 fn probe_blocking(
     vip: SocketAddrV4,
     backend: Ipv4Addr,
-    ipip: bool,
+    tunnel: Tunnel,
     timeout: Duration,
 ) -> Result<(), String> {
     let (device, next_hop) = route_to(backend)?;
@@ -212,7 +244,7 @@ fn probe_blocking(
         src_port: 49152 | (clock as u16 & 0x3fff),
         vip,
         seq: (clock >> 14) as u32,
-        tunnel_to: ipip.then_some(backend),
+        tunnel_to: (tunnel != Tunnel::None).then_some((tunnel, backend)),
     };
     let socket = PacketSocket::open(ifindex, *vip.ip())?;
     socket.send(&syn_frame(&probe))?;
@@ -230,9 +262,13 @@ fn probe_blocking(
             None => {}
         }
     }
-    let tunnel = if ipip { " and lb decap running" } else { "" };
+    let decap = if tunnel == Tunnel::None {
+        ""
+    } else {
+        " and lb decap running"
+    };
     Err(format!(
-        "{vip} at backend {backend} did not answer a client's SYN within {timeout:?} (is the VIP on its loopback{tunnel}?)"
+        "{vip} at backend {backend} did not answer a client's SYN within {timeout:?} (is the VIP on its loopback{decap}?)"
     ))
 }
 
@@ -391,7 +427,7 @@ impl PacketSocket {
 mod tests {
     use super::*;
 
-    fn probe(tunnel_to: Option<Ipv4Addr>) -> SynProbe {
+    fn probe(tunnel_to: Option<(Tunnel, Ipv4Addr)>) -> SynProbe {
         SynProbe {
             src_mac: [2, 0, 0, 0, 1, 1],
             dst_mac: [2, 0, 0, 0, 0, 0x11],
@@ -431,7 +467,7 @@ mod tests {
     fn the_ipip_form_wraps_the_same_syn_for_the_backend() {
         let backend = Ipv4Addr::new(198, 18, 9, 11);
         let plain = syn_frame(&probe(None));
-        let f = syn_frame(&probe(Some(backend)));
+        let f = syn_frame(&probe(Some((Tunnel::Ipip, backend))));
         assert_eq!(f.len(), plain.len() + 20);
         let outer = &f[14..34];
         assert!(verifies(sum_words(outer, 0)));
@@ -442,6 +478,28 @@ mod tests {
         assert_eq!(&outer[16..20], &backend.octets());
         assert_eq!(
             &f[34..],
+            &plain[14..],
+            "the inner packet is the plain probe's"
+        );
+    }
+
+    #[test]
+    fn the_gue_form_wraps_it_in_ipv4_and_udp_to_the_gue_port() {
+        let backend = Ipv4Addr::new(198, 18, 9, 11);
+        let plain = syn_frame(&probe(None));
+        let f = syn_frame(&probe(Some((Tunnel::Gue, backend))));
+        assert_eq!(f.len(), plain.len() + 28);
+        let outer = &f[14..34];
+        assert!(verifies(sum_words(outer, 0)));
+        assert_eq!(
+            (outer[9], u16::from_be_bytes([outer[2], outer[3]])),
+            (17, 68)
+        );
+        let udp = &f[34..42];
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), GUE_PORT);
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 48);
+        assert_eq!(
+            &f[42..],
             &plain[14..],
             "the inner packet is the plain probe's"
         );

@@ -96,8 +96,8 @@ enum Command {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// On a backend of a `dsr = "ipip"` service: strip the IPIP header of packets for these
-    /// VIPs at INTERFACE's ingress (a tc program), until interrupted. The VIPs go on the
+    /// On a backend of a `dsr = "ipip"` or `"gue"` service: strip the tunnel's headers of
+    /// packets for these VIPs at INTERFACE's ingress (a tc program), until interrupted. The VIPs go on the
     /// backend's loopback, as for any DSR backend.
     Decap {
         /// The interface the tunnel's packets arrive on.
@@ -194,8 +194,8 @@ enum ServiceAction {
         /// loopback, answer clients directly).
         #[arg(long, default_value = "nat")]
         mode: String,
-        /// With --mode dsr: its form, l2 (backends on lb's segment) or ipip (anywhere, with `lb
-        /// decap` on each; --snat gives the tunnels' outer sources).
+        /// With --mode dsr: its form, l2 (backends on lb's segment), ipip or gue (anywhere, with
+        /// `lb decap` on each; --snat gives the tunnels' outer sources).
         #[arg(long)]
         dsr: Option<String>,
         /// Source address towards the backends (default: the one the kernel picks); give it
@@ -464,7 +464,8 @@ async fn execute(command: Command) -> Result<(), Failure> {
             let decap = lb_user::decap::Decap::attach(&interface, &vips)?;
             let listed: Vec<String> = vips.iter().map(ToString::to_string).collect();
             log::info!(
-                "lb decap: stripping IPIP for {} at {interface}'s ingress; Ctrl-C or SIGTERM ends it",
+                "lb decap: stripping IPIP and GUE (UDP port {}) for {} at {interface}'s ingress; Ctrl-C or SIGTERM ends it",
+                lb_common::tunnel::GUE_PORT,
                 listed.join(", ")
             );
             let mut term =
@@ -877,7 +878,7 @@ fn render(status: &Status) -> String {
             .unwrap_or_default();
         let rewrite = match s.mode.as_str() {
             "nat" | "" => format!("snat {}", s.snat.join(",")),
-            "dsr-ipip" => format!("mode dsr-ipip from {}", s.snat.join(",")),
+            mode @ ("dsr-ipip" | "dsr-gue") => format!("mode {mode} from {}", s.snat.join(",")),
             mode => format!("mode {mode}"),
         };
         let _ = writeln!(

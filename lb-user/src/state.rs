@@ -759,7 +759,7 @@ impl State {
         }
         let rewrite = match service.config.mode {
             ForwardingMode::Nat => format!("snat {}", pool_text(&service.snat)),
-            ForwardingMode::DsrIpip => format!("mode dsr-ipip from {}", pool_text(&service.snat)),
+            mode if mode.is_tunnel() => format!("mode {mode} from {}", pool_text(&service.snat)),
             mode => format!("mode {mode}"),
         };
         log::info!(
@@ -779,7 +779,7 @@ impl State {
         let vip_probe = (service.mode.is_dsr()
             && service.protocol == Protocol::Tcp
             && cfg.kind != HealthKind::None)
-            .then_some((service.vip, service.mode == ForwardingMode::DsrIpip));
+            .then_some((service.vip, dsr_probe::Tunnel::of(service.mode)));
         // Spread probes of many backends over the interval.
         let delay = health::initial_delay(cfg.interval, id as usize % 16, 16);
         tokio::spawn(async move {
@@ -790,8 +790,8 @@ impl State {
                 tick.tick().await;
                 let started_ns = crate::dataplane::monotonic_ns();
                 let mut result = health::probe(address, &cfg).await;
-                if let (Ok(()), Some((vip, ipip))) = (&result, vip_probe) {
-                    result = dsr_probe::probe(vip, *address.ip(), ipip, cfg.timeout).await;
+                if let (Ok(()), Some((vip, tunnel))) = (&result, vip_probe) {
+                    result = dsr_probe::probe(vip, *address.ip(), tunnel, cfg.timeout).await;
                 }
                 let report = HealthReport {
                     backend: id,

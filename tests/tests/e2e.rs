@@ -3324,6 +3324,16 @@ fn dsr_l2_backends_answer_the_client_directly() {
 /// which take the tunnel as clients do, hold the backends down.
 #[test]
 fn dsr_ipip_reaches_backends_through_lb_decap() {
+    dsr_tunnel_reaches_backends_through_lb_decap("ipip");
+}
+
+/// The same with `dsr = "gue"`: IPv4 and UDP to port 6080, the flow's hash in the source port.
+#[test]
+fn dsr_gue_reaches_backends_through_lb_decap() {
+    dsr_tunnel_reaches_backends_through_lb_decap("gue");
+}
+
+fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str) {
     require_root();
     sweep_stale();
     let topo = Topology::new(Arms::Two, 2);
@@ -3346,7 +3356,7 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
     let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
     let config = dsr_config(&topo, &[4, 6])
         .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"lb1\"]")
-        .replace("dsr = \"l2\"", "dsr = \"ipip\"");
+        .replace("dsr = \"l2\"", &format!("dsr = \"{form}\""));
     let balancer = Balancer::start(&lb_binary(), &topo, &config);
     // The health checks go through the tunnel, as clients do: without lb decap, down.
     for i in 0..2 {
@@ -3357,7 +3367,10 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
         });
         balancer.wait_health("web", &backend(&topo, i), false, Duration::from_secs(5));
     }
-    assert_eq!(balancer.status()["services"][0]["mode"], "dsr-ipip");
+    assert_eq!(
+        balancer.status()["services"][0]["mode"],
+        format!("dsr-{form}")
+    );
     let url = format!("http://{VIP}:{BACKEND_PORT}");
     let curl = |path: &str| {
         topo.client
@@ -3393,11 +3406,17 @@ fn dsr_ipip_reaches_backends_through_lb_decap() {
     assert_backends_see_the_client(&topo, &url, 47000, 10);
 
     let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 400), 2);
-    println!("dsr ipip, 400 connections at 4:6: {counts:?}, {failed} failed");
+    println!("dsr {form}, 400 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
-    assert_share(&balancer, &counts, 40.0, 7.5, "dsr ipip 4:6 split");
+    assert_share(
+        &balancer,
+        &counts,
+        40.0,
+        7.5,
+        &format!("dsr {form} 4:6 split"),
+    );
 
-    assert_download_skips_lb(&balancer, &topo, &url, "dsr ipip");
+    assert_download_skips_lb(&balancer, &topo, &url, &format!("dsr {form}"));
     assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
 
     // Stopped, each decap says what it stripped, and detaches: connections fail again.

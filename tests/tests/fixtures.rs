@@ -13,9 +13,10 @@ use std::{
 };
 
 use lb_common::{
-    DropReason, FLOW_DNAT, FLOW_DSR, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_IPIP, FLOW_REVERSE,
-    FLOW_SYN_WELL_FORMED, FLOW_TS, FlowKey, FlowValue, NO_BACKEND, PassReason, SERVICE_MODE_DNAT,
-    SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2, SERVICE_MODE_NAT,
+    DropReason, FLOW_DNAT, FLOW_DSR, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_GUE, FLOW_IPIP,
+    FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TS, FlowKey, FlowValue, NO_BACKEND, PassReason,
+    SERVICE_MODE_DNAT, SERVICE_MODE_DSR_GUE, SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2,
+    SERVICE_MODE_NAT,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
@@ -24,6 +25,7 @@ use lb_common::{
     icmp::{ECHO_REPLIES_PER_SEC_PER_CPU, ICMP_ERRORS_PER_SEC_PER_CPU},
     reset::RESETS_PER_SEC_PER_CPU,
     snat_ports::pool_start,
+    tunnel::{GUE_PORT, gue_source_port},
 };
 use lb_tests::{
     fixture_net::{
@@ -3331,9 +3333,9 @@ fn dsr_entry(proto: u8, cport: u16, backend: u32) -> (FlowKey, FlowValue) {
     )
 }
 
-/// A DSR service in the IPIP form on VIP:BACKEND_PORT, with the two-address pool SNAT_POOL as
-/// its tunnels' sources.
-fn ipip_service(backends: &[(u32, u32)]) -> Setup {
+/// A DSR service in an encapsulated form (`mode`) on VIP:BACKEND_PORT, with the two-address
+/// pool SNAT_POOL as its tunnels' sources.
+fn tunnel_service(mode: u8, backends: &[(u32, u32)]) -> Setup {
     Setup::Service {
         id: 0,
         port: BACKEND_PORT,
@@ -3341,8 +3343,33 @@ fn ipip_service(backends: &[(u32, u32)]) -> Setup {
         backends: backends.to_vec(),
         snat: SNAT_POOL.to_vec(),
         mss: None,
-        mode: SERVICE_MODE_DSR_IPIP,
+        mode,
     }
+}
+
+/// `inner` (a frame as the client sent it) inside IPv4 and UDP from `source` to B1's GUE port,
+/// as lb sends it: ID 0, TTL 64, the inner TOS and DF, the flow's hash in the source port, no
+/// UDP checksum.
+fn gue_to_b1(source: Ipv4Addr, cport: u16, inner: &[u8]) -> Vec<u8> {
+    let k = key(CLIENT, cport, VIP, BACKEND_PORT, TCP);
+    let hash = flow_hash(
+        k.src_addr.0,
+        k.dst_addr.0,
+        k.src_port.0,
+        k.dst_port.0,
+        k.proto,
+    );
+    let (tos, df) = (inner[15], inner[20] & 0x40 != 0);
+    pkt()
+        .eth(LB1_MAC, B1_MAC)
+        .ipv4(source, B1)
+        .tos(tos)
+        .ip_id(0)
+        .df(df)
+        .udp(gue_source_port(hash), GUE_PORT)
+        .udp_no_checksum()
+        .payload(&inner[14..])
+        .build()
 }
 
 /// The outer source the IPIP form takes for CLIENT:`cport`: the pool address its tuple picks.
@@ -3531,7 +3558,10 @@ fn dsr_fixtures() -> Vec<Fixture> {
             )],
             ..fixture(
                 "dsr_ipip_syn_goes_inside_an_ipip_header_to_the_backend",
-                with(backends(), &[ipip_service(&[(1, 1)])]),
+                with(
+                    backends(),
+                    &[tunnel_service(SERVICE_MODE_DSR_IPIP, &[(1, 1)])],
+                ),
                 from_client(43010)
                     .tos(0x10)
                     .syn()
@@ -3553,13 +3583,58 @@ fn dsr_fixtures() -> Vec<Fixture> {
                 ],
             )
         },
+        Fixture {
+            // GUE: the same inside IPv4 and UDP, the flow's hash in the UDP source port (RSS
+            // spread by flow at the backend).
+            flows_after: vec![(
+                key(CLIENT, 43012, VIP, BACKEND_PORT, TCP),
+                in_state(
+                    TCP_SYN_SENT,
+                    value(
+                        ipip_source(43012),
+                        {
+                            let k = key(CLIENT, 43012, VIP, BACKEND_PORT, TCP);
+                            gue_source_port(flow_hash(
+                                k.src_addr.0,
+                                k.dst_addr.0,
+                                k.src_port.0,
+                                k.dst_port.0,
+                                k.proto,
+                            ))
+                        },
+                        B1,
+                        BACKEND_PORT,
+                        1,
+                        FLOW_DSR | FLOW_GUE | FLOW_SYN_WELL_FORMED,
+                    ),
+                ),
+            )],
+            ..fixture(
+                "dsr_gue_syn_goes_inside_ipv4_and_udp_to_the_backend",
+                with(
+                    backends(),
+                    &[tunnel_service(SERVICE_MODE_DSR_GUE, &[(1, 1)])],
+                ),
+                from_client(43012).syn().tcp_options(&options).build(),
+                XDP_REDIRECT,
+                Some(gue_to_b1(
+                    ipip_source(43012),
+                    43012,
+                    &from_client(43012).syn().tcp_options(&options).build(),
+                )),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
         {
             // 1,490 bytes fit the 1,500-byte link, not with the tunnel's 20: the client is told
             // 1,480, the inner packet's room.
             let big = from_client(43011).ack().payload(&bulk(1450)).build();
             fixture(
                 "dsr_ipip_packet_too_big_with_its_header_is_told_the_inner_mtu",
-                with(backends(), &[ipip_service(&[(1, 1)])]),
+                with(
+                    backends(),
+                    &[tunnel_service(SERVICE_MODE_DSR_IPIP, &[(1, 1)])],
+                ),
                 big.clone(),
                 XDP_REDIRECT,
                 Some(
