@@ -167,6 +167,21 @@ const _: () = assert!(
             == core::mem::offset_of!(FlowValue, flags) + 4
 );
 
+impl FlowKey {
+    /// The flow's hash (`flow_hash` of its addresses, ports and protocol): its Maglev slot,
+    /// and GUE's UDP source port.
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        crate::flow_hash(
+            self.src_addr.0,
+            self.dst_addr.0,
+            self.src_port.0,
+            self.dst_port.0,
+            self.proto,
+        )
+    }
+}
+
 impl FlowValue {
     /// The key of the other direction of this flow.
     pub const fn peer_key(&self, proto: u8) -> FlowKey {

@@ -24,7 +24,7 @@ use lb_common::{
         TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after,
         seq_in_window, tcp_flags_valid, tcp_step,
     },
-    flow_hash, is_dsr_mode,
+    is_dsr_mode,
     snat_ports::pool_start,
     tunnel::gue_source_port,
 };
@@ -597,15 +597,8 @@ fn create_dsr(
             let index = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, count);
             let addr = svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
             if svc.mode == SERVICE_MODE_DSR_GUE {
-                let k = &pkt.key;
-                let hash = flow_hash(
-                    k.src_addr.0,
-                    k.dst_addr.0,
-                    k.src_port.0,
-                    k.dst_port.0,
-                    k.proto,
-                );
-                (FLOW_GUE, addr, Be16::from_host(gue_source_port(hash)))
+                let port = gue_source_port(pkt.key.hash());
+                (FLOW_GUE, addr, Be16::from_host(port))
             } else {
                 (FLOW_IPIP, addr, pkt.key.src_port)
             }

@@ -3,7 +3,7 @@
 //! the data path saw fail a connection is passed over for the next slots' (see suspect.rs).
 
 use lb_common::{
-    Backend, DropReason, NO_BACKEND, STAT_STEERED_OFF_SUSPECT, SUSPECT_PROBES, Service, flow_hash,
+    Backend, DropReason, NO_BACKEND, STAT_STEERED_OFF_SUSPECT, SUSPECT_PROBES, Service,
 };
 
 use crate::{
@@ -15,15 +15,7 @@ use crate::{
 
 #[inline(always)]
 pub fn backend(svc: &Service, pkt: &Packet) -> Result<(u32, Backend), Verdict> {
-    let k = &pkt.key;
-    let hash = flow_hash(
-        k.src_addr.0,
-        k.dst_addr.0,
-        k.src_port.0,
-        k.dst_port.0,
-        k.proto,
-    );
-    for_hash(svc, hash)
+    for_hash(svc, pkt.key.hash())
 }
 
 /// The backend of the table slot `hash` picks.

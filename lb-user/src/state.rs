@@ -929,13 +929,7 @@ impl State {
             .to_string(),
             idle_ms: now.saturating_sub(flow.last_seen_ns) / 1_000_000,
         });
-        let hash = lb_common::flow_hash(
-            key.src_addr.0,
-            key.dst_addr.0,
-            key.src_port.0,
-            key.dst_port.0,
-            proto,
-        );
+        let hash = key.hash();
         let size = self.dataplane.settings().maglev_size;
         let slot = hash % size;
         let slots = self

@@ -21,7 +21,6 @@ use lb_common::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
     },
-    flow_hash,
     icmp::{ECHO_REPLIES_PER_SEC_PER_CPU, ICMP_ERRORS_PER_SEC_PER_CPU},
     reset::RESETS_PER_SEC_PER_CPU,
     snat_ports::pool_start,
@@ -438,15 +437,7 @@ fn with_end_counted(mut v: FlowValue) -> FlowValue {
 /// The backend the data path's Maglev lookup picks for client port `cport`.
 fn maglev_choice(backends: &[(u32, u32)], cport: u16, vport: u16, proto: u8) -> u32 {
     let table = table_for(backends);
-    let k = key(CLIENT, cport, VIP, vport, proto);
-    let h = flow_hash(
-        k.src_addr.0,
-        k.dst_addr.0,
-        k.src_port.0,
-        k.dst_port.0,
-        k.proto,
-    );
-    table[(h % MAGLEV_SIZE) as usize]
+    table[(key(CLIENT, cport, VIP, vport, proto).hash() % MAGLEV_SIZE) as usize]
 }
 
 fn table_for(backends: &[(u32, u32)]) -> Vec<u32> {
@@ -3351,14 +3342,7 @@ fn tunnel_service(mode: u8, backends: &[(u32, u32)]) -> Setup {
 /// as lb sends it: ID 0, TTL 64, the inner TOS and DF, the flow's hash in the source port, no
 /// UDP checksum.
 fn gue_to_b1(source: Ipv4Addr, cport: u16, inner: &[u8]) -> Vec<u8> {
-    let k = key(CLIENT, cport, VIP, BACKEND_PORT, TCP);
-    let hash = flow_hash(
-        k.src_addr.0,
-        k.dst_addr.0,
-        k.src_port.0,
-        k.dst_port.0,
-        k.proto,
-    );
+    let hash = key(CLIENT, cport, VIP, BACKEND_PORT, TCP).hash();
     let (tos, df) = (inner[15], inner[20] & 0x40 != 0);
     pkt()
         .eth(LB1_MAC, B1_MAC)
@@ -3592,16 +3576,7 @@ fn dsr_fixtures() -> Vec<Fixture> {
                     TCP_SYN_SENT,
                     value(
                         ipip_source(43012),
-                        {
-                            let k = key(CLIENT, 43012, VIP, BACKEND_PORT, TCP);
-                            gue_source_port(flow_hash(
-                                k.src_addr.0,
-                                k.dst_addr.0,
-                                k.src_port.0,
-                                k.dst_port.0,
-                                k.proto,
-                            ))
-                        },
+                        gue_source_port(key(CLIENT, 43012, VIP, BACKEND_PORT, TCP).hash()),
                         B1,
                         BACKEND_PORT,
                         1,
