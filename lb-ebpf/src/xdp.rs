@@ -111,10 +111,10 @@ fn send_direct_apart(ctx: *mut xdp_md, pkt: &Packet, entry: *mut FlowValue) -> u
 
 /// DSR: the packet, untouched, goes to the backend's MAC (L2 form: the VIP is on the backend's
 /// loopback) or inside an IPIP or GUE tunnel to the backend (`encap.rs`), and the backend
-/// answers the client itself. The FIB is asked the way to the backend, for the packet's size with the
-/// tunnel's header; a client told the path's MTU is told the inner packet's. A packet the
-/// kernel would have to forward (an unresolved neighbour) cannot go up: its destination, the
-/// VIP, may be the kernel's own. Later fragments are not followed: they pass.
+/// answers the client itself. The FIB is asked the way to the backend, for the packet's size
+/// with the tunnel's headers; a client told the path's MTU is told the inner packet's. A packet
+/// the kernel would have to forward (an unresolved neighbour) cannot go up: its destination,
+/// the VIP, may be the kernel's own. Later fragments are not followed: they pass.
 #[inline(always)]
 fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<Verdict, Verdict> {
     // SAFETY: a value pointer from a map lookup is valid for this program run.
