@@ -185,7 +185,7 @@ impl ResetBudget {
 /// The one's-complement sum of `bytes` as big-endian 16-bit words, added to `sum` (not folded).
 /// `bytes` has an even length here.
 #[inline(always)]
-pub(crate) fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
+pub fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
     let mut i = 0;
     while i + 1 < bytes.len() {
         sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
@@ -194,8 +194,9 @@ pub(crate) fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
     sum
 }
 
+/// `sum` folded to 16 bits (two folds suffice for sums of a few hundred words).
 #[inline(always)]
-pub(crate) fn fold(mut sum: u32) -> u16 {
+pub fn fold(mut sum: u32) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum as u16

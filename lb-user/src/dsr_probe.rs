@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::tunnel::{GUE_PORT, IPPROTO_IPIP, gue_source_port};
+use lb_common::{
+    conntrack::{TCP_ACK, TCP_RST, TCP_SYN},
+    reset::{fold, sum_words},
+    tunnel::{GUE_PORT, IPPROTO_IPIP, gue_source_port},
+};
 
 use crate::config::ForwardingMode;
 
@@ -40,9 +44,6 @@ impl Tunnel {
         }
     }
 }
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 
 /// One probe: where it goes and from where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,20 +68,9 @@ pub enum Answer {
     Refused,
 }
 
-fn sum_words(bytes: &[u8], mut sum: u32) -> u32 {
-    for pair in bytes.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    sum
-}
-
+/// The Internet checksum of words summed to `sum`.
 fn checksum(sum: u32) -> u16 {
-    let mut sum = sum;
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    !fold(sum)
 }
 
 fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, body_len: usize) -> [u8; 20] {
@@ -276,6 +266,23 @@ fn probe_blocking(
 /// filter: the probe must not copy the device's traffic to user space).
 struct PacketSocket(std::os::fd::OwnedFd);
 
+/// setsockopt(2) of a SOL_SOCKET option whose value is `value`.
+///
+/// # Safety
+/// `fd` is an open socket and `T` the type the option takes.
+unsafe fn set_option<T>(fd: i32, option: i32, value: &T) -> i32 {
+    // SAFETY: the caller's contract; the pointer and size are of a live `T`.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as u32,
+        )
+    }
+}
+
 impl PacketSocket {
     fn open(ifindex: u32, from: Ipv4Addr) -> Result<Self, String> {
         use std::os::fd::{AsRawFd as _, FromRawFd as _};
@@ -362,24 +369,10 @@ impl PacketSocket {
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_protocol = protocol;
             addr.sll_ifindex = ifindex as i32;
-            if libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                (&raw const program).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as u32,
-            ) != 0
-            {
+            if set_option(raw, libc::SO_ATTACH_FILTER, &program) != 0 {
                 return Err(error("attaching the probe's filter"));
             }
-            if libc::setsockopt(
-                raw,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&raw const timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            ) != 0
-            {
+            if set_option(raw, libc::SO_RCVTIMEO, &timeout) != 0 {
                 return Err(error("the probe's receive timeout"));
             }
             if libc::bind(
