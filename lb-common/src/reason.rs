@@ -5,7 +5,7 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PassReason {
-    /// Not IPv4 (ARP, IPv6, VLAN-tagged, ...).
+    /// Not IP (ARP, VLAN-tagged, ...), or IPv6 where only IPv4 is served (the tc hook).
     NotIpv4 = 1,
     /// Shorter than an Ethernet header.
     ShortEthernet = 2,
@@ -37,6 +37,11 @@ pub enum PassReason {
     NeedsFragmenting = 13,
     /// The egress is a bridge of containers: the kernel forwards the rewritten packet into it.
     EgressBridge = 14,
+    /// Shorter than an IPv6 header, or a version other than 6.
+    MalformedIpv6 = 15,
+    /// IPv6 with extension headers (hop-by-hop options, routing, a fragment, ...) before its
+    /// TCP or UDP header: not balanced, the kernel's.
+    Ipv6ExtensionHeaders = 16,
 }
 
 /// A packet the balancer consumed without forwarding.
@@ -171,7 +176,7 @@ pub const EVENTS: [(u32, &str); 21] = [
 ];
 
 impl PassReason {
-    pub const ALL: [PassReason; 14] = [
+    pub const ALL: [PassReason; 16] = [
         Self::NotIpv4,
         Self::ShortEthernet,
         Self::MalformedIpv4,
@@ -186,6 +191,8 @@ impl PassReason {
         Self::IcmpNoFlow,
         Self::NeedsFragmenting,
         Self::EgressBridge,
+        Self::MalformedIpv6,
+        Self::Ipv6ExtensionHeaders,
     ];
 
     pub const fn stat_slot(self) -> u32 {
@@ -208,11 +215,37 @@ impl PassReason {
             Self::IcmpNoFlow => "icmp_no_flow",
             Self::NeedsFragmenting => "needs_fragmenting",
             Self::EgressBridge => "egress_bridge",
+            Self::MalformedIpv6 => "malformed_ipv6",
+            Self::Ipv6ExtensionHeaders => "ipv6_extension_headers",
         }
     }
 }
 
 impl DropReason {
+    /// The reason numbered `number` (its `as u32`), if there is one. A match, not an index
+    /// into ALL: the data path calls it, and the verifier follows a match's bounds.
+    pub const fn from_number(number: u32) -> Option<Self> {
+        match number {
+            1 => Some(Self::NoBackend),
+            2 => Some(Self::TcpNoFlow),
+            3 => Some(Self::SnatPortsExhausted),
+            4 => Some(Self::FlowTableFull),
+            5 => Some(Self::FibForwardingDisabled),
+            6 => Some(Self::FibNoRoute),
+            7 => Some(Self::FibFragNeeded),
+            8 => Some(Self::FibOther),
+            9 => Some(Self::Inconsistent),
+            10 => Some(Self::RedirectFailed),
+            11 => Some(Self::BackendRefused),
+            12 => Some(Self::TcpInvalidFlags),
+            13 => Some(Self::IcmpEchoLimited),
+            14 => Some(Self::IcmpErrorLimited),
+            15 => Some(Self::DnatTupleTaken),
+            16 => Some(Self::DsrCannotForward),
+            _ => None,
+        }
+    }
+
     pub const ALL: [DropReason; 16] = [
         Self::NoBackend,
         Self::TcpNoFlow,
@@ -261,6 +294,18 @@ impl DropReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_reasons_are_found_by_their_numbers() {
+        for reason in DropReason::ALL {
+            assert_eq!(DropReason::from_number(reason as u32), Some(reason));
+        }
+        assert_eq!(DropReason::from_number(0), None);
+        assert_eq!(
+            DropReason::from_number(DropReason::ALL.len() as u32 + 1),
+            None
+        );
+    }
 
     #[test]
     fn slots_are_distinct_and_in_range() {

@@ -43,6 +43,60 @@ impl Be16 {
     }
 }
 
+/// An IPv6 address, stored as the packet has it: four 32-bit words, each read from the packet's
+/// bytes in native order (as `Be32` holds an IPv4 address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct In6(pub [u32; 4]);
+const _: () = assert!(core::mem::size_of::<In6>() == 16);
+
+impl In6 {
+    pub const fn from_bytes(b: [u8; 16]) -> Self {
+        Self([
+            u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+            u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+            u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+        ])
+    }
+    pub const fn to_bytes(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        let mut i = 0;
+        while i < 4 {
+            let w = self.0[i].to_ne_bytes();
+            out[i * 4] = w[0];
+            out[i * 4 + 1] = w[1];
+            out[i * 4 + 2] = w[2];
+            out[i * 4 + 3] = w[3];
+            i += 1;
+        }
+        out
+    }
+}
+
+/// An address family's address as the maps hold it: `Be32` (IPv4) or `In6` (IPv6). The maps'
+/// keys and values are generic over it (`FlowKeyOf`, ...), and their IPv4 forms keep the names
+/// and layout they had before IPv6.
+pub trait Address: Copy + Default + Eq + core::fmt::Debug + 'static {
+    /// The address folded to 32 bits, for hashes: an IPv4 address is itself.
+    fn fold(self) -> u32;
+}
+
+impl Address for Be32 {
+    #[inline(always)]
+    fn fold(self) -> u32 {
+        self.0
+    }
+}
+
+impl Address for In6 {
+    #[inline(always)]
+    fn fold(self) -> u32 {
+        let [a, b, c, d] = self.0;
+        a ^ b.rotate_left(8) ^ c.rotate_left(16) ^ d.rotate_left(24)
+    }
+}
+
 /// Key of SOCK_REVERSE: a socket on the host that a socket hook balanced (its cookie) and the
 /// backend it was sent to, as the kernel then reports the peer.
 #[repr(C)]
@@ -99,18 +153,21 @@ pub struct FragmentValue {
 }
 const _: () = assert!(core::mem::size_of::<FragmentValue>() == 24);
 
-/// Key of FLOWS: one direction of a balanced connection, as the packet arrives.
+/// Key of FLOWS (FLOWS6): one direction of a balanced connection, as the packet arrives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src_addr: Be32,
-    pub dst_addr: Be32,
+pub struct FlowKeyOf<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: Be16,
     pub dst_port: Be16,
     pub proto: u8,
     pub _pad: [u8; 3],
 }
+pub type FlowKey = FlowKeyOf<Be32>;
+pub type FlowKey6 = FlowKeyOf<In6>;
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowKey6>() == 40);
 
 /// Value of FLOWS: what a packet of that direction is rewritten to, where it goes, and the
 /// connection's state (see `conntrack`).
@@ -126,9 +183,9 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 /// and neighbour changes reach every flow within FLOW_TOUCH_INTERVAL_NS.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowValue {
-    pub nat_src_addr: Be32,
-    pub nat_dst_addr: Be32,
+pub struct FlowValueOf<A> {
+    pub nat_src_addr: A,
+    pub nat_dst_addr: A,
     pub nat_src_port: Be16,
     pub nat_dst_port: Be16,
     /// Index into BACKENDS and BACKEND_STATS.
@@ -159,22 +216,28 @@ pub struct FlowValue {
     /// The service's `Service::mss` when the flow began: both directions' SYNs are clamped to it.
     pub mss: u16,
 }
+pub type FlowValue = FlowValueOf<Be32>;
+pub type FlowValue6 = FlowValueOf<In6>;
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowValue6>() == 88);
 // lb-ebpf sets `flags` bits with a 64-bit atomic over `flags` and `egress_ifindex`.
 const _: () = assert!(
     core::mem::offset_of!(FlowValue, flags) % 8 == 0
         && core::mem::offset_of!(FlowValue, egress_ifindex)
             == core::mem::offset_of!(FlowValue, flags) + 4
+        && core::mem::offset_of!(FlowValue6, flags) % 8 == 0
+        && core::mem::offset_of!(FlowValue6, egress_ifindex)
+            == core::mem::offset_of!(FlowValue6, flags) + 4
 );
 
-impl FlowKey {
+impl<A: Address> FlowKeyOf<A> {
     /// The flow's hash (`flow_hash` of its addresses, ports and protocol): its Maglev slot,
     /// and GUE's UDP source port.
     #[inline(always)]
     pub fn hash(&self) -> u32 {
         crate::flow_hash(
-            self.src_addr.0,
-            self.dst_addr.0,
+            self.src_addr.fold(),
+            self.dst_addr.fold(),
             self.src_port.0,
             self.dst_port.0,
             self.proto,
@@ -182,10 +245,11 @@ impl FlowKey {
     }
 }
 
-impl FlowValue {
+impl<A: Address> FlowValueOf<A> {
     /// The key of the other direction of this flow.
-    pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey {
+    #[inline(always)]
+    pub fn peer_key(&self, proto: u8) -> FlowKeyOf<A> {
+        FlowKeyOf {
             src_addr: self.nat_dst_addr,
             dst_addr: self.nat_src_addr,
             src_port: self.nat_dst_port,
@@ -196,21 +260,25 @@ impl FlowValue {
     }
 }
 
-/// Key of SERVICES: a virtual address, port and protocol (IPPROTO_TCP or IPPROTO_UDP).
+/// Key of SERVICES (SERVICES6): a virtual address, port and protocol (IPPROTO_TCP or
+/// IPPROTO_UDP).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ServiceKey {
-    pub vip: Be32,
+pub struct ServiceKeyOf<A> {
+    pub vip: A,
     pub port: Be16,
     pub proto: u8,
     pub _pad: u8,
 }
+pub type ServiceKey = ServiceKeyOf<Be32>;
+pub type ServiceKey6 = ServiceKeyOf<In6>;
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey6>() == 20);
 
-/// Value of SERVICES.
+/// Value of SERVICES (SERVICES6).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Service {
+pub struct ServiceOf<A> {
     /// Index of the live Maglev table's first slot in MAGLEV. Flipping this one field (a single
     /// map update) switches the service to a fully written new table.
     pub maglev_base: u32,
@@ -224,21 +292,28 @@ pub struct Service {
     pub mss: u16,
     /// Source addresses of the flows this service sends to its backends. Each backend's
     /// connections may take every port of the range on each.
-    pub snat_addrs: [Be32; SNAT_POOL_MAX as usize],
+    pub snat_addrs: [A; SNAT_POOL_MAX as usize],
 }
+pub type Service = ServiceOf<Be32>;
+pub type Service6 = ServiceOf<In6>;
 const _: () = assert!(core::mem::size_of::<Service>() == 8 + 4 * SNAT_POOL_MAX as usize);
+const _: () = assert!(core::mem::size_of::<Service6>() == 8 + 16 * SNAT_POOL_MAX as usize);
 
-/// Value of BACKENDS, indexed by backend id.
+/// Value of BACKENDS (BACKENDS6), indexed by backend id: one id space for both families, so
+/// the Maglev tables, counters and suspect marks serve both.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Backend {
-    pub addr: Be32,
+pub struct BackendOf<A> {
+    pub addr: A,
     pub port: Be16,
     pub _pad: u16,
     /// `BACKEND_HEALTHY`.
     pub flags: u32,
 }
+pub type Backend = BackendOf<Be32>;
+pub type Backend6 = BackendOf<In6>;
 const _: () = assert!(core::mem::size_of::<Backend>() == 12);
+const _: () = assert!(core::mem::size_of::<Backend6>() == 24);
 
 /// Value of BACKEND_STATS (per CPU), indexed by backend id. Both directions count.
 #[repr(C)]
@@ -326,4 +401,78 @@ mod pod {
     unsafe impl aya::Pod for FlowCounts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Iface {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for In6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowValue6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ServiceKey6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Service6 {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend6 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in6_keeps_the_packets_bytes() {
+        let bytes: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        assert_eq!(In6::from_bytes(bytes).to_bytes(), bytes);
+        // Each word as a packet's four bytes read in native order, as Be32 holds IPv4.
+        assert_eq!(
+            In6::from_bytes(bytes).0[0],
+            Be32::from_bytes([1, 2, 3, 4]).0
+        );
+    }
+
+    #[test]
+    fn ipv6_flows_hash_by_every_word_of_their_addresses() {
+        let key = |last: u8, word: usize| {
+            let mut addr = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+            addr[word * 4 + 3] ^= last;
+            FlowKey6 {
+                src_addr: In6::from_bytes(addr),
+                dst_addr: In6::from_bytes([0xfd; 16]),
+                src_port: Be16::from_host(40000),
+                dst_port: Be16::from_host(80),
+                proto: 6,
+                _pad: [0; 3],
+            }
+        };
+        let base = key(0, 0).hash();
+        for word in 0..4 {
+            assert_ne!(key(0x40, word).hash(), base, "word {word} of the source");
+        }
+        // An IPv4 key hashes as before the keys were generic: its address is its fold.
+        let v4 = FlowKey {
+            src_addr: Be32(7),
+            dst_addr: Be32(9),
+            src_port: Be16(1),
+            dst_port: Be16(2),
+            proto: 17,
+            _pad: [0; 3],
+        };
+        assert_eq!(v4.hash(), crate::flow_hash(7, 9, 1, 2, 17));
+    }
+
+    #[test]
+    fn a_flows_peer_key_is_the_other_direction() {
+        let value = FlowValue6 {
+            nat_src_addr: In6([1, 2, 3, 4]),
+            nat_dst_addr: In6([5, 6, 7, 8]),
+            nat_src_port: Be16(10),
+            nat_dst_port: Be16(20),
+            ..FlowValue6::default()
+        };
+        let peer = value.peer_key(6);
+        assert_eq!(
+            (peer.src_addr, peer.dst_addr, peer.src_port, peer.dst_port),
+            (In6([5, 6, 7, 8]), In6([1, 2, 3, 4]), Be16(20), Be16(10))
+        );
+    }
 }
