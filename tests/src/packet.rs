@@ -1,5 +1,5 @@
-//! Frames for packet fixtures: a builder of Ethernet/IPv4/TCP/UDP frames, and a checker that
-//! recomputes their checksums. Reads and writes no maps.
+//! Frames for packet fixtures: a builder of Ethernet/IPv4 or IPv6/TCP/UDP frames, and a
+//! checker that recomputes their checksums. Reads and writes no maps.
 //!
 //! Every checksum here is computed from scratch (RFC 791/793/768): the one's-complement sum over
 //! the whole IPv4 header, or over pseudo-header, L4 header and payload. The data path updates
@@ -9,7 +9,7 @@
 //! Builder, checker, `describe`/`diff` and their tests share one header layout, so they stay in
 //! one module although it runs well past ~400 lines.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// An Ethernet address, in wire order.
 pub type Mac = [u8; 6];
@@ -22,6 +22,9 @@ pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+/// IPv6's hop-by-hop options header, as a next-header value.
+pub const IPV6_HOP_BY_HOP: u8 = 0;
 
 pub use lb_common::conntrack::{
     TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG,
@@ -29,6 +32,7 @@ pub use lb_common::conntrack::{
 
 const ETH_HLEN: usize = 14;
 const IPV4_HLEN_MIN: usize = 20;
+const IPV6_HLEN: usize = 40;
 const TCP_HLEN_MIN: usize = 20;
 const UDP_HLEN: usize = 8;
 /// IHL and TCP data offset are 4-bit counts of 32-bit words: at most 40 bytes of options.
@@ -60,6 +64,9 @@ pub struct PacketBuilder {
     dst_mac: Mac,
     ethertype: Option<u16>,
     ipv4: Option<(Ipv4Addr, Ipv4Addr)>,
+    ipv6: Option<(Ipv6Addr, Ipv6Addr)>,
+    /// IPv6: an empty hop-by-hop options header before the L4 one.
+    hop_by_hop: bool,
     tos: u8,
     ttl: u8,
     ip_id: u16,
@@ -104,6 +111,8 @@ impl Default for PacketBuilder {
             dst_mac: [0; 6],
             ethertype: None,
             ipv4: None,
+            ipv6: None,
+            hop_by_hop: false,
             tos: 0,
             ttl: 64,
             ip_id: 0x1234,
@@ -137,6 +146,18 @@ impl PacketBuilder {
 
     pub fn ipv4(mut self, src: Ipv4Addr, dst: Ipv4Addr) -> Self {
         self.ipv4 = Some((src, dst));
+        self
+    }
+
+    /// An IPv6 header instead of IPv4's (`ttl` is its hop limit, `tos` its traffic class).
+    pub fn ipv6(mut self, src: Ipv6Addr, dst: Ipv6Addr) -> Self {
+        self.ipv6 = Some((src, dst));
+        self
+    }
+
+    /// IPv6: an empty hop-by-hop options header between the IPv6 header and the L4 one.
+    pub fn hop_by_hop(mut self) -> Self {
+        self.hop_by_hop = true;
         self
     }
 
@@ -272,16 +293,62 @@ impl PacketBuilder {
         let mut frame = Vec::with_capacity(ETH_HLEN + 60 + 60 + self.payload.len());
         frame.extend_from_slice(&self.dst_mac);
         frame.extend_from_slice(&self.src_mac);
-        frame.extend_from_slice(&self.ethertype.unwrap_or(ETH_P_IP).to_be_bytes());
+        let default_type = if self.ipv6.is_some() {
+            ETH_P_IPV6
+        } else {
+            ETH_P_IP
+        };
+        frame.extend_from_slice(&self.ethertype.unwrap_or(default_type).to_be_bytes());
+        if let Some((src, dst)) = self.ipv6 {
+            let (proto, segment) =
+                self.build_l4(&|proto, len| pseudo_header6(src, dst, proto, len));
+            frame.extend(self.build_ipv6_header(src, dst, proto, segment.len()));
+            frame.extend(segment);
+            return frame;
+        }
         let Some((src, dst)) = self.ipv4 else {
             assert!(self.l4 == L4::None, "tcp/udp/ip_proto need ipv4() as well");
             frame.extend_from_slice(&self.payload);
             return frame;
         };
-        let (proto, segment) = self.build_l4(src, dst);
+        let (proto, segment) = self.build_l4(&|proto, len| pseudo_header(src, dst, proto, len));
         frame.extend(self.build_ipv4_header(src, dst, proto, segment.len()));
         frame.extend(segment);
         frame
+    }
+
+    /// The IPv6 header (and the hop-by-hop header, if asked for) before `body_len` bytes of
+    /// `proto`.
+    fn build_ipv6_header(
+        &self,
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        proto: u8,
+        body_len: usize,
+    ) -> Vec<u8> {
+        let extension = if self.hop_by_hop {
+            // Next header, length 0 (8 bytes), a PadN option of 4 bytes.
+            vec![proto, 0, 1, 4, 0, 0, 0, 0]
+        } else {
+            Vec::new()
+        };
+        let payload_len = u16::try_from(extension.len() + body_len)
+            .expect("an IPv6 payload length must fit 16 bits");
+        let mut header = Vec::with_capacity(IPV6_HLEN + extension.len());
+        header.push(0x60 | (self.tos >> 4));
+        header.push(self.tos << 4);
+        header.extend([0, 0]);
+        header.extend(payload_len.to_be_bytes());
+        header.push(if self.hop_by_hop {
+            IPV6_HOP_BY_HOP
+        } else {
+            proto
+        });
+        header.push(self.ttl);
+        header.extend(src.octets());
+        header.extend(dst.octets());
+        header.extend(extension);
+        header
     }
 
     fn build_ipv4_header(
@@ -310,8 +377,9 @@ impl PacketBuilder {
         header
     }
 
-    /// The IP protocol number and everything after the IPv4 header.
-    fn build_l4(&self, src: Ipv4Addr, dst: Ipv4Addr) -> (u8, Vec<u8>) {
+    /// The IP protocol number and everything after the IP header; `pseudo` gives the
+    /// checksums' pseudo header for a protocol and a segment length.
+    fn build_l4(&self, pseudo: &dyn Fn(u8, usize) -> Vec<u8>) -> (u8, Vec<u8>) {
         match self.l4 {
             // Protocol 0 is reserved in IPv4: a frame nothing will mistake for TCP or UDP.
             L4::None => (0, self.payload.clone()),
@@ -337,7 +405,7 @@ impl PacketBuilder {
                 seg.extend([0, 0, 0, 0]); // checksum, urgent pointer
                 seg.extend(&self.tcp_options);
                 seg.extend(&self.payload);
-                let csum = l4_checksum(src, dst, IPPROTO_TCP, &seg);
+                let csum = l4_checksum(&pseudo(IPPROTO_TCP, seg.len()), &seg);
                 put_u16(&mut seg, TCP_CSUM_AT, csum);
                 (IPPROTO_TCP, seg)
             }
@@ -351,7 +419,8 @@ impl PacketBuilder {
                 seg.extend([0, 0]);
                 seg.extend(&self.payload);
                 if self.udp_checksum {
-                    let csum = udp_wire_checksum(l4_checksum(src, dst, IPPROTO_UDP, &seg));
+                    let csum =
+                        udp_wire_checksum(l4_checksum(&pseudo(IPPROTO_UDP, seg.len()), &seg));
                     put_u16(&mut seg, UDP_CSUM_AT, csum);
                 }
                 (IPPROTO_UDP, seg)
@@ -398,17 +467,35 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Checksum of a TCP or UDP segment with its checksum field zeroed, over the IPv4
-/// pseudo-header (source, destination, zero, protocol, segment length) and the segment.
-fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u16 {
-    let len = u16::try_from(segment.len()).expect("an IPv4 payload fits 16 bits");
-    let mut data = Vec::with_capacity(12 + segment.len());
+/// Checksum of a TCP or UDP segment with its checksum field zeroed, over its pseudo-header and
+/// the segment.
+fn l4_checksum(pseudo: &[u8], segment: &[u8]) -> u16 {
+    let mut data = pseudo.to_vec();
+    data.extend(segment);
+    checksum(&data)
+}
+
+/// IPv4's pseudo-header: source, destination, zero, protocol, segment length.
+fn pseudo_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> Vec<u8> {
+    let len = u16::try_from(len).expect("an IPv4 payload fits 16 bits");
+    let mut data = Vec::with_capacity(12);
     data.extend(src.octets());
     data.extend(dst.octets());
     data.extend([0, proto]);
     data.extend(len.to_be_bytes());
-    data.extend(segment);
-    checksum(&data)
+    data
+}
+
+/// IPv6's pseudo-header (RFC 8200, 8.1): source, destination, 32-bit upper-layer length, three
+/// zero bytes and the next header.
+fn pseudo_header6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, len: usize) -> Vec<u8> {
+    let len = u32::try_from(len).expect("an IPv6 payload fits 32 bits");
+    let mut data = Vec::with_capacity(40);
+    data.extend(src.octets());
+    data.extend(dst.octets());
+    data.extend(len.to_be_bytes());
+    data.extend([0, 0, 0, proto]);
+    data
 }
 
 /// RFC 768: a computed 0 goes on the wire as all ones, because 0 there means "no checksum".
@@ -425,20 +512,25 @@ fn udp_wire_checksum(computed: u16) -> u16 {
 /// header check (their L4 checksum covers the reassembled datagram); other protocols have no
 /// L4 checksum checked, and a frame that is not IPv4 is an `Err`.
 pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
-    let ip = parse_ipv4(frame)?;
     let zeroed = |bytes: &[u8], at: usize| {
         let mut copy = bytes.to_vec();
         put_u16(&mut copy, at, 0);
         copy
     };
-    compare(
-        "ipv4 header",
-        checksum(&zeroed(ip.header, IPV4_CSUM_AT)),
-        read_u16(ip.header, IPV4_CSUM_AT),
-    )?;
-    if ip.is_fragment() {
-        return Ok(());
-    }
+    let ip = if read_u16(frame, 12) == Some(ETH_P_IPV6) {
+        parse_ipv6(frame)?
+    } else {
+        let ip = parse_ipv4(frame)?;
+        compare(
+            "ipv4 header",
+            checksum(&zeroed(ip.header, IPV4_CSUM_AT)),
+            read_u16(ip.header, IPV4_CSUM_AT),
+        )?;
+        if ip.is_fragment() {
+            return Ok(());
+        }
+        ip
+    };
     match ip.proto {
         IPPROTO_TCP => {
             let seg = ip.body;
@@ -457,7 +549,7 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                     seg.len()
                 ));
             }
-            let expected = l4_checksum(ip.src, ip.dst, IPPROTO_TCP, &zeroed(seg, TCP_CSUM_AT));
+            let expected = l4_checksum(&ip.pseudo(IPPROTO_TCP), &zeroed(seg, TCP_CSUM_AT));
             compare("tcp", expected, read_u16(seg, TCP_CSUM_AT))
         }
         IPPROTO_UDP => {
@@ -484,9 +576,7 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
                 return Ok(());
             }
             let expected = udp_wire_checksum(l4_checksum(
-                ip.src,
-                ip.dst,
-                IPPROTO_UDP,
+                &ip.pseudo(IPPROTO_UDP),
                 &zeroed(seg, UDP_CSUM_AT),
             ));
             compare("udp", expected, found)
@@ -505,25 +595,69 @@ fn compare(what: &str, expected: u16, found: Option<u16>) -> Result<(), String> 
     }
 }
 
-/// An IPv4 packet inside a frame, its lengths already checked against the frame.
-struct Ipv4View<'a> {
-    /// IHL * 4 bytes, options included.
+/// An IP packet inside a frame, its lengths already checked against the frame.
+struct IpView<'a> {
+    /// IHL * 4 bytes, options included (IPv6: the fixed header).
     header: &'a [u8],
     /// Up to the total length; Ethernet padding after it is left out.
     body: &'a [u8],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
     proto: u8,
     frag: u16,
 }
 
-impl Ipv4View<'_> {
+impl IpView<'_> {
     fn is_fragment(&self) -> bool {
         self.frag & (IP_MF | IP_OFFSET_MASK) != 0
     }
+
+    /// The pseudo header of the body, as `proto`.
+    fn pseudo(&self, proto: u8) -> Vec<u8> {
+        use std::net::IpAddr::{V4, V6};
+        match (self.src, self.dst) {
+            (V4(src), V4(dst)) => pseudo_header(src, dst, proto, self.body.len()),
+            (V6(src), V6(dst)) => pseudo_header6(src, dst, proto, self.body.len()),
+            _ => unreachable!("one header holds addresses of one family"),
+        }
+    }
 }
 
-fn parse_ipv4(frame: &[u8]) -> Result<Ipv4View<'_>, String> {
+/// An IPv6 packet whose TCP or UDP header follows the fixed header (no extension headers).
+fn parse_ipv6(frame: &[u8]) -> Result<IpView<'_>, String> {
+    let ip = frame.get(ETH_HLEN..).unwrap_or_default();
+    let Some(fixed) = ip.get(..IPV6_HLEN) else {
+        return Err(format!(
+            "{} bytes after ethernet are shorter than an ipv6 header ({IPV6_HLEN})",
+            ip.len()
+        ));
+    };
+    if fixed[0] >> 4 != 6 {
+        return Err(format!("ip version {} is not 6", fixed[0] >> 4));
+    }
+    let payload_len = usize::from(u16::from_be_bytes([fixed[4], fixed[5]]));
+    let Some(body) = ip.get(IPV6_HLEN..IPV6_HLEN + payload_len) else {
+        return Err(format!(
+            "ipv6 payload length {payload_len} runs past the frame's {} ip bytes",
+            ip.len()
+        ));
+    };
+    let addr = |at: usize| {
+        let mut octets = [0; 16];
+        octets.copy_from_slice(&fixed[at..at + 16]);
+        std::net::IpAddr::V6(Ipv6Addr::from(octets))
+    };
+    Ok(IpView {
+        header: fixed,
+        body,
+        src: addr(8),
+        dst: addr(24),
+        proto: fixed[6],
+        frag: 0,
+    })
+}
+
+fn parse_ipv4(frame: &[u8]) -> Result<IpView<'_>, String> {
     let ethertype = read_u16(frame, 12).ok_or_else(|| {
         format!(
             "{}-byte frame is shorter than an ethernet header ({ETH_HLEN})",
@@ -561,11 +695,11 @@ fn parse_ipv4(frame: &[u8]) -> Result<Ipv4View<'_>, String> {
             ip.len()
         ));
     }
-    Ok(Ipv4View {
+    Ok(IpView {
         header: &ip[..hlen],
         body: &ip[hlen..total_len],
-        src: Ipv4Addr::new(fixed[12], fixed[13], fixed[14], fixed[15]),
-        dst: Ipv4Addr::new(fixed[16], fixed[17], fixed[18], fixed[19]),
+        src: Ipv4Addr::new(fixed[12], fixed[13], fixed[14], fixed[15]).into(),
+        dst: Ipv4Addr::new(fixed[16], fixed[17], fixed[18], fixed[19]).into(),
         proto: fixed[9],
         frag: u16::from_be_bytes([fixed[6], fixed[7]]),
     })
@@ -589,6 +723,10 @@ fn describe_layers(frame: &[u8], out: &mut String) {
         return;
     };
     out.push_str(&format!(" {}->{}", format_mac(src), format_mac(dst)));
+    if ethertype == ETH_P_IPV6 {
+        describe_ipv6(frame, out);
+        return;
+    }
     if ethertype != ETH_P_IP {
         out.push_str(&format!(" type {ethertype:#06x}"));
         return;
@@ -665,6 +803,34 @@ fn describe_layers(frame: &[u8], out: &mut String) {
             out.push_str(&format!(" icmp type {} code {}", body[0], body[1]));
         }
         proto => out.push_str(&format!(" proto {proto}")),
+    }
+}
+
+/// `describe_layers` past an IPv6 header: addresses, hop limit, next header and ports.
+fn describe_ipv6(frame: &[u8], out: &mut String) {
+    out.push_str(" ipv6");
+    let Ok(ip) = parse_ipv6(frame) else {
+        out.push_str(" truncated");
+        return;
+    };
+    out.push_str(&format!(" {}->{} hlim {}", ip.src, ip.dst, ip.header[7]));
+    match (ip.proto, ip.body) {
+        (IPPROTO_TCP, t) if t.len() >= TCP_HLEN_MIN => {
+            let sport = u16::from_be_bytes([t[0], t[1]]);
+            let dport = u16::from_be_bytes([t[2], t[3]]);
+            out.push_str(&format!(
+                " tcp {sport}->{dport} [{}]",
+                format_tcp_flags(t[13])
+            ));
+            push_payload_len(out, t.len().saturating_sub(usize::from(t[12] >> 4) * 4));
+        }
+        (IPPROTO_UDP, u) if u.len() >= UDP_HLEN => {
+            let sport = u16::from_be_bytes([u[0], u[1]]);
+            let dport = u16::from_be_bytes([u[2], u[3]]);
+            out.push_str(&format!(" udp {sport}->{dport}"));
+            push_payload_len(out, u.len() - UDP_HLEN);
+        }
+        (proto, _) => out.push_str(&format!(" next header {proto}")),
     }
 }
 
@@ -759,6 +925,9 @@ fn field_at(frame: &[u8], at: usize) -> &'static str {
         12..14 => return "ethertype",
         _ => {}
     }
+    if read_u16(frame, 12) == Some(ETH_P_IPV6) {
+        return field_at_ipv6(at - ETH_HLEN);
+    }
     if read_u16(frame, 12) != Some(ETH_P_IP) {
         return "eth payload";
     }
@@ -819,6 +988,21 @@ fn field_at(frame: &[u8], at: usize) -> &'static str {
             _ => "udp payload",
         },
         _ => "ipv4 payload",
+    }
+}
+
+/// The field at byte `at` of an IPv6 packet without extension headers.
+fn field_at_ipv6(at: usize) -> &'static str {
+    match at {
+        0..4 => "ipv6 version/class/flow label",
+        4 | 5 => "ipv6 payload length",
+        6 => "ipv6 next header",
+        7 => "ipv6 hop limit",
+        8..24 => "ipv6 src",
+        24..40 => "ipv6 dst",
+        40 | 41 => "l4 sport",
+        42 | 43 => "l4 dport",
+        _ => "ipv6 payload",
     }
 }
 
@@ -909,6 +1093,44 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The TCP checksum of an IPv6 SYN, computed apart (Python's struct module, by hand):
+    /// fd00::2:40000 -> fd00:100::1:80, seq 1000, window 64240, no options.
+    #[test]
+    fn ipv6_tcp_checksum_covers_the_ipv6_pseudo_header() {
+        let src: Ipv6Addr = "fd00::2".parse().expect("address");
+        let dst: Ipv6Addr = "fd00:100::1".parse().expect("address");
+        let frame = pkt().ipv6(src, dst).tcp(40000, 80).syn().build();
+        assert_eq!(read_u16(&frame, 12), Some(ETH_P_IPV6));
+        assert_eq!(frame.len(), ETH_HLEN + IPV6_HLEN + TCP_HLEN_MIN);
+        assert_eq!(read_u16(&frame, ETH_HLEN + 4), Some(20), "payload length");
+        assert_eq!(frame[ETH_HLEN + 6], IPPROTO_TCP);
+        assert_eq!(
+            read_u16(&frame, ETH_HLEN + IPV6_HLEN + TCP_CSUM_AT),
+            Some(0x1975)
+        );
+        assert_eq!(verify_checksums(&frame), Ok(()));
+        let mut wrong = frame.clone();
+        wrong[ETH_HLEN + 8] ^= 1;
+        assert!(
+            verify_checksums(&wrong).is_err(),
+            "the source address is covered"
+        );
+        assert!(describe(&frame).contains("ipv6 fd00::2->fd00:100::1 hlim 64 tcp 40000->80 [S]"));
+    }
+
+    #[test]
+    fn ipv6_hop_by_hop_header_sits_before_the_l4_header() {
+        let src: Ipv6Addr = "fd00::2".parse().expect("address");
+        let frame = pkt().ipv6(src, src).udp(1, 2).hop_by_hop().build();
+        assert_eq!(frame[ETH_HLEN + 6], IPV6_HOP_BY_HOP);
+        assert_eq!(
+            frame[ETH_HLEN + IPV6_HLEN],
+            IPPROTO_UDP,
+            "the extension's next header"
+        );
+        assert_eq!(read_u16(&frame, ETH_HLEN + 4), Some(8 + 8));
     }
 
     #[test]
@@ -1078,7 +1300,7 @@ mod tests {
         let sum_with_field_zero = {
             let mut seg = frame[L4_AT..].to_vec();
             put_u16(&mut seg, UDP_CSUM_AT, 0);
-            l4_checksum(CLIENT, VIP, IPPROTO_UDP, &seg)
+            l4_checksum(&pseudo_header(CLIENT, VIP, IPPROTO_UDP, seg.len()), &seg)
         };
         assert_eq!(sum_with_field_zero, 0, "payload {payload:02x?}");
     }
