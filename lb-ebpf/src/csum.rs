@@ -2,7 +2,10 @@
 //! Fields are taken as the packet holds them; a one's-complement sum does not depend on byte
 //! order as long as every word is read the same way.
 
-use crate::parse::{IPPROTO_TCP, Packet};
+use crate::{
+    family::Family,
+    parse::{IPPROTO_TCP, Packet},
+};
 
 /// The sum of changes to apply to one checksum.
 #[derive(Clone, Copy, Default)]
@@ -63,18 +66,16 @@ impl Delta {
 /// correct checksum. A backend drops a segment whose checksum is wrong, so only a SYN that
 /// passes this says anything about a backend that leaves it unanswered (`flow.rs`).
 #[inline(always)]
-pub fn tcp_header_only_ok(pkt: &Packet) -> bool {
+pub fn tcp_header_only_ok<A: Family>(pkt: &Packet<A>) -> bool {
     if pkt.tcp_payload_len != 0 || !(20..=60).contains(&pkt.tcp_header_len) {
         return false;
     }
     let words = (pkt.tcp_header_len / 4) as usize;
-    let (src, dst) = (pkt.key.src_addr.to_bytes(), pkt.key.dst_addr.to_bytes());
     let length = (pkt.tcp_header_len as u16).to_be_bytes();
     // The pseudo header, read as the packet's words are (native order; see the module doc).
-    let mut sum = word(src[0], src[1])
-        + word(src[2], src[3])
-        + word(dst[0], dst[1])
-        + word(dst[2], dst[3])
+    // IPv6's has the length in 32 bits and the protocol after 3 zero bytes: the same sum.
+    let mut sum = pkt.key.src_addr.sum()
+        + pkt.key.dst_addr.sum()
         + word(0, IPPROTO_TCP)
         + word(length[0], length[1]);
     let tcp = pkt.ports as usize;

@@ -18,17 +18,13 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_DNAT, FLOW_ORPHAN_SEEN, FLOW_PORT_RELEASED,
-    FLOW_RECLAIM_NS, FLOW_REVERSE, FlowKey, FlowValue, STAT_EXPIRED_IN_KERNEL, STAT_EXPIRY_PASS_NS,
-    STAT_EXPIRY_PASSES,
+    Be32, EXPIRY_INTERVAL_MAX_NS, EXPIRY_INTERVAL_NS, FLOW_DNAT, FLOW_ORPHAN_SEEN,
+    FLOW_PORT_RELEASED, FLOW_RECLAIM_NS, FLOW_REVERSE, FlowKeyOf, FlowValueOf, In6,
+    STAT_EXPIRED_IN_KERNEL, STAT_EXPIRY_PASS_NS, STAT_EXPIRY_PASSES,
     conntrack::{ended, expired},
 };
 
-use crate::{
-    flow_count,
-    maps::{FLOWS, state_timeout},
-    snat, stats,
-};
+use crate::{family::Family, flow_count, maps::state_timeout, snat, stats};
 
 /// The value of EXPIRY: the kernel finds the timer by its BTF type, so the map is a BTF map.
 #[repr(C)]
@@ -85,16 +81,8 @@ extern "C" fn expire_all(_map: *mut c_void, _key: *mut u32, value: *mut ExpiryTi
     // The precise clock: a pass over a small table takes microseconds.
     // SAFETY: as above.
     let started = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: FLOWS is a map, the callback has the signature bpf_for_each_map_elem calls, and
-    // `pass` outlives the call; `value` is the timer's own map value.
-    unsafe {
-        bpf_for_each_map_elem(
-            (&raw const FLOWS).cast_mut().cast(),
-            expire_entry as *mut c_void,
-            (&raw mut pass).cast(),
-            0,
-        );
-    }
+    walk::<Be32>(&mut pass);
+    walk::<In6>(&mut pass);
     // SAFETY: as above.
     let took = unsafe { bpf_ktime_get_ns() }.saturating_sub(started);
     // A pass over a huge table may take a good part of a second in softirq: the next one
@@ -108,13 +96,28 @@ extern "C" fn expire_all(_map: *mut c_void, _key: *mut u32, value: *mut ExpiryTi
     0
 }
 
+/// One family's flow table, entry by entry.
+#[inline(always)]
+fn walk<A: Family>(pass: &mut Pass) {
+    // SAFETY: the flow table is a map, the callback has the signature bpf_for_each_map_elem
+    // calls, and `pass` outlives the call.
+    unsafe {
+        bpf_for_each_map_elem(
+            core::ptr::from_ref(A::flows()).cast_mut().cast(),
+            expire_entry::<A> as *mut c_void,
+            core::ptr::from_mut(pass).cast(),
+            0,
+        );
+    }
+}
+
 /// One entry of the pass. A forward entry decides for its connection: silent in both
 /// directions for its state's timeout, both entries go. A reply entry goes alone only when its
 /// forward entry has been missing for a whole pass.
-extern "C" fn expire_entry(
+extern "C" fn expire_entry<A: Family>(
     _map: *mut c_void,
-    key: *mut FlowKey,
-    value: *mut FlowValue,
+    key: *mut FlowKeyOf<A>,
+    value: *mut FlowValueOf<A>,
     pass: *mut Pass,
 ) -> u64 {
     // SAFETY: the kernel hands the callback the element's key and value and our context.
@@ -133,7 +136,7 @@ extern "C" fn expire_entry(
         return 0;
     }
     let peer_key = value.peer_key(key.proto);
-    let peer = FLOWS
+    let peer = A::flows()
         .get_ptr(&peer_key)
         // SAFETY: a value pointer from a map lookup is valid for this program run.
         .filter(|peer| unsafe { (**peer).peer_key(key.proto) } == *key);
@@ -142,7 +145,7 @@ extern "C" fn expire_entry(
             value.flags &= !FLOW_ORPHAN_SEEN;
         } else if value.flags & FLOW_ORPHAN_SEEN == 0 {
             value.flags |= FLOW_ORPHAN_SEEN;
-        } else if is_same(key, value) && FLOWS.remove(key).is_ok() {
+        } else if is_same(key, value) && A::flows().remove(key).is_ok() {
             snat::release_held(key, value);
             stats::count_slot(STAT_EXPIRED_IN_KERNEL);
         }
@@ -153,7 +156,7 @@ extern "C" fn expire_entry(
     if !expired(timeout, value.last_seen_ns.max(peer_seen), now) {
         return 0;
     }
-    if peer.is_some() && FLOWS.remove(&peer_key).is_ok() {
+    if peer.is_some() && A::flows().remove(&peer_key).is_ok() {
         snat::release_held(&peer_key, value);
     }
     if is_same(key, value) && flow_count::remove_forward(key, value) {
@@ -166,8 +169,8 @@ extern "C" fn expire_entry(
 /// search, if the connection has been silent both ways for FLOW_RECLAIM_NS: a new connection
 /// then finds it in the bitmaps, and takes it over (`flow.rs`'s `holder`), instead of waiting
 /// for the entries' timeout or finding it by chance in a few probes.
-fn release_ended(reply_key: &FlowKey, reply: &mut FlowValue, now: u64) {
-    let forward = FLOWS
+fn release_ended<A: Family>(reply_key: &FlowKeyOf<A>, reply: &mut FlowValueOf<A>, now: u64) {
+    let forward = A::flows()
         .get_ptr_mut(&reply.peer_key(reply_key.proto))
         // SAFETY: a value pointer from a map lookup is valid for this program run.
         .filter(|f| unsafe { (**f).peer_key(reply_key.proto) } == *reply_key);
@@ -185,8 +188,8 @@ fn release_ended(reply_key: &FlowKey, reply: &mut FlowValue, now: u64) {
 
 /// Whether `key` still names `value`'s element: a CPU that met the expired flow meanwhile
 /// removed it and may have made a new one under the same key, which must stay.
-fn is_same(key: &FlowKey, value: &FlowValue) -> bool {
-    FLOWS
+fn is_same<A: Family>(key: &FlowKeyOf<A>, value: &FlowValueOf<A>) -> bool {
+    A::flows()
         .get_ptr(key)
         .is_some_and(|now| core::ptr::eq(now, value))
 }

@@ -13,12 +13,12 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns},
 };
 use lb_common::{
-    BACKEND_HEALTHY, Backend, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT, FLOW_GUE,
+    BACKEND_HEALTHY, BackendOf, Be16, DropReason, FLOW_DNAT, FLOW_DSR, FLOW_FIN_SENT, FLOW_GUE,
     FLOW_IPIP, FLOW_RECLAIM_NS, FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TOUCH_INTERVAL_NS,
-    FLOW_TS, FlowKey, FlowValue, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_GUE,
+    FLOW_TS, FlowKeyOf, FlowValueOf, HALF_OPEN_EVICT_NS, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_GUE,
     SERVICE_MODE_DSR_IPIP, SNAT_POOL_MAX, SNAT_PORT_TRIES, STAT_EXPIRED_IN_DATA_PATH,
     STAT_HALF_OPEN_EVICTED, STAT_SUSPECT_REFUSED, STAT_SUSPECT_UNANSWERED, SYN_UNANSWERED_NS,
-    Service,
+    ServiceOf,
     conntrack::{
         Evidence, Step, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_SYN_RECV,
         TCP_SYN_SENT, UDP_REPLIED, UDP_UNREPLIED, acks_syn, ended, expired, half_open, seq_after,
@@ -30,11 +30,11 @@ use lb_common::{
 };
 
 use crate::{
-    Verdict, csum, flow_count,
+    Verdict, csum,
+    family::Family,
+    flow_count,
     frame::Frame,
-    maps::{
-        BACKENDS, BRIDGE_PORTS, FLOW_SCRATCH, FLOWS, snat_port_count, snat_port_min, state_timeout,
-    },
+    maps::{BRIDGE_PORTS, snat_port_count, snat_port_min, state_timeout},
     parse::Packet,
     snat, stats, suspect, timestamps,
 };
@@ -43,17 +43,17 @@ const EEXIST: i32 = 17;
 
 /// The packet's FLOWS entry: the rewrite it gets, and where its next hop is cached. Read in
 /// place rather than copied: the program's stack is 512 bytes.
-pub struct Flow {
-    entry: *mut FlowValue,
+pub struct Flow<A: Family> {
+    entry: *mut FlowValueOf<A>,
 }
 
-impl Flow {
-    pub fn nat(&self) -> &FlowValue {
+impl<A: Family> Flow<A> {
+    pub fn nat(&self) -> &FlowValueOf<A> {
         // SAFETY: a value pointer from a map lookup is valid for this program run.
         unsafe { &*self.entry }
     }
 
-    pub fn entry(&self) -> *mut FlowValue {
+    pub fn entry(&self) -> *mut FlowValueOf<A> {
         self.entry
     }
 }
@@ -64,8 +64,8 @@ impl Flow {
 /// here, so the packet gets a new one. A backend's refusal of a SYN ends the flow and is kept
 /// from the client (its retransmitted SYN gets a new flow).
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
-    let Some(entry) = FLOWS.get_ptr_mut(&pkt.key) else {
+pub fn lookup<A: Family>(pkt: &Packet<A>) -> Result<Option<Flow<A>>, Verdict> {
+    let Some(entry) = A::flows().get_ptr_mut(&pkt.key) else {
         return Ok(None);
     };
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
@@ -116,16 +116,16 @@ pub fn lookup(pkt: &Packet) -> Result<Option<Flow>, Verdict> {
 
 /// The other direction's entry of the connection `key` belongs to, if it points back.
 #[inline(always)]
-fn peer_of(key: &FlowKey, value: &FlowValue) -> Option<*mut FlowValue> {
+fn peer_of<A: Family>(key: &FlowKeyOf<A>, value: &FlowValueOf<A>) -> Option<*mut FlowValueOf<A>> {
     // SAFETY: a value pointer from a map lookup is valid for this program run.
-    FLOWS
+    A::flows()
         .get_ptr_mut(&value.peer_key(key.proto))
         .filter(|peer| unsafe { (**peer).peer_key(key.proto) } == *key)
 }
 
 /// Whether the connection has been silent in both directions for its state's timeout.
 #[inline(always)]
-fn connection_expired(key: &FlowKey, value: &FlowValue, now: u64) -> bool {
+fn connection_expired<A: Family>(key: &FlowKeyOf<A>, value: &FlowValueOf<A>, now: u64) -> bool {
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let peer_seen = peer_of(key, value).map_or(0, |peer| unsafe { (*peer).last_seen_ns });
     expired(
@@ -137,7 +137,7 @@ fn connection_expired(key: &FlowKey, value: &FlowValue, now: u64) -> bool {
 
 /// Moves both entries of the connection to `state`.
 #[inline(always)]
-fn set_state(key: &FlowKey, value: &mut FlowValue, state: u32) {
+fn set_state<A: Family>(key: &FlowKeyOf<A>, value: &mut FlowValueOf<A>, state: u32) {
     value.state = state;
     if let Some(peer) = peer_of(key, value) {
         // SAFETY: as above. Another CPU may move the peer at once; both write a state the
@@ -149,7 +149,12 @@ fn set_state(key: &FlowKey, value: &mut FlowValue, state: u32) {
 /// Tracks the segment in its direction's sequence space and takes the connection's step.
 /// False if the flow must make way for a new one (a SYN reopening an ended connection).
 #[inline(always)]
-fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Result<bool, Verdict> {
+fn track_tcp<A: Family>(
+    pkt: &Packet<A>,
+    value: &mut FlowValueOf<A>,
+    reply: bool,
+    now: u64,
+) -> Result<bool, Verdict> {
     let sent = value.seq_next;
     // An RST carries no data, and a segment beyond the window may be a blind guess: neither
     // moves what the direction is known to have sent.
@@ -226,7 +231,7 @@ fn track_tcp(pkt: &Packet, value: &mut FlowValue, reply: bool, now: u64) -> Resu
 /// the client): the segment after the SYN establishes it, an in-window FIN half-closes it, an
 /// in-window RST ends it. False for a SYN reopening a connection past its handshake.
 #[inline(always)]
-fn track_dsr(pkt: &Packet, value: &mut FlowValue) -> bool {
+fn track_dsr<A: Family>(pkt: &Packet<A>, value: &mut FlowValueOf<A>) -> bool {
     let sent = value.seq_next;
     if !pkt.is_rst() && seq_after(pkt.seq_end, sent) && seq_in_window(pkt.seq_end, sent) {
         value.seq_next = pkt.seq_end;
@@ -256,7 +261,7 @@ fn track_dsr(pkt: &Packet, value: &mut FlowValue) -> bool {
 /// Removes a connection: the entry under `key` and its other direction (the reply entry
 /// first: a packet meeting the forward entry alone is forgotten too).
 #[inline(always)]
-fn forget(key: &FlowKey, value: &mut FlowValue) {
+fn forget<A: Family>(key: &FlowKeyOf<A>, value: &mut FlowValueOf<A>) {
     if value.flags & FLOW_REVERSE != 0 {
         evict(key, value, peer_of(key, value));
     } else {
@@ -266,7 +271,11 @@ fn forget(key: &FlowKey, value: &mut FlowValue) {
 }
 
 #[inline(always)]
-fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &FlowKey) {
+fn forget_forward<A: Family>(
+    forward_key: &FlowKeyOf<A>,
+    forward: &mut FlowValueOf<A>,
+    reply_key: &FlowKeyOf<A>,
+) {
     remove_reply(reply_key, forward);
     let _ = flow_count::remove_forward(forward_key, forward);
 }
@@ -274,9 +283,9 @@ fn forget_forward(forward_key: &FlowKey, forward: &mut FlowValue, reply_key: &Fl
 /// Removes the reply entry `reply_key` of `flow` (either entry), and with it the hold on its
 /// SNAT port (a DNAT flow holds none).
 #[inline(always)]
-fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
+fn remove_reply<A: Family>(reply_key: &FlowKeyOf<A>, flow: &FlowValueOf<A>) {
     // A DSR flow has no reply entry: the key may be another flow's.
-    if flow.flags & FLOW_DSR == 0 && FLOWS.remove(reply_key).is_ok() {
+    if flow.flags & FLOW_DSR == 0 && A::flows().remove(reply_key).is_ok() {
         snat::release_held(reply_key, flow);
     }
 }
@@ -286,7 +295,7 @@ fn remove_reply(reply_key: &FlowKey, flow: &FlowValue) {
 /// A client on another segment cannot forge that; one on the backend's segment has to spoof
 /// the MAC as well.
 #[inline(always)]
-fn came_from_backend(pkt: &Packet, forward: &FlowValue) -> bool {
+fn came_from_backend<A: Family>(pkt: &Packet<A>, forward: &FlowValueOf<A>) -> bool {
     // SAFETY: `eth` was bounds-checked in `parse::packet`.
     let src_mac = unsafe { (*pkt.eth).src_addr };
     let egress = forward.egress_ifindex;
@@ -302,8 +311,8 @@ fn came_from_backend(pkt: &Packet, forward: &FlowValue) -> bool {
 /// finds its half-open flow on a failed or silent backend moves on; a UDP flow, with no
 /// handshake to protect, moves with its next datagram.
 #[inline(always)]
-fn backend_keeps(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
-    let Some(backend) = BACKENDS.get(forward.backend_id) else {
+fn backend_keeps<A: Family>(pkt: &Packet<A>, forward: &FlowValueOf<A>, now: u64) -> bool {
+    let Some(backend) = A::backends().get(forward.backend_id) else {
         return false;
     };
     if backend.addr != forward.nat_dst_addr || backend.port != forward.nat_dst_port {
@@ -324,7 +333,7 @@ fn backend_keeps(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
 /// is marked suspect then. Both SYNs must be well formed: a backend rightly ignores a SYN with
 /// a bad checksum, and a client must not be able to get a backend marked with one.
 #[inline(always)]
-fn syn_unanswered(pkt: &Packet, forward: &FlowValue, now: u64) -> bool {
+fn syn_unanswered<A: Family>(pkt: &Packet<A>, forward: &FlowValueOf<A>, now: u64) -> bool {
     let unanswered = pkt.seq_end == forward.seq_next
         && now.saturating_sub(forward.last_seen_ns) >= SYN_UNANSWERED_NS
         && forward.flags & FLOW_SYN_WELL_FORMED != 0
@@ -358,12 +367,12 @@ enum Holder {
 /// Inserts the reply entry under `reverse_key` if its SNAT port is free for this backend, or
 /// held by a connection that is gone. Otherwise says who holds it.
 #[inline(always)]
-fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Holder {
-    match FLOWS.insert(reverse_key, reverse, BPF_NOEXIST as u64) {
+fn take_port<A: Family>(reverse_key: &FlowKeyOf<A>, reverse: &FlowValueOf<A>, now: u64) -> Holder {
+    match A::flows().insert(reverse_key, reverse, BPF_NOEXIST as u64) {
         Ok(()) => Holder::Gone,
         Err(e) if e == -EEXIST => match holder(reverse_key, now) {
             Holder::Gone => {
-                let taken = FLOWS
+                let taken = A::flows()
                     .insert(reverse_key, reverse, BPF_NOEXIST as u64)
                     .is_ok();
                 if taken { Holder::Gone } else { Holder::Live }
@@ -380,8 +389,8 @@ fn take_port(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Holder {
 /// past its state's timeout, or ended and silent for FLOW_RECLAIM_NS (its port is worth more
 /// to a new connection than its entries are to a late retransmission).
 #[inline(always)]
-fn holder(reverse_key: &FlowKey, now: u64) -> Holder {
-    let Some(reply) = FLOWS.get_ptr(reverse_key) else {
+fn holder<A: Family>(reverse_key: &FlowKeyOf<A>, now: u64) -> Holder {
+    let Some(reply) = A::flows().get_ptr(reverse_key) else {
         return Holder::Gone;
     };
     // SAFETY: a value pointer from a map lookup is valid for this program run.
@@ -404,7 +413,11 @@ fn holder(reverse_key: &FlowKey, now: u64) -> Holder {
 /// Removes the connection whose reply entry is `reverse_key`; its forward entry too if it
 /// still points back (`forward`): the client's tuple may already carry a newer flow.
 #[inline(always)]
-fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValue>) {
+fn evict<A: Family>(
+    reverse_key: &FlowKeyOf<A>,
+    reply: &FlowValueOf<A>,
+    forward: Option<*mut FlowValueOf<A>>,
+) {
     match forward {
         // SAFETY: a value pointer from a map lookup is valid for this program run.
         Some(forward) => forget_forward(
@@ -420,8 +433,8 @@ fn evict(reverse_key: &FlowKey, reply: &FlowValue, forward: Option<*mut FlowValu
 /// free with no room in the table for it (the table ran out). Outside the port search, so the
 /// search carries no flag for it (each one doubles the paths the verifier walks).
 #[inline(always)]
-fn exhausted(last_tried: &FlowKey, reverse: &FlowValue) -> Verdict {
-    match FLOWS.insert(last_tried, reverse, BPF_NOEXIST as u64) {
+fn exhausted<A: Family>(last_tried: &FlowKeyOf<A>, reverse: &FlowValueOf<A>) -> Verdict {
+    match A::flows().insert(last_tried, reverse, BPF_NOEXIST as u64) {
         Err(e) if e == -EEXIST => Verdict::Drop(DropReason::SnatPortsExhausted),
         Err(_) => Verdict::Drop(DropReason::FlowTableFull),
         Ok(()) => {
@@ -438,8 +451,8 @@ fn exhausted(last_tried: &FlowKey, reverse: &FlowValue) -> Verdict {
 /// build without them), and is given back otherwise (another backend id with the same address
 /// holds it, or the table had no room).
 #[inline(always)]
-fn keep_claim_if_held(reverse_key: &FlowKey, reverse: &FlowValue) {
-    let held = FLOWS
+fn keep_claim_if_held<A: Family>(reverse_key: &FlowKeyOf<A>, reverse: &FlowValueOf<A>) {
+    let held = A::flows()
         .get_ptr(reverse_key)
         // SAFETY: a value pointer from a map lookup is valid for this program run.
         .is_some_and(|holder| unsafe { (*holder).backend_id } == reverse.backend_id);
@@ -451,8 +464,8 @@ fn keep_claim_if_held(reverse_key: &FlowKey, reverse: &FlowValue) {
 /// Takes the port of the half-open connection whose reply entry is `reverse_key`, for
 /// `reverse`: the ports tried were all held, and a connection that can complete needs it more.
 #[inline(always)]
-fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
-    let Some(reply) = FLOWS.get_ptr(reverse_key) else {
+fn evict_half_open<A: Family>(reverse_key: &FlowKeyOf<A>, reverse: &FlowValueOf<A>) -> bool {
+    let Some(reply) = A::flows().get_ptr(reverse_key) else {
         return false;
     };
     // SAFETY: a value pointer from a map lookup is valid for this program run.
@@ -461,7 +474,7 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
         return false;
     }
     evict(reverse_key, reply, peer_of(reverse_key, reply));
-    let taken = FLOWS
+    let taken = A::flows()
         .insert(reverse_key, reverse, BPF_NOEXIST as u64)
         .is_ok();
     if taken {
@@ -475,27 +488,46 @@ fn evict_half_open(reverse_key: &FlowKey, reverse: &FlowValue) -> bool {
 /// forward direction. In NAT mode the tuple has a fresh SNAT port; in DNAT mode it is the
 /// client's own address and port; in DSR mode there is no reply direction.
 #[inline(always)]
-pub fn create(
+pub fn create<A: Family>(
     ctx: &impl Frame,
-    pkt: &Packet,
-    svc: &Service,
+    pkt: &Packet<A>,
+    svc: &ServiceOf<A>,
     backend_id: u32,
-    backend: &Backend,
-) -> Result<Flow, Verdict> {
+    backend: &BackendOf<A>,
+) -> Result<Flow<A>, Verdict> {
     let now = now_ns();
-    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     if is_dsr_mode(svc.mode) {
         return create_dsr(pkt, svc, backend_id, backend, now);
     }
-    let dnat = svc.mode == SERVICE_MODE_DNAT;
-    let mut reverse_key = FlowKey {
+    let mut reverse_key = reply_key(pkt, backend);
+    let reverse = prepare(ctx, pkt, svc, backend_id)?;
+    take_tuple(svc, &mut reverse_key, reverse, now)?;
+    finish(pkt, &reverse_key, reverse, now)
+}
+
+/// The reply entry's key before its tuple is taken: from the backend to the client.
+#[inline(always)]
+pub fn reply_key<A: Family>(pkt: &Packet<A>, backend: &BackendOf<A>) -> FlowKeyOf<A> {
+    FlowKeyOf {
         src_addr: backend.addr,
         dst_addr: pkt.key.src_addr,
         src_port: backend.port,
         dst_port: pkt.key.src_port,
         proto: pkt.key.proto,
         _pad: [0; 3],
-    };
+    }
+}
+
+/// `create`'s first step: the reply entry's value, in the family's scratch slot (off the
+/// stack: after the tuple is taken, the rest of the program fills it as the forward entry).
+#[inline(always)]
+pub fn prepare<A: Family>(
+    ctx: &impl Frame,
+    pkt: &Packet<A>,
+    svc: &ServiceOf<A>,
+    backend_id: u32,
+) -> Result<&'static mut FlowValueOf<A>, Verdict> {
+    let dnat = svc.mode == SERVICE_MODE_DNAT;
     let state = if pkt.is_tcp() {
         TCP_SYN_SENT
     } else {
@@ -508,14 +540,13 @@ pub fn create(
         None
     };
     let mode_flags = if ts_add.is_some() { FLOW_TS } else { 0 } | if dnat { FLOW_DNAT } else { 0 };
-    let ts_add = ts_add.unwrap_or(0);
-    // The reply entry, and after the tuple is taken the forward entry: one value, off the
-    // stack, which the rest of the program fills.
-    let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
+    let scratch = A::flow_scratch()
+        .get_ptr_mut(0)
+        .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
     // SAFETY: a per-CPU array slot, this CPU's alone for this program run (the hooks that
     // create flows run in softirq, which does not nest on a CPU).
     let reverse = unsafe { &mut *scratch };
-    *reverse = FlowValue {
+    *reverse = FlowValueOf {
         nat_src_addr: pkt.key.dst_addr,
         nat_dst_addr: pkt.key.src_addr,
         nat_src_port: pkt.key.dst_port,
@@ -524,20 +555,46 @@ pub fn create(
         flags: FLOW_REVERSE | mode_flags,
         last_seen_ns: 0,
         state,
-        ts_add: ts_add.wrapping_neg(),
+        ts_add: ts_add.unwrap_or(0).wrapping_neg(),
         mss: svc.mss,
-        ..FlowValue::default()
+        ..FlowValueOf::default()
     };
-    if dnat {
-        take_client_tuple(&reverse_key, reverse, now)?;
+    Ok(reverse)
+}
+
+/// `create`'s second step: inserts the reply entry `reverse` under the tuple its mode takes
+/// (`reverse_key` leaves with it). The client is the one `reverse` answers.
+#[inline(always)]
+pub fn take_tuple<A: Family>(
+    svc: &ServiceOf<A>,
+    reverse_key: &mut FlowKeyOf<A>,
+    reverse: &mut FlowValueOf<A>,
+    now: u64,
+) -> Result<(), Verdict> {
+    if reverse.flags & FLOW_DNAT != 0 {
+        take_client_tuple(reverse_key, reverse, now)
     } else {
-        take_snat_port(pkt, svc, &mut reverse_key, reverse, now)?;
+        take_snat_port(svc, reverse_key, reverse, now)
     }
+}
+
+/// `create`'s last step: the forward entry for `pkt`, after the reply entry `reverse` was
+/// inserted under `reverse_key`.
+#[inline(always)]
+pub fn finish<A: Family>(
+    pkt: &Packet<A>,
+    reverse_key: &FlowKeyOf<A>,
+    reverse: &mut FlowValueOf<A>,
+    now: u64,
+) -> Result<Flow<A>, Verdict> {
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    let mode_flags = reverse.flags & (FLOW_TS | FLOW_DNAT);
+    let backend_id = reverse.backend_id;
     let forward = reverse;
     forward.nat_src_addr = reverse_key.dst_addr;
-    forward.nat_dst_addr = backend.addr;
+    forward.nat_dst_addr = reverse_key.src_addr;
     forward.nat_src_port = reverse_key.dst_port;
-    forward.nat_dst_port = backend.port;
+    forward.nat_dst_port = reverse_key.src_port;
     forward.flags = mode_flags
         | if pkt.is_tcp() && csum::tcp_header_only_ok(pkt) {
             FLOW_SYN_WELL_FORMED
@@ -546,13 +603,13 @@ pub fn create(
         };
     forward.last_seen_ns = now;
     forward.seq_next = pkt.seq_end;
-    forward.ts_add = ts_add;
+    forward.ts_add = forward.ts_add.wrapping_neg();
     // BPF_NOEXIST: each connection is counted opened once. Another CPU that made the same
     // flow a moment earlier (a duplicate SYN) wins, and this packet follows its flow.
-    match FLOWS.insert(&pkt.key, forward, BPF_NOEXIST as u64) {
+    match A::flows().insert(&pkt.key, forward, BPF_NOEXIST as u64) {
         Ok(()) => flow_count::opened(backend_id),
         Err(e) => {
-            remove_reply(&reverse_key, forward);
+            remove_reply(reverse_key, forward);
             if e != -EEXIST {
                 return Err(Verdict::Drop(DropReason::FlowTableFull));
             }
@@ -560,7 +617,7 @@ pub fn create(
     }
     // The entry as stored, so that forwarding caches this packet's next hop in it: the
     // flow's next packets then skip the FIB.
-    let entry = FLOWS.get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
+    let entry = A::flows().get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
     Ok(Flow { entry })
 }
 
@@ -569,13 +626,13 @@ pub fn create(
 /// other than a SYN opens it established: a connection whose flow expired while idle (its
 /// backend's answers never pass here) goes on where consistent hashing sends it.
 #[inline(always)]
-fn create_dsr(
-    pkt: &Packet,
-    svc: &Service,
+fn create_dsr<A: Family>(
+    pkt: &Packet<A>,
+    svc: &ServiceOf<A>,
     backend_id: u32,
-    backend: &Backend,
+    backend: &BackendOf<A>,
     now: u64,
-) -> Result<Flow, Verdict> {
+) -> Result<Flow<A>, Verdict> {
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let state = match (pkt.is_tcp(), pkt.is_syn()) {
         (true, true) => TCP_SYN_SENT,
@@ -594,7 +651,7 @@ fn create_dsr(
     let (tunnel, src_addr, src_port) = match svc.mode {
         SERVICE_MODE_DSR_IPIP | SERVICE_MODE_DSR_GUE => {
             let count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
-            let index = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, count);
+            let index = pool_start(pkt.key.src_addr.fold(), pkt.key.src_port.0, count);
             let addr = svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
             if svc.mode == SERVICE_MODE_DSR_GUE {
                 let port = gue_source_port(pkt.key.hash());
@@ -605,10 +662,10 @@ fn create_dsr(
         }
         _ => (0, pkt.key.src_addr, pkt.key.src_port),
     };
-    let scratch = FLOW_SCRATCH.get_ptr_mut(0).ok_or(inconsistent)?;
+    let scratch = A::flow_scratch().get_ptr_mut(0).ok_or(inconsistent)?;
     // SAFETY: as in `create`.
     let forward = unsafe { &mut *scratch };
-    *forward = FlowValue {
+    *forward = FlowValueOf {
         nat_src_addr: src_addr,
         nat_dst_addr: backend.addr,
         nat_src_port: src_port,
@@ -619,14 +676,14 @@ fn create_dsr(
         seq_next: pkt.seq_end,
         state,
         mss: svc.mss,
-        ..FlowValue::default()
+        ..FlowValueOf::default()
     };
-    match FLOWS.insert(&pkt.key, forward, BPF_NOEXIST as u64) {
+    match A::flows().insert(&pkt.key, forward, BPF_NOEXIST as u64) {
         Ok(()) => flow_count::opened(backend_id),
         Err(e) if e == -EEXIST => {}
         Err(_) => return Err(Verdict::Drop(DropReason::FlowTableFull)),
     }
-    let entry = FLOWS.get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
+    let entry = A::flows().get_ptr_mut(&pkt.key).ok_or(inconsistent)?;
     Ok(Flow { entry })
 }
 
@@ -634,7 +691,11 @@ fn create_dsr(
 /// connection gone from that tuple gives it up: the same client tuple to another VIP, whose
 /// flow went to the same backend, keeps it while it lives.
 #[inline(always)]
-fn take_client_tuple(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Result<(), Verdict> {
+fn take_client_tuple<A: Family>(
+    reverse_key: &FlowKeyOf<A>,
+    reverse: &FlowValueOf<A>,
+    now: u64,
+) -> Result<(), Verdict> {
     match take_port(reverse_key, reverse, now) {
         Holder::Gone => Ok(()),
         Holder::TableFull => Err(Verdict::Drop(DropReason::FlowTableFull)),
@@ -645,10 +706,10 @@ fn take_client_tuple(reverse_key: &FlowKey, reverse: &FlowValue, now: u64) -> Re
 /// Tries `port` for the reply entry `reverse` under `key`: true if it took it. A port a
 /// half-open connection holds is remembered in `half_open_port` (the first such).
 #[inline(always)]
-fn try_port(
+fn try_port<A: Family>(
     port: Be16,
-    key: &mut FlowKey,
-    reverse: &FlowValue,
+    key: &mut FlowKeyOf<A>,
+    reverse: &FlowValueOf<A>,
     now: u64,
     half_open_port: &mut Option<Be16>,
 ) -> bool {
@@ -666,7 +727,7 @@ fn try_port(
 /// `take_port` in a BPF function of its own: the port search inlined whole into the balancing
 /// path would take the stack its callees need (the verifier's limit is 512 bytes per chain).
 #[inline(never)]
-fn take_port_apart(key: &FlowKey, reverse: &FlowValue, now: u64) -> Holder {
+fn take_port_apart<A: Family>(key: &FlowKeyOf<A>, reverse: &FlowValueOf<A>, now: u64) -> Holder {
     take_port(key, reverse, now)
 }
 
@@ -674,11 +735,10 @@ fn take_port_apart(key: &FlowKey, reverse: &FlowValue, now: u64) -> Holder {
 /// holds towards the backend, and marks the port in its bitmap; `reverse_key` comes with the
 /// client's tuple and leaves with the one taken.
 #[inline(always)]
-fn take_snat_port(
-    pkt: &Packet,
-    svc: &Service,
-    reverse_key: &mut FlowKey,
-    reverse: &mut FlowValue,
+fn take_snat_port<A: Family>(
+    svc: &ServiceOf<A>,
+    reverse_key: &mut FlowKeyOf<A>,
+    reverse: &mut FlowValueOf<A>,
     now: u64,
 ) -> Result<(), Verdict> {
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
@@ -689,7 +749,8 @@ fn take_snat_port(
     // The pool's addresses are tried from one the client's address and port choose: a client
     // reusing its tuple comes back to the same address (below: and port).
     let snat_count = u32::from(svc.snat_count).clamp(1, SNAT_POOL_MAX);
-    let snat_start = pool_start(pkt.key.src_addr.0, pkt.key.src_port.0, snat_count);
+    let (client_addr, client_src_port) = (reverse.nat_dst_addr, reverse.nat_dst_port);
+    let snat_start = pool_start(client_addr.fold(), client_src_port.0, snat_count);
     let snat_addr = |index: u32| svc.snat_addrs[(index & (SNAT_POOL_MAX - 1)) as usize];
     reverse_key.dst_addr = snat_addr(snat_start);
     reverse.snat_index = snat_start as u16;
@@ -697,15 +758,15 @@ fn take_snat_port(
     // a client reusing its tuple then meets its own previous connection in the backend's
     // TIME_WAIT, under the same TCP timestamp offset, and the backend accepts the SYN. Another
     // client's connection there may carry an older timestamp, and about half are refused.
-    let client_port = u32::from(pkt.key.src_port.to_host());
+    let client_port = u32::from(client_src_port.to_host());
     let mut found = false;
     // A port held by a half-open connection, to take if none of the tries is free.
     let mut half_open_port = None;
     if client_port.wrapping_sub(port_min) < port_count
-        && snat::claim_port(snat::ports_of(reverse), pkt.key.src_port.to_host())
+        && snat::claim_port(snat::ports_of(reverse), client_src_port.to_host())
     {
         found = try_port(
-            pkt.key.src_port,
+            client_src_port,
             reverse_key,
             reverse,
             now,

@@ -6,9 +6,9 @@
 use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use aya_ebpf::helpers::bpf_map_delete_elem;
-use lb_common::{FLOW_END_COUNTED, FlowKey, FlowValue};
+use lb_common::{FLOW_END_COUNTED, FlowKeyOf, FlowValueOf};
 
-use crate::maps::{FLOW_COUNTS, FLOWS};
+use crate::{family::Family, maps::FLOW_COUNTS};
 
 #[inline(always)]
 pub fn opened(backend_id: u32) {
@@ -20,7 +20,7 @@ pub fn opened(backend_id: u32) {
 
 /// Counts the end of `forward`'s connection unless someone already has (null: no entry).
 #[inline(always)]
-pub fn ended(forward: *mut FlowValue) {
+pub fn ended<A: Family>(forward: *mut FlowValueOf<A>) {
     if forward.is_null() {
         return;
     }
@@ -40,7 +40,7 @@ pub fn ended(forward: *mut FlowValue) {
 /// little-endian target, of the aligned word it shares with `egress_ifindex` (lb-common asserts
 /// the layout), and or-ing zeros into the high half leaves it as it is.
 #[inline(always)]
-pub fn fetch_or_flags(value: *mut FlowValue, bits: u32) -> u32 {
+pub fn fetch_or_flags<A: Family>(value: *mut FlowValueOf<A>, bits: u32) -> u32 {
     // SAFETY: a value pointer from a map lookup is valid for this program run; the word is
     // 8-aligned and inside the value.
     let before = unsafe {
@@ -57,15 +57,15 @@ pub fn fetch_or_flags(value: *mut FlowValue, bits: u32) -> u32 {
 /// for one lookup: it runs inside the SNAT port search, where every branch multiplies the paths
 /// the verifier walks.
 #[inline(always)]
-pub fn remove_forward(key: &FlowKey, forward: &mut FlowValue) -> bool {
+pub fn remove_forward<A: Family>(key: &FlowKeyOf<A>, forward: &mut FlowValueOf<A>) -> bool {
     // Before the removal: a preallocated entry may be reused by another CPU's insert at once.
     let before = fetch_or_flags(forward, FLOW_END_COUNTED);
     let backend_id = forward.backend_id;
     // SAFETY: FLOWS is a map and `key` a valid key for it.
     let removed = unsafe {
         bpf_map_delete_elem(
-            (&raw const FLOWS).cast_mut().cast(),
-            (key as *const FlowKey).cast(),
+            core::ptr::from_ref(A::flows()).cast_mut().cast(),
+            (key as *const FlowKeyOf<A>).cast(),
         )
     };
     if let Some(counts) = FLOW_COUNTS.get_ptr_mut(backend_id) {

@@ -12,16 +12,14 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
-use lb_common::{DropReason, FlowValue, IFACE_VIA_STACK, IFACE_XDP_TX, PassReason};
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use lb_common::{DropReason, FlowValueOf, IFACE_VIA_STACK, IFACE_XDP_TX, PassReason};
+use network_types::eth::EthHdr;
 
 use crate::{
     Verdict,
+    family::Family,
     maps::{IFACES, TX_PORTS},
 };
-
-/// Don't-fragment in IPv4's `frags` field (host order).
-const IP_DF: u16 = 0x4000;
 
 /// Where a packet goes: the egress device, its `Iface::flags`, and the MACs to write.
 pub struct NextHop {
@@ -43,16 +41,16 @@ pub enum NoHop {
 /// sees), from the flow's cache or the FIB; `ip` is the packet's header, `proto` its protocol,
 /// `grow` what an encapsulation adds to its length (the MTU check counts it).
 #[inline(always)]
-pub fn next_hop(
+pub fn next_hop<A: Family>(
     ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
+    ip: *mut A::Ip,
     proto: u8,
-    entry: *mut FlowValue,
+    entry: *mut FlowValueOf<A>,
     grow: u16,
 ) -> Result<NextHop, NoHop> {
     // SAFETY: the caller bounds-checked the IP header; a value pointer from a map lookup is
     // valid for this program run.
-    let (tot_len, nat) = unsafe { (u16::from_be_bytes((*ip).tot_len), &*entry) };
+    let (tot_len, nat) = unsafe { (A::packet_len(&*ip), &*entry) };
     let tot_len = tot_len.saturating_add(grow);
     if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
         return Ok(NextHop {
@@ -70,17 +68,17 @@ pub fn next_hop(
 /// Sends the packet (`eth` and `ip` its headers, bounds-checked by the caller) to `hop`, with
 /// its TTL decremented; a packet for a bridge goes up to the kernel as it is.
 #[inline(always)]
-pub fn send(
+pub fn send<A: Family>(
     ctx: &XdpContext,
     eth: *mut EthHdr,
-    ip: *mut Ipv4Hdr,
+    ip: *mut A::Ip,
     hop: &NextHop,
 ) -> Result<Verdict, Verdict> {
     if hop.flags & IFACE_VIA_STACK != 0 {
         return Ok(Verdict::Pass(PassReason::EgressBridge));
     }
     // SAFETY: the caller bounds-checked the IP header.
-    unsafe { crate::fib::decrement_ttl(&mut *ip) };
+    unsafe { A::decrement_hop_limit(&mut *ip) };
     send_frame(ctx, eth, hop)
 }
 
@@ -130,7 +128,7 @@ pub fn transmit(ifindex: u32, flags: u32, ingress: u32) -> Result<Verdict, Verdi
 /// Caches `hop` in the flow's entry for packets up to `tot_len` bytes (more if the same hop
 /// already approved larger ones). Two CPUs may race here; both write a hop the FIB just gave.
 #[inline(always)]
-fn remember(entry: *mut FlowValue, hop: &NextHop, tot_len: u16) {
+fn remember<A>(entry: *mut FlowValueOf<A>, hop: &NextHop, tot_len: u16) {
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let value = unsafe { &mut *entry };
     value.fib_ok_len = if value.egress_ifindex == hop.ifindex {
@@ -146,17 +144,17 @@ fn remember(entry: *mut FlowValue, hop: &NextHop, tot_len: u16) {
 
 /// The kernel's FIB: egress device and MACs for the rewritten packet, with the MTU checked.
 #[inline(always)]
-fn lookup(
+fn lookup<A: Family>(
     ctx: &XdpContext,
-    ip: *mut Ipv4Hdr,
+    ip: *mut A::Ip,
     proto: u8,
-    nat: &FlowValue,
+    nat: &FlowValueOf<A>,
     tot_len: u16,
 ) -> Result<NextHop, NoHop> {
     let verdict = |v| NoHop::Verdict(v);
     // SAFETY: the caller bounds-checked the IP header.
-    let (tos, frags) = unsafe { ((*ip).tos, u16::from_be_bytes((*ip).frags)) };
-    let mut fib = crate::fib::params(proto, ctx.ingress_ifindex() as u32, tos, nat);
+    let ip = unsafe { &*ip };
+    let mut fib = A::fib_params(ip, proto, ctx.ingress_ifindex() as u32, nat);
     fib.__bindgen_anon_1.tot_len = tot_len;
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
     let rc = unsafe {
@@ -176,7 +174,7 @@ fn lookup(
         }
         // With DF the sender must learn the path's MTU; without, the kernel fragments the
         // rewritten packet as it forwards it (XDP has no fragmenting of its own).
-        BPF_FIB_LKUP_RET_FRAG_NEEDED if frags & IP_DF != 0 => {
+        BPF_FIB_LKUP_RET_FRAG_NEEDED if A::must_not_fragment(ip) => {
             // SAFETY: the helper filled the union's MTU on this return code.
             return Err(NoHop::TooBig {
                 mtu: unsafe { fib.__bindgen_anon_1.mtu_result },

@@ -117,5 +117,5 @@ fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     };
     stats::count_slot(STAT_FRAGMENTS_FOLLOWED);
     stats::count_backend(backend_id, (ctx.data_end() - ctx.data()) as u64);
-    forward::send(ctx, eth, ip, &hop)
+    forward::send::<Be32>(ctx, eth, ip, &hop)
 }

@@ -162,5 +162,5 @@ pub fn translate(
     } else {
         STAT_ICMP_ERROR_TO_BACKEND
     });
-    forward::send(ctx, eth, ip, &hop)
+    forward::send::<Be32>(ctx, eth, ip, &hop)
 }

@@ -14,6 +14,7 @@ mod debug_log;
 mod decap;
 mod encap;
 mod expiry;
+mod family;
 mod fib;
 mod flow;
 mod flow_count;
@@ -38,6 +39,7 @@ mod tcp_options;
 mod timestamps;
 mod too_big;
 mod xdp;
+mod xdp6;
 
 use lb_common::{DropReason, PassReason};
 

@@ -5,15 +5,17 @@
 //! the daemon.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE, FRAGMENTS_CAPACITY,
-    FlowCounts, FlowKey, FlowValue, FragmentKey, FragmentValue, HostPortKey, Iface, MAX_BACKENDS,
-    MAX_BRIDGE_PORTS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS,
-    SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY, STATS_SLOTS, Service, ServiceKey, SockKey, SockVip,
-    TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
+    Backend, Backend6, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE,
+    FRAGMENTS_CAPACITY, FlowCounts, FlowKey, FlowKey6, FlowValue, FlowValue6, FragmentKey,
+    FragmentValue, HostPortKey, Iface, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_INTERFACES,
+    MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY,
+    STATS_SLOTS, Service, Service6, ServiceKey, ServiceKey6, SockKey, SockVip, TCP_OPTIONS_MAX,
+    conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
@@ -24,6 +26,14 @@ pub static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MA
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// SERVICES' IPv6 twin: a service's Maglev table and backend ids are those of the one id space.
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, Service6> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// BACKENDS' IPv6 twin, indexed by the same backend ids: an id is in use in one of the two.
+#[map]
+pub static BACKENDS6: Array<Backend6> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// Maglev slots of every service, two tables each (live and staging): slot -> backend id.
 /// Daemon writes the staging table, then flips `Service::maglev_base`. Size set at load.
 #[map]
@@ -33,6 +43,12 @@ pub static MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * 2 * DEFAU
 /// timer (`expiry.rs`) removes what outlived its state's timeout. Size set at load.
 #[map]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+/// FLOWS' IPv6 twin. Size set at load. Not preallocated: a balancer with no IPv6 service
+/// spends no memory on it (FLOWS' million entries take about 140 MB).
+#[map]
+pub static FLOWS6: HashMap<FlowKey6, FlowValue6> =
+    HashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// backend id -> packets, bytes, new flows (per CPU). Data path writes; daemon reads.
 #[map]
@@ -117,6 +133,14 @@ pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 /// The flow value `flow::create` builds, off the stack (per CPU; data path only, not pinned).
 #[map]
 pub static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
+
+/// FLOW_SCRATCH's IPv6 twin.
+#[map]
+pub static FLOW_SCRATCH6: PerCpuArray<FlowValue6> = PerCpuArray::with_max_entries(1, 0);
+
+/// The key of the reply entry in FLOW_SCRATCH6, handed between `xdp6.rs`'s steps.
+#[map]
+pub static REPLY_KEY_SCRATCH6: PerCpuArray<FlowKey6> = PerCpuArray::with_max_entries(1, 0);
 
 /// A bridge port's ifindex -> its bridge's: a container's packets meet the tc program on the
 /// port, while the flow's next hop is the bridge. Daemon writes; data path reads.

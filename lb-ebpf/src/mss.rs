@@ -9,10 +9,11 @@ use aya_ebpf::{
     bindings::{__sk_buff, xdp_md},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{FlowValue, STAT_MSS_CLAMPED, conntrack::TCP_SYN};
+use lb_common::{FlowValueOf, STAT_MSS_CLAMPED, conntrack::TCP_SYN};
 
 use crate::{
     csum::Delta,
+    family::Family,
     frame::Frame,
     parse::Packet,
     stats,
@@ -27,7 +28,7 @@ const CHECK_AT: usize = 16;
 
 /// Clamps the MSS a SYN or SYN-ACK of `nat`'s flow announces, if its service asks for it.
 #[inline(always)]
-pub fn clamp(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) {
+pub fn clamp<A: Family>(ctx: &XdpContext, pkt: &Packet<A>, nat: &FlowValueOf<A>) {
     if !wanted(pkt, nat) {
         return;
     }
@@ -43,7 +44,7 @@ pub fn clamp(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) {
 /// `clamp` at tc: the segment's MSS lowered, and the change for the caller to give the L4
 /// checksum through the kernel's helper (which knows whether the checksum covers it yet).
 #[inline(always)]
-pub fn clamp_skb(ctx: &TcContext, pkt: &Packet, nat: &FlowValue) -> Delta {
+pub fn clamp_skb<A: Family>(ctx: &TcContext, pkt: &Packet<A>, nat: &FlowValueOf<A>) -> Delta {
     if !wanted(pkt, nat) {
         return Delta::default();
     }
@@ -57,7 +58,7 @@ pub fn clamp_skb(ctx: &TcContext, pkt: &Packet, nat: &FlowValue) -> Delta {
 }
 
 #[inline(always)]
-fn wanted(pkt: &Packet, nat: &FlowValue) -> bool {
+fn wanted<A: Family>(pkt: &Packet<A>, nat: &FlowValueOf<A>) -> bool {
     nat.mss != 0 && pkt.tcp_flags & TCP_SYN != 0 && pkt.is_tcp()
 }
 

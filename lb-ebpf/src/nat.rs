@@ -1,52 +1,47 @@
 //! Stage 4, rewrite: addresses and ports as the flow says, with the IPv4 and TCP/UDP checksums
 //! updated incrementally (the L4 one for `l4_changes` made earlier too). Touches no map.
 
-use lb_common::{Be32, FlowValue};
+use lb_common::{Be32, FlowValueOf};
 use network_types::ip::Ipv4Hdr;
 
-use crate::{csum::Delta, parse::Packet};
+use crate::{csum::Delta, family::Family, parse::Packet};
 
 /// Rewrites the addresses of `ip` to `src` and `dst`, with its header checksum: for packets
 /// with no ports of the flow to rewrite (an ICMP error's outer header, a later fragment).
 #[inline(always)]
 pub fn readdress(ip: &mut Ipv4Hdr, src: Be32, dst: Be32) {
-    let mut delta = Delta::default();
-    delta.replace32(Be32::from_bytes(ip.src_addr).0, src.0);
-    delta.replace32(Be32::from_bytes(ip.dst_addr).0, dst.0);
-    ip.src_addr = src.to_bytes();
-    ip.dst_addr = dst.to_bytes();
-    ip.check = delta.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+    let mut change = Delta::default();
+    change.replace32(Be32::from_bytes(ip.src_addr).0, src.0);
+    change.replace32(Be32::from_bytes(ip.dst_addr).0, dst.0);
+    Be32::write_addrs(ip, src, dst, change);
 }
 
 /// Writes the flow's addresses and ports into the packet, with its IPv4 checksum. Returns the
 /// changes the L4 checksum must take: the addresses' (part of its pseudo-header) and the
 /// ports'. Each hook applies them its own way.
 #[inline(always)]
-pub fn write_headers(pkt: &Packet, nat: &FlowValue) -> (Delta, Delta) {
+pub fn write_headers<A: Family>(pkt: &Packet<A>, nat: &FlowValueOf<A>) -> (Delta, Delta) {
     let k = &pkt.key;
     let mut addrs = Delta::default();
-    addrs.replace32(k.src_addr.0, nat.nat_src_addr.0);
-    addrs.replace32(k.dst_addr.0, nat.nat_dst_addr.0);
+    A::replace(&mut addrs, k.src_addr, nat.nat_src_addr);
+    A::replace(&mut addrs, k.dst_addr, nat.nat_dst_addr);
     let mut ports = Delta::default();
     ports.replace16(k.src_port.0, nat.nat_src_port.0);
     ports.replace16(k.dst_port.0, nat.nat_dst_port.0);
     // SAFETY: parse::packet bounds-checked the IP header and the ports.
     unsafe {
-        let ip = &mut *pkt.ip;
-        ip.src_addr = nat.nat_src_addr.to_bytes();
-        ip.dst_addr = nat.nat_dst_addr.to_bytes();
-        ip.check = addrs.apply(u16::from_ne_bytes(ip.check)).to_ne_bytes();
+        A::write_addrs(&mut *pkt.ip, nat.nat_src_addr, nat.nat_dst_addr, addrs);
         let s = nat.nat_src_port.to_bytes();
         let d = nat.nat_dst_port.to_bytes();
         *pkt.ports = [s[0], s[1], d[0], d[1]];
+        (addrs, ports)
     }
-    (addrs, ports)
 }
 
 /// XDP's rewrite: the headers, and the L4 checksum in place (XDP's packets carry full
 /// checksums), for `l4_changes` made earlier too.
 #[inline(always)]
-pub fn rewrite(pkt: &Packet, nat: &FlowValue, l4_changes: Delta) {
+pub fn rewrite<A: Family>(pkt: &Packet<A>, nat: &FlowValueOf<A>, l4_changes: Delta) {
     let (addrs, ports) = write_headers(pkt, nat);
     let l4 = addrs.and(ports).and(l4_changes);
     // SAFETY: parse::packet bounds-checked the L4 checksum field.

@@ -1,18 +1,35 @@
-//! Stage 1, parse: Ethernet -> IPv4 (options allowed) -> TCP or UDP, into a `Packet`.
-//! Anything else passes to the kernel with its reason. Reads no maps.
+//! Stage 1, parse: Ethernet -> IPv4 (options allowed) or IPv6 -> TCP or UDP, into a `Packet`.
+//! Anything else passes to the kernel with its reason. An IPv6 packet with extension headers
+//! passes too (counted): the headers a balanced flow could carry (fragments, hop-by-hop options)
+//! are rare on the way to a VIP, and the kernel handles them all. Reads no maps.
+
+use core::mem::MaybeUninit;
 
 use lb_common::{
-    Be16, Be32, FlowKey, PassReason,
+    Be16, Be32, FlowKeyOf, In6, PassReason,
     conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     icmp::IPPROTO_ICMP,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 
-use crate::{Verdict, frame::Frame};
+use crate::{
+    Verdict,
+    family::{Family, read_in6},
+    frame::Frame,
+};
 
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv6 extension headers (RFC 8200 and the IANA list): hop-by-hop options, routing,
+/// fragment, destination options, mobility, HIP, shim6 and the two experimental ones.
+const IPV6_EXTENSION_HEADERS: [u8; 9] = [0, 43, 44, 60, 135, 139, 140, 253, 254];
 /// Offsets in the TCP header: sequence number, acknowledgement number, data offset and flags.
 const TCP_SEQ_OFFSET: usize = 4;
 const TCP_ACK_OFFSET: usize = 8;
@@ -22,15 +39,16 @@ const TCP_FLAGS_OFFSET: usize = 13;
 pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
 const IP_OFFSET: u16 = 0x1fff;
 
-/// A parsed IPv4 TCP or UDP packet. The pointers were bounds-checked against the frame.
-pub struct Packet {
+/// A parsed TCP or UDP packet of an address family (IPv4 by default). The pointers were
+/// bounds-checked against the frame.
+pub struct Packet<A: Family = Be32> {
     pub eth: *mut EthHdr,
-    pub ip: *mut Ipv4Hdr,
+    pub ip: *mut A::Ip,
     /// The L4 checksum field (TCP or UDP).
     pub l4_check: *mut [u8; 2],
     /// Source and destination ports, adjacent in both TCP and UDP.
     pub ports: *mut [u8; 4],
-    pub key: FlowKey,
+    pub key: FlowKeyOf<A>,
     pub tcp_flags: u8,
     /// TCP, host order: the sequence number, and the one after the segment (its payload, SYN
     /// and FIN count).
@@ -49,7 +67,7 @@ pub struct Packet {
     pub data_end: usize,
 }
 
-impl Packet {
+impl<A: Family> Packet<A> {
     pub fn is_tcp(&self) -> bool {
         self.key.proto == IPPROTO_TCP
     }
@@ -64,17 +82,20 @@ impl Packet {
     pub fn moves_state(&self) -> bool {
         self.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0
     }
+    /// The hop limit (IPv4's TTL).
+    pub fn ttl(&self) -> u8 {
+        // SAFETY: `ip` was bounds-checked in `packet`.
+        A::hop_limit(unsafe { &*self.ip })
+    }
+}
+
+impl Packet {
     /// The IP identification (as on the wire) if this is a datagram's first fragment, whose
     /// later fragments `fragments.rs` must follow.
     pub fn first_fragment_id(&self) -> Option<u16> {
         // SAFETY: `ip` was bounds-checked in `packet`.
         let (frags, id) = unsafe { (u16::from_be_bytes((*self.ip).frags), (*self.ip).id) };
         (frags & IP_MF_AND_OFFSET != 0).then_some(u16::from_ne_bytes(id))
-    }
-
-    pub fn ttl(&self) -> u8 {
-        // SAFETY: `ip` was bounds-checked in `packet`.
-        unsafe { (*self.ip).ttl }
     }
 }
 
@@ -102,6 +123,8 @@ fn ipv4_header(ctx: &impl Frame) -> Option<*mut Ipv4Hdr> {
 
 /// Which path of the entry point's a frame takes, from one read of its IPv4 header.
 pub enum Path {
+    /// IPv6 (`packet6`).
+    Ipv6,
     /// IPv4 carrying ICMP (`icmp.rs`).
     Icmp,
     /// An IPv4 fragment other than the first (`fragments.rs`).
@@ -113,6 +136,11 @@ pub enum Path {
 #[inline(always)]
 pub fn path(ctx: &impl Frame) -> Path {
     let Some(ip) = ipv4_header(ctx) else {
+        let eth: Option<*mut EthHdr> = ptr_at(ctx, 0);
+        // SAFETY: bounds-checked by ptr_at.
+        if eth.is_some_and(|eth| unsafe { (*eth).ether_type } == ETH_P_IPV6.to_be()) {
+            return Path::Ipv6;
+        }
         return Path::Balance;
     };
     // SAFETY: bounds-checked by ptr_at.
@@ -157,7 +185,63 @@ pub fn packet(ctx: &impl Frame) -> Result<Packet, Verdict> {
     if frags & IP_OFFSET != 0 || (frags & IP_MF_AND_OFFSET != 0 && proto != IPPROTO_UDP) {
         return Err(pass(PassReason::Fragment));
     }
-    let l4 = EthHdr::LEN + ihl;
+    let ip_payload = u32::from(tot_len).saturating_sub(ihl as u32);
+    let addrs = (proto, Be32::from_bytes(src), Be32::from_bytes(dst));
+    let mut pkt = MaybeUninit::uninit();
+    transport(ctx, eth, ip, EthHdr::LEN + ihl, ip_payload, addrs, &mut pkt)?;
+    // SAFETY: `transport` wrote the packet (it returned Ok).
+    Ok(unsafe { pkt.assume_init() })
+}
+
+/// An IPv6 frame (`path` said so) as a `Packet`, written to `out`: TCP or UDP right after the
+/// fixed header. Written in place: returned, IPv6's packet would take its stack twice, more
+/// than the balancing path can spare.
+#[inline(always)]
+pub fn packet6(ctx: &impl Frame, out: &mut MaybeUninit<Packet<In6>>) -> Result<(), Verdict> {
+    let pass = |reason| Verdict::Pass(reason);
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(pass(PassReason::ShortEthernet))?;
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(pass(PassReason::MalformedIpv6))?;
+    // SAFETY: bounds-checked by ptr_at.
+    let (vcf, payload_len, next_hdr) = unsafe {
+        let ip = &*ip;
+        (ip.vcf, u16::from_be_bytes(ip.payload_len), ip.next_hdr)
+    };
+    if vcf[0] >> 4 != 6 {
+        return Err(pass(PassReason::MalformedIpv6));
+    }
+    if next_hdr != IPPROTO_TCP && next_hdr != IPPROTO_UDP {
+        let extension = IPV6_EXTENSION_HEADERS.contains(&next_hdr);
+        return Err(pass(if extension {
+            PassReason::Ipv6ExtensionHeaders
+        } else {
+            PassReason::NotTcpUdp
+        }));
+    }
+    // SAFETY: bounds-checked by ptr_at.
+    let addrs = unsafe {
+        (
+            next_hdr,
+            read_in6(&raw const (*ip).src_addr),
+            read_in6(&raw const (*ip).dst_addr),
+        )
+    };
+    let l4 = EthHdr::LEN + Ipv6Hdr::LEN;
+    transport(ctx, eth, ip, l4, u32::from(payload_len), addrs, out)
+}
+
+/// The TCP or UDP header at `l4` (after `ip_payload` bytes of IP payload, as the IP header
+/// counts them), and the packet it makes with the protocol and addresses the IP header gave.
+#[inline(always)]
+fn transport<A: Family>(
+    ctx: &impl Frame,
+    eth: *mut EthHdr,
+    ip: *mut A::Ip,
+    l4: usize,
+    ip_payload: u32,
+    (proto, src, dst): (u8, A, A),
+    out: &mut MaybeUninit<Packet<A>>,
+) -> Result<(), Verdict> {
+    let pass = |reason| Verdict::Pass(reason);
     let mut tcp_flags = 0;
     let (mut seq, mut seq_end, mut ack_seq) = (0, 0, 0);
     let (mut tcp_header_len, mut tcp_payload_len) = (0, 0);
@@ -173,7 +257,7 @@ pub fn packet(ctx: &impl Frame) -> Result<Packet, Verdict> {
                 seq = u32::from_be_bytes(*(at(TCP_SEQ_OFFSET) as *const [u8; 4]));
                 ack_seq = u32::from_be_bytes(*(at(TCP_ACK_OFFSET) as *const [u8; 4]));
                 let header_len = u32::from(*at(TCP_DOFF_OFFSET) >> 4) * 4;
-                let payload = u32::from(tot_len).saturating_sub(ihl as u32 + header_len);
+                let payload = ip_payload.saturating_sub(header_len);
                 (tcp_header_len, tcp_payload_len) = (header_len, payload);
                 let flags_len =
                     u32::from(tcp_flags & TCP_SYN != 0) + u32::from(tcp_flags & TCP_FIN != 0);
@@ -191,14 +275,14 @@ pub fn packet(ctx: &impl Frame) -> Result<Packet, Verdict> {
     let ports: *mut [u8; 4] = ptr_at(ctx, l4).ok_or(pass(PassReason::ShortL4))?;
     // SAFETY: bounds-checked above (the first 4 bytes of a TCP or UDP header).
     let p = unsafe { *ports };
-    Ok(Packet {
+    out.write(Packet {
         eth,
         ip,
         l4_check,
         ports,
-        key: FlowKey {
-            src_addr: Be32::from_bytes(src),
-            dst_addr: Be32::from_bytes(dst),
+        key: FlowKeyOf {
+            src_addr: src,
+            dst_addr: dst,
             src_port: Be16::from_bytes([p[0], p[1]]),
             dst_port: Be16::from_bytes([p[2], p[3]]),
             proto,
@@ -214,5 +298,6 @@ pub fn packet(ctx: &impl Frame) -> Result<Packet, Verdict> {
         // SAFETY: a field of the context the kernel hands every XDP program.
         ingress_ifindex: ctx.ingress_ifindex(),
         data_end: ctx.data_end(),
-    })
+    });
+    Ok(())
 }

@@ -3,24 +3,28 @@
 //! the data path saw fail a connection is passed over for the next slots' (see suspect.rs).
 
 use lb_common::{
-    Backend, DropReason, NO_BACKEND, STAT_STEERED_OFF_SUSPECT, SUSPECT_PROBES, Service,
+    BackendOf, DropReason, NO_BACKEND, STAT_STEERED_OFF_SUSPECT, SUSPECT_PROBES, ServiceOf,
 };
 
 use crate::{
     Verdict,
-    maps::{BACKENDS, MAGLEV, maglev_size},
+    family::Family,
+    maps::{MAGLEV, maglev_size},
     parse::Packet,
     stats, suspect,
 };
 
 #[inline(always)]
-pub fn backend(svc: &Service, pkt: &Packet) -> Result<(u32, Backend), Verdict> {
+pub fn backend<A: Family>(
+    svc: &ServiceOf<A>,
+    pkt: &Packet<A>,
+) -> Result<(u32, BackendOf<A>), Verdict> {
     for_hash(svc, pkt.key.hash())
 }
 
 /// The backend of the table slot `hash` picks.
 #[inline(always)]
-pub fn for_hash(svc: &Service, hash: u32) -> Result<(u32, Backend), Verdict> {
+pub fn for_hash<A: Family>(svc: &ServiceOf<A>, hash: u32) -> Result<(u32, BackendOf<A>), Verdict> {
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let size = maglev_size();
     let slot = hash.checked_rem(size).ok_or(inconsistent)?;
@@ -33,14 +37,14 @@ pub fn for_hash(svc: &Service, hash: u32) -> Result<(u32, Backend), Verdict> {
     if suspect::is_suspect(id) {
         id = steer(svc, slot, size).unwrap_or(id);
     }
-    let backend = BACKENDS.get(id).ok_or(inconsistent)?;
+    let backend = A::backends().get(id).ok_or(inconsistent)?;
     Ok((id, *backend))
 }
 
 /// The first backend after `slot` in the table that is not suspect; `None` if the next
 /// SUSPECT_PROBES slots hold none (then the suspect one is still the best there is).
 #[inline(always)]
-fn steer(svc: &Service, slot: u32, size: u32) -> Option<u32> {
+fn steer<A>(svc: &ServiceOf<A>, slot: u32, size: u32) -> Option<u32> {
     for step in 1..=SUSPECT_PROBES {
         let next = slot.wrapping_add(step).checked_rem(size)?;
         let id = *MAGLEV.get(svc.maglev_base.wrapping_add(next))?;

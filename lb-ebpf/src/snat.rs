@@ -17,16 +17,19 @@
 use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or};
 
 use lb_common::{
-    FLOW_DNAT, FLOW_PORT_RELEASED, FlowKey, FlowValue, SNAT_POOL_MAX, SNAT_PORT_WORDS,
+    FLOW_DNAT, FLOW_PORT_RELEASED, FlowKeyOf, FlowValueOf, SNAT_POOL_MAX, SNAT_PORT_WORDS,
     SNAT_SUMMARY_WORDS,
     snat_ports::{PortMap, in_range, port_bit},
 };
 
-use crate::maps::{SNAT_FULL, SNAT_NEXT, SNAT_PORTS, cpu_count, snat_port_count, snat_port_min};
+use crate::{
+    family::Family,
+    maps::{SNAT_FULL, SNAT_NEXT, SNAT_PORTS, cpu_count, snat_port_count, snat_port_min},
+};
 
 /// The bitmap the port of `flow` (either entry) is marked in.
 #[inline(always)]
-pub fn ports_of(flow: &FlowValue) -> PortMap {
+pub fn ports_of<A: Family>(flow: &FlowValueOf<A>) -> PortMap {
     PortMap::of(flow.backend_id, u32::from(flow.snat_index))
 }
 
@@ -126,7 +129,7 @@ pub fn mark(ports: PortMap, port: u16) {
 /// held, unless the expiry gave it back already (FLOW_PORT_RELEASED: the bit is another's now)
 /// or it held none (FLOW_DNAT).
 #[inline(always)]
-pub fn release_held(reply_key: &FlowKey, flow: &FlowValue) {
+pub fn release_held<A: Family>(reply_key: &FlowKeyOf<A>, flow: &FlowValueOf<A>) {
     if flow.flags & (FLOW_PORT_RELEASED | FLOW_DNAT) == 0 {
         release(reply_key, ports_of(flow));
     }
@@ -134,7 +137,7 @@ pub fn release_held(reply_key: &FlowKey, flow: &FlowValue) {
 
 /// Clears the bit of the port the removed reply entry `reply_key` held in `ports`.
 #[inline(always)]
-pub fn release(reply_key: &FlowKey, ports: PortMap) {
+pub fn release<A: Family>(reply_key: &FlowKeyOf<A>, ports: PortMap) {
     let _ = lb_snat_release(ports.0, u32::from(reply_key.dst_port.to_host()));
 }
 

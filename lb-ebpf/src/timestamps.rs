@@ -8,12 +8,13 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    FLOW_REVERSE, FLOW_TS, FlowValue, STAT_TS_CLAMPED,
+    FLOW_REVERSE, FLOW_TS, FlowValueOf, STAT_TS_CLAMPED,
     timestamps::{after, forward_add, forward_tsval, syn_tsval},
 };
 
 use crate::{
     csum::Delta,
+    family::Family,
     frame::Frame,
     maps::{TS_HIGH, ts_clock_offset_ms},
     parse::Packet,
@@ -31,7 +32,7 @@ const TSECR_AT: usize = 6;
 /// The translation a new connection's flow entries carry, from its SYN: what the forward
 /// entry adds to TSval, if the SYN offers timestamps.
 #[inline(always)]
-pub fn syn_add(ctx: &impl Frame, pkt: &Packet) -> Option<u32> {
+pub fn syn_add<A: Family>(ctx: &impl Frame, pkt: &Packet<A>) -> Option<u32> {
     let option = find(ctx, pkt)?;
     let client_tsval = read_u32(pkt, option + TSVAL_AT)?;
     let highest = TS_HIGH.get(0).map_or(0, |h| *h as u32);
@@ -41,7 +42,7 @@ pub fn syn_add(ctx: &impl Frame, pkt: &Packet) -> Option<u32> {
 /// Translates the segment's timestamp if its flow translates them, returning the change to
 /// fold into the L4 checksum.
 #[inline(always)]
-pub fn translate(ctx: &impl Frame, pkt: &Packet, nat: &FlowValue) -> Delta {
+pub fn translate<A: Family>(ctx: &impl Frame, pkt: &Packet<A>, nat: &FlowValueOf<A>) -> Delta {
     let mut delta = Delta::default();
     if nat.flags & FLOW_TS == 0 {
         return delta;
@@ -118,7 +119,7 @@ fn raise_highest(sent: u32) {
 /// The offset of the timestamp option from the TCP header's start, if the segment has one.
 /// Linux's layouts are recognised at once; any other is walked option by option.
 #[inline(always)]
-fn find(ctx: &impl Frame, pkt: &Packet) -> Option<usize> {
+fn find<A: Family>(ctx: &impl Frame, pkt: &Packet<A>) -> Option<usize> {
     let header_len = pkt.tcp_header_len as usize;
     if header_len <= TCP_HEADER_MIN {
         return None;
@@ -126,14 +127,14 @@ fn find(ctx: &impl Frame, pkt: &Packet) -> Option<usize> {
     let ts = [TCPOPT_TIMESTAMP, TIMESTAMP_LEN];
     // Linux's segments after the handshake: NOP, NOP, timestamp (then SACK blocks, if any).
     if header_len >= TCP_HEADER_MIN + 12
-        && read::<4>(pkt, TCP_HEADER_MIN)? == [TCPOPT_NOP, TCPOPT_NOP, ts[0], ts[1]]
+        && read::<A, 4>(pkt, TCP_HEADER_MIN)? == [TCPOPT_NOP, TCPOPT_NOP, ts[0], ts[1]]
     {
         return Some(TCP_HEADER_MIN + 2);
     }
     // Linux's SYN and SYN-ACK: MSS, SACK permitted, timestamp, NOP, window scale.
     if header_len == TCP_HEADER_MIN + 20 {
         let [kind, len, _, _, sack_kind, sack_len, ts_kind, ts_len] =
-            read::<8>(pkt, TCP_HEADER_MIN)?;
+            read::<A, 8>(pkt, TCP_HEADER_MIN)?;
         if [kind, len, sack_kind, sack_len, ts_kind, ts_len]
             == [TCPOPT_MSS, 4, TCPOPT_SACK_PERM, 2, ts[0], ts[1]]
         {
@@ -146,7 +147,7 @@ fn find(ctx: &impl Frame, pkt: &Packet) -> Option<usize> {
 
 /// `N` bytes at `offset` from the TCP header's start, if the frame holds them.
 #[inline(always)]
-fn read<const N: usize>(pkt: &Packet, offset: usize) -> Option<[u8; N]> {
+fn read<A: Family, const N: usize>(pkt: &Packet<A>, offset: usize) -> Option<[u8; N]> {
     let at = pkt.ports as usize + offset;
     if at + N > pkt.data_end {
         return None;
@@ -156,6 +157,6 @@ fn read<const N: usize>(pkt: &Packet, offset: usize) -> Option<[u8; N]> {
 }
 
 #[inline(always)]
-fn read_u32(pkt: &Packet, offset: usize) -> Option<u32> {
-    read::<4>(pkt, offset).map(u32::from_be_bytes)
+fn read_u32<A: Family>(pkt: &Packet<A>, offset: usize) -> Option<u32> {
+    read::<A, 4>(pkt, offset).map(u32::from_be_bytes)
 }

@@ -2,32 +2,109 @@
 
 use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 use lb_common::{
-    DropReason, FLOW_DSR, FLOW_GUE, FLOW_IPIP, FlowValue, PassReason,
+    BackendOf, Be32, DropReason, FLOW_DSR, FLOW_GUE, FLOW_IPIP, FlowValue, FlowValueOf, In6,
+    PassReason, ServiceOf,
     conntrack::tcp_flags_valid,
     is_dsr_mode,
     tunnel::{GUE_OVERHEAD, IPIP_OVERHEAD},
 };
 
 use crate::{
-    Verdict, debug_log, encap, flow,
+    Verdict, debug_log, encap,
+    family::Family,
+    flow,
     flow::Flow,
     forward,
     forward::NoHop,
     fragments, icmp, mss, nat, parse,
     parse::{Packet, Path},
-    reset, select, service, stats, timestamps, too_big,
+    reset, select, service, stats, timestamps, too_big, xdp6,
 };
 
 /// `balance_apart`'s answer for a packet too big for its next hop: this bit, with the MTU.
 const TOO_BIG: u32 = 1 << 31;
 
-/// The entry point sends each packet down one of four paths, each a BPF function with a stack
+/// What the balancing path does differently per address family at this hook.
+pub trait Balanced: Family {
+    /// Sends a DSR flow's packet (`send_direct_apart`): the XDP action, counted, or TOO_BIG
+    /// and the MTU.
+    fn send_direct(ctx: *mut xdp_md, pkt: &Packet<Self>, entry: *mut FlowValueOf<Self>) -> u32;
+    /// A packet with no flow: its new flow (`new_flow`).
+    fn new_flow(ctx: &XdpContext, pkt: &Packet<Self>) -> Result<Flow<Self>, Verdict>;
+    /// The answer to a TCP segment that can open no flow.
+    fn answer_flowless(ctx: &XdpContext, pkt: &Packet<Self>) -> Verdict;
+    /// After the rewrite: a datagram's first fragment has its later fragments follow it.
+    fn rewritten(pkt: &Packet<Self>);
+    fn log_new_flow(ctx: &XdpContext, pkt: &Packet<Self>, nat: &FlowValueOf<Self>);
+    fn log_drop(ctx: &XdpContext, pkt: &Packet<Self>, reason: DropReason);
+}
+
+impl Balanced for Be32 {
+    #[inline(always)]
+    fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow<Be32>, Verdict> {
+        new_flow(ctx, pkt)
+    }
+    #[inline(always)]
+    fn send_direct(ctx: *mut xdp_md, pkt: &Packet, entry: *mut FlowValue) -> u32 {
+        send_direct_apart(ctx, pkt, entry)
+    }
+    #[inline(always)]
+    fn answer_flowless(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+        reset::answer(ctx, pkt)
+    }
+    #[inline(always)]
+    fn rewritten(pkt: &Packet) {
+        if let Some(id) = pkt.first_fragment_id() {
+            fragments::remember_apart(&pkt.key, id);
+        }
+    }
+    #[inline(always)]
+    fn log_new_flow(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) {
+        debug_log::new_flow(ctx, pkt, nat);
+    }
+    #[inline(always)]
+    fn log_drop(ctx: &XdpContext, pkt: &Packet, reason: DropReason) {
+        debug_log::drop(ctx, pkt, reason);
+    }
+}
+
+/// IPv6 serves full NAT and DNAT: the daemon makes no IPv6 DSR service, and an IPv6 segment
+/// with no flow gets no RST yet (it is dropped, counted).
+impl Balanced for In6 {
+    #[inline(always)]
+    fn send_direct(_: *mut xdp_md, _: &Packet<In6>, _: *mut FlowValueOf<In6>) -> u32 {
+        Verdict::Drop(DropReason::DsrCannotForward).counted()
+    }
+    /// Not here: `xdp6.rs` creates it in steps, each a BPF function of its own, and runs the
+    /// balancing path again.
+    #[inline(always)]
+    fn new_flow(_: &XdpContext, _: &Packet<In6>) -> Result<Flow<In6>, Verdict> {
+        Err(Verdict::Sent(xdp6::NO_FLOW))
+    }
+    #[inline(always)]
+    fn answer_flowless(_: &XdpContext, _: &Packet<In6>) -> Verdict {
+        Verdict::Drop(DropReason::TcpNoFlow)
+    }
+    #[inline(always)]
+    fn rewritten(_: &Packet<In6>) {}
+    #[inline(always)]
+    fn log_new_flow(ctx: &XdpContext, _: &Packet<In6>, nat: &FlowValueOf<In6>) {
+        let port = u32::from(nat.nat_src_port.to_host());
+        debug_log::lb_log_new_flow6(ctx.ctx, nat.backend_id, port);
+    }
+    /// Not here: `xdp6.rs` logs a drop from the entry point, apart from the steps' frames.
+    #[inline(always)]
+    fn log_drop(_: &XdpContext, _: &Packet<In6>, _: DropReason) {}
+}
+
+/// The entry point sends each packet down one of five paths, each a BPF function with a stack
 /// frame of its own: the verifier limits a chain of calls to 512 bytes of stack, and the
 /// balancing path (with the SNAT allocator it calls) takes all of it. The entry point itself
 /// keeps nothing on the stack.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match parse::path(&ctx) {
+        Path::Ipv6 => return xdp6::balance(ctx.ctx),
         Path::Icmp => return icmp::handle_apart(ctx.ctx),
         Path::LaterFragment => return fragments::follow_apart(ctx.ctx),
         Path::Balance => {}
@@ -53,26 +130,31 @@ fn balance_apart(ctx: *mut xdp_md) -> u32 {
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::packet(ctx)?;
-    let result = balance(ctx, &pkt);
+    logged(ctx, &pkt)
+}
+
+#[inline(always)]
+fn logged<A: Balanced>(ctx: &XdpContext, pkt: &Packet<A>) -> Result<Verdict, Verdict> {
+    let result = balance(ctx, pkt);
     if let Err(Verdict::Drop(reason)) = result {
-        debug_log::drop(ctx, &pkt, reason);
+        A::log_drop(ctx, pkt, reason);
     }
     result
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
+pub fn balance<A: Balanced>(ctx: &XdpContext, pkt: &Packet<A>) -> Result<Verdict, Verdict> {
     let flow = match flow::lookup(pkt)? {
         Some(flow) => flow,
         None => {
-            let flow = new_flow(ctx, pkt)?;
-            debug_log::new_flow(ctx, pkt, flow.nat());
+            let flow = A::new_flow(ctx, pkt)?;
+            A::log_new_flow(ctx, pkt, flow.nat());
             flow
         }
     };
     check_ttl(pkt)?;
     if flow.nat().flags & FLOW_DSR != 0 {
-        let action = send_direct_apart(ctx.ctx, pkt, flow.entry());
+        let action = A::send_direct(ctx.ctx, pkt, flow.entry());
         if action & TOO_BIG != 0 {
             return Err(Verdict::TooBig(action as u16));
         }
@@ -91,10 +173,8 @@ fn balance(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
         Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
-    if let Some(id) = pkt.first_fragment_id() {
-        fragments::remember_apart(&pkt.key, id);
-    }
-    forward::send(ctx, pkt.eth, pkt.ip, &hop)
+    A::rewritten(pkt);
+    forward::send::<A>(ctx, pkt.eth, pkt.ip, &hop)
 }
 
 /// `send_direct` in a BPF function of its own: its FIB lookup and headers would not fit in the
@@ -141,10 +221,22 @@ fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<
     forward::send_frame(ctx, pkt.eth, &hop)
 }
 
-/// A packet with no flow: find its service, choose a backend, record the flow both ways. A
-/// TCP segment that cannot open one is answered with an RST.
+/// A packet with no flow: find its service, choose a backend, record the flow both ways.
 #[inline(always)]
-fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
+fn new_flow<A: Balanced>(ctx: &XdpContext, pkt: &Packet<A>) -> Result<Flow<A>, Verdict> {
+    let (svc, backend_id, backend) = admit(ctx, pkt)?;
+    let flow = flow::create(ctx, pkt, svc, backend_id, &backend)?;
+    stats::count_new_flow(backend_id);
+    Ok(flow)
+}
+
+/// Whether a packet with no flow may open one: its service, and the backend chosen for it. A
+/// TCP segment that cannot open one is answered (with an RST, for IPv4).
+#[inline(always)]
+pub fn admit<A: Balanced>(
+    ctx: &XdpContext,
+    pkt: &Packet<A>,
+) -> Result<(&'static ServiceOf<A>, u32, BackendOf<A>), Verdict> {
     let svc = service::lookup(pkt)?;
     if pkt.is_tcp() && !tcp_flags_valid(pkt.tcp_flags) {
         return Err(Verdict::Drop(DropReason::TcpInvalidFlags));
@@ -153,19 +245,17 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow, Verdict> {
     // connection lives, and the next segment goes on where consistent hashing sends it.
     let reopens = is_dsr_mode(svc.mode) && !pkt.is_rst();
     if pkt.is_tcp() && !pkt.is_syn() && !reopens {
-        return Err(reset::answer(ctx, pkt));
+        return Err(A::answer_flowless(ctx, pkt));
     }
     check_ttl(pkt)?;
     let (backend_id, backend) = select::backend(svc, pkt)?;
-    let flow = flow::create(ctx, pkt, svc, backend_id, &backend)?;
-    stats::count_new_flow(backend_id);
-    Ok(flow)
+    Ok((svc, backend_id, backend))
 }
 
 /// A packet whose TTL would expire here goes to the kernel unchanged, which sends the ICMP error
 /// to the client (after a rewrite it would go to our own SNAT address).
 #[inline(always)]
-fn check_ttl(pkt: &Packet) -> Result<(), Verdict> {
+fn check_ttl<A: Family>(pkt: &Packet<A>) -> Result<(), Verdict> {
     if pkt.ttl() <= 1 {
         return Err(Verdict::Pass(PassReason::TtlExpired));
     }

@@ -3,7 +3,11 @@
 //! decisions (which backend, which weights) are made by the callers.
 
 use std::{
-    collections::HashMap as StdHashMap, ffi::CString, net::Ipv4Addr, os::fd::AsFd as _, path::Path,
+    collections::HashMap as StdHashMap,
+    ffi::CString,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
+    path::Path,
     time::Duration,
 };
 
@@ -18,10 +22,11 @@ use aya::{
     },
 };
 use lb_common::{
-    Backend, BackendStats, Be16, Be32, DropReason, FLOW_PORT_RELEASED, FLOW_REVERSE, FlowCounts,
-    FlowKey, FlowValue, HostPortKey, IFACE_VIA_STACK, IFACE_XDP_TX, Iface, LAYOUT_VERSION,
-    MAX_BACKENDS, MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS,
-    STAT_REDIRECT, STAT_TX, Service, ServiceKey,
+    Address, Backend, Backend6, BackendOf, BackendStats, Be16, Be32, DropReason,
+    FLOW_PORT_RELEASED, FLOW_REVERSE, FlowCounts, FlowKey, FlowKey6, FlowValue, FlowValue6,
+    HostPortKey, IFACE_VIA_STACK, IFACE_XDP_TX, Iface, In6, LAYOUT_VERSION, MAX_BACKENDS,
+    MAX_SERVICES, PassReason, SNAT_POOL_MAX, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, STAT_REDIRECT,
+    STAT_TX, Service, Service6, ServiceKey, ServiceKey6, ServiceOf,
     conntrack::{
         STATE_SLOTS, STATES, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_SYN_RECV, TCP_SYN_SENT,
         UDP_REPLIED, UDP_UNREPLIED,
@@ -238,8 +243,11 @@ pub struct Dataplane {
     /// SERVICES' ports on host addresses (`sync_vips`).
     host_ports: HashMap<MapData, HostPortKey, Be32>,
     backends: Array<MapData, Backend>,
+    services6: HashMap<MapData, ServiceKey6, Service6>,
+    backends6: Array<MapData, Backend6>,
     maglev: Array<MapData, u32>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    flows6: HashMap<MapData, FlowKey6, FlowValue6>,
     backend_stats: PerCpuArray<MapData, BackendStats>,
     flow_counts: PerCpuArray<MapData, FlowCounts>,
     suspect: Array<MapData, u64>,
@@ -268,6 +276,28 @@ pub struct Dataplane {
 }
 
 /// The error of an operation on map `name`.
+/// A BACKENDS (BACKENDS6) entry.
+fn backend_entry<A>(
+    id: u32,
+    addr: A,
+    port: u16,
+    healthy: bool,
+) -> Result<BackendOf<A>, DataplaneError> {
+    if id >= MAX_BACKENDS {
+        return Err(DataplaneError::BackendId { id });
+    }
+    Ok(BackendOf {
+        addr,
+        port: Be16::from_host(port),
+        _pad: 0,
+        flags: if healthy {
+            lb_common::BACKEND_HEALTHY
+        } else {
+            0
+        },
+    })
+}
+
 fn in_map(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -336,7 +366,8 @@ impl Dataplane {
             .override_global("TS_CLOCK_OFFSET_MS", &ts_clock_offset, true)
             .override_global("HOST_NETNS_COOKIE", &netns_cookie, true)
             .map_max_entries("MAGLEV", MAX_SERVICES * 2 * settings.maglev_size)
-            .map_max_entries("FLOWS", settings.flow_capacity);
+            .map_max_entries("FLOWS", settings.flow_capacity)
+            .map_max_entries("FLOWS6", settings.flow_capacity);
         let adopted = pin_dir.is_some_and(|dir| dir.join("FLOWS").exists());
         // An upgrade from a build without FLOW_COUNTS adopts flows it never counted opened,
         // and from one without SNAT_PORTS, flows holding ports its bitmaps do not show.
@@ -398,8 +429,11 @@ impl Dataplane {
             vips: map(&mut ebpf, "VIPS", HashMap::try_from)?,
             host_ports: map(&mut ebpf, "HOST_PORTS", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
+            services6: map(&mut ebpf, "SERVICES6", HashMap::try_from)?,
+            backends6: map(&mut ebpf, "BACKENDS6", Array::try_from)?,
             maglev: map(&mut ebpf, "MAGLEV", Array::try_from)?,
             flows: map(&mut ebpf, "FLOWS", HashMap::try_from)?,
+            flows6: map(&mut ebpf, "FLOWS6", HashMap::try_from)?,
             backend_stats: map(&mut ebpf, "BACKEND_STATS", PerCpuArray::try_from)?,
             flow_counts: map(&mut ebpf, "FLOW_COUNTS", PerCpuArray::try_from)?,
             suspect: map(&mut ebpf, "SUSPECT", Array::try_from)?,
@@ -759,22 +793,33 @@ impl Dataplane {
         addr: std::net::SocketAddrV4,
         healthy: bool,
     ) -> Result<(), DataplaneError> {
-        if id >= MAX_BACKENDS {
-            return Err(DataplaneError::BackendId { id });
-        }
-        let backend = Backend {
-            addr: Be32::from_bytes(addr.ip().octets()),
-            port: Be16::from_host(addr.port()),
-            _pad: 0,
-            flags: if healthy {
-                lb_common::BACKEND_HEALTHY
-            } else {
-                0
-            },
-        };
+        let backend = backend_entry(
+            id,
+            Be32::from_bytes(addr.ip().octets()),
+            addr.port(),
+            healthy,
+        )?;
         self.backends
             .set(id, &backend, 0)
             .map_err(in_map("BACKENDS"))
+    }
+
+    /// `set_backend` for an IPv6 backend (BACKENDS6), in the same id space.
+    pub fn set_backend6(
+        &mut self,
+        id: u32,
+        addr: std::net::SocketAddrV6,
+        healthy: bool,
+    ) -> Result<(), DataplaneError> {
+        let backend = backend_entry(
+            id,
+            In6::from_bytes(addr.ip().octets()),
+            addr.port(),
+            healthy,
+        )?;
+        self.backends6
+            .set(id, &backend, 0)
+            .map_err(in_map("BACKENDS6"))
     }
 
     /// Publishes a service with a new Maglev table: the table goes into the service's staging
@@ -789,6 +834,44 @@ impl Dataplane {
         mss: Option<u16>,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
+        let snat: Vec<Be32> = snat.iter().map(|a| Be32::from_bytes(a.octets())).collect();
+        let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
+        self.services
+            .insert(&key, &service, 0)
+            .map_err(in_map("SERVICES"))?;
+        self.live_table.insert(id, staging);
+        self.sync_vips()
+    }
+
+    /// `set_service` for an IPv6 service (SERVICES6), in the same id space and MAGLEV.
+    pub fn set_service6(
+        &mut self,
+        id: u32,
+        key: ServiceKey6,
+        mode: u8,
+        snat: &[Ipv6Addr],
+        mss: Option<u16>,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
+        let snat: Vec<In6> = snat.iter().map(|a| In6::from_bytes(a.octets())).collect();
+        let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
+        self.services6
+            .insert(&key, &service, 0)
+            .map_err(in_map("SERVICES6"))?;
+        self.live_table.insert(id, staging);
+        Ok(())
+    }
+
+    /// Writes a service's new Maglev table into its staging half of MAGLEV, and returns the
+    /// half and the service value that flips to it once written to SERVICES (SERVICES6).
+    fn stage_service<A: Address>(
+        &mut self,
+        id: u32,
+        mode: u8,
+        snat: &[A],
+        mss: Option<u16>,
+        table: &[u32],
+    ) -> Result<(u32, ServiceOf<A>), DataplaneError> {
         let snat_needed =
             mode == lb_common::SERVICE_MODE_NAT || mode == lb_common::SERVICE_MODE_DSR_IPIP;
         if (snat_needed && snat.is_empty()) || snat.len() > SNAT_POOL_MAX as usize {
@@ -811,6 +894,12 @@ impl Dataplane {
             .iter()
             .filter_map(Result::ok)
             .map(|(_, s)| s.maglev_base)
+            .chain(
+                self.services6
+                    .iter()
+                    .filter_map(Result::ok)
+                    .map(|(_, s)| s.maglev_base),
+            )
             .collect();
         let base_of = |half: u32| (id * 2 + half) * size;
         let staging = match self.live_table.get(&id) {
@@ -833,22 +922,18 @@ impl Dataplane {
             }
         })?;
         self.staged_tables.insert(base, table.to_vec());
-        let mut snat_addrs = [Be32::default(); SNAT_POOL_MAX as usize];
+        let mut snat_addrs = [A::default(); SNAT_POOL_MAX as usize];
         for (slot, addr) in snat_addrs.iter_mut().zip(snat) {
-            *slot = Be32::from_bytes(addr.octets());
+            *slot = *addr;
         }
-        let service = Service {
+        let service = ServiceOf {
             maglev_base: base,
             snat_count: snat.len() as u8,
             mode,
             mss: mss.unwrap_or(0),
             snat_addrs,
         };
-        self.services
-            .insert(&key, &service, 0)
-            .map_err(in_map("SERVICES"))?;
-        self.live_table.insert(id, staging);
-        self.sync_vips()
+        Ok((staging, service))
     }
 
     /// Removes every service but `keep` from SERVICES (an adopted table may hold services the
@@ -1136,6 +1221,10 @@ impl Dataplane {
         self.flows.get(key, 0).ok()
     }
 
+    pub fn flow6(&self, key: &FlowKey6) -> Option<FlowValue6> {
+        self.flows6.get(key, 0).ok()
+    }
+
     /// `count` slots of the live Maglev table of the service at `key`, from `slot` on (wrapping
     /// around): what the data path reads for a new flow. Empty if no service is at `key`.
     pub fn live_slots(
@@ -1221,6 +1310,12 @@ impl Dataplane {
 
     pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<(), DataplaneError> {
         self.flows.insert(&key, &value, 0).map_err(in_map("FLOWS"))
+    }
+
+    pub fn insert_flow6(&mut self, key: FlowKey6, value: FlowValue6) -> Result<(), DataplaneError> {
+        self.flows6
+            .insert(&key, &value, 0)
+            .map_err(in_map("FLOWS6"))
     }
 
     /// Inserts or replaces many flow entries at once.

@@ -2,9 +2,9 @@
 //! side), addresses and permanent neighbours, so that bpf_fib_lookup inside BPF_PROG_TEST_RUN
 //! finds real routes. Shared by the packet fixtures and the fuzzer.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use lb_common::{Be16, Be32, ServiceKey};
+use lb_common::{Be16, Be32, In6, ServiceKey, ServiceKey6};
 
 use crate::{netns::Netns, packet::Mac};
 
@@ -32,6 +32,14 @@ pub const B2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 12);
 pub const B3: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 13);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 pub const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+
+/// The same network in IPv6 (fd00::/8): client side fd00::/64, backend side fd00:1::/64.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
+pub const LB0_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+pub const B1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
+pub const B2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x12);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
 
 pub const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
 pub const LB0_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x00];
@@ -70,7 +78,13 @@ pub fn network(role: &str) -> Netns {
          ip neigh replace {CLIENT} lladdr {client} dev lb0 nud permanent
          ip neigh replace {B1} lladdr {b1} dev lb1 nud permanent
          ip neigh replace {B2} lladdr {b2} dev lb1 nud permanent
-         sysctl -qw net.ipv4.ip_forward=1",
+         ip addr add {LB0_6}/64 dev lb0 nodad
+         ip addr add {SNAT6}/64 dev lb1 nodad
+         ip neigh replace {CLIENT6} lladdr {client} dev lb0 nud permanent
+         ip neigh replace {B1_6} lladdr {b1} dev lb1 nud permanent
+         ip neigh replace {B2_6} lladdr {b2} dev lb1 nud permanent
+         sysctl -qw net.ipv4.ip_forward=1
+         sysctl -qw net.ipv6.conf.all.forwarding=1",
         lb0 = mac(LB0_MAC),
         lb1 = mac(LB1_MAC),
         client = mac(CLIENT_MAC),
@@ -84,6 +98,16 @@ pub fn network(role: &str) -> Netns {
 pub fn service_key(port: u16, proto: u8) -> ServiceKey {
     ServiceKey {
         vip: Be32::from_bytes(VIP.octets()),
+        port: Be16::from_host(port),
+        proto,
+        _pad: 0,
+    }
+}
+
+/// The SERVICES6 key of the service on VIP6:`port`/`proto`.
+pub fn service_key6(port: u16, proto: u8) -> ServiceKey6 {
+    ServiceKey6 {
+        vip: In6::from_bytes(VIP6.octets()),
         port: Be16::from_host(port),
         proto,
         _pad: 0,

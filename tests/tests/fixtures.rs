@@ -8,15 +8,15 @@
 //! that the SNAT port sequence is predictable.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
 use lb_common::{
     DropReason, FLOW_DNAT, FLOW_DSR, FLOW_END_COUNTED, FLOW_FIN_SENT, FLOW_GUE, FLOW_IPIP,
-    FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TS, FlowKey, FlowValue, NO_BACKEND, PassReason,
-    SERVICE_MODE_DNAT, SERVICE_MODE_DSR_GUE, SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2,
-    SERVICE_MODE_NAT,
+    FLOW_REVERSE, FLOW_SYN_WELL_FORMED, FLOW_TS, FlowKey, FlowKey6, FlowValue, FlowValue6,
+    FlowValueOf, NO_BACKEND, PassReason, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_GUE,
+    SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_L2, SERVICE_MODE_NAT,
     conntrack::{
         TCP_ACK, TCP_CLOSED, TCP_ESTABLISHED, TCP_FIN, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_PSH,
         TCP_RST, TCP_SYN_RECV, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED, ended,
@@ -28,13 +28,16 @@ use lb_common::{
 };
 use lb_tests::{
     fixture_net::{
-        B1, B1_MAC, B2, B2_MAC, B3, BACKEND_PORT, CACHED_MAC, CLIENT, CLIENT_MAC, DNS_PORT,
-        LB0_MAC, LB1_MAC, MAGLEV_SIZE, OTHER, PORT_MIN, SNAT, TCP, UDP, VIP, WEB_PORT, XDP_DROP,
-        XDP_PASS, XDP_REDIRECT, XDP_TX, service_key, topology,
+        B1, B1_6, B1_MAC, B2, B2_6, B2_MAC, B3, BACKEND_PORT, CACHED_MAC, CLIENT, CLIENT_MAC,
+        CLIENT6, DNS_PORT, LB0_MAC, LB1_MAC, MAGLEV_SIZE, OTHER, PORT_MIN, SNAT, SNAT6, TCP, UDP,
+        VIP, VIP6, WEB_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, service_key, service_key6,
+        topology,
     },
-    flows::{key, monotonic_ns, value},
+    flows::{key, key6, monotonic_ns, value, value6},
     netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
-    packet::{Mac, PacketBuilder, describe, diff, pkt, verify_checksums},
+    packet::{
+        ETH_P_IPV6, IPPROTO_ICMPV6, Mac, PacketBuilder, describe, diff, pkt, verify_checksums,
+    },
 };
 use lb_user::{
     dataplane::{Dataplane, FlowTimeouts, LoadSettings, ifindex, ts_clock_ms},
@@ -43,6 +46,8 @@ use lb_user::{
 
 /// Entries of FLOWS as a run must leave them (`None`: absent).
 type FlowChecks = Vec<(FlowKey, Option<FlowValue>)>;
+/// The same for FLOWS6.
+type Flow6Checks = Vec<(FlowKey6, Option<FlowValue6>)>;
 
 /// Map state a fixture starts from.
 #[derive(Clone)]
@@ -66,6 +71,17 @@ enum Setup {
     },
     /// Both directions of a flow client:cport -> VIP via SNAT:snat_port to backend.
     Flow(FlowSetup),
+    /// BACKENDS6: an IPv6 backend, in the ids BACKENDS shares.
+    Backend6 { id: u32, addr: Ipv6Addr },
+    /// SERVICES6: a NAT service on VIP6 (SNAT6), with its Maglev table.
+    Service6 {
+        id: u32,
+        port: u16,
+        proto: u8,
+        backends: Vec<(u32, u32)>,
+    },
+    /// `Flow` in IPv6: CLIENT6:cport -> VIP6 via SNAT6 (the pool's only address).
+    Flow6(FlowSetup),
     /// Both directions of an established DNAT flow client:cport -> VIP:vport to `backend`.
     DnatFlow {
         cport: u16,
@@ -177,6 +193,8 @@ struct Fixture {
     counters: Vec<(Counter, u64)>,
     /// Checks on FLOWS after the run (timestamps and cached next hops aside).
     flows_after: Vec<(FlowKey, Option<FlowValue>)>,
+    /// The same on FLOWS6.
+    flows6_after: Flow6Checks,
     /// The next hop cached in an entry after the run (`None`: nothing cached).
     next_hop_after: Vec<(FlowKey, Option<CachedHop>)>,
     /// Whether a backend is marked suspect after the run.
@@ -421,13 +439,13 @@ fn flow_pair_in(
 }
 
 /// An entry `value` in `state`.
-fn in_state(state: u32, v: FlowValue) -> Option<FlowValue> {
-    Some(with_end_counted(FlowValue { state, ..v }))
+fn in_state<A>(state: u32, v: FlowValueOf<A>) -> Option<FlowValueOf<A>> {
+    Some(with_end_counted(FlowValueOf { state, ..v }))
 }
 
 /// `v` with FLOW_END_COUNTED if it is a forward entry of an ended connection: the data path
 /// sets it where it counts the end (`flow_count.rs`), and `apply` on ended flows it sets up.
-fn with_end_counted(mut v: FlowValue) -> FlowValue {
+fn with_end_counted<A>(mut v: FlowValueOf<A>) -> FlowValueOf<A> {
     if v.flags & FLOW_REVERSE == 0 && ended(v.state) {
         v.flags |= FLOW_END_COUNTED;
     }
@@ -527,6 +545,7 @@ fn fixture(
         output,
         counters,
         flows_after: vec![],
+        flows6_after: vec![],
         next_hop_after: vec![],
         suspect_after: vec![],
         ts_highest_after: None,
@@ -1500,8 +1519,9 @@ fn fixtures() -> Vec<Fixture> {
             None,
             vec![(Counter::Pass(PassReason::NotIpv4), 1)],
         ),
+        // IPv6 carrying protocol 0x60: neither TCP nor UDP (`ipv6_fixtures` has the rest).
         fixture(
-            "parse_ipv6_passed_untouched",
+            "parse_ipv6_of_another_protocol_passed_untouched",
             with(backends(), &[web(&[(1, 1)])]),
             pkt()
                 .eth(CLIENT_MAC, LB0_MAC)
@@ -1510,7 +1530,7 @@ fn fixtures() -> Vec<Fixture> {
                 .build(),
             XDP_PASS,
             None,
-            vec![(Counter::Pass(PassReason::NotIpv4), 1)],
+            vec![(Counter::Pass(PassReason::NotTcpUdp), 1)],
         ),
         // A ping of a VIP: answered from the VIP, back out of the ingress device, with a TTL of
         // 64; id, sequence number and data as they came.
@@ -4225,6 +4245,391 @@ impl BuildWith for PacketBuilder {
     }
 }
 
+fn addr6_of(id: u32) -> Ipv6Addr {
+    if id == 1 { B1_6 } else { B2_6 }
+}
+
+fn mac_of(id: u32) -> Mac {
+    if id == 1 { B1_MAC } else { B2_MAC }
+}
+
+fn backends6() -> Vec<Setup> {
+    vec![
+        Setup::Backend6 { id: 1, addr: B1_6 },
+        Setup::Backend6 { id: 2, addr: B2_6 },
+    ]
+}
+
+fn web6(backends: &[(u32, u32)]) -> Setup {
+    Setup::Service6 {
+        id: 0,
+        port: WEB_PORT,
+        proto: TCP,
+        backends: backends.to_vec(),
+    }
+}
+
+fn dns6(backends: &[(u32, u32)]) -> Setup {
+    Setup::Service6 {
+        id: 1,
+        port: DNS_PORT,
+        proto: UDP,
+        backends: backends.to_vec(),
+    }
+}
+
+/// An established TCP flow CLIENT6:cport -> VIP6:80 on `backend` via SNAT6:`snat_port`.
+fn flow6(cport: u16, backend: u32, snat_port: u16) -> Setup {
+    Setup::Flow6(flow_in(TCP_ESTABLISHED, cport, backend, snat_port, Some(0)))
+}
+
+/// `flow_pair` in IPv6.
+fn flow_pair6(
+    proto: u8,
+    cport: u16,
+    vport: u16,
+    backend: u32,
+    snat_port: u16,
+) -> [(FlowKey6, FlowValue6); 2] {
+    let b = addr6_of(backend);
+    let forward_flags = if proto == TCP {
+        FLOW_SYN_WELL_FORMED
+    } else {
+        0
+    };
+    [
+        (
+            key6(CLIENT6, cport, VIP6, vport, proto),
+            value6(SNAT6, snat_port, b, BACKEND_PORT, backend, forward_flags),
+        ),
+        (
+            key6(b, BACKEND_PORT, SNAT6, snat_port, proto),
+            value6(VIP6, vport, CLIENT6, cport, backend, FLOW_REVERSE),
+        ),
+    ]
+}
+
+/// A new flow's `flow_pair6` (via PORT_MIN) in `state`, its timestamps translated by `ts_add`
+/// if given.
+fn new_pair6(state: u32, proto: u8, cport: u16, backend: u32, ts_add: Option<u32>) -> Flow6Checks {
+    let vport = if proto == TCP { WEB_PORT } else { DNS_PORT };
+    flow_pair6(proto, cport, vport, backend, PORT_MIN)
+        .map(|(k, v)| {
+            let reply = v.flags & FLOW_REVERSE != 0;
+            let v = match ts_add {
+                Some(add) => FlowValue6 {
+                    flags: v.flags | FLOW_TS,
+                    ts_add: if reply { add.wrapping_neg() } else { add },
+                    ..v
+                },
+                None => v,
+            };
+            (k, in_state(state, v))
+        })
+        .to_vec()
+}
+
+fn client_syn6(cport: u16) -> PacketBuilder {
+    pkt()
+        .eth(CLIENT_MAC, LB0_MAC)
+        .ipv6(CLIENT6, VIP6)
+        .tcp(cport, WEB_PORT)
+        .syn()
+}
+
+fn to_backend6(backend: u32, snat_port: u16) -> PacketBuilder {
+    pkt()
+        .eth(LB1_MAC, mac_of(backend))
+        .ipv6(SNAT6, addr6_of(backend))
+        .ttl(63)
+        .tcp(snat_port, BACKEND_PORT)
+}
+
+fn from_backend6(backend: u32, snat_port: u16) -> PacketBuilder {
+    pkt()
+        .eth(mac_of(backend), LB1_MAC)
+        .ipv6(addr6_of(backend), SNAT6)
+        .tcp(BACKEND_PORT, snat_port)
+}
+
+fn to_client6(cport: u16) -> PacketBuilder {
+    pkt()
+        .eth(LB0_MAC, CLIENT_MAC)
+        .ipv6(VIP6, CLIENT6)
+        .ttl(63)
+        .tcp(WEB_PORT, cport)
+}
+
+/// The backend the data path's Maglev lookup picks for an IPv6 client port `cport`.
+fn maglev_choice6(backends: &[(u32, u32)], cport: u16) -> u32 {
+    let table = table_for(backends);
+    table[(key6(CLIENT6, cport, VIP6, WEB_PORT, TCP).hash() % MAGLEV_SIZE) as usize]
+}
+
+/// IPv6's path through the XDP program: full NAT (NAT66) with connection tracking, timestamp
+/// translation and the SNAT port search, and what passes to the kernel or is dropped, counted.
+fn ipv6_fixtures() -> Vec<Fixture> {
+    let weighted = [(1, 4), (2, 6)];
+    let chosen = maglev_choice6(&weighted, 40001);
+    let request = b"GET / HTTP/1.0\r\n\r\n";
+    let response = b"HTTP/1.0 200 OK\r\n\r\n";
+    let clock = ts_clock_ms();
+    let highest = clock.wrapping_add(10_000_000);
+    let (client_ts, backend_side, backend_ts) =
+        (7_000_000u32, clock.wrapping_add(5_000), 123_456u32);
+    let add = backend_side.wrapping_sub(client_ts);
+    let big = [0x61; 1441];
+    vec![
+        Fixture {
+            flows6_after: new_pair6(TCP_SYN_SENT, TCP, 40000, 1, None),
+            ..fixture(
+                "ipv6_syn_to_vip_snats_to_backend",
+                with(backends6(), &[web6(&[(1, 1)])]),
+                client_syn6(40000).build(),
+                XDP_REDIRECT,
+                Some(to_backend6(1, PORT_MIN).syn().build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Packets(1), 1),
+                    (Counter::Opened(1), 1),
+                ],
+            )
+        },
+        fixture(
+            "ipv6_weighted_syn_goes_to_maglev_choice",
+            with(backends6(), &[web6(&weighted)]),
+            client_syn6(40001).build(),
+            XDP_REDIRECT,
+            Some(to_backend6(chosen, PORT_MIN).syn().build()),
+            vec![(Counter::Redirect, 1), (Counter::NewFlows(chosen), 1)],
+        ),
+        fixture(
+            "ipv6_established_segment_follows_its_flow",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40002, 2, 31000)]),
+            client_syn6(40002)
+                .tcp_flags(TCP_ACK | TCP_PSH)
+                .payload(request)
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                to_backend6(2, 31000)
+                    .tcp_flags(TCP_ACK | TCP_PSH)
+                    .payload(request)
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::NewFlows(2), 0),
+                (Counter::Packets(2), 1),
+            ],
+        ),
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ipv6_reply_rewritten_to_vip_and_client",
+                with(backends6(), &[web6(&[(1, 1)]), flow6(40003, 1, 31001)]),
+                from_backend6(1, 31001)
+                    .tcp_flags(TCP_ACK | TCP_PSH)
+                    .payload(response)
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_client6(40003)
+                        .tcp_flags(TCP_ACK | TCP_PSH)
+                        .payload(response)
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::Packets(1), 1)],
+            )
+        },
+        Fixture {
+            flows6_after: new_pair6(UDP_UNREPLIED, UDP, 50000, 1, None),
+            ..fixture(
+                "ipv6_udp_datagram_opens_a_flow",
+                with(backends6(), &[dns6(&[(1, 1)])]),
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv6(CLIENT6, VIP6)
+                    .udp(50000, DNS_PORT)
+                    .payload(b"query")
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB1_MAC, B1_MAC)
+                        .ipv6(SNAT6, B1_6)
+                        .ttl(63)
+                        .udp(PORT_MIN, BACKEND_PORT)
+                        .payload(b"query")
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
+        Fixture {
+            flows6_after: new_pair6(
+                TCP_SYN_SENT,
+                TCP,
+                41000,
+                1,
+                Some(highest.wrapping_sub(client_ts)),
+            ),
+            ts_highest_after: Some(highest),
+            ..fixture(
+                "ipv6_linux_syn_gets_the_highest_timestamp_sent",
+                with(backends6(), &[web6(&[(1, 1)]), Setup::TsHighest(highest)]),
+                client_syn6(41000)
+                    .tcp_options(&linux_syn_options(client_ts, 0))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_backend6(1, PORT_MIN)
+                        .syn()
+                        .tcp_options(&linux_syn_options(highest, 0))
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ipv6_reply_tsecr_translated_back_tsval_kept",
+                with(
+                    backends6(),
+                    &[
+                        web6(&[(1, 1)]),
+                        Setup::Flow6(FlowSetup {
+                            ts_add: Some(add),
+                            ..flow_in(TCP_ESTABLISHED, 41004, 1, 31101, Some(0))
+                        }),
+                    ],
+                ),
+                from_backend6(1, 31101)
+                    .ack()
+                    .tcp_options(&options(&[
+                        &[1, 1],
+                        &ts_option(backend_ts, backend_side.wrapping_add(40)),
+                    ]))
+                    .payload(response)
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    to_client6(41004)
+                        .ack()
+                        .tcp_options(&options(&[&[1, 1], &ts_option(backend_ts, client_ts + 40)]))
+                        .payload(response)
+                        .build(),
+                ),
+                vec![(Counter::Redirect, 1)],
+            )
+        },
+        Fixture {
+            flows6_after: flow_pair6(TCP, 40005, WEB_PORT, 1, 31005)
+                .map(|(k, v)| (k, in_state(TCP_CLOSED, v)))
+                .to_vec(),
+            ..fixture(
+                "ipv6_client_rst_closes_the_connection",
+                with(backends6(), &[web6(&[(1, 1)]), flow6(40005, 1, 31005)]),
+                client_syn6(40005).tcp_flags(TCP_RST).build(),
+                XDP_REDIRECT,
+                Some(to_backend6(1, 31005).tcp_flags(TCP_RST).build()),
+                vec![(Counter::Redirect, 1), (Counter::Ended(1), 1)],
+            )
+        },
+        fixture(
+            "ipv6_segment_without_flow_dropped",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            client_syn6(40006).tcp_flags(TCP_ACK).build(),
+            XDP_DROP,
+            None,
+            vec![(Counter::Drop(DropReason::TcpNoFlow), 1)],
+        ),
+        fixture(
+            "ipv6_service_without_backends_drops",
+            with(backends6(), &[web6(&[(1, 0)])]),
+            client_syn6(40007).build(),
+            XDP_DROP,
+            None,
+            vec![(Counter::Drop(DropReason::NoBackend), 1)],
+        ),
+        // No ICMPv6 Packet Too Big yet: dropped, counted, after the rewrite of its addresses
+        // and ports (the FIB is asked the rewritten packet's way).
+        fixture(
+            "ipv6_packet_too_big_for_the_next_hop_dropped",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40008, 1, 31008)]),
+            client_syn6(40008).tcp_flags(TCP_ACK).payload(&big).build(),
+            XDP_DROP,
+            Some(
+                pkt()
+                    .eth(CLIENT_MAC, LB0_MAC)
+                    .ipv6(SNAT6, B1_6)
+                    .tcp(31008, BACKEND_PORT)
+                    .tcp_flags(TCP_ACK)
+                    .payload(&big)
+                    .build(),
+            ),
+            vec![(Counter::Drop(DropReason::FibFragNeeded), 1)],
+        ),
+        fixture(
+            "ipv6_not_a_service_passes",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(CLIENT6, VIP6)
+                .tcp(40009, 81)
+                .syn()
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::NotService), 1)],
+        ),
+        fixture(
+            "ipv6_neighbour_solicitation_passes_to_the_kernel",
+            backends6(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(CLIENT6, VIP6)
+                .ttl(255)
+                .ip_proto(IPPROTO_ICMPV6)
+                .payload(&[135, 0, 0, 0, 0, 0, 0, 0])
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::NotTcpUdp), 1)],
+        ),
+        fixture(
+            "ipv6_extension_headers_pass_to_the_kernel",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            client_syn6(40010).hop_by_hop().build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::Ipv6ExtensionHeaders), 1)],
+        ),
+        fixture(
+            "ipv6_truncated_header_passes",
+            backends6(),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ethertype(ETH_P_IPV6)
+                .payload(&[0x60; 20])
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::MalformedIpv6), 1)],
+        ),
+        fixture(
+            "ipv6_hop_limit_1_passes_for_the_kernel_to_answer",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            client_syn6(40011).ttl(1).build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::TtlExpired), 1)],
+        ),
+    ]
+}
+
 fn settings() -> LoadSettings {
     LoadSettings {
         maglev_size: MAGLEV_SIZE,
@@ -4295,32 +4700,9 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 let vport = if f.proto == TCP { WEB_PORT } else { DNS_PORT };
                 let seen = f.seen_ago_ns.map_or(0, |ago| monotonic_ns() - ago);
                 let via = (SNAT_POOL[f.snat_index as usize], f.snat_index);
-                for (k, mut v) in
-                    flow_pair_via(f.proto, f.cport, vport, f.backend, via, f.snat_port)
-                {
+                for (k, v) in flow_pair_via(f.proto, f.cport, vport, f.backend, via, f.snat_port) {
+                    let mut v = set_up_entry(f, v, seen);
                     let reply = v.flags & FLOW_REVERSE != 0;
-                    v.state = f.state;
-                    v.seq_next = 1000;
-                    v.last_seen_ns = seen;
-                    if f.state == TCP_SYN_SENT || f.state == UDP_UNREPLIED {
-                        v.seq_next = if reply { 0 } else { 1001 };
-                        if reply {
-                            v.last_seen_ns = 0;
-                        }
-                    }
-                    let fin_sent = if reply { f.fin_sent.1 } else { f.fin_sent.0 };
-                    if fin_sent {
-                        v.flags |= FLOW_FIN_SENT;
-                    }
-                    if !f.syn_well_formed {
-                        v.flags &= !FLOW_SYN_WELL_FORMED;
-                    }
-                    if let Some(add) = f.ts_add {
-                        v.flags |= FLOW_TS;
-                        v.ts_add = if reply { add.wrapping_neg() } else { add };
-                    }
-                    v.mss = f.mss;
-                    let mut v = with_end_counted(v);
                     if let Some(hop) = f.cached
                         && !reply
                     {
@@ -4333,6 +4715,38 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                     if reply {
                         // As the data path marks the port it takes.
                         dp.mark_snat_port(f.backend, f.snat_index, f.snat_port)
+                            .expect("mark SNAT port");
+                    }
+                }
+            }
+            Setup::Backend6 { id, addr } => {
+                dp.set_backend6(*id, SocketAddrV6::new(*addr, BACKEND_PORT, 0, 0), true)
+                    .expect("set backend");
+            }
+            Setup::Service6 {
+                id,
+                port,
+                proto,
+                backends,
+            } => {
+                dp.set_service6(
+                    *id,
+                    service_key6(*port, *proto),
+                    SERVICE_MODE_NAT,
+                    &[SNAT6],
+                    None,
+                    &table_for(backends),
+                )
+                .expect("set service");
+            }
+            Setup::Flow6(f) => {
+                let vport = if f.proto == TCP { WEB_PORT } else { DNS_PORT };
+                let seen = f.seen_ago_ns.map_or(0, |ago| monotonic_ns() - ago);
+                for (k, v) in flow_pair6(f.proto, f.cport, vport, f.backend, f.snat_port) {
+                    let v = set_up_entry(f, v, seen);
+                    dp.insert_flow6(k, v).expect("insert flow");
+                    if v.flags & FLOW_REVERSE != 0 {
+                        dp.mark_snat_port(f.backend, 0, f.snat_port)
                             .expect("mark SNAT port");
                     }
                 }
@@ -4381,6 +4795,34 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
             }
         }
     }
+}
+
+/// An entry `v` of the flow `f` sets up, as its state makes it: sequence tracking, when it was
+/// seen (`seen`; a half-open flow's reply entry never), FINs and timestamp translation.
+fn set_up_entry<A>(f: &FlowSetup, mut v: FlowValueOf<A>, seen: u64) -> FlowValueOf<A> {
+    let reply = v.flags & FLOW_REVERSE != 0;
+    v.state = f.state;
+    v.seq_next = 1000;
+    v.last_seen_ns = seen;
+    if f.state == TCP_SYN_SENT || f.state == UDP_UNREPLIED {
+        v.seq_next = if reply { 0 } else { 1001 };
+        if reply {
+            v.last_seen_ns = 0;
+        }
+    }
+    let fin_sent = if reply { f.fin_sent.1 } else { f.fin_sent.0 };
+    if fin_sent {
+        v.flags |= FLOW_FIN_SENT;
+    }
+    if !f.syn_well_formed {
+        v.flags &= !FLOW_SYN_WELL_FORMED;
+    }
+    if let Some(add) = f.ts_add {
+        v.flags |= FLOW_TS;
+        v.ts_add = if reply { add.wrapping_neg() } else { add };
+    }
+    v.mss = f.mss;
+    with_end_counted(v)
 }
 
 /// The next hop cached in `v`, named by device.
@@ -4480,6 +4922,21 @@ fn run(f: &Fixture) -> Result<(), String> {
         errors
     };
     let mut outcome_errors = outcome(expected, &f.flows_after);
+    for (k, want) in &f.flows6_after {
+        let got = dp.flow6(k).map(|v| FlowValue6 {
+            last_seen_ns: 0,
+            seq_next: 0,
+            egress_ifindex: 0,
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
+            fib_ok_len: 0,
+            egress_flags: 0,
+            ..v
+        });
+        if got != *want {
+            outcome_errors.push(format!("FLOWS6[{k:?}] is {got:?}, expected {want:?}"));
+        }
+    }
     if let Some((output, flows_after)) = &f.or_else
         && !outcome_errors.is_empty()
         && outcome(output, flows_after).is_empty()
@@ -4559,6 +5016,32 @@ fn packet_fixtures() {
         failures.join("\n")
     );
     println!("{total} packet fixtures passed");
+}
+
+#[test]
+fn ipv6_packet_fixtures() {
+    require_root();
+    sweep_stale();
+    let ns = topology();
+    let (total, failures) = ns
+        .spawn_inside(|| {
+            pin_current_thread_to_cpu0();
+            let fixtures = ipv6_fixtures();
+            let failures: Vec<String> = fixtures
+                .iter()
+                .filter_map(|f| run(f).err().map(|e| format!("{}: {e}", f.name)))
+                .collect();
+            (fixtures.len(), failures)
+        })
+        .join()
+        .expect("fixture thread panicked");
+    assert!(
+        failures.is_empty(),
+        "{} of {total} IPv6 fixtures failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    println!("{total} IPv6 packet fixtures passed");
 }
 
 /// The echo replies and the ICMP errors a CPU sends in a second stop at their budgets, each
