@@ -33,13 +33,18 @@ pub const B3: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 13);
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 pub const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
 
-/// The same network in IPv6 (fd00::/8): client side fd00::/64, backend side fd00:1::/64.
-pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
-pub const LB0_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
-pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
-pub const B1_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
-pub const B2_6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x12);
-pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+/// The same network in IPv6 (fd00::/8): 198.18.C.D is fd00:C::D (client side fd00::/64,
+/// backend side fd00:1::/64), so an IPv4 fixture's twin names the same parties.
+pub const fn ipv6_of(v4: Ipv4Addr) -> Ipv6Addr {
+    let [_, _, c, d] = v4.octets();
+    Ipv6Addr::new(0xfd00, c as u16, 0, 0, 0, 0, 0, d as u16)
+}
+pub const CLIENT6: Ipv6Addr = ipv6_of(CLIENT);
+pub const LB0_6: Ipv6Addr = ipv6_of(LB0);
+pub const SNAT6: Ipv6Addr = ipv6_of(SNAT);
+pub const B1_6: Ipv6Addr = ipv6_of(B1);
+pub const B2_6: Ipv6Addr = ipv6_of(B2);
+pub const VIP6: Ipv6Addr = ipv6_of(VIP);
 
 pub const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x02];
 pub const LB0_MAC: Mac = [0x02, 0, 0, 0, 0x01, 0x00];
