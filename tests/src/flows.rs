@@ -2,9 +2,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use lb_common::{
-    Be16, Be32, FlowKey, FlowKey6, FlowValue, FlowValue6, In6, conntrack::TCP_ESTABLISHED,
-};
+use lb_common::{Be16, Be32, FlowKey, FlowKey6, FlowValue, In6, conntrack::TCP_ESTABLISHED};
 /// The data path's clock, as the daemon reads it.
 pub use lb_user::dataplane::monotonic_ns;
 
@@ -49,26 +47,5 @@ pub fn key6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, proto: u8) -> 
         dst_port: Be16::from_host(dport),
         proto,
         _pad: [0; 3],
-    }
-}
-
-/// `value` for an IPv6 connection.
-pub fn value6(
-    src: Ipv6Addr,
-    sport: u16,
-    dst: Ipv6Addr,
-    dport: u16,
-    backend: u32,
-    flags: u32,
-) -> FlowValue6 {
-    FlowValue6 {
-        nat_src_addr: In6::from_bytes(src.octets()),
-        nat_dst_addr: In6::from_bytes(dst.octets()),
-        nat_src_port: Be16::from_host(sport),
-        nat_dst_port: Be16::from_host(dport),
-        backend_id: backend,
-        flags,
-        state: TCP_ESTABLISHED,
-        ..FlowValue6::default()
     }
 }

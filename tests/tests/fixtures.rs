@@ -33,7 +33,7 @@ use lb_tests::{
         WEB_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, ipv6_of, service_key, service_key6,
         topology,
     },
-    flows::{key, key6, monotonic_ns, value, value6},
+    flows::{key, key6, monotonic_ns, value},
     netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{
         ETH_P_IPV6, IPPROTO_ICMPV6, Mac, PacketBuilder, describe, diff, pkt, verify_checksums,
@@ -4280,7 +4280,7 @@ fn flow6(cport: u16, backend: u32, snat_port: u16) -> Setup {
     Setup::Flow6(flow_in(TCP_ESTABLISHED, cport, backend, snat_port, Some(0)))
 }
 
-/// `flow_pair` in IPv6.
+/// `flow_pair` in IPv6: its twin (`ipv6_of`).
 fn flow_pair6(
     proto: u8,
     cport: u16,
@@ -4288,40 +4288,7 @@ fn flow_pair6(
     backend: u32,
     snat_port: u16,
 ) -> [(FlowKey6, FlowValue6); 2] {
-    flow_pair6_via(proto, cport, vport, backend, (SNAT6, 0), snat_port)
-}
-
-/// `flow_pair_via` in IPv6.
-fn flow_pair6_via(
-    proto: u8,
-    cport: u16,
-    vport: u16,
-    backend: u32,
-    (snat, index): (Ipv6Addr, u32),
-    snat_port: u16,
-) -> [(FlowKey6, FlowValue6); 2] {
-    let b = ipv6_of(addr_of(backend));
-    let forward_flags = if proto == TCP {
-        FLOW_SYN_WELL_FORMED
-    } else {
-        0
-    };
-    [
-        (
-            key6(CLIENT6, cport, VIP6, vport, proto),
-            FlowValue6 {
-                snat_index: index as u16,
-                ..value6(snat, snat_port, b, BACKEND_PORT, backend, forward_flags)
-            },
-        ),
-        (
-            key6(b, BACKEND_PORT, snat, snat_port, proto),
-            FlowValue6 {
-                snat_index: index as u16,
-                ..value6(VIP6, vport, CLIENT6, cport, backend, FLOW_REVERSE)
-            },
-        ),
-    ]
+    flow_pair(proto, cport, vport, backend, snat_port).map(|(k, v)| (twin_key(&k), twin_value(&v)))
 }
 
 /// A new flow's `flow_pair6` (via PORT_MIN) in `state`, its timestamps translated by `ts_add`
@@ -4965,9 +4932,9 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
             Setup::Flow6(f) => {
                 let vport = if f.proto == TCP { WEB_PORT } else { DNS_PORT };
                 let seen = f.seen_ago_ns.map_or(0, |ago| monotonic_ns() - ago);
-                let via = (ipv6_of(SNAT_POOL[f.snat_index as usize]), f.snat_index);
-                for (k, v) in flow_pair6_via(f.proto, f.cport, vport, f.backend, via, f.snat_port) {
-                    let v = set_up_entry(f, v, seen);
+                let via = (SNAT_POOL[f.snat_index as usize], f.snat_index);
+                for (k, v) in flow_pair_via(f.proto, f.cport, vport, f.backend, via, f.snat_port) {
+                    let (k, v) = (twin_key(&k), set_up_entry(f, twin_value(&v), seen));
                     dp.insert_flow6(k, v).expect("insert flow");
                     if v.flags & FLOW_REVERSE != 0 {
                         dp.mark_snat_port(f.backend, f.snat_index, f.snat_port)
