@@ -68,8 +68,8 @@ impl Balanced for Be32 {
     }
 }
 
-/// IPv6 serves full NAT and DNAT: the daemon makes no IPv6 DSR service, and an IPv6 segment
-/// with no flow gets no RST yet (it is dropped, counted).
+/// IPv6 (`xdp6.rs`): no DSR, and an IPv6 segment with no flow gets no RST yet (it is dropped,
+/// counted).
 impl Balanced for In6 {
     #[inline(always)]
     fn send_direct(_: *mut xdp_md, _: &Packet<In6>, _: *mut FlowValueOf<In6>) -> u32 {
@@ -100,7 +100,7 @@ impl Balanced for In6 {
 /// The entry point sends each packet down one of five paths, each a BPF function with a stack
 /// frame of its own: the verifier limits a chain of calls to 512 bytes of stack, and the
 /// balancing path (with the SNAT allocator it calls) takes all of it. The entry point itself
-/// keeps nothing on the stack.
+/// keeps next to nothing on the stack (4 bytes, for IPv6's steps).
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match parse::path(&ctx) {
