@@ -4291,23 +4291,11 @@ fn flow_pair6(
     flow_pair(proto, cport, vport, backend, snat_port).map(|(k, v)| (twin_key(&k), twin_value(&v)))
 }
 
-/// A new flow's `flow_pair6` (via PORT_MIN) in `state`, its timestamps translated by `ts_add`
-/// if given.
-fn new_pair6(state: u32, proto: u8, cport: u16, backend: u32, ts_add: Option<u32>) -> Flow6Checks {
+/// A new flow's `flow_pair6` (via PORT_MIN) in `state`.
+fn new_pair6(state: u32, proto: u8, cport: u16, backend: u32) -> Flow6Checks {
     let vport = if proto == TCP { WEB_PORT } else { DNS_PORT };
     flow_pair6(proto, cport, vport, backend, PORT_MIN)
-        .map(|(k, v)| {
-            let reply = v.flags & FLOW_REVERSE != 0;
-            let v = match ts_add {
-                Some(add) => FlowValue6 {
-                    flags: v.flags | FLOW_TS,
-                    ts_add: if reply { add.wrapping_neg() } else { add },
-                    ..v
-                },
-                None => v,
-            };
-            (k, in_state(state, v))
-        })
+        .map(|(k, v)| (k, in_state(state, v)))
         .to_vec()
 }
 
@@ -4355,15 +4343,10 @@ fn ipv6_fixtures() -> Vec<Fixture> {
     let chosen = maglev_choice6(&weighted, 40001);
     let request = b"GET / HTTP/1.0\r\n\r\n";
     let response = b"HTTP/1.0 200 OK\r\n\r\n";
-    let clock = ts_clock_ms();
-    let highest = clock.wrapping_add(10_000_000);
-    let (client_ts, backend_side, backend_ts) =
-        (7_000_000u32, clock.wrapping_add(5_000), 123_456u32);
-    let add = backend_side.wrapping_sub(client_ts);
     let big = [0x61; 1441];
     vec![
         Fixture {
-            flows6_after: new_pair6(TCP_SYN_SENT, TCP, 40000, 1, None),
+            flows6_after: new_pair6(TCP_SYN_SENT, TCP, 40000, 1),
             ..fixture(
                 "ipv6_syn_to_vip_snats_to_backend",
                 with(backends6(), &[web6(&[(1, 1)])]),
@@ -4426,7 +4409,7 @@ fn ipv6_fixtures() -> Vec<Fixture> {
             )
         },
         Fixture {
-            flows6_after: new_pair6(UDP_UNREPLIED, UDP, 50000, 1, None),
+            flows6_after: new_pair6(UDP_UNREPLIED, UDP, 50000, 1),
             ..fixture(
                 "ipv6_udp_datagram_opens_a_flow",
                 with(backends6(), &[dns6(&[(1, 1)])]),
@@ -4447,64 +4430,6 @@ fn ipv6_fixtures() -> Vec<Fixture> {
                         .build(),
                 ),
                 vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
-            )
-        },
-        Fixture {
-            flows6_after: new_pair6(
-                TCP_SYN_SENT,
-                TCP,
-                41000,
-                1,
-                Some(highest.wrapping_sub(client_ts)),
-            ),
-            ts_highest_after: Some(highest),
-            ..fixture(
-                "ipv6_linux_syn_gets_the_highest_timestamp_sent",
-                with(backends6(), &[web6(&[(1, 1)]), Setup::TsHighest(highest)]),
-                client_syn6(41000)
-                    .tcp_options(&linux_syn_options(client_ts, 0))
-                    .build(),
-                XDP_REDIRECT,
-                Some(
-                    to_backend6(1, PORT_MIN)
-                        .syn()
-                        .tcp_options(&linux_syn_options(highest, 0))
-                        .build(),
-                ),
-                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
-            )
-        },
-        Fixture {
-            ingress: "lb1",
-            ..fixture(
-                "ipv6_reply_tsecr_translated_back_tsval_kept",
-                with(
-                    backends6(),
-                    &[
-                        web6(&[(1, 1)]),
-                        Setup::Flow6(FlowSetup {
-                            ts_add: Some(add),
-                            ..flow_in(TCP_ESTABLISHED, 41004, 1, 31101, Some(0))
-                        }),
-                    ],
-                ),
-                from_backend6(1, 31101)
-                    .ack()
-                    .tcp_options(&options(&[
-                        &[1, 1],
-                        &ts_option(backend_ts, backend_side.wrapping_add(40)),
-                    ]))
-                    .payload(response)
-                    .build(),
-                XDP_REDIRECT,
-                Some(
-                    to_client6(41004)
-                        .ack()
-                        .tcp_options(&options(&[&[1, 1], &ts_option(backend_ts, client_ts + 40)]))
-                        .payload(response)
-                        .build(),
-                ),
-                vec![(Counter::Redirect, 1)],
             )
         },
         Fixture {
