@@ -97,28 +97,46 @@ impl Address for In6 {
     }
 }
 
-/// Key of SOCK_REVERSE: a socket on the host that a socket hook balanced (its cookie) and the
-/// backend it was sent to, as the kernel then reports the peer.
+/// Key of SOCK_REVERSE (SOCK_REVERSE6): a socket on the host that a socket hook balanced (its
+/// cookie, low word first, so that no key has padding) and the backend it was sent to, as the
+/// kernel then reports the peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockKey {
-    pub cookie: u64,
-    pub addr: Be32,
+pub struct SockKeyOf<A> {
+    pub cookie: [u32; 2],
+    pub addr: A,
     pub port: Be16,
     pub _pad: u16,
 }
+pub type SockKey = SockKeyOf<Be32>;
+pub type SockKey6 = SockKeyOf<In6>;
 const _: () = assert!(core::mem::size_of::<SockKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockKey6>() == 28);
 
-/// Value of SOCK_REVERSE: the address the application asked for (a VIP, or a loopback address
-/// for a VIP on a host address), shown to it in place of the backend's.
+impl<A> SockKeyOf<A> {
+    pub const fn new(cookie: u64, addr: A, port: Be16) -> Self {
+        Self {
+            cookie: [cookie as u32, (cookie >> 32) as u32],
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Value of SOCK_REVERSE (SOCK_REVERSE6): the address the application asked for (a VIP, or a
+/// loopback address for a VIP on a host address), shown to it in place of the backend's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SockVip {
-    pub addr: Be32,
+pub struct SockVipOf<A> {
+    pub addr: A,
     pub port: Be16,
     pub _pad: u16,
 }
+pub type SockVip = SockVipOf<Be32>;
+pub type SockVip6 = SockVipOf<In6>;
 const _: () = assert!(core::mem::size_of::<SockVip>() == 8);
+const _: () = assert!(core::mem::size_of::<SockVip6>() == 20);
 
 /// Key of HOST_PORTS: a port and protocol that a service has on a host address, which host
 /// clients may also reach at a loopback address (as a published port answers on localhost).
@@ -380,9 +398,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for FragmentKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for SockKey {}
+    unsafe impl<A: aya::Pod> aya::Pod for SockKeyOf<A> {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for SockVip {}
+    unsafe impl<A: aya::Pod> aya::Pod for SockVipOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for HostPortKey {}
     // SAFETY: as above.

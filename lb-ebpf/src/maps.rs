@@ -1,7 +1,7 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS,
 //! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, SUSPECT marks and the
-//! counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks SOCK_REVERSE. Sizes marked "set at load" are overridden by
+//! counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks SOCK_REVERSE(6). Sizes marked "set at load" are overridden by
 //! the daemon.
 
 use aya_ebpf::{
@@ -14,8 +14,8 @@ use lb_common::{
     FRAGMENTS_CAPACITY, FlowCounts, FlowKey, FlowKey6, FlowValue, FlowValue6, FragmentKey,
     FragmentValue, HostPortKey, Iface, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_INTERFACES,
     MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY,
-    STATS_SLOTS, Service, Service6, ServiceKey, ServiceKey6, SockKey, SockVip, TCP_OPTIONS_MAX,
-    conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
+    STATS_SLOTS, Service, Service6, ServiceKey, ServiceKey6, SockKey, SockKey6, SockVip, SockVip6,
+    TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
@@ -157,6 +157,11 @@ pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0
 /// connection made before a restart still shows its VIP.
 #[map]
 pub static SOCK_REVERSE: LruHashMap<SockKey, SockVip> =
+    LruHashMap::with_max_entries(SOCK_REVERSE_CAPACITY, 0);
+
+/// SOCK_REVERSE's IPv6 twin.
+#[map]
+pub static SOCK_REVERSE6: LruHashMap<SockKey6, SockVip6> =
     LruHashMap::with_max_entries(SOCK_REVERSE_CAPACITY, 0);
 
 /// A service's port and protocol on a host address -> that address: the socket hooks balance

@@ -5,21 +5,26 @@
 //! path's. getpeername and recvmsg show the application the address it asked for. A VIP on a
 //! host address is also reached at a loopback address and its port (HOST_PORTS), as a published
 //! port answers on localhost. Acts only in the daemon's network namespace: cgroup hooks run in
-//! all of them. Reads SERVICES, HOST_PORTS, MAGLEV, BACKENDS; writes SOCK_REVERSE and counters.
+//! all of them. The IPv6 hooks (connect6 and friends) do the same for IPv6 services, at their
+//! VIP only (no loopback form). Reads SERVICES(6), HOST_PORTS, MAGLEV, BACKENDS(6); writes
+//! SOCK_REVERSE(6) and counters.
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
+    maps::LruHashMap,
     programs::SockAddrContext,
 };
 use lb_common::{
-    Be16, Be32, HostPortKey, STAT_HOST_BALANCED, STAT_HOST_NO_BACKEND, ServiceKey, SockKey,
-    SockVip, flow_hash,
+    Be16, Be32, HostPortKey, In6, STAT_HOST_BALANCED, STAT_HOST_NO_BACKEND, ServiceKeyOf,
+    SockKeyOf, SockVipOf, flow_hash,
 };
 
 use crate::{
-    maps::{HOST_PORTS, SERVICES, SOCK_REVERSE, host_netns_cookie},
+    family::Family,
+    maps::{HOST_PORTS, SOCK_REVERSE, SOCK_REVERSE6, host_netns_cookie},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     select, stats,
 };
@@ -31,66 +36,153 @@ const LOOPBACK_NET: u8 = 127;
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    balance(&ctx);
+    balance::<Be32>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    balance(&ctx);
+    balance::<Be32>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
-    show_asked(&ctx);
+    show_asked::<Be32>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    show_asked(&ctx);
+    show_asked::<Be32>(&ctx);
     ALLOW
 }
 
-/// Sends the socket to a backend if it is headed for a service.
-#[inline(always)]
-fn balance(ctx: &SockAddrContext) {
-    // SAFETY: the helper takes the program's own context.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != host_netns_cookie() {
-        return;
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    balance::<In6>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    balance::<In6>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    show_asked::<In6>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    show_asked::<In6>(&ctx);
+    ALLOW
+}
+
+/// A family's part of the socket hooks: where the call's address is, and the socket map.
+trait SockFamily: Family {
+    /// The address the call names.
+    ///
+    /// # Safety
+    /// `sa` is the context the kernel passed, valid for this run.
+    unsafe fn asked(sa: *const bpf_sock_addr) -> Self;
+    /// Makes the call go to `addr`.
+    ///
+    /// # Safety
+    /// As `asked`; the hook may rewrite the address.
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: Self);
+    fn reverse() -> &'static LruHashMap<SockKeyOf<Self>, SockVipOf<Self>>;
+    /// The VIP a call to `asked` reaches: itself, or for a loopback address the host address
+    /// whose service has `port` (IPv4 only: HOST_PORTS).
+    fn vip(asked: Self, port: Be16, proto: u8) -> Option<Self>;
+}
+
+impl SockFamily for Be32 {
+    unsafe fn asked(sa: *const bpf_sock_addr) -> Self {
+        // SAFETY: the caller's.
+        Be32(unsafe { (*sa).user_ip4 })
     }
-    let sa = ctx.sock_addr;
-    // SAFETY: the context the kernel passed, valid for this run.
-    let (ip, port, proto) = unsafe { ((*sa).user_ip4, (*sa).user_port, (*sa).protocol) };
-    let proto = match proto {
-        6 => IPPROTO_TCP,
-        17 => IPPROTO_UDP,
-        _ => return,
-    };
-    let (asked, port) = (Be32(ip), Be16(port as u16));
-    let vip = if asked.to_bytes()[0] == LOOPBACK_NET {
+
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: Self) {
+        // SAFETY: the caller's.
+        unsafe { (*sa).user_ip4 = addr.0 };
+    }
+
+    fn reverse() -> &'static LruHashMap<SockKeyOf<Self>, SockVipOf<Self>> {
+        &SOCK_REVERSE
+    }
+
+    #[inline(always)]
+    fn vip(asked: Self, port: Be16, proto: u8) -> Option<Self> {
+        if asked.to_bytes()[0] != LOOPBACK_NET {
+            return Some(asked);
+        }
         let key = HostPortKey {
             port,
             proto,
             _pad: 0,
         };
         // SAFETY: a value from a map lookup, valid for this program run.
-        match unsafe { HOST_PORTS.get(&key) } {
-            Some(vip) => *vip,
-            None => return,
+        unsafe { HOST_PORTS.get(&key) }.copied()
+    }
+}
+
+impl SockFamily for In6 {
+    // The verifier takes user_ip6 a 32-bit word at a time: volatile keeps the compiler from
+    // merging two words into one 64-bit access.
+    unsafe fn asked(sa: *const bpf_sock_addr) -> Self {
+        // SAFETY: the caller's; each word is in the context.
+        let word = |i: usize| unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip6[i]) };
+        In6([word(0), word(1), word(2), word(3)])
+    }
+
+    unsafe fn set(sa: *mut bpf_sock_addr, addr: Self) {
+        for (i, w) in addr.0.into_iter().enumerate() {
+            // SAFETY: the caller's; each word is in the context.
+            unsafe { core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], w) };
         }
-    } else {
-        asked
+    }
+
+    fn reverse() -> &'static LruHashMap<SockKeyOf<Self>, SockVipOf<Self>> {
+        &SOCK_REVERSE6
+    }
+
+    #[inline(always)]
+    fn vip(asked: Self, _port: Be16, _proto: u8) -> Option<Self> {
+        Some(asked)
+    }
+}
+
+/// Sends the socket to a backend if it is headed for a service.
+#[inline(always)]
+fn balance<A: SockFamily>(ctx: &SockAddrContext) {
+    // SAFETY: the helper takes the program's own context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != host_netns_cookie() {
+        return;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: the context the kernel passed, valid for this run.
+    let (asked, port, proto) = unsafe { (A::asked(sa), (*sa).user_port, (*sa).protocol) };
+    let proto = match proto {
+        6 => IPPROTO_TCP,
+        17 => IPPROTO_UDP,
+        _ => return,
     };
-    let key = ServiceKey {
+    let port = Be16(port as u16);
+    let Some(vip) = A::vip(asked, port, proto) else {
+        return;
+    };
+    let key = ServiceKeyOf {
         vip,
         port,
         proto,
         _pad: 0,
     };
-    // SAFETY: as above.
-    let Some(svc) = (unsafe { SERVICES.get(&key) }) else {
+    // SAFETY: a value from a map lookup, valid for this program run.
+    let Some(svc) = (unsafe { A::services().get(&key) }) else {
         return;
     };
     // SAFETY: the helper takes the program's own context.
@@ -101,23 +193,18 @@ fn balance(ctx: &SockAddrContext) {
         stats::count_slot(STAT_HOST_NO_BACKEND);
         return;
     };
-    let reverse = SockKey {
-        cookie,
-        addr: backend.addr,
-        port: backend.port,
-        _pad: 0,
-    };
-    let shown = SockVip {
+    let reverse = SockKeyOf::new(cookie, backend.addr, backend.port);
+    let shown = SockVipOf {
         addr: asked,
         port,
         _pad: 0,
     };
-    if SOCK_REVERSE.insert(&reverse, &shown, 0).is_err() {
+    if A::reverse().insert(&reverse, &shown, 0).is_err() {
         return;
     }
     // SAFETY: as above; the hook may rewrite the address the call goes to.
     unsafe {
-        (*sa).user_ip4 = backend.addr.0;
+        A::set(sa, backend.addr);
         (*sa).user_port = u32::from(backend.port.0);
     }
     stats::count_new_flow(id);
@@ -126,25 +213,20 @@ fn balance(ctx: &SockAddrContext) {
 
 /// Shows the application the address it asked for where the kernel reports the backend.
 #[inline(always)]
-fn show_asked(ctx: &SockAddrContext) {
+fn show_asked<A: SockFamily>(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: the helper takes the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the context the kernel passed, valid for this run.
-    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let key = SockKey {
-        cookie,
-        addr: Be32(ip),
-        port: Be16(port as u16),
-        _pad: 0,
-    };
+    let (addr, port) = unsafe { (A::asked(sa), (*sa).user_port) };
+    let key = SockKeyOf::new(cookie, addr, Be16(port as u16));
     // SAFETY: a value from a map lookup, valid for this program run.
-    let Some(shown) = (unsafe { SOCK_REVERSE.get(&key) }) else {
+    let Some(shown) = (unsafe { A::reverse().get(&key) }) else {
         return;
     };
     // SAFETY: as above; these hooks may rewrite the address reported.
     unsafe {
-        (*sa).user_ip4 = shown.addr.0;
+        A::set(sa, shown.addr);
         (*sa).user_port = u32::from(shown.port.0);
     }
 }
