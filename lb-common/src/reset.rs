@@ -13,6 +13,8 @@ use crate::{
 pub const RESET_PACKET_LEN: usize = 20 + 20;
 /// Ethernet + an RST packet.
 pub const RESET_FRAME_LEN: usize = 14 + RESET_PACKET_LEN;
+/// Ethernet + IPv6 without extension headers + TCP without options.
+pub const RESET6_FRAME_LEN: usize = 14 + 40 + 20;
 /// RSTs each CPU sends per second at most: enough for every client of an expired table to
 /// learn within seconds, too few for a spoofed flood to turn the balancer into a reflector.
 pub const RESETS_PER_SEC_PER_CPU: u32 = 1000;
@@ -32,6 +34,21 @@ pub struct Segment {
     pub flags: u8,
     pub seq: u32,
     /// The sequence number after the segment (its payload, SYN and FIN count).
+    pub seq_end: u32,
+    pub ack_seq: u32,
+}
+
+/// `Segment` of IPv6: its addresses are 16 bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: [u8; 2],
+    pub dst_port: [u8; 2],
+    pub flags: u8,
+    pub seq: u32,
     pub seq_end: u32,
     pub ack_seq: u32,
 }
@@ -57,14 +74,7 @@ pub struct Reset {
 /// what the receiver expects next, so RFC 5961's check accepts it at once rather than with a
 /// challenge ACK. Without ACK, it acknowledges the segment instead.
 pub fn reset_frame(seg: &Segment) -> Option<[u8; RESET_FRAME_LEN]> {
-    if seg.flags & TCP_RST != 0 {
-        return None;
-    }
-    let (seq, ack_seq, flags) = if seg.flags & TCP_ACK != 0 {
-        (seg.ack_seq, 0, TCP_RST)
-    } else {
-        (0, seg.seq_end, TCP_RST | TCP_ACK)
-    };
+    let (seq, ack_seq, flags) = answer_numbers(seg.flags, seg.seq_end, seg.ack_seq)?;
     let mut f = [0u8; RESET_FRAME_LEN];
     f[0..6].copy_from_slice(&seg.src_mac);
     f[6..12].copy_from_slice(&seg.dst_mac);
@@ -79,6 +89,72 @@ pub fn reset_frame(seg: &Segment) -> Option<[u8; RESET_FRAME_LEN]> {
         flags,
     }));
     Some(f)
+}
+
+/// `reset_frame` for IPv6: the same RST, in IPv6 (hop limit 64, no flow label).
+pub fn reset_frame6(seg: &Segment6) -> Option<[u8; RESET6_FRAME_LEN]> {
+    let (seq, ack_seq, flags) = answer_numbers(seg.flags, seg.seq_end, seg.ack_seq)?;
+    let mut f = [0u8; RESET6_FRAME_LEN];
+    f[0..6].copy_from_slice(&seg.src_mac);
+    f[6..12].copy_from_slice(&seg.dst_mac);
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let ip = &mut f[14..54];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+    ip[6] = IPPROTO_TCP;
+    ip[7] = TTL;
+    ip[8..24].copy_from_slice(&seg.dst_addr);
+    ip[24..40].copy_from_slice(&seg.src_addr);
+    // The pseudo-header's addresses sum the same whichever way round.
+    let pseudo =
+        sum_words(&seg.src_addr, 0) + sum_words(&seg.dst_addr, 0) + u32::from(IPPROTO_TCP) + 20;
+    write_rst_header(
+        &mut f[54..74],
+        [seg.dst_port, seg.src_port],
+        seq,
+        ack_seq,
+        flags,
+        pseudo,
+    );
+    Some(f)
+}
+
+/// The sequence number, acknowledgement and flags of the RST that answers a segment with
+/// `flags`, or `None` for an RST (never answered). With ACK, the reset takes its sequence
+/// number from the acknowledgement: exactly what the receiver expects next, so RFC 5961's
+/// check accepts it at once rather than with a challenge ACK. Without, it acknowledges the
+/// segment instead.
+#[inline(always)]
+fn answer_numbers(flags: u8, seq_end: u32, ack_seq: u32) -> Option<(u32, u32, u8)> {
+    if flags & TCP_RST != 0 {
+        return None;
+    }
+    Some(if flags & TCP_ACK != 0 {
+        (ack_seq, 0, TCP_RST)
+    } else {
+        (0, seq_end, TCP_RST | TCP_ACK)
+    })
+}
+
+/// An RST's 20-byte TCP header into `tcp`, its checksum over `pseudo` (the pseudo-header's
+/// sum).
+#[inline(always)]
+fn write_rst_header(
+    tcp: &mut [u8],
+    ports: [[u8; 2]; 2],
+    seq: u32,
+    ack_seq: u32,
+    flags: u8,
+    pseudo: u32,
+) {
+    tcp[0..2].copy_from_slice(&ports[0]);
+    tcp[2..4].copy_from_slice(&ports[1]);
+    tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+    tcp[8..12].copy_from_slice(&ack_seq.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    let check = !fold(sum_words(tcp, pseudo));
+    tcp[16..18].copy_from_slice(&check.to_be_bytes());
 }
 
 /// `r` as an IPv4 packet with both checksums.
@@ -96,17 +172,16 @@ pub fn reset_packet(r: &Reset) -> [u8; RESET_PACKET_LEN] {
     ip[16..20].copy_from_slice(&r.dst_addr);
     let ip_check = !fold(sum_words(ip, 0));
     ip[10..12].copy_from_slice(&ip_check.to_be_bytes());
-    let tcp = &mut p[20..40];
-    tcp[0..2].copy_from_slice(&r.src_port);
-    tcp[2..4].copy_from_slice(&r.dst_port);
-    tcp[4..8].copy_from_slice(&r.seq.to_be_bytes());
-    tcp[8..12].copy_from_slice(&r.ack_seq.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = r.flags;
     let pseudo =
         sum_words(&r.src_addr, 0) + sum_words(&r.dst_addr, 0) + u32::from(IPPROTO_TCP) + 20;
-    let tcp_check = !fold(sum_words(tcp, pseudo));
-    tcp[16..18].copy_from_slice(&tcp_check.to_be_bytes());
+    write_rst_header(
+        &mut p[20..40],
+        [r.src_port, r.dst_port],
+        r.seq,
+        r.ack_seq,
+        r.flags,
+        pseudo,
+    );
     p
 }
 
@@ -249,6 +324,46 @@ mod tests {
             (64, 0x40, 0),
             "TTL 64, DF, fragment offset 0"
         );
+    }
+
+    #[test]
+    fn an_ipv6_segment_is_answered_with_the_same_rst_in_ipv6() {
+        let v4 = segment(TCP_ACK | TCP_PSH);
+        let client = [0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let vip = [0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let seg = Segment6 {
+            src_mac: v4.src_mac,
+            dst_mac: v4.dst_mac,
+            src_addr: client,
+            dst_addr: vip,
+            src_port: v4.src_port,
+            dst_port: v4.dst_port,
+            flags: v4.flags,
+            seq: v4.seq,
+            seq_end: v4.seq_end,
+            ack_seq: v4.ack_seq,
+        };
+        let f = reset_frame6(&seg).expect("an ACK is answered");
+        let f4 = reset_frame(&v4).expect("an ACK is answered");
+        assert_eq!(&f[0..12], &f4[0..12], "back to the sender's MAC");
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        assert_eq!(
+            &f[14..22],
+            &[0x60, 0, 0, 0, 0, 20, 6, 64],
+            "version, length 20, TCP, hop limit 64"
+        );
+        assert_eq!(&f[22..38], &vip, "from the VIP");
+        assert_eq!(&f[38..54], &client, "to the client");
+        assert_eq!(
+            &f[54..70],
+            &f4[34..50],
+            "ports, numbers and flags as IPv4's"
+        );
+        let pseudo = sum_words(&client, 0) + sum_words(&vip, 0) + 6 + 20;
+        assert_eq!(verify(&f[54..74], pseudo), 0, "TCP checksum");
+        let mut rst = seg;
+        rst.flags = TCP_RST;
+        assert_eq!(reset_frame6(&rst), None, "an RST is not answered");
     }
 
     #[test]

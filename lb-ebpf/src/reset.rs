@@ -1,7 +1,8 @@
 //! Stage 3c, reset: a TCP segment to a service with no flow behind it and no SYN to open one
 //! is answered with an RST back out of its ingress device, within each CPU's budget, so the
-//! client reconnects at once rather than retransmitting into silence. The frame is built by
-//! lb_common::reset; here it is only copied over the packet. Reads IFACES; writes RESET_BUDGET.
+//! client reconnects at once rather than retransmitting into silence, in either family. The
+//! frame is built by lb_common::reset; here it is only copied over the packet. Reads IFACES;
+//! writes RESET_BUDGET.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -9,8 +10,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    DropReason, STAT_RESET_NO_FLOW,
-    reset::{RESET_FRAME_LEN, Segment, reset_frame},
+    DropReason, In6, STAT_RESET_NO_FLOW,
+    reset::{RESET_FRAME_LEN, Segment, Segment6, reset_frame, reset_frame6},
 };
 
 use crate::{
@@ -44,6 +45,8 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let Some(frame) = reset_frame(&seg) else {
         return silent;
     };
+    // IPv4's tail is `send_back`'s, inlined by hand: as a generic function it costs the
+    // balancing path's frame the 8 bytes its chain with `send_direct_apart` cannot spare.
     let Some(budget) = RESET_BUDGET.get_ptr_mut(0) else {
         return Verdict::Drop(DropReason::Inconsistent);
     };
@@ -63,6 +66,57 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     };
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *out = frame };
+    stats::count_slot(STAT_RESET_NO_FLOW);
+    forward::back_out(ctx)
+}
+
+/// `answer` for IPv6 (`xdp6::reset_apart`).
+#[inline(always)]
+pub fn answer6(ctx: &XdpContext, pkt: &Packet<In6>) -> Verdict {
+    // SAFETY: parse::packet6 bounds-checked the Ethernet header.
+    let (src_mac, dst_mac) = unsafe { ((*pkt.eth).src_addr, (*pkt.eth).dst_addr) };
+    let seg = Segment6 {
+        src_mac,
+        dst_mac,
+        src_addr: pkt.key.src_addr.to_bytes(),
+        dst_addr: pkt.key.dst_addr.to_bytes(),
+        src_port: pkt.key.src_port.to_bytes(),
+        dst_port: pkt.key.dst_port.to_bytes(),
+        flags: pkt.tcp_flags,
+        seq: pkt.seq,
+        seq_end: pkt.seq_end,
+        ack_seq: pkt.ack_seq,
+    };
+    match reset_frame6(&seg) {
+        Some(frame) => send_back(ctx, &frame),
+        None => Verdict::Drop(DropReason::TcpNoFlow),
+    }
+}
+
+/// `frame` in place of the packet, sent back out of its ingress device; or a counted drop if
+/// the CPU's budget is spent.
+#[inline(always)]
+fn send_back<const N: usize>(ctx: &XdpContext, frame: &[u8; N]) -> Verdict {
+    let silent = Verdict::Drop(DropReason::TcpNoFlow);
+    let Some(budget) = RESET_BUDGET.get_ptr_mut(0) else {
+        return Verdict::Drop(DropReason::Inconsistent);
+    };
+    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
+    if !unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) } {
+        return silent;
+    }
+    // A parsed TCP segment is at least as long as its RST, so this only shrinks the frame.
+    let excess = (ctx.data_end() - ctx.data()) as i32 - N as i32;
+    // SAFETY: the context pointer is the program's own; the packet's pointers are not used
+    // after this.
+    if unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), -excess) } != 0 {
+        return silent;
+    }
+    let Some(out) = ptr_at::<[u8; N]>(ctx, 0) else {
+        return silent;
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *out = *frame };
     stats::count_slot(STAT_RESET_NO_FLOW);
     forward::back_out(ctx)
 }

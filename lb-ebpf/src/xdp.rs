@@ -68,8 +68,7 @@ impl Balanced for Be32 {
     }
 }
 
-/// IPv6 (`xdp6.rs`): no DSR, and an IPv6 segment with no flow gets no RST yet (it is dropped,
-/// counted).
+/// IPv6 (`xdp6.rs`): no DSR.
 impl Balanced for In6 {
     #[inline(always)]
     fn send_direct(_: *mut xdp_md, _: &Packet<In6>, _: *mut FlowValueOf<In6>) -> u32 {
@@ -82,8 +81,9 @@ impl Balanced for In6 {
         Err(Verdict::Sent(xdp6::NO_FLOW))
     }
     #[inline(always)]
+    /// Answered apart (`xdp6::reset_apart`): the RST's frame would not fit the step's stack.
     fn answer_flowless(_: &XdpContext, _: &Packet<In6>) -> Verdict {
-        Verdict::Drop(DropReason::TcpNoFlow)
+        Verdict::Sent(xdp6::FLOWLESS)
     }
     #[inline(always)]
     fn rewritten(_: &Packet<In6>) {}

@@ -9,7 +9,7 @@
 //! for IPv6 by fixtures, and the daemon writes no IPv6 service yet). An IPv6 DSR service drops
 //! its packets
 //! (`dsr_cannot_forward`); a packet too big for its next hop is dropped (`fib_frag_needed`:
-//! no ICMPv6 Packet Too Big yet); a TCP segment with no flow gets no RST (`tcp_no_flow`).
+//! no ICMPv6 Packet Too Big yet). A TCP segment with no flow is answered with an RST, as IPv4's.
 
 use core::mem::MaybeUninit;
 
@@ -24,7 +24,7 @@ use crate::{
     Verdict, debug_log, flow,
     maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6, SERVICES6},
     parse::{self, Packet},
-    stats, xdp,
+    reset, stats, xdp,
     xdp::{Balanced, admit},
 };
 
@@ -34,6 +34,8 @@ pub const NO_FLOW: u32 = 0x100;
 const OPENED: u32 = 0x101;
 const TUPLE_TAKEN: u32 = 0x102;
 const FLOW_CREATED: u32 = 0x103;
+/// `open_apart`'s answer for a TCP segment that can open no flow: `reset_apart` answers it.
+pub const FLOWLESS: u32 = 0x104;
 /// A step's answer for a packet it dropped (counted): this bit, with the reason's number. The
 /// entry point logs the drop (`lb_log_drop6`), with the stack the steps' frames leave free.
 const DROPPED: u32 = 0x200;
@@ -47,7 +49,11 @@ pub fn balance(ctx: *mut xdp_md) -> u32 {
     if action != NO_FLOW {
         return logged(ctx, action);
     }
-    let action = open_apart(ctx);
+    let action = match open_apart(ctx) {
+        OPENED => OPENED,
+        FLOWLESS => reset_apart(ctx),
+        action => action,
+    };
     if action != OPENED {
         return logged(ctx, action);
     }
@@ -136,6 +142,18 @@ fn open(ctx: &XdpContext, pkt: &Packet<In6>) -> Result<(), Verdict> {
     // SAFETY: a per-CPU array slot, this CPU's alone for this program run.
     unsafe { *key = flow::reply_key(pkt, &backend) };
     Ok(())
+}
+
+/// A TCP segment that can open no flow, answered with an RST (`reset::answer6`), in a frame of
+/// its own.
+#[inline(never)]
+fn reset_apart(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let mut out = MaybeUninit::uninit();
+    match parsed(&ctx, &mut out) {
+        Ok(pkt) => answer(reset::answer6(&ctx, pkt)),
+        Err(verdict) => answer(verdict),
+    }
 }
 
 /// Second step: the reply entry inserted under a tuple its mode takes (a SNAT port, or the
