@@ -12,7 +12,7 @@
 use std::{
     collections::HashMap,
     fmt, fs, io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::{Range, RangeInclusive},
     path::{Path, PathBuf},
     time::Duration,
@@ -30,7 +30,7 @@ use crate::{dataplane::FlowTimeouts, maglev::is_prime};
 
 /// What makes a SNAT pool valid, whether from the file or the CLI: an empty pool (the kernel's
 /// choice) or up to SNAT_POOL_MAX addresses, none twice.
-pub fn check_snat_pool(pool: &[Ipv4Addr]) -> Result<(), String> {
+pub fn check_snat_pool(pool: &[IpAddr]) -> Result<(), String> {
     if pool.len() > SNAT_POOL_MAX as usize {
         return Err(format!(
             "has {} addresses; a SNAT pool holds at most {SNAT_POOL_MAX}",
@@ -41,9 +41,38 @@ pub fn check_snat_pool(pool: &[Ipv4Addr]) -> Result<(), String> {
         if pool[..i].contains(a) {
             return Err(format!("lists {a} twice"));
         }
-        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+        if a.is_unspecified() || a.is_multicast() || a == &IpAddr::V4(Ipv4Addr::BROADCAST) {
             return Err(format!("{a} cannot be a source address"));
         }
+    }
+    Ok(())
+}
+
+/// One service, one address family: its VIP's. IPv6 services are full NAT (NAT66): NAT46/64,
+/// DNAT and DSR serve IPv4 only, for now.
+pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
+    let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    let vip = family(s.vip.ip());
+    if let Some(b) = s.backends.iter().find(|b| family(b.address.ip()) != vip) {
+        return Err(format!(
+            "backend {} is {} but vip {} is {vip}: a service's backends are of its VIP's family",
+            b.address,
+            family(b.address.ip()),
+            s.vip
+        ));
+    }
+    if let Some(a) = s.snat.iter().find(|a| family(**a) != vip) {
+        return Err(format!(
+            "snat {a} is {} but vip {} is {vip}: the source pool is of the VIP's family",
+            family(*a),
+            s.vip
+        ));
+    }
+    if s.vip.is_ipv6() && !s.mode.is_nat() {
+        return Err(format!(
+            "vip {}: IPv6 services run in mode \"nat\" only (mode \"{}\" serves IPv4)",
+            s.vip, s.mode
+        ));
     }
     Ok(())
 }
@@ -144,7 +173,7 @@ impl fmt::Display for Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceConfig {
     pub name: String,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     /// What the balancer rewrites, and so whose address the backends see.
     #[serde(default, skip_serializing_if = "ForwardingMode::is_nat")]
@@ -152,7 +181,7 @@ pub struct ServiceConfig {
     /// Source addresses of balanced flows towards the backends (a pool of up to
     /// SNAT_POOL_MAX); empty: the one the kernel uses towards the first backend. NAT mode only.
     #[serde(default, deserialize_with = "snat_pool")]
-    pub snat: Vec<Ipv4Addr>,
+    pub snat: Vec<IpAddr>,
     /// TCP: clamp the MSS its connections' SYN and SYN-ACK announce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mss: Option<Mss>,
@@ -174,13 +203,13 @@ pub struct ServiceConfig {
     /// Which of `backends` DNS gave (runtime state, which the config file cannot set): they
     /// go when DNS no longer gives them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub discovered: Vec<SocketAddrV4>,
+    pub discovered: Vec<SocketAddr>,
     pub backends: Vec<BackendConfig>,
 }
 
 /// `mss`: the largest MSS a TCP service's handshakes may announce, for networks that drop the
 /// ICMP path MTU discovery needs: a value, or "auto", the smallest MTU of the attached
-/// interfaces less 40 (IPv4 and TCP headers), read when the service is applied.
+/// interfaces less 40 (IPv4 and TCP headers; 60 for IPv6), read when the service is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "MssText", into = "MssText")]
 pub enum Mss {
@@ -192,15 +221,18 @@ pub enum Mss {
 pub const MSS_RANGE: RangeInclusive<u16> = 536..=65_495;
 /// IPv4 and TCP headers without options: an MTU less this is the MSS that fits it.
 pub const MSS_HEADROOM: u32 = 40;
+/// IPv6's (a 40-byte header, no options).
+pub const MSS_HEADROOM6: u32 = 60;
 
 impl Mss {
-    /// The value to clamp to: `mtus` are the attached interfaces' (for "auto").
-    pub fn resolve(self, mtus: impl IntoIterator<Item = u32>) -> Option<u16> {
+    /// The value to clamp to: `mtus` are the attached interfaces' (for "auto"), `headroom`
+    /// the family's headers (MSS_HEADROOM, MSS_HEADROOM6).
+    pub fn resolve(self, mtus: impl IntoIterator<Item = u32>, headroom: u32) -> Option<u16> {
         match self {
             Self::Fixed(mss) => Some(mss),
             Self::Auto => {
                 let mtu = mtus.into_iter().min()?;
-                let mss = mtu.saturating_sub(MSS_HEADROOM);
+                let mss = mtu.saturating_sub(headroom);
                 let mss = u16::try_from(mss).unwrap_or(*MSS_RANGE.end());
                 Some(mss.clamp(*MSS_RANGE.start(), *MSS_RANGE.end()))
             }
@@ -410,7 +442,7 @@ pub const DEFAULT_REMOVAL_GRACE: Duration = Duration::from_secs(60);
 pub const REMOVAL_GRACE_RANGE: std::ops::RangeInclusive<Duration> =
     Duration::ZERO..=Duration::from_secs(24 * 3600);
 
-/// `[service.discovery]`: every A record of a name is a backend, as compose registers a
+/// `[service.discovery]`: every A record of a name (AAAA, for an IPv6 VIP) is a backend, as compose registers a
 /// service's replicas; resolved with the host's resolver configuration (getaddrinfo).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DiscoveryConfig {
@@ -613,7 +645,7 @@ impl HealthConfig {
 /// One `[[service.backend]]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendConfig {
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     /// Relative share of new flows, 0..=MAX_WEIGHT; 0 drains (no new flows).
     pub weight: u32,
 }
@@ -759,12 +791,12 @@ enum RawSnat {
 }
 
 /// `ServiceConfig::snat` as saved: an address or null (before pools), or a list.
-fn snat_pool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D::Error> {
+fn snat_pool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpAddr>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Saved {
-        One(Ipv4Addr),
-        Many(Vec<Ipv4Addr>),
+        One(IpAddr),
+        Many(Vec<IpAddr>),
     }
     Ok(match Option::<Saved>::deserialize(d)? {
         None => Vec::new(),
@@ -773,36 +805,50 @@ fn snat_pool<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Ipv4Addr>, D:
     })
 }
 
-/// The addresses of one `snat` item: an address, or every address of a prefix.
-fn snat_item(text: &str) -> Result<Vec<Ipv4Addr>, String> {
+/// The addresses of one `snat` item: an address, or every address of a prefix (IPv4 or IPv6).
+fn snat_item(text: &str) -> Result<Vec<IpAddr>, String> {
+    let not_one = || format!("\"{text}\" is not an IP address or prefix");
     let Some((addr, len)) = text.split_once('/') else {
         return text
-            .parse::<Ipv4Addr>()
+            .parse::<IpAddr>()
             .map(|a| vec![a])
-            .map_err(|_| format!("\"{text}\" is not an IPv4 address or prefix"));
+            .map_err(|_| not_one());
     };
-    let (Ok(addr), Ok(len)) = (addr.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
-        return Err(format!("\"{text}\" is not an IPv4 address or prefix"));
+    let (Ok(addr), Ok(len)) = (addr.parse::<IpAddr>(), len.parse::<u32>()) else {
+        return Err(not_one());
     };
-    if len > 32 {
-        return Err(format!("\"{text}\" has a prefix length above 32"));
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    if len > bits {
+        return Err(format!("\"{text}\" has a prefix length above {bits}"));
     }
-    let size = 1u64 << (32 - len);
-    if size > u64::from(SNAT_POOL_MAX) {
+    let host_bits = bits - len;
+    if host_bits > SNAT_POOL_MAX.ilog2() {
         return Err(format!(
-            "\"{text}\" holds {size} addresses; a SNAT pool holds at most {SNAT_POOL_MAX}"
+            "\"{text}\" holds {} addresses; a SNAT pool holds at most {SNAT_POOL_MAX}",
+            if host_bits >= 64 {
+                "2^".to_owned() + &host_bits.to_string()
+            } else {
+                (1u64 << host_bits).to_string()
+            }
         ));
     }
-    let first = u32::from(addr) & !((size - 1) as u32);
-    if first != u32::from(addr) {
+    let size = 1u128 << host_bits;
+    let value = match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    };
+    let first = value & !(size - 1);
+    let at = |v: u128| match addr {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(v as u32)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(v)),
+    };
+    if first != value {
         return Err(format!(
             "\"{text}\" has host bits set; the prefix starts at {}",
-            Ipv4Addr::from(first)
+            at(first)
         ));
     }
-    Ok((0..size as u32)
-        .map(|i| Ipv4Addr::from(first + i))
-        .collect())
+    Ok((0..size).map(|i| at(first + i)).collect())
 }
 
 #[derive(Deserialize)]
@@ -849,7 +895,7 @@ struct Seen {
     /// Service name -> its line.
     names: HashMap<String, usize>,
     /// (VIP, protocol) -> service name.
-    vips: HashMap<(SocketAddrV4, Protocol), String>,
+    vips: HashMap<(SocketAddr, Protocol), String>,
     backends: usize,
 }
 
@@ -987,7 +1033,7 @@ impl Checker<'_> {
     }
 
     /// A service's SNAT pool: at least one address, at most SNAT_POOL_MAX, none twice.
-    fn snat(&self, value: &Spanned<RawSnat>, ctx: &str) -> Result<Vec<Ipv4Addr>, ConfigError> {
+    fn snat(&self, value: &Spanned<RawSnat>, ctx: &str) -> Result<Vec<IpAddr>, ConfigError> {
         let items = match value.get_ref() {
             RawSnat::One(item) => std::slice::from_ref(item),
             RawSnat::Many(items) => items.as_slice(),
@@ -1015,14 +1061,14 @@ impl Checker<'_> {
         value: &Spanned<String>,
         key: &str,
         ctx: &str,
-    ) -> Result<SocketAddrV4, ConfigError> {
+    ) -> Result<SocketAddr, ConfigError> {
         let text = value.get_ref();
-        match text.parse::<SocketAddrV4>() {
+        match text.parse::<SocketAddr>() {
             Ok(addr) if addr.port() != 0 => Ok(addr),
             Ok(addr) => self.fail(value.span(), key, format!("{ctx}{key} {addr} has port 0")),
             Err(_) => {
                 let message = format!(
-                    "{ctx}{key} \"{text}\" is not an IPv4 address and port like \"198.18.0.1:80\""
+                    "{ctx}{key} \"{text}\" is not an address and port like \"198.18.0.1:80\" or \"[fd00::1]:80\""
                 );
                 self.fail(value.span(), key, message)
             }
@@ -1323,7 +1369,7 @@ impl Checker<'_> {
 
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
         // Address -> its line, for the duplicate error.
-        let mut lines: HashMap<SocketAddrV4, usize> = HashMap::new();
+        let mut lines: HashMap<SocketAddr, usize> = HashMap::new();
         for backend in &raw.backend {
             let table_span = backend.span();
             let backend = backend.get_ref();
@@ -1362,7 +1408,7 @@ impl Checker<'_> {
                 weight: weight.unwrap_or(1),
             });
         }
-        Ok(ServiceConfig {
+        let service = ServiceConfig {
             name,
             vip,
             protocol,
@@ -1376,7 +1422,11 @@ impl Checker<'_> {
             discovery,
             discovered: Vec::new(),
             backends,
-        })
+        };
+        match check_family(&service) {
+            Ok(()) => Ok(service),
+            Err(e) => self.fail(vip_value.span(), "vip", format!("{ctx}{e}")),
+        }
     }
 
     fn discovery(
@@ -1617,7 +1667,7 @@ address = "198.18.2.11:8000"
 weight = 4
 "#;
 
-    fn addr(s: &str) -> SocketAddrV4 {
+    fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address is valid")
     }
 
@@ -1690,7 +1740,7 @@ weight = 4
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
                 mode: ForwardingMode::Nat,
-                snat: vec![Ipv4Addr::new(198, 18, 2, 1)],
+                snat: vec![Ipv4Addr::new(198, 18, 2, 1).into()],
                 mss: Some(Mss::Fixed(1360)),
                 health: HealthConfig {
                     kind: HealthKind::Http(HttpCheck::new("/healthz")),
@@ -2074,11 +2124,15 @@ weight = 70000
 
     #[test]
     fn mss_auto_takes_the_smallest_mtu() {
-        assert_eq!(Mss::Auto.resolve([1500, 1400, 9000]), Some(1360));
-        assert_eq!(Mss::Auto.resolve([]), None);
+        assert_eq!(
+            Mss::Auto.resolve([1500, 1400, 9000], MSS_HEADROOM),
+            Some(1360)
+        );
+        assert_eq!(Mss::Auto.resolve([1500, 1400], MSS_HEADROOM6), Some(1340));
+        assert_eq!(Mss::Auto.resolve([], MSS_HEADROOM), None);
         // A tiny MTU still leaves the floor every host accepts.
-        assert_eq!(Mss::Auto.resolve([68]), Some(536));
-        assert_eq!(Mss::Fixed(1200).resolve([1500]), Some(1200));
+        assert_eq!(Mss::Auto.resolve([68], MSS_HEADROOM), Some(536));
+        assert_eq!(Mss::Fixed(1200).resolve([1500], MSS_HEADROOM), Some(1200));
     }
 
     #[test]
@@ -2159,10 +2213,10 @@ weight = 70000
     #[test]
     fn bad_vip() {
         let text = "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1\" # <- vip\n";
-        assert_error(text, "is not an IPv4 address and port");
+        assert_error(text, "is not an address and port");
         let text =
-            "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"[::1]:80\" # <- vip\n";
-        assert_error(text, "is not an IPv4 address and port");
+            "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"::1:80\" # <- vip\n";
+        assert_error(text, "is not an address and port");
     }
 
     #[test]
@@ -2191,7 +2245,7 @@ weight = 70000
     fn bad_snat() {
         assert_error(
             &web("snat = \"198.18.2\" # <- snat\n"),
-            "is not an IPv4 address",
+            "is not an IP address",
         );
         for (value, fragment) in [
             ("[]", "empty list"),
@@ -2231,6 +2285,57 @@ weight = 70000
         assert_eq!(
             pool("[\"198.18.2.2/31\", \"198.18.2.9/32\"]"),
             [a(2), a(3), a(9)]
+        );
+    }
+
+    #[test]
+    fn ipv6_services_parse_and_keep_to_one_family() {
+        // The family checks point at the VIP's line.
+        let v6_at = |vip_mark: &str, extra: &str| {
+            format!(
+                "interfaces = [\"eth0\"]\n[[service]]\nname = \"web6\"\nvip = \"[fd00:100::1]:80\"{vip_mark}\n{extra}"
+            )
+        };
+        let v6 = |extra: &str| v6_at("", extra);
+        let v6_vip = |extra: &str| v6_at(" # <- vip", extra);
+        let text = v6(
+            "snat = \"fd00:2::/127\"\n[[service.backend]]\naddress = \"[fd00:1::11]:8000\"\nweight = 4\n",
+        );
+        let config = Config::parse(&text, "lb.toml").expect("valid");
+        let service = &config.services[0];
+        assert_eq!(service.vip, addr("[fd00:100::1]:80"));
+        assert_eq!(
+            service.snat,
+            [
+                "fd00:2::".parse::<IpAddr>().expect("an address"),
+                "fd00:2::1".parse().expect("an address")
+            ]
+        );
+        assert_eq!(service.backends[0].address, addr("[fd00:1::11]:8000"));
+        assert_eq!(crate::layout::check(&config.services), Ok(()));
+        assert_error(
+            &v6_vip("[[service.backend]]\naddress = \"198.18.2.11:8000\"\n"),
+            "backend 198.18.2.11:8000 is IPv4 but vip [fd00:100::1]:80 is IPv6",
+        );
+        assert_error(
+            &v6_vip("snat = \"198.18.2.1\"\n"),
+            "snat 198.18.2.1 is IPv4 but vip [fd00:100::1]:80 is IPv6",
+        );
+        assert_error(
+            "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\" # <- vip\n[[service.backend]]\naddress = \"[fd00:1::11]:8000\"\n",
+            "is IPv6 but vip 198.18.100.1:80 is IPv4",
+        );
+        assert_error(
+            &v6_vip("mode = \"dnat\"\n"),
+            "IPv6 services run in mode \"nat\" only",
+        );
+        assert_error(
+            &v6("snat = \"fd00:2::/64\" # <- snat\n"),
+            "holds 2^64 addresses",
+        );
+        assert_error(
+            &v6("snat = \"fd00:2::1/126\" # <- snat\n"),
+            "host bits set; the prefix starts at fd00:2::",
         );
     }
 

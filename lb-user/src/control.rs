@@ -65,7 +65,7 @@ pub enum Request {
     /// Which backend a flow from `client` gets, and why (`lb explain`).
     Explain {
         service: String,
-        client: std::net::SocketAddrV4,
+        client: std::net::SocketAddr,
         #[serde(default)]
         protocol: Option<crate::config::Protocol>,
     },

@@ -2,8 +2,8 @@
 //! `--now`, and a backend's marked down under `on_backend_down = "reset"`. Each end gets an RST
 //! it accepts at once (`lb_common::reset::connection_resets`), sent by the host through a raw
 //! socket, so neither the client nor the backend waits for a timeout; then both FLOWS entries
-//! go. A half-open connection gets no RST: the client's retransmitted SYN finds another
-//! backend.
+//! go (an IPv6 connection's FLOWS6 entries go without RSTs, for now). A half-open connection
+//! gets no RST: the client's retransmitted SYN finds another backend.
 
 use std::{
     collections::HashSet,
@@ -58,6 +58,18 @@ pub fn backends(dataplane: &mut Dataplane, ids: &HashSet<u32>) -> Result<Cut, Da
         // The reply entry first: a packet meeting the forward entry alone is forgotten too.
         let _ = dataplane.remove_flow(&reverse_key);
         let _ = dataplane.remove_flow(&key);
+        if !conntrack::ended(forward.state) {
+            cut.connections += 1;
+        }
+    }
+    // IPv6 connections lose their entries without RSTs (lb sends none over IPv6 yet): their
+    // next packet finds no flow, and the data path drops it (tcp_no_flow) as any stray one.
+    for (key, forward) in dataplane.flow_entries6()? {
+        if forward.flags & FLOW_REVERSE != 0 || !ids.contains(&forward.backend_id) {
+            continue;
+        }
+        let _ = dataplane.remove_flow6(&forward.peer_key(key.proto));
+        let _ = dataplane.remove_flow6(&key);
         if !conntrack::ended(forward.state) {
             cut.connections += 1;
         }

@@ -3,7 +3,7 @@
 //! All map writes go through the one `Dataplane`, behind one lock.
 
 use std::{
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -12,7 +12,7 @@ use std::{
 use tokio::{io::BufReader, net::UnixStream, signal::unix::SignalKind};
 
 use crate::{
-    config::{BackendConfig, Config, DiscoveryConfig, HealthConfig, HostCgroup, ServiceConfig},
+    config::{BackendConfig, Config, HealthConfig, HostCgroup, ServiceConfig},
     control::{self, HostStatus, InterfaceStatus, Request, Response, Status},
     dataplane::{Dataplane, DataplaneError, LoadSettings},
     discovery, health,
@@ -69,9 +69,9 @@ pub(crate) fn enable_forwarding(
     iface: &str,
     state_dir: &std::path::Path,
 ) -> Result<(), DaemonError> {
-    for knob in crate::sysctls::enable(iface, state_dir)? {
+    for sysctl in crate::sysctls::enable(iface, state_dir)? {
         log::info!(
-            "set net.ipv4.conf.{iface}.{knob}=1 (needed to forward balanced traffic; the host now routes for {iface}: see the README's \"Firewall\"; lb remove puts it back)"
+            "set {sysctl}=1 (needed to forward balanced traffic; the host now routes for {iface}: see the README's \"Firewall\"; lb remove puts it back)"
         );
     }
     Ok(())
@@ -271,7 +271,7 @@ fn attach_host(
 }
 
 /// Probes backends at once; results by address.
-async fn probe_all(targets: Vec<(SocketAddrV4, HealthConfig)>) -> Probes {
+async fn probe_all(targets: Vec<(SocketAddr, HealthConfig)>) -> Probes {
     let handles: Vec<_> = targets
         .into_iter()
         .map(|(address, cfg)| {
@@ -487,7 +487,7 @@ async fn discover_at_start(services: &mut [ServiceConfig]) {
         let Some(d) = service.discovery.clone() else {
             continue;
         };
-        match discovery::resolve(&d).await {
+        match discovery::resolve(&d, service.vip).await {
             Ok(found) => {
                 if let Some(next) = discovery::reconcile(service, &found) {
                     log::info!(
@@ -517,14 +517,14 @@ async fn discover(state: Arc<Mutex<State>>, changing: Arc<tokio::sync::Mutex<()>
     loop {
         tick.tick().await;
         let now = tokio::time::Instant::now();
-        let wanted: Vec<(String, DiscoveryConfig)> = lock(&state).discoveries();
-        due.retain(|name, _| wanted.iter().any(|(n, _)| n == name));
-        for (name, d) in wanted {
+        let wanted = lock(&state).discoveries();
+        due.retain(|name, _| wanted.iter().any(|(n, _, _)| n == name));
+        for (name, d, vip) in wanted {
             if due.get(&name).is_some_and(|&at| now < at) {
                 continue;
             }
             due.insert(name.clone(), now + d.interval);
-            let found = discovery::resolve(&d).await;
+            let found = discovery::resolve(&d, vip).await;
             let _one_at_a_time = changing.lock().await;
             let desired = {
                 let mut guard = lock(&state);
@@ -636,9 +636,23 @@ async fn change(state: &Arc<Mutex<State>>, request: Request) -> Response {
     {
         return cut;
     }
+    // A service added with discovery starts with what its name gives, as one in the file does.
+    let added = match &request {
+        Request::ServiceAdd { service } => Some(service.name.clone()),
+        _ => None,
+    };
     let desired = desired_services(&lock(state), request);
     match desired {
-        Ok(desired) => apply_desired(state, desired, grace).await,
+        Ok(mut desired) => {
+            if let Some(service) = desired
+                .services
+                .iter_mut()
+                .find(|s| Some(&s.name) == added.as_ref())
+            {
+                discover_at_start(std::slice::from_mut(service)).await;
+            }
+            apply_desired(state, desired, grace).await
+        }
         Err(refusal) => *refusal,
     }
 }
@@ -732,9 +746,9 @@ fn desired_services(state: &State, request: Request) -> Result<Desired, Box<Resp
             .expect("a running service is in its own config"))
     };
     let address = |text: &str| {
-        text.parse::<SocketAddrV4>().map_err(|_| {
+        text.parse::<SocketAddr>().map_err(|_| {
             refuse(format!(
-                "backend {text:?} is not an IPv4 address with port (like 198.18.2.11:8000)"
+                "backend {text:?} is not an address with port (like 198.18.2.11:8000 or [fd00:2::11]:8000)"
             ))
         })
     };

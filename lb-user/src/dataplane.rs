@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap as StdHashMap,
     ffi::CString,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     path::Path,
     time::Duration,
@@ -42,11 +42,15 @@ const PROGRAM: &str = "lb_xdp";
 /// The tc hook for backends in containers on a bridge (lb-ebpf's `tc.rs`).
 pub const TC_PROGRAM: &str = "lb_tc";
 /// The socket hooks for clients on the host itself (lb-ebpf's `sock.rs`).
-pub const HOST_PROGRAMS: [&str; 4] = [
+pub const HOST_PROGRAMS: [&str; 8] = [
     "lb_connect4",
     "lb_sendmsg4",
     "lb_recvmsg4",
     "lb_getpeername4",
+    "lb_connect6",
+    "lb_sendmsg6",
+    "lb_recvmsg6",
+    "lb_getpeername6",
 ];
 /// Arms the in-kernel expiry timer (lb-ebpf's expiry.rs); run once, never attached.
 const EXPIRY_ARM_PROGRAM: &str = "lb_expiry_arm";
@@ -105,6 +109,10 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("a service's SNAT pool is of another address family than its VIP")]
+    SnatFamily,
+    #[error("a flow's client is of another address family than its service's VIP")]
+    ClientFamily,
     #[error("service id {id} is out of range (at most {MAX_SERVICES} services)")]
     ServiceId { id: u32 },
     #[error("a service's SNAT pool holds 1 to {SNAT_POOL_MAX} addresses, not {count}")]
@@ -275,7 +283,44 @@ pub struct Dataplane {
     adopted: bool,
 }
 
-/// The error of an operation on map `name`.
+/// A service's key in SERVICES or SERVICES6, by its VIP's family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VipKey {
+    V4(ServiceKey),
+    V6(ServiceKey6),
+}
+
+impl VipKey {
+    pub fn new(vip: SocketAddr, proto: u8) -> Self {
+        match vip {
+            SocketAddr::V4(v) => Self::V4(ServiceKey {
+                vip: Be32::from_bytes(v.ip().octets()),
+                port: Be16::from_host(v.port()),
+                proto,
+                _pad: 0,
+            }),
+            SocketAddr::V6(v) => Self::V6(ServiceKey6 {
+                vip: In6::from_bytes(v.ip().octets()),
+                port: Be16::from_host(v.port()),
+                proto,
+                _pad: 0,
+            }),
+        }
+    }
+}
+
+impl From<ServiceKey> for VipKey {
+    fn from(key: ServiceKey) -> Self {
+        Self::V4(key)
+    }
+}
+
+impl From<ServiceKey6> for VipKey {
+    fn from(key: ServiceKey6) -> Self {
+        Self::V6(key)
+    }
+}
+
 /// A BACKENDS (BACKENDS6) entry.
 fn backend_entry<A>(
     id: u32,
@@ -787,79 +832,90 @@ impl Dataplane {
             .collect()
     }
 
+    /// Writes backend `id` into its family's map, BACKENDS or BACKENDS6 (one id space), and
+    /// clears the id in the other: an id a freed backend of the other family held takes no
+    /// traffic there.
     pub fn set_backend(
         &mut self,
         id: u32,
-        addr: std::net::SocketAddrV4,
+        addr: impl Into<SocketAddr>,
         healthy: bool,
     ) -> Result<(), DataplaneError> {
-        let backend = backend_entry(
-            id,
-            Be32::from_bytes(addr.ip().octets()),
-            addr.port(),
-            healthy,
-        )?;
-        self.backends
-            .set(id, &backend, 0)
-            .map_err(in_map("BACKENDS"))
-    }
-
-    /// `set_backend` for an IPv6 backend (BACKENDS6), in the same id space.
-    pub fn set_backend6(
-        &mut self,
-        id: u32,
-        addr: std::net::SocketAddrV6,
-        healthy: bool,
-    ) -> Result<(), DataplaneError> {
-        let backend = backend_entry(
-            id,
-            In6::from_bytes(addr.ip().octets()),
-            addr.port(),
-            healthy,
-        )?;
-        self.backends6
-            .set(id, &backend, 0)
-            .map_err(in_map("BACKENDS6"))
+        let addr = addr.into();
+        let v4 = match addr {
+            SocketAddr::V4(a) => {
+                backend_entry(id, Be32::from_bytes(a.ip().octets()), a.port(), healthy)?
+            }
+            SocketAddr::V6(_) => backend_entry(id, Be32::default(), 0, false)?,
+        };
+        let v6 = match addr {
+            SocketAddr::V6(a) => {
+                backend_entry(id, In6::from_bytes(a.ip().octets()), a.port(), healthy)?
+            }
+            SocketAddr::V4(_) => backend_entry(id, In6::default(), 0, false)?,
+        };
+        // The family's entry last: a stale one in the other map is down before this is up.
+        let (write_v4, write_v6) = (
+            |me: &mut Self| me.backends.set(id, &v4, 0).map_err(in_map("BACKENDS")),
+            |me: &mut Self| me.backends6.set(id, &v6, 0).map_err(in_map("BACKENDS6")),
+        );
+        if addr.is_ipv4() {
+            write_v6(self)?;
+            write_v4(self)
+        } else {
+            write_v4(self)?;
+            write_v6(self)
+        }
     }
 
     /// Publishes a service with a new Maglev table: the table goes into the service's staging
     /// half of MAGLEV first, then one SERVICES update flips the service to it, so the data
     /// path never sees a half-written table.
+    /// An IPv4 service goes to SERVICES, an IPv6 one to SERVICES6 (one id space and MAGLEV);
+    /// `snat` must be of the key's family.
     pub fn set_service(
         &mut self,
         id: u32,
-        key: ServiceKey,
+        key: impl Into<VipKey>,
         mode: u8,
-        snat: &[Ipv4Addr],
+        snat: &[IpAddr],
         mss: Option<u16>,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        let snat: Vec<Be32> = snat.iter().map(|a| Be32::from_bytes(a.octets())).collect();
-        let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
-        self.services
-            .insert(&key, &service, 0)
-            .map_err(in_map("SERVICES"))?;
-        self.live_table.insert(id, staging);
-        self.sync_vips()
-    }
-
-    /// `set_service` for an IPv6 service (SERVICES6), in the same id space and MAGLEV.
-    pub fn set_service6(
-        &mut self,
-        id: u32,
-        key: ServiceKey6,
-        mode: u8,
-        snat: &[Ipv6Addr],
-        mss: Option<u16>,
-        table: &[u32],
-    ) -> Result<(), DataplaneError> {
-        let snat: Vec<In6> = snat.iter().map(|a| In6::from_bytes(a.octets())).collect();
-        let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
-        self.services6
-            .insert(&key, &service, 0)
-            .map_err(in_map("SERVICES6"))?;
-        self.live_table.insert(id, staging);
-        Ok(())
+        let key = key.into();
+        let foreign = || DataplaneError::SnatFamily;
+        match key {
+            VipKey::V4(key) => {
+                let snat = snat
+                    .iter()
+                    .map(|a| match a {
+                        IpAddr::V4(a) => Ok(Be32::from_bytes(a.octets())),
+                        IpAddr::V6(_) => Err(foreign()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
+                self.services
+                    .insert(&key, &service, 0)
+                    .map_err(in_map("SERVICES"))?;
+                self.live_table.insert(id, staging);
+                self.sync_vips()
+            }
+            VipKey::V6(key) => {
+                let snat = snat
+                    .iter()
+                    .map(|a| match a {
+                        IpAddr::V6(a) => Ok(In6::from_bytes(a.octets())),
+                        IpAddr::V4(_) => Err(foreign()),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
+                self.services6
+                    .insert(&key, &service, 0)
+                    .map_err(in_map("SERVICES6"))?;
+                self.live_table.insert(id, staging);
+                Ok(())
+            }
+        }
     }
 
     /// Writes a service's new Maglev table into its staging half of MAGLEV, and returns the
@@ -938,62 +994,99 @@ impl Dataplane {
 
     /// Removes every service but `keep` from SERVICES (an adopted table may hold services the
     /// config no longer has). Returns how many went.
-    pub fn retain_services(&mut self, keep: &[ServiceKey]) -> Result<usize, DataplaneError> {
+    pub fn retain_services(&mut self, keep: &[VipKey]) -> Result<usize, DataplaneError> {
         let stale: Vec<ServiceKey> = self
             .services
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !keep.contains(k))
+            .filter(|k| !keep.contains(&VipKey::V4(*k)))
             .collect();
         for key in &stale {
             self.services.remove(key).map_err(in_map("SERVICES"))?;
         }
+        let stale6: Vec<ServiceKey6> = self
+            .services6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(&VipKey::V6(*k)))
+            .collect();
+        for key in &stale6 {
+            self.services6.remove(key).map_err(in_map("SERVICES6"))?;
+        }
         self.sync_vips()?;
-        Ok(stale.len())
+        Ok(stale.len() + stale6.len())
     }
 
-    /// What BACKENDS holds for `id`: its address and whether it is marked healthy.
-    pub fn backend_entry(&self, id: u32) -> Option<(std::net::SocketAddrV4, bool)> {
+    /// What BACKENDS or BACKENDS6 holds for `id` (whichever has an address): its address and
+    /// whether it is marked healthy.
+    pub fn backend_entry(&self, id: u32) -> Option<(SocketAddr, bool)> {
         let b = self.backends.get(&id, 0).ok()?;
-        let addr = std::net::SocketAddrV4::new(Ipv4Addr::from(b.addr.to_bytes()), b.port.to_host());
-        Some((addr, b.flags & lb_common::BACKEND_HEALTHY != 0))
+        if b.addr != Be32::default() || b.flags != 0 {
+            let addr = SocketAddr::new(Ipv4Addr::from(b.addr.to_bytes()).into(), b.port.to_host());
+            return Some((addr, b.flags & lb_common::BACKEND_HEALTHY != 0));
+        }
+        let b6 = self.backends6.get(&id, 0).ok()?;
+        if b6.addr == In6::default() && b6.flags == 0 {
+            let addr = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), b.port.to_host());
+            return Some((addr, false));
+        }
+        let addr = SocketAddr::new(Ipv6Addr::from(b6.addr.to_bytes()).into(), b6.port.to_host());
+        Some((addr, b6.flags & lb_common::BACKEND_HEALTHY != 0))
     }
 
     /// The services the (adopted) maps serve, each with the backends its live table holds:
     /// what the ids were when no saved state says (`layout::previous_from_adopted`). Reads
     /// every slot of every live table: paid only at a start without the saved state.
     pub fn adopted_services(&self) -> Result<Vec<crate::layout::AdoptedService>, DataplaneError> {
-        let size = self.settings.maglev_size;
         let mut found = Vec::new();
         for entry in self.services.iter() {
             let (key, svc) = entry.map_err(in_map("SERVICES"))?;
-            let protocol = match key.proto {
-                6 => crate::config::Protocol::Tcp,
-                17 => crate::config::Protocol::Udp,
-                _ => continue,
-            };
-            let mut ids: Vec<u32> = Vec::new();
-            for slot in svc.maglev_base..svc.maglev_base.saturating_add(size) {
-                let id = self.maglev.get(&slot, 0).map_err(in_map("MAGLEV"))?;
-                if id != lb_common::NO_BACKEND && !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-            let backends = ids
-                .into_iter()
-                .filter_map(|id| Some((id, self.backend_entry(id)?.0)))
-                .collect();
-            found.push(crate::layout::AdoptedService {
-                vip: std::net::SocketAddrV4::new(
-                    Ipv4Addr::from(key.vip.to_bytes()),
-                    key.port.to_host(),
-                ),
-                protocol,
-                id: svc.maglev_base / (2 * size),
-                backends,
-            });
+            let vip = SocketAddr::new(
+                Ipv4Addr::from(key.vip.to_bytes()).into(),
+                key.port.to_host(),
+            );
+            found.extend(self.adopted_service(vip, key.proto, svc.maglev_base)?);
+        }
+        for entry in self.services6.iter() {
+            let (key, svc) = entry.map_err(in_map("SERVICES6"))?;
+            let vip = SocketAddr::new(
+                Ipv6Addr::from(key.vip.to_bytes()).into(),
+                key.port.to_host(),
+            );
+            found.extend(self.adopted_service(vip, key.proto, svc.maglev_base)?);
         }
         Ok(found)
+    }
+
+    fn adopted_service(
+        &self,
+        vip: SocketAddr,
+        proto: u8,
+        maglev_base: u32,
+    ) -> Result<Option<crate::layout::AdoptedService>, DataplaneError> {
+        let size = self.settings.maglev_size;
+        let protocol = match proto {
+            6 => crate::config::Protocol::Tcp,
+            17 => crate::config::Protocol::Udp,
+            _ => return Ok(None),
+        };
+        let mut ids: Vec<u32> = Vec::new();
+        for slot in maglev_base..maglev_base.saturating_add(size) {
+            let id = self.maglev.get(&slot, 0).map_err(in_map("MAGLEV"))?;
+            if id != lb_common::NO_BACKEND && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        let backends = ids
+            .into_iter()
+            .filter_map(|id| Some((id, self.backend_entry(id)?.0)))
+            .collect();
+        Ok(Some(crate::layout::AdoptedService {
+            vip,
+            protocol,
+            id: maglev_base / (2 * size),
+            backends,
+        }))
     }
 
     /// Marks every backend id but `keep` as not taking traffic: flows an earlier daemon left to
@@ -1006,15 +1099,25 @@ impl Dataplane {
                     .set(id, &Backend { flags: 0, ..b }, 0)
                     .map_err(in_map("BACKENDS"))?;
             }
+            let b6 = self.backends6.get(&id, 0).map_err(in_map("BACKENDS6"))?;
+            if b6.flags != 0 {
+                self.backends6
+                    .set(id, &Backend6 { flags: 0, ..b6 }, 0)
+                    .map_err(in_map("BACKENDS6"))?;
+            }
         }
         Ok(())
     }
 
-    pub fn remove_service(&mut self, id: u32, key: ServiceKey) -> Result<(), DataplaneError> {
+    pub fn remove_service(&mut self, id: u32, key: VipKey) -> Result<(), DataplaneError> {
         self.live_table.remove(&id);
-        match self.services.remove(&key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => return Err(in_map("SERVICES")(source)),
+        let removed = match key {
+            VipKey::V4(key) => self.services.remove(&key).map_err(|e| ("SERVICES", e)),
+            VipKey::V6(key) => self.services6.remove(&key).map_err(|e| ("SERVICES6", e)),
+        };
+        match removed {
+            Ok(()) | Err((_, MapError::KeyNotFound)) => {}
+            Err((name, source)) => return Err(in_map(name)(source)),
         }
         self.sync_vips()
     }
@@ -1229,17 +1332,21 @@ impl Dataplane {
     /// around): what the data path reads for a new flow. Empty if no service is at `key`.
     pub fn live_slots(
         &self,
-        key: &ServiceKey,
+        key: &VipKey,
         slot: u32,
         count: u32,
     ) -> Result<Vec<u32>, DataplaneError> {
-        let Ok(service) = self.services.get(key, 0) else {
+        let base = match key {
+            VipKey::V4(key) => self.services.get(key, 0).map(|s| s.maglev_base),
+            VipKey::V6(key) => self.services6.get(key, 0).map(|s| s.maglev_base),
+        };
+        let Ok(base) = base else {
             return Ok(Vec::new());
         };
         let size = self.settings.maglev_size;
         (0..count)
             .map(|step| {
-                let index = service.maglev_base + (slot + step) % size;
+                let index = base + (slot + step) % size;
                 self.maglev.get(&index, 0).map_err(in_map("MAGLEV"))
             })
             .collect()
@@ -1306,6 +1413,20 @@ impl Dataplane {
                 source,
             }
         })
+    }
+
+    /// Every entry of FLOWS6, as `flow_entries`.
+    pub fn flow_entries6(&self) -> Result<Vec<(FlowKey6, FlowValue6)>, DataplaneError> {
+        map_batch::lookup_all(self.flows6.map().fd().as_fd()).map_err(|source| {
+            DataplaneError::Batch {
+                name: "FLOWS6",
+                source,
+            }
+        })
+    }
+
+    pub fn remove_flow6(&mut self, key: &FlowKey6) -> Result<(), DataplaneError> {
+        self.flows6.remove(key).map_err(in_map("FLOWS6"))
     }
 
     pub fn insert_flow(&mut self, key: FlowKey, value: FlowValue) -> Result<(), DataplaneError> {

@@ -1,19 +1,21 @@
-//! Backends from DNS (`[service.discovery]`): every A record of a name is a backend, as compose
+//! Backends from DNS (`[service.discovery]`): every A record of a name is a backend (every AAAA
+//! record, for an IPv6 service), as compose
 //! registers a service's replicas. The daemon resolves each such name every `interval` with the
 //! host's resolver configuration (getaddrinfo: /etc/hosts, then DNS), and changes the service as
 //! `lb backend add|remove` would: new addresses are probed first and then take flows, and
 //! addresses DNS no longer gives terminate gracefully. A failed resolution changes nothing: a
 //! DNS outage must not empty a service.
 
-use std::{collections::BTreeSet, net::SocketAddrV4, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use crate::config::{BackendConfig, DiscoveryConfig, ServiceConfig};
 
 /// How long one resolution may take.
 pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The IPv4 addresses `d`'s name has now, with its port, sorted and without repeats.
-pub async fn resolve(d: &DiscoveryConfig) -> Result<Vec<SocketAddrV4>, String> {
+/// The addresses `d`'s name has now in the family of `vip` (its service's), with its port,
+/// sorted and without repeats.
+pub async fn resolve(d: &DiscoveryConfig, vip: SocketAddr) -> Result<Vec<SocketAddr>, String> {
     let lookup = tokio::net::lookup_host((d.host.as_str(), d.port));
     let addrs = match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
         Err(_) => {
@@ -24,14 +26,10 @@ pub async fn resolve(d: &DiscoveryConfig) -> Result<Vec<SocketAddrV4>, String> {
         Ok(Err(e)) => return Err(format!("resolving {d}: {e}")),
         Ok(Ok(addrs)) => addrs,
     };
-    let found: BTreeSet<SocketAddrV4> = addrs
-        .filter_map(|a| match a {
-            std::net::SocketAddr::V4(a) => Some(a),
-            std::net::SocketAddr::V6(_) => None,
-        })
-        .collect();
+    let found: BTreeSet<SocketAddr> = addrs.filter(|a| a.is_ipv4() == vip.is_ipv4()).collect();
     if found.is_empty() {
-        return Err(format!("resolving {d}: no IPv4 address"));
+        let family = if vip.is_ipv4() { "IPv4" } else { "IPv6" };
+        return Err(format!("resolving {d}: no {family} address"));
     }
     Ok(found.into_iter().collect())
 }
@@ -40,15 +38,15 @@ pub async fn resolve(d: &DiscoveryConfig) -> Result<Vec<SocketAddrV4>, String> {
 /// Backends listed in the config stay as they are; discovered ones the answer no longer has
 /// go; new addresses join with the discovery's weight, and those already there keep theirs
 /// (`lb set-weight` outlives the next resolution).
-pub fn reconcile(service: &ServiceConfig, resolved: &[SocketAddrV4]) -> Option<ServiceConfig> {
+pub fn reconcile(service: &ServiceConfig, resolved: &[SocketAddr]) -> Option<ServiceConfig> {
     let d = service.discovery.as_ref()?;
-    let listed = |a: &SocketAddrV4| {
+    let listed = |a: &SocketAddr| {
         service
             .backends
             .iter()
             .any(|b| b.address == *a && !service.discovered.contains(a))
     };
-    let discovered: Vec<SocketAddrV4> = resolved.iter().copied().filter(|a| !listed(a)).collect();
+    let discovered: Vec<SocketAddr> = resolved.iter().copied().filter(|a| !listed(a)).collect();
     if discovered.iter().collect::<BTreeSet<_>>() == service.discovered.iter().collect() {
         return None;
     }
@@ -92,8 +90,8 @@ mod tests {
     use super::*;
     use crate::config::{HealthConfig, OnBackendDown, Protocol};
 
-    fn addr(last: u8) -> SocketAddrV4 {
-        SocketAddrV4::new([198, 18, 1, last].into(), 8001)
+    fn addr(last: u8) -> SocketAddr {
+        SocketAddr::new([198, 18, 1, last].into(), 8001)
     }
 
     fn api(listed: &[(u8, u32)], discovered: &[(u8, u32)]) -> ServiceConfig {
@@ -127,7 +125,7 @@ mod tests {
         }
     }
 
-    fn weights(s: &ServiceConfig) -> Vec<(SocketAddrV4, u32)> {
+    fn weights(s: &ServiceConfig) -> Vec<(SocketAddr, u32)> {
         let mut w: Vec<_> = s.backends.iter().map(|b| (b.address, b.weight)).collect();
         w.sort();
         w

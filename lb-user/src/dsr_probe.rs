@@ -221,8 +221,15 @@ fn probe_blocking(
         .ok()
         .and_then(|text| parse_mac(text.trim()))
         .ok_or_else(|| format!("no MAC address in {mac_path}"))?;
-    let src = crate::state::source_address_towards(SocketAddrV4::new(backend, 9))
-        .map_err(|e| format!("no source address towards {backend}: {e}"))?;
+    let src = match crate::state::source_address_towards(SocketAddrV4::new(backend, 9).into()) {
+        Ok(std::net::IpAddr::V4(src)) => src,
+        Ok(other) => {
+            return Err(format!(
+                "source address {other} towards {backend} is not IPv4"
+            ));
+        }
+        Err(e) => return Err(format!("no source address towards {backend}: {e}")),
+    };
     let ifindex = crate::dataplane::ifindex(&device).map_err(|e| e.to_string())?;
     let clock = crate::dataplane::monotonic_ns();
     let probe = SynProbe {

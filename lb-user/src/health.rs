@@ -3,7 +3,7 @@
 //! reports each result; `Tracker` turns results into
 //! up/down with rise/fall hysteresis. Writes no map: the daemon applies state changes.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
@@ -14,8 +14,8 @@ use tokio::{net::TcpStream, time::timeout};
 use crate::config::{HTTP_BODY_READ_MAX, HealthConfig, HealthKind, HttpCheck};
 
 /// Probes `addr` once; `Err` says why it is down.
-pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String> {
-    let target = SocketAddrV4::new(*addr.ip(), cfg.port.unwrap_or(addr.port()));
+pub async fn probe(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
+    let target = SocketAddr::new(addr.ip(), cfg.port.unwrap_or(addr.port()));
     match &cfg.kind {
         HealthKind::None => Ok(()),
         HealthKind::Tcp => timeout(cfg.timeout, TcpStream::connect(target))
@@ -42,12 +42,13 @@ pub async fn probe(addr: SocketAddrV4, cfg: &HealthConfig) -> Result<(), String>
 
 /// One datagram to `target` and its answer. On a connected socket the ICMP port unreachable
 /// of a closed port comes back as a refused receive: down at once, no need to wait.
-async fn udp_exchange(
-    target: SocketAddrV4,
-    send: &[u8],
-    expect: Option<&str>,
-) -> Result<(), String> {
-    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0))
+async fn udp_exchange(target: SocketAddr, send: &[u8], expect: Option<&str>) -> Result<(), String> {
+    let any: SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(any)
         .await
         .map_err(|e| format!("a UDP socket for {target}: {e}"))?;
     socket
@@ -82,7 +83,7 @@ impl Drop for AbortOnDrop {
 
 /// One HTTP/1.1 exchange by hyper's client: the status must be accepted, and the body, if the
 /// check expects something, must hold it within its first HTTP_BODY_READ_MAX bytes.
-async fn http_get(target: SocketAddrV4, check: &HttpCheck) -> Result<(), String> {
+async fn http_get(target: SocketAddr, check: &HttpCheck) -> Result<(), String> {
     let url = format!("http://{target}{}", check.path);
     let stream = TcpStream::connect(target)
         .await
@@ -214,30 +215,50 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn tcp_probe_sees_a_listener_and_a_closed_port() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-            panic!("v4")
+    async fn tcp_probe_sees_a_listener_and_a_closed_port_in_either_family() {
+        for any in ["127.0.0.1:0", "[::1]:0"] {
+            let listener = std::net::TcpListener::bind(any).expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let cfg = HealthConfig::default_for(crate::config::Protocol::Tcp);
+            assert_eq!(probe(addr, &cfg).await, Ok(()), "{addr}");
+            drop(listener);
+            assert!(probe(addr, &cfg).await.is_err(), "{addr}");
+        }
+    }
+
+    #[tokio::test]
+    async fn udp_probe_over_ipv6_reads_the_answer_and_sees_a_closed_port() {
+        let server = tokio::net::UdpSocket::bind("[::1]:0").await.expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let echo = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let (n, from) = server.recv_from(&mut buf).await.expect("recv");
+            assert_eq!(&buf[..n], b"ping");
+            server.send_to(b"pong", from).await.expect("send");
+        });
+        let cfg = HealthConfig {
+            kind: HealthKind::Udp {
+                send: "ping".into(),
+                expect: Some("pong".into()),
+            },
+            ..HealthConfig::default_for(crate::config::Protocol::Udp)
         };
-        let cfg = HealthConfig::default_for(crate::config::Protocol::Tcp);
         assert_eq!(probe(addr, &cfg).await, Ok(()));
-        drop(listener);
-        assert!(probe(addr, &cfg).await.is_err());
+        echo.await.expect("echo");
+        assert!(probe(addr, &cfg).await.is_err(), "the port is closed now");
     }
 
     /// A listener on a free loopback port, and its address.
-    async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddrV4) {
+    async fn loopback_listener() -> (tokio::net::TcpListener, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().expect("addr") else {
-            panic!("v4")
-        };
+        let addr = listener.local_addr().expect("addr");
         (listener, addr)
     }
 
     /// A one-shot HTTP server answering `answer`; gives its address and the request head it read.
-    async fn one_answer(answer: String) -> (SocketAddrV4, tokio::task::JoinHandle<String>) {
+    async fn one_answer(answer: String) -> (SocketAddr, tokio::task::JoinHandle<String>) {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let (listener, addr) = loopback_listener().await;
         let server = tokio::spawn(async move {

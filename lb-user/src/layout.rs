@@ -6,7 +6,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use lb_common::{MAX_BACKENDS, MAX_SERVICES};
@@ -31,10 +31,10 @@ pub struct PlacedService {
 /// MAGLEV) and the backends its live table holds (id, address).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdoptedService {
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub protocol: Protocol,
     pub id: u32,
-    pub backends: Vec<(u32, SocketAddrV4)>,
+    pub backends: Vec<(u32, SocketAddr)>,
 }
 
 /// The previous set `place` needs when the saved state is lost but the maps were adopted: the
@@ -135,7 +135,7 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
         ));
     }
     let mut names = HashSet::new();
-    let mut vips: HashMap<(SocketAddrV4, Protocol), &str> = HashMap::new();
+    let mut vips: HashMap<(SocketAddr, Protocol), &str> = HashMap::new();
     for s in services {
         let name = s.name.as_str();
         let valid_char = |b: u8| b.is_ascii_alphanumeric() || b"_.-".contains(&b);
@@ -156,6 +156,7 @@ pub fn check(services: &[ServiceConfig]) -> Result<(), String> {
                 s.vip, s.protocol
             ));
         }
+        crate::config::check_family(s).map_err(|e| format!("service \"{name}\": {e}"))?;
         check_health(name, s.protocol, &s.health)?;
         if !SLOW_START_RANGE.contains(&s.slow_start) {
             return Err(format!(
@@ -303,7 +304,7 @@ pub fn place(
             old.insert(s.name.as_str(), p);
         }
     }
-    let old_backend = |service: &str, addr: SocketAddrV4| {
+    let old_backend = |service: &str, addr: SocketAddr| {
         let p = old.get(service)?;
         let i = p.config.backends.iter().position(|b| b.address == addr)?;
         p.backend_ids.get(i).copied()
@@ -416,7 +417,7 @@ mod tests {
     fn svc(name: &str, port: u16, backends: &[(u8, u32)]) -> ServiceConfig {
         ServiceConfig {
             name: name.into(),
-            vip: SocketAddrV4::new([198, 18, 100, 1].into(), port),
+            vip: SocketAddr::new([198, 18, 100, 1].into(), port),
             protocol: Protocol::Tcp,
             mode: Default::default(),
             snat: Vec::new(),
@@ -430,7 +431,7 @@ mod tests {
             backends: backends
                 .iter()
                 .map(|&(host, weight)| BackendConfig {
-                    address: SocketAddrV4::new([198, 18, 1, host].into(), 8000),
+                    address: SocketAddr::new([198, 18, 1, host].into(), 8000),
                     weight,
                 })
                 .collect(),
@@ -619,7 +620,7 @@ mod tests {
             svc("dns", 53, &[(1, 1), (2, 1)]),
             svc("web", 80, &[(1, 4), (2, 6)]),
         ];
-        let b = |host: u8| SocketAddrV4::new([198, 18, 1, host].into(), 8000);
+        let b = |host: u8| SocketAddr::new([198, 18, 1, host].into(), 8000);
         let adopted = [
             AdoptedService {
                 vip: desired[1].vip,

@@ -8,7 +8,7 @@
 //! few slots between the others, so few established clients of other backends would be re-hashed
 //! if their flow entries were lost.
 
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::NO_BACKEND;
 
@@ -19,7 +19,7 @@ pub struct MaglevBackend {
     pub id: u32,
     /// What the backend's permutation is derived from, so that its slots do not depend on `id`
     /// or on the other backends.
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// Relative share of the slots; 0 takes no slots (drained).
     pub weight: u32,
 }
@@ -152,11 +152,22 @@ fn gcd(mut a: u64, mut b: u64) -> u64 {
 /// releases: tables must be identical across daemon restarts and upgrades, or a restart would
 /// send new flows of a service to different backends. Changing this function reshuffles every
 /// table; the `table_is_pinned` test guards it.
-fn hash_addr(addr: SocketAddrV4) -> (u64, u64) {
-    let [a, b, c, d] = addr.ip().octets();
-    let [p0, p1] = addr.port().to_be_bytes();
-    let bytes = [a, b, c, d, p0, p1];
-    (mix64(fnv1a64(b'o', &bytes)), mix64(fnv1a64(b's', &bytes)))
+/// An IPv4 backend hashes its 4 address bytes and port, an IPv6 one its 16 and port.
+fn hash_addr(addr: SocketAddr) -> (u64, u64) {
+    let mut bytes = [0u8; 18];
+    let len = match addr.ip() {
+        IpAddr::V4(ip) => {
+            bytes[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        IpAddr::V6(ip) => {
+            bytes[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    bytes[len..len + 2].copy_from_slice(&addr.port().to_be_bytes());
+    let bytes = &bytes[..len + 2];
+    (mix64(fnv1a64(b'o', bytes)), mix64(fnv1a64(b's', bytes)))
 }
 
 fn fnv1a64(tag: u8, bytes: &[u8]) -> u64 {
@@ -204,7 +215,7 @@ mod tests {
         let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 10)) + id);
         MaglevBackend {
             id,
-            addr: SocketAddrV4::new(addr, 8000),
+            addr: SocketAddr::new(addr.into(), 8000),
             weight,
         }
     }
@@ -372,6 +383,33 @@ mod tests {
         let a = build_table(&list, 101);
         let b = build_table(&renumbered, 101);
         assert!(a.iter().zip(&b).all(|(x, y)| x + 100 == *y));
+    }
+
+    #[test]
+    fn ipv6_backends_share_by_weight_and_hash_apart_from_ipv4_ones() {
+        let v6 = |id: u32, weight: u32| MaglevBackend {
+            id,
+            addr: SocketAddr::new(
+                std::net::Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x10 + id as u16).into(),
+                8000,
+            ),
+            weight,
+        };
+        let table = build_table(&[v6(1, 4), v6(2, 6)], 65_537);
+        assert!(
+            (share(&table, 1) - 40.0).abs() < 1.0,
+            "{}",
+            share(&table, 1)
+        );
+        assert!(
+            (share(&table, 2) - 60.0).abs() < 1.0,
+            "{}",
+            share(&table, 2)
+        );
+        // ::ffff:198.18.0.11 is not 198.18.0.11: each family hashes its own bytes.
+        let mapped = SocketAddr::new(Ipv4Addr::new(198, 18, 0, 11).to_ipv6_mapped().into(), 8000);
+        let plain = SocketAddr::new(Ipv4Addr::new(198, 18, 0, 11).into(), 8000);
+        assert_ne!(hash_addr(mapped), hash_addr(plain));
     }
 
     #[test]

@@ -162,7 +162,7 @@ enum Command {
         /// Service name, or its VIP:PORT.
         service: String,
         /// The client's address and source port, IP:PORT.
-        client: std::net::SocketAddrV4,
+        client: std::net::SocketAddr,
     },
     /// Set a backend's weight (0 drains it: no new flows); takes effect for new flows at once.
     SetWeight {
@@ -184,8 +184,8 @@ enum ServiceAction {
         #[arg(long, default_value = control::DEFAULT_SOCKET)]
         socket: PathBuf,
         name: String,
-        /// The virtual address clients connect to, IP:PORT.
-        vip: std::net::SocketAddrV4,
+        /// The virtual address clients connect to, IP:PORT or [IPv6]:PORT.
+        vip: std::net::SocketAddr,
         #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
         protocol: Protocol,
         /// What the balancer rewrites: nat (source and destination: backends see lb's SNAT
@@ -201,7 +201,7 @@ enum ServiceAction {
         /// Source address towards the backends (default: the one the kernel picks); give it
         /// again for a pool (at most 4), whose every address has the whole port range.
         #[arg(long)]
-        snat: Vec<std::net::Ipv4Addr>,
+        snat: Vec<std::net::IpAddr>,
         /// TCP: the largest MSS its handshakes may announce (536 to 65495), or "auto" (the
         /// attached interfaces' smallest MTU less 40), for networks that drop ICMP.
         #[arg(long)]
@@ -220,7 +220,7 @@ enum ServiceAction {
         /// full share of new connections, in steps (like 10s; at most 1h; default: at once).
         #[arg(long, default_value = "0s", value_parser = parse_slow_start)]
         slow_start: std::time::Duration,
-        /// Backends from DNS: every A record of NAME is a backend on PORT, re-resolved each
+        /// Backends from DNS: every A record of NAME (AAAA for an IPv6 VIP) is a backend on PORT, re-resolved each
         /// second (the config file's [service.discovery] sets the interval and weight).
         #[arg(long, value_name = "NAME:PORT", value_parser = parse_discovery)]
         discover: Option<DiscoveryConfig>,
@@ -747,7 +747,7 @@ fn parse_backend(text: &str) -> Result<BackendConfig, String> {
     let (address, weight) = text.split_once('=').unwrap_or((text, "1"));
     let address = address
         .parse()
-        .map_err(|_| format!("{address:?} is not an IPv4 address with port"))?;
+        .map_err(|_| format!("{address:?} is not an address with port (IP:PORT or [IPv6]:PORT)"))?;
     let weight = weight
         .parse()
         .map_err(|_| format!("weight {weight:?} is not a number"))?;

@@ -6,11 +6,11 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::PathBuf,
 };
 
-use lb_common::{Be16, Be32, DropReason, ServiceKey};
+use lb_common::{Be16, Be32, DropReason, In6};
 use tokio::{sync::mpsc::UnboundedSender, task::AbortHandle};
 
 use crate::{
@@ -23,7 +23,7 @@ use crate::{
         ServiceStatus, Status, TerminatingStatus,
     },
     cut,
-    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, monotonic_ns},
+    dataplane::{Dataplane, DataplaneError, FlowSweep, FlowTimeouts, VipKey, monotonic_ns},
     dsr_probe,
     health::{self, Tracker},
     host,
@@ -39,7 +39,7 @@ use crate::{
 #[derive(Debug)]
 pub struct HealthReport {
     pub backend: u32,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
     pub result: Result<(), String>,
     /// CLOCK_MONOTONIC when the probe began: a pass clears suspect marks made before it.
     pub started_ns: u64,
@@ -47,11 +47,11 @@ pub struct HealthReport {
 
 /// First probe results of backends a change adds, by address and health check (one backend
 /// may serve a TCP and a UDP service with different checks).
-pub type Probes = HashMap<(SocketAddrV4, HealthConfig), Result<(), String>>;
+pub type Probes = HashMap<(SocketAddr, HealthConfig), Result<(), String>>;
 
 /// Service keys and backend ids a new set uses.
 pub struct InUse {
-    keys: Vec<ServiceKey>,
+    keys: Vec<VipKey>,
     backend_ids: std::collections::HashSet<u32>,
 }
 
@@ -62,7 +62,7 @@ pub enum ApplyError {
     )]
     NoSnat {
         service: String,
-        backend: SocketAddrV4,
+        backend: SocketAddr,
         #[source]
         source: std::io::Error,
     },
@@ -77,13 +77,19 @@ pub enum ApplyError {
     },
     #[error("service \"{service}\": mss auto needs an interface in `interfaces`")]
     MssNoInterfaces { service: String },
+    #[error("service \"{service}\": {source}")]
+    Ipv6Forwarding {
+        service: String,
+        #[source]
+        source: crate::sysctls::SysctlError,
+    },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
 
 struct BackendState {
     id: u32,
-    address: SocketAddrV4,
+    address: SocketAddr,
     weight: u32,
     tracker: Tracker,
     active_flows: u64,
@@ -127,7 +133,7 @@ impl Drop for BackendState {
 struct Terminating {
     id: u32,
     service: String,
-    address: SocketAddrV4,
+    address: SocketAddr,
     since_ns: u64,
     until_ns: u64,
     /// Its connections, as the last sweep counted them.
@@ -139,7 +145,7 @@ struct Terminating {
 
 /// What a service's settings resolve to on this host, before any map is written.
 struct Resolved {
-    snat: Vec<Ipv4Addr>,
+    snat: Vec<IpAddr>,
     mss: Option<u16>,
 }
 
@@ -171,7 +177,7 @@ struct ServiceState {
     /// Its settings; the backends are in `backends` only (`placed` puts them back).
     config: ServiceConfig,
     /// `config.snat`, or the address the kernel uses towards the first backend.
-    snat: Vec<Ipv4Addr>,
+    snat: Vec<IpAddr>,
     /// `config.mss`, resolved.
     mss: Option<u16>,
     /// In `config.backends` order.
@@ -183,7 +189,7 @@ struct ServiceState {
 }
 
 impl ServiceState {
-    fn key(&self) -> ServiceKey {
+    fn key(&self) -> VipKey {
         service_key(&self.config)
     }
 
@@ -243,13 +249,8 @@ fn publish(dataplane: &mut Dataplane, service: &ServiceState) -> Result<(), Data
     )
 }
 
-fn service_key(config: &ServiceConfig) -> ServiceKey {
-    ServiceKey {
-        vip: Be32::from_bytes(config.vip.ip().octets()),
-        port: Be16::from_host(config.vip.port()),
-        proto: config.protocol.number(),
-        _pad: 0,
-    }
+fn service_key(config: &ServiceConfig) -> VipKey {
+    VipKey::new(config.vip, config.protocol.number())
 }
 
 pub struct State {
@@ -323,7 +324,7 @@ impl State {
     /// Backends of `desired` that have no probe result yet (new ones, or of a service whose
     /// health check changed): they are probed before the change is applied, so that a new
     /// backend takes traffic only once it answers.
-    pub fn to_probe(&self, desired: &[ServiceConfig]) -> Vec<(SocketAddrV4, HealthConfig)> {
+    pub fn to_probe(&self, desired: &[ServiceConfig]) -> Vec<(SocketAddr, HealthConfig)> {
         let mut out = Vec::new();
         for s in desired {
             let current = self.services.iter().find(|c| c.config.name == s.name);
@@ -525,7 +526,7 @@ impl State {
 
     fn free_backend(&mut self, id: u32) -> Result<(), DataplaneError> {
         self.dataplane
-            .set_backend(id, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0), false)
+            .set_backend(id, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 0), false)
     }
 
     /// Ends terminating backends whose connections are all gone (by `sweep`, if it began
@@ -583,7 +584,7 @@ impl State {
     /// `lb backend remove --now` of a backend already terminating: its connections are cut
     /// now. `None` if `service` has no such terminating backend.
     pub fn cut_terminating(&mut self, service: &str, backend: &str) -> Option<Response> {
-        let address: SocketAddrV4 = backend.parse().ok()?;
+        let address: SocketAddr = backend.parse().ok()?;
         let name = self
             .service_name(service)
             .unwrap_or_else(|_| service.to_owned());
@@ -616,6 +617,26 @@ impl State {
         Ok(())
     }
 
+    /// IPv6's forwarding on the configured interfaces, for an IPv6 service: turned on with the
+    /// first, recorded for `lb remove` (`sysctls`).
+    fn enable_ipv6_forwarding(&self, service: &str) -> Result<(), ApplyError> {
+        for iface in &self.config.interfaces {
+            let turned_on =
+                crate::sysctls::enable_ipv6(iface, &self.state_dir).map_err(|source| {
+                    ApplyError::Ipv6Forwarding {
+                        service: service.to_owned(),
+                        source,
+                    }
+                })?;
+            for sysctl in turned_on {
+                log::info!(
+                    "set {sysctl}=1 for IPv6 service \"{service}\" ({iface} takes no router advertisements unless its accept_ra is 2; lb remove puts it back)"
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The MSS `config`'s handshakes are clamped to: "auto" reads the MTUs of the configured
     /// interfaces now.
     fn resolve_mss(&self, config: &ServiceConfig) -> Result<Option<u16>, ApplyError> {
@@ -632,7 +653,12 @@ impl State {
                 })?);
             }
         }
-        match mss.resolve(mtus) {
+        let headroom = if config.vip.is_ipv4() {
+            crate::config::MSS_HEADROOM
+        } else {
+            crate::config::MSS_HEADROOM6
+        };
+        match mss.resolve(mtus, headroom) {
             Some(mss) => Ok(Some(mss)),
             None => Err(ApplyError::MssNoInterfaces {
                 service: config.name.clone(),
@@ -652,6 +678,9 @@ impl State {
         keep: &InUse,
     ) -> Result<ServiceState, ApplyError> {
         let name = p.config.name.clone();
+        if p.config.vip.is_ipv6() {
+            self.enable_ipv6_forwarding(&name)?;
+        }
         let health_same = previous
             .as_ref()
             .is_some_and(|prev| prev.config.health == p.config.health);
@@ -771,7 +800,7 @@ impl State {
         Ok(service)
     }
 
-    fn spawn_probe(&self, id: u32, address: SocketAddrV4, service: &ServiceConfig) -> AbortHandle {
+    fn spawn_probe(&self, id: u32, address: SocketAddr, service: &ServiceConfig) -> AbortHandle {
         let cfg = service.health.clone();
         let reports = self.health.clone();
         // A DSR backend of a TCP service must also answer at the VIP, reached as clients reach
@@ -790,8 +819,10 @@ impl State {
                 tick.tick().await;
                 let started_ns = crate::dataplane::monotonic_ns();
                 let mut result = health::probe(address, &cfg).await;
-                if let (Ok(()), Some((vip, tunnel))) = (&result, vip_probe) {
-                    result = dsr_probe::probe(vip, *address.ip(), tunnel, cfg.timeout).await;
+                if let (Ok(()), Some((SocketAddr::V4(vip), tunnel)), IpAddr::V4(backend)) =
+                    (&result, vip_probe, address.ip())
+                {
+                    result = dsr_probe::probe(vip, backend, tunnel, cfg.timeout).await;
                 }
                 let report = HealthReport {
                     backend: id,
@@ -832,7 +863,7 @@ impl State {
         {
             return Ok(i);
         }
-        let Ok(vip) = name_or_vip.parse::<SocketAddrV4>() else {
+        let Ok(vip) = name_or_vip.parse::<SocketAddr>() else {
             return Err(format!(
                 "no service named \"{name_or_vip}\" (give a service name or its VIP:PORT)"
             ));
@@ -854,7 +885,7 @@ impl State {
     pub fn explain(
         &self,
         service: &str,
-        client: SocketAddrV4,
+        client: SocketAddr,
         protocol: Option<crate::config::Protocol>,
     ) -> Response {
         let found = match protocol {
@@ -878,6 +909,12 @@ impl State {
             Ok(i) => &self.services[i],
             Err(e) => return Response::bad_input(e),
         };
+        if client.is_ipv4() != svc.config.vip.is_ipv4() {
+            return Response::bad_input(format!(
+                "client {client} and vip {} of service \"{}\" are of different address families",
+                svc.config.vip, svc.config.name
+            ));
+        }
         match self.explanation(svc, client) {
             Ok(e) => Response::explanation(e),
             Err(e) => Response::failed(format!("reading the data path: {e}")),
@@ -887,7 +924,7 @@ impl State {
     fn explanation(
         &self,
         svc: &ServiceState,
-        client: SocketAddrV4,
+        client: SocketAddr,
     ) -> Result<crate::explain::Explanation, DataplaneError> {
         use crate::explain::{self, BackendView, ExistingFlow, Explanation, NewFlow};
         let vip = svc.config.vip;
@@ -904,32 +941,53 @@ impl State {
                 })
                 .unwrap_or_else(|| format!("backend id {id} (unknown)"))
         };
-        let key = lb_common::FlowKey {
-            src_addr: Be32::from_bytes(client.ip().octets()),
-            dst_addr: Be32::from_bytes(vip.ip().octets()),
-            src_port: Be16::from_host(client.port()),
-            dst_port: Be16::from_host(vip.port()),
-            proto,
-            _pad: [0; 3],
-        };
         let now = monotonic_ns();
-        let existing = self.dataplane.flow(&key).map(|flow| ExistingFlow {
-            backend: describe(flow.backend_id),
-            state: lb_common::conntrack::STATES
-                .iter()
-                .find(|(state, _)| *state == flow.state)
-                .map_or_else(
-                    || format!("state {}", flow.state),
-                    |(_, name)| (*name).to_owned(),
-                ),
-            snat: SocketAddrV4::new(
-                Ipv4Addr::from(flow.nat_src_addr.to_bytes()),
-                flow.nat_src_port.to_host(),
-            )
-            .to_string(),
-            idle_ms: now.saturating_sub(flow.last_seen_ns) / 1_000_000,
-        });
-        let hash = key.hash();
+        let existing_flow =
+            |backend_id: u32, state: u32, snat: SocketAddr, last_seen_ns: u64| ExistingFlow {
+                backend: describe(backend_id),
+                state: lb_common::conntrack::STATES
+                    .iter()
+                    .find(|(s, _)| *s == state)
+                    .map_or_else(|| format!("state {state}"), |(_, name)| (*name).to_owned()),
+                snat: snat.to_string(),
+                idle_ms: now.saturating_sub(last_seen_ns) / 1_000_000,
+            };
+        // The flow's entry and hash in its family's table.
+        let (existing, hash) = match (client, vip) {
+            (SocketAddr::V4(client), SocketAddr::V4(vip)) => {
+                let key = lb_common::FlowKey {
+                    src_addr: Be32::from_bytes(client.ip().octets()),
+                    dst_addr: Be32::from_bytes(vip.ip().octets()),
+                    src_port: Be16::from_host(client.port()),
+                    dst_port: Be16::from_host(vip.port()),
+                    proto,
+                    _pad: [0; 3],
+                };
+                let existing = self.dataplane.flow(&key).map(|f| {
+                    let snat = Ipv4Addr::from(f.nat_src_addr.to_bytes());
+                    let snat = SocketAddr::new(snat.into(), f.nat_src_port.to_host());
+                    existing_flow(f.backend_id, f.state, snat, f.last_seen_ns)
+                });
+                (existing, key.hash())
+            }
+            (SocketAddr::V6(client), SocketAddr::V6(vip)) => {
+                let key = lb_common::FlowKey6 {
+                    src_addr: In6::from_bytes(client.ip().octets()),
+                    dst_addr: In6::from_bytes(vip.ip().octets()),
+                    src_port: Be16::from_host(client.port()),
+                    dst_port: Be16::from_host(vip.port()),
+                    proto,
+                    _pad: [0; 3],
+                };
+                let existing = self.dataplane.flow6(&key).map(|f| {
+                    let snat = Ipv6Addr::from(f.nat_src_addr.to_bytes());
+                    let snat = SocketAddr::new(snat.into(), f.nat_src_port.to_host());
+                    existing_flow(f.backend_id, f.state, snat, f.last_seen_ns)
+                });
+                (existing, key.hash())
+            }
+            _ => return Err(DataplaneError::ClientFamily),
+        };
         let size = self.dataplane.settings().maglev_size;
         let slot = hash % size;
         let slots = self
@@ -983,9 +1041,9 @@ impl State {
                 "weight {weight} is out of range 0..={MAX_WEIGHT}"
             ));
         }
-        let Ok(address) = backend.parse::<SocketAddrV4>() else {
+        let Ok(address) = backend.parse::<SocketAddr>() else {
             return Response::bad_input(format!(
-                "backend {backend:?} is not an IPv4 address with port (like 198.18.2.11:8000)"
+                "backend {backend:?} is not an address with port (like 198.18.2.11:8000 or [fd00:2::11]:8000)"
             ));
         };
         let svc = &mut self.services[index];
@@ -1199,10 +1257,14 @@ impl State {
     }
 
     /// The services that take backends from DNS, and how.
-    pub fn discoveries(&self) -> Vec<(String, DiscoveryConfig)> {
+    /// Each discovering service's name, discovery and VIP (whose family its records take).
+    pub fn discoveries(&self) -> Vec<(String, DiscoveryConfig, SocketAddr)> {
         self.services
             .iter()
-            .filter_map(|s| Some((s.config.name.clone(), s.config.discovery.clone()?)))
+            .filter_map(|s| {
+                let d = s.config.discovery.clone()?;
+                Some((s.config.name.clone(), d, s.config.vip))
+            })
             .collect()
     }
 
@@ -1401,7 +1463,10 @@ impl State {
                     }
                 };
                 svc.backends.iter().filter_map(move |b| {
-                    return_path::problem(routes, *b.address.ip(), managed).map(|why| {
+                    let IpAddr::V4(backend) = b.address.ip() else {
+                        return None;
+                    };
+                    return_path::problem(routes, backend, managed).map(|why| {
                         format!(
                             "service \"{}\" (mode {mode}): {why}; {outcome}",
                             svc.config.name
@@ -1417,7 +1482,7 @@ impl State {
         u64::from(s.snat_port_max) - u64::from(s.snat_port_min) + 1
     }
 
-    pub fn keys(&self) -> Vec<ServiceKey> {
+    pub fn keys(&self) -> Vec<VipKey> {
         self.services.iter().map(ServiceState::key).collect()
     }
 
@@ -1455,7 +1520,7 @@ impl State {
                     vip: s.config.vip.to_string(),
                     protocol: s.config.protocol.to_string(),
                     mode: s.config.mode.to_string(),
-                    snat: s.snat.iter().map(Ipv4Addr::to_string).collect(),
+                    snat: s.snat.iter().map(IpAddr::to_string).collect(),
                     mss: s.mss,
                     discovery: s.config.discovery.as_ref().map(ToString::to_string),
                     discovery_error: s.discovery_error.clone(),
@@ -1535,7 +1600,7 @@ fn interface_mtu(name: &str) -> std::io::Result<u32> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-fn resolve_snat(config: &ServiceConfig) -> Result<Vec<Ipv4Addr>, ApplyError> {
+fn resolve_snat(config: &ServiceConfig) -> Result<Vec<IpAddr>, ApplyError> {
     if !config.mode.has_source_pool() {
         return Ok(Vec::new());
     }
@@ -1557,19 +1622,21 @@ fn resolve_snat(config: &ServiceConfig) -> Result<Vec<Ipv4Addr>, ApplyError> {
 }
 
 /// A SNAT pool as the log and the CLI show it.
-pub fn pool_text(pool: &[Ipv4Addr]) -> String {
+pub fn pool_text(pool: &[IpAddr]) -> String {
     pool.iter()
-        .map(Ipv4Addr::to_string)
+        .map(IpAddr::to_string)
         .collect::<Vec<_>>()
         .join(",")
 }
 
 /// The source address the kernel would use towards `backend`.
-pub(crate) fn source_address_towards(backend: SocketAddrV4) -> std::io::Result<Ipv4Addr> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+pub(crate) fn source_address_towards(backend: SocketAddr) -> std::io::Result<IpAddr> {
+    let any: SocketAddr = if backend.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(any)?;
     socket.connect(backend)?;
-    match socket.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
-        std::net::SocketAddr::V6(_) => Err(std::io::Error::other("IPv6 source")),
-    }
+    Ok(socket.local_addr()?.ip())
 }

@@ -4,12 +4,17 @@
 //! host a router between those devices for every packet the data path passes (README,
 //! "Firewall"). Each setting lb changes is recorded with its earlier value in the state
 //! directory (the first one recorded wins: a restarted daemon finds the settings on already),
-//! and `lb remove` puts them back.
+//! and `lb remove` puts them back. IPv6 services add IPv6's forwarding on the same devices
+//! (`forwarding` for bpf_fib_lookup, `force_forwarding` for the kernel to forward a packet
+//! passed up for neighbour resolution); a device forwarding IPv6 takes no router
+//! advertisements unless its `accept_ra` is 2.
 
 use std::{io, path::Path};
 
 const RECORD: &str = "sysctls";
-const KNOBS: [&str; 2] = ["forwarding", "accept_local"];
+const IPV4_KNOBS: [&str; 2] = ["forwarding", "accept_local"];
+const IPV6_KNOBS: [&str; 2] = ["ipv6_forwarding", "ipv6_force_forwarding"];
+const KNOBS: [&str; 4] = [IPV4_KNOBS[0], IPV4_KNOBS[1], IPV6_KNOBS[0], IPV6_KNOBS[1]];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysctlError {
@@ -27,7 +32,8 @@ pub enum SysctlError {
     },
 }
 
-/// One setting lb changed: `net.ipv4.conf.IFACE.KNOB` was `before`.
+/// One setting lb changed: `net.ipv4.conf.IFACE.KNOB` (`net.ipv6.conf.IFACE.K` for a knob
+/// `ipv6_K`) was `before`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Changed {
     pub iface: String,
@@ -69,17 +75,46 @@ pub fn merge(mut recorded: Vec<Changed>, change: Changed) -> Vec<Changed> {
     recorded
 }
 
+/// The sysctl's name, `net.ipv4.conf.IFACE.KNOB` or `net.ipv6.conf.IFACE.K`.
+pub fn name_of(iface: &str, knob: &str) -> String {
+    match knob.strip_prefix("ipv6_") {
+        Some(knob) => format!("net.ipv6.conf.{iface}.{knob}"),
+        None => format!("net.ipv4.conf.{iface}.{knob}"),
+    }
+}
+
 fn path_of(iface: &str, knob: &str) -> String {
-    format!("/proc/sys/net/ipv4/conf/{iface}/{knob}")
+    match knob.strip_prefix("ipv6_") {
+        Some(knob) => format!("/proc/sys/net/ipv6/conf/{iface}/{knob}"),
+        None => format!("/proc/sys/net/ipv4/conf/{iface}/{knob}"),
+    }
 }
 
 /// Turns forwarding and accept_local on for `iface`, recording what it changes in
-/// `state_dir`. Returns the knobs it turned on.
-pub fn enable(iface: &str, state_dir: &Path) -> Result<Vec<&'static str>, SysctlError> {
+/// `state_dir`. Returns the sysctls it turned on.
+pub fn enable(iface: &str, state_dir: &Path) -> Result<Vec<String>, SysctlError> {
+    enable_knobs(iface, state_dir, &IPV4_KNOBS)
+}
+
+/// Turns IPv6's forwarding on for `iface`, as `enable`. A kernel without `force_forwarding`
+/// (before 6.17) goes without it: its packets passed up for neighbour resolution need
+/// `net.ipv6.conf.all.forwarding`.
+pub fn enable_ipv6(iface: &str, state_dir: &Path) -> Result<Vec<String>, SysctlError> {
+    enable_knobs(iface, state_dir, &IPV6_KNOBS)
+}
+
+fn enable_knobs(
+    iface: &str,
+    state_dir: &Path,
+    knobs: &[&'static str],
+) -> Result<Vec<String>, SysctlError> {
     let record = state_dir.join(RECORD);
     let mut turned_on = Vec::new();
-    for knob in KNOBS {
+    for &knob in knobs {
         let path = path_of(iface, knob);
+        if knob == "ipv6_force_forwarding" && !Path::new(&path).exists() {
+            continue;
+        }
         let before = std::fs::read_to_string(&path).unwrap_or_default();
         let before = before.trim();
         if before == "1" {
@@ -107,7 +142,7 @@ pub fn enable(iface: &str, state_dir: &Path) -> Result<Vec<&'static str>, Sysctl
             path: path.clone(),
             source,
         })?;
-        turned_on.push(knob);
+        turned_on.push(name_of(iface, knob));
     }
     Ok(turned_on)
 }
@@ -123,7 +158,7 @@ pub fn restore(state_dir: &Path) -> Result<Vec<String>, SysctlError> {
     for c in parse(&text) {
         let path = path_of(&c.iface, &c.knob);
         match std::fs::write(&path, &c.before) {
-            Ok(()) => restored.push(format!("net.ipv4.conf.{}.{}={}", c.iface, c.knob, c.before)),
+            Ok(()) => restored.push(format!("{}={}", name_of(&c.iface, &c.knob), c.before)),
             // A container's veth that went away takes its settings with it.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(source) => return Err(SysctlError::Write { path, source }),
@@ -154,6 +189,24 @@ mod tests {
         let more = merge(again, changed("eth0", "accept_local", "0"));
         assert_eq!(more.len(), 2);
         assert_eq!(parse(&render(&more)), more);
+    }
+
+    #[test]
+    fn ipv6_knobs_name_ipv6_sysctls() {
+        assert_eq!(
+            name_of("eth0", "forwarding"),
+            "net.ipv4.conf.eth0.forwarding"
+        );
+        assert_eq!(
+            name_of("eth0", "ipv6_force_forwarding"),
+            "net.ipv6.conf.eth0.force_forwarding"
+        );
+        assert_eq!(
+            path_of("eth0.100", "ipv6_forwarding"),
+            "/proc/sys/net/ipv6/conf/eth0.100/forwarding"
+        );
+        let text = "eth0 ipv6_forwarding 0\n";
+        assert_eq!(parse(text), [changed("eth0", "ipv6_forwarding", "0")]);
     }
 
     #[test]

@@ -21,16 +21,16 @@ impl NetnsResolver {
         )
         .expect("write resolv.conf");
         let resolver = NetnsResolver { dir };
-        resolver.hosts(&[]);
+        resolver.hosts::<std::net::IpAddr>(&[]);
         resolver
     }
 
     /// Writes the hosts file in place (the mount follows the file, not its name): `api` has
-    /// `addrs`.
-    pub fn hosts(&self, addrs: &[std::net::Ipv4Addr]) {
+    /// `addrs` (A records for IPv4 ones, AAAA for IPv6 ones).
+    pub fn hosts<A: Into<std::net::IpAddr> + Copy>(&self, addrs: &[A]) {
         let mut text = String::from("127.0.0.1 localhost\n");
-        for a in addrs {
-            text += &format!("{a} api\n");
+        for &a in addrs {
+            text += &format!("{} api\n", a.into());
         }
         std::fs::write(self.dir.join("hosts"), text).expect("write hosts");
     }

@@ -5,13 +5,15 @@
 //! - one-arm: client 198.18.0.2 and backends 198.18.0.1x share the switch with lb0 198.18.0.1
 //! - more client hosts (two-arm, `add_clients`): 198.18.(16+i).2 behind the client namespace,
 //!   which routes for them (198.18.16.0/20)
+//! - IPv6 (two-arm, `add_ipv6`), beside IPv4: client fd00::2 -- lb0 fd00::1 | lb1 fd00:1::1 --
+//!   switch -- fd00:1::1x, VIP fd00:100::1
 //!
 //! veth rules from ENGINEERING.md: GRO on every veth end (redirected frames need NAPI on the
 //! peer), and checksum offload off on the client, the backends and the switch's port to the
 //! balancer (native XDP cannot finish partial checksums).
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     sync::atomic::{AtomicUsize, Ordering},
 };
 
@@ -20,6 +22,8 @@ use crate::netns::Netns;
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 1);
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 pub const BACKEND_PORT: u16 = 8000;
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2);
 /// The client hosts that `Topology::add_clients` adds: 198.18.(16+i).0/24 each.
 const MORE_CLIENTS_NET: &str = "198.18.16.0/20";
 const MORE_CLIENTS_MAX: usize = 16;
@@ -223,6 +227,57 @@ impl Topology {
                 ns
             })
             .collect()
+    }
+
+    /// Gives the two-arm topology IPv6 beside IPv4 (module docs), and returns the backends'
+    /// IPv6 addresses. Addresses skip duplicate address detection (nodad), so they serve at
+    /// once; the switch floods multicast (no MLD querier here), so neighbour discovery works
+    /// whatever the reports.
+    pub fn add_ipv6(&self) -> Vec<Ipv6Addr> {
+        assert_eq!(
+            self.arms,
+            Arms::Two,
+            "IPv6 is set up on the two-arm topology"
+        );
+        self.switch
+            .sh("ip link set br0 type bridge mcast_snooping 0");
+        self.lb.sh("ip -6 addr add fd00::1/64 dev lb0 nodad
+             ip -6 addr add fd00:1::1/64 dev lb1 nodad");
+        self.client.sh(&format!(
+            "ip -6 addr add {CLIENT6}/64 dev eth0 nodad
+             ip -6 route add {VIP6}/128 via fd00::1"
+        ));
+        let addrs = self.ipv6_backend_addrs();
+        for (ns, addr) in self.backends.iter().zip(&addrs) {
+            ns.sh(&format!(
+                "ip -6 addr add {addr}/64 dev eth0 nodad
+                 ip -6 route add default via fd00:1::1"
+            ));
+        }
+        addrs
+    }
+
+    /// The backends' IPv6 addresses (`add_ipv6`): fd00:1::1N.
+    pub fn ipv6_backend_addrs(&self) -> Vec<Ipv6Addr> {
+        (1..=self.backends.len())
+            .map(|i| Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x10 + i as u16))
+            .collect()
+    }
+
+    /// IPv6 for the client hosts `add_clients` made (`more`, in their order, the first call's):
+    /// fd00:(0x10+i)::2 behind the client namespace, which routes for them (fd00:10::/60).
+    pub fn add_ipv6_clients(&self, more: &[Netns]) {
+        self.client.sh("sysctl -qw net.ipv6.conf.all.forwarding=1");
+        self.lb.sh("ip -6 route add fd00:10::/60 via fd00::2");
+        for (i, ns) in more.iter().enumerate() {
+            let net = 0x10 + i as u16;
+            self.client
+                .sh(&format!("ip -6 addr add fd00:{net:x}::1/64 dev c{i} nodad"));
+            ns.sh(&format!(
+                "ip -6 addr add fd00:{net:x}::2/64 dev eth0 nodad
+                 ip -6 route add default via fd00:{net:x}::1"
+            ));
+        }
     }
 
     /// A config for one TCP service "web" on VIP:80 and one UDP service "dns" on VIP:53 over

@@ -17,7 +17,7 @@ use lb_tests::{
     },
     host::{ClientCgroup, NetnsResolver},
     netns::{Netns, require_root, stop_child, sweep_stale},
-    topology::{Arms, BACKEND_PORT, CLIENT, Topology, VIP},
+    topology::{Arms, BACKEND_PORT, CLIENT, CLIENT6, Topology, VIP, VIP6},
 };
 
 struct Setup {
@@ -306,7 +306,7 @@ fn backends_from_dns_follow_the_name() {
     assert_eq!((counts[0], failed), (0, 0), "{counts:?}");
 
     // The name stops resolving: the service keeps its backends and says why.
-    resolver.hosts(&[]);
+    resolver.hosts::<std::net::Ipv4Addr>(&[]);
     balancer.wait_until(Duration::from_secs(5), "the failure shown", |bal| {
         bal.status()["services"][0]["discovery_error"].is_string()
     });
@@ -438,7 +438,11 @@ fn clients_on_the_host_are_balanced_at_connect_time() {
                 .count()
         })
     };
-    assert_eq!(host_links(), 4, "one pinned link per hook after a restart");
+    assert_eq!(
+        host_links(),
+        lb_user::dataplane::HOST_PROGRAMS.len(),
+        "one pinned link per hook after a restart"
+    );
     let (counts, failed) = served(cgroup.run_in(&topo.lb, &twenty));
     assert!(
         failed == 0 && counts.iter().sum::<usize>() == 20,
@@ -818,6 +822,288 @@ fn set_weight_moves_new_flows_and_keeps_a_long_lived_connection() {
     assert_eq!(balancer.backend("web", &backend(&topo, 0))["weight"], 3);
 }
 
+/// The IPv4 services of `Topology::config` and their IPv6 twins "web6" and "dns6" on
+/// [VIP6]:80 and :53 over the backends' IPv6 addresses, with these weights.
+fn dual_stack_config(topo: &Topology, addrs6: &[std::net::Ipv6Addr], weights: &[u32]) -> String {
+    let mut text = topo.config(weights);
+    for (name, port, proto) in [("web6", 80, "tcp"), ("dns6", 53, "udp")] {
+        text += &format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"[{VIP6}]:{port}\"\nprotocol = \"{proto}\"\n\
+             [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
+        );
+        for (addr, weight) in addrs6.iter().zip(weights) {
+            text += &format!(
+                "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
+            );
+        }
+    }
+    text
+}
+
+/// `count` HTTP requests over IPv6 from the client to [VIP6]:80, each on a new connection.
+fn http_requests6(topo: &Topology, count: usize) -> Vec<String> {
+    let out = topo.client.try_sh(&format!(
+        "for i in $(seq {count}); do curl -s -g --connect-timeout 1 --max-time 2 http://[{VIP6}]/ || echo FAIL; done"
+    ));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// IPv6 end to end, in NAT66 beside IPv4 services on the same daemon: the 4:6 split of new
+/// connections, `lb explain` agreeing with the data path's choice, a UDP exchange, `set-weight`
+/// moving new flows while a long-lived connection stays, backends from AAAA records, a restart
+/// that keeps the long-lived connection, and failover to the survivor when a backend stops.
+#[test]
+fn ipv6_splits_4_6_follows_set_weight_keeps_a_long_lived_connection_and_fails_over() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 2);
+    let addrs6 = topo.add_ipv6();
+    let mut servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    // Before the daemon starts: `ip netns exec` mounts the namespace's hosts file as it starts.
+    let resolver = NetnsResolver::new(&topo.lb.name);
+    let mut balancer = Balancer::start(
+        &lb_binary(),
+        &topo,
+        &dual_stack_config(&topo, &addrs6, &[4, 6]),
+    );
+    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
+    for i in 0..2 {
+        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
+    }
+
+    let mut long_lived = topo
+        .client
+        .spawn_inside(|| TcpStream::connect((VIP6, 80)).expect("connect to [VIP6]:80"))
+        .join()
+        .expect("connect thread");
+    let first = request_on(&mut long_lived);
+    println!("IPv6 long-lived connection served by {first}");
+
+    let (counts, failed) = tally(&http_requests6(&topo, 1000), 2);
+    println!("IPv6, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&balancer, &counts, 40.0, 5.0, "IPv6 4:6 split");
+    let new_flows: Vec<u64> = (0..2)
+        .map(|i| {
+            balancer.backend("web6", &b6(i))["new_flows"]
+                .as_u64()
+                .expect("a number")
+        })
+        .collect();
+    // The 1000, and the long-lived connection.
+    assert_eq!(new_flows.iter().sum::<u64>(), 1001, "{new_flows:?}");
+    // The IPv4 service beside it still serves.
+    assert_eq!(tally(&http_requests(&topo, 20), 2).1, 0);
+
+    // `lb explain` predicts the data path's choice for an IPv6 client.
+    let ports: Vec<u16> = (0..20u16).map(|i| 30_000 + i * 11).collect();
+    for &port in &ports {
+        let client = format!("[{CLIENT6}]:{port}");
+        let out = balancer.cli(&["explain", "--json", "web6", &client]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let predicted = e["new_flow"]["backend"]
+            .as_str()
+            .expect("a backend")
+            .to_owned();
+        let body = topo.client.sh(&format!(
+            "curl -s -g --local-port {port} --connect-timeout 1 --max-time 2 http://[{VIP6}]/ || echo FAIL"
+        ));
+        let served = match body.trim() {
+            "b1" => b6(0),
+            "b2" => b6(1),
+            other => panic!("port {port}: {other:?}\n{}", balancer.log()),
+        };
+        assert_eq!(served, predicted, "client port {port}: explained vs served");
+    }
+    // A client of the other family is refused with a reason.
+    let out = balancer.cli(&["explain", "web6", &format!("{CLIENT}:40000")]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // UDP over IPv6: the answer comes back from the VIP.
+    let answer = topo
+        .client
+        .sh(&format!("printf 'hello6' | nc -u -w1 -p 40053 {VIP6} 53"));
+    assert!(
+        answer.trim() == "b1: hello6" || answer.trim() == "b2: hello6",
+        "UDP over IPv6 answered {answer:?}\n{}",
+        balancer.log()
+    );
+
+    // Backends from AAAA records: a service added from the CLI on [VIP6]:8080 takes the name's
+    // IPv6 addresses, and lets one go when the name no longer has it.
+    resolver.hosts(&addrs6);
+    let api6 = format!("[{VIP6}]:8080");
+    cli_ok(
+        &balancer,
+        &["service", "add", "api6", &api6, "--discover", "api:8000"],
+    );
+    let discovered = |bal: &Balancer| -> Vec<(String, bool)> {
+        bal.status()["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "api6"))
+            .and_then(|s| s["backends"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|b| b["source"] == "dns")
+            .map(|b| {
+                (
+                    b["address"].as_str().unwrap_or_default().to_owned(),
+                    b["healthy"] == true,
+                )
+            })
+            .collect()
+    };
+    balancer.wait_until(Duration::from_secs(5), "both AAAA records up", |bal| {
+        discovered(bal) == [(b6(0), true), (b6(1), true)]
+    });
+    let out = topo.client.try_sh(&format!(
+        "for i in $(seq 100); do curl -s -g --connect-timeout 1 --max-time 2 http://[{VIP6}]:8080/ || echo FAIL; done"
+    ));
+    let (counts, failed) = tally(
+        &String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+        2,
+    );
+    println!("api6 from AAAA records: {counts:?}, {failed} failed");
+    assert!(failed == 0 && counts.iter().all(|&c| c > 0), "{counts:?}");
+    resolver.hosts(&addrs6[1..]);
+    balancer.wait_until(
+        Duration::from_secs(5),
+        "the first AAAA record gone",
+        |bal| discovered(bal) == [(b6(1), true)],
+    );
+    cli_ok(&balancer, &["service", "remove", "api6"]);
+
+    // set-weight by the backend's [address]:port, and the VIP's [address]:port.
+    for (weights, want_b1) in [([0, 10], 0.0), ([10, 0], 100.0)] {
+        for (i, w) in weights.iter().enumerate() {
+            cli_ok(
+                &balancer,
+                &[
+                    "set-weight",
+                    &format!("[{VIP6}]:80"),
+                    &b6(i),
+                    &w.to_string(),
+                ],
+            );
+        }
+        let (counts, failed) = tally(&http_requests6(&topo, 100), 2);
+        assert_eq!(failed, 0);
+        assert_share(
+            &balancer,
+            &counts,
+            want_b1,
+            0.0,
+            &format!("IPv6 weights {weights:?}"),
+        );
+        assert_eq!(
+            request_on(&mut long_lived),
+            first,
+            "the IPv6 long-lived connection moved after weights {weights:?}"
+        );
+    }
+    cli_ok(&balancer, &["set-weight", "web6", &b6(1), "6"]);
+
+    // A restart adopts the IPv6 service and its flows: the long-lived connection goes on.
+    let gap = balancer.restart();
+    println!("restarted in {gap:?}");
+    assert_eq!(request_on(&mut long_lived), first, "after the restart");
+    assert_eq!(
+        tally(&http_requests6(&topo, 50), 2).1,
+        0,
+        "after the restart"
+    );
+
+    // Stop backend 1: health checks over IPv6 take it out, and new connections go to backend 2.
+    servers[0].kill().expect("stop backend 1's server");
+    servers[0].wait().expect("reap backend 1's server");
+    let detected = balancer.wait_health("web6", &b6(0), false, Duration::from_secs(5));
+    println!("IPv6 backend 1 stopped: marked down after {detected:?}");
+    let (counts, failed) = tally(&http_requests6(&topo, 200), 2);
+    assert_eq!(
+        (counts, failed),
+        (vec![0, 200], 0),
+        "after backend 1 stopped"
+    );
+    let shown = String::from_utf8_lossy(&balancer.cli(&["status"]).stdout).into_owned();
+    assert!(shown.contains(&format!("[{VIP6}]:80")), "{shown}");
+}
+
+/// Processes on the balancer's host reaching an IPv6 VIP are balanced at connect time by the
+/// IPv6 socket hooks (connect6, sendmsg6, getpeername6, recvmsg6), in a cgroup of the test's
+/// own: the 4:6 split, the VIP shown as the peer, and a UDP answer from the VIP.
+#[test]
+fn ipv6_clients_on_the_host_are_balanced_at_connect_time() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 2);
+    let addrs6 = topo.add_ipv6();
+    let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
+    let cgroup = ClientCgroup::new(&topo.lb.name);
+    let config = dual_stack_config(&topo, &addrs6, &[4, 6]).replace(
+        "cgroup = \"off\"",
+        &format!("cgroup = \"{}\"", cgroup.child.display()),
+    );
+    let balancer = Balancer::start(&lb_binary(), &topo, &config);
+    for addr in &addrs6 {
+        let b = format!("[{addr}]:{BACKEND_PORT}");
+        balancer.wait_health("web6", &b, true, Duration::from_secs(5));
+    }
+    let out = cgroup.run_in(
+        &topo.lb,
+        &format!(
+            "for i in $(seq 300); do curl -s -g --connect-timeout 1 --max-time 2 http://[{VIP6}]/ || echo FAIL; done"
+        ),
+    );
+    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!("300 IPv6 connections from the balancer's host at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "{out}");
+    // 300 at 40%: one standard deviation is 2.8 points; ±10 is 3.5 of them.
+    assert_share(
+        &balancer,
+        &counts,
+        40.0,
+        10.0,
+        "IPv6 host clients' 4:6 split",
+    );
+    assert_eq!(counter(&balancer, "event_host_balanced"), 300);
+
+    let peer = cgroup.run_in(
+        &topo.lb,
+        &format!(
+            "python3 -c \"import socket; s = socket.create_connection(('{VIP6}', 80), 2); print(s.getpeername()[:2])\""
+        ),
+    );
+    assert_eq!(peer.trim(), format!("('{VIP6}', 80)"), "getpeername");
+    let answer = cgroup.run_in(
+        &topo.lb,
+        &format!(
+            "python3 -c \"import socket; s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'ping', ('{VIP6}', 53)); d, a = s.recvfrom(100); print(d.decode(), a[:2])\""
+        ),
+    );
+    let answer = answer.trim();
+    assert!(
+        (answer.starts_with("b1: ping") || answer.starts_with("b2: ping"))
+            && answer.ends_with(&format!("('{VIP6}', 53)")),
+        "UDP answer: {answer:?}"
+    );
+}
+
 #[test]
 fn cli_rejects_bad_input_with_exit_2_and_the_daemon_survives() {
     let Setup { topo, balancer, .. } = setup(Arms::Two, &[1, 1]);
@@ -834,7 +1120,7 @@ fn cli_rejects_bad_input_with_exit_2_and_the_daemon_survives() {
         (&["set-weight", "web", &b1, "10001"], "out of range"),
         (
             &["set-weight", "web", "not-an-address", "1"],
-            "not an IPv4 address",
+            "not an address with port",
         ),
         (&["set-weight", "web", &b1, "-1"], "unexpected argument"),
     ];

@@ -8,7 +8,7 @@
 //! that the SNAT port sequence is predictable.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6},
     time::Duration,
 };
 
@@ -476,7 +476,7 @@ fn table_for(backends: &[(u32, u32)]) -> Vec<u32> {
         .iter()
         .map(|&(id, weight)| MaglevBackend {
             id,
-            addr: SocketAddrV4::new(addr_of(id), BACKEND_PORT),
+            addr: SocketAddrV4::new(addr_of(id), BACKEND_PORT).into(),
             weight,
         })
         .collect();
@@ -4834,7 +4834,8 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 assert!(
                     backends.iter().all(|b| b.1 == 0) == table.iter().all(|&s| s == NO_BACKEND)
                 );
-                dp.set_service(*id, key, *mode, snat, *mss, &table)
+                let snat: Vec<IpAddr> = snat.iter().map(|&a| a.into()).collect();
+                dp.set_service(*id, key, *mode, &snat, *mss, &table)
                     .expect("set service");
             }
             Setup::Flow(f) => {
@@ -4853,7 +4854,7 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 }
             }
             Setup::Backend6 { id, addr, healthy } => {
-                dp.set_backend6(*id, SocketAddrV6::new(*addr, BACKEND_PORT, 0, 0), *healthy)
+                dp.set_backend(*id, SocketAddrV6::new(*addr, BACKEND_PORT, 0, 0), *healthy)
                     .expect("set backend");
             }
             Setup::Service6 {
@@ -4866,7 +4867,8 @@ fn apply(dp: &mut Dataplane, setup: &[Setup]) {
                 mode,
             } => {
                 let key = service_key6(*port, *proto);
-                dp.set_service6(*id, key, *mode, snat, *mss, &table_for(backends))
+                let snat: Vec<IpAddr> = snat.iter().map(|&a| a.into()).collect();
+                dp.set_service(*id, key, *mode, &snat, *mss, &table_for(backends))
                     .expect("set service");
             }
             Setup::Flow6(f) => {

@@ -158,14 +158,14 @@ fn total(c: &ReasonCounters) -> u64 {
 fn service(dp: &mut Dataplane, id: u32, port: u16, proto: u8) {
     let backends = [(1, B1, 4), (2, B2, 6)].map(|(id, addr, weight)| MaglevBackend {
         id,
-        addr: SocketAddrV4::new(addr, BACKEND_PORT),
+        addr: SocketAddrV4::new(addr, BACKEND_PORT).into(),
         weight,
     });
     dp.set_service(
         id,
         service_key(port, proto),
         lb_common::SERVICE_MODE_NAT,
-        &[SNAT],
+        &[SNAT.into()],
         None,
         &build_table(&backends, MAGLEV_SIZE),
     )

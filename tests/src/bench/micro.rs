@@ -517,7 +517,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         .iter()
         .map(|&(id, weight)| MaglevBackend {
             id,
-            addr: SocketAddrV4::new(backend_addr(id), BACKEND_PORT),
+            addr: SocketAddrV4::new(backend_addr(id), BACKEND_PORT).into(),
             weight,
         })
         .collect();
@@ -531,7 +531,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         0,
         key,
         lb_common::SERVICE_MODE_NAT,
-        &[SNAT],
+        &[SNAT.into()],
         None,
         &build_table(&eligible, DEFAULT_MAGLEV_SIZE),
     )

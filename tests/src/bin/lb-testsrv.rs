@@ -7,13 +7,16 @@
 //! body (`Content-Length`) is answered with `NAME received N`, for uploads. `GET /peer` is
 //! answered with `NAME ADDRESS:PORT`, the peer as the server sees it (the client's address, or
 //! the balancer's SNAT address).
+//! It listens on IPv4 and, where the host has IPv6, on IPv6.
 //! Usage: lb-testsrv NAME PORT
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     thread,
 };
+
+use socket2::{Domain, Socket, Type};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -24,37 +27,80 @@ fn main() {
         eprintln!("usage: lb-testsrv NAME PORT");
         std::process::exit(2);
     };
-    let udp = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind udp {port}: {e}"));
-    let udp_name = name.clone();
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let Ok((n, peer)) = udp.recv_from(&mut buf) else {
-                continue;
-            };
-            let mut reply = format!("{udp_name}: ").into_bytes();
-            reply.extend_from_slice(&buf[..n]);
-            match reply_delay(&buf[..n]) {
-                None => {
-                    let _ = udp.send_to(&reply, peer);
-                }
-                Some(delay) => {
-                    let Ok(socket) = udp.try_clone() else {
-                        continue;
-                    };
-                    thread::spawn(move || {
-                        thread::sleep(delay);
-                        let _ = socket.send_to(&reply, peer);
-                    });
-                }
+    for udp in bind_both(port, Type::DGRAM) {
+        let udp: UdpSocket = udp.into();
+        let name = name.clone();
+        thread::spawn(move || echo(&udp, &name));
+    }
+    let mut listeners: Vec<TcpListener> = bind_both(port, Type::STREAM)
+        .into_iter()
+        .map(|s| {
+            s.listen(1024)
+                .unwrap_or_else(|e| panic!("listen {port}: {e}"));
+            s.into()
+        })
+        .collect();
+    let first = listeners.remove(0);
+    for tcp in listeners {
+        let name = name.clone();
+        thread::spawn(move || accept(&tcp, &name));
+    }
+    accept(&first, &name);
+}
+
+/// Sockets of `ty` on `port`: IPv4 at 0.0.0.0 and, where the host has IPv6, IPv6 alone at
+/// [::] (IPV6_V6ONLY, so that IPv4 peers stay IPv4 addresses).
+fn bind_both(port: u16, ty: Type) -> Vec<Socket> {
+    // As std's TcpListener::bind: a restarted server binds past its old TIME_WAIT sockets.
+    let reuse = ty == Type::STREAM;
+    let v4 = Socket::new(Domain::IPV4, ty, None).unwrap_or_else(|e| panic!("socket: {e}"));
+    v4.set_reuse_address(reuse)
+        .unwrap_or_else(|e| panic!("SO_REUSEADDR: {e}"));
+    let any4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
+    v4.bind(&any4.into())
+        .unwrap_or_else(|e| panic!("bind {any4}: {e}"));
+    let mut sockets = vec![v4];
+    let v6 = Socket::new(Domain::IPV6, ty, None).and_then(|s| {
+        s.set_only_v6(true)?;
+        s.set_reuse_address(reuse)?;
+        let any6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+        s.bind(&any6.into())?;
+        Ok(s)
+    });
+    sockets.extend(v6.ok());
+    sockets
+}
+
+fn accept(tcp: &TcpListener, name: &str) {
+    for stream in tcp.incoming().flatten() {
+        let name = name.to_owned();
+        thread::spawn(move || serve(stream, &name));
+    }
+}
+
+/// Answers each datagram with `NAME: ` and the datagram.
+fn echo(udp: &UdpSocket, name: &str) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, peer)) = udp.recv_from(&mut buf) else {
+            continue;
+        };
+        let mut reply = format!("{name}: ").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        match reply_delay(&buf[..n]) {
+            None => {
+                let _ = udp.send_to(&reply, peer);
+            }
+            Some(delay) => {
+                let Ok(socket) = udp.try_clone() else {
+                    continue;
+                };
+                thread::spawn(move || {
+                    thread::sleep(delay);
+                    let _ = socket.send_to(&reply, peer);
+                });
             }
         }
-    });
-    let tcp =
-        TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| panic!("bind tcp {port}: {e}"));
-    for stream in tcp.incoming().flatten() {
-        let name = name.clone();
-        thread::spawn(move || serve(stream, &name));
     }
 }
 
@@ -75,9 +121,10 @@ fn serve(stream: TcpStream, name: &str) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let peer = stream
-        .peer_addr()
-        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let peer = stream.peer_addr().map_or_else(
+        |_| "unknown".to_owned(),
+        |a| std::net::SocketAddr::new(a.ip().to_canonical(), a.port()).to_string(),
+    );
     let mut reader = BufReader::new(stream);
     loop {
         let mut close = false;
