@@ -265,10 +265,10 @@ impl Topology {
     }
 
     /// IPv6 for the client hosts `add_clients` made (`more`, in their order, the first call's):
-    /// fd00:(0x10+i)::2 behind the client namespace, which routes for them (fd00:10::/60).
+    /// fd00:(0x10+i)::2 behind the client namespace, which routes for them (fd00:10::/28).
     pub fn add_ipv6_clients(&self, more: &[Netns]) {
         self.client.sh("sysctl -qw net.ipv6.conf.all.forwarding=1");
-        self.lb.sh("ip -6 route add fd00:10::/60 via fd00::2");
+        self.lb.sh("ip -6 route add fd00:10::/28 via fd00::2");
         for (i, ns) in more.iter().enumerate() {
             let net = 0x10 + i as u16;
             self.client

@@ -42,7 +42,7 @@ enum Task {
         /// Where the report goes (default: results/<date-time>/).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
-        /// Only this contender (direct, xdp, nftables, haproxy, nginx; repeatable).
+        /// Only this contender (direct, xdp, xdp-dsr, xdp-ipv6, nftables, haproxy, nginx; repeatable).
         #[arg(long = "contender")]
         contenders: Vec<String>,
     },

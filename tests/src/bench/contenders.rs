@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::{
     harness::Balancer,
     host::ClientCgroup,
-    topology::{BACKEND_PORT, Topology, VIP},
+    topology::{BACKEND_PORT, Topology, VIP, VIP6},
 };
 
 pub const WEB_PORT: u16 = 80;
@@ -31,6 +31,9 @@ pub enum Contender {
     /// answer the clients over a link of their own (the client hosts' second link on the
     /// backends' segment), not through the balancer.
     XdpDsr,
+    /// This balancer over IPv6 (NAT66): the same network with IPv6 beside IPv4, the clients
+    /// reaching an IPv6 VIP, the backends at their IPv6 addresses.
+    XdpIpv6,
     /// nftables DNAT and masquerade with a weighted `numgen` vmap, as kube-proxy's nftables mode.
     Nftables,
     Haproxy,
@@ -38,10 +41,11 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 6] = [
+    pub const ALL: [Contender; 7] = [
         Contender::Direct,
         Contender::Xdp,
         Contender::XdpDsr,
+        Contender::XdpIpv6,
         Contender::Nftables,
         Contender::Haproxy,
         Contender::Nginx,
@@ -52,6 +56,7 @@ impl Contender {
             Contender::Direct => "direct (no balancer)",
             Contender::Xdp => "lb (XDP, native)",
             Contender::XdpDsr => "lb DSR (XDP, L2)",
+            Contender::XdpIpv6 => "lb IPv6 (XDP, NAT66)",
             Contender::Nftables => "nftables DNAT+SNAT",
             Contender::Haproxy => "HAProxy (tcp mode)",
             Contender::Nginx => "nginx stream",
@@ -75,13 +80,27 @@ impl Contender {
             Contender::XdpDsr if containers => Some(
                 "DSR by MAC needs the backends on a segment XDP sends to; containers sit behind a bridge",
             ),
+            Contender::XdpIpv6 if containers => {
+                Some("IPv6 to containers needs the tc hook's IPv6, which lb does not have yet")
+            }
             _ => None,
         }
     }
 
     /// Whether it is this balancer, run by its daemon.
     pub fn is_lb(self) -> bool {
-        matches!(self, Contender::Xdp | Contender::XdpDsr)
+        matches!(
+            self,
+            Contender::Xdp | Contender::XdpDsr | Contender::XdpIpv6
+        )
+    }
+
+    /// The VIP the clients reach it at.
+    pub fn vip(self) -> std::net::IpAddr {
+        match self {
+            Contender::XdpIpv6 => VIP6.into(),
+            _ => VIP.into(),
+        }
     }
 }
 
@@ -146,6 +165,32 @@ pub fn daemon_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> St
         );
         for (addr, weight) in backends(topo) {
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+        }
+    }
+    text
+}
+
+/// lb's configuration over IPv6: `daemon_config`'s services on VIP6 and the backends' IPv6
+/// addresses (`Topology::add_ipv6`).
+fn ipv6_config(topo: &Topology, addrs6: &[std::net::Ipv6Addr]) -> String {
+    let interfaces: Vec<String> = topo
+        .lb_interfaces
+        .iter()
+        .map(|i| format!("\"{i}\""))
+        .collect();
+    let mut text = format!(
+        "interfaces = [{}]\n[host]\ncgroup = \"off\"\n",
+        interfaces.join(", ")
+    );
+    for (name, port, proto) in [("web", WEB_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
+        text += &format!(
+            "[[service]]\nname = \"{name}\"\nvip = \"[{VIP6}]:{port}\"\nprotocol = \"{proto}\"\n\
+             [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"1s\"\n"
+        );
+        for (addr, weight) in addrs6.iter().zip(WEIGHTS) {
+            text += &format!(
+                "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
+            );
         }
     }
     text
@@ -260,18 +305,22 @@ fn nginx_config(topo: &Topology, dir: &Path) -> String {
     )
 }
 
-/// Waits (bounded) until the client can open a TCP connection to VIP:80.
+/// Waits (bounded) until the client can open a TCP connection to VIP:80 (`vip`).
 fn wait_for_vip(topo: &Topology, what: &str) -> Result<(), String> {
+    wait_for(topo, VIP.into(), what)
+}
+
+fn wait_for(topo: &Topology, vip: std::net::IpAddr, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !topo
         .client
-        .try_sh(&format!("nc -z -w1 {VIP} {WEB_PORT}"))
+        .try_sh(&format!("nc -z -w1 {vip} {WEB_PORT}"))
         .status
         .success()
     {
         if Instant::now() > deadline {
             return Err(format!(
-                "{what} did not accept connections on {VIP}:{WEB_PORT} within 10 s"
+                "{what} did not accept connections on {vip} port {WEB_PORT} within 10 s"
             ));
         }
         thread::sleep(Duration::from_millis(50));
@@ -300,6 +349,13 @@ pub fn start<'a>(
             let balancer = Balancer::start(lb, topo, &dsr_config(topo));
             let running = Running::Daemon(Box::new(balancer));
             wait_for_vip(topo, "lb (DSR)")?;
+            Ok(running)
+        }
+        Contender::XdpIpv6 => {
+            let addrs6 = topo.ipv6_backend_addrs();
+            let balancer = Balancer::start(lb, topo, &ipv6_config(topo, &addrs6));
+            let running = Running::Daemon(Box::new(balancer));
+            wait_for(topo, VIP6.into(), "lb (IPv6)")?;
             Ok(running)
         }
         Contender::Nftables => {

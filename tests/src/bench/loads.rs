@@ -3,7 +3,11 @@
 //! requests, and a bulk download), `lb-bench udp-load` for UDP. Every load is bounded in time;
 //! every external command is bounded by `timeout`.
 
-use std::{fs, net::SocketAddrV4, path::Path};
+use std::{
+    fs,
+    net::{SocketAddr, SocketAddrV4},
+    path::Path,
+};
 
 use serde::Serialize;
 
@@ -15,7 +19,7 @@ use super::{
 use crate::{
     host::ClientCgroup,
     netns::Netns,
-    topology::{BACKEND_PORT, Topology, VIP},
+    topology::{BACKEND_PORT, Topology},
 };
 
 /// Size of the object the bulk load downloads over and over (keep-alive).
@@ -240,6 +244,7 @@ pub fn start_backends(
                  events {{ worker_connections 65536; }}\n\
                  http {{\n    access_log off;\n    keepalive_requests 100000000;\n    sendfile on;\n    \
                  server {{\n        listen {BACKEND_PORT} reuseport backlog=65535;\n        \
+                 listen [::]:{BACKEND_PORT} reuseport backlog=65535;\n        \
                  listen {WEB_PORT} reuseport backlog=65535;\n        \
                  location = / {{ return 200 \"{name}\\n\"; }}\n        \
                  location = /bulk {{ alias {www}/bulk; }}\n    }}\n}}\n",
@@ -388,7 +393,7 @@ fn udp_load(
             .map(|&i| SocketAddrV4::new(topo.backend_addrs[i], BACKEND_PORT).to_string())
             .collect()
     } else {
-        vec![SocketAddrV4::new(VIP, UDP_PORT).to_string()]
+        vec![SocketAddr::new(contender.vip(), UDP_PORT).to_string()]
     };
     let out = topo.client.try_sh(&format!(
         "timeout {limit} {} udp-load --targets {} --flows {UDP_FLOWS} --window {UDP_WINDOW} --seconds {seconds}",
@@ -434,9 +439,9 @@ pub fn run(
     // wrk checks the URL's address before its threads start, so the direct path names the
     // first backend; its script then spreads the threads over both.
     let target = if contender == Contender::Direct {
-        SocketAddrV4::new(topo.backend_addrs[0], BACKEND_PORT)
+        SocketAddr::new(topo.backend_addrs[0].into(), BACKEND_PORT)
     } else {
-        SocketAddrV4::new(VIP, WEB_PORT)
+        SocketAddr::new(contender.vip(), WEB_PORT)
     };
     let wrk = |host: &Netns, name: &str, backends: &[usize], connections: usize, options: &str| {
         let script = dir.join(format!("wrk-{contender:?}-{name}.lua"));

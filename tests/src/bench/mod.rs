@@ -276,6 +276,10 @@ fn one_contender(
         Scene::TwoArm => {
             let topo = Topology::new(Arms::Two, 2);
             let more = topo.add_clients(MORE_CLIENTS);
+            if contender == Contender::XdpIpv6 {
+                topo.add_ipv6();
+                topo.add_ipv6_clients(&more);
+            }
             (topo, more, None)
         }
         Scene::Containers => {
@@ -473,7 +477,7 @@ fn measure(
                 .then(|| xdp_ns as f64 / xdp_runs as f64),
             balancer_cpu: match contender {
                 // The program's run time plus the daemon's own CPU (health checks, sweeps).
-                Contender::Xdp | Contender::XdpDsr if stats.is_ok() => {
+                Contender::Xdp | Contender::XdpDsr | Contender::XdpIpv6 if stats.is_ok() => {
                     Some(xdp_ns as f64 / 1e9 / wall + process_cpu)
                 }
                 Contender::Haproxy | Contender::Nginx => Some(process_cpu),

@@ -363,6 +363,10 @@ pub fn markdown(results: &Results, command: &str) -> String {
          VIP on their loopback and answer the clients over a second link of the client \
          namespace on their segment, so a download's data skips the balancer (its UDP and \
          containers cells do not apply).\n\n\
+         \"lb IPv6\" is lb with the same services on an IPv6 VIP (NAT66) on the two-arm \
+         network with IPv6 beside IPv4 (fd00::/8): the clients, the extra client hosts and the \
+         backends reach each other over IPv6 (its containers cells do not apply: the tc hook \
+         has no IPv6 yet).\n\n\
          ## Summary\n\n{}\n\
          ## Goals\n\n{}\n",
         m.date,
@@ -506,7 +510,7 @@ pub fn chart_svg(results: &Results) -> String {
     const TOP: f64 = 64.0;
     const BAR_AREA: f64 = 170.0;
     let colours = [
-        "#888888", "#d62728", "#ff7f0e", "#1f77b4", "#2ca02c", "#9467bd",
+        "#888888", "#d62728", "#ff7f0e", "#e377c2", "#1f77b4", "#2ca02c", "#9467bd",
     ];
     let width = PANEL_W * Load::ALL.len() as f64 + 20.0;
     let height = TOP + PANEL_H;

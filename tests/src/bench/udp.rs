@@ -8,7 +8,7 @@
 
 use std::{
     io::ErrorKind,
-    net::{SocketAddrV4, UdpSocket},
+    net::{SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     time::{Duration, Instant},
 };
@@ -20,7 +20,8 @@ const LOSS_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Echoes every datagram back to its sender, forever (the namespace's guard kills it).
 pub fn echo(port: u16) -> std::io::Result<()> {
-    let socket = UdpSocket::bind(("0.0.0.0", port))?;
+    // Both families on one socket (IPv4 clients as mapped addresses), IPv4 alone without IPv6.
+    let socket = UdpSocket::bind(("::", port)).or_else(|_| UdpSocket::bind(("0.0.0.0", port)))?;
     let mut buf = [0u8; 2048];
     loop {
         let (n, peer) = socket.recv_from(&mut buf)?;
@@ -45,7 +46,7 @@ struct Flow {
 
 /// Runs `flows` flows over `targets` (flow i goes to targets[i % len]) for `seconds`.
 pub fn load(
-    targets: &[SocketAddrV4],
+    targets: &[SocketAddr],
     flows: usize,
     window: u32,
     seconds: f64,
@@ -57,8 +58,14 @@ pub fn load(
     }
     let mut list = Vec::with_capacity(flows);
     for i in 0..flows {
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
-        socket.connect(targets[i % targets.len()])?;
+        let target = targets[i % targets.len()];
+        let any = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(target)?;
         socket.set_nonblocking(true)?;
         list.push(Flow {
             socket,

@@ -5,7 +5,7 @@
 //!   lb-bench udp-echo PORT
 //!   lb-bench udp-load --targets ADDR:PORT[,...] --flows N --window N --seconds S
 
-use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use lb_tests::{
@@ -48,7 +48,7 @@ enum Command {
     /// Closed-loop UDP request/response load; prints one JSON line.
     UdpLoad {
         #[arg(long, value_delimiter = ',', required = true)]
-        targets: Vec<SocketAddrV4>,
+        targets: Vec<SocketAddr>,
         #[arg(long)]
         flows: usize,
         #[arg(long)]
