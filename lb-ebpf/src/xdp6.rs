@@ -5,11 +5,11 @@
 //! packet is parsed again by each step that needs it; the steps hand the flow's reply entry on
 //! in FLOW_SCRATCH6 and REPLY_KEY_SCRATCH6.
 //!
-//! Served: full NAT, TCP and UDP (DNAT's steps are the families' shared code, not yet shown
-//! for IPv6 by fixtures, and the daemon writes no IPv6 service yet). An IPv6 DSR service drops
-//! its packets
-//! (`dsr_cannot_forward`); a packet too big for its next hop is dropped (`fib_frag_needed`:
-//! no ICMPv6 Packet Too Big yet). A TCP segment with no flow is answered with an RST, as IPv4's.
+//! Served: full NAT, TCP and UDP (DNAT's steps are the families' shared code, not shown for
+//! IPv6 by fixtures; the daemon refuses an IPv6 service in any mode but "nat"). An IPv6 DSR
+//! service drops its packets (`dsr_cannot_forward`); a packet too big for its next hop is
+//! dropped (`fib_frag_needed`: no ICMPv6 Packet Too Big yet). A TCP segment with no flow is
+//! answered with an RST (`reset_apart`), as IPv4's.
 
 use core::mem::MaybeUninit;
 
