@@ -22,13 +22,14 @@ const TTL: u8 = 64;
 const IPPROTO_TCP: u8 = 6;
 
 /// What the reset is built from: the segment it answers, as it arrived (addresses and ports
-/// in network byte order as raw bytes, sequence numbers in host order).
+/// in network byte order as raw bytes, sequence numbers in host order); `A` is the address,
+/// 4 bytes or 16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Segment {
+pub struct SegmentOf<A> {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub flags: u8,
@@ -37,21 +38,8 @@ pub struct Segment {
     pub seq_end: u32,
     pub ack_seq: u32,
 }
-
-/// `Segment` of IPv6: its addresses are 16 bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Segment6 {
-    pub src_mac: [u8; 6],
-    pub dst_mac: [u8; 6],
-    pub src_addr: [u8; 16],
-    pub dst_addr: [u8; 16],
-    pub src_port: [u8; 2],
-    pub dst_port: [u8; 2],
-    pub flags: u8,
-    pub seq: u32,
-    pub seq_end: u32,
-    pub ack_seq: u32,
-}
+pub type Segment = SegmentOf<[u8; 4]>;
+pub type Segment6 = SegmentOf<[u8; 16]>;
 
 /// One RST, as IPv4 + TCP: addresses and ports as raw network-order bytes, sequence numbers in
 /// host order.
