@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Child, Stdio},
     thread,
@@ -96,7 +97,7 @@ impl Contender {
     }
 
     /// The VIP the clients reach it at.
-    pub fn vip(self) -> std::net::IpAddr {
+    pub fn vip(self) -> IpAddr {
         match self {
             Contender::XdpIpv6 => VIP6.into(),
             _ => VIP.into(),
@@ -148,6 +149,29 @@ fn backends(topo: &Topology) -> impl Iterator<Item = (String, u32)> + '_ {
 /// The one exception is where the socket hooks attach: to the benchmark's own cgroup for its
 /// host clients, or nowhere (never the machine's root).
 pub fn daemon_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> String {
+    let backends: Vec<IpAddr> = topo.backend_addrs.iter().map(|&a| a.into()).collect();
+    services_config(topo, host_clients, VIP.into(), &backends)
+}
+
+/// lb's configuration over IPv6: `daemon_config`'s services on VIP6 and the backends' IPv6
+/// addresses (`Topology::add_ipv6`).
+fn ipv6_config(topo: &Topology) -> String {
+    let backends: Vec<IpAddr> = topo
+        .ipv6_backend_addrs()
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    services_config(topo, None, VIP6.into(), &backends)
+}
+
+/// A TCP and a UDP service on `vip` over `backends` (weighted as WEIGHTS), on the topology's
+/// interfaces.
+fn services_config(
+    topo: &Topology,
+    host_clients: Option<&ClientCgroup>,
+    vip: IpAddr,
+    backends: &[IpAddr],
+) -> String {
     let interfaces: Vec<String> = topo
         .lb_interfaces
         .iter()
@@ -159,38 +183,14 @@ pub fn daemon_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> St
         interfaces.join(", ")
     );
     for (name, port, proto) in [("web", WEB_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
+        let vip = SocketAddr::new(vip, port);
         text += &format!(
-            "[[service]]\nname = \"{name}\"\nvip = \"{VIP}:{port}\"\nprotocol = \"{proto}\"\n\
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{proto}\"\n\
              [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"1s\"\n"
         );
-        for (addr, weight) in backends(topo) {
+        for (&addr, weight) in backends.iter().zip(WEIGHTS) {
+            let addr = SocketAddr::new(addr, BACKEND_PORT);
             text += &format!("[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
-        }
-    }
-    text
-}
-
-/// lb's configuration over IPv6: `daemon_config`'s services on VIP6 and the backends' IPv6
-/// addresses (`Topology::add_ipv6`).
-fn ipv6_config(topo: &Topology, addrs6: &[std::net::Ipv6Addr]) -> String {
-    let interfaces: Vec<String> = topo
-        .lb_interfaces
-        .iter()
-        .map(|i| format!("\"{i}\""))
-        .collect();
-    let mut text = format!(
-        "interfaces = [{}]\n[host]\ncgroup = \"off\"\n",
-        interfaces.join(", ")
-    );
-    for (name, port, proto) in [("web", WEB_PORT, "tcp"), ("udp", UDP_PORT, "udp")] {
-        text += &format!(
-            "[[service]]\nname = \"{name}\"\nvip = \"[{VIP6}]:{port}\"\nprotocol = \"{proto}\"\n\
-             [service.health]\nkind = \"tcp\"\nport = {BACKEND_PORT}\ninterval = \"1s\"\n"
-        );
-        for (addr, weight) in addrs6.iter().zip(WEIGHTS) {
-            text += &format!(
-                "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
-            );
         }
     }
     text
@@ -310,7 +310,7 @@ fn wait_for_vip(topo: &Topology, what: &str) -> Result<(), String> {
     wait_for(topo, VIP.into(), what)
 }
 
-fn wait_for(topo: &Topology, vip: std::net::IpAddr, what: &str) -> Result<(), String> {
+fn wait_for(topo: &Topology, vip: IpAddr, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !topo
         .client
@@ -352,8 +352,7 @@ pub fn start<'a>(
             Ok(running)
         }
         Contender::XdpIpv6 => {
-            let addrs6 = topo.ipv6_backend_addrs();
-            let balancer = Balancer::start(lb, topo, &ipv6_config(topo, &addrs6));
+            let balancer = Balancer::start(lb, topo, &ipv6_config(topo));
             let running = Running::Daemon(Box::new(balancer));
             wait_for(topo, VIP6.into(), "lb (IPv6)")?;
             Ok(running)
