@@ -150,8 +150,11 @@ pub const STAT_HOST_NO_BACKEND: u32 = 148;
 pub const STAT_DECAPSULATED: u32 = 149;
 /// ... and IPIP packets for another inner destination, left to the kernel.
 pub const STAT_DECAP_UNKNOWN_VIP: u32 = 150;
+/// ICMPv6 "packet too big" sent by the balancer for an IPv6 packet too big for its next hop
+/// (`too_big.rs`).
+pub const STAT_PACKET_TOO_BIG_SENT: u32 = 151;
 /// Event slots and their names in status and metrics.
-pub const EVENTS: [(u32, &str); 21] = [
+pub const EVENTS: [(u32, &str); 22] = [
     (STAT_SUSPECT_REFUSED, "suspect_refused"),
     (STAT_SUSPECT_UNANSWERED, "suspect_unanswered"),
     (STAT_STEERED_OFF_SUSPECT, "steered_off_suspect"),
@@ -173,6 +176,7 @@ pub const EVENTS: [(u32, &str); 21] = [
     (STAT_HOST_NO_BACKEND, "host_no_backend"),
     (STAT_DECAPSULATED, "decapsulated"),
     (STAT_DECAP_UNKNOWN_VIP, "decap_unknown_vip"),
+    (STAT_PACKET_TOO_BIG_SENT, "packet_too_big_sent"),
 ];
 
 impl PassReason {

@@ -12,7 +12,10 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     csum::Delta,
-    maps::{BACKENDS, BACKENDS6, FLOW_SCRATCH, FLOW_SCRATCH6, FLOWS, FLOWS6, SERVICES, SERVICES6},
+    maps::{
+        BACKENDS, BACKENDS6, FLOW_SCRATCH, FLOW_SCRATCH6, FLOWS, FLOWS6, SERVICES, SERVICES6, VIPS,
+        VIPS6,
+    },
 };
 
 const AF_INET6: u8 = 10;
@@ -28,6 +31,11 @@ pub trait Family: Address {
     fn flow_scratch() -> &'static PerCpuArray<FlowValueOf<Self>>;
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>>;
     fn backends() -> &'static Array<BackendOf<Self>>;
+    /// The addresses of the services' VIPs, for traffic with no port (`icmp.rs`).
+    fn vips() -> &'static HashMap<Self, u32>;
+    /// The header's source and destination addresses.
+    fn src(ip: &Self::Ip) -> Self;
+    fn dst(ip: &Self::Ip) -> Self;
     /// Adds the change of an address from `old` to `new` to a checksum's `delta`.
     fn replace(delta: &mut Delta, old: Self, new: Self);
     /// The address's part of a checksum: the sum of its 16-bit words as the packet holds them.
@@ -94,6 +102,18 @@ impl Family for Be32 {
         &BACKENDS
     }
     #[inline(always)]
+    fn vips() -> &'static HashMap<Self, u32> {
+        &VIPS
+    }
+    #[inline(always)]
+    fn src(ip: &Ipv4Hdr) -> Self {
+        Be32::from_bytes(ip.src_addr)
+    }
+    #[inline(always)]
+    fn dst(ip: &Ipv4Hdr) -> Self {
+        Be32::from_bytes(ip.dst_addr)
+    }
+    #[inline(always)]
     fn replace(delta: &mut Delta, old: Self, new: Self) {
         delta.replace32(old.0, new.0);
     }
@@ -147,6 +167,18 @@ impl Family for In6 {
     #[inline(always)]
     fn backends() -> &'static Array<BackendOf<Self>> {
         &BACKENDS6
+    }
+    #[inline(always)]
+    fn vips() -> &'static HashMap<Self, u32> {
+        &VIPS6
+    }
+    #[inline(always)]
+    fn src(ip: &Ipv6Hdr) -> Self {
+        read_in6(&raw const ip.src_addr)
+    }
+    #[inline(always)]
+    fn dst(ip: &Ipv6Hdr) -> Self {
+        read_in6(&raw const ip.dst_addr)
     }
     /// The eight words' changes at once: each adds its complement (0xffff minus it) and its
     /// new value.

@@ -106,7 +106,7 @@ fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // bounds-checked by ptr_at.
     let backend_id = unsafe {
         let nat = &*entry;
-        nat::readdress(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
+        nat::readdress::<Be32>(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
         nat.backend_id
     };
     let hop = match forward::next_hop(ctx, ip, proto, entry, 0) {

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Backend6, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE,
     FRAGMENTS_CAPACITY, FlowCounts, FlowKey, FlowKey6, FlowValue, FlowValue6, FragmentKey,
-    FragmentValue, HostPortKey, Iface, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_INTERFACES,
+    FragmentValue, HostPortKey, Iface, In6, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_INTERFACES,
     MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY,
     STATS_SLOTS, Service, Service6, ServiceKey, ServiceKey6, SockKey, SockKey6, SockVip, SockVip6,
     TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
@@ -120,6 +120,10 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
 /// writes; data path reads.
 #[map]
 pub static VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// VIPS for SERVICES6.
+#[map]
+pub static VIPS6: HashMap<In6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// ifindex -> how to send out of it. Daemon writes; data path reads.
 #[map]

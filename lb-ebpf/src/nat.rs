@@ -1,19 +1,20 @@
 //! Stage 4, rewrite: addresses and ports as the flow says, with the IPv4 and TCP/UDP checksums
 //! updated incrementally (the L4 one for `l4_changes` made earlier too). Touches no map.
 
-use lb_common::{Be32, FlowValueOf};
-use network_types::ip::Ipv4Hdr;
+use lb_common::FlowValueOf;
 
 use crate::{csum::Delta, family::Family, parse::Packet};
 
-/// Rewrites the addresses of `ip` to `src` and `dst`, with its header checksum: for packets
+/// Rewrites the addresses of `ip` to `src` and `dst`, with IPv4's header checksum: for packets
 /// with no ports of the flow to rewrite (an ICMP error's outer header, a later fragment).
+/// Returns the change, which a pseudo-header takes too.
 #[inline(always)]
-pub fn readdress(ip: &mut Ipv4Hdr, src: Be32, dst: Be32) {
+pub fn readdress<A: Family>(ip: &mut A::Ip, src: A, dst: A) -> Delta {
     let mut change = Delta::default();
-    change.replace32(Be32::from_bytes(ip.src_addr).0, src.0);
-    change.replace32(Be32::from_bytes(ip.dst_addr).0, dst.0);
-    Be32::write_addrs(ip, src, dst, change);
+    A::replace(&mut change, A::src(ip), src);
+    A::replace(&mut change, A::dst(ip), dst);
+    A::write_addrs(ip, src, dst, change);
+    change
 }
 
 /// Writes the flow's addresses and ports into the packet, with its IPv4 checksum. Returns the

@@ -8,7 +8,7 @@ use core::mem::MaybeUninit;
 use lb_common::{
     Be16, Be32, FlowKeyOf, In6, PassReason,
     conntrack::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    icmp::IPPROTO_ICMP,
+    icmp::{IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 use network_types::{
     eth::EthHdr,
@@ -125,6 +125,8 @@ fn ipv4_header(ctx: &impl Frame) -> Option<*mut Ipv4Hdr> {
 pub enum Path {
     /// IPv6 (`packet6`).
     Ipv6,
+    /// IPv6 carrying ICMPv6 right after its fixed header (`icmp.rs`).
+    Icmp6,
     /// IPv4 carrying ICMP (`icmp.rs`).
     Icmp,
     /// An IPv4 fragment other than the first (`fragments.rs`).
@@ -139,6 +141,11 @@ pub fn path(ctx: &impl Frame) -> Path {
         let eth: Option<*mut EthHdr> = ptr_at(ctx, 0);
         // SAFETY: bounds-checked by ptr_at.
         if eth.is_some_and(|eth| unsafe { (*eth).ether_type } == ETH_P_IPV6.to_be()) {
+            let ip: Option<*mut Ipv6Hdr> = ptr_at(ctx, EthHdr::LEN);
+            // SAFETY: bounds-checked by ptr_at.
+            if ip.is_some_and(|ip| unsafe { (*ip).next_hdr } == IPPROTO_ICMPV6) {
+                return Path::Icmp6;
+            }
             return Path::Ipv6;
         }
         return Path::Balance;

@@ -22,7 +22,7 @@ use crate::{
 };
 
 /// `balance_apart`'s answer for a packet too big for its next hop: this bit, with the MTU.
-const TOO_BIG: u32 = 1 << 31;
+pub const TOO_BIG: u32 = 1 << 31;
 
 /// What the balancing path does differently per address family at this hook.
 pub trait Balanced: Family {
@@ -106,12 +106,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     match parse::path(&ctx) {
         Path::Ipv6 => return xdp6::balance(ctx.ctx),
         Path::Icmp => return icmp::handle_apart(ctx.ctx),
+        Path::Icmp6 => return icmp::handle6_apart(ctx.ctx),
         Path::LaterFragment => return fragments::follow_apart(ctx.ctx),
         Path::Balance => {}
     }
     let action = balance_apart(ctx.ctx);
     if action & TOO_BIG != 0 {
-        return too_big::answer_apart(ctx.ctx, action as u16);
+        return too_big::answer_apart::<Be32>(ctx.ctx, action as u16);
     }
     action
 }

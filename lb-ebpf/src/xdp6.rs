@@ -7,9 +7,9 @@
 //!
 //! Served: full NAT, TCP and UDP (DNAT's steps are the families' shared code, not shown for
 //! IPv6 by fixtures; the daemon refuses an IPv6 service in any mode but "nat"). An IPv6 DSR
-//! service drops its packets (`dsr_cannot_forward`); a packet too big for its next hop is
-//! dropped (`fib_frag_needed`: no ICMPv6 Packet Too Big yet). A TCP segment with no flow is
-//! answered with an RST (`reset_apart`), as IPv4's.
+//! service drops its packets (`dsr_cannot_forward`). A packet too big for its next hop is
+//! answered with an ICMPv6 "packet too big" (`too_big.rs`), and a TCP segment with no flow
+//! with an RST (`reset_apart`), as IPv4's.
 
 use core::mem::MaybeUninit;
 
@@ -24,8 +24,8 @@ use crate::{
     Verdict, debug_log, flow,
     maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6, SERVICES6},
     parse::{self, Packet},
-    reset, stats, xdp,
-    xdp::{Balanced, admit},
+    reset, stats, too_big, xdp,
+    xdp::{Balanced, TOO_BIG, admit},
 };
 
 /// `balance_apart`'s answer for a packet with no flow, and the steps' answers for a step done:
@@ -72,9 +72,12 @@ pub fn balance(ctx: *mut xdp_md) -> u32 {
     }
 }
 
-/// A step's answer as an XDP action, its drop logged.
+/// A step's answer as an XDP action: its drop logged, a packet too big answered.
 #[inline(always)]
 fn logged(ctx: *mut xdp_md, answer: u32) -> u32 {
+    if answer & TOO_BIG != 0 {
+        return too_big::answer_apart::<In6>(ctx, answer as u16);
+    }
     if answer & DROPPED == 0 {
         return answer;
     }
@@ -103,16 +106,15 @@ fn parsed<'a>(
     Ok(unsafe { out.assume_init_ref() })
 }
 
-/// The balancing path for a packet with a flow: its XDP action, counted, or NO_FLOW.
+/// The balancing path for a packet with a flow: its XDP action, counted; NO_FLOW; or TOO_BIG
+/// and the MTU for a packet too big for its next hop (uncounted, rewritten).
 #[inline(never)]
 fn balance_apart(ctx: *mut xdp_md) -> u32 {
     let ctx = XdpContext::new(ctx);
     let mut out = MaybeUninit::uninit();
     let result = parsed(&ctx, &mut out).and_then(|pkt| xdp::balance(&ctx, pkt));
     match result {
-        Ok(Verdict::TooBig(_)) | Err(Verdict::TooBig(_)) => {
-            answer(Verdict::Drop(DropReason::FibFragNeeded))
-        }
+        Ok(Verdict::TooBig(mtu)) | Err(Verdict::TooBig(mtu)) => TOO_BIG | u32::from(mtu),
         Ok(verdict) | Err(verdict) => answer(verdict),
     }
 }

@@ -248,6 +248,7 @@ pub struct Dataplane {
     services: HashMap<MapData, ServiceKey, Service>,
     /// SERVICES' addresses (`sync_vips`).
     vips: HashMap<MapData, Be32, u32>,
+    vips6: HashMap<MapData, In6, u32>,
     /// SERVICES' ports on host addresses (`sync_vips`).
     host_ports: HashMap<MapData, HostPortKey, Be32>,
     backends: Array<MapData, Backend>,
@@ -341,6 +342,26 @@ fn backend_entry<A>(
             0
         },
     })
+}
+
+/// Makes the set `map` (address -> 1) hold exactly the addresses of `want`.
+fn sync_address_set<A: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, A, u32>,
+    want: impl Iterator<Item = A>,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    let want: std::collections::BTreeSet<A> = want.collect();
+    let have: Vec<A> = map.keys().filter_map(Result::ok).collect();
+    for addr in have.iter().filter(|a| !want.contains(a)) {
+        match map.remove(addr) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(source) => return Err(in_map(name)(source)),
+        }
+    }
+    for addr in want.iter().filter(|a| !have.contains(a)) {
+        map.insert(addr, &1, 0).map_err(in_map(name))?;
+    }
+    Ok(())
 }
 
 fn in_map(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -472,6 +493,7 @@ impl Dataplane {
         let mut dataplane = Self {
             services: map(&mut ebpf, "SERVICES", HashMap::try_from)?,
             vips: map(&mut ebpf, "VIPS", HashMap::try_from)?,
+            vips6: map(&mut ebpf, "VIPS6", HashMap::try_from)?,
             host_ports: map(&mut ebpf, "HOST_PORTS", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
             services6: map(&mut ebpf, "SERVICES6", HashMap::try_from)?,
@@ -913,7 +935,7 @@ impl Dataplane {
                     .insert(&key, &service, 0)
                     .map_err(in_map("SERVICES6"))?;
                 self.live_table.insert(id, staging);
-                Ok(())
+                self.sync_vips()
             }
         }
     }
@@ -1122,25 +1144,14 @@ impl Dataplane {
         self.sync_vips()
     }
 
-    /// Makes VIPS hold the addresses of SERVICES' keys, and no other: the data path answers
-    /// pings to these (at most MAX_SERVICES, so reading both maps whole is cheap).
+    /// Makes VIPS (VIPS6) hold the addresses of SERVICES' (SERVICES6') keys, and no other: the
+    /// data path answers pings to these (at most MAX_SERVICES, so reading the maps whole is
+    /// cheap).
     fn sync_vips(&mut self) -> Result<(), DataplaneError> {
-        let want: std::collections::BTreeSet<Be32> = self
-            .services
-            .keys()
-            .filter_map(Result::ok)
-            .map(|k| k.vip)
-            .collect();
-        let have: Vec<Be32> = self.vips.keys().filter_map(Result::ok).collect();
-        for vip in have.iter().filter(|v| !want.contains(v)) {
-            match self.vips.remove(vip) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(in_map("VIPS")(source)),
-            }
-        }
-        for vip in want.iter().filter(|v| !have.contains(v)) {
-            self.vips.insert(vip, &1, 0).map_err(in_map("VIPS"))?;
-        }
+        let want = self.services.keys().filter_map(Result::ok).map(|k| k.vip);
+        sync_address_set(&mut self.vips, want, "VIPS")?;
+        let want6 = self.services6.keys().filter_map(Result::ok).map(|k| k.vip);
+        sync_address_set(&mut self.vips6, want6, "VIPS6")?;
         self.sync_host_ports()
     }
 

@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 26] = [
+pub const MAP_NAMES: [&str; 27] = [
     // The layout version of the maps pinned beside it: checked before any is adopted.
     "LAYOUT",
     "SERVICES",
@@ -40,6 +40,7 @@ pub const MAP_NAMES: [&str; 26] = [
     "BACKENDS6",
     "FLOWS6",
     "SOCK_REVERSE6",
+    "VIPS6",
 ];
 /// Maps earlier builds pinned and this one no longer has: `remove` takes them too.
 const RETIRED_MAP_NAMES: [&str; 1] = ["SNAT_CURSOR"];

@@ -288,7 +288,8 @@ impl PacketBuilder {
         self
     }
 
-    /// The whole frame, lengths and checksums filled in.
+    /// The whole frame, lengths and checksums filled in. `icmp` over IPv6 is ICMPv6, its
+    /// checksum over the pseudo-header.
     pub fn build(&self) -> Vec<u8> {
         let mut frame = Vec::with_capacity(ETH_HLEN + 60 + 60 + self.payload.len());
         frame.extend_from_slice(&self.dst_mac);
@@ -388,6 +389,11 @@ impl PacketBuilder {
                 let mut message = vec![kind, code, 0, 0];
                 message.extend(rest);
                 message.extend(&self.payload);
+                if self.ipv6.is_some() {
+                    let csum = l4_checksum(&pseudo(IPPROTO_ICMPV6, message.len()), &message);
+                    put_u16(&mut message, 2, csum);
+                    return (IPPROTO_ICMPV6, message);
+                }
                 let csum = checksum(&message);
                 put_u16(&mut message, 2, csum);
                 (IPPROTO_ICMP, message)
@@ -581,6 +587,14 @@ pub fn verify_checksums(frame: &[u8]) -> Result<(), String> {
             ));
             compare("udp", expected, found)
         }
+        IPPROTO_ICMP if ip.body.len() >= 4 => {
+            compare("icmp", checksum(&zeroed(ip.body, 2)), read_u16(ip.body, 2))
+        }
+        IPPROTO_ICMPV6 if ip.body.len() >= 4 => compare(
+            "icmpv6",
+            l4_checksum(&ip.pseudo(IPPROTO_ICMPV6), &zeroed(ip.body, 2)),
+            read_u16(ip.body, 2),
+        ),
         _ => Ok(()),
     }
 }
@@ -1118,6 +1132,38 @@ mod tests {
             "the source address is covered"
         );
         assert!(describe(&frame).contains("ipv6 fd00::2->fd00:100::1 hlim 64 tcp 40000->80 [S]"));
+    }
+
+    /// An ICMPv6 echo request fd00::2 -> fd00:100::1, id 0x1234, sequence 1: its checksum
+    /// computed apart (Python's struct module, by hand) covers the pseudo-header, as ICMP's
+    /// over IPv4 does not.
+    #[test]
+    fn icmpv6_checksum_covers_the_ipv6_pseudo_header() {
+        let src: Ipv6Addr = "fd00::2".parse().expect("address");
+        let dst: Ipv6Addr = "fd00:100::1".parse().expect("address");
+        let frame = pkt()
+            .ipv6(src, dst)
+            .icmp(128, 0, [0x12, 0x34, 0, 1])
+            .build();
+        assert_eq!(frame[ETH_HLEN + 6], IPPROTO_ICMPV6);
+        assert_eq!(read_u16(&frame, ETH_HLEN + IPV6_HLEN + 2), Some(0x7283));
+        assert_eq!(verify_checksums(&frame), Ok(()));
+        for at in [ETH_HLEN + 8, ETH_HLEN + 39, ETH_HLEN + IPV6_HLEN + 7] {
+            let mut wrong = frame.clone();
+            wrong[at] ^= 1;
+            assert!(verify_checksums(&wrong).is_err(), "byte {at} is covered");
+        }
+        let v4 = pkt()
+            .ipv4(Ipv4Addr::new(198, 18, 0, 2), Ipv4Addr::new(198, 18, 100, 1))
+            .icmp(8, 0, [0x12, 0x34, 0, 1])
+            .build();
+        assert_eq!(verify_checksums(&v4), Ok(()));
+        let mut wrong = v4.clone();
+        wrong[ETH_HLEN + IPV4_HLEN_MIN + 5] ^= 1;
+        assert!(
+            verify_checksums(&wrong).is_err(),
+            "icmp's checksum is checked"
+        );
     }
 
     #[test]

@@ -4344,7 +4344,7 @@ fn ipv6_fixtures() -> Vec<Fixture> {
     let request = b"GET / HTTP/1.0\r\n\r\n";
     let response = b"HTTP/1.0 200 OK\r\n\r\n";
     let big = [0x61; 1441];
-    vec![
+    let mut list = vec![
         Fixture {
             flows6_after: new_pair6(TCP_SYN_SENT, TCP, 40000, 1),
             ..fixture(
@@ -4477,24 +4477,70 @@ fn ipv6_fixtures() -> Vec<Fixture> {
             None,
             vec![(Counter::Drop(DropReason::NoBackend), 1)],
         ),
-        // No ICMPv6 Packet Too Big yet: dropped, counted, after the rewrite of its addresses
-        // and ports (the FIB is asked the rewritten packet's way).
-        fixture(
-            "ipv6_packet_too_big_for_the_next_hop_dropped",
-            with(backends6(), &[web6(&[(1, 1)]), flow6(40008, 1, 31008)]),
-            client_syn6(40008).tcp_flags(TCP_ACK).payload(&big).build(),
-            XDP_DROP,
-            Some(
-                pkt()
-                    .eth(CLIENT_MAC, LB0_MAC)
-                    .ipv6(SNAT6, B1_6)
-                    .tcp(31008, BACKEND_PORT)
-                    .tcp_flags(TCP_ACK)
-                    .payload(&big)
-                    .build(),
-            ),
-            vec![(Counter::Drop(DropReason::FibFragNeeded), 1)],
-        ),
+        // A client's 1,501-byte packet does not fit the backends' 1500-byte link (routers do
+        // not fragment IPv6): the client gets "packet too big" with that MTU, from the VIP,
+        // quoting its segment as it sent it, back out of the device it came in by.
+        {
+            let too_big = client_syn6(40008).tcp_flags(TCP_ACK).payload(&big).build();
+            fixture(
+                "ipv6_too_big_for_the_backend_link_answered_with_packet_too_big",
+                with(backends6(), &[web6(&[(1, 1)]), flow6(40008, 1, 31008)]),
+                too_big.clone(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv6(VIP6, CLIENT6)
+                        .icmp(2, 0, [0, 0, 0x05, 0xdc])
+                        .payload(&quote(&too_big, 48))
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("packet_too_big_sent"), 1),
+                    (Counter::Event("frag_needed_sent"), 0),
+                    (Counter::Drop(DropReason::FibFragNeeded), 0),
+                ],
+            )
+        },
+        // A backend's UDP answer too big for the client's link: the backend gets "packet too
+        // big" from the SNAT address, quoting its datagram with its UDP checksum as it sent it.
+        {
+            let too_big = from_backend6(1, 31012)
+                .udp(BACKEND_PORT, 31012)
+                .payload(&bulk(1453))
+                .build();
+            Fixture {
+                ingress: "lb1",
+                ..fixture(
+                    "ipv6_too_big_reply_answered_with_packet_too_big_to_the_backend",
+                    with(
+                        backends6(),
+                        &[
+                            dns6(&[(1, 1)]),
+                            Setup::Flow6(FlowSetup {
+                                proto: UDP,
+                                ..flow_in(UDP_REPLIED, 40012, 1, 31012, Some(0))
+                            }),
+                        ],
+                    ),
+                    too_big.clone(),
+                    XDP_REDIRECT,
+                    Some(
+                        pkt()
+                            .eth(LB1_MAC, B1_MAC)
+                            .ipv6(SNAT6, B1_6)
+                            .icmp(2, 0, [0, 0, 0x05, 0xdc])
+                            .payload(&quote(&too_big, 48))
+                            .build(),
+                    ),
+                    vec![
+                        (Counter::Redirect, 1),
+                        (Counter::Event("packet_too_big_sent"), 1),
+                    ],
+                )
+            }
+        },
         fixture(
             "ipv6_not_a_service_passes",
             with(backends6(), &[web6(&[(1, 1)])]),
@@ -4549,6 +4595,265 @@ fn ipv6_fixtures() -> Vec<Fixture> {
             XDP_PASS,
             None,
             vec![(Counter::Pass(PassReason::TtlExpired), 1)],
+        ),
+    ];
+    list.extend(icmp6_fixtures());
+    list
+}
+
+/// ICMPv6 at the XDP hook: echo to a VIP answered; errors about balanced flows translated both
+/// ways, the quote compared whole (its TCP or UDP checksum too, and the error's own over the
+/// pseudo-header); errors about no flow, and neighbour discovery, passed.
+fn icmp6_fixtures() -> Vec<Fixture> {
+    let router6 = ipv6_of(ROUTER);
+    let backend_router6 = ipv6_of(BACKEND_ROUTER);
+    // A reply on its way to the client, as it left the balancer, and as the backend sent it.
+    let reply_out = |cport| to_client6(cport).ack().seq(5000).build();
+    let reply_in = |snat_port| from_backend6(1, snat_port).ttl(63).ack().seq(5000).build();
+    // A forwarded segment on its way to the backend, and as the client sent it.
+    let forward_out = |snat_port| to_backend6(1, snat_port).ack().build();
+    let forward_in = |cport| client_syn6(cport).ttl(63).tcp_flags(TCP_ACK).build();
+    let dns_out = |snat_port| {
+        pkt()
+            .ipv6(SNAT6, B1_6)
+            .ttl(63)
+            .udp(snat_port, BACKEND_PORT)
+            .payload(b"query")
+            .build()
+    };
+    let dns_in = |cport| {
+        pkt()
+            .ipv6(CLIENT6, VIP6)
+            .ttl(63)
+            .udp(cport, DNS_PORT)
+            .payload(b"query")
+            .build()
+    };
+    let udp_flow6 = |cport, snat_port| {
+        Setup::Flow6(FlowSetup {
+            proto: UDP,
+            ..flow_in(UDP_UNREPLIED, cport, 1, snat_port, Some(0))
+        })
+    };
+    let ping = |dst: Ipv6Addr, seq: u8| {
+        pkt()
+            .eth(CLIENT_MAC, LB0_MAC)
+            .ipv6(CLIENT6, dst)
+            .ttl(61)
+            .icmp(128, 0, [0x12, 0x34, 0, seq])
+            .payload(b"abcdefghijklmnopqrstuvwxyz012345")
+    };
+    vec![
+        // A ping of a VIP: answered from the VIP, back out of the ingress device, with a hop
+        // limit of 64; id, sequence number and data as they came.
+        fixture(
+            "ipv6_echo_request_to_vip_answered",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            ping(VIP6, 1).build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB0_MAC, CLIENT_MAC)
+                    .ipv6(VIP6, CLIENT6)
+                    .icmp(129, 0, [0x12, 0x34, 0, 1])
+                    .payload(b"abcdefghijklmnopqrstuvwxyz012345")
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_echo_replied"), 1),
+            ],
+        ),
+        fixture(
+            "ipv6_echo_request_to_another_address_passed",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            ping(ipv6_of(OTHER), 2).build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::NotTcpUdp), 1),
+                (Counter::Event("icmp_echo_replied"), 0),
+            ],
+        ),
+        // The IPv4 VIP's address is not the IPv6 VIP's: no service holds this one.
+        fixture(
+            "ipv6_echo_request_to_a_vip_without_ipv6_service_passed",
+            with(backends(), &[web(&[(1, 1)])]),
+            ping(VIP6, 3).build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Event("icmp_echo_replied"), 0)],
+        ),
+        // A router between the balancer and the client cannot forward a 1500-byte reply: its
+        // "packet too big" to the VIP goes to the backend, from the SNAT address, quoting the
+        // reply as the backend sent it (the TCP checksum quoted too).
+        fixture(
+            "ipv6_packet_too_big_to_vip_goes_to_the_backend_translated",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40201, 1, 31201)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(router6, VIP6)
+                .icmp(2, 0, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40201), 60))
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B1_MAC)
+                    .ipv6(SNAT6, B1_6)
+                    .ttl(63)
+                    .icmp(2, 0, FRAG_NEEDED_1400)
+                    .payload(&quote(&reply_in(31201), 60))
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_error_to_backend"), 1),
+                (Counter::Event("icmp_error_to_client"), 0),
+            ],
+        ),
+        // A router behind the balancer found a forwarded segment's hop limit spent: its time
+        // exceeded, quoting 8 bytes of TCP only (no checksum to fix), goes to the client.
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ipv6_time_exceeded_to_snat_goes_to_the_client_translated",
+                with(backends6(), &[web6(&[(1, 1)]), flow6(40202, 1, 31202)]),
+                pkt()
+                    .eth(B2_MAC, LB1_MAC)
+                    .ipv6(backend_router6, SNAT6)
+                    .icmp(3, 0, [0; 4])
+                    .payload(&quote(&forward_out(31202), 48))
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv6(VIP6, CLIENT6)
+                        .ttl(63)
+                        .icmp(3, 0, [0; 4])
+                        .payload(&quote(&forward_in(40202), 48))
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("icmp_error_to_client"), 1),
+                    (Counter::Event("icmp_error_to_backend"), 0),
+                ],
+            )
+        },
+        // A backend with nothing listening on a UDP port: its port unreachable (code 4)
+        // reaches the client as the VIP's, quoting the client's own datagram (checksum
+        // included).
+        Fixture {
+            ingress: "lb1",
+            ..fixture(
+                "ipv6_port_unreachable_from_a_backend_goes_to_the_client",
+                with(backends6(), &[dns6(&[(1, 1)]), udp_flow6(40203, 31203)]),
+                pkt()
+                    .eth(B1_MAC, LB1_MAC)
+                    .ipv6(B1_6, SNAT6)
+                    .icmp(1, 4, [0; 4])
+                    .payload(&dns_out(31203)[14..])
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    pkt()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv6(VIP6, CLIENT6)
+                        .ttl(63)
+                        .icmp(1, 4, [0; 4])
+                        .payload(&dns_in(40203)[14..])
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("icmp_error_to_client"), 1),
+                ],
+            )
+        },
+        // ... and a parameter problem about a reply goes to the backend.
+        fixture(
+            "ipv6_parameter_problem_to_vip_goes_to_the_backend_translated",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40204, 1, 31204)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(router6, VIP6)
+                .icmp(4, 0, [0, 0, 0, 7])
+                .payload(&quote(&reply_out(40204), 60))
+                .build(),
+            XDP_REDIRECT,
+            Some(
+                pkt()
+                    .eth(LB1_MAC, B1_MAC)
+                    .ipv6(SNAT6, B1_6)
+                    .ttl(63)
+                    .icmp(4, 0, [0, 0, 0, 7])
+                    .payload(&quote(&reply_in(31204), 60))
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("icmp_error_to_backend"), 1),
+            ],
+        ),
+        // Errors that are no flow's go to the kernel: a quote of a packet the balancer never
+        // sent, an error not addressed to the quoted packet's sender, a quote cut before the
+        // ports, and a quoted packet with extension headers.
+        fixture(
+            "ipv6_icmp_error_quoting_no_flow_passed",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40205, 1, 31205)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(router6, VIP6)
+                .icmp(2, 0, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40206), 60))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::IcmpNoFlow), 1),
+                (Counter::Event("icmp_error_to_backend"), 0),
+            ],
+        ),
+        fixture(
+            "ipv6_icmp_error_not_to_the_quoted_sender_passed",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40207, 1, 31207)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(router6, ipv6_of(OTHER))
+                .icmp(2, 0, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40207), 60))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
+        ),
+        fixture(
+            "ipv6_icmp_error_quote_cut_before_the_ports_passed",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40208, 1, 31208)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(router6, VIP6)
+                .icmp(2, 0, FRAG_NEEDED_1400)
+                .payload(&quote(&reply_out(40208), 42))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
+        ),
+        fixture(
+            "ipv6_icmp_error_quoting_extension_headers_passed",
+            with(backends6(), &[web6(&[(1, 1)]), flow6(40209, 1, 31209)]),
+            pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(router6, VIP6)
+                .icmp(2, 0, FRAG_NEEDED_1400)
+                .payload(&quote(&to_client6(40209).ack().hop_by_hop().build(), 68))
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
         ),
     ]
 }
