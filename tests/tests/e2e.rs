@@ -3337,6 +3337,76 @@ fn an_upload_too_big_for_the_backend_link_gets_frag_needed_from_the_balancer() {
     );
 }
 
+/// IPv6 through the balancer's ICMPv6, on the IPv4 tests' bottlenecks (routers never fragment
+/// IPv6, so path MTU discovery is all there is): `ping -6` of the VIP is answered; a download
+/// to a client host behind a 1400-byte link completes once the router's "packet too big",
+/// addressed to the VIP, reaches the backend translated; an upload too big for the balancer's
+/// own 1400-byte link to the backends completes by the "packet too big" the balancer sends.
+#[test]
+fn ipv6_path_mtu_discovery_works_both_ways_through_the_balancer_and_the_vip_answers_ping() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 1);
+    let addrs6 = topo.add_ipv6();
+    let hosts = topo.add_clients(1);
+    topo.add_ipv6_clients(&hosts);
+    let host = &hosts[0];
+    let config = dual_stack_config(&topo, &addrs6, &[1]);
+    let Setup { topo, balancer, .. } = setup_on(topo, &[1], |_| config);
+    let b6 = format!("[{}]:{BACKEND_PORT}", addrs6[0]);
+    balancer.wait_health("web6", &b6, true, Duration::from_secs(5));
+
+    let out = topo
+        .client
+        .try_sh(&format!("ping -6 -n -c 3 -i 0.2 -W 1 {VIP6}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success() && text.contains("3 received"),
+        "{text}"
+    );
+    assert!(text.contains("ttl=64"), "{text}");
+    assert_eq!(counter(&balancer, "event_icmp_echo_replied"), 3);
+
+    // The client namespace routes for the host: its link is c0 there and eth0 on the host,
+    // which announces the MSS of a 1500-byte path (as a host behind a tunnel does).
+    topo.client.sh("ip link set c0 mtu 1400");
+    host.sh("ip link set eth0 mtu 1400
+             ip -6 route change default via fd00:10::1 dev eth0 advmss 1440");
+    let (out, ok) = curl_in(
+        host,
+        &format!("-g -o /dev/null -w '%{{size_download}}' http://[{VIP6}]/bytes/300000"),
+    );
+    let translated = counter(&balancer, "event_icmp_error_to_backend");
+    println!("download: {out}; packet-too-big forwarded to the backend: {translated}");
+    assert!(ok && out == "300000", "download: {out}");
+    assert!(translated >= 1, "no ICMPv6 error reached the backend");
+    let snat6 = "fd00:1::1";
+    let pmtu = topo.backends[0].sh(&format!("ip -6 route get {snat6}"));
+    assert!(
+        pmtu.contains("mtu 1400"),
+        "the backend's route cache: {pmtu}"
+    );
+
+    // The backend forgets the path's MTU, or its SYN-ACK would announce the MSS that fits it.
+    topo.backends[0].sh("ip -6 route flush cache");
+    topo.lb.sh("ip link set lb1 mtu 1400");
+    topo.switch.sh("ip link set s-lb mtu 1400");
+    let out = topo.client.try_sh(&format!(
+        "head -c 300000 /dev/zero | curl -sS -m 10 -g -H 'Expect:' --data-binary @- http://[{VIP6}]/upload"
+    ));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let sent = counter(&balancer, "event_packet_too_big_sent");
+    println!("upload: {text}; packet-too-big sent by the balancer: {sent}");
+    assert!(text.trim() == "b1 received 300000", "upload: {text}");
+    assert!(sent >= 1, "the balancer sent no packet-too-big");
+    let pmtu = topo.client.sh(&format!("ip -6 route get {VIP6}"));
+    assert!(
+        pmtu.contains("mtu 1400"),
+        "the client's route cache: {pmtu}"
+    );
+}
+
 /// A 4,000-byte UDP request and its answer cross the balancer in fragments (MTU 1500 both
 /// ways, three fragments each): the first fragment is balanced, the later ones follow it, and
 /// each side reassembles the whole datagram. Before, the fragments went to the balancer's
