@@ -626,7 +626,7 @@ pub fn finish<A: Family>(
 /// other than a SYN opens it established: a connection whose flow expired while idle (its
 /// backend's answers never pass here) goes on where consistent hashing sends it.
 #[inline(always)]
-fn create_dsr<A: Family>(
+pub fn create_dsr<A: Family>(
     pkt: &Packet<A>,
     svc: &ServiceOf<A>,
     backend_id: u32,

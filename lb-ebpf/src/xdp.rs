@@ -15,7 +15,7 @@ use crate::{
     flow,
     flow::Flow,
     forward,
-    forward::NoHop,
+    forward::{NextHop, NoHop},
     fragments, icmp, mss, nat, parse,
     parse::{Packet, Path},
     reset, select, service, stats, timestamps, too_big, xdp6,
@@ -35,6 +35,13 @@ pub trait Balanced: Family {
     fn answer_flowless(ctx: &XdpContext, pkt: &Packet<Self>) -> Verdict;
     /// After the rewrite: a datagram's first fragment has its later fragments follow it.
     fn rewritten(pkt: &Packet<Self>);
+    /// A DSR flow's packet inside its tunnel (`encap.rs`), to `hop`.
+    fn tunnel(
+        ctx: &XdpContext,
+        pkt: &Packet<Self>,
+        nat: &FlowValueOf<Self>,
+        hop: &NextHop,
+    ) -> Result<Verdict, Verdict>;
     fn log_new_flow(ctx: &XdpContext, pkt: &Packet<Self>, nat: &FlowValueOf<Self>);
     fn log_drop(ctx: &XdpContext, pkt: &Packet<Self>, reason: DropReason);
 }
@@ -59,6 +66,15 @@ impl Balanced for Be32 {
         }
     }
     #[inline(always)]
+    fn tunnel(
+        ctx: &XdpContext,
+        pkt: &Packet,
+        nat: &FlowValue,
+        hop: &NextHop,
+    ) -> Result<Verdict, Verdict> {
+        encap::tunnel(ctx, pkt, nat, hop)
+    }
+    #[inline(always)]
     fn log_new_flow(ctx: &XdpContext, pkt: &Packet, nat: &FlowValue) {
         debug_log::new_flow(ctx, pkt, nat);
     }
@@ -68,11 +84,13 @@ impl Balanced for Be32 {
     }
 }
 
-/// IPv6 (`xdp6.rs`): no DSR.
+/// IPv6 (`xdp6.rs`): DSR in its L2 form.
 impl Balanced for In6 {
+    /// Sent apart (`xdp6::send_direct_apart`): the FIB lookup's frame would not fit the
+    /// balancing path's stack.
     #[inline(always)]
     fn send_direct(_: *mut xdp_md, _: &Packet<In6>, _: *mut FlowValueOf<In6>) -> u32 {
-        Verdict::Drop(DropReason::DsrCannotForward).counted()
+        xdp6::DIRECT
     }
     /// Not here: `xdp6.rs` creates it in steps, each a BPF function of its own, and runs the
     /// balancing path again.
@@ -87,6 +105,16 @@ impl Balanced for In6 {
     }
     #[inline(always)]
     fn rewritten(_: &Packet<In6>) {}
+    /// No IPv6 tunnels (IPIP and GUE carry IPv4): the daemon refuses them for IPv6 services.
+    #[inline(always)]
+    fn tunnel(
+        _: &XdpContext,
+        _: &Packet<In6>,
+        _: &FlowValueOf<In6>,
+        _: &NextHop,
+    ) -> Result<Verdict, Verdict> {
+        Err(Verdict::Drop(DropReason::DsrCannotForward))
+    }
     #[inline(always)]
     fn log_new_flow(ctx: &XdpContext, _: &Packet<In6>, nat: &FlowValueOf<In6>) {
         let port = u32::from(nat.nat_src_port.to_host());
@@ -197,7 +225,11 @@ fn send_direct_apart(ctx: *mut xdp_md, pkt: &Packet, entry: *mut FlowValue) -> u
 /// the kernel would have to forward (an unresolved neighbour) cannot go up: its destination,
 /// the VIP, may be the kernel's own. Later fragments are not followed: they pass.
 #[inline(always)]
-fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<Verdict, Verdict> {
+pub fn send_direct<A: Balanced>(
+    ctx: &XdpContext,
+    pkt: &Packet<A>,
+    entry: *mut FlowValueOf<A>,
+) -> Result<Verdict, Verdict> {
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let nat = unsafe { &*entry };
     stats::count_backend(nat.backend_id, pkt.len);
@@ -217,7 +249,7 @@ fn send_direct(ctx: &XdpContext, pkt: &Packet, entry: *mut FlowValue) -> Result<
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
     if grow != 0 {
-        return encap::tunnel(ctx, pkt, nat, &hop);
+        return A::tunnel(ctx, pkt, nat, &hop);
     }
     forward::send_frame(ctx, pkt.eth, &hop)
 }

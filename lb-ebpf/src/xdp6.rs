@@ -5,9 +5,10 @@
 //! packet is parsed again by each step that needs it; the steps hand the flow's reply entry on
 //! in FLOW_SCRATCH6 and REPLY_KEY_SCRATCH6.
 //!
-//! Served: full NAT, TCP and UDP (DNAT's steps are the families' shared code, not shown for
-//! IPv6 by fixtures; the daemon refuses an IPv6 service in any mode but "nat"). An IPv6 DSR
-//! service drops its packets (`dsr_cannot_forward`). A packet too big for its next hop is
+//! Served: full NAT, DNAT and DSR in its L2 form (a DSR flow's one entry made in the first
+//! step, its packets sent by `send_direct_apart`), TCP and UDP. IPIP and GUE carry IPv4: an
+//! IPv6 service in those forms (the daemon refuses one) drops its packets
+//! (`dsr_cannot_forward`). A packet too big for its next hop is
 //! answered with an ICMPv6 "packet too big" (`too_big.rs`), and a TCP segment with no flow
 //! with an RST (`reset_apart`), as IPv4's.
 
@@ -22,7 +23,7 @@ use lb_common::{DropReason, In6, ServiceKeyOf, is_dsr_mode};
 
 use crate::{
     Verdict, debug_log, flow,
-    maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6, SERVICES6},
+    maps::{FLOW_SCRATCH6, FLOWS6, REPLY_KEY_SCRATCH6, SERVICES6},
     parse::{self, Packet},
     reset, stats, too_big, xdp,
     xdp::{Balanced, TOO_BIG, admit},
@@ -36,6 +37,10 @@ const TUPLE_TAKEN: u32 = 0x102;
 const FLOW_CREATED: u32 = 0x103;
 /// `open_apart`'s answer for a TCP segment that can open no flow: `reset_apart` answers it.
 pub const FLOWLESS: u32 = 0x104;
+/// `balance_apart`'s answer for a DSR flow's packet: `send_direct_apart` sends it.
+pub const DIRECT: u32 = 0x105;
+/// `open_apart`'s answer for a DSR flow made whole (it has no reply entry to take a tuple for).
+const DIRECT_OPENED: u32 = 0x106;
 /// A step's answer for a packet it dropped (counted): this bit, with the reason's number. The
 /// entry point logs the drop (`lb_log_drop6`), with the stack the steps' frames leave free.
 const DROPPED: u32 = 0x200;
@@ -47,10 +52,11 @@ const DROPPED: u32 = 0x200;
 pub fn balance(ctx: *mut xdp_md) -> u32 {
     let action = balance_apart(ctx);
     if action != NO_FLOW {
-        return logged(ctx, action);
+        return sent(ctx, action);
     }
     let action = match open_apart(ctx) {
         OPENED => OPENED,
+        DIRECT_OPENED => return rebalanced(ctx),
         FLOWLESS => reset_apart(ctx),
         action => action,
     };
@@ -65,11 +71,26 @@ pub fn balance(ctx: *mut xdp_md) -> u32 {
     if action != FLOW_CREATED {
         return logged(ctx, action);
     }
+    rebalanced(ctx)
+}
+
+/// The balancing path again, for the flow just made.
+#[inline(always)]
+fn rebalanced(ctx: *mut xdp_md) -> u32 {
     match balance_apart(ctx) {
         // Gone again at once (another CPU's packet ended it): nothing to forward it by.
         NO_FLOW => logged(ctx, answer(Verdict::Drop(DropReason::Inconsistent))),
-        action => logged(ctx, action),
+        action => sent(ctx, action),
     }
+}
+
+/// `balance_apart`'s answer as an XDP action, a DSR flow's packet sent first.
+#[inline(always)]
+fn sent(ctx: *mut xdp_md, action: u32) -> u32 {
+    if action == DIRECT {
+        return logged(ctx, send_direct_apart(ctx));
+    }
+    logged(ctx, action)
 }
 
 /// A step's answer as an XDP action: its drop logged, a packet too big answered.
@@ -126,16 +147,20 @@ fn open_apart(ctx: *mut xdp_md) -> u32 {
     let ctx = XdpContext::new(ctx);
     let mut out = MaybeUninit::uninit();
     match parsed(&ctx, &mut out).and_then(|pkt| open(&ctx, pkt)) {
-        Ok(()) => OPENED,
+        Ok(code) => code,
         Err(verdict) => answer(verdict),
     }
 }
 
+/// OPENED, or DIRECT_OPENED for a DSR flow, made here whole.
 #[inline(always)]
-fn open(ctx: &XdpContext, pkt: &Packet<In6>) -> Result<(), Verdict> {
+fn open(ctx: &XdpContext, pkt: &Packet<In6>) -> Result<u32, Verdict> {
     let (svc, backend_id, backend) = admit(ctx, pkt)?;
     if is_dsr_mode(svc.mode) {
-        return Err(Verdict::Drop(DropReason::DsrCannotForward));
+        let flow = flow::create_dsr(pkt, svc, backend_id, &backend, now_ns())?;
+        stats::count_new_flow(backend_id);
+        In6::log_new_flow(ctx, pkt, flow.nat());
+        return Ok(DIRECT_OPENED);
     }
     flow::prepare(ctx, pkt, svc, backend_id)?;
     let key = REPLY_KEY_SCRATCH6
@@ -143,7 +168,25 @@ fn open(ctx: &XdpContext, pkt: &Packet<In6>) -> Result<(), Verdict> {
         .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
     // SAFETY: a per-CPU array slot, this CPU's alone for this program run.
     unsafe { *key = flow::reply_key(pkt, &backend) };
-    Ok(())
+    Ok(OPENED)
+}
+
+/// A DSR flow's packet, to the backend's MAC (`xdp::send_direct`): its XDP action, counted,
+/// or TOO_BIG and the MTU.
+#[inline(never)]
+fn send_direct_apart(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let mut out = MaybeUninit::uninit();
+    let result = parsed(&ctx, &mut out).and_then(|pkt| {
+        let entry = FLOWS6
+            .get_ptr_mut(&pkt.key)
+            .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+        xdp::send_direct(&ctx, pkt, entry)
+    });
+    match result {
+        Ok(Verdict::TooBig(mtu)) | Err(Verdict::TooBig(mtu)) => TOO_BIG | u32::from(mtu),
+        Ok(verdict) | Err(verdict) => answer(verdict),
+    }
 }
 
 /// A TCP segment that can open no flow, answered with an RST (`reset::answer6`), in a frame of
