@@ -5,7 +5,7 @@
 //! frame, and tests can check every byte without a kernel.
 
 use crate::{
-    FlowKey, FlowValue,
+    Address, FlowKeyOf, FlowValueOf,
     conntrack::{TCP_ACK, TCP_ESTABLISHED, TCP_FIN_WAIT, TCP_LAST_ACK, TCP_RST, TCP_SYN_RECV},
 };
 
@@ -13,8 +13,10 @@ use crate::{
 pub const RESET_PACKET_LEN: usize = 20 + 20;
 /// Ethernet + an RST packet.
 pub const RESET_FRAME_LEN: usize = 14 + RESET_PACKET_LEN;
-/// Ethernet + IPv6 without extension headers + TCP without options.
-pub const RESET6_FRAME_LEN: usize = 14 + 40 + 20;
+/// IPv6 without extension headers + TCP without options.
+pub const RESET6_PACKET_LEN: usize = 40 + 20;
+/// Ethernet + an IPv6 RST packet.
+pub const RESET6_FRAME_LEN: usize = 14 + RESET6_PACKET_LEN;
 /// RSTs each CPU sends per second at most: enough for every client of an expired table to
 /// learn within seconds, too few for a spoofed flood to turn the balancer into a reflector.
 pub const RESETS_PER_SEC_PER_CPU: u32 = 1000;
@@ -41,12 +43,12 @@ pub struct SegmentOf<A> {
 pub type Segment = SegmentOf<[u8; 4]>;
 pub type Segment6 = SegmentOf<[u8; 16]>;
 
-/// One RST, as IPv4 + TCP: addresses and ports as raw network-order bytes, sequence numbers in
-/// host order.
+/// One RST, as IPv4 (IPv6) + TCP: addresses and ports as raw network-order bytes, sequence
+/// numbers in host order; `A` is the address, 4 bytes or 16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Reset {
-    pub src_addr: [u8; 4],
-    pub dst_addr: [u8; 4],
+pub struct ResetOf<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
     pub src_port: [u8; 2],
     pub dst_port: [u8; 2],
     pub seq: u32,
@@ -54,6 +56,8 @@ pub struct Reset {
     /// TCP_RST, with TCP_ACK when `ack_seq` counts.
     pub flags: u8,
 }
+pub type Reset = ResetOf<[u8; 4]>;
+pub type Reset6 = ResetOf<[u8; 16]>;
 
 /// The frame that resets `seg`'s sender, sent back the way `seg` came, or `None` when `seg`
 /// must get no answer (it is an RST itself).
@@ -86,24 +90,15 @@ pub fn reset_frame6(seg: &Segment6) -> Option<[u8; RESET6_FRAME_LEN]> {
     f[0..6].copy_from_slice(&seg.src_mac);
     f[6..12].copy_from_slice(&seg.dst_mac);
     f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
-    let ip = &mut f[14..54];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
-    ip[6] = IPPROTO_TCP;
-    ip[7] = TTL;
-    ip[8..24].copy_from_slice(&seg.dst_addr);
-    ip[24..40].copy_from_slice(&seg.src_addr);
-    // The pseudo-header's addresses sum the same whichever way round.
-    let pseudo =
-        sum_words(&seg.src_addr, 0) + sum_words(&seg.dst_addr, 0) + u32::from(IPPROTO_TCP) + 20;
-    write_rst_header(
-        &mut f[54..74],
-        [seg.dst_port, seg.src_port],
+    f[14..].copy_from_slice(&reset_packet6(&Reset6 {
+        src_addr: seg.dst_addr,
+        dst_addr: seg.src_addr,
+        src_port: seg.dst_port,
+        dst_port: seg.src_port,
         seq,
         ack_seq,
         flags,
-        pseudo,
-    );
+    }));
     Some(f)
 }
 
@@ -173,17 +168,41 @@ pub fn reset_packet(r: &Reset) -> [u8; RESET_PACKET_LEN] {
     p
 }
 
+/// `r` as an IPv6 packet with its TCP checksum (over the pseudo-header).
+#[inline(always)]
+pub fn reset_packet6(r: &Reset6) -> [u8; RESET6_PACKET_LEN] {
+    let mut p = [0u8; RESET6_PACKET_LEN];
+    let ip = &mut p[0..40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+    ip[6] = IPPROTO_TCP;
+    ip[7] = TTL;
+    ip[8..24].copy_from_slice(&r.src_addr);
+    ip[24..40].copy_from_slice(&r.dst_addr);
+    let pseudo =
+        sum_words(&r.src_addr, 0) + sum_words(&r.dst_addr, 0) + u32::from(IPPROTO_TCP) + 20;
+    write_rst_header(
+        &mut p[40..60],
+        [r.src_port, r.dst_port],
+        r.seq,
+        r.ack_seq,
+        r.flags,
+        pseudo,
+    );
+    p
+}
+
 /// The two RSTs that cut a balanced TCP connection on purpose (a backend removed with `--now`,
 /// its grace ended, or marked down under `on_backend_down = "reset"`): one to the client, from
 /// the VIP, and one to the backend, from the SNAT address. Each carries the sequence number its
 /// receiver expects next (what the other direction has sent, as tracked), so RFC 5961's check
 /// takes it at once. `None` when the connection has no one left to tell: half-open (the
 /// client's SYN goes elsewhere when retransmitted) or already ended.
-pub fn connection_resets(
-    forward_key: &FlowKey,
-    forward: &FlowValue,
-    reverse: &FlowValue,
-) -> Option<[Reset; 2]> {
+pub fn connection_resets<A: Address>(
+    forward_key: &FlowKeyOf<A>,
+    forward: &FlowValueOf<A>,
+    reverse: &FlowValueOf<A>,
+) -> Option<[ResetOf<A::Bytes>; 2]> {
     if !matches!(
         forward.state,
         TCP_SYN_RECV | TCP_ESTABLISHED | TCP_FIN_WAIT | TCP_LAST_ACK
@@ -191,18 +210,18 @@ pub fn connection_resets(
     {
         return None;
     }
-    let to_client = Reset {
-        src_addr: forward_key.dst_addr.to_bytes(),
-        dst_addr: forward_key.src_addr.to_bytes(),
+    let to_client = ResetOf {
+        src_addr: forward_key.dst_addr.bytes(),
+        dst_addr: forward_key.src_addr.bytes(),
         src_port: forward_key.dst_port.to_bytes(),
         dst_port: forward_key.src_port.to_bytes(),
         seq: reverse.seq_next,
         ack_seq: forward.seq_next,
         flags: TCP_RST | TCP_ACK,
     };
-    let to_backend = Reset {
-        src_addr: forward.nat_src_addr.to_bytes(),
-        dst_addr: forward.nat_dst_addr.to_bytes(),
+    let to_backend = ResetOf {
+        src_addr: forward.nat_src_addr.bytes(),
+        dst_addr: forward.nat_dst_addr.bytes(),
         src_port: forward.nat_src_port.to_bytes(),
         dst_port: forward.nat_dst_port.to_bytes(),
         seq: forward.seq_next,
@@ -269,7 +288,7 @@ pub fn fold(mut sum: u32) -> u16 {
 mod tests {
     use super::*;
     use crate::{
-        Be16, Be32,
+        Be16, Be32, FlowKey, FlowKey6, FlowValue, FlowValue6, In6,
         conntrack::{
             TCP_CLOSED, TCP_FIN, TCP_PSH, TCP_SYN_SENT, TCP_TIME_WAIT, UDP_REPLIED, UDP_UNREPLIED,
         },
@@ -433,6 +452,68 @@ mod tests {
             assert_eq!(p[33], TCP_RST | TCP_ACK);
             assert_eq!(verify(&p[0..20], 0), 0);
             assert_eq!(verify(&p[20..40], sum_words(&p[12..20], 0) + 6 + 20), 0);
+        }
+    }
+
+    /// The same cut over IPv6: both RSTs whole IPv6 packets (the raw socket sends its own
+    /// header), their checksums over the pseudo-header.
+    #[test]
+    fn a_cut_ipv6_connection_resets_both_ends_where_they_expect_it() {
+        let (key, forward, reverse) = connection(TCP_ESTABLISHED);
+        let v6 = |a: Be32| {
+            let [_, _, c, d] = a.to_bytes();
+            In6::from_bytes([0xfd, 0, 0, c, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, d])
+        };
+        let key = FlowKey6 {
+            src_addr: v6(key.src_addr),
+            dst_addr: v6(key.dst_addr),
+            src_port: key.src_port,
+            dst_port: key.dst_port,
+            proto: key.proto,
+            _pad: [0; 3],
+        };
+        let forward = FlowValue6 {
+            nat_src_addr: v6(forward.nat_src_addr),
+            nat_dst_addr: v6(forward.nat_dst_addr),
+            nat_src_port: forward.nat_src_port,
+            nat_dst_port: forward.nat_dst_port,
+            seq_next: forward.seq_next,
+            state: forward.state,
+            ..FlowValue6::default()
+        };
+        let reverse = FlowValue6 {
+            seq_next: reverse.seq_next,
+            state: reverse.state,
+            ..FlowValue6::default()
+        };
+        let [client, backend] =
+            connection_resets(&key, &forward, &reverse).expect("established: reset");
+        let c = reset_packet6(&client);
+        assert_eq!(&c[0..8], &[0x60, 0, 0, 0, 0, 20, IPPROTO_TCP, 64]);
+        assert_eq!(
+            &c[8..24],
+            &v6(Be32::from_bytes([0, 0, 0, 100])).to_bytes(),
+            "from the VIP"
+        );
+        assert_eq!(&c[24..40], &key.src_addr.to_bytes(), "to the client");
+        assert_eq!(&c[40..44], &[0, 80, 0x9c, 0x40]);
+        assert_eq!((client.seq, client.ack_seq), (7_000_500, 1_000_100));
+        let b = reset_packet6(&backend);
+        assert_eq!(
+            &b[8..24],
+            &forward.nat_src_addr.to_bytes(),
+            "from the SNAT address"
+        );
+        assert_eq!(
+            &b[24..40],
+            &forward.nat_dst_addr.to_bytes(),
+            "to the backend"
+        );
+        assert_eq!(&b[40..44], &[0x27, 0x17, 0x1f, 0x40], "10007 -> 8000");
+        for p in [c, b] {
+            assert_eq!(p[53], TCP_RST | TCP_ACK);
+            let pseudo = sum_words(&p[8..40], 0) + 6 + 20;
+            assert_eq!(verify(&p[40..60], pseudo), 0, "TCP checksum");
         }
     }
 

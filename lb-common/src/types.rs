@@ -78,22 +78,35 @@ impl In6 {
 /// keys and values are generic over it (`FlowKeyOf`, ...), and their IPv4 forms keep the names
 /// and layout they had before IPv6.
 pub trait Address: Copy + Default + Eq + core::fmt::Debug + 'static {
+    /// The address's bytes, as a packet holds them.
+    type Bytes: Copy + Default + Eq + core::fmt::Debug;
     /// The address folded to 32 bits, for hashes: an IPv4 address is itself.
     fn fold(self) -> u32;
+    fn bytes(self) -> Self::Bytes;
 }
 
 impl Address for Be32 {
+    type Bytes = [u8; 4];
     #[inline(always)]
     fn fold(self) -> u32 {
         self.0
     }
+    #[inline(always)]
+    fn bytes(self) -> [u8; 4] {
+        self.to_bytes()
+    }
 }
 
 impl Address for In6 {
+    type Bytes = [u8; 16];
     #[inline(always)]
     fn fold(self) -> u32 {
         let [a, b, c, d] = self.0;
         a ^ b.rotate_left(8) ^ c.rotate_left(16) ^ d.rotate_left(24)
+    }
+    #[inline(always)]
+    fn bytes(self) -> [u8; 16] {
+        self.to_bytes()
     }
 }
 
