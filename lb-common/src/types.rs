@@ -154,13 +154,23 @@ const _: () = assert!(core::mem::size_of::<SockVip6>() == 20);
 /// Key of HOST_PORTS: a port and protocol that a service has on a host address, which host
 /// clients may also reach at a loopback address (as a published port answers on localhost).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostPortKey {
     pub port: Be16,
     pub proto: u8,
     pub _pad: u8,
 }
 const _: () = assert!(core::mem::size_of::<HostPortKey>() == 4);
+
+impl HostPortKey {
+    pub const fn of(port: Be16, proto: u8) -> Self {
+        Self {
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
 
 /// Key of FRAGMENTS: a fragmented datagram, as its fragments arrive (RFC 791's reassembly
 /// key: addresses, protocol and IP identification).

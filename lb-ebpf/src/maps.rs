@@ -173,6 +173,10 @@ pub static SOCK_REVERSE6: LruHashMap<SockKey6, SockVip6> =
 #[map]
 pub static HOST_PORTS: HashMap<HostPortKey, Be32> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
+/// HOST_PORTS for IPv6 services on a host address, reached at ::1.
+#[map]
+pub static HOST_PORTS6: HashMap<HostPortKey, In6> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
 /// The network namespace (its cookie) of the daemon, the only one the socket hooks act in:
 /// cgroup hooks run in every namespace. 0: they act nowhere. Set at load.
 #[unsafe(no_mangle)]

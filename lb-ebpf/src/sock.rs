@@ -5,9 +5,9 @@
 //! path's. getpeername and recvmsg show the application the address it asked for. A VIP on a
 //! host address is also reached at a loopback address and its port (HOST_PORTS), as a published
 //! port answers on localhost. Acts only in the daemon's network namespace: cgroup hooks run in
-//! all of them. The IPv6 hooks (connect6 and friends) do the same for IPv6 services, at their
-//! VIP only (no loopback form). Reads SERVICES(6), HOST_PORTS, MAGLEV, BACKENDS(6); writes
-//! SOCK_REVERSE(6) and counters.
+//! all of them. The IPv6 hooks (connect6 and friends) do the same for IPv6 services, whose VIP
+//! on a host address is reached at ::1 too (HOST_PORTS6). Reads SERVICES(6), HOST_PORTS(6),
+//! MAGLEV, BACKENDS(6); writes SOCK_REVERSE(6) and counters.
 
 use aya_ebpf::{
     EbpfContext,
@@ -24,7 +24,7 @@ use lb_common::{
 
 use crate::{
     family::Family,
-    maps::{HOST_PORTS, SOCK_REVERSE, SOCK_REVERSE6, host_netns_cookie},
+    maps::{HOST_PORTS, HOST_PORTS6, SOCK_REVERSE, SOCK_REVERSE6, host_netns_cookie},
     parse::{IPPROTO_TCP, IPPROTO_UDP},
     select, stats,
 };
@@ -33,6 +33,8 @@ use crate::{
 const ALLOW: i32 = 1;
 /// 127.0.0.0/8, as the first byte of an address in network order.
 const LOOPBACK_NET: u8 = 127;
+/// ::1, as the maps hold it.
+const LOOPBACK6: In6 = In6::from_bytes([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
 
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
@@ -96,7 +98,7 @@ trait SockFamily: Family {
     unsafe fn set(sa: *mut bpf_sock_addr, addr: Self);
     fn reverse() -> &'static LruHashMap<SockKeyOf<Self>, SockVipOf<Self>>;
     /// The VIP a call to `asked` reaches: itself, or for a loopback address the host address
-    /// whose service has `port` (IPv4 only: HOST_PORTS).
+    /// whose service has `port` (HOST_PORTS, HOST_PORTS6).
     fn vip(asked: Self, port: Be16, proto: u8) -> Option<Self>;
 }
 
@@ -120,11 +122,7 @@ impl SockFamily for Be32 {
         if asked.to_bytes()[0] != LOOPBACK_NET {
             return Some(asked);
         }
-        let key = HostPortKey {
-            port,
-            proto,
-            _pad: 0,
-        };
+        let key = HostPortKey::of(port, proto);
         // SAFETY: a value from a map lookup, valid for this program run.
         unsafe { HOST_PORTS.get(&key) }.copied()
     }
@@ -151,8 +149,13 @@ impl SockFamily for In6 {
     }
 
     #[inline(always)]
-    fn vip(asked: Self, _port: Be16, _proto: u8) -> Option<Self> {
-        Some(asked)
+    fn vip(asked: Self, port: Be16, proto: u8) -> Option<Self> {
+        if asked != LOOPBACK6 {
+            return Some(asked);
+        }
+        let key = HostPortKey::of(port, proto);
+        // SAFETY: a value from a map lookup, valid for this program run.
+        unsafe { HOST_PORTS6.get(&key) }.copied()
     }
 }
 

@@ -251,6 +251,7 @@ pub struct Dataplane {
     vips6: HashMap<MapData, In6, u32>,
     /// SERVICES' ports on host addresses (`sync_vips`).
     host_ports: HashMap<MapData, HostPortKey, Be32>,
+    host_ports6: HashMap<MapData, HostPortKey, In6>,
     backends: Array<MapData, Backend>,
     services6: HashMap<MapData, ServiceKey6, Service6>,
     backends6: Array<MapData, Backend6>,
@@ -344,22 +345,34 @@ fn backend_entry<A>(
     })
 }
 
-/// Makes the set `map` (address -> 1) hold exactly the addresses of `want`.
-fn sync_address_set<A: aya::Pod + Ord>(
-    map: &mut HashMap<MapData, A, u32>,
-    want: impl Iterator<Item = A>,
+/// A service's source pool as its map holds it: every address of the VIP's family (`of`).
+fn of_family<A>(
+    snat: &[IpAddr],
+    of: impl Fn(IpAddr) -> Option<A>,
+) -> Result<Vec<A>, DataplaneError> {
+    snat.iter()
+        .map(|a| of(*a).ok_or(DataplaneError::SnatFamily))
+        .collect()
+}
+
+/// Makes `map` hold exactly the entries of `want`.
+fn sync_address_map<K: aya::Pod + Ord, V: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, K, V>,
+    want: impl Iterator<Item = (K, V)>,
     name: &'static str,
 ) -> Result<(), DataplaneError> {
-    let want: std::collections::BTreeSet<A> = want.collect();
-    let have: Vec<A> = map.keys().filter_map(Result::ok).collect();
-    for addr in have.iter().filter(|a| !want.contains(a)) {
-        match map.remove(addr) {
+    let want: std::collections::BTreeMap<K, V> = want.collect();
+    let have: Vec<(K, V)> = map.iter().filter_map(Result::ok).collect();
+    for (key, _) in have.iter().filter(|(k, _)| !want.contains_key(k)) {
+        match map.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(in_map(name)(source)),
         }
     }
-    for addr in want.iter().filter(|a| !have.contains(a)) {
-        map.insert(addr, &1, 0).map_err(in_map(name))?;
+    for (key, value) in &want {
+        if !have.iter().any(|(k, v)| k == key && v == value) {
+            map.insert(key, value, 0).map_err(in_map(name))?;
+        }
     }
     Ok(())
 }
@@ -495,6 +508,7 @@ impl Dataplane {
             vips: map(&mut ebpf, "VIPS", HashMap::try_from)?,
             vips6: map(&mut ebpf, "VIPS6", HashMap::try_from)?,
             host_ports: map(&mut ebpf, "HOST_PORTS", HashMap::try_from)?,
+            host_ports6: map(&mut ebpf, "HOST_PORTS6", HashMap::try_from)?,
             backends: map(&mut ebpf, "BACKENDS", Array::try_from)?,
             services6: map(&mut ebpf, "SERVICES6", HashMap::try_from)?,
             backends6: map(&mut ebpf, "BACKENDS6", Array::try_from)?,
@@ -904,40 +918,32 @@ impl Dataplane {
         mss: Option<u16>,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        let key = key.into();
-        let foreign = || DataplaneError::SnatFamily;
-        match key {
+        let staging = match key.into() {
             VipKey::V4(key) => {
-                let snat = snat
-                    .iter()
-                    .map(|a| match a {
-                        IpAddr::V4(a) => Ok(Be32::from_bytes(a.octets())),
-                        IpAddr::V6(_) => Err(foreign()),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let snat = of_family(snat, |a| match a {
+                    IpAddr::V4(a) => Some(Be32::from_bytes(a.octets())),
+                    IpAddr::V6(_) => None,
+                })?;
                 let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
                 self.services
                     .insert(&key, &service, 0)
                     .map_err(in_map("SERVICES"))?;
-                self.live_table.insert(id, staging);
-                self.sync_vips()
+                staging
             }
             VipKey::V6(key) => {
-                let snat = snat
-                    .iter()
-                    .map(|a| match a {
-                        IpAddr::V6(a) => Ok(In6::from_bytes(a.octets())),
-                        IpAddr::V4(_) => Err(foreign()),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
+                let snat = of_family(snat, |a| match a {
+                    IpAddr::V6(a) => Some(In6::from_bytes(a.octets())),
+                    IpAddr::V4(_) => None,
+                })?;
                 let (staging, service) = self.stage_service(id, mode, &snat, mss, table)?;
                 self.services6
                     .insert(&key, &service, 0)
                     .map_err(in_map("SERVICES6"))?;
-                self.live_table.insert(id, staging);
-                self.sync_vips()
+                staging
             }
-        }
+        };
+        self.live_table.insert(id, staging);
+        self.sync_vips()
     }
 
     /// Writes a service's new Maglev table into its staging half of MAGLEV, and returns the
@@ -1148,42 +1154,38 @@ impl Dataplane {
     /// data path answers pings to these (at most MAX_SERVICES, so reading the maps whole is
     /// cheap).
     fn sync_vips(&mut self) -> Result<(), DataplaneError> {
-        let want = self.services.keys().filter_map(Result::ok).map(|k| k.vip);
-        sync_address_set(&mut self.vips, want, "VIPS")?;
-        let want6 = self.services6.keys().filter_map(Result::ok).map(|k| k.vip);
-        sync_address_set(&mut self.vips6, want6, "VIPS6")?;
-        self.sync_host_ports()
-    }
-
-    /// Makes HOST_PORTS hold the ports of services whose VIP is a host address.
-    fn sync_host_ports(&mut self) -> Result<(), DataplaneError> {
-        let want: StdHashMap<HostPortKey, Be32> = self
+        let want = self
             .services
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| crate::host::is_host_address(Ipv4Addr::from(k.vip.to_bytes())))
-            .map(|k| {
-                let key = HostPortKey {
-                    port: k.port,
-                    proto: k.proto,
-                    _pad: 0,
-                };
-                (key, k.vip)
-            })
-            .collect();
-        let have: Vec<HostPortKey> = self.host_ports.keys().filter_map(Result::ok).collect();
-        for key in have.iter().filter(|k| !want.contains_key(k)) {
-            match self.host_ports.remove(key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(source) => return Err(in_map("HOST_PORTS")(source)),
-            }
-        }
-        for (key, vip) in &want {
-            self.host_ports
-                .insert(key, vip, 0)
-                .map_err(in_map("HOST_PORTS"))?;
-        }
-        Ok(())
+            .map(|k| (k.vip, 1));
+        sync_address_map(&mut self.vips, want, "VIPS")?;
+        let want6 = self
+            .services6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| (k.vip, 1));
+        sync_address_map(&mut self.vips6, want6, "VIPS6")?;
+        self.sync_host_ports()
+    }
+
+    /// Makes HOST_PORTS (HOST_PORTS6) hold the ports of services whose VIP is a host address.
+    fn sync_host_ports(&mut self) -> Result<(), DataplaneError> {
+        let on_host = |vip: IpAddr| crate::host::is_host_address(vip);
+        let want = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| on_host(Ipv4Addr::from(k.vip.to_bytes()).into()))
+            .map(|k| (HostPortKey::of(k.port, k.proto), k.vip));
+        sync_address_map(&mut self.host_ports, want, "HOST_PORTS")?;
+        let want6 = self
+            .services6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| on_host(Ipv6Addr::from(k.vip.to_bytes()).into()))
+            .map(|k| (HostPortKey::of(k.port, k.proto), k.vip));
+        sync_address_map(&mut self.host_ports6, want6, "HOST_PORTS6")
     }
 
     /// Attaches the tc program at the ingress of `port` (a bridge's port: a container's veth),

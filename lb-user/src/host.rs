@@ -4,7 +4,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, UdpSocket},
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
@@ -79,12 +79,15 @@ pub fn bridge_ports(name: &str) -> Vec<String> {
 }
 
 /// Whether `addr` is an address of this host (in this namespace): only those can be bound.
-pub fn is_host_address(addr: Ipv4Addr) -> bool {
+pub fn is_host_address(addr: impl Into<IpAddr>) -> bool {
+    let addr = addr.into();
     !addr.is_unspecified() && UdpSocket::bind((addr, 0)).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use super::*;
 
     #[test]
@@ -98,6 +101,12 @@ mod tests {
         // TEST-NET-3: never an address of a test machine.
         assert!(!is_host_address(Ipv4Addr::new(203, 0, 113, 77)));
         assert!(!is_host_address(Ipv4Addr::UNSPECIFIED));
+        assert!(is_host_address(Ipv6Addr::LOCALHOST));
+        // The documentation prefix, as above.
+        assert!(!is_host_address(
+            "2001:db8::77".parse::<Ipv6Addr>().expect("address")
+        ));
+        assert!(!is_host_address(Ipv6Addr::UNSPECIFIED));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 
 pub const DEFAULT_DIR: &str = "/sys/fs/bpf/lb";
 /// Every map of the program, pinned under its own name.
-pub const MAP_NAMES: [&str; 27] = [
+pub const MAP_NAMES: [&str; 28] = [
     // The layout version of the maps pinned beside it: checked before any is adopted.
     "LAYOUT",
     "SERVICES",
@@ -41,6 +41,7 @@ pub const MAP_NAMES: [&str; 27] = [
     "FLOWS6",
     "SOCK_REVERSE6",
     "VIPS6",
+    "HOST_PORTS6",
 ];
 /// Maps earlier builds pinned and this one no longer has: `remove` takes them too.
 const RETIRED_MAP_NAMES: [&str; 1] = ["SNAT_CURSOR"];

@@ -1046,7 +1046,9 @@ fn ipv6_splits_4_6_follows_set_weight_keeps_a_long_lived_connection_and_fails_ov
 
 /// Processes on the balancer's host reaching an IPv6 VIP are balanced at connect time by the
 /// IPv6 socket hooks (connect6, sendmsg6, getpeername6, recvmsg6), in a cgroup of the test's
-/// own: the 4:6 split, the VIP shown as the peer, and a UDP answer from the VIP.
+/// own: the 4:6 split, the VIP shown as the peer, and a UDP answer from the VIP; a service on
+/// the balancer's own IPv6 address is reached at [::1]:PORT, as a published port answers on
+/// localhost, and shown there as the peer.
 #[test]
 fn ipv6_clients_on_the_host_are_balanced_at_connect_time() {
     require_root();
@@ -1055,14 +1057,22 @@ fn ipv6_clients_on_the_host_are_balanced_at_connect_time() {
     let addrs6 = topo.add_ipv6();
     let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
     let cgroup = ClientCgroup::new(&topo.lb.name);
+    // A service on the balancer's own IPv6 address, as a published port: reached at ::1 too.
+    let mut published = "[[service]]\nname = \"published6\"\nvip = \"[fd00::1]:8080\"\n\
+                         [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\n"
+        .to_owned();
+    for addr in &addrs6 {
+        published += &format!("[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\n");
+    }
     let config = dual_stack_config(&topo, &addrs6, &[4, 6]).replace(
         "cgroup = \"off\"",
         &format!("cgroup = \"{}\"", cgroup.child.display()),
-    );
+    ) + &published;
     let balancer = Balancer::start(&lb_binary(), &topo, &config);
     for addr in &addrs6 {
         let b = format!("[{addr}]:{BACKEND_PORT}");
         balancer.wait_health("web6", &b, true, Duration::from_secs(5));
+        balancer.wait_health("published6", &b, true, Duration::from_secs(5));
     }
     let out = cgroup.run_in(
         &topo.lb,
@@ -1102,6 +1112,21 @@ fn ipv6_clients_on_the_host_are_balanced_at_connect_time() {
             && answer.ends_with(&format!("('{VIP6}', 53)")),
         "UDP answer: {answer:?}"
     );
+
+    let before = counter(&balancer, "event_host_balanced");
+    let out = cgroup.run_in(
+        &topo.lb,
+        "for i in $(seq 20); do curl -s -g --max-time 2 http://[::1]:8080/ || echo FAIL; done",
+    );
+    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!("20 connections to [::1]:8080: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "{out}");
+    assert_eq!(counter(&balancer, "event_host_balanced") - before, 20);
+    let peer = cgroup.run_in(
+        &topo.lb,
+        "python3 -c \"import socket; s = socket.create_connection(('::1', 8080), 2); print(s.getpeername()[:2])\"",
+    );
+    assert_eq!(peer.trim(), "('::1', 8080)", "getpeername at ::1");
 }
 
 #[test]
