@@ -48,8 +48,8 @@ pub fn check_snat_pool(pool: &[IpAddr]) -> Result<(), String> {
     Ok(())
 }
 
-/// One service, one address family: its VIP's. IPv6 services are full NAT (NAT66): NAT46/64,
-/// DNAT and DSR serve IPv4 only, for now.
+/// One service, one address family: its VIP's. IPv6 services run in full NAT (NAT66) or DNAT;
+/// NAT46/64 and DSR serve IPv4 only, for now.
 pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
     let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
     let vip = family(s.vip.ip());
@@ -68,9 +68,9 @@ pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
             s.vip
         ));
     }
-    if s.vip.is_ipv6() && !s.mode.is_nat() {
+    if s.vip.is_ipv6() && !matches!(s.mode, ForwardingMode::Nat | ForwardingMode::Dnat) {
         return Err(format!(
-            "vip {}: IPv6 services run in mode \"nat\" only (mode \"{}\" serves IPv4)",
+            "vip {}: IPv6 services run in mode \"nat\" or \"dnat\" (mode \"{}\" serves IPv4)",
             s.vip, s.mode
         ));
     }
@@ -2326,9 +2326,12 @@ weight = 70000
             "is IPv6 but vip 198.18.100.1:80 is IPv4",
         );
         assert_error(
-            &v6_vip("mode = \"dnat\"\n"),
-            "IPv6 services run in mode \"nat\" only",
+            &v6_vip("mode = \"dsr\"\ndsr = \"l2\"\n"),
+            "IPv6 services run in mode \"nat\" or \"dnat\"",
         );
+        let dnat = v6("mode = \"dnat\"\n[[service.backend]]\naddress = \"[fd00:1::11]:8000\"\n");
+        let dnat = Config::parse(&dnat, "lb.toml").expect("valid");
+        assert_eq!(dnat.services[0].mode, ForwardingMode::Dnat);
         assert_error(
             &v6("snat = \"fd00:2::/64\" # <- snat\n"),
             "holds 2^64 addresses",

@@ -163,7 +163,11 @@ fn route_to(addr: Ipv4Addr) -> Result<(String, Ipv4Addr), String> {
     let routes = crate::return_path::parse_routes(&text);
     let route =
         crate::return_path::route_to(&routes, addr).ok_or_else(|| format!("no route to {addr}"))?;
-    Ok((route.device.clone(), route.gateway.unwrap_or(addr)))
+    let next_hop = match route.gateway {
+        Some(std::net::IpAddr::V4(gateway)) => gateway,
+        _ => addr,
+    };
+    Ok((route.device.clone(), next_hop))
 }
 
 /// The MAC of `neighbour` on `device`, from the neighbour table (complete entries only).

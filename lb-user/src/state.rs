@@ -1441,13 +1441,9 @@ impl State {
         if on_link().next().is_none() {
             return Vec::new();
         }
-        let routes = match std::fs::read_to_string("/proc/net/route") {
-            Ok(text) => return_path::parse_routes(&text),
-            Err(e) => {
-                return vec![format!(
-                    "cannot check backends' routes: /proc/net/route: {e}"
-                )];
-            }
+        let routes = match return_path::read_routes() {
+            Ok(routes) => routes,
+            Err(e) => return vec![format!("cannot check backends' routes: {e}")],
         };
         let managed = &self.config.interfaces;
         let routes = &routes;
@@ -1463,10 +1459,7 @@ impl State {
                     }
                 };
                 svc.backends.iter().filter_map(move |b| {
-                    let IpAddr::V4(backend) = b.address.ip() else {
-                        return None;
-                    };
-                    return_path::problem(routes, backend, managed).map(|why| {
+                    return_path::problem(routes, b.address.ip(), managed).map(|why| {
                         format!(
                             "service \"{}\" (mode {mode}): {why}; {outcome}",
                             svc.config.name

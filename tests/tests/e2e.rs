@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::TcpStream,
+    net::{IpAddr, SocketAddr, TcpStream},
     process::Child,
     time::{Duration, Instant},
 };
@@ -3478,6 +3478,107 @@ fn a_fragmented_udp_request_and_answer_cross_the_balancer_whole() {
     );
 }
 
+/// `mode = "dnat"` over IPv6 (the balancer is the backends' IPv6 gateway): each backend sees
+/// the client's own IPv6 address and port, new connections split 4:6, a UDP answer comes back
+/// from the VIP, and an IPv6 backend lb reaches through a gateway is reported.
+#[test]
+fn ipv6_dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 2);
+    let addrs6 = topo.add_ipv6();
+    let far = "[[service]]\nname = \"far6\"\nvip = \"[fd00:100::1]:81\"\nmode = \"dnat\"\n\
+               [service.health]\nkind = \"none\"\n\
+               [[service.backend]]\naddress = \"[fd00:50::10]:8000\"\n";
+    let config = dnat_config(dual_stack_config(&topo, &addrs6, &[4, 6])) + far;
+    let Setup { topo, balancer, .. } = setup_on(topo, &[4, 6], |_| config);
+    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
+    for i in 0..2 {
+        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
+    }
+    let status = balancer.status();
+    let web6 = status["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web6"))
+        .expect("web6");
+    assert_eq!(web6["mode"], "dnat", "{web6}");
+
+    assert_backends_see(
+        &topo,
+        IpAddr::V6(CLIENT6),
+        &format!("http://[{VIP6}]"),
+        45200,
+        20,
+    );
+
+    let (counts, failed) = tally(&http_requests6(&topo, 1000), 2);
+    println!("IPv6 dnat, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&balancer, &counts, 40.0, 5.0, "IPv6 dnat 4:6 split");
+
+    let answer = topo
+        .client
+        .sh(&format!("printf 'hello6' | nc -u -w1 -p 45300 {VIP6} 53"));
+    assert!(
+        answer.trim() == "b1: hello6" || answer.trim() == "b2: hello6",
+        "UDP answer through IPv6 DNAT: {answer:?}"
+    );
+
+    topo.lb
+        .sh("ip -6 route add fd00:50::/64 via fd00:1::11 dev lb1");
+    balancer.wait_until(Duration::from_secs(5), "far6's return path reported", |b| {
+        b.status()["warnings"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str())
+            .any(|w| w.contains("\"far6\"") && w.contains("gateway fd00:1::11"))
+    });
+    let warnings = balancer.status()["warnings"].to_string();
+    assert!(
+        !warnings.contains("web6"),
+        "web6's backends are on lb1, lb is their gateway: {warnings}"
+    );
+    assert_eq!(balancer.backend("web6", &b6(0))["snat_ports_in_use"], 0);
+    assert_eq!(counter(&balancer, "drop_dnat_tuple_taken"), 0);
+}
+
+/// An IPv6 connection cut on purpose (its backend removed, then cut with `--now`) is reset at
+/// both ends, as an IPv4 one: the backend's socket is gone at once and the client's next request
+/// fails with ECONNRESET, not a timeout.
+#[test]
+fn ipv6_a_backend_removed_now_has_its_connections_reset_at_both_ends() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::Two, 2);
+    let addrs6 = topo.add_ipv6();
+    let config = dual_stack_config(&topo, &addrs6, &[1, 1]);
+    let Setup { topo, balancer, .. } = setup_on(topo, &[1, 1], |_| config);
+    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
+    for i in 0..2 {
+        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
+    }
+    let mut long_lived = topo
+        .client
+        .spawn_inside(|| TcpStream::connect((VIP6, 80)).expect("connect to [VIP6]:80"))
+        .join()
+        .expect("connect thread");
+    let served_by = request_on(&mut long_lived);
+    let i: usize = served_by[1..].parse::<usize>().expect("bN") - 1;
+    assert_eq!(established_at(&topo, i), 1, "the long-lived connection");
+    // Removed, it finishes its connections (terminating); `--now` then cuts them.
+    cli_ok(&balancer, &["backend", "remove", "web6", &b6(i)]);
+    assert_eq!(
+        request_on(&mut long_lived),
+        served_by,
+        "still served while terminating"
+    );
+    let said = cli_ok(&balancer, &["backend", "remove", "web6", &b6(i), "--now"]);
+    assert!(said.contains("1 connections, 2 RSTs sent"), "{said}");
+    assert_eq!(established_at(&topo, i), 0, "the backend's end was reset");
+    assert_reset(&mut long_lived, "the client's end");
+}
+
 /// The topology's config with every service in `mode = "dnat"`.
 fn dnat_config(config: String) -> String {
     config
@@ -3592,16 +3693,21 @@ fn assert_weights_move_new_connections_only(balancer: &Balancer, topo: &Topology
 /// Each of `count` connections from client ports `first_port`.. to `url` (`GET /peer`) is
 /// answered with the peer its backend saw: the client itself, on that port.
 fn assert_backends_see_the_client(topo: &Topology, url: &str, first_port: u16, count: u16) {
+    assert_backends_see(topo, IpAddr::V4(CLIENT), url, first_port, count);
+}
+
+/// As `assert_backends_see_the_client`, for the client's address `client` (of `url`'s family).
+fn assert_backends_see(topo: &Topology, client: IpAddr, url: &str, first_port: u16, count: u16) {
     let last = first_port + count - 1;
     let peers = topo.client.sh(&format!(
-        "for p in $(seq {first_port} {last}); do curl -s --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
+        "for p in $(seq {first_port} {last}); do curl -s -g --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
     ));
     let peers: Vec<&str> = peers.lines().collect();
     assert_eq!(peers.len(), usize::from(count), "{peers:?}");
     for (i, line) in peers.iter().enumerate() {
         assert_eq!(
             line.split(' ').nth(1).unwrap_or(""),
-            format!("{CLIENT}:{}", first_port + i as u16),
+            SocketAddr::new(client, first_port + i as u16).to_string(),
             "backend's view of connection {i}: {line}"
         );
     }
