@@ -48,8 +48,8 @@ pub fn check_snat_pool(pool: &[IpAddr]) -> Result<(), String> {
     Ok(())
 }
 
-/// One service, one address family: its VIP's. IPv6 services run in full NAT (NAT66) or DNAT;
-/// NAT46/64 and DSR serve IPv4 only, for now.
+/// One service, one address family: its VIP's. IPv6 services run in full NAT (NAT66), DNAT or
+/// DSR's L2 form; NAT46/64 is not offered, and IPIP and GUE carry IPv4.
 pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
     let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
     let vip = family(s.vip.ip());
@@ -68,9 +68,9 @@ pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
             s.vip
         ));
     }
-    if s.vip.is_ipv6() && !matches!(s.mode, ForwardingMode::Nat | ForwardingMode::Dnat) {
+    if s.vip.is_ipv6() && matches!(s.mode, ForwardingMode::DsrIpip | ForwardingMode::DsrGue) {
         return Err(format!(
-            "vip {}: IPv6 services run in mode \"nat\" or \"dnat\" (mode \"{}\" serves IPv4)",
+            "vip {}: mode \"{}\" tunnels in IPv4; an IPv6 service runs in mode \"nat\", \"dnat\" or \"dsr\" with dsr = \"l2\"",
             s.vip, s.mode
         ));
     }
@@ -2326,9 +2326,14 @@ weight = 70000
             "is IPv6 but vip 198.18.100.1:80 is IPv4",
         );
         assert_error(
-            &v6_vip("mode = \"dsr\"\ndsr = \"l2\"\n"),
-            "IPv6 services run in mode \"nat\" or \"dnat\"",
+            &v6_vip("mode = \"dsr\"\ndsr = \"ipip\"\n"),
+            "tunnels in IPv4; an IPv6 service runs in mode",
         );
+        let l2 = v6(
+            "mode = \"dsr\"\ndsr = \"l2\"\n[[service.backend]]\naddress = \"[fd00:1::11]:80\"\n",
+        );
+        let l2 = Config::parse(&l2, "lb.toml").expect("valid");
+        assert_eq!(l2.services[0].mode, ForwardingMode::DsrL2);
         let dnat = v6("mode = \"dnat\"\n[[service.backend]]\naddress = \"[fd00:1::11]:8000\"\n");
         let dnat = Config::parse(&dnat, "lb.toml").expect("valid");
         assert_eq!(dnat.services[0].mode, ForwardingMode::Dnat);

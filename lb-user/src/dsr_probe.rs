@@ -7,10 +7,11 @@
 //!
 //! The frames are built and read here (pure, unit-tested); `probe` sends one from an AF_PACKET
 //! socket on the device towards the backend and reads the answer there (the kernel itself
-//! answers the SYN-ACK with an RST: it has no socket for it).
+//! answers the SYN-ACK with an RST: it has no socket for it). An IPv6 VIP is probed the same
+//! way in the L2 form (IPIP and GUE carry IPv4).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
@@ -23,6 +24,7 @@ use lb_common::{
 use crate::config::ForwardingMode;
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
@@ -50,10 +52,11 @@ impl Tunnel {
 pub struct SynProbe {
     pub src_mac: [u8; 6],
     pub dst_mac: [u8; 6],
-    /// lb's address towards the backend: the SYN's source, where the answer comes back.
-    pub src: Ipv4Addr,
+    /// lb's address towards the backend (of the VIP's family): the SYN's source, where the
+    /// answer comes back.
+    pub src: IpAddr,
     pub src_port: u16,
-    pub vip: SocketAddrV4,
+    pub vip: SocketAddr,
     pub seq: u32,
     /// The tunnel and the backend it leads to (the outer source is `src`).
     pub tunnel_to: Option<(Tunnel, Ipv4Addr)>,
@@ -87,8 +90,21 @@ fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, body_len: usize) -> [u8;
     ip
 }
 
-/// The probe's frame: Ethernet, (the tunnel's IPv4 header,) IPv4 and a TCP SYN with no options.
-pub fn syn_frame(p: &SynProbe) -> Vec<u8> {
+/// The IPv6 header of a packet of `proto` with `body_len` bytes after it.
+fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, body_len: usize) -> [u8; 40] {
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&(body_len as u16).to_be_bytes());
+    ip[6] = proto;
+    ip[7] = 64;
+    ip[8..24].copy_from_slice(&src.octets());
+    ip[24..40].copy_from_slice(&dst.octets());
+    ip
+}
+
+/// The probe's frame: Ethernet, (the tunnel's IPv4 header,) IPv4 or IPv6 and a TCP SYN with
+/// no options; `None` if its addresses are of two families.
+pub fn syn_frame(p: &SynProbe) -> Option<Vec<u8>> {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&p.src_port.to_be_bytes());
     tcp[2..4].copy_from_slice(&p.vip.port().to_be_bytes());
@@ -96,24 +112,35 @@ pub fn syn_frame(p: &SynProbe) -> Vec<u8> {
     tcp[12] = 5 << 4;
     tcp[13] = TCP_SYN;
     tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    let mut pseudo = [0u8; 12];
-    pseudo[0..4].copy_from_slice(&p.src.octets());
-    pseudo[4..8].copy_from_slice(&p.vip.ip().octets());
-    pseudo[9] = IPPROTO_TCP;
-    pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
-    let check = checksum(sum_words(&tcp, sum_words(&pseudo, 0)));
+    // The pseudo-header's sum: both addresses, the protocol and the segment's length.
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let pseudo =
+        sum_words(&octets(p.src), sum_words(&octets(p.vip.ip()), 0)) + u32::from(IPPROTO_TCP) + 20;
+    let check = checksum(sum_words(&tcp, pseudo));
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
-    let inner = ipv4_header(p.src, *p.vip.ip(), IPPROTO_TCP, tcp.len());
-    let mut frame = Vec::with_capacity(74);
+    let mut frame = Vec::with_capacity(94);
     frame.extend_from_slice(&p.dst_mac);
     frame.extend_from_slice(&p.src_mac);
+    let (src, vip) = match (p.src, p.vip.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(vip)) => (src, vip),
+        (IpAddr::V6(src), IpAddr::V6(vip)) => {
+            frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+            frame.extend_from_slice(&ipv6_header(src, vip, IPPROTO_TCP, tcp.len()));
+            frame.extend_from_slice(&tcp);
+            return Some(frame);
+        }
+        _ => return None,
+    };
     frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
     match p.tunnel_to {
         Some((Tunnel::Ipip, backend)) => {
-            frame.extend_from_slice(&ipv4_header(p.src, backend, IPPROTO_IPIP, 40));
+            frame.extend_from_slice(&ipv4_header(src, backend, IPPROTO_IPIP, 40));
         }
         Some((Tunnel::Gue, backend)) => {
-            frame.extend_from_slice(&ipv4_header(p.src, backend, IPPROTO_UDP, 48));
+            frame.extend_from_slice(&ipv4_header(src, backend, IPPROTO_UDP, 48));
             frame.extend_from_slice(&gue_source_port(p.seq).to_be_bytes());
             frame.extend_from_slice(&GUE_PORT.to_be_bytes());
             frame.extend_from_slice(&48u16.to_be_bytes());
@@ -121,26 +148,43 @@ pub fn syn_frame(p: &SynProbe) -> Vec<u8> {
         }
         Some((Tunnel::None, _)) | None => {}
     }
-    frame.extend_from_slice(&inner);
+    frame.extend_from_slice(&ipv4_header(src, vip, IPPROTO_TCP, tcp.len()));
     frame.extend_from_slice(&tcp);
-    frame
+    Some(frame)
 }
 
 /// The backend's answer to `p`, if `frame` is one: from the VIP's port to the probe's, for its
 /// SYN (the acknowledgement number).
 pub fn answer(frame: &[u8], p: &SynProbe) -> Option<Answer> {
     let ip = frame.get(14..)?;
-    if frame.get(12..14)? != ETH_P_IP.to_be_bytes() || ip.first()? >> 4 != 4 {
-        return None;
-    }
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    if ip.get(9)? != &IPPROTO_TCP
-        || ip.get(12..16)? != p.vip.ip().octets()
-        || ip.get(16..20)? != p.src.octets()
-    {
-        return None;
-    }
-    let tcp = ip.get(ihl..ihl + 20)?;
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let tcp = match (p.vip.ip(), p.src) {
+        (IpAddr::V4(vip), IpAddr::V4(src)) => {
+            if ethertype != ETH_P_IP || ip.first()? >> 4 != 4 {
+                return None;
+            }
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            if ip.get(9)? != &IPPROTO_TCP
+                || ip.get(12..16)? != vip.octets()
+                || ip.get(16..20)? != src.octets()
+            {
+                return None;
+            }
+            ip.get(ihl..ihl + 20)?
+        }
+        (IpAddr::V6(vip), IpAddr::V6(src)) => {
+            if ethertype != ETH_P_IPV6
+                || ip.first()? >> 4 != 6
+                || ip.get(6)? != &IPPROTO_TCP
+                || ip.get(8..24)? != vip.octets()
+                || ip.get(24..40)? != src.octets()
+            {
+                return None;
+            }
+            ip.get(40..60)?
+        }
+        _ => return None,
+    };
     let port = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
     if port(0) != p.vip.port() || port(2) != p.src_port {
         return None;
@@ -157,25 +201,45 @@ pub fn answer(frame: &[u8], p: &SynProbe) -> Option<Answer> {
 }
 
 /// The device and next hop the main table gives towards `addr`.
-fn route_to(addr: Ipv4Addr) -> Result<(String, Ipv4Addr), String> {
-    let text =
-        std::fs::read_to_string("/proc/net/route").map_err(|e| format!("/proc/net/route: {e}"))?;
-    let routes = crate::return_path::parse_routes(&text);
+fn route_to(addr: IpAddr) -> Result<(String, IpAddr), String> {
+    let routes = crate::return_path::read_routes()?;
     let route =
         crate::return_path::route_to(&routes, addr).ok_or_else(|| format!("no route to {addr}"))?;
-    let next_hop = match route.gateway {
-        Some(std::net::IpAddr::V4(gateway)) => gateway,
-        _ => addr,
-    };
-    Ok((route.device.clone(), next_hop))
+    Ok((route.device.clone(), route.gateway.unwrap_or(addr)))
 }
 
-/// The MAC of `neighbour` on `device`, from the neighbour table (complete entries only).
-fn neighbour_mac(neighbour: Ipv4Addr, device: &str) -> Result<[u8; 6], String> {
-    let text =
-        std::fs::read_to_string("/proc/net/arp").map_err(|e| format!("/proc/net/arp: {e}"))?;
-    parse_arp(&text, neighbour, device)
-        .ok_or_else(|| format!("no resolved neighbour entry for {neighbour} on {device}"))
+/// The MAC of `neighbour` on `device`, from the neighbour table (complete entries only): IPv4's
+/// in /proc/net/arp, IPv6's as `ip -6 neigh` shows it (the kernel has no file for it).
+fn neighbour_mac(neighbour: IpAddr, device: &str) -> Result<[u8; 6], String> {
+    let unresolved = || format!("no resolved neighbour entry for {neighbour} on {device}");
+    match neighbour {
+        IpAddr::V4(v4) => {
+            let text = std::fs::read_to_string("/proc/net/arp")
+                .map_err(|e| format!("/proc/net/arp: {e}"))?;
+            parse_arp(&text, v4, device).ok_or_else(unresolved)
+        }
+        IpAddr::V6(v6) => {
+            let out = std::process::Command::new("ip")
+                .args(["-6", "neigh", "show", &v6.to_string(), "dev", device])
+                .output()
+                .map_err(|e| format!("ip -6 neigh: {e}"))?;
+            parse_neigh6(&String::from_utf8_lossy(&out.stdout)).ok_or_else(unresolved)
+        }
+    }
+}
+
+/// The MAC of `ip -6 neigh show ADDR dev DEV`'s entry, if it has one in a state whose address
+/// holds (not INCOMPLETE or FAILED).
+pub fn parse_neigh6(text: &str) -> Option<[u8; 6]> {
+    text.lines().find_map(|line| {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at = words.iter().position(|w| *w == "lladdr")?;
+        let state = words.last()?;
+        if matches!(*state, "INCOMPLETE" | "FAILED") {
+            return None;
+        }
+        parse_mac(words.get(at + 1)?)
+    })
 }
 
 /// `/proc/net/arp`'s entry for `ip` on `device`, if complete (flag 0x2).
@@ -202,8 +266,8 @@ fn parse_mac(text: &str) -> Option<[u8; 6]> {
 
 /// Probes `vip` at `backend` as its clients reach it (through `tunnel`).
 pub async fn probe(
-    vip: SocketAddrV4,
-    backend: Ipv4Addr,
+    vip: SocketAddr,
+    backend: IpAddr,
     tunnel: Tunnel,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -213,8 +277,8 @@ pub async fn probe(
 }
 
 fn probe_blocking(
-    vip: SocketAddrV4,
-    backend: Ipv4Addr,
+    vip: SocketAddr,
+    backend: IpAddr,
     tunnel: Tunnel,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -225,14 +289,19 @@ fn probe_blocking(
         .ok()
         .and_then(|text| parse_mac(text.trim()))
         .ok_or_else(|| format!("no MAC address in {mac_path}"))?;
-    let src = match crate::state::source_address_towards(SocketAddrV4::new(backend, 9).into()) {
-        Ok(std::net::IpAddr::V4(src)) => src,
+    let src = match crate::state::source_address_towards(SocketAddr::new(backend, 9)) {
+        Ok(src) if src.is_ipv4() == vip.is_ipv4() => src,
         Ok(other) => {
             return Err(format!(
-                "source address {other} towards {backend} is not IPv4"
+                "source address {other} towards {backend} is not of the VIP's family"
             ));
         }
         Err(e) => return Err(format!("no source address towards {backend}: {e}")),
+    };
+    let tunnel_to = match (tunnel, backend) {
+        (Tunnel::None, _) => None,
+        (tunnel, IpAddr::V4(backend)) => Some((tunnel, backend)),
+        (_, IpAddr::V6(_)) => return Err("IPIP and GUE carry IPv4 only".to_owned()),
     };
     let ifindex = crate::dataplane::ifindex(&device).map_err(|e| e.to_string())?;
     let clock = crate::dataplane::monotonic_ns();
@@ -245,10 +314,11 @@ fn probe_blocking(
         src_port: 49152 | (clock as u16 & 0x3fff),
         vip,
         seq: (clock >> 14) as u32,
-        tunnel_to: (tunnel != Tunnel::None).then_some((tunnel, backend)),
+        tunnel_to,
     };
-    let socket = PacketSocket::open(ifindex, *vip.ip())?;
-    socket.send(&syn_frame(&probe))?;
+    let frame = syn_frame(&probe).ok_or("the probe's addresses are of two families")?;
+    let socket = PacketSocket::open(ifindex, vip.ip())?;
+    socket.send(&frame)?;
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 256];
     while Instant::now() < deadline {
@@ -273,6 +343,54 @@ fn probe_blocking(
     ))
 }
 
+/// A classic BPF filter keeping 256 bytes of TCP frames from `from` (Ethernet type, protocol
+/// and source address checked), and nothing of other frames.
+fn answer_filter(from: IpAddr) -> Vec<libc::sock_filter> {
+    const LD_H: u16 = 0x28;
+    const LD_B: u16 = 0x30;
+    const LD_W: u16 = 0x20;
+    const JEQ: u16 = 0x15;
+    const RET: u16 = 0x06;
+    let op = |code: u16, k: u32| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    // Each test: a load, then a jump past the rest to the final "nothing" when unequal.
+    let (ethertype, proto_at, words): (u16, u32, Vec<(u32, u32)>) = match from {
+        IpAddr::V4(a) => (ETH_P_IP, 23, vec![(26, u32::from(a))]),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let word = |i: usize| u32::from_be_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (
+                ETH_P_IPV6,
+                20,
+                (0..4).map(|i| (22 + 4 * i as u32, word(4 * i))).collect(),
+            )
+        }
+    };
+    let mut tests = vec![
+        (op(LD_H, 12), u32::from(ethertype)),
+        (op(LD_B, proto_at), u32::from(IPPROTO_TCP)),
+    ];
+    tests.extend(words.into_iter().map(|(at, w)| (op(LD_W, at), w)));
+    let mut filter = Vec::with_capacity(2 * tests.len() + 2);
+    let count = tests.len();
+    for (i, (load, value)) in tests.into_iter().enumerate() {
+        filter.push(load);
+        // From here: the jumps of the tests left, then "keep", then "nothing".
+        let to_nothing = 2 * (count - i - 1) + 1;
+        filter.push(libc::sock_filter {
+            jf: to_nothing as u8,
+            ..op(JEQ, value)
+        });
+    }
+    filter.push(op(RET, 256));
+    filter.push(op(RET, 0));
+    filter
+}
+
 /// An AF_PACKET socket on one device that sees TCP from one address only (a classic BPF
 /// filter: the probe must not copy the device's traffic to user space).
 struct PacketSocket(std::os::fd::OwnedFd);
@@ -295,10 +413,10 @@ unsafe fn set_option<T>(fd: i32, option: i32, value: &T) -> i32 {
 }
 
 impl PacketSocket {
-    fn open(ifindex: u32, from: Ipv4Addr) -> Result<Self, String> {
+    fn open(ifindex: u32, from: IpAddr) -> Result<Self, String> {
         use std::os::fd::{AsRawFd as _, FromRawFd as _};
         let error = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
-        let protocol = ETH_P_IP.to_be();
+        let protocol = if from.is_ipv4() { ETH_P_IP } else { ETH_P_IPV6 }.to_be();
         // SAFETY: socket(2) with constant arguments; the fd is owned from here on.
         let fd = unsafe {
             libc::socket(
@@ -313,58 +431,7 @@ impl PacketSocket {
         // SAFETY: a fresh fd of ours.
         let socket = Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
         let raw = socket.0.as_raw_fd();
-        let from = u32::from(from);
-        let mut filter = [
-            // Ethernet type IPv4, protocol TCP, source `from`: keep 256 bytes; else nothing.
-            libc::sock_filter {
-                code: 0x28,
-                jt: 0,
-                jf: 0,
-                k: 12,
-            },
-            libc::sock_filter {
-                code: 0x15,
-                jt: 0,
-                jf: 5,
-                k: u32::from(ETH_P_IP),
-            },
-            libc::sock_filter {
-                code: 0x30,
-                jt: 0,
-                jf: 0,
-                k: 23,
-            },
-            libc::sock_filter {
-                code: 0x15,
-                jt: 0,
-                jf: 3,
-                k: u32::from(IPPROTO_TCP),
-            },
-            libc::sock_filter {
-                code: 0x20,
-                jt: 0,
-                jf: 0,
-                k: 26,
-            },
-            libc::sock_filter {
-                code: 0x15,
-                jt: 0,
-                jf: 1,
-                k: from,
-            },
-            libc::sock_filter {
-                code: 0x06,
-                jt: 0,
-                jf: 0,
-                k: 256,
-            },
-            libc::sock_filter {
-                code: 0x06,
-                jt: 0,
-                jf: 0,
-                k: 0,
-            },
-        ];
+        let mut filter = answer_filter(from);
         let program = libc::sock_fprog {
             len: filter.len() as u16,
             filter: filter.as_mut_ptr(),
@@ -435,7 +502,7 @@ mod tests {
         SynProbe {
             src_mac: [2, 0, 0, 0, 1, 1],
             dst_mac: [2, 0, 0, 0, 0, 0x11],
-            src: Ipv4Addr::new(198, 18, 1, 1),
+            src: Ipv4Addr::new(198, 18, 1, 1).into(),
             src_port: 50000,
             vip: "198.18.100.1:80".parse().expect("vip"),
             seq: 7,
@@ -451,7 +518,7 @@ mod tests {
     #[test]
     fn the_syn_goes_to_the_vip_from_lb_with_valid_checksums() {
         let p = probe(None);
-        let f = syn_frame(&p);
+        let f = syn_frame(&p).expect("one family");
         assert_eq!(f.len(), 54);
         assert_eq!(&f[0..6], &p.dst_mac);
         assert_eq!(&f[12..14], &[8, 0]);
@@ -470,8 +537,8 @@ mod tests {
     #[test]
     fn the_ipip_form_wraps_the_same_syn_for_the_backend() {
         let backend = Ipv4Addr::new(198, 18, 9, 11);
-        let plain = syn_frame(&probe(None));
-        let f = syn_frame(&probe(Some((Tunnel::Ipip, backend))));
+        let plain = syn_frame(&probe(None)).expect("one family");
+        let f = syn_frame(&probe(Some((Tunnel::Ipip, backend)))).expect("one family");
         assert_eq!(f.len(), plain.len() + 20);
         let outer = &f[14..34];
         assert!(verifies(sum_words(outer, 0)));
@@ -490,8 +557,8 @@ mod tests {
     #[test]
     fn the_gue_form_wraps_it_in_ipv4_and_udp_to_the_gue_port() {
         let backend = Ipv4Addr::new(198, 18, 9, 11);
-        let plain = syn_frame(&probe(None));
-        let f = syn_frame(&probe(Some((Tunnel::Gue, backend))));
+        let plain = syn_frame(&probe(None)).expect("one family");
+        let f = syn_frame(&probe(Some((Tunnel::Gue, backend)))).expect("one family");
         assert_eq!(f.len(), plain.len() + 28);
         let outer = &f[14..34];
         assert!(verifies(sum_words(outer, 0)));
@@ -550,7 +617,11 @@ mod tests {
             None,
             "truncated"
         );
-        assert_eq!(answer(&syn_frame(&p), &p), None, "our own SYN");
+        assert_eq!(
+            answer(&syn_frame(&p).expect("one family"), &p),
+            None,
+            "our own SYN"
+        );
     }
 
     #[test]
@@ -568,5 +639,176 @@ mod tests {
             None,
             "incomplete"
         );
+    }
+
+    fn probe6() -> SynProbe {
+        SynProbe {
+            src: "fd00:1::1".parse().expect("address"),
+            vip: "[fd00:100::1]:80".parse().expect("vip"),
+            ..probe(None)
+        }
+    }
+
+    /// An IPv6 frame from the VIP's port to the probe's, with these flags and acknowledgement.
+    fn reply6(flags: u8, ack: u32, from: &str) -> Vec<u8> {
+        let from: Ipv6Addr = from.parse().expect("address");
+        let mut f = vec![0u8; 74];
+        f[12..14].copy_from_slice(&[0x86, 0xdd]);
+        f[14..54].copy_from_slice(&ipv6_header(
+            from,
+            "fd00:1::1".parse().expect("address"),
+            IPPROTO_TCP,
+            20,
+        ));
+        f[54..56].copy_from_slice(&80u16.to_be_bytes());
+        f[56..58].copy_from_slice(&50000u16.to_be_bytes());
+        f[62..66].copy_from_slice(&ack.to_be_bytes());
+        f[67] = flags;
+        f
+    }
+
+    #[test]
+    fn the_ipv6_syn_goes_to_the_vip_from_lb_with_a_valid_checksum() {
+        let p = probe6();
+        let f = syn_frame(&p).expect("one family");
+        assert_eq!(f.len(), 14 + 40 + 20);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        let (ip, tcp) = (&f[14..54], &f[54..]);
+        assert_eq!((ip[0], ip[5], ip[6], ip[7]), (0x60, 20, IPPROTO_TCP, 64));
+        assert_eq!(
+            &ip[8..24],
+            &"fd00:1::1".parse::<Ipv6Addr>().expect("a").octets()
+        );
+        assert_eq!(
+            &ip[24..40],
+            &"fd00:100::1".parse::<Ipv6Addr>().expect("a").octets()
+        );
+        assert_eq!(tcp[13], TCP_SYN);
+        let mut pseudo = ip[8..40].to_vec();
+        pseudo.extend([0, 0, 0, 20, 0, 0, 0, IPPROTO_TCP]);
+        assert!(verifies(sum_words(tcp, sum_words(&pseudo, 0))));
+        let mixed = SynProbe {
+            src: Ipv4Addr::new(198, 18, 1, 1).into(),
+            ..probe6()
+        };
+        assert_eq!(syn_frame(&mixed), None, "two families");
+    }
+
+    #[test]
+    fn ipv6_answers_are_read_for_this_probe_only() {
+        let p = probe6();
+        let vip = "fd00:100::1";
+        assert_eq!(
+            answer(&reply6(TCP_SYN | TCP_ACK, 8, vip), &p),
+            Some(Answer::Accepted)
+        );
+        assert_eq!(
+            answer(&reply6(TCP_RST | TCP_ACK, 8, vip), &p),
+            Some(Answer::Refused)
+        );
+        assert_eq!(
+            answer(&reply6(TCP_SYN | TCP_ACK, 9, vip), &p),
+            None,
+            "another SYN's"
+        );
+        assert_eq!(
+            answer(&reply6(TCP_SYN | TCP_ACK, 8, "fd00:100::2"), &p),
+            None,
+            "another VIP"
+        );
+        assert_eq!(
+            answer(&reply6(TCP_SYN | TCP_ACK, 8, vip)[..60], &p),
+            None,
+            "truncated"
+        );
+        assert_eq!(
+            answer(&reply(TCP_SYN | TCP_ACK, 8, 80), &p),
+            None,
+            "an IPv4 frame"
+        );
+    }
+
+    /// What a classic BPF filter keeps of `frame` (the loads, jumps and returns it uses).
+    fn run(filter: &[libc::sock_filter], frame: &[u8]) -> u32 {
+        let mut a = 0u32;
+        let mut pc = 0;
+        loop {
+            let op = filter[pc];
+            let k = op.k as usize;
+            let load = |len: usize| {
+                frame
+                    .get(k..k + len)
+                    .map(|b| b.iter().fold(0u32, |v, x| v << 8 | u32::from(*x)))
+            };
+            match op.code {
+                0x28 | 0x30 | 0x20 => {
+                    let len = match op.code {
+                        0x28 => 2,
+                        0x30 => 1,
+                        _ => 4,
+                    };
+                    // A load past the frame's end ends the program: nothing kept.
+                    let Some(v) = load(len) else { return 0 };
+                    a = v;
+                }
+                0x15 => pc += usize::from(if a == op.k { op.jt } else { op.jf }),
+                0x06 => return op.k,
+                code => panic!("unexpected opcode {code:#x}"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn the_socket_keeps_tcp_from_the_vip_only() {
+        let v4 = answer_filter(Ipv4Addr::new(198, 18, 100, 1).into());
+        assert_eq!(run(&v4, &reply(TCP_SYN | TCP_ACK, 8, 80)), 256);
+        let mut other = reply(TCP_SYN | TCP_ACK, 8, 80);
+        other[29] = 2;
+        assert_eq!(run(&v4, &other), 0, "another source");
+        other = reply(TCP_SYN | TCP_ACK, 8, 80);
+        other[23] = IPPROTO_UDP;
+        assert_eq!(run(&v4, &other), 0, "UDP");
+        assert_eq!(
+            run(&v4, &reply6(TCP_SYN | TCP_ACK, 8, "fd00:100::1")),
+            0,
+            "IPv6"
+        );
+
+        let v6 = answer_filter("fd00:100::1".parse::<IpAddr>().expect("address"));
+        assert_eq!(run(&v6, &reply6(TCP_SYN | TCP_ACK, 8, "fd00:100::1")), 256);
+        for other in [
+            "fd00:100::2",
+            "fd01:100::1",
+            "fd00:100:0:1::1",
+            "fd00:101::1",
+        ] {
+            assert_eq!(run(&v6, &reply6(TCP_SYN | TCP_ACK, 8, other)), 0, "{other}");
+        }
+        let mut udp = reply6(TCP_SYN | TCP_ACK, 8, "fd00:100::1");
+        udp[20] = IPPROTO_UDP;
+        assert_eq!(run(&v6, &udp), 0, "UDP");
+        assert_eq!(run(&v6, &reply(TCP_SYN | TCP_ACK, 8, 80)), 0, "IPv4");
+        assert_eq!(
+            run(&v6, &reply6(TCP_SYN | TCP_ACK, 8, "fd00:100::1")[..30]),
+            0,
+            "short"
+        );
+    }
+
+    #[test]
+    fn the_ipv6_neighbour_gives_its_mac_when_resolved() {
+        let line = |state: &str| format!("fd00:1::11 lladdr 02:00:00:00:00:11 router {state}\n");
+        for state in ["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT"] {
+            assert_eq!(
+                parse_neigh6(&line(state)),
+                Some([2, 0, 0, 0, 0, 0x11]),
+                "{state}"
+            );
+        }
+        assert_eq!(parse_neigh6("fd00:1::11 INCOMPLETE\n"), None);
+        assert_eq!(parse_neigh6(&line("FAILED")), None);
+        assert_eq!(parse_neigh6(""), None);
+        assert_eq!(parse_neigh6("fd00:1::11 lladdr zz:00 STALE\n"), None);
     }
 }

@@ -819,10 +819,8 @@ impl State {
                 tick.tick().await;
                 let started_ns = crate::dataplane::monotonic_ns();
                 let mut result = health::probe(address, &cfg).await;
-                if let (Ok(()), Some((SocketAddr::V4(vip), tunnel)), IpAddr::V4(backend)) =
-                    (&result, vip_probe, address.ip())
-                {
-                    result = dsr_probe::probe(vip, backend, tunnel, cfg.timeout).await;
+                if let (Ok(()), Some((vip, tunnel))) = (&result, vip_probe) {
+                    result = dsr_probe::probe(vip, address.ip(), tunnel, cfg.timeout).await;
                 }
                 let report = HealthReport {
                     backend: id,

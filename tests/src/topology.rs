@@ -5,8 +5,9 @@
 //! - one-arm: client 198.18.0.2 and backends 198.18.0.1x share the switch with lb0 198.18.0.1
 //! - more client hosts (two-arm, `add_clients`): 198.18.(16+i).2 behind the client namespace,
 //!   which routes for them (198.18.16.0/20)
-//! - IPv6 (two-arm, `add_ipv6`), beside IPv4: client fd00::2 -- lb0 fd00::1 | lb1 fd00:1::1 --
-//!   switch -- fd00:1::1x, VIP fd00:100::1
+//! - IPv6 (`add_ipv6`), beside IPv4: two-arm, client fd00::2 -- lb0 fd00::1 | lb1 fd00:1::1 --
+//!   switch -- fd00:1::1x; one-arm, client fd00::2 and backends fd00::1x share the switch with
+//!   lb0 fd00::1; VIP fd00:100::1
 //!
 //! veth rules from ENGINEERING.md: GRO on every veth end (redirected frames need NAPI on the
 //! peer), and checksum offload off on the client, the backends and the switch's port to the
@@ -229,20 +230,20 @@ impl Topology {
             .collect()
     }
 
-    /// Gives the two-arm topology IPv6 beside IPv4 (module docs), and returns the backends'
-    /// IPv6 addresses. Addresses skip duplicate address detection (nodad), so they serve at
-    /// once; the switch floods multicast (no MLD querier here), so neighbour discovery works
-    /// whatever the reports.
+    /// Gives the topology IPv6 beside IPv4 (module docs), and returns the backends' IPv6
+    /// addresses. Addresses skip duplicate address detection (nodad), so they serve at once;
+    /// the switch floods multicast (no MLD querier here), so neighbour discovery works whatever
+    /// the reports.
     pub fn add_ipv6(&self) -> Vec<Ipv6Addr> {
-        assert_eq!(
-            self.arms,
-            Arms::Two,
-            "IPv6 is set up on the two-arm topology"
-        );
         self.switch
             .sh("ip link set br0 type bridge mcast_snooping 0");
-        self.lb.sh("ip -6 addr add fd00::1/64 dev lb0 nodad
-             ip -6 addr add fd00:1::1/64 dev lb1 nodad");
+        self.lb.sh("ip -6 addr add fd00::1/64 dev lb0 nodad");
+        let gateway = if self.arms == Arms::Two {
+            self.lb.sh("ip -6 addr add fd00:1::1/64 dev lb1 nodad");
+            "fd00:1::1"
+        } else {
+            "fd00::1"
+        };
         self.client.sh(&format!(
             "ip -6 addr add {CLIENT6}/64 dev eth0 nodad
              ip -6 route add {VIP6}/128 via fd00::1"
@@ -251,16 +252,17 @@ impl Topology {
         for (ns, addr) in self.backends.iter().zip(&addrs) {
             ns.sh(&format!(
                 "ip -6 addr add {addr}/64 dev eth0 nodad
-                 ip -6 route add default via fd00:1::1"
+                 ip -6 route add default via {gateway}"
             ));
         }
         addrs
     }
 
-    /// The backends' IPv6 addresses (`add_ipv6`): fd00:1::1N.
+    /// The backends' IPv6 addresses (`add_ipv6`): fd00:1::1N (two-arm), fd00::1N (one-arm).
     pub fn ipv6_backend_addrs(&self) -> Vec<Ipv6Addr> {
+        let net = if self.arms == Arms::Two { 1 } else { 0 };
         (1..=self.backends.len())
-            .map(|i| Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x10 + i as u16))
+            .map(|i| Ipv6Addr::new(0xfd00, net, 0, 0, 0, 0, 0, 0x10 + i as u16))
             .collect()
     }
 

@@ -3749,6 +3749,86 @@ fn dsr_config(topo: &Topology, weights: &[u32]) -> String {
     text
 }
 
+/// `mode = "dsr"`, L2 form, over IPv6 (one-arm on fd00::/64, the VIP on each backend's
+/// loopback: IPv6 answers neighbour solicitations only for addresses of the receiving device,
+/// so nothing like arp_ignore is needed): backends see the client's own address, new
+/// connections split 4:6, a 4 MB download passes lb one way only, and the health check through
+/// the VIP takes a backend without the VIP out.
+#[test]
+fn ipv6_dsr_l2_backends_answer_the_client_directly() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(Arms::One, 2);
+    let addrs6 = topo.add_ipv6();
+    for ns in &topo.backends {
+        ns.sh(&format!("ip -6 addr add {VIP6}/128 dev lo"));
+    }
+    let mut config = format!(
+        "interfaces = [\"lb0\"]\n[host]\ncgroup = \"off\"\n[flows]\ncapacity = 65536\n\
+         [[service]]\nname = \"web6\"\nvip = \"[{VIP6}]:{BACKEND_PORT}\"\nmode = \"dsr\"\ndsr = \"l2\"\n\
+         [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
+    );
+    for (addr, weight) in addrs6.iter().zip([4, 6]) {
+        config += &format!(
+            "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
+        );
+    }
+    let Setup { topo, balancer, .. } = setup_on(topo, &[4, 6], |_| config);
+    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
+    for i in 0..2 {
+        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
+    }
+    assert_eq!(balancer.status()["services"][0]["mode"], "dsr-l2");
+    let url = format!("http://[{VIP6}]:{BACKEND_PORT}");
+
+    assert_backends_see(&topo, IpAddr::V6(CLIENT6), &url, 46200, 10);
+
+    let out = topo.client.try_sh(&format!(
+        "for i in $(seq 1000); do curl -s -g --connect-timeout 1 --max-time 2 {url}/ || echo FAIL; done"
+    ));
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let (counts, failed) = tally(&lines, 2);
+    println!("IPv6 dsr l2, 1000 connections at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
+    assert_share(&balancer, &counts, 40.0, 5.0, "IPv6 dsr 4:6 split");
+
+    let bytes = || -> u64 {
+        (0..2)
+            .map(|i| {
+                balancer.backend("web6", &b6(i))["bytes"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let before = bytes();
+    let got = topo.client.sh(&format!(
+        "curl -s -g --max-time 10 {url}/bytes/4000000 | wc -c"
+    ));
+    assert_eq!(got.trim(), "4000000", "the download");
+    std::thread::sleep(Duration::from_millis(1500));
+    let through_lb = bytes() - before;
+    println!("IPv6 dsr l2: a 4000000-byte download took {through_lb} bytes through lb");
+    assert!(
+        through_lb > 0 && through_lb < 400_000,
+        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
+    );
+
+    // Without the VIP on its loopback, a backend still answering on its own address is down.
+    topo.backends[0].sh(&format!("ip -6 addr del {VIP6}/128 dev lo"));
+    balancer.wait_health("web6", &b6(0), false, Duration::from_secs(5));
+    let why = balancer.backend("web6", &b6(0))["last_error"].to_string();
+    assert!(why.contains("is the VIP on its loopback"), "{why}");
+    topo.backends[0].sh(&format!("ip -6 addr add {VIP6}/128 dev lo"));
+    balancer.wait_health("web6", &b6(0), true, Duration::from_secs(5));
+    let warnings = balancer.status()["warnings"].to_string();
+    assert!(!warnings.contains("web6"), "{warnings}");
+    assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
+}
+
 /// `mode = "dsr"`, L2 form (one-arm: the client and the backends share lb0's segment; each
 /// backend has the VIP on its loopback, with arp_ignore/arp_announce set): the backends see the
 /// client's address and answer it directly, so a 4 MB download passes lb in one direction only
