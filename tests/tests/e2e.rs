@@ -3526,14 +3526,7 @@ fn ipv6_dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
 
     topo.lb
         .sh("ip -6 route add fd00:50::/64 via fd00:1::11 dev lb1");
-    balancer.wait_until(Duration::from_secs(5), "far6's return path reported", |b| {
-        b.status()["warnings"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|w| w.as_str())
-            .any(|w| w.contains("\"far6\"") && w.contains("gateway fd00:1::11"))
-    });
+    wait_for_warning(&balancer, &["\"far6\"", "gateway fd00:1::11"]);
     let warnings = balancer.status()["warnings"].to_string();
     assert!(
         !warnings.contains("web6"),
@@ -3577,6 +3570,22 @@ fn ipv6_a_backend_removed_now_has_its_connections_reset_at_both_ends() {
     assert!(said.contains("1 connections, 2 RSTs sent"), "{said}");
     assert_eq!(established_at(&topo, i), 0, "the backend's end was reset");
     assert_reset(&mut long_lived, "the client's end");
+}
+
+/// Waits (5 s at most) for a warning in `lb status` that holds every one of `parts`.
+fn wait_for_warning(balancer: &Balancer, parts: &[&str]) {
+    balancer.wait_until(
+        Duration::from_secs(5),
+        &format!("a warning with {parts:?}"),
+        |b| {
+            b.status()["warnings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|w| w.as_str())
+                .any(|w| parts.iter().all(|p| w.contains(p)))
+        },
+    );
 }
 
 /// The topology's config with every service in `mode = "dnat"`.
@@ -3633,14 +3642,7 @@ fn dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
     // lb reaches "far"'s backend through a gateway: reported, naming the service and why.
     topo.lb
         .sh("ip route add 198.18.50.0/24 via 198.18.1.11 dev lb1");
-    balancer.wait_until(Duration::from_secs(5), "far's return path reported", |b| {
-        b.status()["warnings"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|w| w.as_str())
-            .any(|w| w.contains("\"far\"") && w.contains("gateway 198.18.1.11"))
-    });
+    wait_for_warning(&balancer, &["\"far\"", "gateway 198.18.1.11"]);
     let warnings = balancer.status()["warnings"].to_string();
     assert!(
         !warnings.contains("\"web\"") && !warnings.contains("\\\"web\\\""),
