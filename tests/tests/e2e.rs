@@ -3483,19 +3483,13 @@ fn a_fragmented_udp_request_and_answer_cross_the_balancer_whole() {
 /// from the VIP, and an IPv6 backend lb reaches through a gateway is reported.
 #[test]
 fn ipv6_dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
-    require_root();
-    sweep_stale();
-    let topo = Topology::new(Arms::Two, 2);
-    let addrs6 = topo.add_ipv6();
     let far = "[[service]]\nname = \"far6\"\nvip = \"[fd00:100::1]:81\"\nmode = \"dnat\"\n\
                [service.health]\nkind = \"none\"\n\
                [[service.backend]]\naddress = \"[fd00:50::10]:8000\"\n";
-    let config = dnat_config(dual_stack_config(&topo, &addrs6, &[4, 6])) + far;
-    let Setup { topo, balancer, .. } = setup_on(topo, &[4, 6], |_| config);
-    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
-    for i in 0..2 {
-        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
-    }
+    let (Setup { topo, balancer, .. }, b6) = setup_ipv6(Arms::Two, &[4, 6], |topo, addrs6| {
+        dnat_config(dual_stack_config(topo, addrs6, &[4, 6])) + far
+    });
+    let b6 = |i: usize| b6[i].clone();
     let status = balancer.status();
     let web6 = status["services"]
         .as_array()
@@ -3541,16 +3535,10 @@ fn ipv6_dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
 /// fails with ECONNRESET, not a timeout.
 #[test]
 fn ipv6_a_backend_removed_now_has_its_connections_reset_at_both_ends() {
-    require_root();
-    sweep_stale();
-    let topo = Topology::new(Arms::Two, 2);
-    let addrs6 = topo.add_ipv6();
-    let config = dual_stack_config(&topo, &addrs6, &[1, 1]);
-    let Setup { topo, balancer, .. } = setup_on(topo, &[1, 1], |_| config);
-    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
-    for i in 0..2 {
-        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
-    }
+    let (Setup { topo, balancer, .. }, b6) = setup_ipv6(Arms::Two, &[1, 1], |topo, addrs6| {
+        dual_stack_config(topo, addrs6, &[1, 1])
+    });
+    let b6 = |i: usize| b6[i].clone();
     let mut long_lived = topo
         .client
         .spawn_inside(|| TcpStream::connect((VIP6, 80)).expect("connect to [VIP6]:80"))
@@ -3570,6 +3558,33 @@ fn ipv6_a_backend_removed_now_has_its_connections_reset_at_both_ends() {
     assert!(said.contains("1 connections, 2 RSTs sent"), "{said}");
     assert_eq!(established_at(&topo, i), 0, "the backend's end was reset");
     assert_reset(&mut long_lived, "the client's end");
+}
+
+/// An IPv6 setup (`Topology::add_ipv6` on `arms`, one backend per weight): the daemon runs
+/// on what `prepare` returns, given the topology and the backends' IPv6 addresses, once it
+/// has set up what it needs; its service "web6" is healthy on every backend. Returns the
+/// setup and the backends as `[address]:port`.
+fn setup_ipv6(
+    arms: Arms,
+    weights: &[u32],
+    prepare: impl FnOnce(&Topology, &[std::net::Ipv6Addr]) -> String,
+) -> (Setup, Vec<String>) {
+    require_root();
+    sweep_stale();
+    let topo = Topology::new(arms, weights.len());
+    let addrs6 = topo.add_ipv6();
+    let config = prepare(&topo, &addrs6);
+    let setup = setup_on(topo, weights, |_| config);
+    let backends: Vec<String> = addrs6
+        .iter()
+        .map(|a| format!("[{a}]:{BACKEND_PORT}"))
+        .collect();
+    for b in &backends {
+        setup
+            .balancer
+            .wait_health("web6", b, true, Duration::from_secs(5));
+    }
+    (setup, backends)
 }
 
 /// Waits (5 s at most) for a warning in `lb status` that holds every one of `parts`.
@@ -3758,28 +3773,23 @@ fn dsr_config(topo: &Topology, weights: &[u32]) -> String {
 /// the VIP takes a backend without the VIP out.
 #[test]
 fn ipv6_dsr_l2_backends_answer_the_client_directly() {
-    require_root();
-    sweep_stale();
-    let topo = Topology::new(Arms::One, 2);
-    let addrs6 = topo.add_ipv6();
-    for ns in &topo.backends {
-        ns.sh(&format!("ip -6 addr add {VIP6}/128 dev lo"));
-    }
-    let mut config = format!(
-        "interfaces = [\"lb0\"]\n[host]\ncgroup = \"off\"\n[flows]\ncapacity = 65536\n\
-         [[service]]\nname = \"web6\"\nvip = \"[{VIP6}]:{BACKEND_PORT}\"\nmode = \"dsr\"\ndsr = \"l2\"\n\
-         [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
-    );
-    for (addr, weight) in addrs6.iter().zip([4, 6]) {
-        config += &format!(
-            "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
+    let (Setup { topo, balancer, .. }, b6) = setup_ipv6(Arms::One, &[4, 6], |topo, addrs6| {
+        for ns in &topo.backends {
+            ns.sh(&format!("ip -6 addr add {VIP6}/128 dev lo"));
+        }
+        let mut config = format!(
+            "interfaces = [\"lb0\"]\n[host]\ncgroup = \"off\"\n[flows]\ncapacity = 65536\n\
+             [[service]]\nname = \"web6\"\nvip = \"[{VIP6}]:{BACKEND_PORT}\"\nmode = \"dsr\"\ndsr = \"l2\"\n\
+             [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
         );
-    }
-    let Setup { topo, balancer, .. } = setup_on(topo, &[4, 6], |_| config);
-    let b6 = |i: usize| format!("[{}]:{BACKEND_PORT}", addrs6[i]);
-    for i in 0..2 {
-        balancer.wait_health("web6", &b6(i), true, Duration::from_secs(5));
-    }
+        for (addr, weight) in addrs6.iter().zip([4, 6]) {
+            config += &format!(
+                "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
+            );
+        }
+        config
+    });
+    let b6 = |i: usize| b6[i].clone();
     assert_eq!(balancer.status()["services"][0]["mode"], "dsr-l2");
     let url = format!("http://[{VIP6}]:{BACKEND_PORT}");
 
