@@ -118,6 +118,10 @@ fn handle6(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let not_ours = Verdict::Pass(PassReason::NotTcpUdp);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
     let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
+    // SAFETY: bounds-checked by ptr_at.
+    if unsafe { (*ip).vcf[0] } >> 4 != 6 {
+        return Err(Verdict::Pass(PassReason::MalformedIpv6));
+    }
     let icmp_at = EthHdr::LEN + Ipv6Hdr::LEN;
     let icmp: *mut [u8; 4] = ptr_at(ctx, icmp_at).ok_or(not_ours)?;
     // SAFETY: bounds-checked by ptr_at.

@@ -4854,6 +4854,22 @@ fn icmp6_fixtures() -> Vec<Fixture> {
             None,
             vec![(Counter::Pass(PassReason::IcmpNoFlow), 1)],
         ),
+        // An IPv6 Ethernet type with another version in the header is no ICMPv6 to answer.
+        fixture(
+            "ipv6_echo_request_with_another_ip_version_passes_as_malformed",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            {
+                let mut frame = ping(VIP6, 4).build();
+                frame[14] = 0x40 | (frame[14] & 0x0f);
+                frame
+            },
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::MalformedIpv6), 1),
+                (Counter::Event("icmp_echo_replied"), 0),
+            ],
+        ),
         fixture(
             "ipv6_icmp_error_quoting_extension_headers_passed",
             with(backends6(), &[web6(&[(1, 1)]), flow6(40209, 1, 31209)]),
