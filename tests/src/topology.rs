@@ -135,14 +135,16 @@ impl Topology {
     /// client (198.18.0.1) and a bridge `br-api` (198.18.4.1/24) whose ports `vcN` are veths to
     /// `count` containers (198.18.4.1N, their default route the bridge's address). The
     /// containers keep their default offloads (partial checksums, TSO); the client sends full
-    /// checksums, as a real NIC hands XDP. `switch` is unused.
+    /// checksums, as a real NIC hands XDP. The bridge has a MAC of its own, as Docker gives
+    /// one: otherwise it takes its ports' lowest, and a restarted container can change it.
+    /// `switch` is unused.
     pub fn containers(count: usize) -> Topology {
         let client = Netns::new("client");
         let lb = Netns::new("lb");
         let switch = Netns::new("switch");
         wire(&client, "eth0", &lb, "lb0");
         lb.sh("ip addr add 198.18.0.1/24 dev lb0
-             ip link add br-api type bridge
+             ip link add br-api address 02:42:c6:12:04:01 type bridge
              ip link set br-api up
              ip addr add 198.18.4.1/24 dev br-api
              sysctl -qw net.ipv4.ip_forward=1");

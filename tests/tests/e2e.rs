@@ -597,9 +597,21 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         })
     });
     balancer.wait_health("web", &backend(&topo, 1), true, Duration::from_secs(5));
-    let (counts, failed) = tally(&http_requests(&topo, 100), 2);
+    let answers = http_requests(&topo, 100);
+    let (counts, failed) = tally(&answers, 2);
     println!("after container 2 restarted: {counts:?}, {failed} failed");
-    assert!(failed == 0 && counts[1] > 0, "{counts:?}");
+    assert!(
+        failed == 0 && counts[1] > 0,
+        "{counts:?}, failed at {:?}\ncounters:\n{}\nlog:\n{}",
+        answers
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| *a == "FAIL")
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>(),
+        balancer.nonzero_counters(),
+        balancer.log()
+    );
     let after = balancer.backend("web", &backend(&topo, 1))["new_flows"]
         .as_u64()
         .expect("new flows");
