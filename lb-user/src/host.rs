@@ -63,6 +63,18 @@ pub fn is_bridge(name: &str) -> bool {
         .is_dir()
 }
 
+/// Whether device `name`'s MAC was set for it (`NET_ADDR_SET`). A bridge without one takes
+/// the lowest of its ports' MACs, so it changes as containers come and go.
+pub fn has_own_mac(name: &str) -> bool {
+    const NET_ADDR_SET: &str = "3";
+    std::fs::read_to_string(
+        Path::new("/sys/class/net")
+            .join(name)
+            .join("addr_assign_type"),
+    )
+    .is_ok_and(|t| t.trim() == NET_ADDR_SET)
+}
+
 /// The ports of bridge `name`, sorted.
 pub fn bridge_ports(name: &str) -> Vec<String> {
     let dir = Path::new("/sys/class/net").join(name).join("brif");

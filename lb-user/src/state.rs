@@ -266,8 +266,9 @@ pub struct State {
     /// found: the warnings status and metrics show.
     exhaustion_drops: (u64, u64),
     warnings: Vec<String>,
-    /// Why DNAT services' backends cannot reply through lb, as the last sweep found.
-    return_path: Vec<String>,
+    /// What the last sweep found wrong in the host's setup: DNAT and DSR backends lb cannot
+    /// reach or hear back from, bridges whose MAC moves.
+    setup_problems: Vec<String>,
     /// The config the daemon started with (settings other than services apply at start only).
     pub config: Config,
     pub config_path: PathBuf,
@@ -298,7 +299,7 @@ impl State {
             counted_ns: 0,
             exhaustion_drops,
             warnings: Vec::new(),
-            return_path: Vec::new(),
+            setup_problems: Vec::new(),
             config,
             config_path,
             config_digest,
@@ -1301,12 +1302,16 @@ impl State {
         for w in &self.warnings {
             log::warn!("{w}");
         }
-        let return_path = self.return_path_problems();
-        for problem in return_path.iter().filter(|p| !self.return_path.contains(p)) {
+        let problems: Vec<String> = self
+            .return_path_problems()
+            .into_iter()
+            .chain(self.bridge_problems())
+            .collect();
+        for problem in problems.iter().filter(|p| !self.setup_problems.contains(p)) {
             log::warn!("{problem}");
         }
-        self.return_path = return_path;
-        self.warnings.extend(self.return_path.iter().cloned());
+        self.setup_problems = problems;
+        self.warnings.extend(self.setup_problems.iter().cloned());
         for svc in &mut self.services {
             for b in &mut svc.backends {
                 b.active_flows = sweep.active.get(&b.id).copied().unwrap_or(0);
@@ -1425,6 +1430,23 @@ impl State {
             }
         }
         warnings
+    }
+
+    /// Configured bridges without a MAC of their own. Such a bridge takes its ports' lowest,
+    /// so a container that comes or goes can change it: the kernel then flushes the bridge's
+    /// neighbours, and the containers send to the old MAC (which the bridge floods) until
+    /// their ARP entries age, so new connections lose their first packets meanwhile.
+    fn bridge_problems(&self) -> Vec<String> {
+        self.interfaces
+            .iter()
+            .filter(|i| i.mode == "bridge" && !host::has_own_mac(&i.name))
+            .map(|i| {
+                format!(
+                    "bridge {0} has no MAC of its own: it takes its ports', so a container that comes or goes can change it and cost new connections their first packets; give it one (ip link set {0} address ...), as Docker does",
+                    i.name
+                )
+            })
+            .collect()
     }
 
     /// Backends of DNAT and DSR services that are not on a segment lb forwards through

@@ -476,10 +476,16 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
     let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
     let cgroup = ClientCgroup::new(&topo.lb.name);
     // As a published port: a service on the host's own address, port 8080.
-    let mut config = topo.config(&[4, 6]).replace(
-        "cgroup = \"off\"",
-        &format!("cgroup = \"{}\"", cgroup.child.display()),
-    );
+    // A bridge made as `ip link add` makes one: without a MAC of its own.
+    topo.lb
+        .sh("ip link add br-bare type bridge && ip link set br-bare up");
+    let mut config = topo
+        .config(&[4, 6])
+        .replace(
+            "cgroup = \"off\"",
+            &format!("cgroup = \"{}\"", cgroup.child.display()),
+        )
+        .replace("\"br-api\"]", "\"br-api\", \"br-bare\"]");
     // Its handshakes clamped: the client's SYN at XDP, the container's SYN-ACK at tc.
     config += "[[service]]\nname = \"site\"\nvip = \"198.18.0.1:8080\"\nmss = 1200\n";
     for (addr, weight) in topo.backend_addrs.iter().zip([4, 6]) {
@@ -507,6 +513,7 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         shown,
         [
             ("br-api".into(), "bridge".into()),
+            ("br-bare".into(), "bridge".into()),
             ("lb0".into(), "native".into()),
             ("vc1".into(), "tc".into()),
             ("vc2".into(), "tc".into())
@@ -519,6 +526,10 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
             .any(|l| l.starts_with("  vc1 ") && l.contains(" tc      a port of bridge br-api")),
         "{text}"
     );
+    // Its MAC can move as containers come and go; br-api's (set, as Docker sets one) cannot.
+    wait_for_warning(&balancer, &["bridge br-bare has no MAC of its own"]);
+    let warnings = balancer.status()["warnings"].to_string();
+    assert!(!warnings.contains("br-api"), "{warnings}");
 
     let (counts, failed) = tally(&http_requests(&topo, 400), 2);
     println!("400 connections to containers at 4:6: {counts:?}, {failed} failed");
