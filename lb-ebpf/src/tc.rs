@@ -6,9 +6,10 @@
 //! to their egress device. A container's new connection to a service (a VIP) is balanced here
 //! as XDP balances a client's. Everything else goes on untouched (`TC_ACT_UNSPEC`: the next tc
 //! program, then the stack). Shares the flow table and every stage but the rewrite and the
-//! forwarding, which are the skb's own here.
+//! forwarding, which are the skb's own here. IPv4 and IPv6 alike; IPv6's new flows are made
+//! in steps (`balance6`).
 
-use core::ptr::NonNull;
+use core::{mem::MaybeUninit, ptr::NonNull};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -17,20 +18,27 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC,
         bpf_fib_lookup as FibParams,
     },
-    helpers::{bpf_fib_lookup, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh},
+    helpers::{
+        bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_l4_csum_replace, bpf_redirect,
+        bpf_redirect_neigh,
+    },
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    DropReason, FLOW_DSR, FlowValue, PassReason, conntrack::tcp_flags_valid, is_dsr_mode,
+    BackendOf, DropReason, FLOW_DSR, FlowValueOf, PassReason, ServiceOf,
+    conntrack::tcp_flags_valid, is_dsr_mode,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::eth::EthHdr;
 
 use crate::{
     Verdict,
     csum::Delta,
-    flow, mss, nat,
-    parse::{self, IPPROTO_UDP, Packet, ptr_at},
+    family::Family,
+    flow,
+    maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6},
+    mss, nat,
+    parse::{self, ETH_P_IPV6, IPPROTO_UDP, Packet, ptr_at},
     select, service, stats, timestamps,
 };
 
@@ -40,8 +48,11 @@ const HEADERS_MAX: u32 = 14 + 60 + 60;
 /// `carry_apart`'s answer for a packet with no flow, uncounted: `new_flow_apart` may record
 /// one.
 const NO_FLOW: i32 = i32::MIN;
-/// `new_flow_apart`'s answer when it recorded the packet's flow.
+/// `new_flow_apart`'s (and `finish6_apart`'s) answer when it recorded the packet's flow.
 const RECORDED: i32 = i32::MIN + 1;
+/// The first two steps' answers for an IPv6 flow (`balance6`).
+const OPENED: i32 = i32::MIN + 2;
+const TUPLE_TAKEN: i32 = i32::MIN + 3;
 
 /// A packet of a flow is carried; one without is given one if it opens a connection to a
 /// service (a container's client of a VIP), then carried. Each step is a BPF function with a
@@ -49,6 +60,9 @@ const RECORDED: i32 = i32::MIN + 1;
 #[classifier]
 pub fn lb_tc(ctx: TcContext) -> i32 {
     let skb = ctx.as_ptr().cast::<__sk_buff>();
+    if is_ipv6(&ctx) {
+        return balance6(skb);
+    }
     let action = carry_apart(skb);
     if action != NO_FLOW {
         return action;
@@ -88,6 +102,130 @@ fn carry_apart(skb: *mut __sk_buff) -> i32 {
     }
 }
 
+/// An IPv6 packet: carried if it has a flow; otherwise its flow made in steps, each a BPF
+/// function of its own (IPv6's keys would take one frame past the verifier's 512 bytes, as
+/// in `xdp6.rs`), and carried then.
+#[inline(always)]
+fn balance6(skb: *mut __sk_buff) -> i32 {
+    let action = carry6_apart(skb);
+    if action != NO_FLOW {
+        return action;
+    }
+    let step = open6_apart(skb);
+    if step != OPENED {
+        return step;
+    }
+    let step = take_tuple6_apart();
+    if step != TUPLE_TAKEN {
+        return step;
+    }
+    let step = finish6_apart(skb);
+    if step != RECORDED {
+        return step;
+    }
+    match carry6_apart(skb) {
+        // Another CPU ended the flow in between: the packet is the kernel's.
+        NO_FLOW => counted(Verdict::Pass(PassReason::NotService)),
+        action => action,
+    }
+}
+
+/// An IPv6 packet's look up, rewrite and forward: the tc action, counted, or NO_FLOW.
+#[inline(never)]
+fn carry6_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(ctx) = context(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    if ctx.pull_data(ctx.len().min(HEADERS_MAX)).is_err() {
+        return counted(Verdict::Pass(PassReason::ShortEthernet));
+    }
+    let mut out = MaybeUninit::uninit();
+    let result = parse::packet6(&ctx, &mut out).and_then(|()| {
+        // SAFETY: `packet6` wrote the packet (it returned Ok).
+        carry(&ctx, unsafe { out.assume_init_ref() })
+    });
+    match result {
+        Err(Verdict::Pass(PassReason::NotService)) => NO_FLOW,
+        Ok(verdict) | Err(verdict) => counted(verdict),
+    }
+}
+
+/// First step of an IPv6 flow: its backend chosen, its reply entry prepared in the scratch
+/// slots (`flow::prepare`, REPLY_KEY_SCRATCH6). OPENED, or the packet's tc action, counted.
+#[inline(never)]
+fn open6_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(ctx) = context(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    let mut out = MaybeUninit::uninit();
+    let result = parse::packet6(&ctx, &mut out).and_then(|()| {
+        // SAFETY: `packet6` wrote the packet (it returned Ok).
+        let pkt = unsafe { out.assume_init_ref() };
+        let (svc, backend_id, backend) = admit(pkt)?;
+        flow::prepare(&ctx, pkt, svc, backend_id)?;
+        let key = REPLY_KEY_SCRATCH6
+            .get_ptr_mut(0)
+            .ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+        // SAFETY: a per-CPU array slot, this CPU's alone for this program run.
+        unsafe { *key = flow::reply_key(pkt, &backend) };
+        Ok(())
+    });
+    match result {
+        Ok(()) => OPENED,
+        Err(verdict) => counted(verdict),
+    }
+}
+
+/// Second step: the reply entry inserted under a SNAT port (or the client's tuple in DNAT).
+/// TUPLE_TAKEN, or the packet's tc action, counted.
+#[inline(never)]
+fn take_tuple6_apart() -> i32 {
+    match crate::xdp6::take_tuple() {
+        Ok(()) => TUPLE_TAKEN,
+        Err(verdict) => counted(verdict),
+    }
+}
+
+/// Last step: the forward entry. RECORDED, or the packet's tc action, counted.
+#[inline(never)]
+fn finish6_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(ctx) = context(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    let inconsistent = Verdict::Drop(DropReason::Inconsistent);
+    let mut out = MaybeUninit::uninit();
+    let result = parse::packet6(&ctx, &mut out).and_then(|()| {
+        // SAFETY: `packet6` wrote the packet (it returned Ok).
+        let pkt = unsafe { out.assume_init_ref() };
+        let key = REPLY_KEY_SCRATCH6.get_ptr_mut(0).ok_or(inconsistent)?;
+        let reverse = FLOW_SCRATCH6.get_ptr_mut(0).ok_or(inconsistent)?;
+        // SAFETY: per-CPU array slots, this CPU's alone for this program run; the steps
+        // before wrote them.
+        let (key, reverse) = unsafe { (&*key, &mut *reverse) };
+        let flow = flow::finish(pkt, key, reverse, now_ns())?;
+        stats::count_new_flow(flow.nat().backend_id);
+        Ok(())
+    });
+    match result {
+        Ok(()) => RECORDED,
+        Err(verdict) => counted(verdict),
+    }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// Whether the frame is IPv6: its Ethernet header is in the skb's linear part at tc ingress.
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    let eth: Option<*mut EthHdr> = ptr_at(ctx, 0);
+    // SAFETY: bounds-checked by ptr_at. Raw field, compared with a network-order constant.
+    eth.is_some_and(|eth| unsafe { (*eth).ether_type } == ETH_P_IPV6.to_be())
+}
+
 /// Choose and record: RECORDED, or the tc action of a packet that gets no flow, counted.
 #[inline(never)]
 fn new_flow_apart(skb: *mut __sk_buff) -> i32 {
@@ -112,8 +250,14 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
     if ctx.pull_data(ctx.len().min(HEADERS_MAX)).is_err() {
         return Err(Verdict::Pass(PassReason::ShortEthernet));
     }
-    let pkt = parse::packet(ctx)?;
-    let Some(flow) = flow::lookup(&pkt)? else {
+    carry(ctx, &parse::packet(ctx)?)
+}
+
+/// A packet of either family (its headers pulled): its flow's rewrite and forwarding, or
+/// NotService.
+#[inline(always)]
+fn carry<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Verdict> {
+    let Some(flow) = flow::lookup(pkt)? else {
         return Err(Verdict::Pass(PassReason::NotService));
     };
     // DSR forwards by MAC from XDP alone (`xdp.rs`).
@@ -125,13 +269,13 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
     }
     let nat = flow.nat();
     let options = if pkt.is_tcp() {
-        timestamps::translate(ctx, &pkt, nat).and(mss::clamp_skb(ctx, &pkt, nat))
+        timestamps::translate(ctx, pkt, nat).and(mss::clamp_skb(ctx, pkt, nat))
     } else {
         Delta::default()
     };
-    rewrite(ctx, &pkt, nat, options)?;
+    rewrite(ctx, pkt, nat, options)?;
     stats::count_backend(nat.backend_id, pkt.len);
-    forward(ctx, nat, pkt.key.proto)
+    forward::<A>(ctx, nat, pkt.key.proto)
 }
 
 /// A packet with no flow (its headers pulled by `process`): find its service, choose a
@@ -140,7 +284,18 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
 #[inline(always)]
 fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
     let pkt = parse::packet(ctx)?;
-    let svc = service::lookup(&pkt)?;
+    let (svc, backend_id, backend) = admit(&pkt)?;
+    flow::create(ctx, &pkt, svc, backend_id, &backend)?;
+    stats::count_new_flow(backend_id);
+    Ok(())
+}
+
+/// Whether `pkt` may open a flow here, and to which of its service's backends.
+#[inline(always)]
+fn admit<A: Family>(
+    pkt: &Packet<A>,
+) -> Result<(&'static ServiceOf<A>, u32, BackendOf<A>), Verdict> {
+    let svc = service::lookup(pkt)?;
     if is_dsr_mode(svc.mode) {
         return Err(Verdict::Drop(DropReason::DsrCannotForward));
     }
@@ -153,18 +308,21 @@ fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
     if pkt.ttl() <= 1 {
         return Err(Verdict::Pass(PassReason::TtlExpired));
     }
-    let (backend_id, backend) = select::backend(svc, &pkt)?;
-    flow::create(ctx, &pkt, svc, backend_id, &backend)?;
-    stats::count_new_flow(backend_id);
-    Ok(())
+    let (backend_id, backend) = select::backend(svc, pkt)?;
+    Ok((svc, backend_id, backend))
 }
 
 /// Addresses and ports as the flow says. The IPv4 checksum is always whole and is updated in
-/// place; the L4 one goes through the helper, twice: for the addresses as part of the
-/// pseudo-header (they count in a partial checksum too), and for the ports and options
-/// (`options`, changed earlier) only where the checksum covers them already.
+/// place (IPv6 has none); the L4 one goes through the helper, twice: for the addresses as
+/// part of the pseudo-header (they count in a partial checksum too), and for the ports and
+/// options (`options`, changed earlier) only where the checksum covers them already.
 #[inline(always)]
-fn rewrite(ctx: &TcContext, pkt: &Packet, nat: &FlowValue, options: Delta) -> Result<(), Verdict> {
+fn rewrite<A: Family>(
+    ctx: &TcContext,
+    pkt: &Packet<A>,
+    nat: &FlowValueOf<A>,
+    options: Delta,
+) -> Result<(), Verdict> {
     let (addrs, ports) = nat::write_headers(pkt, nat);
     let ports = ports.and(options);
     let check_at = pkt.l4_check as usize - ctx.data();
@@ -194,13 +352,17 @@ fn rewrite(ctx: &TcContext, pkt: &Packet, nat: &FlowValue, options: Delta) -> Re
 /// checks the skb's own length against the MTU (`tot_len` 0), GSO included. The checksum
 /// helpers above moved the packet: its headers are found again.
 #[inline(always)]
-fn forward(ctx: &TcContext, nat: &FlowValue, proto: u8) -> Result<Verdict, Verdict> {
+fn forward<A: Family>(
+    ctx: &TcContext,
+    nat: &FlowValueOf<A>,
+    proto: u8,
+) -> Result<Verdict, Verdict> {
     let malformed = Verdict::Drop(DropReason::Inconsistent);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(malformed)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(malformed)?;
+    let ip: *mut A::Ip = ptr_at(ctx, EthHdr::LEN).ok_or(malformed)?;
     let ingress = crate::frame::Frame::ingress_ifindex(ctx);
     // SAFETY: bounds-checked by ptr_at.
-    let mut fib = crate::fib::params(proto, ingress, unsafe { (*ip).tos }, nat);
+    let mut fib = A::fib_params(unsafe { &*ip }, proto, ingress, nat);
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -219,7 +381,7 @@ fn forward(ctx: &TcContext, nat: &FlowValue, proto: u8) -> Result<Verdict, Verdi
     // SAFETY: bounds-checked by ptr_at; the MACs are plain bytes of the union the helper
     // filled on success.
     unsafe {
-        crate::fib::decrement_ttl(&mut *ip);
+        A::decrement_hop_limit(&mut *ip);
         if !neighbour_known {
             let action = bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
             return Ok(Verdict::Redirect(action as u32));

@@ -211,8 +211,9 @@ fn take_tuple_apart() -> u32 {
     }
 }
 
+/// `create`'s second step over the scratch slots `open` filled: shared with the tc hook.
 #[inline(always)]
-fn take_tuple() -> Result<(), Verdict> {
+pub fn take_tuple() -> Result<(), Verdict> {
     let inconsistent = Verdict::Drop(DropReason::Inconsistent);
     let key = REPLY_KEY_SCRATCH6.get_ptr_mut(0).ok_or(inconsistent)?;
     let reverse = FLOW_SCRATCH6.get_ptr_mut(0).ok_or(inconsistent)?;
