@@ -618,10 +618,12 @@ impl State {
         Ok(())
     }
 
-    /// IPv6's forwarding on the configured interfaces, for an IPv6 service: turned on with the
-    /// first, recorded for `lb remove` (`sysctls`).
+    /// IPv6's forwarding on the configured interfaces and the bridges' ports (the tc program's
+    /// FIB lookups need it on the port a reply arrives by), for an IPv6 service: turned on
+    /// with the first, recorded for `lb remove` (`sysctls`).
     fn enable_ipv6_forwarding(&self, service: &str) -> Result<(), ApplyError> {
-        for iface in &self.config.interfaces {
+        let ports = self.interfaces.iter().filter(|i| i.mode == "tc");
+        for iface in self.config.interfaces.iter().chain(ports.map(|p| &p.name)) {
             let turned_on =
                 crate::sysctls::enable_ipv6(iface, &self.state_dir).map_err(|source| {
                     ApplyError::Ipv6Forwarding {
@@ -1221,9 +1223,8 @@ impl State {
             if self.interfaces.iter().any(|i| i.name == port) {
                 continue;
             }
-            // The FIB lookup of a reply needs forwarding on the device it arrived on.
-            let attached = crate::daemon::enable_forwarding(&port, &self.state_dir)
-                .map_err(|e| e.to_string())
+            let attached = self
+                .enable_port_forwarding(&port)
                 .and_then(|()| self.dataplane.attach_tc(&port).map_err(|e| e.to_string()));
             match attached {
                 Ok(ifindex) => {
@@ -1253,6 +1254,20 @@ impl State {
         if let Err(e) = self.dataplane.set_bridge_ports(&ports) {
             log::warn!("telling the data path the bridges' ports: {e}");
         }
+    }
+
+    /// Forwarding on a bridge's port in each family lb serves: the FIB lookup of a reply needs
+    /// it on the device the reply arrived by.
+    fn enable_port_forwarding(&self, port: &str) -> Result<(), String> {
+        crate::daemon::enable_forwarding(port, &self.state_dir).map_err(|e| e.to_string())?;
+        if self.services.iter().any(|s| s.config.vip.is_ipv6()) {
+            let turned_on =
+                crate::sysctls::enable_ipv6(port, &self.state_dir).map_err(|e| e.to_string())?;
+            for sysctl in turned_on {
+                log::info!("set {sysctl}=1 (for the replies of IPv6 services' containers)");
+            }
+        }
+        Ok(())
     }
 
     /// The services that take backends from DNS, and how.
