@@ -7,7 +7,8 @@
 //!   which routes for them (198.18.16.0/20)
 //! - IPv6 (`add_ipv6`), beside IPv4: two-arm, client fd00::2 -- lb0 fd00::1 | lb1 fd00:1::1 --
 //!   switch -- fd00:1::1x; one-arm, client fd00::2 and backends fd00::1x share the switch with
-//!   lb0 fd00::1; VIP fd00:100::1
+//!   lb0 fd00::1; containers, client fd00::2 -- lb0 fd00::1 | br-api fd00:4::1 -- fd00:4::1x;
+//!   VIP fd00:100::1
 //!
 //! veth rules from ENGINEERING.md: GRO on every veth end (redirected frames need NAPI on the
 //! peer), and checksum offload off on the client, the backends and the switch's port to the
@@ -237,13 +238,19 @@ impl Topology {
     /// the switch floods multicast (no MLD querier here), so neighbour discovery works whatever
     /// the reports.
     pub fn add_ipv6(&self) -> Vec<Ipv6Addr> {
-        self.switch
-            .sh("ip link set br0 type bridge mcast_snooping 0");
         self.lb.sh("ip -6 addr add fd00::1/64 dev lb0 nodad");
-        let gateway = if self.arms == Arms::Two {
+        let gateway = if self.has_containers() {
+            self.lb.sh("ip link set br-api type bridge mcast_snooping 0
+                 ip -6 addr add fd00:4::1/64 dev br-api nodad");
+            "fd00:4::1"
+        } else if self.arms == Arms::Two {
+            self.switch
+                .sh("ip link set br0 type bridge mcast_snooping 0");
             self.lb.sh("ip -6 addr add fd00:1::1/64 dev lb1 nodad");
             "fd00:1::1"
         } else {
+            self.switch
+                .sh("ip link set br0 type bridge mcast_snooping 0");
             "fd00::1"
         };
         self.client.sh(&format!(
@@ -260,12 +267,24 @@ impl Topology {
         addrs
     }
 
-    /// The backends' IPv6 addresses (`add_ipv6`): fd00:1::1N (two-arm), fd00::1N (one-arm).
+    /// The backends' IPv6 addresses (`add_ipv6`): fd00:1::1N (two-arm), fd00::1N (one-arm),
+    /// fd00:4::1N (containers, on the bridge's fd00:4::1/64).
     pub fn ipv6_backend_addrs(&self) -> Vec<Ipv6Addr> {
-        let net = if self.arms == Arms::Two { 1 } else { 0 };
+        let net = if self.has_containers() {
+            4
+        } else if self.arms == Arms::Two {
+            1
+        } else {
+            0
+        };
         (1..=self.backends.len())
             .map(|i| Ipv6Addr::new(0xfd00, net, 0, 0, 0, 0, 0, 0x10 + i as u16))
             .collect()
+    }
+
+    /// Whether this is the single-host deployment (`containers`).
+    fn has_containers(&self) -> bool {
+        self.lb_interfaces.iter().any(|i| i == "br-api")
     }
 
     /// IPv6 for the client hosts `add_clients` made (`more`, in their order, the first call's):

@@ -641,6 +641,63 @@ fn a_stopped_or_removed_container_fails_no_connection() {
     });
 }
 
+/// The single-host deployment over IPv6: a client's packets meet XDP on lb0 and go up to the
+/// kernel for the bridge; the containers' replies (partial checksums, GSO, their default
+/// offloads) meet the tc program on their ports, which translates them back from the VIP.
+/// New connections split 4:6 with none failed, a 1 MB download arrives whole, UDP answers,
+/// and a container's own connections to the VIP are balanced at its port.
+#[test]
+fn containers_serve_ipv6_clients_through_the_tc_hook() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::containers(2);
+    let addrs6 = topo.add_ipv6();
+    let config = dual_stack_config(&topo, &addrs6, &[4, 6]);
+    let Setup { topo, balancer, .. } = setup_on(topo, &[4, 6], |_| config);
+    for addr in &addrs6 {
+        let b6 = format!("[{addr}]:{BACKEND_PORT}");
+        balancer.wait_health("web6", &b6, true, Duration::from_secs(5));
+    }
+    let before = counter(&balancer, "redirect");
+    let (counts, failed) = tally(&http_requests6(&topo, 400), 2);
+    println!("400 IPv6 connections to containers at 4:6: {counts:?}, {failed} failed");
+    assert_eq!(
+        failed,
+        0,
+        "counters:\n{}\nlog:\n{}",
+        balancer.nonzero_counters(),
+        balancer.log()
+    );
+    assert_share(&balancer, &counts, 40.0, 8.0, "IPv6 containers' 4:6 split");
+    // Every reply segment was the tc program's to send: a handshake and a response each.
+    let redirected = counter(&balancer, "redirect") - before;
+    assert!(redirected >= 2 * 400, "replies redirected: {redirected}");
+    let (out, ok) = curl_in(
+        &topo.client,
+        &format!("-g -o /dev/null -w '%{{size_download}}' http://[{VIP6}]/bytes/1000000"),
+    );
+    assert!(ok && out == "1000000", "a 1 MB download over IPv6: {out}");
+    let answer = topo
+        .client
+        .sh(&format!("printf 'hello6' | nc -u -w1 -p 40053 {VIP6} 53"));
+    assert!(
+        answer.trim() == "b1: hello6" || answer.trim() == "b2: hello6",
+        "UDP over IPv6 answered {answer:?}\n{}",
+        balancer.nonzero_counters()
+    );
+    // A container is a client of the IPv6 service too: balanced at its port's tc hook.
+    let out = topo.backends[0].sh(&format!(
+        "for i in $(seq 100); do curl -s -g --connect-timeout 1 --max-time 2 http://[{VIP6}]/ || echo FAIL; done"
+    ));
+    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
+    println!("100 IPv6 connections from container 1 to the VIP: {counts:?}, {failed} failed");
+    assert!(
+        failed == 0 && counts[0] > 0 && counts[1] > 0,
+        "{out}\ncounters:\n{}",
+        balancer.nonzero_counters()
+    );
+}
+
 #[test]
 fn one_arm_tcp_splits_by_weight_and_udp_answers() {
     let Setup { topo, balancer, .. } = setup(Arms::One, &[4, 6]);
