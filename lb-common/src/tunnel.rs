@@ -1,6 +1,7 @@
 //! DSR's encapsulated forms: the client's packet, whole, inside an IPv4 header to the backend
 //! (IPIP), or inside IPv4 and UDP (GUE, variant 1: the UDP payload is the inner packet, as
-//! Katran sends it), whose `lb decap` strips it (this kernel has no ipip or fou module). GUE's
+//! Katran sends it), whose `lb decap` strips it (this kernel has no ipip or fou module). An
+//! IPv6 packet goes inside IPv6 the same ways (IPv6-in-IPv6, RFC 2473, and GUE over IPv6). GUE's
 //! UDP source port carries the flow's hash, so that the backend NIC's RSS spreads the tunnel
 //! by flow. Pure: the headers the data path writes in front of the packet, unit-tested here.
 
@@ -93,6 +94,70 @@ fn write_outer(f: &mut [u8], t: &Ipip, proto: u8, overhead: u16) {
     ip[10..12].copy_from_slice(&check.to_be_bytes());
 }
 
+/// IPPROTO_IPV6: IPv6 in IPv6 (RFC 2473), the IPIP form of an IPv6 service.
+pub const IPPROTO_IPV6: u8 = 41;
+/// What the outer IPv6 header adds to the packet.
+pub const IP6IP6_OVERHEAD: u16 = 40;
+/// The Ethernet and outer IPv6 headers the data path writes.
+pub const IP6IP6_HEADERS_LEN: usize = 14 + IP6IP6_OVERHEAD as usize;
+/// What the outer IPv6 and UDP headers add to the packet (GUE over IPv6).
+pub const GUE6_OVERHEAD: u16 = 48;
+/// The Ethernet, outer IPv6 and UDP headers the data path writes.
+pub const GUE6_HEADERS_LEN: usize = 14 + GUE6_OVERHEAD as usize;
+
+/// One encapsulation of an IPv6 packet in IPv6: the next hop's MACs, the outer addresses (as
+/// the packet holds them) and what the outer header takes from the inner one.
+pub struct Tunnel6 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    /// The inner packet's length, its IPv6 header included.
+    pub inner_len: u16,
+    /// The inner packet's traffic class, kept outside (RFC 2473).
+    pub traffic_class: u8,
+    /// The outer flow label (20 bits): the flow's hash, so that the backend's NIC and
+    /// receive steering, which read it (RFC 6438), spread the tunnel by flow.
+    pub flow_label: u32,
+}
+
+/// Writes the Ethernet and outer IPv6 headers of `t` over `f`, in place in the packet.
+#[inline(always)]
+pub fn write_ip6ip6_headers(f: &mut [u8; IP6IP6_HEADERS_LEN], t: &Tunnel6) {
+    write_outer6(&mut f[..54], t, IPPROTO_IPV6, t.inner_len);
+}
+
+/// Writes the Ethernet, outer IPv6 and UDP headers of `t` (UDP from `source_port` to
+/// GUE_PORT) over `f`. The UDP checksum is 0, which IPv6 allows a tunnel's UDP (RFC 6935,
+/// 6936): `lb decap` strips the headers before UDP would check it.
+#[inline(always)]
+pub fn write_gue6_headers(f: &mut [u8; GUE6_HEADERS_LEN], t: &Tunnel6, source_port: u16) {
+    let udp_len = t.inner_len.wrapping_add(8);
+    write_outer6(&mut f[..54], t, IPPROTO_UDP, udp_len);
+    let udp = &mut f[54..62];
+    udp[0..2].copy_from_slice(&source_port.to_be_bytes());
+    udp[2..4].copy_from_slice(&GUE_PORT.to_be_bytes());
+    udp[4..6].copy_from_slice(&udp_len.to_be_bytes());
+    udp[6..8].copy_from_slice(&[0, 0]);
+}
+
+/// The Ethernet and outer IPv6 headers (`f`, 54 bytes) of a tunnel whose outer payload is
+/// `next_header`, `payload_len` bytes long.
+#[inline(always)]
+fn write_outer6(f: &mut [u8], t: &Tunnel6, next_header: u8, payload_len: u16) {
+    f[0..6].copy_from_slice(&t.dst_mac);
+    f[6..12].copy_from_slice(&t.src_mac);
+    f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    let ip = &mut f[14..54];
+    let vcf = (6u32 << 28) | (u32::from(t.traffic_class) << 20) | (t.flow_label & 0xf_ffff);
+    ip[0..4].copy_from_slice(&vcf.to_be_bytes());
+    ip[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    ip[6] = next_header;
+    ip[7] = OUTER_TTL;
+    ip[8..24].copy_from_slice(&t.src_addr);
+    ip[24..40].copy_from_slice(&t.dst_addr);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +234,57 @@ mod tests {
             68,
             "UDP header and inner packet"
         );
+        assert_eq!(&udp[6..8], &[0, 0], "no UDP checksum");
+    }
+
+    fn tunnel6() -> Tunnel6 {
+        let mut src_addr = [0; 16];
+        src_addr[..2].copy_from_slice(&[0xfd, 0]);
+        src_addr[15] = 1;
+        let mut dst_addr = src_addr;
+        dst_addr[15] = 0x11;
+        Tunnel6 {
+            src_mac: [2, 0, 0, 0, 1, 1],
+            dst_mac: [2, 0, 0, 0, 0, 0x11],
+            src_addr,
+            dst_addr,
+            inner_len: 80,
+            traffic_class: 0xb8,
+            flow_label: 0xfff_abcde,
+        }
+    }
+
+    #[test]
+    fn ipv6_in_ipv6_carries_the_inner_packet_to_the_backend() {
+        let t = tunnel6();
+        let mut f = [0xa5; IP6IP6_HEADERS_LEN];
+        write_ip6ip6_headers(&mut f, &t);
+        assert_eq!(&f[0..6], &[2, 0, 0, 0, 0, 0x11], "to the next hop");
+        assert_eq!(&f[6..12], &[2, 0, 0, 0, 1, 1]);
+        assert_eq!(&f[12..14], &[0x86, 0xdd]);
+        let ip = &f[14..];
+        assert_eq!(
+            u32::from_be_bytes([ip[0], ip[1], ip[2], ip[3]]),
+            0x6b8a_bcde,
+            "version 6, the traffic class copied, the hash's 20 bits as the flow label"
+        );
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 80, "the inner packet");
+        assert_eq!((ip[6], ip[7]), (IPPROTO_IPV6, 64));
+        assert_eq!(&ip[8..24], &t.src_addr);
+        assert_eq!(&ip[24..40], &t.dst_addr);
+    }
+
+    #[test]
+    fn gue_over_ipv6_puts_a_udp_header_to_its_port_between() {
+        let t = tunnel6();
+        let mut f = [0xa5; GUE6_HEADERS_LEN];
+        write_gue6_headers(&mut f, &t, gue_source_port(0x1234_5678));
+        let ip = &f[14..54];
+        assert_eq!((ip[6], u16::from_be_bytes([ip[4], ip[5]])), (17, 88));
+        let udp = &f[54..62];
+        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 0xc000 | 0x1678);
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), GUE_PORT);
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 88);
         assert_eq!(&udp[6..8], &[0, 0], "no UDP checksum");
     }
 

@@ -6,7 +6,7 @@ use lb_common::{
     PassReason, ServiceOf,
     conntrack::tcp_flags_valid,
     is_dsr_mode,
-    tunnel::{GUE_OVERHEAD, IPIP_OVERHEAD},
+    tunnel::{GUE_OVERHEAD, GUE6_OVERHEAD, IP6IP6_OVERHEAD, IPIP_OVERHEAD},
 };
 
 use crate::{
@@ -35,6 +35,9 @@ pub trait Balanced: Family {
     fn answer_flowless(ctx: &XdpContext, pkt: &Packet<Self>) -> Verdict;
     /// After the rewrite: a datagram's first fragment has its later fragments follow it.
     fn rewritten(pkt: &Packet<Self>);
+    /// What the IPIP and GUE forms' headers add to a packet of this family.
+    const IPIP_OVERHEAD: u16;
+    const GUE_OVERHEAD: u16;
     /// A DSR flow's packet inside its tunnel (`encap.rs`), to `hop`.
     fn tunnel(
         ctx: &XdpContext,
@@ -47,6 +50,8 @@ pub trait Balanced: Family {
 }
 
 impl Balanced for Be32 {
+    const IPIP_OVERHEAD: u16 = IPIP_OVERHEAD;
+    const GUE_OVERHEAD: u16 = GUE_OVERHEAD;
     #[inline(always)]
     fn new_flow(ctx: &XdpContext, pkt: &Packet) -> Result<Flow<Be32>, Verdict> {
         new_flow(ctx, pkt)
@@ -84,8 +89,10 @@ impl Balanced for Be32 {
     }
 }
 
-/// IPv6 (`xdp6.rs`): DSR in its L2 form.
+/// IPv6 (`xdp6.rs`).
 impl Balanced for In6 {
+    const IPIP_OVERHEAD: u16 = IP6IP6_OVERHEAD;
+    const GUE_OVERHEAD: u16 = GUE6_OVERHEAD;
     /// Sent apart (`xdp6::send_direct_apart`): the FIB lookup's frame would not fit the
     /// balancing path's stack.
     #[inline(always)]
@@ -105,15 +112,14 @@ impl Balanced for In6 {
     }
     #[inline(always)]
     fn rewritten(_: &Packet<In6>) {}
-    /// No IPv6 tunnels (IPIP and GUE carry IPv4): the daemon refuses them for IPv6 services.
     #[inline(always)]
     fn tunnel(
-        _: &XdpContext,
-        _: &Packet<In6>,
-        _: &FlowValueOf<In6>,
-        _: &NextHop,
+        ctx: &XdpContext,
+        pkt: &Packet<In6>,
+        nat: &FlowValueOf<In6>,
+        hop: &NextHop,
     ) -> Result<Verdict, Verdict> {
-        Err(Verdict::Drop(DropReason::DsrCannotForward))
+        encap::tunnel6(ctx, pkt, nat, hop)
     }
     #[inline(always)]
     fn log_new_flow(ctx: &XdpContext, _: &Packet<In6>, nat: &FlowValueOf<In6>) {
@@ -234,9 +240,9 @@ pub fn send_direct<A: Balanced>(
     let nat = unsafe { &*entry };
     stats::count_backend(nat.backend_id, pkt.len);
     let grow = if nat.flags & FLOW_IPIP != 0 {
-        IPIP_OVERHEAD
+        A::IPIP_OVERHEAD
     } else if nat.flags & FLOW_GUE != 0 {
-        GUE_OVERHEAD
+        A::GUE_OVERHEAD
     } else {
         0
     };

@@ -5,11 +5,9 @@
 //! packet is parsed again by each step that needs it; the steps hand the flow's reply entry on
 //! in FLOW_SCRATCH6 and REPLY_KEY_SCRATCH6.
 //!
-//! Served: full NAT, DNAT and DSR in its L2 form (a DSR flow's one entry made in the first
-//! step, its packets sent by `send_direct_apart`), TCP and UDP. IPIP and GUE carry IPv4: an
-//! IPv6 service in those forms (the daemon refuses one) drops its packets
-//! (`dsr_cannot_forward`). A packet too big for its next hop is
-//! answered with an ICMPv6 "packet too big" (`too_big.rs`), and a TCP segment with no flow
+//! Served: full NAT, DNAT and DSR (a DSR flow's one entry made in the first step, its packets
+//! sent by `send_direct_apart`: to the backend's MAC, or inside IPv6 for the IPIP and GUE
+//! forms), TCP and UDP. A packet too big for its next hop is answered with an ICMPv6 "packet too big" (`too_big.rs`), and a TCP segment with no flow
 //! with an RST (`reset_apart`), as IPv4's.
 
 use core::mem::MaybeUninit;

@@ -67,6 +67,8 @@ pub struct PacketBuilder {
     ipv6: Option<(Ipv6Addr, Ipv6Addr)>,
     /// IPv6: an empty hop-by-hop options header before the L4 one.
     hop_by_hop: bool,
+    /// IPv6: the flow label (its low 20 bits).
+    flow_label: u32,
     tos: u8,
     ttl: u8,
     ip_id: u16,
@@ -113,6 +115,7 @@ impl Default for PacketBuilder {
             ipv4: None,
             ipv6: None,
             hop_by_hop: false,
+            flow_label: 0,
             tos: 0,
             ttl: 64,
             ip_id: 0x1234,
@@ -158,6 +161,12 @@ impl PacketBuilder {
     /// IPv6: an empty hop-by-hop options header between the IPv6 header and the L4 one.
     pub fn hop_by_hop(mut self) -> Self {
         self.hop_by_hop = true;
+        self
+    }
+
+    /// IPv6: the flow label (the low 20 bits of `label`).
+    pub fn flow_label(mut self, label: u32) -> Self {
+        self.flow_label = label & 0xf_ffff;
         self
     }
 
@@ -337,8 +346,8 @@ impl PacketBuilder {
             .expect("an IPv6 payload length must fit 16 bits");
         let mut header = Vec::with_capacity(IPV6_HLEN + extension.len());
         header.push(0x60 | (self.tos >> 4));
-        header.push(self.tos << 4);
-        header.extend([0, 0]);
+        header.push((self.tos << 4) | (self.flow_label >> 16) as u8);
+        header.extend((self.flow_label as u16).to_be_bytes());
         header.extend(payload_len.to_be_bytes());
         header.push(if self.hop_by_hop {
             IPV6_HOP_BY_HOP

@@ -4610,6 +4610,7 @@ fn ipv6_fixtures() -> Vec<Fixture> {
         ),
     ];
     list.extend(icmp6_fixtures());
+    list.extend(ipv6_tunnel_fixtures());
     list
 }
 
@@ -4886,9 +4887,82 @@ fn icmp6_fixtures() -> Vec<Fixture> {
     ]
 }
 
+/// DSR's encapsulated forms over IPv6: the client's packet, whole, inside IPv6 (IPv6-in-IPv6),
+/// or IPv6 and UDP to the GUE port (no UDP checksum), from the pool address the client's tuple
+/// picks to the backend; the inner traffic class outside, hop limit 64, and the flow's hash in
+/// the outer flow label (and GUE's source port) for the backend's RSS. The setups are the IPv4
+/// fixtures' twins; the outer frames, unlike theirs, are IPv6's own.
+fn ipv6_tunnel_fixtures() -> Vec<Fixture> {
+    let options = linux_syn_options(7_000_000, 0);
+    let forms = [
+        (
+            "ipv6_dsr_ipip_syn_goes_inside_ipv6_to_the_backend",
+            SERVICE_MODE_DSR_IPIP,
+            FLOW_IPIP,
+            43020,
+        ),
+        (
+            "ipv6_dsr_gue_syn_goes_inside_ipv6_and_udp_to_the_backend",
+            SERVICE_MODE_DSR_GUE,
+            FLOW_GUE,
+            43021,
+        ),
+    ];
+    forms
+        .into_iter()
+        .map(|(name, mode, form, cport)| {
+            let setup = with(backends(), &[tunnel_service(mode, &[(1, 1)])])
+                .iter()
+                .map(|step| twin_setup(step).expect("a twin"))
+                .collect();
+            let syn = pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv4(CLIENT, VIP)
+                .tos(0x10)
+                .tcp(cport, BACKEND_PORT)
+                .syn()
+                .tcp_options(&options)
+                .build();
+            let input = twin_frame(&syn).expect("a twin");
+            let k6 = twin_key(&key(CLIENT, cport, VIP, BACKEND_PORT, TCP));
+            let hash = k6.hash();
+            let pool = SNAT_POOL.len() as u32;
+            let source = SNAT_POOL
+                [pool_start(lb_common::Address::fold(k6.src_addr), k6.src_port.0, pool) as usize];
+            let outer = pkt()
+                .eth(LB1_MAC, B1_MAC)
+                .ipv6(ipv6_of(source), ipv6_of(B1))
+                .tos(0x10)
+                .flow_label(hash);
+            let (outer, sport) = if form == FLOW_GUE {
+                let sport = gue_source_port(hash);
+                (outer.udp(sport, GUE_PORT).udp_no_checksum(), sport)
+            } else {
+                (outer.ip_proto(41), cport)
+            };
+            let flags = FLOW_DSR | form | FLOW_SYN_WELL_FORMED;
+            let entry = value(source, sport, B1, BACKEND_PORT, 1, flags);
+            Fixture {
+                flows6_after: vec![(k6, in_state(TCP_SYN_SENT, twin_value(&entry)))],
+                ..fixture(
+                    name,
+                    setup,
+                    input.clone(),
+                    XDP_REDIRECT,
+                    Some(outer.payload(&input[14..]).build()),
+                    vec![
+                        (Counter::Redirect, 1),
+                        (Counter::NewFlows(1), 1),
+                        (Counter::Packets(1), 1),
+                    ],
+                )
+            }
+        })
+        .collect()
+}
+
 /// The IPv6 twin of an IPv4 fixture's setup step: the same backend, service or flow, its
-/// addresses mapped by `ipv6_of`; `None` for what IPv6 does not have yet (DNAT and DSR, the tc
-/// hook's bridges).
+/// addresses mapped by `ipv6_of`; `None` for the tc hook's bridges.
 fn twin_setup(step: &Setup) -> Option<Setup> {
     Some(match step {
         Setup::Backend { id, addr, healthy } => Setup::Backend6 {
@@ -4904,21 +4978,15 @@ fn twin_setup(step: &Setup) -> Option<Setup> {
             snat,
             mss,
             mode,
-        } => {
-            // IPIP and GUE carry IPv4: IPv6 has DSR in its L2 form only.
-            if ![SERVICE_MODE_NAT, SERVICE_MODE_DNAT, SERVICE_MODE_DSR_L2].contains(mode) {
-                return None;
-            }
-            Setup::Service6 {
-                id: *id,
-                port: *port,
-                proto: *proto,
-                backends: backends.clone(),
-                snat: snat.iter().map(|a| ipv6_of(*a)).collect(),
-                mss: *mss,
-                mode: *mode,
-            }
-        }
+        } => Setup::Service6 {
+            id: *id,
+            port: *port,
+            proto: *proto,
+            backends: backends.clone(),
+            snat: snat.iter().map(|a| ipv6_of(*a)).collect(),
+            mss: *mss,
+            mode: *mode,
+        },
         Setup::Flow(f) => Setup::Flow6(FlowSetup {
             cached: f.cached.map(twin_hop),
             ..f.clone()
@@ -5077,7 +5145,16 @@ fn ipv6_twin(f: &Fixture) -> Option<Fixture> {
         Setup::Service { backends, .. } => backends.iter().filter(|(_, w)| *w > 0).count() > 1,
         _ => false,
     };
-    if f.or_else.is_some() || f.counters.iter().any(v4_only) || f.setup.iter().any(chooses) {
+    // A tunnel's outer headers are the family's own (`ipv6_tunnel_fixtures`).
+    let tunnels = |step: &Setup| {
+        matches!(step, Setup::Service { mode, .. }
+            if [SERVICE_MODE_DSR_IPIP, SERVICE_MODE_DSR_GUE].contains(mode))
+    };
+    if f.or_else.is_some()
+        || f.counters.iter().any(v4_only)
+        || f.setup.iter().any(chooses)
+        || f.setup.iter().any(tunnels)
+    {
         return None;
     }
     let setup = f.setup.iter().map(twin_setup).collect::<Option<Vec<_>>>()?;
