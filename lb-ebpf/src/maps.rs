@@ -255,3 +255,6 @@ pub fn state_timeout(state: u32) -> u64 {
 /// Written by `lb decap`; the balancer's daemon does not use it.
 #[map]
 pub static DECAP_VIPS: HashMap<Be32, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+/// DECAP_VIPS for IPv6 VIPs (IPv6 in IPv6, or in IPv6 and UDP).
+#[map]
+pub static DECAP_VIPS6: HashMap<In6, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);

@@ -1,9 +1,10 @@
-//! `lb decap`: on a DSR backend, strips the IPIP header that lb's `dsr = "ipip"` services put
-//! on their packets, for the VIPs it is given, and hands the packets to the stack as the
-//! clients sent them (this kernel has no ipip module; Katran ships its decap the same way).
+//! `lb decap`: on a DSR backend, strips the IPIP or GUE headers that lb's `dsr = "ipip"` and
+//! `"gue"` services put on their packets (IPv4, or IPv6 inside IPv6), for the VIPs it is
+//! given, and hands the packets to the stack as the clients sent them (this kernel has no ipip
+//! or ip6_tunnel module; Katran ships its decap the same way).
 //! The object's `lb_decap` program, at the interface's tc ingress while the command runs.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use anyhow::Context as _;
 use aya::{
@@ -11,7 +12,7 @@ use aya::{
     maps::{HashMap, PerCpuArray},
     programs::{SchedClassifier, TcAttachType},
 };
-use lb_common::{Be32, STAT_DECAP_UNKNOWN_VIP, STAT_DECAPSULATED};
+use lb_common::{Be32, In6, STAT_DECAP_UNKNOWN_VIP, STAT_DECAPSULATED};
 
 use crate::dataplane::EBPF_OBJECT;
 
@@ -33,7 +34,7 @@ pub struct DecapCounts {
 
 impl Decap {
     /// Loads the program, gives it `vips` and attaches it to `interface`'s ingress.
-    pub fn attach(interface: &str, vips: &[Ipv4Addr]) -> anyhow::Result<Self> {
+    pub fn attach(interface: &str, vips: &[IpAddr]) -> anyhow::Result<Self> {
         // The balancer's large maps are created with the object, and the decap uses none.
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("FLOWS", 1)
@@ -44,8 +45,21 @@ impl Decap {
             ebpf.map_mut("DECAP_VIPS")
                 .context("the object has no DECAP_VIPS map")?,
         )?;
-        for vip in vips {
+        for vip in vips.iter().filter_map(|v| match v {
+            IpAddr::V4(v) => Some(v),
+            IpAddr::V6(_) => None,
+        }) {
             table.insert(&Be32::from_bytes(vip.octets()), &1, 0)?;
+        }
+        let mut table6: HashMap<_, In6, u32> = HashMap::try_from(
+            ebpf.map_mut("DECAP_VIPS6")
+                .context("the object has no DECAP_VIPS6 map")?,
+        )?;
+        for vip in vips.iter().filter_map(|v| match v {
+            IpAddr::V6(v) => Some(v),
+            IpAddr::V4(_) => None,
+        }) {
+            table6.insert(&In6::from_bytes(vip.octets()), &1, 0)?;
         }
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)

@@ -98,14 +98,14 @@ enum Command {
     },
     /// On a backend of a `dsr = "ipip"` or `"gue"` service: strip the tunnel's headers of
     /// packets for these VIPs at INTERFACE's ingress (a tc program), until interrupted. The VIPs go on the
-    /// backend's loopback, as for any DSR backend.
+    /// backend's loopback, as for any DSR backend. An IPv6 VIP's packets come inside IPv6.
     Decap {
         /// The interface the tunnel's packets arrive on.
         #[arg(long)]
         interface: String,
         /// A VIP whose packets to strip; repeat for more.
         #[arg(long = "vip", required = true)]
-        vips: Vec<std::net::Ipv4Addr>,
+        vips: Vec<std::net::IpAddr>,
     },
     /// Stop sending new flows to a backend (weight 0); existing flows continue. With --wait,
     /// return once it has no active flows, or fail (exit 1) when the wait runs out.
