@@ -68,12 +68,6 @@ pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
             s.vip
         ));
     }
-    if s.vip.is_ipv6() && matches!(s.mode, ForwardingMode::DsrIpip | ForwardingMode::DsrGue) {
-        return Err(format!(
-            "vip {}: mode \"{}\" tunnels in IPv4; an IPv6 service runs in mode \"nat\", \"dnat\" or \"dsr\" with dsr = \"l2\"",
-            s.vip, s.mode
-        ));
-    }
     Ok(())
 }
 
@@ -2325,10 +2319,13 @@ weight = 70000
             "interfaces = [\"eth0\"]\n[[service]]\nname = \"web\"\nvip = \"198.18.100.1:80\" # <- vip\n[[service.backend]]\naddress = \"[fd00:1::11]:8000\"\n",
             "is IPv6 but vip 198.18.100.1:80 is IPv4",
         );
-        assert_error(
-            &v6_vip("mode = \"dsr\"\ndsr = \"ipip\"\n"),
-            "tunnels in IPv4; an IPv6 service runs in mode",
-        );
+        for form in ["ipip", "gue"] {
+            let tunnel = v6(&format!(
+                "mode = \"dsr\"\ndsr = \"{form}\"\n[[service.backend]]\naddress = \"[fd00:9::11]:80\"\n"
+            ));
+            let tunnel = Config::parse(&tunnel, "lb.toml").expect("valid");
+            assert!(tunnel.services[0].mode.is_tunnel(), "{form}");
+        }
         let l2 = v6(
             "mode = \"dsr\"\ndsr = \"l2\"\n[[service.backend]]\naddress = \"[fd00:1::11]:80\"\n",
         );

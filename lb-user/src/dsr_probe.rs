@@ -18,7 +18,7 @@ use std::{
 use lb_common::{
     conntrack::{TCP_ACK, TCP_RST, TCP_SYN},
     reset::{fold, sum_words},
-    tunnel::{GUE_PORT, IPPROTO_IPIP, gue_source_port},
+    tunnel::{GUE_PORT, IPPROTO_IPIP, IPPROTO_IPV6, gue_source_port},
 };
 
 use crate::config::ForwardingMode;
@@ -58,8 +58,8 @@ pub struct SynProbe {
     pub src_port: u16,
     pub vip: SocketAddr,
     pub seq: u32,
-    /// The tunnel and the backend it leads to (the outer source is `src`).
-    pub tunnel_to: Option<(Tunnel, Ipv4Addr)>,
+    /// The tunnel and the backend it leads to (the outer source is `src`), of `src`'s family.
+    pub tunnel_to: Option<(Tunnel, IpAddr)>,
 }
 
 /// What the backend said.
@@ -102,8 +102,8 @@ fn ipv6_header(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, body_len: usize) -> [u8;
     ip
 }
 
-/// The probe's frame: Ethernet, (the tunnel's IPv4 header,) IPv4 or IPv6 and a TCP SYN with
-/// no options; `None` if its addresses are of two families.
+/// The probe's frame: Ethernet, (the tunnel's header in the probe's family, and UDP for GUE,)
+/// IPv4 or IPv6 and a TCP SYN with no options; `None` if its addresses are of two families.
 pub fn syn_frame(p: &SynProbe) -> Option<Vec<u8>> {
     let mut tcp = [0u8; 20];
     tcp[0..2].copy_from_slice(&p.src_port.to_be_bytes());
@@ -121,34 +121,54 @@ pub fn syn_frame(p: &SynProbe) -> Option<Vec<u8>> {
         sum_words(&octets(p.src), sum_words(&octets(p.vip.ip()), 0)) + u32::from(IPPROTO_TCP) + 20;
     let check = checksum(sum_words(&tcp, pseudo));
     tcp[16..18].copy_from_slice(&check.to_be_bytes());
-    let mut frame = Vec::with_capacity(94);
+    let mut frame = Vec::with_capacity(114);
     frame.extend_from_slice(&p.dst_mac);
     frame.extend_from_slice(&p.src_mac);
-    let (src, vip) = match (p.src, p.vip.ip()) {
-        (IpAddr::V4(src), IpAddr::V4(vip)) => (src, vip),
+    let inner_len = match p.src {
+        IpAddr::V4(_) => 20 + tcp.len(),
+        IpAddr::V6(_) => 40 + tcp.len(),
+    };
+    let gue_udp = |frame: &mut Vec<u8>| {
+        frame.extend_from_slice(&gue_source_port(p.seq).to_be_bytes());
+        frame.extend_from_slice(&GUE_PORT.to_be_bytes());
+        frame.extend_from_slice(&((8 + inner_len) as u16).to_be_bytes());
+        frame.extend_from_slice(&[0, 0]);
+    };
+    match (p.src, p.vip.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(vip)) => {
+            frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+            match p.tunnel_to {
+                Some((Tunnel::Ipip, IpAddr::V4(backend))) => {
+                    frame.extend_from_slice(&ipv4_header(src, backend, IPPROTO_IPIP, inner_len));
+                }
+                Some((Tunnel::Gue, IpAddr::V4(backend))) => {
+                    let outer = ipv4_header(src, backend, IPPROTO_UDP, 8 + inner_len);
+                    frame.extend_from_slice(&outer);
+                    gue_udp(&mut frame);
+                }
+                Some((Tunnel::None, _)) | None => {}
+                Some((_, IpAddr::V6(_))) => return None,
+            }
+            frame.extend_from_slice(&ipv4_header(src, vip, IPPROTO_TCP, tcp.len()));
+        }
         (IpAddr::V6(src), IpAddr::V6(vip)) => {
             frame.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+            match p.tunnel_to {
+                Some((Tunnel::Ipip, IpAddr::V6(backend))) => {
+                    frame.extend_from_slice(&ipv6_header(src, backend, IPPROTO_IPV6, inner_len));
+                }
+                Some((Tunnel::Gue, IpAddr::V6(backend))) => {
+                    let outer = ipv6_header(src, backend, IPPROTO_UDP, 8 + inner_len);
+                    frame.extend_from_slice(&outer);
+                    gue_udp(&mut frame);
+                }
+                Some((Tunnel::None, _)) | None => {}
+                Some((_, IpAddr::V4(_))) => return None,
+            }
             frame.extend_from_slice(&ipv6_header(src, vip, IPPROTO_TCP, tcp.len()));
-            frame.extend_from_slice(&tcp);
-            return Some(frame);
         }
         _ => return None,
-    };
-    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
-    match p.tunnel_to {
-        Some((Tunnel::Ipip, backend)) => {
-            frame.extend_from_slice(&ipv4_header(src, backend, IPPROTO_IPIP, 40));
-        }
-        Some((Tunnel::Gue, backend)) => {
-            frame.extend_from_slice(&ipv4_header(src, backend, IPPROTO_UDP, 48));
-            frame.extend_from_slice(&gue_source_port(p.seq).to_be_bytes());
-            frame.extend_from_slice(&GUE_PORT.to_be_bytes());
-            frame.extend_from_slice(&48u16.to_be_bytes());
-            frame.extend_from_slice(&[0, 0]);
-        }
-        Some((Tunnel::None, _)) | None => {}
     }
-    frame.extend_from_slice(&ipv4_header(src, vip, IPPROTO_TCP, tcp.len()));
     frame.extend_from_slice(&tcp);
     Some(frame)
 }
@@ -298,11 +318,7 @@ fn probe_blocking(
         }
         Err(e) => return Err(format!("no source address towards {backend}: {e}")),
     };
-    let tunnel_to = match (tunnel, backend) {
-        (Tunnel::None, _) => None,
-        (tunnel, IpAddr::V4(backend)) => Some((tunnel, backend)),
-        (_, IpAddr::V6(_)) => return Err("IPIP and GUE carry IPv4 only".to_owned()),
-    };
+    let tunnel_to = (tunnel != Tunnel::None).then_some((tunnel, backend));
     let ifindex = crate::dataplane::ifindex(&device).map_err(|e| e.to_string())?;
     let clock = crate::dataplane::monotonic_ns();
     let probe = SynProbe {
@@ -498,7 +514,7 @@ impl PacketSocket {
 mod tests {
     use super::*;
 
-    fn probe(tunnel_to: Option<(Tunnel, Ipv4Addr)>) -> SynProbe {
+    fn probe(tunnel_to: Option<(Tunnel, IpAddr)>) -> SynProbe {
         SynProbe {
             src_mac: [2, 0, 0, 0, 1, 1],
             dst_mac: [2, 0, 0, 0, 0, 0x11],
@@ -538,7 +554,7 @@ mod tests {
     fn the_ipip_form_wraps_the_same_syn_for_the_backend() {
         let backend = Ipv4Addr::new(198, 18, 9, 11);
         let plain = syn_frame(&probe(None)).expect("one family");
-        let f = syn_frame(&probe(Some((Tunnel::Ipip, backend)))).expect("one family");
+        let f = syn_frame(&probe(Some((Tunnel::Ipip, backend.into())))).expect("one family");
         assert_eq!(f.len(), plain.len() + 20);
         let outer = &f[14..34];
         assert!(verifies(sum_words(outer, 0)));
@@ -558,7 +574,7 @@ mod tests {
     fn the_gue_form_wraps_it_in_ipv4_and_udp_to_the_gue_port() {
         let backend = Ipv4Addr::new(198, 18, 9, 11);
         let plain = syn_frame(&probe(None)).expect("one family");
-        let f = syn_frame(&probe(Some((Tunnel::Gue, backend)))).expect("one family");
+        let f = syn_frame(&probe(Some((Tunnel::Gue, backend.into())))).expect("one family");
         assert_eq!(f.len(), plain.len() + 28);
         let outer = &f[14..34];
         assert!(verifies(sum_words(outer, 0)));
@@ -692,6 +708,43 @@ mod tests {
             ..probe6()
         };
         assert_eq!(syn_frame(&mixed), None, "two families");
+    }
+
+    #[test]
+    fn the_ipv6_tunnels_wrap_the_same_syn_in_ipv6_for_the_backend() {
+        let backend: Ipv6Addr = "fd00:9::11".parse().expect("address");
+        let plain = syn_frame(&probe6()).expect("one family");
+        let tunnelled = |tunnel| {
+            let p = SynProbe {
+                tunnel_to: Some((tunnel, backend.into())),
+                ..probe6()
+            };
+            syn_frame(&p).expect("one family")
+        };
+        let f = tunnelled(Tunnel::Ipip);
+        assert_eq!(f.len(), plain.len() + 40);
+        let outer = &f[14..54];
+        assert_eq!((outer[0], outer[5], outer[6]), (0x60, 60, IPPROTO_IPV6));
+        assert_eq!(&outer[8..24], &plain[22..38], "from lb's address");
+        assert_eq!(&outer[24..40], &backend.octets());
+        assert_eq!(
+            &f[54..],
+            &plain[14..],
+            "the inner packet is the plain probe's"
+        );
+        let f = tunnelled(Tunnel::Gue);
+        assert_eq!(f.len(), plain.len() + 48);
+        let outer = &f[14..54];
+        assert_eq!((outer[5], outer[6]), (68, IPPROTO_UDP));
+        let udp = &f[54..62];
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), GUE_PORT);
+        assert_eq!(u16::from_be_bytes([udp[4], udp[5]]), 68);
+        assert_eq!(&f[62..], &plain[14..]);
+        let mixed = SynProbe {
+            tunnel_to: Some((Tunnel::Ipip, Ipv4Addr::new(198, 18, 9, 11).into())),
+            ..probe6()
+        };
+        assert_eq!(syn_frame(&mixed), None, "an IPv4 tunnel for an IPv6 probe");
     }
 
     #[test]
