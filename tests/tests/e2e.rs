@@ -3811,18 +3811,27 @@ fn assert_backends_see(topo: &Topology, client: IpAddr, url: &str, first_port: u
 }
 
 /// A 4 MB download from `url` reaches the client while lb carries only the client's side of
-/// it (its per-backend byte counts, which the sweep refreshes each second).
-fn assert_download_skips_lb(balancer: &Balancer, topo: &Topology, url: &str, what: &str) {
-    let bytes_before: u64 = per_backend(balancer, topo, "web", "bytes").iter().sum();
+/// it (the byte counts of `service`'s `backends`, which the sweep refreshes each second).
+fn assert_download_skips_lb(
+    balancer: &Balancer,
+    topo: &Topology,
+    (service, backends): (&str, &[String]),
+    url: &str,
+    what: &str,
+) {
+    let bytes = || -> u64 {
+        backends
+            .iter()
+            .map(|b| balancer.backend(service, b)["bytes"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let bytes_before = bytes();
     let got = topo.client.sh(&format!(
-        "curl -s --max-time 10 {url}/bytes/4000000 | wc -c"
+        "curl -s -g --max-time 10 {url}/bytes/4000000 | wc -c"
     ));
     assert_eq!(got.trim(), "4000000", "the download");
     std::thread::sleep(Duration::from_millis(1500));
-    let through_lb: u64 = per_backend(balancer, topo, "web", "bytes")
-        .iter()
-        .sum::<u64>()
-        - bytes_before;
+    let through_lb = bytes() - bytes_before;
     println!("{what}: a 4000000-byte download took {through_lb} bytes through lb");
     assert!(
         through_lb > 0 && through_lb < 400_000,
@@ -3887,27 +3896,8 @@ fn ipv6_dsr_l2_backends_answer_the_client_directly() {
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&balancer, &counts, 40.0, 5.0, "IPv6 dsr 4:6 split");
 
-    let bytes = || -> u64 {
-        (0..2)
-            .map(|i| {
-                balancer.backend("web6", &b6(i))["bytes"]
-                    .as_u64()
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
-    let before = bytes();
-    let got = topo.client.sh(&format!(
-        "curl -s -g --max-time 10 {url}/bytes/4000000 | wc -c"
-    ));
-    assert_eq!(got.trim(), "4000000", "the download");
-    std::thread::sleep(Duration::from_millis(1500));
-    let through_lb = bytes() - before;
-    println!("IPv6 dsr l2: a 4000000-byte download took {through_lb} bytes through lb");
-    assert!(
-        through_lb > 0 && through_lb < 400_000,
-        "lb carried {through_lb} bytes of a 4 MB download: the replies did not skip it"
-    );
+    let backends: Vec<String> = (0..2).map(b6).collect();
+    assert_download_skips_lb(&balancer, &topo, ("web6", &backends), &url, "IPv6 dsr l2");
 
     // Without the VIP on its loopback, a backend still answering on its own address is down.
     topo.backends[0].sh(&format!("ip -6 addr del {VIP6}/128 dev lo"));
@@ -3953,7 +3943,8 @@ fn dsr_l2_backends_answer_the_client_directly() {
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&balancer, &counts, 40.0, 5.0, "dsr 4:6 split");
 
-    assert_download_skips_lb(&balancer, &topo, &url, "dsr l2");
+    let backends: Vec<String> = (0..2).map(|i| backend(&topo, i)).collect();
+    assert_download_skips_lb(&balancer, &topo, ("web", &backends), &url, "dsr l2");
 
     assert_weights_move_new_connections_only(&balancer, &topo, BACKEND_PORT);
     cli_ok(&balancer, &["set-weight", "web", &backend(&topo, 1), "10"]);
@@ -3996,19 +3987,43 @@ fn dsr_l2_backends_answer_the_client_directly() {
 /// which take the tunnel as clients do, hold the backends down.
 #[test]
 fn dsr_ipip_reaches_backends_through_lb_decap() {
-    dsr_tunnel_reaches_backends_through_lb_decap("ipip");
+    dsr_tunnel_reaches_backends_through_lb_decap("ipip", Family::V4);
 }
 
 /// The same with `dsr = "gue"`: IPv4 and UDP to port 6080, the flow's hash in the source port.
 #[test]
 fn dsr_gue_reaches_backends_through_lb_decap() {
-    dsr_tunnel_reaches_backends_through_lb_decap("gue");
+    dsr_tunnel_reaches_backends_through_lb_decap("gue", Family::V4);
 }
 
-fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str) {
+/// The IPIP form for an IPv6 service: IPv6 inside IPv6, stripped by `lb decap`.
+#[test]
+fn ipv6_dsr_ipip_reaches_backends_through_lb_decap() {
+    dsr_tunnel_reaches_backends_through_lb_decap("ipip", Family::V6);
+}
+
+/// The GUE form for an IPv6 service: IPv6 inside IPv6 and UDP.
+#[test]
+fn ipv6_dsr_gue_reaches_backends_through_lb_decap() {
+    dsr_tunnel_reaches_backends_through_lb_decap("gue", Family::V6);
+}
+
+/// The address family a test runs its service in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str, family: Family) {
     require_root();
     sweep_stale();
     let topo = Topology::new(Arms::Two, 2);
+    let addrs6 = if family == Family::V6 {
+        topo.add_ipv6()
+    } else {
+        Vec::new()
+    };
     topo.client.sh(&format!(
         "ip link add eth1 type veth peer name s-c2 netns {switch}
          ip link set eth1 up
@@ -4025,28 +4040,67 @@ fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str) {
              ip route add {CLIENT}/32 via 198.18.1.2"
         ));
     }
+    if family == Family::V6 {
+        topo.client.sh("ip -6 addr add fd00:1::2/64 dev eth1 nodad");
+        for ns in &topo.backends {
+            ns.sh(&format!(
+                "ip -6 addr add {VIP6}/128 dev lo
+                 ip -6 route add {CLIENT6}/128 via fd00:1::2"
+            ));
+        }
+    }
     let _servers: Vec<Child> = (0..2).map(|i| start_server(&topo, i)).collect();
-    let config = dsr_config(&topo, &[4, 6])
+    let mut config = dsr_config(&topo, &[4, 6])
         .replace("interfaces = [\"lb0\"]", "interfaces = [\"lb0\", \"lb1\"]")
         .replace("dsr = \"l2\"", &format!("dsr = \"{form}\""));
+    let (service, vip, client, backends): (&str, IpAddr, IpAddr, Vec<String>) = match family {
+        Family::V4 => (
+            "web",
+            VIP.into(),
+            CLIENT.into(),
+            (0..2).map(|i| backend(&topo, i)).collect(),
+        ),
+        Family::V6 => {
+            // The IPv4 service's twin on the backends' IPv6 addresses, beside it.
+            config += &format!(
+                "[[service]]\nname = \"web6\"\nvip = \"[{VIP6}]:{BACKEND_PORT}\"\nmode = \"dsr\"\ndsr = \"{form}\"\n\
+                 [service.health]\nkind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n"
+            );
+            for (addr, weight) in addrs6.iter().zip([4, 6]) {
+                config += &format!(
+                    "[[service.backend]]\naddress = \"[{addr}]:{BACKEND_PORT}\"\nweight = {weight}\n"
+                );
+            }
+            (
+                "web6",
+                VIP6.into(),
+                CLIENT6.into(),
+                addrs6
+                    .iter()
+                    .map(|a| format!("[{a}]:{BACKEND_PORT}"))
+                    .collect(),
+            )
+        }
+    };
     let balancer = Balancer::start(&lb_binary(), &topo, &config);
     // The health checks go through the tunnel, as clients do: without lb decap, down.
-    for i in 0..2 {
-        balancer.wait_until(Duration::from_secs(5), "a failed VIP probe", |b| {
-            b.backend("web", &backend(&topo, i))["last_error"]
+    for b in &backends {
+        balancer.wait_until(Duration::from_secs(5), "a failed VIP probe", |lb| {
+            lb.backend(service, b)["last_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("lb decap running"))
         });
-        balancer.wait_health("web", &backend(&topo, i), false, Duration::from_secs(5));
+        balancer.wait_health(service, b, false, Duration::from_secs(5));
     }
-    assert_eq!(
-        balancer.status()["services"][0]["mode"],
-        format!("dsr-{form}")
-    );
-    let url = format!("http://{VIP}:{BACKEND_PORT}");
+    let mode = balancer.status()["services"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == service))
+        .map(|s| s["mode"].clone());
+    assert_eq!(mode, Some(format!("dsr-{form}").into()));
+    let url = format!("http://{}", SocketAddr::new(vip, BACKEND_PORT));
     let curl = |path: &str| {
         topo.client
-            .sh(&format!("curl -s --max-time 2 {url}{path} || echo FAIL"))
+            .sh(&format!("curl -s -g --max-time 2 {url}{path} || echo FAIL"))
             .trim()
             .to_owned()
     };
@@ -4064,21 +4118,28 @@ fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str) {
                     "--interface",
                     "eth0",
                     "--vip",
-                    &VIP.to_string(),
+                    &vip.to_string(),
                 ],
                 std::process::Stdio::piped(),
             )
         })
         .collect();
-    for i in 0..2 {
-        balancer.wait_health("web", &backend(&topo, i), true, Duration::from_secs(10));
+    for b in &backends {
+        balancer.wait_health(service, b, true, Duration::from_secs(10));
     }
     assert_ne!(curl("/"), "FAIL", "no connection through lb decap");
 
-    assert_backends_see_the_client(&topo, &url, 47000, 10);
+    assert_backends_see(&topo, client, &url, 47000, 10);
 
-    let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 400), 2);
-    println!("dsr {form}, 400 connections at 4:6: {counts:?}, {failed} failed");
+    let out = topo.client.try_sh(&format!(
+        "for i in $(seq 400); do curl -s -g --connect-timeout 1 --max-time 2 {url}/ || echo FAIL; done"
+    ));
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let (counts, failed) = tally(&lines, 2);
+    println!("dsr {form} ({service}), 400 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(
         &balancer,
@@ -4088,7 +4149,13 @@ fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str) {
         &format!("dsr {form} 4:6 split"),
     );
 
-    assert_download_skips_lb(&balancer, &topo, &url, &format!("dsr {form}"));
+    assert_download_skips_lb(
+        &balancer,
+        &topo,
+        (service, &backends),
+        &url,
+        &format!("dsr {form} ({service})"),
+    );
     assert_eq!(counter(&balancer, "drop_dsr_cannot_forward"), 0);
 
     // Stopped, each decap says what it stripped, and detaches: connections fail again.
@@ -4110,6 +4177,6 @@ fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str) {
     }
     println!("lb decap stripped {stripped} packets on both backends");
     assert!(stripped > 400, "{stripped} packets stripped");
-    balancer.wait_health("web", &backend(&topo, 0), false, Duration::from_secs(5));
+    balancer.wait_health(service, &backends[0], false, Duration::from_secs(5));
     assert_eq!(curl("/"), "FAIL", "got through after lb decap stopped");
 }
