@@ -32,6 +32,22 @@ pub struct DecapCounts {
     pub unknown_vip: u64,
 }
 
+/// Writes `vips` to the object's map `name` (DECAP_VIPS or DECAP_VIPS6).
+fn list_vips<K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    vips: impl Iterator<Item = K>,
+) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(name)
+        .with_context(|| format!("the object has no {name} map"))?;
+    let mut table: HashMap<_, K, u32> = HashMap::try_from(map)?;
+    for vip in vips {
+        table.insert(&vip, &1, 0)?;
+    }
+    Ok(())
+}
+
 impl Decap {
     /// Loads the program, gives it `vips` and attaches it to `interface`'s ingress.
     pub fn attach(interface: &str, vips: &[IpAddr]) -> anyhow::Result<Self> {
@@ -41,26 +57,16 @@ impl Decap {
             .map_max_entries("MAGLEV", 1)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object")?;
-        let mut table: HashMap<_, Be32, u32> = HashMap::try_from(
-            ebpf.map_mut("DECAP_VIPS")
-                .context("the object has no DECAP_VIPS map")?,
-        )?;
-        for vip in vips.iter().filter_map(|v| match v {
-            IpAddr::V4(v) => Some(v),
+        let v4 = vips.iter().filter_map(|v| match v {
+            IpAddr::V4(v) => Some(Be32::from_bytes(v.octets())),
             IpAddr::V6(_) => None,
-        }) {
-            table.insert(&Be32::from_bytes(vip.octets()), &1, 0)?;
-        }
-        let mut table6: HashMap<_, In6, u32> = HashMap::try_from(
-            ebpf.map_mut("DECAP_VIPS6")
-                .context("the object has no DECAP_VIPS6 map")?,
-        )?;
-        for vip in vips.iter().filter_map(|v| match v {
-            IpAddr::V6(v) => Some(v),
+        });
+        let v6 = vips.iter().filter_map(|v| match v {
+            IpAddr::V6(v) => Some(In6::from_bytes(v.octets())),
             IpAddr::V4(_) => None,
-        }) {
-            table6.insert(&In6::from_bytes(vip.octets()), &1, 0)?;
-        }
+        });
+        list_vips(&mut ebpf, "DECAP_VIPS", v4)?;
+        list_vips(&mut ebpf, "DECAP_VIPS6", v6)?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .context("the object has no lb_decap program")?

@@ -578,16 +578,7 @@ fn containers_on_a_bridge_with_their_default_offloads_are_balanced() {
         "UDP answer: {answer:?}"
     );
     // A container is a client of the service too (its own replica included).
-    let out = topo.backends[0].sh(&format!(
-        "for i in $(seq 100); do curl -s --connect-timeout 1 --max-time 2 http://{VIP}/ || echo FAIL; done"
-    ));
-    let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
-    println!("100 connections from container 1 to the VIP: {counts:?}, {failed} failed");
-    assert!(
-        failed == 0 && counts[0] > 0 && counts[1] > 0,
-        "{out}\ncounters:\n{}",
-        balancer.nonzero_counters()
-    );
+    assert_a_container_is_balanced(&balancer, &topo, &format!("http://{VIP}/"));
 
     // A container restarts: its veth is a new device, and the tc program follows it.
     let before = balancer.backend("web", &backend(&topo, 1))["new_flows"]
@@ -686,11 +677,17 @@ fn containers_serve_ipv6_clients_through_the_tc_hook() {
         balancer.nonzero_counters()
     );
     // A container is a client of the IPv6 service too: balanced at its port's tc hook.
+    assert_a_container_is_balanced(&balancer, &topo, &format!("http://[{VIP6}]/"));
+}
+
+/// 100 connections from container 1 to `url` (a service's VIP): none failed, and both
+/// containers served some (its own replica included).
+fn assert_a_container_is_balanced(balancer: &Balancer, topo: &Topology, url: &str) {
     let out = topo.backends[0].sh(&format!(
-        "for i in $(seq 100); do curl -s -g --connect-timeout 1 --max-time 2 http://[{VIP6}]/ || echo FAIL; done"
+        "for i in $(seq 100); do curl -s -g --connect-timeout 1 --max-time 2 {url} || echo FAIL; done"
     ));
     let (counts, failed) = tally(&out.lines().map(str::to_owned).collect::<Vec<_>>(), 2);
-    println!("100 IPv6 connections from container 1 to the VIP: {counts:?}, {failed} failed");
+    println!("100 connections from container 1 to {url}: {counts:?}, {failed} failed");
     assert!(
         failed == 0 && counts[0] > 0 && counts[1] > 0,
         "{out}\ncounters:\n{}",
