@@ -48,8 +48,8 @@ pub fn check_snat_pool(pool: &[IpAddr]) -> Result<(), String> {
     Ok(())
 }
 
-/// One service, one address family: its VIP's. IPv6 services run in full NAT (NAT66), DNAT or
-/// DSR's L2 form; NAT46/64 is not offered, and IPIP and GUE carry IPv4.
+/// One service, one address family: its VIP's, in every mode (DSR's tunnels carry IPv6 inside
+/// IPv6); NAT46/64 is not offered.
 pub fn check_family(s: &ServiceConfig) -> Result<(), String> {
     let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
     let vip = family(s.vip.ip());

@@ -8,7 +8,7 @@
 //! The frames are built and read here (pure, unit-tested); `probe` sends one from an AF_PACKET
 //! socket on the device towards the backend and reads the answer there (the kernel itself
 //! answers the SYN-ACK with an RST: it has no socket for it). An IPv6 VIP is probed the same
-//! way in the L2 form (IPIP and GUE carry IPv4).
+//! ways, its tunnels IPv6 inside IPv6.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},

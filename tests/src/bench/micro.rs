@@ -34,7 +34,7 @@ use crate::{
     },
     flows::{key, monotonic_ns, value},
     netns::{Netns, pin_current_thread_to_cpu0},
-    packet::{IPPROTO_TCP as TCP, pkt},
+    packet::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, pkt},
     topology::BACKEND_PORT,
 };
 
@@ -60,6 +60,8 @@ const PREFILL_BACKENDS: u32 = 32;
 /// that a flow's backend id still names its destination, so this id names VIP:80.
 const PING_PONG_BACKEND: u32 = 1000;
 const PORTS_PER_CLIENT: u32 = 60_000;
+/// In-kernel repeats of the calibration frame (the peer's method: 1,000,000).
+const PEER_CALIBRATION_REPEATS: u32 = 1_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum MicroPath {
@@ -113,8 +115,29 @@ pub struct SweepFigure {
     pub ms: Summary,
 }
 
+/// A path timed with the closest Rust peer's method (issue 13): one test run per sample,
+/// repeat 1, a fresh copy of the packet each call; the mean of the kernel's durations, less
+/// the calibration constant. Over rounds: median and spread.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerMethodFigure {
+    pub path: &'static str,
+    pub net_ns: Summary,
+}
+
+/// The peer's method, whole: its figures and what they are net of.
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerMethodResults {
+    pub figures: Vec<PeerMethodFigure>,
+    /// Per-call overhead: an ARP frame's single-call mean less its mean over
+    /// `calibration_repeats` in-kernel repeats (median over rounds).
+    pub calibration_ns: Summary,
+    pub calibration_repeats: u32,
+    pub samples_per_round: usize,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct MicroResults {
+    pub peer_method: PeerMethodResults,
     pub figures: Vec<MicroFigure>,
     pub sweeps: Vec<SweepFigure>,
     /// The in-kernel expiry's pass over the fullest table: (connections, mean ms, passes).
@@ -131,6 +154,8 @@ pub struct MicroOptions {
     pub levels: Vec<u64>,
     pub calls: usize,
     pub repeats: u32,
+    /// Samples per path and round of the peer's method (its own: 20,000).
+    pub peer_samples: usize,
 }
 
 /// Runs in its own namespace, on a thread pinned to CPU 0.
@@ -362,8 +387,8 @@ impl Bench {
     }
 
     /// Each call opens a new flow; its two entries are removed afterwards (untimed), so the
-    /// table stays at its level.
-    fn new_flows(&mut self, calls: usize) -> Result<u64, String> {
+    /// table stays at its level. The one-call times.
+    fn new_flows(&mut self, calls: usize) -> Result<Vec<u64>, String> {
         let mut samples = Vec::with_capacity(calls);
         for _ in 0..calls {
             let n = self.next_new;
@@ -389,7 +414,7 @@ impl Bench {
                 })
                 .map_err(|e| format!("removing a measured flow: {e}"))?;
         }
-        Ok(median_u64(&mut samples).unwrap_or(0))
+        Ok(samples)
     }
 
     /// Mean per packet over `repeats` repeats of a packet that is not ours.
@@ -453,6 +478,142 @@ impl Bench {
                 .map_err(|e| format!("inserting the hot flow: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// The calibration frame: ARP, which the program passes after reading its Ethernet header.
+fn arp_frame() -> Vec<u8> {
+    pkt()
+        .eth(CLIENT_MAC, [0xff; 6])
+        .ethertype(0x0806)
+        .payload(&[0, 1, 8, 0, 6, 4, 0, 1])
+        .build()
+}
+
+/// The UDP flow the peer's method times: CLIENT:UDP_PORT -> VIP:53, backend 1.
+const UDP_PORT: u16 = 40001;
+const DNS_PORT: u16 = 53;
+
+impl Bench {
+    /// Mean one-call time of `frame` over `samples` calls. Each test run copies the frame into
+    /// a fresh buffer: every call sees the packet as sent.
+    fn mean_call(
+        &mut self,
+        samples: usize,
+        frame: &[u8],
+        ingress: u32,
+        want: u32,
+    ) -> Result<f64, String> {
+        let mut total = 0u64;
+        for _ in 0..samples {
+            total += self.one_call(frame, ingress, 1, want)?.0;
+        }
+        Ok(total as f64 / samples.max(1) as f64)
+    }
+
+    /// A UDP flow both ways, as after its first reply, for the peer's UDP path.
+    fn insert_udp_flow(&mut self) -> Result<(), String> {
+        let now = monotonic_ns();
+        let b1 = backend_addr(1);
+        let state = |v: FlowValue| FlowValue {
+            state: lb_common::conntrack::UDP_REPLIED,
+            ..v
+        };
+        let entries = [
+            (
+                key(CLIENT, UDP_PORT, VIP, DNS_PORT, UDP),
+                state(flow_value(SNAT, UDP_PORT, b1, BACKEND_PORT, 1, 0, now)),
+            ),
+            (
+                key(b1, BACKEND_PORT, SNAT, UDP_PORT, UDP),
+                state(flow_value(
+                    CLIENT,
+                    UDP_PORT,
+                    VIP,
+                    DNS_PORT,
+                    1,
+                    FLOW_REVERSE,
+                    now,
+                )),
+            ),
+        ];
+        for (k, v) in entries {
+            self.dp
+                .insert_flow(k, v)
+                .map_err(|e| format!("inserting the UDP flow: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The closest Rust peer's method (issue 13), on its paths: `samples` one-call test runs
+    /// per path and round, repeat 1, a fresh packet each call, the mean of the kernel's
+    /// durations net of the per-call overhead an ARP frame shows (its single-call mean less
+    /// its mean over `calibration_repeats` repeats in the kernel). Medians of 3 rounds.
+    fn peer_method(
+        &mut self,
+        samples: usize,
+        calibration_repeats: u32,
+        (established, reply): (&[u8], &[u8]),
+    ) -> Result<PeerMethodResults, String> {
+        let (lb0, lb1) = (self.hops.lb0, self.hops.lb1);
+        let arp = arp_frame();
+        let unknown = pkt()
+            .eth(CLIENT_MAC, LB0_MAC)
+            .ipv4(CLIENT, OTHER)
+            .tcp(40000, WEB_PORT)
+            .ack()
+            .build();
+        let udp = pkt()
+            .eth(CLIENT_MAC, LB0_MAC)
+            .ipv4(CLIENT, VIP)
+            .udp(UDP_PORT, DNS_PORT)
+            .payload(b"query")
+            .build();
+        self.insert_ping_pong()?;
+        self.insert_udp_flow()?;
+        let mut calibrations = Vec::new();
+        let mut rounds: Vec<[f64; 6]> = Vec::new();
+        for _ in 0..3 {
+            let repeated = self.one_call(&arp, lb0, calibration_repeats, XDP_PASS)?.0 as f64;
+            let single = self.mean_call(samples, &arp, lb0, XDP_PASS)?;
+            let calibration = single - repeated;
+            calibrations.push(calibration);
+            let new_flows = self.new_flows(samples)?;
+            let new = new_flows.iter().sum::<u64>() as f64 / new_flows.len().max(1) as f64;
+            rounds.push([
+                single - calibration,
+                self.mean_call(samples, &unknown, lb0, XDP_PASS)? - calibration,
+                self.mean_call(samples, established, lb0, XDP_REDIRECT)? - calibration,
+                self.mean_call(samples, reply, lb1, XDP_REDIRECT)? - calibration,
+                self.mean_call(samples, &udp, lb0, XDP_REDIRECT)? - calibration,
+                new - calibration,
+            ]);
+        }
+        let paths = [
+            "non-IP frame, passed",
+            "TCP to an unknown destination, passed",
+            "established, forward",
+            "established, reply",
+            "UDP established",
+            "new flow",
+        ];
+        let figures = paths
+            .into_iter()
+            .enumerate()
+            .map(|(i, path)| {
+                let net: Vec<f64> = rounds.iter().map(|r| r[i]).collect();
+                Ok(PeerMethodFigure {
+                    path,
+                    net_ns: Summary::of(&net).ok_or("no samples")?,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(PeerMethodResults {
+            figures,
+            calibration_ns: Summary::of(&calibrations).ok_or("no samples")?,
+            calibration_repeats,
+            samples_per_round: samples,
+        })
     }
 }
 
@@ -557,6 +718,12 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         .tcp(BACKEND_PORT, HOT_PORT)
         .ack()
         .build();
+    // The peer's setup: a table holding the measured flows alone.
+    let peer_method = bench.peer_method(
+        opts.peer_samples,
+        PEER_CALIBRATION_REPEATS,
+        (&hot_established, &hot_reply),
+    )?;
     let mut figures = Vec::new();
     let mut sweeps = Vec::new();
     let mut overheads = Vec::new();
@@ -596,7 +763,8 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
             } else {
                 None
             };
-            let new = bench.new_flows(opts.calls)? as f64 - est_overhead;
+            let new =
+                median_u64(&mut bench.new_flows(opts.calls)?).unwrap_or(0) as f64 - est_overhead;
             let pass = bench.not_ours(opts.repeats)?;
             rounds.push([
                 Some(est_hot),
@@ -637,6 +805,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
     let (pass_ms, passes) = bench.expiry_pass()?;
     let expiry_pass = (bench.connections, pass_ms, passes);
     Ok(MicroResults {
+        peer_method,
         figures,
         sweeps,
         expiry_pass,

@@ -197,6 +197,7 @@ pub fn micro_options(quick: bool) -> MicroOptions {
         // dispatcher around each call), so one-call samples are the micro-benchmark's budget.
         calls: if quick { 300 } else { 2_000 },
         repeats: if quick { 200_000 } else { 1_000_000 },
+        peer_samples: if quick { 2_000 } else { 20_000 },
     }
 }
 

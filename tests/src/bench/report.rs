@@ -31,6 +31,52 @@ fn spread(s: &Summary) -> String {
     format!("{} [{}–{}]", number(s.median), number(s.min), number(s.max))
 }
 
+/// The closest Rust peer's figures on its own method, as issue 13 gives them (net ns), by
+/// the path names of `micro::Bench::peer_method`.
+const PEER_NET_NS: [(&str, f64); 6] = [
+    ("non-IP frame, passed", 46.0),
+    ("TCP to an unknown destination, passed", 130.0),
+    ("established, forward", 132.0),
+    ("established, reply", 124.0),
+    ("UDP established", 119.0),
+    ("new flow", 856.0),
+];
+
+/// lb's figures on the peer's method, beside the peer's.
+fn peer_method_table(r: &mut String, peer: &super::micro::PeerMethodResults) {
+    let _ = write!(
+        r,
+        "\n### Per packet, the closest Rust peer's method (issue 13)\n\n\
+         One BPF_PROG_TEST_RUN per sample, repeat 1, a fresh copy of the packet each call, {} \
+         samples per path and round, the mean of the kernel-reported durations, net of the \
+         per-call overhead: an ARP frame's single-call mean less its mean over {} in-kernel \
+         repeats ({} ns, median [min–max] of 3 rounds). Medians of 3 rounds, pinned to one \
+         CPU, the table holding the measured flows alone. The peer's figures (umars28/xdp-lb, \
+         measured side by side on this machine kind with the same method) are issue 13's.\n\n\
+         | path | lb (net ns) | peer (net ns) | lb / peer |\n|---|---:|---:|---:|\n",
+        number(peer.samples_per_round as f64),
+        number(f64::from(peer.calibration_repeats)),
+        spread(&peer.calibration_ns),
+    );
+    for figure in &peer.figures {
+        let theirs = PEER_NET_NS
+            .iter()
+            .find(|(path, _)| *path == figure.path)
+            .map(|(_, ns)| *ns);
+        let _ = writeln!(
+            r,
+            "| {} | {} | {} | {} |",
+            figure.path,
+            spread(&figure.net_ns),
+            theirs.map_or("–".into(), number),
+            theirs.map_or("–".into(), |ns| format!(
+                "{:.2}",
+                figure.net_ns.median / ns
+            )),
+        );
+    }
+}
+
 fn median_of(results: &Results, contender: Contender, load: Load) -> Option<f64> {
     match results.cell(contender, load)? {
         Cell::Measured(m) => Some(m.value.median),
@@ -487,6 +533,7 @@ pub fn markdown(results: &Results, command: &str) -> String {
                 micro.call_overhead_ns,
                 number(f64::from(micro.repeats_per_round))
             );
+            peer_method_table(&mut r, &micro.peer_method);
             let (connections, ms, passes) = micro.expiry_pass;
             let _ = writeln!(
                 r,
