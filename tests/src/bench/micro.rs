@@ -15,7 +15,7 @@
 //! together, and splitting them would scatter one measurement.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -29,10 +29,10 @@ use serde::Serialize;
 use super::summary::{Summary, median_u64};
 use crate::{
     fixture_net::{
-        B1_MAC as BACKEND_MAC, CLIENT, CLIENT_MAC, LB0_MAC, LB1_MAC, OTHER, SNAT, VIP, mac_text,
-        network,
+        B1_6, B1_MAC as BACKEND_MAC, CLIENT, CLIENT_MAC, CLIENT6, LB0_MAC, LB1_MAC, OTHER, SNAT,
+        SNAT6, VIP, VIP6, ipv6_of, mac_text, network, service_key6,
     },
-    flows::{key, monotonic_ns, value},
+    flows::{key, key6, monotonic_ns, value},
     netns::{Netns, pin_current_thread_to_cpu0},
     packet::{IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, pkt},
     topology::BACKEND_PORT,
@@ -493,6 +493,16 @@ fn arp_frame() -> Vec<u8> {
 /// The UDP flow the peer's method times: CLIENT:UDP_PORT -> VIP:53, backend 1.
 const UDP_PORT: u16 = 40001;
 const DNS_PORT: u16 = 53;
+/// The IPv6 services' one backend (B1's IPv6 address), in BACKENDS6.
+const BACKEND6_ID: u32 = 900;
+
+/// IPv6's frames on the peer's paths, with the SNAT ports its hot flows took.
+struct Frames6 {
+    unknown: Vec<u8>,
+    established: Vec<u8>,
+    reply: Vec<u8>,
+    udp: Vec<u8>,
+}
 
 impl Bench {
     /// Mean one-call time of `frame` over `samples` calls. Each test run copies the frame into
@@ -545,6 +555,96 @@ impl Bench {
         Ok(())
     }
 
+    /// IPv6 services (TCP VIP6:80, UDP VIP6:53, full NAT to B1's IPv6 address) and their hot
+    /// flows, opened by a first packet each: the frames of the peer's paths over IPv6.
+    fn setup_ipv6(&mut self) -> Result<Frames6, String> {
+        let backend = SocketAddr::new(B1_6.into(), BACKEND_PORT);
+        self.dp
+            .set_backend(BACKEND6_ID, backend, true)
+            .map_err(|e| e.to_string())?;
+        let table = build_table(
+            &[MaglevBackend {
+                id: BACKEND6_ID,
+                addr: backend,
+                weight: 1,
+            }],
+            DEFAULT_MAGLEV_SIZE,
+        );
+        for (id, port, proto) in [(1, WEB_PORT, TCP), (2, DNS_PORT, UDP)] {
+            self.dp
+                .set_service(
+                    id,
+                    service_key6(port, proto),
+                    lb_common::SERVICE_MODE_NAT,
+                    &[SNAT6.into()],
+                    None,
+                    &table,
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        let lb0 = self.hops.lb0;
+        let from_client = || pkt().eth(CLIENT_MAC, LB0_MAC).ipv6(CLIENT6, VIP6);
+        let udp = from_client()
+            .udp(UDP_PORT, DNS_PORT)
+            .payload(b"query")
+            .build();
+        self.one_call(&udp, lb0, 1, XDP_REDIRECT)?;
+        let syn = from_client().tcp(HOT_PORT, WEB_PORT).syn().build();
+        let (_, out) = self.one_call(&syn, lb0, 1, XDP_REDIRECT)?;
+        // The rewritten SYN's TCP source port (after Ethernet and IPv6): the SNAT port.
+        let sport = u16::from_be_bytes([out[54], out[55]]);
+        // The backend's SYN-ACK makes the connection established, as the IPv4 hot flow is.
+        let syn_ack = pkt()
+            .eth(BACKEND_MAC, LB1_MAC)
+            .ipv6(B1_6, SNAT6)
+            .tcp(BACKEND_PORT, sport)
+            .tcp_flags(lb_common::conntrack::TCP_SYN | lb_common::conntrack::TCP_ACK)
+            .ack_seq(1001)
+            .build();
+        self.one_call(&syn_ack, self.hops.lb1, 1, XDP_REDIRECT)?;
+        Ok(Frames6 {
+            unknown: pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(CLIENT6, ipv6_of(OTHER))
+                .tcp(40000, WEB_PORT)
+                .ack()
+                .build(),
+            established: from_client().tcp(HOT_PORT, WEB_PORT).ack().build(),
+            reply: pkt()
+                .eth(BACKEND_MAC, LB1_MAC)
+                .ipv6(B1_6, SNAT6)
+                .tcp(BACKEND_PORT, sport)
+                .ack()
+                .build(),
+            udp,
+        })
+    }
+
+    /// IPv6's new flows, as `new_flows`: the one-call times.
+    fn new_flows6(&mut self, calls: usize) -> Result<Vec<u64>, String> {
+        let mut samples = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let cport = 1024 + (i % 60_000) as u16;
+            let frame = pkt()
+                .eth(CLIENT_MAC, LB0_MAC)
+                .ipv6(CLIENT6, VIP6)
+                .tcp(cport, WEB_PORT)
+                .syn()
+                .build();
+            let (ns, out) = self.one_call(&frame, self.hops.lb0, 1, XDP_REDIRECT)?;
+            samples.push(ns);
+            let sport = u16::from_be_bytes([out[54], out[55]]);
+            self.dp
+                .remove_flow6(&key6(CLIENT6, cport, VIP6, WEB_PORT, TCP))
+                .and_then(|()| {
+                    self.dp
+                        .remove_flow6(&key6(B1_6, BACKEND_PORT, SNAT6, sport, TCP))
+                })
+                .map_err(|e| format!("removing a measured IPv6 flow: {e}"))?;
+        }
+        Ok(samples)
+    }
+
     /// The closest Rust peer's method (issue 13), on its paths: `samples` one-call test runs
     /// per path and round, repeat 1, a fresh packet each call, the mean of the kernel's
     /// durations net of the per-call overhead an ARP frame shows (its single-call mean less
@@ -571,15 +671,19 @@ impl Bench {
             .build();
         self.insert_ping_pong()?;
         self.insert_udp_flow()?;
+        let v6 = self.setup_ipv6()?;
         let mut calibrations = Vec::new();
-        let mut rounds: Vec<[f64; 6]> = Vec::new();
+        let mut rounds: Vec<[f64; 11]> = Vec::new();
         for _ in 0..3 {
             let repeated = self.one_call(&arp, lb0, calibration_repeats, XDP_PASS)?.0 as f64;
             let single = self.mean_call(samples, &arp, lb0, XDP_PASS)?;
             let calibration = single - repeated;
             calibrations.push(calibration);
-            let new_flows = self.new_flows(samples)?;
-            let new = new_flows.iter().sum::<u64>() as f64 / new_flows.len().max(1) as f64;
+            let mean = |samples: Vec<u64>| {
+                samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64
+            };
+            let new = mean(self.new_flows(samples)?);
+            let new6 = mean(self.new_flows6(samples)?);
             rounds.push([
                 single - calibration,
                 self.mean_call(samples, &unknown, lb0, XDP_PASS)? - calibration,
@@ -587,6 +691,11 @@ impl Bench {
                 self.mean_call(samples, reply, lb1, XDP_REDIRECT)? - calibration,
                 self.mean_call(samples, &udp, lb0, XDP_REDIRECT)? - calibration,
                 new - calibration,
+                self.mean_call(samples, &v6.unknown, lb0, XDP_PASS)? - calibration,
+                self.mean_call(samples, &v6.established, lb0, XDP_REDIRECT)? - calibration,
+                self.mean_call(samples, &v6.reply, lb1, XDP_REDIRECT)? - calibration,
+                self.mean_call(samples, &v6.udp, lb0, XDP_REDIRECT)? - calibration,
+                new6 - calibration,
             ]);
         }
         let paths = [
@@ -596,6 +705,11 @@ impl Bench {
             "established, reply",
             "UDP established",
             "new flow",
+            "IPv6: TCP to an unknown destination, passed",
+            "IPv6: established, forward",
+            "IPv6: established, reply",
+            "IPv6: UDP established",
+            "IPv6: new flow",
         ];
         let figures = paths
             .into_iter()

@@ -52,7 +52,8 @@ fn peer_method_table(r: &mut String, peer: &super::micro::PeerMethodResults) {
          per-call overhead: an ARP frame's single-call mean less its mean over {} in-kernel \
          repeats ({} ns, median [min–max] of 3 rounds). Medians of 3 rounds, pinned to one \
          CPU, the table holding the measured flows alone. The peer's figures (umars28/xdp-lb, \
-         measured side by side on this machine kind with the same method) are issue 13's.\n\n\
+         measured side by side on this machine kind with the same method) are issue 13's; it \
+         has no IPv6, whose rows are lb's NAT66 on the same paths.\n\n\
          | path | lb (net ns) | peer (net ns) | lb / peer |\n|---|---:|---:|---:|\n",
         number(peer.samples_per_round as f64),
         number(f64::from(peer.calibration_repeats)),
