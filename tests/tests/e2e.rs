@@ -919,8 +919,14 @@ fn dual_stack_config(topo: &Topology, addrs6: &[std::net::Ipv6Addr], weights: &[
 
 /// `count` HTTP requests over IPv6 from the client to [VIP6]:80, each on a new connection.
 fn http_requests6(topo: &Topology, count: usize) -> Vec<String> {
+    http_requests_at(topo, &format!("http://[{VIP6}]"), count)
+}
+
+/// `count` HTTP requests from the client to `url`'s root, each on a new connection: each
+/// answer's body, or FAIL.
+fn http_requests_at(topo: &Topology, url: &str, count: usize) -> Vec<String> {
     let out = topo.client.try_sh(&format!(
-        "for i in $(seq {count}); do curl -s -g --connect-timeout 1 --max-time 2 http://[{VIP6}]/ || echo FAIL; done"
+        "for i in $(seq {count}); do curl -s -g --connect-timeout 1 --max-time 2 {url}/ || echo FAIL; done"
     ));
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -3881,14 +3887,7 @@ fn ipv6_dsr_l2_backends_answer_the_client_directly() {
 
     assert_backends_see(&topo, IpAddr::V6(CLIENT6), &url, 46200, 10);
 
-    let out = topo.client.try_sh(&format!(
-        "for i in $(seq 1000); do curl -s -g --connect-timeout 1 --max-time 2 {url}/ || echo FAIL; done"
-    ));
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let (counts, failed) = tally(&lines, 2);
+    let (counts, failed) = tally(&http_requests_at(&topo, &url, 1000), 2);
     println!("IPv6 dsr l2, 1000 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(&balancer, &counts, 40.0, 5.0, "IPv6 dsr 4:6 split");
@@ -4128,14 +4127,7 @@ fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str, family: Family) {
 
     assert_backends_see(&topo, client, &url, 47000, 10);
 
-    let out = topo.client.try_sh(&format!(
-        "for i in $(seq 400); do curl -s -g --connect-timeout 1 --max-time 2 {url}/ || echo FAIL; done"
-    ));
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
-    let (counts, failed) = tally(&lines, 2);
+    let (counts, failed) = tally(&http_requests_at(&topo, &url, 400), 2);
     println!("dsr {form} ({service}), 400 connections at 4:6: {counts:?}, {failed} failed");
     assert_eq!(failed, 0, "failed connections:\n{}", balancer.log());
     assert_share(
