@@ -12,9 +12,10 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     csum::Delta,
+    hop_cache::HopCacheOf,
     maps::{
-        BACKENDS, BACKENDS6, FLOW_SCRATCH, FLOW_SCRATCH6, FLOWS, FLOWS6, SERVICES, SERVICES6, VIPS,
-        VIPS6,
+        BACKENDS, BACKENDS6, FLOW_SCRATCH, FLOW_SCRATCH6, FLOWS, FLOWS6, HOP_CACHE, HOP_CACHE6,
+        SERVICES, SERVICES6, VIPS, VIPS6,
     },
 };
 
@@ -29,6 +30,8 @@ pub trait Family: Address {
     fn flows() -> &'static HashMap<FlowKeyOf<Self>, FlowValueOf<Self>>;
     /// A flow value being built, off the stack.
     fn flow_scratch() -> &'static PerCpuArray<FlowValueOf<Self>>;
+    /// Each backend's next hop (`hop_cache.rs`).
+    fn hop_cache() -> &'static PerCpuArray<HopCacheOf<Self>>;
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>>;
     fn backends() -> &'static Array<BackendOf<Self>>;
     /// The addresses of the services' VIPs, for traffic with no port (`icmp.rs`).
@@ -92,6 +95,10 @@ impl Family for Be32 {
     #[inline(always)]
     fn flow_scratch() -> &'static PerCpuArray<FlowValueOf<Self>> {
         &FLOW_SCRATCH
+    }
+    #[inline(always)]
+    fn hop_cache() -> &'static PerCpuArray<HopCacheOf<Self>> {
+        &HOP_CACHE
     }
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>> {
@@ -159,6 +166,10 @@ impl Family for In6 {
     #[inline(always)]
     fn flow_scratch() -> &'static PerCpuArray<FlowValueOf<Self>> {
         &FLOW_SCRATCH6
+    }
+    #[inline(always)]
+    fn hop_cache() -> &'static PerCpuArray<HopCacheOf<Self>> {
+        &HOP_CACHE6
     }
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>> {

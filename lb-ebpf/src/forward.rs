@@ -1,5 +1,6 @@
 //! Stage 5, forward: the kernel's FIB gives the egress device and MACs, cached in the flow's
-//! entry so that established flows skip it; the packet leaves by XDP_TX (same real NIC) or a
+//! entry so that established flows skip it, and per backend (`hop_cache.rs`) so that most new
+//! flows skip it too; the packet leaves by XDP_TX (same real NIC) or a
 //! DEVMAP redirect; into a bridge of containers, the kernel forwards it. Reads IFACES and
 //! TX_PORTS; writes the next-hop cache of FLOWS entries.
 
@@ -18,6 +19,7 @@ use network_types::eth::EthHdr;
 use crate::{
     Verdict,
     family::Family,
+    hop_cache,
     maps::{IFACES, TX_PORTS},
 };
 
@@ -52,17 +54,19 @@ pub fn next_hop<A: Family>(
     // valid for this program run.
     let (tot_len, nat) = unsafe { (A::packet_len(&*ip), &*entry) };
     let tot_len = tot_len.saturating_add(grow);
-    if nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len {
-        return Ok(NextHop {
-            ifindex: nat.egress_ifindex,
-            flags: u32::from(nat.egress_flags),
-            src_mac: nat.src_mac,
-            dst_mac: nat.dst_mac,
-        });
+    let cached = nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len;
+    if !cached && !hop_cache::fill(entry, tot_len) {
+        let hop = lookup(ctx, ip, proto, nat, tot_len)?;
+        hop_cache::put(nat, &hop, tot_len);
+        remember(entry, &hop, tot_len);
+        return Ok(hop);
     }
-    let hop = lookup(ctx, ip, proto, nat, tot_len)?;
-    remember(entry, &hop, tot_len);
-    Ok(hop)
+    Ok(NextHop {
+        ifindex: nat.egress_ifindex,
+        flags: u32::from(nat.egress_flags),
+        src_mac: nat.src_mac,
+        dst_mac: nat.dst_mac,
+    })
 }
 
 /// Sends the packet (`eth` and `ip` its headers, bounds-checked by the caller) to `hop`, with

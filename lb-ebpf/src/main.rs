@@ -21,6 +21,7 @@ mod flow_count;
 mod forward;
 mod fragments;
 mod frame;
+mod hop_cache;
 mod icmp;
 mod icmp_error;
 mod maps;

@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS,
-//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, SUSPECT marks and the
+//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, HOP_CACHE(6), SUSPECT marks and the
 //! counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks SOCK_REVERSE(6). Sizes marked "set at load" are overridden by
 //! the daemon.
 
@@ -17,6 +17,8 @@ use lb_common::{
     STATS_SLOTS, Service, Service6, ServiceKey, ServiceKey6, SockKey, SockKey6, SockVip, SockVip6,
     TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
+
+use crate::hop_cache::HopCacheOf;
 
 /// VIP:port/proto -> service (live Maglev table, SNAT addresses). Daemon writes; data path reads.
 #[map]
@@ -137,6 +139,17 @@ pub static LAYOUT: Array<u32> = Array::with_max_entries(1, 0);
 /// The flow value `flow::create` builds, off the stack (per CPU; data path only, not pinned).
 #[map]
 pub static FLOW_SCRATCH: PerCpuArray<FlowValue> = PerCpuArray::with_max_entries(1, 0);
+
+/// backend id -> its next hop, for new flows (per CPU; data path only, not pinned:
+/// `hop_cache.rs`).
+#[map]
+pub static HOP_CACHE: PerCpuArray<HopCacheOf<Be32>> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// HOP_CACHE's IPv6 twin.
+#[map]
+pub static HOP_CACHE6: PerCpuArray<HopCacheOf<In6>> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// FLOW_SCRATCH's IPv6 twin.
 #[map]

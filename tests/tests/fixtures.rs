@@ -605,6 +605,29 @@ fn fixtures() -> Vec<Fixture> {
                 ],
             )
         },
+        // A new flow takes its backend's next hop from the hop cache (`hop_cache.rs`) that an
+        // earlier packet to the backend filled: approved for that packet's 1,040 bytes, where
+        // a FIB lookup of its own would have approved the SYN's 40.
+        Fixture {
+            before: vec![(
+                "lb0",
+                client_syn(40020)
+                    .payload(&bulk(1000))
+                    .build_with(|b| b.tcp_flags(0x18)),
+            )],
+            next_hop_after: vec![(
+                key(CLIENT, 40000, VIP, WEB_PORT, TCP),
+                Some(hop(B1_MAC, 1040)),
+            )],
+            ..fixture(
+                "select_new_flow_takes_its_backends_cached_hop",
+                with(backends(), &[web(&[(1, 1)]), flow(40020, 1, 31000, None)]),
+                client_syn(40000).build(),
+                XDP_REDIRECT,
+                Some(to_backend(1, PORT_MIN).syn().build()),
+                vec![(Counter::Redirect, 1), (Counter::NewFlows(1), 1)],
+            )
+        },
         {
             let chosen = maglev_choice(&weighted, 40001, WEB_PORT, TCP);
             fixture(
