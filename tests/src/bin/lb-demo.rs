@@ -102,6 +102,7 @@ fn demo(lb: &std::path::Path) -> bool {
         Duration::from_secs(3),
     );
     std::thread::sleep(Duration::from_secs(1));
+    let stopped_at = std::time::Instant::now();
     if let Some(mut server) = servers[0].take() {
         stop_child(&mut server);
     }
@@ -116,6 +117,10 @@ fn demo(lb: &std::path::Path) -> bool {
         report.failures.len(),
         report.worst().as_secs_f64() * 1000.0
     );
+    for (started, error) in &report.failures {
+        let at = started.saturating_duration_since(stopped_at).as_secs_f64();
+        println!("   a connection opened {at:.2} s after the stop failed: {error}");
+    }
     all_ok &= report.failures.is_empty();
     println!("== {} new connections with api-1 down", CONNECTIONS / 5);
     let after = curl_loop(&topo.client, None, &url, CONNECTIONS / 5);
