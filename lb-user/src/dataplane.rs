@@ -1511,11 +1511,13 @@ impl Dataplane {
     }
 
     /// Runs the tc program on `frame` through BPF_PROG_TEST_RUN, as an skb on `ifindex`'s
-    /// ingress. The action is the tc one (TC_ACT_UNSPEC as u32::MAX).
+    /// ingress, `repeat` times (as `test_run`). The action is the tc one (TC_ACT_UNSPEC as
+    /// u32::MAX).
     pub fn tc_test_run(
         &mut self,
         frame: &[u8],
         ifindex: u32,
+        repeat: u32,
     ) -> Result<TestRunOutcome, DataplaneError> {
         // struct __sk_buff (192 bytes): a test run may set `ifindex` (offset 40), the
         // device the skb is on.
@@ -1526,7 +1528,7 @@ impl Dataplane {
             .program(TC_PROGRAM)
             .and_then(|p| p.try_into().ok())
             .ok_or(DataplaneError::MissingProgram { name: TC_PROGRAM })?;
-        test_run_of(frame, &ctx, 1, |opts| program.test_run(opts))
+        test_run_of(frame, &ctx, repeat, |opts| program.test_run(opts))
     }
 }
 

@@ -5503,7 +5503,7 @@ fn run(f: &Fixture) -> Result<(), String> {
     let ingress = ifindex(f.ingress).map_err(|e| e.to_string())?;
     let run = match f.hook {
         Hook::Xdp => dp.test_run(&f.input, ingress, 1),
-        Hook::Tc => dp.tc_test_run(&f.input, ingress),
+        Hook::Tc => dp.tc_test_run(&f.input, ingress, 1),
     }
     .map_err(|e| format!("test run: {e}"))?;
     let (action, out) = (run.action, run.frame);

@@ -131,6 +131,8 @@ pub struct PeerMethodResults {
     /// Per-call overhead: an ARP frame's single-call mean less its mean over
     /// `calibration_repeats` in-kernel repeats (median over rounds).
     pub calibration_ns: Summary,
+    /// The same for the tc program (an skb's test run costs more than an XDP frame's).
+    pub tc_calibration_ns: Summary,
     pub calibration_repeats: u32,
     pub samples_per_round: usize,
 }
@@ -296,6 +298,35 @@ struct Bench {
     rng: Rng,
 }
 
+/// The program a test run goes through: the XDP one, or the tc one of the bridge ports.
+#[derive(Clone, Copy, PartialEq)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    /// The action of a packet passed to the kernel.
+    fn pass(self) -> u32 {
+        match self {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_UNSPEC,
+        }
+    }
+
+    /// The action of a packet sent on.
+    fn redirect(self) -> u32 {
+        match self {
+            Hook::Xdp => XDP_REDIRECT,
+            Hook::Tc => TC_ACT_REDIRECT,
+        }
+    }
+}
+
+/// tc's actions (TC_ACT_UNSPEC, -1, as the test run reports it).
+const TC_ACT_REDIRECT: u32 = 7;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+
 impl Bench {
     fn one_call(
         &mut self,
@@ -304,10 +335,24 @@ impl Bench {
         repeat: u32,
         want: u32,
     ) -> Result<(u64, Vec<u8>), String> {
-        let run = self
-            .dp
-            .test_run(frame, ingress, repeat)
-            .map_err(|e| e.to_string())?;
+        self.call_on(Hook::Xdp, frame, ingress, repeat, want)
+    }
+
+    /// One test run through `hook`'s program of `repeat` repeats, checked for the action
+    /// `want`: the kernel's time per repeat and the frame as the program left it.
+    fn call_on(
+        &mut self,
+        hook: Hook,
+        frame: &[u8],
+        ingress: u32,
+        repeat: u32,
+        want: u32,
+    ) -> Result<(u64, Vec<u8>), String> {
+        let run = match hook {
+            Hook::Xdp => self.dp.test_run(frame, ingress, repeat),
+            Hook::Tc => self.dp.tc_test_run(frame, ingress, repeat),
+        }
+        .map_err(|e| e.to_string())?;
         if run.action != want {
             let counted: Vec<String> = self
                 .dp
@@ -388,7 +433,7 @@ impl Bench {
 
     /// Each call opens a new flow; its two entries are removed afterwards (untimed), so the
     /// table stays at its level. The one-call times.
-    fn new_flows(&mut self, calls: usize) -> Result<Vec<u64>, String> {
+    fn new_flows(&mut self, hook: Hook, calls: usize) -> Result<Vec<u64>, String> {
         let mut samples = Vec::with_capacity(calls);
         for _ in 0..calls {
             let n = self.next_new;
@@ -401,7 +446,7 @@ impl Bench {
                 .tcp(cport, WEB_PORT)
                 .syn()
                 .build();
-            let (ns, out) = self.one_call(&frame, self.hops.lb0, 1, XDP_REDIRECT)?;
+            let (ns, out) = self.call_on(hook, &frame, self.hops.lb0, 1, hook.redirect())?;
             samples.push(ns);
             // The rewritten frame names the backend (IPv4 destination) and the SNAT port.
             let backend = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
@@ -509,6 +554,7 @@ impl Bench {
     /// a fresh buffer: every call sees the packet as sent.
     fn mean_call(
         &mut self,
+        hook: Hook,
         samples: usize,
         frame: &[u8],
         ingress: u32,
@@ -516,7 +562,7 @@ impl Bench {
     ) -> Result<f64, String> {
         let mut total = 0u64;
         for _ in 0..samples {
-            total += self.one_call(frame, ingress, 1, want)?.0;
+            total += self.call_on(hook, frame, ingress, 1, want)?.0;
         }
         Ok(total as f64 / samples.max(1) as f64)
     }
@@ -621,7 +667,7 @@ impl Bench {
     }
 
     /// IPv6's new flows, as `new_flows`: the one-call times.
-    fn new_flows6(&mut self, calls: usize) -> Result<Vec<u64>, String> {
+    fn new_flows6(&mut self, hook: Hook, calls: usize) -> Result<Vec<u64>, String> {
         let mut samples = Vec::with_capacity(calls);
         for i in 0..calls {
             let cport = 1024 + (i % 60_000) as u16;
@@ -631,7 +677,7 @@ impl Bench {
                 .tcp(cport, WEB_PORT)
                 .syn()
                 .build();
-            let (ns, out) = self.one_call(&frame, self.hops.lb0, 1, XDP_REDIRECT)?;
+            let (ns, out) = self.call_on(hook, &frame, self.hops.lb0, 1, hook.redirect())?;
             samples.push(ns);
             let sport = u16::from_be_bytes([out[54], out[55]]);
             self.dp
@@ -648,7 +694,9 @@ impl Bench {
     /// The closest Rust peer's method (issue 13), on its paths: `samples` one-call test runs
     /// per path and round, repeat 1, a fresh packet each call, the mean of the kernel's
     /// durations net of the per-call overhead an ARP frame shows (its single-call mean less
-    /// its mean over `calibration_repeats` repeats in the kernel). Medians of 3 rounds.
+    /// its mean over `calibration_repeats` repeats in the kernel). Medians of 3 rounds. The
+    /// same paths through the tc program (as the bridge ports' hook meets a container's
+    /// packets), net of its own calibration.
     fn peer_method(
         &mut self,
         samples: usize,
@@ -672,31 +720,37 @@ impl Bench {
         self.insert_ping_pong()?;
         self.insert_udp_flow()?;
         let v6 = self.setup_ipv6()?;
-        let mut calibrations = Vec::new();
-        let mut rounds: Vec<[f64; 11]> = Vec::new();
+        let mut calibrations = [Vec::new(), Vec::new()];
+        let mut rounds: Vec<Vec<f64>> = Vec::new();
         for _ in 0..3 {
-            let repeated = self.one_call(&arp, lb0, calibration_repeats, XDP_PASS)?.0 as f64;
-            let single = self.mean_call(samples, &arp, lb0, XDP_PASS)?;
-            let calibration = single - repeated;
-            calibrations.push(calibration);
-            let mean = |samples: Vec<u64>| {
-                samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64
-            };
-            let new = mean(self.new_flows(samples)?);
-            let new6 = mean(self.new_flows6(samples)?);
-            rounds.push([
-                single - calibration,
-                self.mean_call(samples, &unknown, lb0, XDP_PASS)? - calibration,
-                self.mean_call(samples, established, lb0, XDP_REDIRECT)? - calibration,
-                self.mean_call(samples, reply, lb1, XDP_REDIRECT)? - calibration,
-                self.mean_call(samples, &udp, lb0, XDP_REDIRECT)? - calibration,
-                new - calibration,
-                self.mean_call(samples, &v6.unknown, lb0, XDP_PASS)? - calibration,
-                self.mean_call(samples, &v6.established, lb0, XDP_REDIRECT)? - calibration,
-                self.mean_call(samples, &v6.reply, lb1, XDP_REDIRECT)? - calibration,
-                self.mean_call(samples, &v6.udp, lb0, XDP_REDIRECT)? - calibration,
-                new6 - calibration,
-            ]);
+            let mut round = Vec::new();
+            for (i, hook) in [Hook::Xdp, Hook::Tc].into_iter().enumerate() {
+                let (pass, redirect) = (hook.pass(), hook.redirect());
+                let repeated = self.call_on(hook, &arp, lb0, calibration_repeats, pass)?.0 as f64;
+                let single = self.mean_call(hook, samples, &arp, lb0, pass)?;
+                let calibration = single - repeated;
+                calibrations[i].push(calibration);
+                let mean = |samples: Vec<u64>| {
+                    samples.iter().sum::<u64>() as f64 / samples.len().max(1) as f64
+                };
+                let new = mean(self.new_flows(hook, samples)?);
+                let new6 = mean(self.new_flows6(hook, samples)?);
+                let timed = [
+                    single,
+                    self.mean_call(hook, samples, &unknown, lb0, pass)?,
+                    self.mean_call(hook, samples, established, lb0, redirect)?,
+                    self.mean_call(hook, samples, reply, lb1, redirect)?,
+                    self.mean_call(hook, samples, &udp, lb0, redirect)?,
+                    new,
+                    self.mean_call(hook, samples, &v6.unknown, lb0, pass)?,
+                    self.mean_call(hook, samples, &v6.established, lb0, redirect)?,
+                    self.mean_call(hook, samples, &v6.reply, lb1, redirect)?,
+                    self.mean_call(hook, samples, &v6.udp, lb0, redirect)?,
+                    new6,
+                ];
+                round.extend(timed.map(|ns| ns - calibration));
+            }
+            rounds.push(round);
         }
         let paths = [
             "non-IP frame, passed",
@@ -710,6 +764,17 @@ impl Bench {
             "IPv6: established, reply",
             "IPv6: UDP established",
             "IPv6: new flow",
+            "tc: non-IP frame, passed",
+            "tc: TCP to an unknown destination, passed",
+            "tc: established, forward",
+            "tc: established, reply",
+            "tc: UDP established",
+            "tc: new flow",
+            "tc: IPv6: TCP to an unknown destination, passed",
+            "tc: IPv6: established, forward",
+            "tc: IPv6: established, reply",
+            "tc: IPv6: UDP established",
+            "tc: IPv6: new flow",
         ];
         let figures = paths
             .into_iter()
@@ -724,7 +789,8 @@ impl Bench {
             .collect::<Result<Vec<_>, String>>()?;
         Ok(PeerMethodResults {
             figures,
-            calibration_ns: Summary::of(&calibrations).ok_or("no samples")?,
+            calibration_ns: Summary::of(&calibrations[0]).ok_or("no samples")?,
+            tc_calibration_ns: Summary::of(&calibrations[1]).ok_or("no samples")?,
             calibration_repeats,
             samples_per_round: samples,
         })
@@ -877,8 +943,8 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
             } else {
                 None
             };
-            let new =
-                median_u64(&mut bench.new_flows(opts.calls)?).unwrap_or(0) as f64 - est_overhead;
+            let new = median_u64(&mut bench.new_flows(Hook::Xdp, opts.calls)?).unwrap_or(0) as f64
+                - est_overhead;
             let pass = bench.not_ours(opts.repeats)?;
             rounds.push([
                 Some(est_hot),

@@ -52,12 +52,15 @@ fn peer_method_table(r: &mut String, peer: &super::micro::PeerMethodResults) {
          per-call overhead: an ARP frame's single-call mean less its mean over {} in-kernel \
          repeats ({} ns, median [min–max] of 3 rounds). Medians of 3 rounds, pinned to one \
          CPU, the table holding the measured flows alone. The peer's figures (umars28/xdp-lb, \
-         measured side by side on this machine kind with the same method) are issue 13's; it \
-         has no IPv6, whose rows are lb's NAT66 on the same paths.\n\n\
+         measured side by side on a machine of this kind with the same method) are issue \
+         13's; it has no IPv6, whose rows are lb's NAT66 on the same paths. The rows marked \
+         tc are the same packets through lb's tc program (the hook of a bridge's ports, where \
+         containers' packets meet it), net of its own per-call overhead ({} ns).\n\n\
          | path | lb (net ns) | peer (net ns) | lb / peer |\n|---|---:|---:|---:|\n",
         number(peer.samples_per_round as f64),
         number(f64::from(peer.calibration_repeats)),
         spread(&peer.calibration_ns),
+        spread(&peer.tc_calibration_ns),
     );
     for figure in &peer.figures {
         let theirs = PEER_NET_NS
