@@ -54,11 +54,9 @@ pub fn next_hop<A: Family>(
     // valid for this program run.
     let (tot_len, nat) = unsafe { (A::packet_len(&*ip), &*entry) };
     let tot_len = tot_len.saturating_add(grow);
-    let cached = nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len;
-    if !cached && !hop_cache::fill(entry, tot_len) {
+    if !cached(entry, tot_len) {
         let hop = lookup(ctx, ip, proto, nat, tot_len)?;
-        hop_cache::put(nat, &hop, tot_len);
-        remember(entry, &hop, tot_len);
+        learned(entry, &hop, tot_len);
         return Ok(hop);
     }
     Ok(NextHop {
@@ -67,6 +65,24 @@ pub fn next_hop<A: Family>(
         src_mac: nat.src_mac,
         dst_mac: nat.dst_mac,
     })
+}
+
+/// Whether the flow `entry` has a next hop cached for a packet of `tot_len` bytes: its own, or
+/// failing that its backend's (`hop_cache.rs`), copied into it.
+#[inline(always)]
+pub fn cached<A: Family>(entry: *mut FlowValueOf<A>, tot_len: u16) -> bool {
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    let nat = unsafe { &*entry };
+    (nat.egress_ifindex != 0 && tot_len <= nat.fib_ok_len) || hop_cache::fill(entry, tot_len)
+}
+
+/// Caches `hop`, the FIB's answer for the flow `entry`'s packet of `tot_len` bytes, in the
+/// entry and for its backend.
+#[inline(always)]
+pub fn learned<A: Family>(entry: *mut FlowValueOf<A>, hop: &NextHop, tot_len: u16) {
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    hop_cache::put(unsafe { &*entry }, hop, tot_len);
+    remember(entry, hop, tot_len);
 }
 
 /// Sends the packet (`eth` and `ip` its headers, bounds-checked by the caller) to `hop`, with

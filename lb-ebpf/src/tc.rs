@@ -35,8 +35,9 @@ use crate::{
     Verdict,
     csum::Delta,
     family::Family,
-    flow,
-    maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6},
+    flow, forward,
+    forward::NextHop,
+    maps::{FLOW_SCRATCH6, IFACES, REPLY_KEY_SCRATCH6},
     mss, nat,
     parse::{self, ETH_P_IPV6, IPPROTO_UDP, Packet, ptr_at},
     select, service, stats, timestamps,
@@ -275,7 +276,7 @@ fn carry<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Verdict
     };
     rewrite(ctx, pkt, nat, options)?;
     stats::count_backend(nat.backend_id, pkt.len);
-    forward::<A>(ctx, nat, pkt.key.proto)
+    forward::<A>(ctx, flow.entry(), pkt.key.proto)
 }
 
 /// A packet with no flow (its headers pulled by `process`): find its service, choose a
@@ -347,22 +348,38 @@ fn rewrite<A: Family>(
     Ok(())
 }
 
-/// The FIB's egress device and MACs for the rewritten packet, and a redirect there; an
-/// unresolved neighbour is resolved by the kernel on the way (`bpf_redirect_neigh`). The FIB
-/// checks the skb's own length against the MTU (`tot_len` 0), GSO included. The checksum
-/// helpers above moved the packet: its headers are found again.
+/// The rewritten packet's egress device and MACs, and a redirect there: from the flow's cache
+/// (`forward::cached`, as XDP's) or the FIB. An unresolved neighbour is resolved by the kernel
+/// on the way (`bpf_redirect_neigh`). A GSO skb's segments are each checked against the MTU by
+/// the FIB (`tot_len` 0), which an approval of one length cannot stand for: it asks the FIB
+/// every time, and caches nothing. The checksum helpers above moved the packet: its headers
+/// are found again.
 #[inline(always)]
 fn forward<A: Family>(
     ctx: &TcContext,
-    nat: &FlowValueOf<A>,
+    entry: *mut FlowValueOf<A>,
     proto: u8,
 ) -> Result<Verdict, Verdict> {
     let malformed = Verdict::Drop(DropReason::Inconsistent);
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(malformed)?;
     let ip: *mut A::Ip = ptr_at(ctx, EthHdr::LEN).ok_or(malformed)?;
+    // SAFETY: bounds-checked by ptr_at; a value pointer from a map lookup is valid for this
+    // program run; `skb` is the program's context.
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    let (tot_len, gso) = unsafe { (A::packet_len(&*ip), (*skb).gso_size != 0) };
+    if !gso && forward::cached(entry, tot_len) {
+        // SAFETY: as above.
+        unsafe {
+            let nat = &*entry;
+            A::decrement_hop_limit(&mut *ip);
+            (*eth).src_addr = nat.src_mac;
+            (*eth).dst_addr = nat.dst_mac;
+            return Ok(Verdict::Redirect(bpf_redirect(nat.egress_ifindex, 0) as u32));
+        }
+    }
     let ingress = crate::frame::Frame::ingress_ifindex(ctx);
-    // SAFETY: bounds-checked by ptr_at.
-    let mut fib = A::fib_params(unsafe { &*ip }, proto, ingress, nat);
+    // SAFETY: bounds-checked by ptr_at; as above.
+    let mut fib = A::fib_params(unsafe { &*ip }, proto, ingress, unsafe { &*entry });
     // SAFETY: `fib` is a valid, initialised parameter block of the size passed.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -386,8 +403,20 @@ fn forward<A: Family>(
             let action = bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0);
             return Ok(Verdict::Redirect(action as u32));
         }
-        (*eth).src_addr = fib.__bindgen_anon_6.__bindgen_anon_2.smac;
-        (*eth).dst_addr = fib.__bindgen_anon_6.__bindgen_anon_2.dmac;
+        let src_mac = fib.__bindgen_anon_6.__bindgen_anon_2.smac;
+        let dst_mac = fib.__bindgen_anon_6.__bindgen_anon_2.dmac;
+        (*eth).src_addr = src_mac;
+        (*eth).dst_addr = dst_mac;
+        // Only towards a device lb manages, whose flags XDP needs if it meets the flow too.
+        if let (false, Some(iface)) = (gso, IFACES.get_ptr(&fib.ifindex)) {
+            let hop = NextHop {
+                ifindex: fib.ifindex,
+                flags: (*iface).flags,
+                src_mac,
+                dst_mac,
+            };
+            forward::learned(entry, &hop, tot_len);
+        }
         Ok(Verdict::Redirect(bpf_redirect(fib.ifindex, 0) as u32))
     }
 }

@@ -2350,13 +2350,46 @@ fn tc_fixtures() -> Vec<Fixture> {
     let clock = ts_clock_ms();
     let (client_ts, backend_side) = (7_000_000u32, clock.wrapping_add(5_000));
     vec![
+        // The FIB's answer is cached in the reply entry, as XDP caches it, for the flow's
+        // next replies (a GSO skb's would not be: its segments are the FIB's to check).
+        tc(Fixture {
+            next_hop_after: vec![(
+                key(B1, BACKEND_PORT, SNAT, 31400, TCP),
+                Some(CachedHop {
+                    iface: "lb0",
+                    src: LB0_MAC,
+                    dst: CLIENT_MAC,
+                    ok_len: 59,
+                }),
+            )],
+            ..fixture(
+                "tc_tcp_reply_translated_and_redirected",
+                with(backends(), &[web(&[(1, 1)]), flow(41400, 1, 31400, None)]),
+                from_backend(1, 31400).ack().payload(data).build(),
+                TC_ACT_REDIRECT,
+                Some(to_client(41400).ack().payload(data).build()),
+                vec![(Counter::Redirect, 1), (Counter::Packets(1), 1)],
+            )
+        }),
+        // A container's own connection to a VIP goes on by its flow's cached hop: no FIB.
         tc(fixture(
-            "tc_tcp_reply_translated_and_redirected",
-            with(backends(), &[web(&[(1, 1)]), flow(41400, 1, 31400, None)]),
-            from_backend(1, 31400).ack().payload(data).build(),
+            "tc_forward_cached_next_hop_used_without_fib_lookup",
+            with(
+                backends(),
+                &[
+                    web(&[(1, 1)]),
+                    flow(41420, 2, 31420, Some(hop(CACHED_MAC, 1500))),
+                ],
+            ),
+            client_syn(41420).tcp_flags(0x10).build(),
             TC_ACT_REDIRECT,
-            Some(to_client(41400).ack().payload(data).build()),
-            vec![(Counter::Redirect, 1), (Counter::Packets(1), 1)],
+            Some(
+                to_backend(2, 31420)
+                    .eth(LB1_MAC, CACHED_MAC)
+                    .tcp_flags(0x10)
+                    .build(),
+            ),
+            vec![(Counter::Redirect, 1), (Counter::Packets(2), 1)],
         )),
         tc(fixture(
             "tc_tcp_reply_timestamp_translated_back",
