@@ -264,6 +264,9 @@ impl Topology {
                  ip -6 route add default via {gateway}"
             ));
         }
+        for ns in [&self.lb, &self.client].into_iter().chain(&self.backends) {
+            wait_for_link_locals(ns);
+        }
         addrs
     }
 
@@ -327,5 +330,26 @@ impl Topology {
             }
         }
         text
+    }
+}
+
+/// Waits (5 s at most) until no IPv6 address of `ns` is tentative. A link-local address runs
+/// duplicate address detection for a second or two after its device comes up, and until then
+/// the host sends no neighbour solicitation (Linux wants a ready link-local source): a DSR
+/// backend that must resolve a client it has never heard from would answer its first SYN a
+/// second late, after the client's retransmission went elsewhere. Hosts in service are long
+/// past this.
+fn wait_for_link_locals(ns: &Netns) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let tentative = ns.sh("ip -6 addr show tentative");
+        if tentative.trim().is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "IPv6 addresses still tentative after 5 s:\n{tentative}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -3581,6 +3581,7 @@ fn ipv6_dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
     assert_eq!(web6["mode"], "dnat", "{web6}");
 
     assert_backends_see(
+        &balancer,
         &topo,
         IpAddr::V6(CLIENT6),
         &format!("http://[{VIP6}]"),
@@ -3721,7 +3722,7 @@ fn dnat_mode_shows_backends_the_client_address_and_splits_by_weight() {
     assert_eq!(modes, ["dnat", "dnat", "dnat"]);
 
     // Each backend names the peer it saw: the client, on the port curl bound.
-    assert_backends_see_the_client(&topo, &format!("http://{VIP}"), 45000, 20);
+    assert_backends_see_the_client(&balancer, &topo, &format!("http://{VIP}"), 45000, 20);
 
     let (counts, failed) = tally(&http_requests(&topo, 1000), 2);
     println!("dnat, 1000 connections at 4:6: {counts:?}, {failed} failed");
@@ -3792,12 +3793,26 @@ fn assert_weights_move_new_connections_only(balancer: &Balancer, topo: &Topology
 
 /// Each of `count` connections from client ports `first_port`.. to `url` (`GET /peer`) is
 /// answered with the peer its backend saw: the client itself, on that port.
-fn assert_backends_see_the_client(topo: &Topology, url: &str, first_port: u16, count: u16) {
-    assert_backends_see(topo, IpAddr::V4(CLIENT), url, first_port, count);
+fn assert_backends_see_the_client(
+    balancer: &Balancer,
+    topo: &Topology,
+    url: &str,
+    first_port: u16,
+    count: u16,
+) {
+    assert_backends_see(balancer, topo, IpAddr::V4(CLIENT), url, first_port, count);
 }
 
 /// As `assert_backends_see_the_client`, for the client's address `client` (of `url`'s family).
-fn assert_backends_see(topo: &Topology, client: IpAddr, url: &str, first_port: u16, count: u16) {
+/// A failure says what the data path counted and which neighbours lb and the client knew.
+fn assert_backends_see(
+    balancer: &Balancer,
+    topo: &Topology,
+    client: IpAddr,
+    url: &str,
+    first_port: u16,
+    count: u16,
+) {
     let last = first_port + count - 1;
     let peers = topo.client.sh(&format!(
         "for p in $(seq {first_port} {last}); do curl -s -g --max-time 2 --local-port $p {url}/peer || echo FAIL; done"
@@ -3805,10 +3820,16 @@ fn assert_backends_see(topo: &Topology, client: IpAddr, url: &str, first_port: u
     let peers: Vec<&str> = peers.lines().collect();
     assert_eq!(peers.len(), usize::from(count), "{peers:?}");
     for (i, line) in peers.iter().enumerate() {
-        assert_eq!(
-            line.split(' ').nth(1).unwrap_or(""),
-            SocketAddr::new(client, first_port + i as u16).to_string(),
-            "backend's view of connection {i}: {line}"
+        let seen = line.split(' ').nth(1).unwrap_or("");
+        let expected = SocketAddr::new(client, first_port + i as u16).to_string();
+        assert!(
+            seen == expected,
+            "backend's view of connection {i}: {line}, expected {expected}\ncounters:\n{}\n\
+             lb's neighbours:\n{}\nthe client's:\n{}\nlog:\n{}",
+            balancer.nonzero_counters(),
+            topo.lb.sh("ip neigh; ip -6 neigh"),
+            topo.client.sh("ip neigh; ip -6 neigh"),
+            balancer.log()
         );
     }
 }
@@ -3885,7 +3906,7 @@ fn ipv6_dsr_l2_backends_answer_the_client_directly() {
     assert_eq!(balancer.status()["services"][0]["mode"], "dsr-l2");
     let url = format!("http://[{VIP6}]:{BACKEND_PORT}");
 
-    assert_backends_see(&topo, IpAddr::V6(CLIENT6), &url, 46200, 10);
+    assert_backends_see(&balancer, &topo, IpAddr::V6(CLIENT6), &url, 46200, 10);
 
     let (counts, failed) = tally(&http_requests_at(&topo, &url, 1000), 2);
     println!("IPv6 dsr l2, 1000 connections at 4:6: {counts:?}, {failed} failed");
@@ -3932,7 +3953,7 @@ fn dsr_l2_backends_answer_the_client_directly() {
     assert_eq!(balancer.status()["services"][0]["mode"], "dsr-l2");
     let url = format!("http://{VIP}:{BACKEND_PORT}");
 
-    assert_backends_see_the_client(&topo, &url, 46000, 10);
+    assert_backends_see_the_client(&balancer, &topo, &url, 46000, 10);
 
     let (counts, failed) = tally(&http_requests_to(&topo, BACKEND_PORT, 1000), 2);
     println!("dsr l2, 1000 connections at 4:6: {counts:?}, {failed} failed");
@@ -4125,7 +4146,7 @@ fn dsr_tunnel_reaches_backends_through_lb_decap(form: &str, family: Family) {
     }
     assert_ne!(curl("/"), "FAIL", "no connection through lb decap");
 
-    assert_backends_see(&topo, client, &url, 47000, 10);
+    assert_backends_see(&balancer, &topo, client, &url, 47000, 10);
 
     let (counts, failed) = tally(&http_requests_at(&topo, &url, 400), 2);
     println!("dsr {form} ({service}), 400 connections at 4:6: {counts:?}, {failed} failed");
