@@ -426,6 +426,19 @@ impl StreamReport {
         l.sort();
         l.get(l.len() / 2).copied().unwrap_or_default()
     }
+
+    /// Takes out the failures of connections already established when a backend died, between
+    /// `from` and `to` (begun at most 50 ms before): their state died with it, and no balancer
+    /// can carry them on. How many there were.
+    pub fn take_broken_by_fault(&mut self, from: Instant, to: Instant) -> usize {
+        let before = self.failures.len();
+        self.failures.retain(|(when, why)| {
+            let established = !why.starts_with("connect");
+            let in_flight = *when + Duration::from_millis(50) >= from && *when <= to;
+            !(established && in_flight)
+        });
+        before - self.failures.len()
+    }
 }
 
 /// A steady, bounded stream of new connections from the client namespace to VIP:80 (or a

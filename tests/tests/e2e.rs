@@ -2622,13 +2622,7 @@ fn connections_across(
     let fault_done = std::time::Instant::now();
     std::thread::sleep(settle);
     let mut report = stream.finish();
-    let before = report.failures.len();
-    report.failures.retain(|(when, why)| {
-        let established = !why.starts_with("connect");
-        let in_flight = *when + Duration::from_millis(50) >= fault_at && *when <= fault_done;
-        !(established && in_flight)
-    });
-    let broken = before - report.failures.len();
+    let broken = report.take_broken_by_fault(fault_at, fault_done);
     (report, broken)
 }
 

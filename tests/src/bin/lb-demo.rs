@@ -106,16 +106,23 @@ fn demo(lb: &std::path::Path) -> bool {
     if let Some(mut server) = servers[0].take() {
         stop_child(&mut server);
     }
+    let stopped = std::time::Instant::now();
     let detected = balancer.wait_health("api", &replica(0), false, Duration::from_secs(10));
     std::thread::sleep(Duration::from_secs(1));
-    let report = stream.finish();
+    let mut report = stream.finish();
+    // A request api-1 was serving as it died dies with it: no balancer can carry it on.
+    let broken = report.take_broken_by_fault(stopped_at, stopped);
     println!(
         "   health checks marked api-1 down after {:.1} s; meanwhile {} connections, {} failed \
-         (worst {:.0} ms: a refused SYN retried on api-2)",
+         (worst {:.0} ms: a refused SYN retried on api-2){}",
         detected.as_secs_f64(),
         report.ok,
         report.failures.len(),
-        report.worst().as_secs_f64() * 1000.0
+        report.worst().as_secs_f64() * 1000.0,
+        match broken {
+            0 => String::new(),
+            n => format!("; {n} already established on api-1 died with it"),
+        }
     );
     for (started, error) in &report.failures {
         let at = started.saturating_duration_since(stopped_at).as_secs_f64();
