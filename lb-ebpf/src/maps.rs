@@ -1,8 +1,8 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
-//! the only writer of configuration maps; the data path writes only FLOWS,
-//! SNAT_PORTS, SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, HOP_CACHE(6), SUSPECT marks and the
-//! counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks SOCK_REVERSE(6). Sizes marked "set at load" are overridden by
-//! the daemon.
+//! the only writer of configuration maps; the data path writes only FLOWS, SNAT_PORTS,
+//! SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, HOP_CACHE(6), SUSPECT
+//! marks and the counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks
+//! SOCK_REVERSE(6). Sizes marked "set at load" are overridden by the daemon.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
