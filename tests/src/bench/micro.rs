@@ -131,7 +131,7 @@ pub struct PeerMethodResults {
     /// Per-call overhead: an ARP frame's single-call mean less its mean over
     /// `calibration_repeats` in-kernel repeats (median over rounds).
     pub calibration_ns: Summary,
-    /// The same for the tc program (an skb's test run costs more than an XDP frame's).
+    /// The same for the tc program, whose skb test runs have an overhead of their own.
     pub tc_calibration_ns: Summary,
     pub calibration_repeats: u32,
     pub samples_per_round: usize,
