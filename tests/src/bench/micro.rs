@@ -26,7 +26,10 @@ use lb_user::{
 };
 use serde::Serialize;
 
-use super::summary::{Summary, median_u64};
+use super::{
+    forwarding::{self, ForwardingResults, Loop},
+    summary::{Summary, median_u64},
+};
 use crate::{
     fixture_net::{
         B1_6, B1_MAC as BACKEND_MAC, CLIENT, CLIENT_MAC, CLIENT6, LB0_MAC, LB1_MAC, OTHER, SNAT,
@@ -150,6 +153,9 @@ pub struct MicroResults {
     pub calls_per_round: usize,
     pub repeats_per_round: u32,
     pub ping_pong_repeats: u32,
+    /// Forwarded frames per second per core through the attached program, beside the
+    /// machine's ceiling.
+    pub forwarding: Result<ForwardingResults, String>,
 }
 
 pub struct MicroOptions {
@@ -158,6 +164,8 @@ pub struct MicroOptions {
     pub repeats: u32,
     /// Samples per path and round of the peer's method (its own: 20,000).
     pub peer_samples: usize,
+    /// Seconds per round of the forwarding loop.
+    pub forwarding_seconds: f64,
 }
 
 /// Runs in its own namespace, on a thread pinned to CPU 0.
@@ -819,6 +827,44 @@ impl Bench {
 }
 
 /// Timeouts long enough that nothing the benchmark writes expires while it runs.
+impl Bench {
+    /// The hot established flow's client packet, as a 64-byte frame on the wire, round the
+    /// forwarding loop (see `forwarding`) with lb attached to lb0.
+    fn forwarding(
+        &mut self,
+        seconds: f64,
+        established: &[u8],
+    ) -> Result<ForwardingResults, String> {
+        let mut frame = established.to_vec();
+        frame.resize(60, 0);
+        self.insert_ping_pong()?;
+        self.one_call(&frame, self.hops.lb0, 1, XDP_REDIRECT)?;
+        let index = |name: &str| ifindex(name).map_err(|e| e.to_string());
+        let devices = Loop {
+            into_lb: ("peer0", index("peer0")?),
+            lb_in: self.hops.lb0,
+            lb_out: self.hops.lb1,
+            reflector_at: ("peer1", index("peer1")?),
+        };
+        let dp = &mut self.dp;
+        forwarding::measure(&devices, &frame, seconds, 3, |attached| {
+            if attached {
+                return dp.attach("lb0").map(drop).map_err(|e| e.to_string());
+            }
+            let failed: Vec<String> = dp
+                .detach_all()
+                .into_iter()
+                .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}")))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("detaching lb: {}", failed.join(", ")))
+            }
+        })
+    }
+}
+
 fn dp_timeouts() -> FlowTimeouts {
     let hour = Duration::from_secs(3600);
     FlowTimeouts {
@@ -980,6 +1026,7 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
             ms: Summary::of(&sweep_ms).ok_or("no samples")?,
         });
     }
+    let forwarding = bench.forwarding(opts.forwarding_seconds, &hot_established);
     // Last: once armed, the timer walks the table every second, in softirq on some CPU, and
     // would disturb the timings above.
     let (pass_ms, passes) = bench.expiry_pass()?;
@@ -993,5 +1040,6 @@ fn measure(opts: &MicroOptions) -> Result<MicroResults, String> {
         calls_per_round: opts.calls,
         repeats_per_round: opts.repeats,
         ping_pong_repeats: PING_PONG_REPEATS,
+        forwarding,
     })
 }

@@ -5,6 +5,7 @@
 
 pub mod contenders;
 pub mod cost;
+pub mod forwarding;
 pub mod loads;
 pub mod micro;
 pub mod report;
@@ -139,6 +140,11 @@ impl Results {
         {
             list.push(format!("micro-benchmark: {e}"));
         }
+        if let Ok(micro) = &self.micro
+            && let Err(e) = &micro.forwarding
+        {
+            list.push(format!("micro-benchmark, forwarding loop: {e}"));
+        }
         list
     }
 
@@ -198,6 +204,7 @@ pub fn micro_options(quick: bool) -> MicroOptions {
         calls: if quick { 300 } else { 2_000 },
         repeats: if quick { 200_000 } else { 1_000_000 },
         peer_samples: if quick { 2_000 } else { 20_000 },
+        forwarding_seconds: if quick { 0.5 } else { 2.0 },
     }
 }
 
