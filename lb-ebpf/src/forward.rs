@@ -205,15 +205,19 @@ fn lookup<A: Family>(
         }
         rc => return Err(verdict(crate::fib::refused(rc))),
     }
-    let ifindex = fib.ifindex;
-    let Some(iface) = IFACES.get_ptr(&ifindex) else {
-        return Err(verdict(Verdict::Pass(PassReason::EgressNotManaged)));
-    };
+    managed_hop(&fib).ok_or(verdict(Verdict::Pass(PassReason::EgressNotManaged)))
+}
+
+/// The next hop a successful FIB lookup gave, if its egress device is one lb manages (whose
+/// flags say how to send there).
+#[inline(always)]
+pub fn managed_hop(fib: &FibParams) -> Option<NextHop> {
+    let iface = IFACES.get_ptr(&fib.ifindex)?;
     // SAFETY: a value pointer from a map lookup is valid for this program run; the MACs are
     // plain bytes of the union the helper filled on success.
     unsafe {
-        Ok(NextHop {
-            ifindex,
+        Some(NextHop {
+            ifindex: fib.ifindex,
             flags: (*iface).flags,
             src_mac: fib.__bindgen_anon_6.__bindgen_anon_2.smac,
             dst_mac: fib.__bindgen_anon_6.__bindgen_anon_2.dmac,

@@ -36,8 +36,7 @@ use crate::{
     csum::Delta,
     family::Family,
     flow, forward,
-    forward::NextHop,
-    maps::{FLOW_SCRATCH6, IFACES, REPLY_KEY_SCRATCH6},
+    maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6},
     mss, nat,
     parse::{self, ETH_P_IPV6, IPPROTO_UDP, Packet, ptr_at},
     select, service, stats, timestamps,
@@ -408,13 +407,7 @@ fn forward<A: Family>(
         (*eth).src_addr = src_mac;
         (*eth).dst_addr = dst_mac;
         // Only towards a device lb manages, whose flags XDP needs if it meets the flow too.
-        if let (false, Some(iface)) = (gso, IFACES.get_ptr(&fib.ifindex)) {
-            let hop = NextHop {
-                ifindex: fib.ifindex,
-                flags: (*iface).flags,
-                src_mac,
-                dst_mac,
-            };
+        if let (false, Some(hop)) = (gso, forward::managed_hop(&fib)) {
             forward::learned(entry, &hop, tot_len);
         }
         Ok(Verdict::Redirect(bpf_redirect(fib.ifindex, 0) as u32))
