@@ -81,9 +81,6 @@ impl Contender {
             Contender::XdpDsr if containers => Some(
                 "DSR by MAC needs the backends on a segment XDP sends to; containers sit behind a bridge",
             ),
-            Contender::XdpIpv6 if containers => {
-                Some("IPv6 to containers needs the tc hook's IPv6, which lb does not have yet")
-            }
             _ => None,
         }
     }
@@ -155,13 +152,13 @@ pub fn daemon_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> St
 
 /// lb's configuration over IPv6: `daemon_config`'s services on VIP6 and the backends' IPv6
 /// addresses (`Topology::add_ipv6`).
-fn ipv6_config(topo: &Topology) -> String {
+fn ipv6_config(topo: &Topology, host_clients: Option<&ClientCgroup>) -> String {
     let backends: Vec<IpAddr> = topo
         .ipv6_backend_addrs()
         .into_iter()
         .map(Into::into)
         .collect();
-    services_config(topo, None, VIP6.into(), &backends)
+    services_config(topo, host_clients, VIP6.into(), &backends)
 }
 
 /// A TCP and a UDP service on `vip` over `backends` (weighted as WEIGHTS), on the topology's
@@ -352,7 +349,7 @@ pub fn start<'a>(
             Ok(running)
         }
         Contender::XdpIpv6 => {
-            let balancer = Balancer::start(lb, topo, &ipv6_config(topo));
+            let balancer = Balancer::start(lb, topo, &ipv6_config(topo, host_clients));
             let running = Running::Daemon(Box::new(balancer));
             wait_for(topo, VIP6.into(), "lb (IPv6)")?;
             Ok(running)

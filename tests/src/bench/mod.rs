@@ -292,6 +292,9 @@ fn one_contender(
         }
         Scene::Containers => {
             let topo = Topology::containers(2);
+            if contender == Contender::XdpIpv6 {
+                topo.add_ipv6();
+            }
             let cgroup = ClientCgroup::new(&topo.lb.name);
             (topo, Vec::new(), Some(cgroup))
         }

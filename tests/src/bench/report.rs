@@ -457,10 +457,9 @@ pub fn markdown(results: &Results, command: &str) -> String {
          VIP on their loopback and answer the clients over a second link of the client \
          namespace on their segment, so a download's data skips the balancer (its UDP and \
          containers cells do not apply).\n\n\
-         \"lb IPv6\" is lb with the same services on an IPv6 VIP (NAT66) on the two-arm \
-         network with IPv6 beside IPv4 (fd00::/8): the clients, the extra client hosts and the \
-         backends reach each other over IPv6 (its containers cells do not apply: the tc hook \
-         has no IPv6 yet).\n\n\
+         \"lb IPv6\" is lb with the same services on an IPv6 VIP (NAT66), on each network \
+         with IPv6 beside IPv4 (fd00::/8): the clients, the extra client hosts, the containers \
+         and the host's own clients reach each other over IPv6.\n\n\
          ## Summary\n\n{}\n\
          ## Goals\n\n{}\n",
         m.date,
