@@ -65,6 +65,10 @@ pub type Reset6 = ResetOf<[u8; 16]>;
 /// With ACK, the reset takes its sequence number from the acknowledgement: that is exactly
 /// what the receiver expects next, so RFC 5961's check accepts it at once rather than with a
 /// challenge ACK. Without ACK, it acknowledges the segment instead.
+///
+/// Inlined at each of the data path's callers (XDP's and tc's): a BPF function of its own
+/// would add its frame to the callers' stack chains, which have no room for it.
+#[inline(always)]
 pub fn reset_frame(seg: &Segment) -> Option<[u8; RESET_FRAME_LEN]> {
     let (seq, ack_seq, flags) = answer_numbers(seg.flags, seg.seq_end, seg.ack_seq)?;
     let mut f = [0u8; RESET_FRAME_LEN];
@@ -83,7 +87,9 @@ pub fn reset_frame(seg: &Segment) -> Option<[u8; RESET_FRAME_LEN]> {
     Some(f)
 }
 
-/// `reset_frame` for IPv6: the same RST, in IPv6 (hop limit 64, no flow label).
+/// `reset_frame` for IPv6: the same RST, in IPv6 (hop limit 64, no flow label). Inlined, as
+/// `reset_frame`.
+#[inline(always)]
 pub fn reset_frame6(seg: &Segment6) -> Option<[u8; RESET6_FRAME_LEN]> {
     let (seq, ack_seq, flags) = answer_numbers(seg.flags, seg.seq_end, seg.ack_seq)?;
     let mut f = [0u8; RESET6_FRAME_LEN];

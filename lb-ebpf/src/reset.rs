@@ -1,8 +1,8 @@
 //! Stage 3c, reset: a TCP segment to a service with no flow behind it and no SYN to open one
 //! is answered with an RST back out of its ingress device, within each CPU's budget, so the
 //! client reconnects at once rather than retransmitting into silence, in either family. The
-//! frame is built by lb_common::reset; here it is only copied over the packet. Reads IFACES;
-//! writes RESET_BUDGET.
+//! frame is built by lb_common::reset; here it is only copied over the packet (the tc hook
+//! copies it over its skb: `tc.rs`). Reads IFACES; writes RESET_BUDGET.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -26,23 +26,7 @@ use crate::{
 #[inline(always)]
 pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     let silent = Verdict::Drop(DropReason::TcpNoFlow);
-    // SAFETY: parse::packet bounds-checked the Ethernet, IP and first L4 bytes.
-    let seg = unsafe {
-        let ports = *pkt.ports;
-        Segment {
-            src_mac: (*pkt.eth).src_addr,
-            dst_mac: (*pkt.eth).dst_addr,
-            src_addr: (*pkt.ip).src_addr,
-            dst_addr: (*pkt.ip).dst_addr,
-            src_port: [ports[0], ports[1]],
-            dst_port: [ports[2], ports[3]],
-            flags: pkt.tcp_flags,
-            seq: pkt.seq,
-            seq_end: pkt.seq_end,
-            ack_seq: pkt.ack_seq,
-        }
-    };
-    let Some(frame) = reset_frame(&seg) else {
+    let Some(frame) = reset_frame(&segment(pkt)) else {
         return silent;
     };
     // IPv4's tail is `send_back`'s, inlined by hand: as a generic function it costs the
@@ -73,9 +57,39 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 /// `answer` for IPv6 (`xdp6::reset_apart`).
 #[inline(always)]
 pub fn answer6(ctx: &XdpContext, pkt: &Packet<In6>) -> Verdict {
+    match reset_frame6(&segment6(pkt)) {
+        Some(frame) => send_back(ctx, &frame),
+        None => Verdict::Drop(DropReason::TcpNoFlow),
+    }
+}
+
+/// What the RST answering the IPv4 segment `pkt` is made from.
+#[inline(always)]
+pub fn segment(pkt: &Packet) -> Segment {
+    // SAFETY: parse::packet bounds-checked the Ethernet, IP and first L4 bytes.
+    unsafe {
+        let ports = *pkt.ports;
+        Segment {
+            src_mac: (*pkt.eth).src_addr,
+            dst_mac: (*pkt.eth).dst_addr,
+            src_addr: (*pkt.ip).src_addr,
+            dst_addr: (*pkt.ip).dst_addr,
+            src_port: [ports[0], ports[1]],
+            dst_port: [ports[2], ports[3]],
+            flags: pkt.tcp_flags,
+            seq: pkt.seq,
+            seq_end: pkt.seq_end,
+            ack_seq: pkt.ack_seq,
+        }
+    }
+}
+
+/// What the RST answering the IPv6 segment `pkt` is made from.
+#[inline(always)]
+pub fn segment6(pkt: &Packet<In6>) -> Segment6 {
     // SAFETY: parse::packet6 bounds-checked the Ethernet header.
     let (src_mac, dst_mac) = unsafe { ((*pkt.eth).src_addr, (*pkt.eth).dst_addr) };
-    let seg = Segment6 {
+    Segment6 {
         src_mac,
         dst_mac,
         src_addr: pkt.key.src_addr.to_bytes(),
@@ -86,11 +100,16 @@ pub fn answer6(ctx: &XdpContext, pkt: &Packet<In6>) -> Verdict {
         seq: pkt.seq,
         seq_end: pkt.seq_end,
         ack_seq: pkt.ack_seq,
-    };
-    match reset_frame6(&seg) {
-        Some(frame) => send_back(ctx, &frame),
-        None => Verdict::Drop(DropReason::TcpNoFlow),
     }
+}
+
+/// Takes one RST from this CPU's budget: false if it is spent (or missing).
+#[inline(always)]
+pub fn budget_allows() -> bool {
+    RESET_BUDGET.get_ptr_mut(0).is_some_and(|budget| {
+        // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
+        unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) }
+    })
 }
 
 /// `frame` in place of the packet, sent back out of its ingress device; or a counted drop if

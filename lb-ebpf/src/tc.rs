@@ -14,20 +14,22 @@ use core::{mem::MaybeUninit, ptr::NonNull};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_FRAG_NEEDED,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_SHOT, TC_ACT_UNSPEC,
-        bpf_fib_lookup as FibParams,
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup as FibParams,
     },
     helpers::{
         bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_l4_csum_replace, bpf_redirect,
-        bpf_redirect_neigh,
+        bpf_redirect_neigh, bpf_skb_change_tail, bpf_skb_store_bytes,
     },
     macros::classifier,
     programs::TcContext,
 };
 use lb_common::{
-    BackendOf, DropReason, FLOW_DSR, FlowValueOf, PassReason, ServiceOf,
-    conntrack::tcp_flags_valid, is_dsr_mode,
+    BackendOf, DropReason, FLOW_DSR, FlowValueOf, PassReason, STAT_RESET_NO_FLOW, ServiceOf,
+    conntrack::tcp_flags_valid,
+    is_dsr_mode,
+    reset::{reset_frame, reset_frame6},
 };
 use network_types::eth::EthHdr;
 
@@ -39,7 +41,7 @@ use crate::{
     maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6},
     mss, nat,
     parse::{self, ETH_P_IPV6, IPPROTO_UDP, Packet, ptr_at},
-    select, service, stats, timestamps,
+    reset, select, service, stats, timestamps,
 };
 
 /// The most of a frame the stages read directly: Ethernet, the longest IPv4 and TCP headers.
@@ -53,6 +55,9 @@ const RECORDED: i32 = i32::MIN + 1;
 /// The first two steps' answers for an IPv6 flow (`balance6`).
 const OPENED: i32 = i32::MIN + 2;
 const TUPLE_TAKEN: i32 = i32::MIN + 3;
+/// `new_flow_apart`'s (and `open6_apart`'s) answer for a TCP segment that no flow takes and
+/// that cannot open one, uncounted: `reset_apart` answers it.
+const ANSWER_RESET: i32 = i32::MIN + 4;
 
 /// A packet of a flow is carried; one without is given one if it opens a connection to a
 /// service (a container's client of a VIP), then carried. Each step is a BPF function with a
@@ -68,6 +73,9 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         return action;
     }
     let made = new_flow_apart(skb);
+    if made == ANSWER_RESET {
+        return reset_apart(skb);
+    }
     if made != RECORDED {
         return made;
     }
@@ -112,6 +120,9 @@ fn balance6(skb: *mut __sk_buff) -> i32 {
         return action;
     }
     let step = open6_apart(skb);
+    if step == ANSWER_RESET {
+        return reset6_apart(skb);
+    }
     if step != OPENED {
         return step;
     }
@@ -172,6 +183,7 @@ fn open6_apart(skb: *mut __sk_buff) -> i32 {
     });
     match result {
         Ok(()) => OPENED,
+        Err(Verdict::Drop(DropReason::TcpNoFlow)) => ANSWER_RESET,
         Err(verdict) => counted(verdict),
     }
 }
@@ -234,8 +246,77 @@ fn new_flow_apart(skb: *mut __sk_buff) -> i32 {
     };
     match new_flow(&ctx) {
         Ok(()) => RECORDED,
+        Err(Verdict::Drop(DropReason::TcpNoFlow)) => ANSWER_RESET,
         Err(verdict) => counted(verdict),
     }
+}
+
+/// A container's TCP segment that no flow takes and that cannot open one (its flow expired
+/// while the connection was idle, say): answered with an RST back to the container, as XDP
+/// answers a client's (`reset.rs`), so its connection fails at once rather than after minutes
+/// of retransmissions. The tc action, counted.
+#[inline(never)]
+fn reset_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(ctx) = context(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    match parse::packet(&ctx) {
+        Ok(pkt) => match reset_frame(&reset::segment(&pkt)) {
+            Some(frame) => send_reset(&ctx, &frame),
+            None => counted(Verdict::Drop(DropReason::TcpNoFlow)),
+        },
+        Err(verdict) => counted(verdict),
+    }
+}
+
+/// `reset_apart` for IPv6.
+#[inline(never)]
+fn reset6_apart(skb: *mut __sk_buff) -> i32 {
+    let Some(ctx) = context(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    let mut out = MaybeUninit::uninit();
+    if let Err(verdict) = parse::packet6(&ctx, &mut out) {
+        return counted(verdict);
+    }
+    // SAFETY: `packet6` wrote the packet (it returned Ok).
+    let pkt = unsafe { out.assume_init_ref() };
+    match reset_frame6(&reset::segment6(pkt)) {
+        Some(frame) => send_reset(&ctx, &frame),
+        None => counted(Verdict::Drop(DropReason::TcpNoFlow)),
+    }
+}
+
+/// `frame` in place of the skb's contents, sent back out of the port it came in by; or a
+/// counted drop if the CPU's budget is spent. The skb keeps its checksum state: a container's
+/// partial one stays partial, which its own stack takes as checked, and the RST's checksum is
+/// whole for any other reader.
+#[inline(always)]
+fn send_reset<const N: usize>(ctx: &TcContext, frame: &[u8; N]) -> i32 {
+    let silent = || counted(Verdict::Drop(DropReason::TcpNoFlow));
+    if !reset::budget_allows() {
+        return silent();
+    }
+    let skb = ctx.as_ptr().cast::<__sk_buff>();
+    // SAFETY: the program's own skb; `frame` is valid for N bytes. A parsed TCP segment is at
+    // least as long as its RST, so the tail only shrinks.
+    let written = unsafe {
+        bpf_skb_change_tail(skb, N as u32, 0) == 0
+            && bpf_skb_store_bytes(
+                skb.cast(),
+                0,
+                frame.as_ptr().cast(),
+                N as u32,
+                u64::from(BPF_F_RECOMPUTE_CSUM),
+            ) == 0
+    };
+    if !written {
+        return silent();
+    }
+    stats::count_slot(STAT_RESET_NO_FLOW);
+    let port = crate::frame::Frame::ingress_ifindex(ctx);
+    // SAFETY: a helper that takes plain integers.
+    counted(Verdict::Redirect(unsafe { bpf_redirect(port, 0) } as u32))
 }
 
 /// The skb an `_apart` function was handed, as the stages take it.
@@ -279,8 +360,8 @@ fn carry<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Verdict
 }
 
 /// A packet with no flow (its headers pulled by `process`): find its service, choose a
-/// backend, record the flow both ways. A TCP segment that cannot open one is dropped, counted
-/// (XDP answers it with an RST; here the container's stack times out).
+/// backend, record the flow both ways. A TCP segment that cannot open one is answered by
+/// `reset_apart`.
 #[inline(always)]
 fn new_flow(ctx: &TcContext) -> Result<(), Verdict> {
     let pkt = parse::packet(ctx)?;

@@ -1388,6 +1388,39 @@ fn a_request_on_an_expired_connection_is_reset_at_once() {
     );
 }
 
+/// The same for a container's connection to a VIP, whose segments meet the tc hook on its
+/// bridge port: the RST goes back out of that port, over the container's partial checksums.
+#[test]
+fn a_containers_request_on_an_expired_connection_is_reset_at_once() {
+    let Setup { topo, balancer, .. } = setup_containers_with(&[1, 1], |config| {
+        config.replace(
+            "capacity = 65536\n",
+            "capacity = 65536\ntcp_idle_timeout = \"1s\"\n",
+        )
+    });
+    let mut idle = connect_in(&topo.backends[0]);
+    let served_by = request_on(&mut idle);
+    std::thread::sleep(Duration::from_millis(2500));
+    let resets_before = counter(&balancer, "event_reset_no_flow");
+    let started = Instant::now();
+    idle.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let outcome = keep_alive_request(&mut idle);
+    let waited = started.elapsed();
+    let error = outcome.expect_err("a container's request on a flow the balancer forgot");
+    assert!(
+        error.contains("Connection reset by peer"),
+        "after {waited:?}: {error}\ncounters:\n{}",
+        balancer.nonzero_counters()
+    );
+    assert!(waited < Duration::from_secs(1), "the reset took {waited:?}");
+    assert!(counter(&balancer, "event_reset_no_flow") > resets_before);
+    println!(
+        "container 1's request on its expired connection (served by {served_by}) reset after {waited:?}"
+    );
+    assert_a_container_is_balanced(&balancer, &topo, &format!("http://{VIP}/"));
+}
+
 /// Established TCP connections from the balancer's SNAT address to `backend`'s server, as the
 /// backend's kernel sees them.
 fn established_at(topo: &Topology, backend: usize) -> usize {

@@ -2545,14 +2545,34 @@ fn tc_fixtures() -> Vec<Fixture> {
         Fixture {
             ingress: "lb0",
             ..tc(fixture(
-                "tc_container_segment_without_a_flow_dropped",
+                "tc_container_segment_without_a_flow_answered_with_rst",
                 with(backends(), &[web(&[(1, 1)])]),
-                client_syn(41421).tcp_flags(TCP_ACK).build(),
+                client_syn(41421)
+                    .tcp_flags(TCP_PSH | TCP_ACK)
+                    .ack_seq(7000)
+                    .payload(b"GET / HTTP/1.0\r\n\r\n")
+                    .build(),
+                TC_ACT_REDIRECT,
+                Some(rst_to_client(41421, 7000).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("reset_no_flow"), 1),
+                    (Counter::Drop(DropReason::TcpNoFlow), 0),
+                    (Counter::NewFlows(1), 0),
+                ],
+            ))
+        },
+        Fixture {
+            ingress: "lb0",
+            ..tc(fixture(
+                "tc_container_rst_without_a_flow_dropped_silently",
+                with(backends(), &[web(&[(1, 1)])]),
+                client_syn(41423).tcp_flags(TCP_RST).build(),
                 TC_ACT_SHOT,
                 None,
                 vec![
                     (Counter::Drop(DropReason::TcpNoFlow), 1),
-                    (Counter::NewFlows(1), 0),
+                    (Counter::Event("reset_no_flow"), 0),
                 ],
             ))
         },
