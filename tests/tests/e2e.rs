@@ -1361,24 +1361,7 @@ fn a_request_on_an_expired_connection_is_reset_at_once() {
         setup_with_flows(Arms::Two, &[1, 1], "tcp_idle_timeout = \"1s\"\n");
     let mut idle = connect_in(&topo.client);
     request_on(&mut idle);
-    // Past the timeout, the flow is gone whether a sweep removed it or the data path finds it
-    // expired (the status's entry count, from the last sweep, can lag by a second).
-    std::thread::sleep(Duration::from_millis(2500));
-    let resets_before = counter(&balancer, "event_reset_no_flow");
-    // Without the RST the client would retransmit into silence for minutes; with it the next
-    // request fails within a round trip, and the client is free to reconnect.
-    let started = Instant::now();
-    idle.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    let outcome = keep_alive_request(&mut idle);
-    let waited = started.elapsed();
-    let error = outcome.expect_err("a request on a flow the balancer forgot");
-    assert!(
-        error.contains("Connection reset by peer"),
-        "after {waited:?}: {error}"
-    );
-    assert!(waited < Duration::from_secs(1), "the reset took {waited:?}");
-    assert!(counter(&balancer, "event_reset_no_flow") > resets_before);
+    let waited = assert_reset_once_expired(&balancer, &mut idle);
     println!("request on the expired connection reset after {waited:?}");
     let (counts, failed) = tally(&http_requests(&topo, 20), 2);
     assert_eq!(
@@ -1400,25 +1383,36 @@ fn a_containers_request_on_an_expired_connection_is_reset_at_once() {
     });
     let mut idle = connect_in(&topo.backends[0]);
     let served_by = request_on(&mut idle);
+    let waited = assert_reset_once_expired(&balancer, &mut idle);
+    println!(
+        "container 1's request on its expired connection (served by {served_by}) reset after {waited:?}"
+    );
+    assert_a_container_is_balanced(&balancer, &topo, &format!("http://{VIP}/"));
+}
+
+/// Waits until the idle connection `stream`'s flow is past its 1-s timeout, then sends a
+/// request on it: it must fail with a reset within a second (without the RST the client would
+/// retransmit into silence for minutes), counted. How long the reset took.
+fn assert_reset_once_expired(balancer: &Balancer, stream: &mut TcpStream) -> Duration {
+    // Past the timeout, the flow is gone whether a sweep removed it or the data path finds it
+    // expired (the status's entry count, from the last sweep, can lag by a second).
     std::thread::sleep(Duration::from_millis(2500));
-    let resets_before = counter(&balancer, "event_reset_no_flow");
+    let resets_before = counter(balancer, "event_reset_no_flow");
     let started = Instant::now();
-    idle.set_read_timeout(Some(Duration::from_secs(5)))
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let outcome = keep_alive_request(&mut idle);
+    let outcome = keep_alive_request(stream);
     let waited = started.elapsed();
-    let error = outcome.expect_err("a container's request on a flow the balancer forgot");
+    let error = outcome.expect_err("a request on a flow the balancer forgot");
     assert!(
         error.contains("Connection reset by peer"),
         "after {waited:?}: {error}\ncounters:\n{}",
         balancer.nonzero_counters()
     );
     assert!(waited < Duration::from_secs(1), "the reset took {waited:?}");
-    assert!(counter(&balancer, "event_reset_no_flow") > resets_before);
-    println!(
-        "container 1's request on its expired connection (served by {served_by}) reset after {waited:?}"
-    );
-    assert_a_container_is_balanced(&balancer, &topo, &format!("http://{VIP}/"));
+    assert!(counter(balancer, "event_reset_no_flow") > resets_before);
+    waited
 }
 
 /// Established TCP connections from the balancer's SNAT address to `backend`'s server, as the
