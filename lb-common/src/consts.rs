@@ -101,8 +101,11 @@ pub const FLOW_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 /// How long an ended connection (both FINs, or an RST) must have been silent before a new flow
 /// may take its SNAT port: late retransmissions of the close still find their flow, and the
 /// port is not held for the whole closing timeout, which at high connection rates would exhaust
-/// a backend's ports.
-pub const FLOW_RECLAIM_NS: u64 = 2_000_000_000;
+/// a backend's ports. Linux reuses a TIME_WAIT tuple of its own after the same second
+/// (`tcp_tw_reuse`, whose delay is 1 s by default); the backend accepts the new SYN for the
+/// translated timestamps (`timestamps`). Every packet of an ended connection counts as heard
+/// (`flow::lookup`), so the second runs from its last one.
+pub const FLOW_RECLAIM_NS: u64 = 1_000_000_000;
 /// A half-open connection at least this old gives its SNAT port to a new one when the ports
 /// tried for the new one are all taken: a genuine handshake completes within a round trip,
 /// and under a SYN flood the ports go to connections that can complete.

@@ -105,11 +105,17 @@ pub fn lookup<A: Family>(pkt: &Packet<A>) -> Result<Option<Flow<A>>, Verdict> {
     }
     // A half-open connection's timeout counts from its SYN: its handshake's packets (a
     // flood's SYN-ACK retransmissions) do not extend it.
-    if !half_open(value.state) && now.saturating_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
-        value.last_seen_ns = now;
-        // The next hop is looked up afresh once per interval, so route and neighbour changes
-        // reach established flows.
-        value.egress_ifindex = 0;
+    if !half_open(value.state) {
+        if now.saturating_sub(value.last_seen_ns) >= FLOW_TOUCH_INTERVAL_NS {
+            value.last_seen_ns = now;
+            // The next hop is looked up afresh once per interval, so route and neighbour
+            // changes reach established flows.
+            value.egress_ifindex = 0;
+        } else if ended(value.state) {
+            // An ended connection's few packets (its last ACK, retransmitted FINs) each
+            // count: its SNAT port goes to a new connection FLOW_RECLAIM_NS after the last.
+            value.last_seen_ns = now;
+        }
     }
     Ok(Some(Flow { entry }))
 }
