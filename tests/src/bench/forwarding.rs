@@ -285,7 +285,8 @@ fn one_round(
     // SAFETY: sysconf has no preconditions.
     let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let mpps = count1.saturating_sub(count0) as f64 / elapsed / 1e6;
-    let share = ticks1.saturating_sub(ticks0) as f64 / ticks_per_second / elapsed;
+    // Clock ticks count whole: a share a tick above the elapsed time is the whole CPU.
+    let share = (ticks1.saturating_sub(ticks0) as f64 / ticks_per_second / elapsed).min(1.0);
     if mpps == 0.0 {
         return Err("no frame went round the forwarding loop".into());
     }

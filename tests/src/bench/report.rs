@@ -103,10 +103,11 @@ fn forwarding_table(
         "{} frames of {} bytes ({} on the wire) go round a loop of native XDP programs on two \
          veth pairs: into lb0, forwarded by lb's established path (full NAT) out of lb1, and \
          written back whole by a reflector on lb1's peer, which redirects them into lb0 again. \
-         The kernel's live-frames test run, which the issue names, is refused on this \
-         machine (EPERM), so the frames are not generated but kept going round. The ceiling \
+         The kernel's live-frames test run, which the issue names, was refused by the kernels \
+         this was written on (EPERM), so the frames are not generated but kept going round. The ceiling \
          is the same loop with a program that only redirects in lb's place. All of it runs in \
-         softirq on one CPU (its share of that CPU: at least {:.0}%). Medians [min–max] of 3 \
+         softirq on one CPU (softirq held it {:.0}% of the time, in the least busy measurement). \
+         Medians [min–max] of 3 \
          rounds of {} s.\n\n\
          | loop through | Mpps | ns per trip round |\n|---|---:|---:|\n\
          | redirect only (ceiling) | {} | {:.0} |\n\
