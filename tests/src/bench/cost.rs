@@ -97,15 +97,21 @@ pub fn device_drops(ns: &Netns, devices: &[&str]) -> u64 {
 /// Sums `rx_queue_N_drops`, `rx_queue_N_xdp_tx_errors` and `tx_queue_N_xdp_xmit_errors` of
 /// `ethtool -S` output.
 pub fn parse_device_drops(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.trim().split_once(':'))
+    ethtool_counters(text)
         .filter(|(name, _)| {
             name.ends_with("_drops") && !name.ends_with("xdp_drops")
                 || name.ends_with("xdp_tx_errors")
                 || name.ends_with("xdp_xmit_errors")
         })
-        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .map(|(_, v)| v)
         .sum()
+}
+
+/// The named counters of `ethtool -S` output.
+pub fn ethtool_counters(text: &str) -> impl Iterator<Item = (&str, u64)> {
+    text.lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .filter_map(|(name, v)| Some((name, v.trim().parse::<u64>().ok()?)))
 }
 
 /// The sum of the kernel counter `name` (nstat's name: `TcpExtPAWSTimewait`) over the

@@ -225,11 +225,9 @@ fn xdp_redirects(dev: &str) -> Result<u64, String> {
         .output()
         .map_err(|e| format!("ethtool -S {dev}: {e}"))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let counts: Vec<u64> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("rx_queue_"))
-        .filter_map(|l| l.split_once("_xdp_redirect:"))
-        .filter_map(|(_, n)| n.trim().parse().ok())
+    let counts: Vec<u64> = super::cost::ethtool_counters(&text)
+        .filter(|(name, _)| name.starts_with("rx_queue_") && name.ends_with("_xdp_redirect"))
+        .map(|(_, v)| v)
         .collect();
     if counts.is_empty() {
         return Err(format!(
