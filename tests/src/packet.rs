@@ -25,6 +25,8 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 /// IPv6's hop-by-hop options header, as a next-header value.
 pub const IPV6_HOP_BY_HOP: u8 = 0;
+/// IPv6's fragment header, as a next-header value.
+pub const IPV6_FRAGMENT: u8 = 44;
 
 pub use lb_common::conntrack::{
     TCP_ACK, TCP_CWR, TCP_ECE, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN, TCP_URG,
@@ -67,6 +69,9 @@ pub struct PacketBuilder {
     ipv6: Option<(Ipv6Addr, Ipv6Addr)>,
     /// IPv6: an empty hop-by-hop options header before the L4 one.
     hop_by_hop: bool,
+    /// IPv6: a fragment header (more fragments, offset in 8-byte units, identification)
+    /// before the L4 one, after the hop-by-hop header if both are asked for.
+    fragment6: Option<(bool, u16, u32)>,
     /// IPv6: the flow label (its low 20 bits).
     flow_label: u32,
     tos: u8,
@@ -115,6 +120,7 @@ impl Default for PacketBuilder {
             ipv4: None,
             ipv6: None,
             hop_by_hop: false,
+            fragment6: None,
             flow_label: 0,
             tos: 0,
             ttl: 64,
@@ -161,6 +167,17 @@ impl PacketBuilder {
     /// IPv6: an empty hop-by-hop options header between the IPv6 header and the L4 one.
     pub fn hop_by_hop(mut self) -> Self {
         self.hop_by_hop = true;
+        self
+    }
+
+    /// IPv6: makes this a fragment (RFC 8200, 4.5): a fragment header with M, the offset and
+    /// the identification. The L4 checksum is computed over this fragment's part alone.
+    pub fn fragment6(mut self, more_fragments: bool, offset_8byte_units: u16, id: u32) -> Self {
+        assert!(
+            offset_8byte_units <= IP_OFFSET_MASK,
+            "fragment offset {offset_8byte_units} does not fit 13 bits"
+        );
+        self.fragment6 = Some((more_fragments, offset_8byte_units, id));
         self
     }
 
@@ -336,12 +353,21 @@ impl PacketBuilder {
         proto: u8,
         body_len: usize,
     ) -> Vec<u8> {
-        let extension = if self.hop_by_hop {
-            // Next header, length 0 (8 bytes), a PadN option of 4 bytes.
-            vec![proto, 0, 1, 4, 0, 0, 0, 0]
+        let mut extension = Vec::new();
+        let after_hop_by_hop = if self.fragment6.is_some() {
+            IPV6_FRAGMENT
         } else {
-            Vec::new()
+            proto
         };
+        if self.hop_by_hop {
+            // Next header, length 0 (8 bytes), a PadN option of 4 bytes.
+            extension.extend([after_hop_by_hop, 0, 1, 4, 0, 0, 0, 0]);
+        }
+        if let Some((more, offset, id)) = self.fragment6 {
+            extension.extend([proto, 0]);
+            extension.extend(((offset << 3) | u16::from(more)).to_be_bytes());
+            extension.extend(id.to_be_bytes());
+        }
         let payload_len = u16::try_from(extension.len() + body_len)
             .expect("an IPv6 payload length must fit 16 bits");
         let mut header = Vec::with_capacity(IPV6_HLEN + extension.len());
@@ -352,7 +378,7 @@ impl PacketBuilder {
         header.push(if self.hop_by_hop {
             IPV6_HOP_BY_HOP
         } else {
-            proto
+            after_hop_by_hop
         });
         header.push(self.ttl);
         header.extend(src.octets());
@@ -1186,6 +1212,32 @@ mod tests {
             "the extension's next header"
         );
         assert_eq!(read_u16(&frame, ETH_HLEN + 4), Some(8 + 8));
+    }
+
+    #[test]
+    fn ipv6_fragment_header_carries_offset_flag_and_identification() {
+        let src: Ipv6Addr = "fd00::2".parse().expect("address");
+        let frame = pkt()
+            .ipv6(src, src)
+            .udp(1, 2)
+            .fragment6(true, 185, 0x0102_0304)
+            .build();
+        assert_eq!(frame[ETH_HLEN + 6], IPV6_FRAGMENT);
+        let fragment = &frame[ETH_HLEN + IPV6_HLEN..ETH_HLEN + IPV6_HLEN + 8];
+        assert_eq!(fragment, [IPPROTO_UDP, 0, 0x05, 0xc9, 1, 2, 3, 4]);
+        assert_eq!(read_u16(&frame, ETH_HLEN + 4), Some(8 + 8));
+        let behind_hop_by_hop = pkt()
+            .ipv6(src, src)
+            .udp(1, 2)
+            .hop_by_hop()
+            .fragment6(false, 1, 7)
+            .build();
+        assert_eq!(behind_hop_by_hop[ETH_HLEN + 6], IPV6_HOP_BY_HOP);
+        assert_eq!(behind_hop_by_hop[ETH_HLEN + IPV6_HLEN], IPV6_FRAGMENT);
+        assert_eq!(
+            behind_hop_by_hop[ETH_HLEN + IPV6_HLEN + 8..ETH_HLEN + IPV6_HLEN + 12],
+            [IPPROTO_UDP, 0, 0, 0x08]
+        );
     }
 
     #[test]
