@@ -172,27 +172,35 @@ impl HostPortKey {
     }
 }
 
-/// Key of FRAGMENTS: a fragmented datagram, as its fragments arrive (RFC 791's reassembly
-/// key: addresses, protocol and IP identification).
+/// Key of FRAGMENTS and FRAGMENTS6: a fragmented datagram, as its fragments arrive (the
+/// reassembly key of RFC 791 and RFC 8200: addresses, protocol and identification).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FragmentKey {
-    pub src_addr: Be32,
-    pub dst_addr: Be32,
-    pub id: Be16,
+pub struct FragmentKeyOf<A> {
+    pub src_addr: A,
+    pub dst_addr: A,
+    /// The identification's bytes as on the wire, widened: IPv4's 16 bits, IPv6's 32.
+    pub id: u32,
     pub proto: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(core::mem::size_of::<FragmentKey>() == 12);
+pub type FragmentKey = FragmentKeyOf<Be32>;
+pub type FragmentKey6 = FragmentKeyOf<In6>;
+const _: () = assert!(core::mem::size_of::<FragmentKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FragmentKey6>() == 40);
 
-/// Value of FRAGMENTS: the flow whose rewrite the datagram's first fragment got, and when.
+/// Value of FRAGMENTS and FRAGMENTS6: the flow whose rewrite the datagram's first fragment got,
+/// and when.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FragmentValue {
-    pub flow: FlowKey,
+pub struct FragmentValueOf<A> {
+    pub flow: FlowKeyOf<A>,
     pub first_seen_ns: u64,
 }
+pub type FragmentValue = FragmentValueOf<Be32>;
+pub type FragmentValue6 = FragmentValueOf<In6>;
 const _: () = assert!(core::mem::size_of::<FragmentValue>() == 24);
+const _: () = assert!(core::mem::size_of::<FragmentValue6>() == 48);
 
 /// Key of FLOWS (FLOWS6): one direction of a balanced connection, as the packet arrives.
 #[repr(C)]
@@ -419,7 +427,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl<A: aya::Pod> aya::Pod for FragmentKeyOf<A> {}
     // SAFETY: as above.
     unsafe impl<A: aya::Pod> aya::Pod for SockKeyOf<A> {}
     // SAFETY: as above.
@@ -427,7 +435,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for HostPortKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for FragmentValue {}
+    unsafe impl<A: aya::Pod> aya::Pod for FragmentValueOf<A> {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowValue {}
     // SAFETY: as above.

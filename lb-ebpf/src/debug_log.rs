@@ -10,7 +10,7 @@ use network_types::{eth::EthHdr, ip::Ipv6Hdr};
 
 use crate::{
     maps::{BACKENDS6, DEBUG_LOG},
-    parse::{Packet, ptr_at},
+    parse::{IPPROTO_FRAGMENT, IPV6_FRAGMENT_LEN, Packet, ptr_at},
 };
 
 #[inline(always)]
@@ -124,14 +124,24 @@ struct Tuple6 {
 #[inline(always)]
 fn tuple6(ctx: &XdpContext) -> Option<Tuple6> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
-    let ports: *const [u8; 4] = ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
-    // SAFETY: both bounds-checked by ptr_at.
-    let (ip, p) = unsafe { (&*ip, *ports) };
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    // A first fragment's ports follow its fragment header, which names the protocol.
+    let (p, proto) = if ip.next_hdr == IPPROTO_FRAGMENT {
+        let at: *const [u8; IPV6_FRAGMENT_LEN + 4] = ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let f = unsafe { *at };
+        ([f[8], f[9], f[10], f[11]], f[0])
+    } else {
+        let ports: *const [u8; 4] = ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+        // SAFETY: bounds-checked by ptr_at.
+        (unsafe { *ports }, ip.next_hdr)
+    };
     Some(Tuple6 {
         src: ip.src_addr,
         sport: u16::from_be_bytes([p[0], p[1]]),
         dst: ip.dst_addr,
         dport: u16::from_be_bytes([p[2], p[3]]),
-        proto: ip.next_hdr,
+        proto,
     })
 }

@@ -5,17 +5,21 @@
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup as FibParams,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
-use lb_common::{Address, BackendOf, Be32, FlowKeyOf, FlowValueOf, In6, ServiceKeyOf, ServiceOf};
+use lb_common::{
+    Address, BackendOf, Be32, FlowKeyOf, FlowValueOf, FragmentKeyOf, FragmentValueOf, In6,
+    ServiceKeyOf, ServiceOf,
+};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
     csum::Delta,
     hop_cache::HopCacheOf,
     maps::{
-        BACKENDS, BACKENDS6, FLOW_SCRATCH, FLOW_SCRATCH6, FLOWS, FLOWS6, HOP_CACHE, HOP_CACHE6,
-        SERVICES, SERVICES6, VIPS, VIPS6,
+        BACKENDS, BACKENDS6, FLOW_SCRATCH, FLOW_SCRATCH6, FLOWS, FLOWS6, FRAGMENT_SCRATCH,
+        FRAGMENT_SCRATCH6, FRAGMENTS, FRAGMENTS6, FragmentEntryOf, HOP_CACHE, HOP_CACHE6, SERVICES,
+        SERVICES6, VIPS, VIPS6,
     },
 };
 
@@ -32,6 +36,9 @@ pub trait Family: Address {
     fn flow_scratch() -> &'static PerCpuArray<FlowValueOf<Self>>;
     /// Each backend's next hop (`hop_cache.rs`).
     fn hop_cache() -> &'static PerCpuArray<HopCacheOf<Self>>;
+    /// Fragmented datagrams whose later fragments follow their first (`fragments.rs`).
+    fn fragments() -> &'static LruHashMap<FragmentKeyOf<Self>, FragmentValueOf<Self>>;
+    fn fragment_scratch() -> &'static PerCpuArray<FragmentEntryOf<Self>>;
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>>;
     fn backends() -> &'static Array<BackendOf<Self>>;
     /// The addresses of the services' VIPs, for traffic with no port (`icmp.rs`).
@@ -99,6 +106,14 @@ impl Family for Be32 {
     #[inline(always)]
     fn hop_cache() -> &'static PerCpuArray<HopCacheOf<Self>> {
         &HOP_CACHE
+    }
+    #[inline(always)]
+    fn fragments() -> &'static LruHashMap<FragmentKeyOf<Self>, FragmentValueOf<Self>> {
+        &FRAGMENTS
+    }
+    #[inline(always)]
+    fn fragment_scratch() -> &'static PerCpuArray<FragmentEntryOf<Self>> {
+        &FRAGMENT_SCRATCH
     }
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>> {
@@ -170,6 +185,14 @@ impl Family for In6 {
     #[inline(always)]
     fn hop_cache() -> &'static PerCpuArray<HopCacheOf<Self>> {
         &HOP_CACHE6
+    }
+    #[inline(always)]
+    fn fragments() -> &'static LruHashMap<FragmentKeyOf<Self>, FragmentValueOf<Self>> {
+        &FRAGMENTS6
+    }
+    #[inline(always)]
+    fn fragment_scratch() -> &'static PerCpuArray<FragmentEntryOf<Self>> {
+        &FRAGMENT_SCRATCH6
     }
     #[inline(always)]
     fn services() -> &'static HashMap<ServiceKeyOf<Self>, ServiceOf<Self>> {

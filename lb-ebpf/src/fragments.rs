@@ -5,8 +5,11 @@
 //! their addresses, to the same place (EDNS answers, large syslog lines). A later fragment
 //! that arrives before its first, or of a datagram not balanced, passes to the kernel, which
 //! holds it for reassembly as it would without the balancer: reordering before the first
-//! fragment is rare on the paths balanced, and buffering in XDP is not possible. Reads FLOWS
-//! and IFACES; writes FRAGMENTS and FLOWS' next-hop cache.
+//! fragment is rare on the paths balanced, and buffering in XDP is not possible. IPv6's
+//! fragments are followed the same way, by their fragment header's identification (RFC 8200:
+//! only the source fragments, and the header sits right after the fixed one, `parse.rs`).
+//! Reads FLOWS(6) and IFACES; writes FRAGMENTS(6), FRAGMENT_SCRATCH(6) and FLOWS' next-hop
+//! cache.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_md},
@@ -14,40 +17,44 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Be16, Be32, FRAGMENT_FOLLOW_NS, FlowKey, FragmentKey, FragmentValue, PassReason,
+    Be32, DropReason, FRAGMENT_FOLLOW_NS, FlowKeyOf, FragmentKeyOf, In6, PassReason,
     STAT_FIRST_FRAGMENTS, STAT_FRAGMENTS_FOLLOWED,
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
 
 use crate::{
     Verdict,
+    family::{Family, read_in6},
     forward::{self, NoHop},
-    maps::{FLOWS, FRAGMENTS},
     nat,
-    parse::{IPPROTO_UDP, ptr_at},
+    parse::{IPPROTO_FRAGMENT, IPPROTO_UDP, IPV6_FRAGMENT_LEN, ptr_at},
     stats,
 };
 
-/// Records the first fragment of a datagram of the flow `key` (its IP identification `id`,
-/// as on the wire), in a BPF function of its own: its stack is not the balancing path's.
+/// Records the first fragment of a datagram of the flow `key` (its identification `id`, as
+/// `Packet::first_fragment_id` gives it), in a BPF function of its own. The entry is built in
+/// the family's scratch slot: the balancing path that calls this has no stack to lend it.
 #[inline(never)]
-pub fn remember_apart(key: *const FlowKey, id: u16) {
-    // SAFETY: the caller's parsed key, on its stack for the call.
-    let flow = unsafe { *key };
-    let fragment = FragmentKey {
-        src_addr: flow.src_addr,
-        dst_addr: flow.dst_addr,
-        id: Be16(id),
-        proto: flow.proto,
-        _pad: 0,
+pub fn remember_apart<A: Family>(key: *const FlowKeyOf<A>, id: u32) {
+    let Some(entry) = A::fragment_scratch().get_ptr_mut(0) else {
+        return;
     };
-    let value = FragmentValue {
-        flow,
-        // SAFETY: the helper has no arguments.
-        first_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
-    };
-    if FRAGMENTS
-        .insert(&fragment, &value, u64::from(BPF_ANY))
+    // SAFETY: the caller's parsed key, on its stack for the call; a per-CPU array slot, this
+    // CPU's alone for this program run.
+    let (flow, entry) = unsafe { (&*key, &mut *entry) };
+    entry.key.src_addr = flow.src_addr;
+    entry.key.dst_addr = flow.dst_addr;
+    entry.key.id = id;
+    entry.key.proto = flow.proto;
+    entry.key._pad = [0; 3];
+    entry.value.flow = *flow;
+    // SAFETY: the helper has no arguments.
+    entry.value.first_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    if A::fragments()
+        .insert(&entry.key, &entry.value, u64::from(BPF_ANY))
         .is_ok()
     {
         stats::count_slot(STAT_FIRST_FRAGMENTS);
@@ -56,66 +63,119 @@ pub fn remember_apart(key: *const FlowKey, id: u16) {
 
 /// `follow` in a BPF function of its own (see `lb_xdp`): the XDP action, counted.
 #[inline(never)]
-pub fn follow_apart(ctx: *mut xdp_md) -> u32 {
-    match follow(&XdpContext::new(ctx)) {
+pub fn follow_apart<A: Fragmented>(ctx: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
+    let result = A::later_fragment(&ctx).and_then(|(eth, ip, key)| follow(&ctx, eth, ip, &key));
+    match result {
         Ok(v) | Err(v) => v.counted(),
     }
 }
 
-/// A later fragment (`parse::path` said so): forwarded as its datagram's first
-/// fragment was, if that was balanced a moment ago; passed to the kernel otherwise.
-#[inline(always)]
-fn follow(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let not_ours = Verdict::Pass(PassReason::Fragment);
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
-    // SAFETY: bounds-checked by ptr_at.
-    let (vihl, proto, ttl, id, src, dst) = unsafe {
-        let ip = &*ip;
-        (
-            ip.vihl,
-            ip.proto,
-            ip.ttl,
-            u16::from_ne_bytes(ip.id),
-            ip.src_addr,
-            ip.dst_addr,
-        )
-    };
-    if vihl >> 4 != 4 || ((vihl & 0x0f) as usize) * 4 < Ipv4Hdr::LEN || proto != IPPROTO_UDP {
-        return Err(not_ours);
+/// A family's later fragments, as the entry point finds them (`parse::path`).
+pub trait Fragmented: Family {
+    /// The fragment's headers and its datagram's reassembly key, if it is a UDP datagram's.
+    fn later_fragment(
+        ctx: &XdpContext,
+    ) -> Result<(*mut EthHdr, *mut Self::Ip, FragmentKeyOf<Self>), Verdict>;
+    /// What a later fragment too big for its next hop gets.
+    const TOO_BIG: Verdict;
+}
+
+impl Fragmented for Be32 {
+    #[inline(always)]
+    fn later_fragment(
+        ctx: &XdpContext,
+    ) -> Result<(*mut EthHdr, *mut Ipv4Hdr, FragmentKeyOf<Self>), Verdict> {
+        let not_ours = Verdict::Pass(PassReason::Fragment);
+        let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
+        let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let (vihl, proto, id, src, dst) = unsafe {
+            let ip = &*ip;
+            (ip.vihl, ip.proto, ip.id, ip.src_addr, ip.dst_addr)
+        };
+        if vihl >> 4 != 4 || ((vihl & 0x0f) as usize) * 4 < Ipv4Hdr::LEN || proto != IPPROTO_UDP {
+            return Err(not_ours);
+        }
+        let key = FragmentKeyOf {
+            src_addr: Be32::from_bytes(src),
+            dst_addr: Be32::from_bytes(dst),
+            id: u32::from(u16::from_ne_bytes(id)),
+            proto,
+            _pad: [0; 3],
+        };
+        Ok((eth, ip, key))
     }
-    let fragment = FragmentKey {
-        src_addr: Be32::from_bytes(src),
-        dst_addr: Be32::from_bytes(dst),
-        id: Be16(id),
-        proto,
-        _pad: 0,
-    };
+    /// A fragment has no DF: the FIB's "too big" is passed for the kernel to fragment.
+    const TOO_BIG: Verdict = Verdict::Pass(PassReason::NeedsFragmenting);
+}
+
+impl Fragmented for In6 {
+    #[inline(always)]
+    fn later_fragment(
+        ctx: &XdpContext,
+    ) -> Result<(*mut EthHdr, *mut Ipv6Hdr, FragmentKeyOf<Self>), Verdict> {
+        let not_ours = Verdict::Pass(PassReason::Fragment);
+        let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
+        let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
+        let fragment: *mut [u8; IPV6_FRAGMENT_LEN] =
+            ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN).ok_or(not_ours)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let (next_hdr, f) = unsafe { ((*ip).next_hdr, *fragment) };
+        if next_hdr != IPPROTO_FRAGMENT || f[0] != IPPROTO_UDP {
+            return Err(not_ours);
+        }
+        // SAFETY: as above.
+        let key = unsafe {
+            FragmentKeyOf {
+                src_addr: read_in6(&raw const (*ip).src_addr),
+                dst_addr: read_in6(&raw const (*ip).dst_addr),
+                id: u32::from_ne_bytes([f[4], f[5], f[6], f[7]]),
+                proto: IPPROTO_UDP,
+                _pad: [0; 3],
+            }
+        };
+        Ok((eth, ip, key))
+    }
+    /// Routers do not fragment IPv6, and the first fragment, as large, was answered already.
+    const TOO_BIG: Verdict = Verdict::Drop(DropReason::FibFragNeeded);
+}
+
+/// A later fragment of the datagram `fragment`: forwarded as its datagram's first fragment
+/// was, if that was balanced a moment ago; passed to the kernel otherwise.
+#[inline(always)]
+fn follow<A: Fragmented>(
+    ctx: &XdpContext,
+    eth: *mut EthHdr,
+    ip: *mut A::Ip,
+    fragment: &FragmentKeyOf<A>,
+) -> Result<Verdict, Verdict> {
+    let not_ours = Verdict::Pass(PassReason::Fragment);
     // SAFETY: a value pointer from a map lookup is valid for this program run.
-    let first = unsafe { *FRAGMENTS.get_ptr(&fragment).ok_or(not_ours)? };
+    let first = unsafe { &*A::fragments().get_ptr(fragment).ok_or(not_ours)? };
     // SAFETY: the helper has no arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.saturating_sub(first.first_seen_ns) > FRAGMENT_FOLLOW_NS {
         return Err(not_ours);
     }
-    let entry = FLOWS.get_ptr_mut(&first.flow).ok_or(not_ours)?;
-    if ttl <= 1 {
+    let entry = A::flows().get_ptr_mut(&first.flow).ok_or(not_ours)?;
+    // SAFETY: `ip` was bounds-checked by the caller.
+    if A::hop_limit(unsafe { &*ip }) <= 1 {
         return Err(Verdict::Pass(PassReason::TtlExpired));
     }
     // SAFETY: a value pointer from a map lookup is valid for this program run; `ip` was
-    // bounds-checked by ptr_at.
+    // bounds-checked by the caller.
     let backend_id = unsafe {
         let nat = &*entry;
-        nat::readdress::<Be32>(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
+        nat::readdress::<A>(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
         nat.backend_id
     };
-    let hop = match forward::next_hop(ctx, ip, proto, entry, 0) {
+    let hop = match forward::next_hop(ctx, ip, IPPROTO_UDP, entry, 0) {
         Ok(hop) => hop,
-        // A fragment has no DF: the FIB's "too big" is passed for the kernel to fragment.
-        Err(NoHop::TooBig { .. }) => return Err(Verdict::Pass(PassReason::NeedsFragmenting)),
+        Err(NoHop::TooBig { .. }) => return Err(A::TOO_BIG),
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
     stats::count_slot(STAT_FRAGMENTS_FOLLOWED);
     stats::count_backend(backend_id, (ctx.data_end() - ctx.data()) as u64);
-    forward::send::<Be32>(ctx, eth, ip, &hop)
+    forward::send::<A>(ctx, eth, ip, &hop)
 }

@@ -1,6 +1,6 @@
 //! Every map of the program and its load-time settings. The daemon (lb-user's dataplane.rs) is
 //! the only writer of configuration maps; the data path writes only FLOWS, SNAT_PORTS,
-//! SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS, HOP_CACHE(6), SUSPECT
+//! SNAT_FULL, SNAT_NEXT, TS_HIGH, RESET_BUDGET, ICMP_BUDGET, FRAGMENTS(6), HOP_CACHE(6), SUSPECT
 //! marks and the counters (EXPIRY, the timer, is in `expiry.rs`), and the socket hooks
 //! SOCK_REVERSE(6). Sizes marked "set at load" are overridden by the daemon.
 
@@ -12,10 +12,11 @@ use aya_ebpf::{
 use lb_common::{
     Backend, Backend6, BackendStats, Be32, DEFAULT_FLOW_CAPACITY, DEFAULT_MAGLEV_SIZE,
     FRAGMENTS_CAPACITY, FlowCounts, FlowKey, FlowKey6, FlowValue, FlowValue6, FragmentKey,
-    FragmentValue, HostPortKey, Iface, In6, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_INTERFACES,
-    MAX_SERVICES, SNAT_BITMAPS, SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY,
-    STATS_SLOTS, Service, Service6, ServiceKey, ServiceKey6, SockKey, SockKey6, SockVip, SockVip6,
-    TCP_OPTIONS_MAX, conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
+    FragmentKey6, FragmentKeyOf, FragmentValue, FragmentValue6, FragmentValueOf, HostPortKey,
+    Iface, In6, MAX_BACKENDS, MAX_BRIDGE_PORTS, MAX_INTERFACES, MAX_SERVICES, SNAT_BITMAPS,
+    SNAT_PORT_WORDS, SNAT_SUMMARY_WORDS, SOCK_REVERSE_CAPACITY, STATS_SLOTS, Service, Service6,
+    ServiceKey, ServiceKey6, SockKey, SockKey6, SockVip, SockVip6, TCP_OPTIONS_MAX,
+    conntrack::STATE_SLOTS, icmp::ICMP_BUDGET_SLOTS, reset::ResetBudget,
 };
 
 use crate::hop_cache::HopCacheOf;
@@ -117,6 +118,29 @@ pub static ICMP_BUDGET: PerCpuArray<ResetBudget> =
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> =
     LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
+
+/// FRAGMENTS' IPv6 twin.
+#[map]
+pub static FRAGMENTS6: LruHashMap<FragmentKey6, FragmentValue6> =
+    LruHashMap::with_max_entries(FRAGMENTS_CAPACITY, 0);
+
+/// A first fragment's FRAGMENTS entry, built here rather than on the stack (IPv6's balancing
+/// path has no 88 bytes to spare), then inserted.
+#[map]
+pub static FRAGMENT_SCRATCH: PerCpuArray<FragmentEntryOf<Be32>> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// FRAGMENT_SCRATCH's IPv6 twin.
+#[map]
+pub static FRAGMENT_SCRATCH6: PerCpuArray<FragmentEntryOf<In6>> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// A FRAGMENTS entry whole, key and value.
+#[repr(C)]
+pub struct FragmentEntryOf<A> {
+    pub key: FragmentKeyOf<A>,
+    pub value: FragmentValueOf<A>,
+}
 
 /// VIP -> 1: the addresses of SERVICES' keys, for traffic that has no port (`icmp.rs`). Daemon
 /// writes; data path reads.

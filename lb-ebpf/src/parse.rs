@@ -1,7 +1,10 @@
 //! Stage 1, parse: Ethernet -> IPv4 (options allowed) or IPv6 -> TCP or UDP, into a `Packet`.
 //! Anything else passes to the kernel with its reason. An IPv6 packet with extension headers
-//! passes too (counted): the headers a balanced flow could carry (fragments, hop-by-hop options)
-//! are rare on the way to a VIP, and the kernel handles them all. Reads no maps.
+//! passes too (counted): the headers a balanced flow could carry (hop-by-hop options, routing)
+//! are rare on the way to a VIP, and the kernel handles them all. The exception is a fragment
+//! header right after the fixed header, as a fragmenting host writes it: a UDP datagram's
+//! first fragment is balanced, its later fragments follow it (`fragments.rs`), as in IPv4.
+//! Reads no maps.
 
 use core::mem::MaybeUninit;
 
@@ -27,6 +30,9 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
+/// IPv6's fragment header (RFC 8200, 4.5), as a next-header value, and its length.
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPV6_FRAGMENT_LEN: usize = 8;
 /// IPv6 extension headers (RFC 8200 and the IANA list): hop-by-hop options, routing,
 /// fragment, destination options, mobility, HIP, shim6 and the two experimental ones.
 const IPV6_EXTENSION_HEADERS: [u8; 9] = [0, 43, 44, 60, 135, 139, 140, 253, 254];
@@ -90,13 +96,58 @@ impl<A: Family> Packet<A> {
 }
 
 impl Packet {
-    /// The IP identification (as on the wire) if this is a datagram's first fragment, whose
-    /// later fragments `fragments.rs` must follow.
-    pub fn first_fragment_id(&self) -> Option<u16> {
+    /// The IP identification (its bytes as on the wire, widened) if this is a datagram's first
+    /// fragment, whose later fragments `fragments.rs` must follow.
+    pub fn first_fragment_id(&self) -> Option<u32> {
         // SAFETY: `ip` was bounds-checked in `packet`.
         let (frags, id) = unsafe { (u16::from_be_bytes((*self.ip).frags), (*self.ip).id) };
-        (frags & IP_MF_AND_OFFSET != 0).then_some(u16::from_ne_bytes(id))
+        (frags & IP_MF_AND_OFFSET != 0).then_some(u32::from(u16::from_ne_bytes(id)))
     }
+}
+
+impl Packet<In6> {
+    /// IPv6's `first_fragment_id`: the fragment header's identification, if `packet6` found
+    /// one with more fragments to come (its offset is 0: later fragments take another path).
+    pub fn first_fragment_id(&self) -> Option<u32> {
+        // SAFETY: `ip` was bounds-checked in `packet6`.
+        if unsafe { (*self.ip).next_hdr } != IPPROTO_FRAGMENT {
+            return None;
+        }
+        // SAFETY: `packet6` bounds-checked the fragment header (it read the L4 header past
+        // it); checked again here for the verifier, which does not carry that across.
+        let fragment =
+            unsafe { self.ip.cast::<u8>().add(Ipv6Hdr::LEN) }.cast::<[u8; IPV6_FRAGMENT_LEN]>();
+        if fragment as usize + IPV6_FRAGMENT_LEN > self.data_end {
+            return None;
+        }
+        // SAFETY: bounds-checked above.
+        let f = unsafe { *fragment };
+        (f[3] & IPV6_MORE_FRAGMENTS != 0).then_some(u32::from_ne_bytes([f[4], f[5], f[6], f[7]]))
+    }
+}
+
+/// In the fragment header's offset word (its bytes 2 and 3): the M flag, and the offset.
+const IPV6_MORE_FRAGMENTS: u8 = 1;
+const IPV6_OFFSET_MASK: u16 = 0xfff8;
+
+/// `ipv6_fragment`'s offset for a frame without a fragment header there: offsets are multiples
+/// of 8. A sentinel, not an Option: LLVM read a None's payload, which the verifier refuses.
+const NO_FRAGMENT_HEADER: u16 = 1;
+
+/// The offset (in bytes) and next header of the IPv6 fragment header right after the fixed
+/// header; NO_FRAGMENT_HEADER if the frame holds none there.
+#[inline(always)]
+fn ipv6_fragment(ctx: &impl Frame, ip: *mut Ipv6Hdr) -> (u16, u8) {
+    // SAFETY: the caller bounds-checked the fixed header.
+    if unsafe { (*ip).next_hdr } != IPPROTO_FRAGMENT {
+        return (NO_FRAGMENT_HEADER, 0);
+    }
+    let Some(fragment) = ptr_at::<[u8; IPV6_FRAGMENT_LEN]>(ctx, EthHdr::LEN + Ipv6Hdr::LEN) else {
+        return (NO_FRAGMENT_HEADER, 0);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    let f = unsafe { *fragment };
+    (u16::from_be_bytes([f[2], f[3]]) & IPV6_OFFSET_MASK, f[0])
 }
 
 /// A pointer to a `T` at `offset` in the frame, if the whole `T` lies inside it.
@@ -131,6 +182,8 @@ pub enum Path {
     Icmp,
     /// An IPv4 fragment other than the first (`fragments.rs`).
     LaterFragment,
+    /// An IPv6 fragment other than the first (`fragments.rs`).
+    LaterFragment6,
     /// Anything else: balanced, or passed with its reason (`packet`).
     Balance,
 }
@@ -143,8 +196,16 @@ pub fn path(ctx: &impl Frame) -> Path {
         if eth.is_some_and(|eth| unsafe { (*eth).ether_type } == ETH_P_IPV6.to_be()) {
             let ip: Option<*mut Ipv6Hdr> = ptr_at(ctx, EthHdr::LEN);
             // SAFETY: bounds-checked by ptr_at.
-            if ip.is_some_and(|ip| unsafe { (*ip).next_hdr } == IPPROTO_ICMPV6) {
+            let Some(ip) = ip else {
+                return Path::Ipv6;
+            };
+            // SAFETY: bounds-checked by ptr_at.
+            if unsafe { (*ip).next_hdr } == IPPROTO_ICMPV6 {
                 return Path::Icmp6;
+            }
+            let (offset, _) = ipv6_fragment(ctx, ip);
+            if offset != 0 && offset != NO_FRAGMENT_HEADER {
+                return Path::LaterFragment6;
             }
             return Path::Ipv6;
         }
@@ -216,7 +277,19 @@ pub fn packet6(ctx: &impl Frame, out: &mut MaybeUninit<Packet<In6>>) -> Result<(
     if vcf[0] >> 4 != 6 {
         return Err(pass(PassReason::MalformedIpv6));
     }
-    if next_hdr != IPPROTO_TCP && next_hdr != IPPROTO_UDP {
+    let mut l4 = EthHdr::LEN + Ipv6Hdr::LEN;
+    let (mut proto, mut ip_payload) = (next_hdr, u32::from(payload_len));
+    // A UDP datagram's first fragment carries its ports and is balanced, as in IPv4; the
+    // entry point sent later fragments elsewhere.
+    if next_hdr == IPPROTO_FRAGMENT {
+        match ipv6_fragment(ctx, ip) {
+            (0, IPPROTO_UDP) => {
+                (l4, proto) = (l4 + IPV6_FRAGMENT_LEN, IPPROTO_UDP);
+                ip_payload = ip_payload.saturating_sub(IPV6_FRAGMENT_LEN as u32);
+            }
+            _ => return Err(pass(PassReason::Fragment)),
+        }
+    } else if next_hdr != IPPROTO_TCP && next_hdr != IPPROTO_UDP {
         let extension = IPV6_EXTENSION_HEADERS.contains(&next_hdr);
         return Err(pass(if extension {
             PassReason::Ipv6ExtensionHeaders
@@ -227,13 +300,12 @@ pub fn packet6(ctx: &impl Frame, out: &mut MaybeUninit<Packet<In6>>) -> Result<(
     // SAFETY: bounds-checked by ptr_at.
     let addrs = unsafe {
         (
-            next_hdr,
+            proto,
             read_in6(&raw const (*ip).src_addr),
             read_in6(&raw const (*ip).dst_addr),
         )
     };
-    let l4 = EthHdr::LEN + Ipv6Hdr::LEN;
-    transport(ctx, eth, ip, l4, u32::from(payload_len), addrs, out)
+    transport(ctx, eth, ip, l4, ip_payload, addrs, out)
 }
 
 /// The TCP or UDP header at `l4` (after `ip_payload` bytes of IP payload, as the IP header

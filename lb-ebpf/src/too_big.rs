@@ -31,7 +31,7 @@ use crate::{
     Verdict,
     family::{Family, read_in6},
     forward, icmp,
-    parse::ptr_at,
+    parse::{IPPROTO_FRAGMENT, ptr_at},
     stats,
 };
 
@@ -120,11 +120,14 @@ impl Quoting for In6 {
     const PREPENDED: i32 = (PACKET_TOO_BIG_HEADERS_LEN - EthHdr::LEN) as i32;
     const FRAME_LEN: i32 = PACKET_TOO_BIG_FRAME_LEN as i32;
     const SENT: u32 = STAT_PACKET_TOO_BIG_SENT;
-    /// Balanced IPv6 packets have no extension headers (`parse::packet6`): the fixed header and
-    /// the ports are the quote.
+    /// The fixed header and the ports are the quote: the one extension header a balanced IPv6
+    /// packet may carry is a first fragment's (`parse::packet6`), whose ports lie beyond the
+    /// quote. That one goes unanswered (a drop, counted): its sender chose its size already.
     #[inline(always)]
     fn quote(ctx: &XdpContext) -> Option<*mut Self::Quote> {
-        ptr_at(ctx, EthHdr::LEN)
+        let quote: *mut Self::Quote = ptr_at(ctx, EthHdr::LEN)?;
+        // SAFETY: bounds-checked by ptr_at; the next-header byte is the quote's seventh.
+        (unsafe { (*quote)[3].to_ne_bytes()[0] } != IPPROTO_FRAGMENT).then_some(quote)
     }
     #[inline(always)]
     fn reverse_key(q: &Quote6) -> FlowKeyOf<Self> {

@@ -111,7 +111,11 @@ impl Balanced for In6 {
         Verdict::Sent(xdp6::FLOWLESS)
     }
     #[inline(always)]
-    fn rewritten(_: &Packet<In6>) {}
+    fn rewritten(pkt: &Packet<In6>) {
+        if let Some(id) = pkt.first_fragment_id() {
+            fragments::remember_apart(&pkt.key, id);
+        }
+    }
     #[inline(always)]
     fn tunnel(
         ctx: &XdpContext,
@@ -141,7 +145,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
         Path::Ipv6 => return xdp6::balance(ctx.ctx),
         Path::Icmp => return icmp::handle_apart(ctx.ctx),
         Path::Icmp6 => return icmp::handle6_apart(ctx.ctx),
-        Path::LaterFragment => return fragments::follow_apart(ctx.ctx),
+        Path::LaterFragment => return fragments::follow_apart::<Be32>(ctx.ctx),
+        Path::LaterFragment6 => return fragments::follow_apart::<In6>(ctx.ctx),
         Path::Balance => {}
     }
     let action = balance_apart(ctx.ctx);

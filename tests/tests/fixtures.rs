@@ -36,7 +36,8 @@ use lb_tests::{
     flows::{key, key6, monotonic_ns, value},
     netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{
-        ETH_P_IPV6, IPPROTO_ICMPV6, Mac, PacketBuilder, describe, diff, pkt, verify_checksums,
+        ETH_P_IPV6, IPPROTO_ICMPV6, IPV6_FRAGMENT, Mac, PacketBuilder, describe, diff, pkt,
+        verify_checksums,
     },
 };
 use lb_user::{
@@ -4687,7 +4688,213 @@ fn ipv6_fixtures() -> Vec<Fixture> {
     ];
     list.extend(icmp6_fixtures());
     list.extend(ipv6_tunnel_fixtures());
+    list.extend(ipv6_fragment_fixtures());
     list
+}
+
+/// IPv6's fragments as IPv4's (`fragment_fixtures`): a UDP datagram's first fragment, its
+/// fragment header right after the fixed one, balanced and recorded by its identification;
+/// the later ones following it both ways; anything else passed, counted.
+fn ipv6_fragment_fixtures() -> Vec<Fixture> {
+    let client = pkt().eth(CLIENT_MAC, LB0_MAC).ipv6(CLIENT6, VIP6);
+    let id = 0x0004_2301;
+    let first = client
+        .clone()
+        .udp(40301, DNS_PORT)
+        .payload(&bulk(1000))
+        .fragment6(true, 0, id);
+    let later = client
+        .clone()
+        .ip_proto(UDP)
+        .payload(&bulk(1000))
+        .fragment6(false, 126, id);
+    let forwarded = |b: PacketBuilder| b.eth(LB1_MAC, B1_MAC).ipv6(SNAT6, B1_6).ttl(63);
+    let (reply_first, reply_later) = {
+        let backend = pkt().eth(B1_MAC, LB1_MAC).ipv6(B1_6, SNAT6);
+        (
+            backend
+                .clone()
+                .udp(BACKEND_PORT, 31305)
+                .payload(&bulk(1000))
+                .fragment6(true, 0, 0x0004_2305),
+            backend
+                .ip_proto(UDP)
+                .payload(&bulk(600))
+                .fragment6(false, 126, 0x0004_2305),
+        )
+    };
+    vec![
+        Fixture {
+            flows6_after: new_pair6(UDP_UNREPLIED, UDP, 40301, 1),
+            ..fixture(
+                "ipv6_udp_first_fragment_balanced_and_recorded",
+                with(backends6(), &[dns6(&[(1, 1)])]),
+                first.build(),
+                XDP_REDIRECT,
+                Some(forwarded(first.clone()).udp(PORT_MIN, BACKEND_PORT).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::NewFlows(1), 1),
+                    (Counter::Event("first_fragments"), 1),
+                ],
+            )
+        },
+        Fixture {
+            before: vec![("lb0", first.build())],
+            ..fixture(
+                "ipv6_udp_later_fragment_follows_its_first",
+                with(backends6(), &[dns6(&[(1, 1)])]),
+                later.build(),
+                XDP_REDIRECT,
+                Some(forwarded(later.clone()).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("fragments_followed"), 1),
+                    (Counter::Packets(1), 1),
+                    (Counter::NewFlows(1), 0),
+                ],
+            )
+        },
+        Fixture {
+            before: vec![("lb1", reply_first.build())],
+            ingress: "lb1",
+            ..fixture(
+                "ipv6_udp_reply_later_fragment_follows_its_first_to_the_client",
+                with(
+                    backends6(),
+                    &[
+                        dns6(&[(1, 1)]),
+                        Setup::Flow6(FlowSetup {
+                            proto: UDP,
+                            ..flow_in(UDP_REPLIED, 40305, 1, 31305, Some(0))
+                        }),
+                    ],
+                ),
+                reply_later.build(),
+                XDP_REDIRECT,
+                Some(
+                    reply_later
+                        .clone()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv6(VIP6, CLIENT6)
+                        .ttl(63)
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("fragments_followed"), 1),
+                ],
+            )
+        },
+        fixture(
+            "ipv6_udp_later_fragment_before_its_first_passed",
+            with(backends6(), &[dns6(&[(1, 1)])]),
+            later.build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::Fragment), 1),
+                (Counter::Event("fragments_followed"), 0),
+            ],
+        ),
+        Fixture {
+            before: vec![("lb0", first.build())],
+            ..fixture(
+                "ipv6_udp_later_fragment_of_another_datagram_passed",
+                with(backends6(), &[dns6(&[(1, 1)])]),
+                later.clone().fragment6(false, 126, 0x9999).build(),
+                XDP_PASS,
+                None,
+                vec![(Counter::Pass(PassReason::Fragment), 1)],
+            )
+        },
+        // A complete datagram with a fragment header (RFC 6946's atomic fragment): balanced,
+        // with nothing to follow.
+        Fixture {
+            flows6_after: new_pair6(UDP_UNREPLIED, UDP, 40307, 1),
+            ..fixture(
+                "ipv6_udp_atomic_fragment_balanced_and_not_recorded",
+                with(backends6(), &[dns6(&[(1, 1)])]),
+                client
+                    .clone()
+                    .udp(40307, DNS_PORT)
+                    .payload(b"query")
+                    .fragment6(false, 0, 9)
+                    .build(),
+                XDP_REDIRECT,
+                Some(
+                    forwarded(client.clone())
+                        .udp(PORT_MIN, BACKEND_PORT)
+                        .payload(b"query")
+                        .fragment6(false, 0, 9)
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("first_fragments"), 0),
+                ],
+            )
+        },
+        // TCP is not fragmented by the stacks that reach a VIP (they send to the path's MTU).
+        fixture(
+            "ipv6_tcp_first_fragment_passed",
+            with(backends6(), &[web6(&[(1, 1)])]),
+            client_syn6(40306).fragment6(true, 0, 7).build(),
+            XDP_PASS,
+            None,
+            vec![
+                (Counter::Pass(PassReason::Fragment), 1),
+                (Counter::NewFlows(1), 0),
+            ],
+        ),
+        fixture(
+            "ipv6_fragment_behind_another_extension_header_passes",
+            with(backends6(), &[dns6(&[(1, 1)])]),
+            first.clone().hop_by_hop().build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::Ipv6ExtensionHeaders), 1)],
+        ),
+        fixture(
+            "ipv6_truncated_fragment_header_passes",
+            with(backends6(), &[dns6(&[(1, 1)])]),
+            client
+                .clone()
+                .ip_proto(IPV6_FRAGMENT)
+                .payload(&[UDP, 0, 0])
+                .build(),
+            XDP_PASS,
+            None,
+            vec![(Counter::Pass(PassReason::Fragment), 1)],
+        ),
+        // Too big for the backends' 1500-byte link: a fragment's quote would not hold its
+        // ports, by which the flow is found, so it gets no "packet too big".
+        fixture(
+            "ipv6_first_fragment_too_big_for_the_link_dropped",
+            with(backends6(), &[dns6(&[(1, 1)])]),
+            client
+                .clone()
+                .udp(40308, DNS_PORT)
+                .payload(&bulk(1448))
+                .fragment6(true, 0, 11)
+                .build(),
+            XDP_DROP,
+            // Rewritten by then; dropped as it is.
+            Some(
+                client
+                    .clone()
+                    .ipv6(SNAT6, B1_6)
+                    .udp(PORT_MIN, BACKEND_PORT)
+                    .payload(&bulk(1448))
+                    .fragment6(true, 0, 11)
+                    .build(),
+            ),
+            vec![
+                (Counter::Drop(DropReason::FibFragNeeded), 1),
+                (Counter::Event("packet_too_big_sent"), 0),
+            ],
+        ),
+    ]
 }
 
 /// ICMPv6 at the XDP hook: echo to a VIP answered; errors about balanced flows translated both

@@ -15,9 +15,9 @@ use std::net::SocketAddrV4;
 use lb_common::{Be16, Be32, FLOW_REVERSE};
 use lb_tests::{
     fixture_net::{
-        B1, B1_MAC, B2, BACKEND_PORT, CLIENT, CLIENT_MAC, DNS_PORT, LB0_MAC, LB1_MAC, MAGLEV_SIZE,
-        OTHER, PORT_MIN, SNAT, TCP, UDP, VIP, WEB_PORT, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
-        service_key, topology,
+        B1, B1_MAC, B2, BACKEND_PORT, CLIENT, CLIENT_MAC, CLIENT6, DNS_PORT, LB0_MAC, LB1_MAC,
+        MAGLEV_SIZE, OTHER, PORT_MIN, SNAT, TCP, UDP, VIP, VIP6, WEB_PORT, XDP_DROP, XDP_PASS,
+        XDP_REDIRECT, XDP_TX, service_key, topology,
     },
     netns::{pin_current_thread_to_cpu0, require_root, sweep_stale},
     packet::{PacketBuilder, describe, pkt, verify_checksums},
@@ -71,7 +71,7 @@ fn valid_frame(rng: &mut Rng) -> Vec<u8> {
     let flags = rng.pick(&[0x02u8, 0x02, 0x10, 0x18, 0x11, 0x04, 0x12, 0x14, 0x00, 0xff]);
     let payload_len = rng.pick(&[0usize, 1, 10, 100, 1400]);
     let payload = vec![0x5a; payload_len];
-    let builder: PacketBuilder = match rng.below(12) {
+    let builder: PacketBuilder = match rng.below(13) {
         0..=3 => from_client()
             .ipv4(CLIENT, VIP)
             .tcp(cport, WEB_PORT)
@@ -99,6 +99,11 @@ fn valid_frame(rng: &mut Rng) -> Vec<u8> {
             .ipv4(CLIENT, VIP)
             .udp(cport, DNS_PORT)
             .fragment(rng.chance(50), rng.below(4) as u16),
+        // IPv6 has no service here: its fragments' parsing, first or later, must pass them.
+        11 => from_client()
+            .ipv6(CLIENT6, VIP6)
+            .udp(cport, DNS_PORT)
+            .fragment6(rng.chance(50), rng.below(4) as u16, rng.below(4) as u32),
         _ => from_client().ethertype(rng.pick(&[0x0806u16, 0x86dd, 0x8100])),
     };
     builder.payload(&payload).build()
