@@ -31,12 +31,8 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     };
     // IPv4's tail is `send_back`'s, inlined by hand: as a generic function it costs the
     // balancing path's frame the 8 bytes its chain with `send_direct_apart` cannot spare.
-    let Some(budget) = RESET_BUDGET.get_ptr_mut(0) else {
-        return Verdict::Drop(DropReason::Inconsistent);
-    };
-    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
-    if !unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) } {
-        return silent;
+    if let Err(verdict) = take_budget() {
+        return verdict;
     }
     // A parsed TCP segment is at least RESET_FRAME_LEN long, so this only shrinks the frame.
     let excess = (ctx.data_end() - ctx.data()) as i32 - RESET_FRAME_LEN as i32;
@@ -106,10 +102,21 @@ pub fn segment6(pkt: &Packet<In6>) -> Segment6 {
 /// Takes one RST from this CPU's budget: false if it is spent (or missing).
 #[inline(always)]
 pub fn budget_allows() -> bool {
-    RESET_BUDGET.get_ptr_mut(0).is_some_and(|budget| {
-        // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
-        unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) }
-    })
+    take_budget().is_ok()
+}
+
+/// Takes one RST from this CPU's budget, or the drop for a segment left unanswered: spent
+/// (TcpNoFlow), or the budget's slot missing (Inconsistent).
+#[inline(always)]
+fn take_budget() -> Result<(), Verdict> {
+    let Some(budget) = RESET_BUDGET.get_ptr_mut(0) else {
+        return Err(Verdict::Drop(DropReason::Inconsistent));
+    };
+    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
+    if !unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) } {
+        return Err(Verdict::Drop(DropReason::TcpNoFlow));
+    }
+    Ok(())
 }
 
 /// `frame` in place of the packet, sent back out of its ingress device; or a counted drop if
@@ -117,12 +124,8 @@ pub fn budget_allows() -> bool {
 #[inline(always)]
 fn send_back<const N: usize>(ctx: &XdpContext, frame: &[u8; N]) -> Verdict {
     let silent = Verdict::Drop(DropReason::TcpNoFlow);
-    let Some(budget) = RESET_BUDGET.get_ptr_mut(0) else {
-        return Verdict::Drop(DropReason::Inconsistent);
-    };
-    // SAFETY: a per-CPU slot, only this CPU writes it; the helper has no arguments.
-    if !unsafe { (*budget).take(bpf_ktime_get_coarse_ns()) } {
-        return silent;
+    if let Err(verdict) = take_budget() {
+        return verdict;
     }
     // A parsed TCP segment is at least as long as its RST, so this only shrinks the frame.
     let excess = (ctx.data_end() - ctx.data()) as i32 - N as i32;
