@@ -1,5 +1,6 @@
 //! The lb daemon and CLI as a library, so that tests drive the same code the binary runs.
 
+pub mod bpf_syscall;
 pub mod config;
 pub mod control;
 pub mod cut;

@@ -3,7 +3,7 @@
 //! aya's iterator takes two per entry. The daemon sweeps FLOWS every second, so at a million
 //! entries this is the difference between milliseconds and most of a CPU.
 
-use std::{io, mem::size_of, os::fd::AsRawFd as _, os::fd::BorrowedFd};
+use std::{io, os::fd::AsRawFd as _, os::fd::BorrowedFd};
 
 use aya::Pod;
 
@@ -26,25 +26,14 @@ struct BatchAttr {
     flags: u64,
 }
 
+/// bpf(2) with a batch command.
+///
 /// # Safety
 /// `attr`'s pointers must be valid for `count` keys and values of the map's sizes, and its
 /// batch tokens for the map's token size (at most 8 bytes for hash maps).
 unsafe fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: the caller guarantees the pointers; the kernel reads and writes only `attr`'s
-    // size and the buffers it names.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            size_of::<BatchAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: the caller's guarantee.
+    unsafe { crate::bpf_syscall::bpf(cmd, attr) }.map(drop)
 }
 
 /// Every entry of the hash map `fd`, whose keys and values are `K` and `V`.

@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 
 use crate::netns::Netns;
 
-/// Jiffies of the whole machine: (busy, softirq, total).
+/// Jiffies of the whole machine, or of one CPU: (busy, softirq, total).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MachineCpu {
     busy: u64,
@@ -16,9 +16,19 @@ pub struct MachineCpu {
 }
 
 impl MachineCpu {
+    /// The whole machine's.
     pub fn read() -> MachineCpu {
+        Self::read_line("cpu")
+    }
+
+    /// CPU `cpu`'s alone.
+    pub fn read_cpu(cpu: usize) -> MachineCpu {
+        Self::read_line(&format!("cpu{cpu}"))
+    }
+
+    fn read_line(name: &str) -> MachineCpu {
         let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        parse_proc_stat(&text)
+        parse_proc_stat(&text, name)
     }
 
     /// (busy share, softirq share) between `self` and a later reading.
@@ -29,13 +39,20 @@ impl MachineCpu {
             later.softirq.saturating_sub(self.softirq) as f64 / total,
         )
     }
+
+    /// Whether time passed between `self` and a later reading: not if /proc/stat could not be
+    /// read, or has no such line.
+    pub fn advanced_to(&self, later: &MachineCpu) -> bool {
+        later.total > self.total
+    }
 }
 
-/// The first line of /proc/stat: user nice system idle iowait irq softirq steal ...
-pub fn parse_proc_stat(text: &str) -> MachineCpu {
+/// The line of /proc/stat named `name` ("cpu" for the whole machine, "cpu0" for one CPU):
+/// user nice system idle iowait irq softirq steal ...; zeros if there is none.
+pub fn parse_proc_stat(text: &str, name: &str) -> MachineCpu {
     let fields: Vec<u64> = text
         .lines()
-        .next()
+        .find(|l| l.split_whitespace().next() == Some(name))
         .unwrap_or_default()
         .split_whitespace()
         .skip(1)
@@ -190,12 +207,32 @@ mod tests {
 
     #[test]
     fn proc_stat_shares() {
-        let a = parse_proc_stat("cpu  100 0 50 800 50 0 10 0 0 0\ncpu0 1 2 3");
-        let b = parse_proc_stat("cpu  200 0 100 850 50 0 30 0 0 0\n");
+        let a = parse_proc_stat("cpu  100 0 50 800 50 0 10 0 0 0\ncpu0 1 2 3", "cpu");
+        let b = parse_proc_stat("cpu  200 0 100 850 50 0 30 0 0 0\n", "cpu");
         let (busy, softirq) = a.shares_until(&b);
         // total grew by 100+50+50+20 = 220; idle by 50.
         assert!((busy - 170.0 / 220.0).abs() < 1e-9);
         assert!((softirq - 20.0 / 220.0).abs() < 1e-9);
+        assert!(a.advanced_to(&b));
+    }
+
+    #[test]
+    fn proc_stat_reads_one_cpus_line() {
+        let text = |softirq: u64| {
+            format!(
+                "cpu  900 0 0 900 0 0 900 0 0 0\ncpu0 10 0 0 80 0 0 {softirq} 0 0 0\n\
+                 cpu1 5 0 0 5 0 0 5 0 0 0\ncpu10 1 1 1 1 1 1 1 0 0 0\n"
+            )
+        };
+        let (a, b) = (
+            parse_proc_stat(&text(10), "cpu0"),
+            parse_proc_stat(&text(110), "cpu0"),
+        );
+        let (busy, softirq) = a.shares_until(&b);
+        assert!((busy - 1.0).abs() < 1e-9, "cpu0's softirq is its busy time");
+        assert!((softirq - 1.0).abs() < 1e-9);
+        let missing = parse_proc_stat(&text(10), "cpu2");
+        assert!(!missing.advanced_to(&parse_proc_stat(&text(110), "cpu2")));
     }
 
     #[test]

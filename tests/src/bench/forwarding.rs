@@ -34,7 +34,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::summary::Summary;
+use super::{cost::MachineCpu, summary::Summary};
 
 /// bpf(2) commands and constants (linux/bpf.h).
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -124,14 +124,9 @@ fn reflector_program(frame: &[u8], ifindex: u32) -> Vec<[u8; 8]> {
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8]) -> io::Result<i32> {
-    // SAFETY: `attr` is a bpf_attr of the command's layout, zero past its fields, valid for
-    // its length; pointers inside it point to buffers the caller keeps alive.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len()) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc as i32)
-    }
+    // SAFETY: `attr` is a bpf_attr of the command's layout, zero past its fields; pointers
+    // inside it point to buffers the caller keeps alive.
+    unsafe { lb_user::bpf_syscall::bpf(cmd, attr) }
 }
 
 fn put_u32(attr: &mut [u8], at: usize, v: u32) {
@@ -237,16 +232,6 @@ fn xdp_redirects(dev: &str) -> Result<u64, String> {
     Ok(counts.iter().sum())
 }
 
-/// CPU 0's softirq time so far, in clock ticks (/proc/stat).
-fn cpu0_softirq_ticks() -> Result<u64, String> {
-    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
-    stat.lines()
-        .find_map(|l| l.strip_prefix("cpu0 "))
-        .and_then(|l| l.split_whitespace().nth(6))
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| "no softirq time for cpu0 in /proc/stat".to_owned())
-}
-
 /// The devices of the loop, by name and index.
 pub struct Loop<'a> {
     /// Where the frames enter lb's device: lb0's other end.
@@ -268,23 +253,23 @@ fn one_round(
     let link = attach_native(reflector, devices.reflector_at.1)?;
     send_frames(devices.into_lb.1, frame, FRAMES_IN_FLIGHT)?;
     thread::sleep(Duration::from_millis(100));
-    let (count0, ticks0, t0) = (
+    let (count0, cpu0, t0) = (
         xdp_redirects(devices.reflector_at.0)?,
-        cpu0_softirq_ticks()?,
+        MachineCpu::read_cpu(0),
         Instant::now(),
     );
     thread::sleep(Duration::from_secs_f64(seconds));
-    let (count1, ticks1, elapsed) = (
+    let (count1, cpu1, elapsed) = (
         xdp_redirects(devices.reflector_at.0)?,
-        cpu0_softirq_ticks()?,
+        MachineCpu::read_cpu(0),
         t0.elapsed().as_secs_f64(),
     );
     drop(link);
-    // SAFETY: sysconf has no preconditions.
-    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    if !cpu0.advanced_to(&cpu1) {
+        return Err("no time for cpu0 in /proc/stat".into());
+    }
     let mpps = count1.saturating_sub(count0) as f64 / elapsed / 1e6;
-    // Clock ticks count whole: a share a tick above the elapsed time is the whole CPU.
-    let share = (ticks1.saturating_sub(ticks0) as f64 / ticks_per_second / elapsed).min(1.0);
+    let (_, share) = cpu0.shares_until(&cpu1);
     if mpps == 0.0 {
         return Err("no frame went round the forwarding loop".into());
     }
