@@ -8,8 +8,9 @@
 //! fragment is rare on the paths balanced, and buffering in XDP is not possible. IPv6's
 //! fragments are followed the same way, by their fragment header's identification (RFC 8200:
 //! only the source fragments, and the header sits right after the fixed one, `parse.rs`).
-//! Reads FLOWS(6) and IFACES; writes FRAGMENTS(6), FRAGMENT_SCRATCH(6) and FLOWS' next-hop
-//! cache.
+//! Both hooks follow fragments: XDP by `follow_apart` here, tc (a container's answer) by its
+//! own, over the same `readdress`. Reads FLOWS(6) and IFACES; writes FRAGMENTS(6),
+//! FRAGMENT_SCRATCH(6) and FLOWS' next-hop cache.
 
 use aya_ebpf::{
     bindings::{BPF_ANY, xdp_md},
@@ -17,7 +18,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Be32, DropReason, FRAGMENT_FOLLOW_NS, FlowKeyOf, FragmentKeyOf, In6, PassReason,
+    Be32, DropReason, FRAGMENT_FOLLOW_NS, FlowKeyOf, FlowValueOf, FragmentKeyOf, In6, PassReason,
     STAT_FIRST_FRAGMENTS, STAT_FRAGMENTS_FOLLOWED,
 };
 use network_types::{
@@ -29,8 +30,12 @@ use crate::{
     Verdict,
     family::{Family, read_in6},
     forward::{self, NoHop},
+    frame::Frame,
     nat,
-    parse::{IPPROTO_FRAGMENT, IPPROTO_UDP, IPV6_FRAGMENT_LEN, ptr_at},
+    parse::{
+        IP_OFFSET, IPPROTO_FRAGMENT, IPPROTO_UDP, IPV6_FRAGMENT_LEN, IPV6_OFFSET_MASK, Packet,
+        ptr_at,
+    },
     stats,
 };
 
@@ -65,36 +70,41 @@ pub fn remember_apart<A: Family>(key: *const FlowKeyOf<A>, id: u32) {
 #[inline(never)]
 pub fn follow_apart<A: Fragmented>(ctx: *mut xdp_md) -> u32 {
     let ctx = XdpContext::new(ctx);
-    let result = A::later_fragment(&ctx).and_then(|(eth, ip, key)| follow(&ctx, eth, ip, &key));
+    let result = A::later_fragment(&ctx).and_then(|key| follow(&ctx, &key));
     match result {
         Ok(v) | Err(v) => v.counted(),
     }
 }
 
-/// A family's later fragments, as the entry point finds them (`parse::path`).
+/// A family's fragments, as the hooks meet them.
 pub trait Fragmented: Family {
-    /// The fragment's headers and its datagram's reassembly key, if it is a UDP datagram's.
-    fn later_fragment(
-        ctx: &XdpContext,
-    ) -> Result<(*mut EthHdr, *mut Self::Ip, FragmentKeyOf<Self>), Verdict>;
+    /// The reassembly key of the frame's datagram, if the frame is a later fragment (its offset
+    /// not 0) of a UDP datagram. (The headers are not handed back: a pointer in the result
+    /// spills in a way the verifier refuses; callers find them again.)
+    fn later_fragment(ctx: &impl Frame) -> Result<FragmentKeyOf<Self>, Verdict>;
+    /// The identification of `pkt`'s datagram if `pkt` is its first fragment
+    /// (`Packet::first_fragment_id`), whose later fragments must follow it.
+    fn first_fragment_id(pkt: &Packet<Self>) -> Option<u32>;
     /// What a later fragment too big for its next hop gets.
     const TOO_BIG: Verdict;
 }
 
 impl Fragmented for Be32 {
     #[inline(always)]
-    fn later_fragment(
-        ctx: &XdpContext,
-    ) -> Result<(*mut EthHdr, *mut Ipv4Hdr, FragmentKeyOf<Self>), Verdict> {
+    fn later_fragment(ctx: &impl Frame) -> Result<FragmentKeyOf<Self>, Verdict> {
         let not_ours = Verdict::Pass(PassReason::Fragment);
-        let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
         let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
         // SAFETY: bounds-checked by ptr_at.
-        let (vihl, proto, id, src, dst) = unsafe {
+        let (vihl, frags, proto, id, src, dst) = unsafe {
             let ip = &*ip;
-            (ip.vihl, ip.proto, ip.id, ip.src_addr, ip.dst_addr)
+            let frags = u16::from_be_bytes(ip.frags);
+            (ip.vihl, frags, ip.proto, ip.id, ip.src_addr, ip.dst_addr)
         };
-        if vihl >> 4 != 4 || ((vihl & 0x0f) as usize) * 4 < Ipv4Hdr::LEN || proto != IPPROTO_UDP {
+        if vihl >> 4 != 4
+            || ((vihl & 0x0f) as usize) * 4 < Ipv4Hdr::LEN
+            || proto != IPPROTO_UDP
+            || frags & IP_OFFSET == 0
+        {
             return Err(not_ours);
         }
         let key = FragmentKeyOf {
@@ -104,7 +114,11 @@ impl Fragmented for Be32 {
             proto,
             _pad: [0; 3],
         };
-        Ok((eth, ip, key))
+        Ok(key)
+    }
+    #[inline(always)]
+    fn first_fragment_id(pkt: &Packet) -> Option<u32> {
+        pkt.first_fragment_id()
     }
     /// A fragment has no DF: the FIB's "too big" is passed for the kernel to fragment.
     const TOO_BIG: Verdict = Verdict::Pass(PassReason::NeedsFragmenting);
@@ -112,17 +126,15 @@ impl Fragmented for Be32 {
 
 impl Fragmented for In6 {
     #[inline(always)]
-    fn later_fragment(
-        ctx: &XdpContext,
-    ) -> Result<(*mut EthHdr, *mut Ipv6Hdr, FragmentKeyOf<Self>), Verdict> {
+    fn later_fragment(ctx: &impl Frame) -> Result<FragmentKeyOf<Self>, Verdict> {
         let not_ours = Verdict::Pass(PassReason::Fragment);
-        let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(not_ours)?;
         let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN).ok_or(not_ours)?;
         let fragment: *mut [u8; IPV6_FRAGMENT_LEN] =
             ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN).ok_or(not_ours)?;
         // SAFETY: bounds-checked by ptr_at.
         let (next_hdr, f) = unsafe { ((*ip).next_hdr, *fragment) };
-        if next_hdr != IPPROTO_FRAGMENT || f[0] != IPPROTO_UDP {
+        let offset = u16::from_be_bytes([f[2], f[3]]) & IPV6_OFFSET_MASK;
+        if next_hdr != IPPROTO_FRAGMENT || f[0] != IPPROTO_UDP || offset == 0 {
             return Err(not_ours);
         }
         // SAFETY: as above.
@@ -135,7 +147,11 @@ impl Fragmented for In6 {
                 _pad: [0; 3],
             }
         };
-        Ok((eth, ip, key))
+        Ok(key)
+    }
+    #[inline(always)]
+    fn first_fragment_id(pkt: &Packet<In6>) -> Option<u32> {
+        pkt.first_fragment_id()
     }
     /// Routers do not fragment IPv6, and the first fragment, as large, was answered already.
     const TOO_BIG: Verdict = Verdict::Drop(DropReason::FibFragNeeded);
@@ -146,10 +162,29 @@ impl Fragmented for In6 {
 #[inline(always)]
 fn follow<A: Fragmented>(
     ctx: &XdpContext,
-    eth: *mut EthHdr,
-    ip: *mut A::Ip,
     fragment: &FragmentKeyOf<A>,
 ) -> Result<Verdict, Verdict> {
+    let malformed = Verdict::Drop(DropReason::Inconsistent);
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(malformed)?;
+    let ip: *mut A::Ip = ptr_at(ctx, EthHdr::LEN).ok_or(malformed)?;
+    let entry = readdress(ip, fragment)?;
+    let hop = match forward::next_hop(ctx, ip, IPPROTO_UDP, entry, 0) {
+        Ok(hop) => hop,
+        Err(NoHop::TooBig { .. }) => return Err(A::TOO_BIG),
+        Err(NoHop::Verdict(verdict)) => return Err(verdict),
+    };
+    followed(entry, (ctx.data_end() - ctx.data()) as u64);
+    forward::send::<A>(ctx, eth, ip, &hop)
+}
+
+/// The flow entry of the later fragment of `fragment` whose IP header is `ip` (bounds-checked
+/// by the caller), that header readdressed as the datagram's first fragment was, if that was
+/// balanced a moment ago; passed to the kernel otherwise. Both hooks forward it then.
+#[inline(always)]
+pub fn readdress<A: Fragmented>(
+    ip: *mut A::Ip,
+    fragment: &FragmentKeyOf<A>,
+) -> Result<*mut FlowValueOf<A>, Verdict> {
     let not_ours = Verdict::Pass(PassReason::Fragment);
     // SAFETY: a value pointer from a map lookup is valid for this program run.
     let first = unsafe { &*A::fragments().get_ptr(fragment).ok_or(not_ours)? };
@@ -165,17 +200,17 @@ fn follow<A: Fragmented>(
     }
     // SAFETY: a value pointer from a map lookup is valid for this program run; `ip` was
     // bounds-checked by the caller.
-    let backend_id = unsafe {
+    unsafe {
         let nat = &*entry;
         nat::readdress::<A>(&mut *ip, nat.nat_src_addr, nat.nat_dst_addr);
-        nat.backend_id
-    };
-    let hop = match forward::next_hop(ctx, ip, IPPROTO_UDP, entry, 0) {
-        Ok(hop) => hop,
-        Err(NoHop::TooBig { .. }) => return Err(A::TOO_BIG),
-        Err(NoHop::Verdict(verdict)) => return Err(verdict),
-    };
+    }
+    Ok(entry)
+}
+
+/// Counts a later fragment of the flow `entry`, `len` bytes, as forwarded.
+#[inline(always)]
+pub fn followed<A: Family>(entry: *mut FlowValueOf<A>, len: u64) {
     stats::count_slot(STAT_FRAGMENTS_FOLLOWED);
-    stats::count_backend(backend_id, (ctx.data_end() - ctx.data()) as u64);
-    forward::send::<A>(ctx, eth, ip, &hop)
+    // SAFETY: a value pointer from a map lookup is valid for this program run.
+    stats::count_backend(unsafe { (*entry).backend_id }, len);
 }

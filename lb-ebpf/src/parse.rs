@@ -43,7 +43,7 @@ const TCP_DOFF_OFFSET: usize = 12;
 const TCP_FLAGS_OFFSET: usize = 13;
 /// More-fragments flag and fragment offset in IPv4's `frags` field (host order).
 pub const IP_MF_AND_OFFSET: u16 = 0x3fff;
-const IP_OFFSET: u16 = 0x1fff;
+pub const IP_OFFSET: u16 = 0x1fff;
 
 /// A parsed TCP or UDP packet of an address family (IPv4 by default). The pointers were
 /// bounds-checked against the frame.
@@ -128,7 +128,7 @@ impl Packet<In6> {
 
 /// In the fragment header's offset word (its bytes 2 and 3): the M flag, and the offset.
 const IPV6_MORE_FRAGMENTS: u8 = 1;
-const IPV6_OFFSET_MASK: u16 = 0xfff8;
+pub const IPV6_OFFSET_MASK: u16 = 0xfff8;
 
 /// `ipv6_fragment`'s offset for a frame without a fragment header there: offsets are multiples
 /// of 8. A sentinel, not an Option: LLVM read a None's payload, which the verifier refuses.

@@ -7,7 +7,8 @@
 //! as XDP balances a client's. Everything else goes on untouched (`TC_ACT_UNSPEC`: the next tc
 //! program, then the stack). Shares the flow table and every stage but the rewrite and the
 //! forwarding, which are the skb's own here. IPv4 and IPv6 alike; IPv6's new flows are made
-//! in steps (`balance6`).
+//! in steps (`balance6`). A fragmented datagram's later fragments follow its first, as at XDP
+//! (`fragments.rs`).
 
 use core::{mem::MaybeUninit, ptr::NonNull};
 
@@ -26,7 +27,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use lb_common::{
-    BackendOf, DropReason, FLOW_DSR, FlowValueOf, PassReason, STAT_RESET_NO_FLOW, ServiceOf,
+    BackendOf, Be32, DropReason, FLOW_DSR, FlowValueOf, In6, PassReason, STAT_RESET_NO_FLOW,
+    ServiceOf,
     conntrack::tcp_flags_valid,
     is_dsr_mode,
     reset::{reset_frame, reset_frame6},
@@ -37,7 +39,8 @@ use crate::{
     Verdict,
     csum::Delta,
     family::Family,
-    flow, forward,
+    flow, forward, fragments,
+    fragments::Fragmented,
     maps::{FLOW_SCRATCH6, REPLY_KEY_SCRATCH6},
     mss, nat,
     parse::{self, ETH_P_IPV6, IPPROTO_UDP, Packet, ptr_at},
@@ -58,6 +61,9 @@ const TUPLE_TAKEN: i32 = i32::MIN + 3;
 /// `new_flow_apart`'s (and `open6_apart`'s) answer for a TCP segment that no flow takes and
 /// that cannot open one, uncounted: `reset_apart` answers it.
 const ANSWER_RESET: i32 = i32::MIN + 4;
+/// `carry_apart`'s (and `carry6_apart`'s) answer for a fragment that is no datagram's first,
+/// uncounted: `follow_apart` forwards it after its first, or passes it.
+const FRAGMENT: i32 = i32::MIN + 5;
 
 /// A packet of a flow is carried; one without is given one if it opens a connection to a
 /// service (a container's client of a VIP), then carried. Each step is a BPF function with a
@@ -69,6 +75,9 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
         return balance6(skb);
     }
     let action = carry_apart(skb);
+    if action == FRAGMENT {
+        return follow_apart::<Be32>(skb);
+    }
     if action != NO_FLOW {
         return action;
     }
@@ -106,6 +115,28 @@ fn carry_apart(skb: *mut __sk_buff) -> i32 {
     };
     match process(&ctx) {
         Err(Verdict::Pass(PassReason::NotService)) => NO_FLOW,
+        Err(Verdict::Pass(PassReason::Fragment)) => FRAGMENT,
+        Ok(verdict) | Err(verdict) => counted(verdict),
+    }
+}
+
+/// A fragment other than its datagram's first, its headers pulled (`carry_apart`): readdressed
+/// and forwarded as that first fragment was, if it was met a moment ago (`fragments.rs`);
+/// passed otherwise. The tc action, counted.
+#[inline(never)]
+fn follow_apart<A: Fragmented>(skb: *mut __sk_buff) -> i32 {
+    let Some(ctx) = context(skb) else {
+        return TC_ACT_UNSPEC;
+    };
+    let result = A::later_fragment(&ctx).and_then(|fragment| {
+        let ip: *mut A::Ip =
+            ptr_at(&ctx, EthHdr::LEN).ok_or(Verdict::Drop(DropReason::Inconsistent))?;
+        let entry = fragments::readdress(ip, &fragment)?;
+        let verdict = forward::<A>(&ctx, entry, IPPROTO_UDP)?;
+        fragments::followed(entry, u64::from(ctx.len()));
+        Ok(verdict)
+    });
+    match result {
         Ok(verdict) | Err(verdict) => counted(verdict),
     }
 }
@@ -116,6 +147,9 @@ fn carry_apart(skb: *mut __sk_buff) -> i32 {
 #[inline(always)]
 fn balance6(skb: *mut __sk_buff) -> i32 {
     let action = carry6_apart(skb);
+    if action == FRAGMENT {
+        return follow_apart::<In6>(skb);
+    }
     if action != NO_FLOW {
         return action;
     }
@@ -157,6 +191,7 @@ fn carry6_apart(skb: *mut __sk_buff) -> i32 {
     });
     match result {
         Err(Verdict::Pass(PassReason::NotService)) => NO_FLOW,
+        Err(Verdict::Pass(PassReason::Fragment)) => FRAGMENT,
         Ok(verdict) | Err(verdict) => counted(verdict),
     }
 }
@@ -337,7 +372,7 @@ fn process(ctx: &TcContext) -> Result<Verdict, Verdict> {
 /// A packet of either family (its headers pulled): its flow's rewrite and forwarding, or
 /// NotService.
 #[inline(always)]
-fn carry<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Verdict> {
+fn carry<A: Fragmented>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Verdict> {
     let Some(flow) = flow::lookup(pkt)? else {
         return Err(Verdict::Pass(PassReason::NotService));
     };
@@ -354,7 +389,13 @@ fn carry<A: Family>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Verdict
     } else {
         Delta::default()
     };
+    // Read before the rewrite, whose helpers move the packet.
+    let first_fragment = A::first_fragment_id(pkt);
     rewrite(ctx, pkt, nat, options)?;
+    // A datagram's first fragment has its later fragments follow it.
+    if let Some(id) = first_fragment {
+        fragments::remember_apart(&pkt.key, id);
+    }
     stats::count_backend(nat.backend_id, pkt.len);
     forward::<A>(ctx, flow.entry(), pkt.key.proto)
 }

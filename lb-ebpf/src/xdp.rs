@@ -16,7 +16,9 @@ use crate::{
     flow::Flow,
     forward,
     forward::{NextHop, NoHop},
-    fragments, icmp, mss, nat, parse,
+    fragments,
+    fragments::Fragmented,
+    icmp, mss, nat, parse,
     parse::{Packet, Path},
     reset, select, service, stats, timestamps, too_big, xdp6,
 };
@@ -25,7 +27,7 @@ use crate::{
 pub const TOO_BIG: u32 = 1 << 31;
 
 /// What the balancing path does differently per address family at this hook.
-pub trait Balanced: Family {
+pub trait Balanced: Fragmented {
     /// Sends a DSR flow's packet (`send_direct_apart`): the XDP action, counted, or TOO_BIG
     /// and the MTU.
     fn send_direct(ctx: *mut xdp_md, pkt: &Packet<Self>, entry: *mut FlowValueOf<Self>) -> u32;
@@ -33,8 +35,6 @@ pub trait Balanced: Family {
     fn new_flow(ctx: &XdpContext, pkt: &Packet<Self>) -> Result<Flow<Self>, Verdict>;
     /// The answer to a TCP segment that can open no flow.
     fn answer_flowless(ctx: &XdpContext, pkt: &Packet<Self>) -> Verdict;
-    /// After the rewrite: a datagram's first fragment has its later fragments follow it.
-    fn rewritten(pkt: &Packet<Self>);
     /// What the IPIP and GUE forms' headers add to a packet of this family.
     const IPIP_OVERHEAD: u16;
     const GUE_OVERHEAD: u16;
@@ -64,12 +64,7 @@ impl Balanced for Be32 {
     fn answer_flowless(ctx: &XdpContext, pkt: &Packet) -> Verdict {
         reset::answer(ctx, pkt)
     }
-    #[inline(always)]
-    fn rewritten(pkt: &Packet) {
-        if let Some(id) = pkt.first_fragment_id() {
-            fragments::remember_apart(&pkt.key, id);
-        }
-    }
+
     #[inline(always)]
     fn tunnel(
         ctx: &XdpContext,
@@ -110,12 +105,7 @@ impl Balanced for In6 {
     fn answer_flowless(_: &XdpContext, _: &Packet<In6>) -> Verdict {
         Verdict::Sent(xdp6::FLOWLESS)
     }
-    #[inline(always)]
-    fn rewritten(pkt: &Packet<In6>) {
-        if let Some(id) = pkt.first_fragment_id() {
-            fragments::remember_apart(&pkt.key, id);
-        }
-    }
+
     #[inline(always)]
     fn tunnel(
         ctx: &XdpContext,
@@ -213,7 +203,10 @@ pub fn balance<A: Balanced>(ctx: &XdpContext, pkt: &Packet<A>) -> Result<Verdict
         Err(NoHop::TooBig { mtu }) => return Err(Verdict::TooBig(mtu)),
         Err(NoHop::Verdict(verdict)) => return Err(verdict),
     };
-    A::rewritten(pkt);
+    // A datagram's first fragment has its later fragments follow it.
+    if let Some(id) = A::first_fragment_id(pkt) {
+        fragments::remember_apart(&pkt.key, id);
+    }
     forward::send::<A>(ctx, pkt.eth, pkt.ip, &hop)
 }
 

@@ -3561,9 +3561,35 @@ fn a_fragmented_ipv6_udp_request_and_answer_cross_the_balancer_whole() {
     assert_fragmented_round_trip(&topo, &balancer, IpAddr::V6(VIP6));
 }
 
+/// Containers' fragmented UDP answers reach the client whole, over IPv4 and IPv6: the tc hook
+/// translates an answer's first fragment and has the later ones follow it (as XDP does the
+/// request's). Before, the later fragments went on untranslated and the answer was lost.
+#[test]
+fn containers_fragmented_udp_answers_reach_the_client_whole() {
+    require_root();
+    sweep_stale();
+    let topo = Topology::containers(2);
+    let addrs6 = topo.add_ipv6();
+    let config = dual_stack_config(&topo, &addrs6, &[1, 1]);
+    let Setup { topo, balancer, .. } = setup_on(topo, &[1, 1], |_| config);
+    for addr in &addrs6 {
+        let b6 = format!("[{addr}]:{BACKEND_PORT}");
+        balancer.wait_health("dns6", &b6, true, Duration::from_secs(5));
+    }
+    assert_fragmented_round_trip(&topo, &balancer, IpAddr::V4(VIP));
+    assert_fragmented_round_trip(&topo, &balancer, IpAddr::V6(VIP6));
+}
+
 /// Sends a 4,000-byte datagram from the client to `vip`:53 and asserts that a backend echoed it
 /// whole, its fragments balanced and followed both ways (three each way at MTU 1500).
 fn assert_fragmented_round_trip(topo: &Topology, balancer: &Balancer, vip: IpAddr) {
+    let fragment_counters = || {
+        (
+            counter(balancer, "event_first_fragments"),
+            counter(balancer, "event_fragments_followed"),
+        )
+    };
+    let before = fragment_counters();
     let request: Vec<u8> = (0..4000).map(|i| b'a' + (i % 26) as u8).collect();
     let sent = request.clone();
     let answer = topo
@@ -3589,10 +3615,8 @@ fn assert_fragmented_round_trip(topo: &Topology, balancer: &Balancer, vip: IpAdd
         "the answer is {} bytes, not the request echoed whole",
         answer.len()
     );
-    let (first, followed) = (
-        counter(balancer, "event_first_fragments"),
-        counter(balancer, "event_fragments_followed"),
-    );
+    let after = fragment_counters();
+    let (first, followed) = (after.0 - before.0, after.1 - before.1);
     println!(
         "{vip}: {} bytes answered by {server}; first fragments {first}, later ones followed {followed}",
         answer.len()

@@ -206,8 +206,9 @@ struct Fixture {
     hook: Hook,
     setup: Vec<Setup>,
     settings: Option<LoadSettings>,
-    /// Frames run through the program first, each with its ingress device (a fragment train's
-    /// first fragments); their outcome is not checked and the counters count from after them.
+    /// Frames run through the program first (at the fixture's hook), each with its ingress
+    /// device (a fragment train's first fragments); their outcome is not checked and the
+    /// counters count from after them.
     before: Vec<(&'static str, Vec<u8>)>,
     ingress: &'static str,
     input: Vec<u8>,
@@ -2350,6 +2351,18 @@ fn tc_fixtures() -> Vec<Fixture> {
     let udp_none = |b: PacketBuilder| b.udp_no_checksum();
     let clock = ts_clock_ms();
     let (client_ts, backend_side) = (7_000_000u32, clock.wrapping_add(5_000));
+    let (reply_first, reply_later) = {
+        let ip = pkt().eth(B1_MAC, LB1_MAC).ipv4(B1, SNAT).ip_id(0x4410);
+        (
+            ip.clone()
+                .udp(BACKEND_PORT, 31410)
+                .payload(&bulk(1000))
+                .fragment(true, 0),
+            ip.ip_proto(UDP).payload(&bulk(600)).fragment(false, 126),
+        )
+    };
+    let to_client_fragment =
+        |b: PacketBuilder| b.eth(LB0_MAC, CLIENT_MAC).ipv4(VIP, CLIENT).ttl(63);
     vec![
         // The FIB's answer is cached in the reply entry, as XDP caches it, for the flow's
         // next replies (a GSO skb's would not be: its segments are the FIB's to check).
@@ -2457,6 +2470,58 @@ fn tc_fixtures() -> Vec<Fixture> {
                 .build(),
             ),
             vec![(Counter::Redirect, 1)],
+        )),
+        // A container's fragmented answer: its first fragment translated and recorded, the
+        // later ones following it to the client; one before its first left to the stack.
+        tc(fixture(
+            "tc_udp_reply_first_fragment_translated_and_recorded",
+            with(
+                backends(),
+                &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 41410, 1, 31410, 0)],
+            ),
+            reply_first.build(),
+            TC_ACT_REDIRECT,
+            Some(
+                to_client_fragment(reply_first.clone())
+                    .udp(DNS_PORT, 41410)
+                    .build(),
+            ),
+            vec![
+                (Counter::Redirect, 1),
+                (Counter::Event("first_fragments"), 1),
+            ],
+        )),
+        tc(Fixture {
+            before: vec![("lb1", reply_first.build())],
+            ..fixture(
+                "tc_udp_reply_later_fragment_follows_its_first_to_the_client",
+                with(
+                    backends(),
+                    &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 41410, 1, 31410, 0)],
+                ),
+                reply_later.build(),
+                TC_ACT_REDIRECT,
+                Some(to_client_fragment(reply_later.clone()).build()),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("fragments_followed"), 1),
+                    (Counter::Packets(1), 1),
+                ],
+            )
+        }),
+        tc(fixture(
+            "tc_udp_later_fragment_before_its_first_left_to_the_stack",
+            with(
+                backends(),
+                &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 41410, 1, 31410, 0)],
+            ),
+            reply_later.build(),
+            TC_ACT_UNSPEC,
+            None,
+            vec![
+                (Counter::Pass(PassReason::Fragment), 1),
+                (Counter::Event("fragments_followed"), 0),
+            ],
         )),
         tc(fixture(
             "tc_traffic_of_no_flow_left_to_the_stack",
@@ -4867,6 +4932,39 @@ fn ipv6_fragment_fixtures() -> Vec<Fixture> {
             None,
             vec![(Counter::Pass(PassReason::Fragment), 1)],
         ),
+        // At the tc hook, a container's fragmented answer: the later fragment follows.
+        Fixture {
+            hook: Hook::Tc,
+            before: vec![("lb1", reply_first.build())],
+            ingress: "lb1",
+            ..fixture(
+                "tc_ipv6_udp_reply_later_fragment_follows_its_first_to_the_client",
+                with(
+                    backends6(),
+                    &[
+                        dns6(&[(1, 1)]),
+                        Setup::Flow6(FlowSetup {
+                            proto: UDP,
+                            ..flow_in(UDP_REPLIED, 40305, 1, 31305, Some(0))
+                        }),
+                    ],
+                ),
+                reply_later.build(),
+                TC_ACT_REDIRECT,
+                Some(
+                    reply_later
+                        .clone()
+                        .eth(LB0_MAC, CLIENT_MAC)
+                        .ipv6(VIP6, CLIENT6)
+                        .ttl(63)
+                        .build(),
+                ),
+                vec![
+                    (Counter::Redirect, 1),
+                    (Counter::Event("fragments_followed"), 1),
+                ],
+            )
+        },
         // Too big for the backends' 1500-byte link: a fragment's quote would not hold its
         // ports, by which the flow is found, so it gets no "packet too big".
         fixture(
@@ -5756,8 +5854,11 @@ fn run(f: &Fixture) -> Result<(), String> {
     apply(&mut dp, &f.setup);
     for (device, frame) in &f.before {
         let ingress = ifindex(device).map_err(|e| e.to_string())?;
-        dp.test_run(frame, ingress, 1)
-            .map_err(|e| format!("test run of a frame before: {e}"))?;
+        match f.hook {
+            Hook::Xdp => dp.test_run(frame, ingress, 1),
+            Hook::Tc => dp.tc_test_run(frame, ingress, 1),
+        }
+        .map_err(|e| format!("test run of a frame before: {e}"))?;
     }
     let before: Vec<u64> = f.counters.iter().map(|(c, _)| read(&dp, *c)).collect();
     let ingress = ifindex(f.ingress).map_err(|e| e.to_string())?;
