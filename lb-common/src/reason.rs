@@ -39,8 +39,8 @@ pub enum PassReason {
     EgressBridge = 14,
     /// Shorter than an IPv6 header, or a version other than 6.
     MalformedIpv6 = 15,
-    /// IPv6 with extension headers (hop-by-hop options, routing, a fragment, ...) before its
-    /// TCP or UDP header: not balanced, the kernel's.
+    /// IPv6 with extension headers (hop-by-hop options, routing, a fragment header behind
+    /// another, ...) before its TCP or UDP header: not balanced, the kernel's.
     Ipv6ExtensionHeaders = 16,
 }
 
@@ -62,7 +62,8 @@ pub enum DropReason {
     /// No route to the rewritten destination (unreachable, blackhole, prohibit).
     FibNoRoute = 6,
     /// Larger than the egress MTU with DF set, and no "fragmentation needed" could be sent
-    /// (the packet has IP options, or it is a forwarded ICMP error itself).
+    /// (the packet has IP options, or it is a forwarded ICMP error itself); an IPv6 fragment
+    /// too big (no "packet too big" for a fragment); at the tc hook, any packet too big.
     FibFragNeeded = 7,
     /// Any other bpf_fib_lookup failure.
     FibOther = 8,

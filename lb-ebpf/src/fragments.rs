@@ -132,9 +132,9 @@ impl Fragmented for In6 {
         let fragment: *mut [u8; IPV6_FRAGMENT_LEN] =
             ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN).ok_or(not_ours)?;
         // SAFETY: bounds-checked by ptr_at.
-        let (next_hdr, f) = unsafe { ((*ip).next_hdr, *fragment) };
+        let (version, next_hdr, f) = unsafe { ((*ip).vcf[0] >> 4, (*ip).next_hdr, *fragment) };
         let offset = u16::from_be_bytes([f[2], f[3]]) & IPV6_OFFSET_MASK;
-        if next_hdr != IPPROTO_FRAGMENT || f[0] != IPPROTO_UDP || offset == 0 {
+        if version != 6 || next_hdr != IPPROTO_FRAGMENT || f[0] != IPPROTO_UDP || offset == 0 {
             return Err(not_ours);
         }
         // SAFETY: as above.
@@ -153,7 +153,7 @@ impl Fragmented for In6 {
     fn first_fragment_id(pkt: &Packet<In6>) -> Option<u32> {
         pkt.first_fragment_id()
     }
-    /// Routers do not fragment IPv6, and the first fragment, as large, was answered already.
+    /// Routers do not fragment IPv6: dropped, as a first fragment too big is (`too_big.rs`).
     const TOO_BIG: Verdict = Verdict::Drop(DropReason::FibFragNeeded);
 }
 

@@ -104,7 +104,8 @@ impl ErrorFamily for Be32 {
 
 impl ErrorFamily for In6 {
     const ICMP_PROTO: u8 = IPPROTO_ICMPV6;
-    /// A quote with extension headers is not translated: balanced packets have none.
+    /// A quote with extension headers is not translated: of balanced packets, only a first
+    /// fragment has one (its fragment header), and an error about it passes untranslated.
     #[inline(always)]
     fn quoted(ctx: &XdpContext, at: usize) -> Option<Quoted<Self>> {
         let ip: *mut Ipv6Hdr = ptr_at(ctx, at)?;

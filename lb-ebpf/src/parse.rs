@@ -262,7 +262,7 @@ pub fn packet(ctx: &impl Frame) -> Result<Packet, Verdict> {
 }
 
 /// An IPv6 frame (`path` said so) as a `Packet`, written to `out`: TCP or UDP right after the
-/// fixed header. Written in place: returned, IPv6's packet would take its stack twice, more
+/// fixed header, or UDP after a first fragment's fragment header. Written in place: returned, IPv6's packet would take its stack twice, more
 /// than the balancing path can spare.
 #[inline(always)]
 pub fn packet6(ctx: &impl Frame, out: &mut MaybeUninit<Packet<In6>>) -> Result<(), Verdict> {

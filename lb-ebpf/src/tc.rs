@@ -132,7 +132,11 @@ fn follow_apart<A: Fragmented>(skb: *mut __sk_buff) -> i32 {
         let ip: *mut A::Ip =
             ptr_at(&ctx, EthHdr::LEN).ok_or(Verdict::Drop(DropReason::Inconsistent))?;
         let entry = fragments::readdress(ip, &fragment)?;
-        let verdict = forward::<A>(&ctx, entry, IPPROTO_UDP)?;
+        let verdict = match forward::<A>(&ctx, entry, IPPROTO_UDP) {
+            // As at XDP: IPv4's fragment, without DF, is the kernel's to fragment.
+            Err(Verdict::Drop(DropReason::FibFragNeeded)) => return Err(A::TOO_BIG),
+            result => result?,
+        };
         fragments::followed(entry, u64::from(ctx.len()));
         Ok(verdict)
     });
@@ -392,12 +396,13 @@ fn carry<A: Fragmented>(ctx: &TcContext, pkt: &Packet<A>) -> Result<Verdict, Ver
     // Read before the rewrite, whose helpers move the packet.
     let first_fragment = A::first_fragment_id(pkt);
     rewrite(ctx, pkt, nat, options)?;
-    // A datagram's first fragment has its later fragments follow it.
+    stats::count_backend(nat.backend_id, pkt.len);
+    let verdict = forward::<A>(ctx, flow.entry(), pkt.key.proto)?;
+    // A datagram's first fragment, forwarded, has its later fragments follow it.
     if let Some(id) = first_fragment {
         fragments::remember_apart(&pkt.key, id);
     }
-    stats::count_backend(nat.backend_id, pkt.len);
-    forward::<A>(ctx, flow.entry(), pkt.key.proto)
+    Ok(verdict)
 }
 
 /// A packet with no flow (its headers pulled by `process`): find its service, choose a

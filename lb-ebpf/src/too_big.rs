@@ -121,8 +121,9 @@ impl Quoting for In6 {
     const FRAME_LEN: i32 = PACKET_TOO_BIG_FRAME_LEN as i32;
     const SENT: u32 = STAT_PACKET_TOO_BIG_SENT;
     /// The fixed header and the ports are the quote: the one extension header a balanced IPv6
-    /// packet may carry is a first fragment's (`parse::packet6`), whose ports lie beyond the
-    /// quote. That one goes unanswered (a drop, counted): its sender chose its size already.
+    /// packet may carry is a first fragment's (`parse::packet6`), whose ports, by which its
+    /// flow is found, lie beyond the quote. That one goes unanswered (a drop, counted): its
+    /// sender is not told, a limit the README names.
     #[inline(always)]
     fn quote(ctx: &XdpContext) -> Option<*mut Self::Quote> {
         let quote: *mut Self::Quote = ptr_at(ctx, EthHdr::LEN)?;

@@ -2509,6 +2509,37 @@ fn tc_fixtures() -> Vec<Fixture> {
                 ],
             )
         }),
+        // One its next hop cannot take is dropped (tc sends no "fragmentation needed"), and
+        // not recorded: its later fragments would make no datagram.
+        {
+            let big = |b: PacketBuilder| b.payload(&bulk(1500)).fragment(true, 0);
+            tc(fixture(
+                "tc_udp_reply_first_fragment_too_big_dropped_and_not_recorded",
+                with(
+                    backends(),
+                    &[dns(&[(1, 1)]), udp_flow(UDP_REPLIED, 41411, 1, 31411, 0)],
+                ),
+                big(pkt()
+                    .eth(B1_MAC, LB1_MAC)
+                    .ipv4(B1, SNAT)
+                    .ip_id(0x4411)
+                    .udp(BACKEND_PORT, 31411))
+                .build(),
+                TC_ACT_SHOT,
+                Some(
+                    big(pkt()
+                        .eth(B1_MAC, LB1_MAC)
+                        .ipv4(VIP, CLIENT)
+                        .ip_id(0x4411)
+                        .udp(DNS_PORT, 41411))
+                    .build(),
+                ),
+                vec![
+                    (Counter::Drop(DropReason::FibFragNeeded), 1),
+                    (Counter::Event("first_fragments"), 0),
+                ],
+            ))
+        },
         tc(fixture(
             "tc_udp_later_fragment_before_its_first_left_to_the_stack",
             with(
